@@ -1,0 +1,132 @@
+import json
+
+import pytest
+
+from tests.conftest import require_real_data
+from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDataset, encode_example
+from utils.data import load_task_split, read_jsonl
+from utils.errors import UserError
+from utils.models import load_tokenizer, tiny_tokenizer
+from utils.tasks import get_task
+
+CRUX = ("cruxeval_input_prediction", "cruxeval_output_prediction")
+
+
+def _path(data_paths, task):
+    return data_paths["mbpp" if task == "mbpp" else "cruxeval"]
+
+
+def test_paper_splits_hold_487_and_400(data_paths):
+    require_real_data(data_paths)
+    train = load_task_split("mbpp", "train", data_paths["mbpp"])
+    test = load_task_split("mbpp", "test", data_paths["mbpp"])
+    assert (len(train), len(test)) == (487, 487)
+    assert (train[0]["task_id"], train[-1]["task_id"], test[0]["task_id"], test[-1]["task_id"]) == (
+        "MBPP/1", "MBPP/487", "MBPP/488", "MBPP/974")
+    std = load_task_split("mbpp", "test", data_paths["mbpp"], mbpp_split="standard")
+    assert len(std) == 500 and std[0]["task_id"] == "MBPP/11"
+    for task in CRUX:
+        tr, te = load_task_split(task, "train", data_paths["cruxeval"]), load_task_split(task, "test",
+                                                                                         data_paths["cruxeval"])
+        assert (len(tr), len(te)) == (400, 400)
+        assert (tr[0]["id"], te[0]["id"], te[-1]["id"]) == ("sample_0", "sample_400", "sample_799")
+
+
+@pytest.mark.parametrize("task_name", ("mbpp",) + CRUX)
+@pytest.mark.parametrize("model_type", ["tiny-phi-2", "tiny-llama"])
+def test_training_input_is_prompt_plus_target_and_labels_cover_the_target(data_paths, task_name, model_type):
+    task, tok = get_task(task_name), load_tokenizer(model_type)
+    records = load_task_split(task_name, "train", _path(data_paths, task_name), limit=20)
+    for record in records:
+        ex = encode_example(task, record, tok, num_virtual_tokens=10)
+        max_prompt, max_total = task.max_lengths(10)
+        assert len(ex["input_ids"]) <= max_total
+        text = tok.decode(ex["input_ids"], skip_special_tokens=True)
+        prompt, target = task.prompt(record), task.target(record)
+        if len(tok(prompt)["input_ids"]) <= max_prompt and len(ex["input_ids"]) < max_total:
+            assert text == prompt + target
+        supervised = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]
+        assert [lab for lab in ex["labels"] if lab != IGNORE_INDEX] == supervised
+        target_ids = tok(target, add_special_tokens=False)["input_ids"]
+        if task.is_mbpp:
+            assert supervised == (target_ids + [tok.eos_token_id])[:len(supervised)]
+            assert ex["labels"][-1] == tok.eos_token_id or len(ex["input_ids"]) == max_total
+        else:  # CRUXEval does not supervise the EOS
+            assert supervised == target_ids and ex["input_ids"][-1] == tok.eos_token_id
+            assert ex["input_ids"][0] == tok.bos_token_id
+
+
+def test_long_prompts_are_cut_from_the_left():
+    task, tok = get_task("mbpp"), tiny_tokenizer()
+    record = {"task_id": "MBPP/1", "prompt": "x = 1\n" * 400 + "def tail():\n", "canonical_solution": "  pass",
+              "entry_point": "tail", "test": ""}
+    ex = encode_example(task, record, tok, num_virtual_tokens=10, train=False)
+    assert len(ex["input_ids"]) == 315
+    assert tok.decode(ex["input_ids"]).endswith("def tail():\n")
+
+
+def test_dynamic_padding_never_pads_past_the_longest_row(data_paths):
+    tok, enc_tok = tiny_tokenizer(), tiny_tokenizer("roberta")
+    task = get_task("mbpp")
+    ds = TaskDataset(task, load_task_split("mbpp", "train", data_paths["mbpp"], limit=16), tok, enc_tok,
+                     num_virtual_tokens=10)
+    for side in ("left", "right"):
+        for start in range(0, len(ds), 4):
+            rows = [ds[i] for i in range(start, min(start + 4, len(ds)))]
+            batch = Collator(tok.pad_token_id, enc_tok.pad_token_id, padding_side=side)(rows)
+            assert batch["input_ids"].shape[1] == max(len(r["input_ids"]) for r in rows)
+            assert batch["attention_mask"].sum(1).tolist() == [len(r["input_ids"]) for r in rows]
+            assert batch["enc_input_ids"].shape[1] == max(len(r["enc_input_ids"]) for r in rows)
+            assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+            edge = batch["attention_mask"][:, 0 if side == "right" else -1]
+            assert edge.all()  # padding only on the chosen side
+    fixed = Collator(tok.pad_token_id, enc_tok.pad_token_id, pad_to=571)([ds[0], ds[1]])
+    assert fixed["input_ids"].shape == (2, 571)
+
+
+def test_encoder_inputs_use_the_encoder_tokenizer(data_paths):
+    tok, enc_tok = tiny_tokenizer(), tiny_tokenizer("roberta")
+    task = get_task("cruxeval_output_prediction")
+    record = load_task_split(task.name, "test", data_paths["cruxeval"], limit=1)[0]
+    ex = encode_example(task, record, tok, enc_tok, train=False)
+    assert ex["enc_input_ids"][0] == enc_tok.cls_token_id and ex["enc_input_ids"][-1] == enc_tok.sep_token_id
+    assert len(ex["enc_input_ids"]) <= 512
+    assert enc_tok.decode(ex["enc_input_ids"][1:-1]) in task.prompt(record)
+
+
+def test_length_grouped_sampler_is_a_deterministic_permutation():
+    lengths = [5, 50, 7, 300, 12, 80, 3, 44, 9, 120] * 3
+    s = LengthGroupedSampler(lengths, batch_size=2, seed=1, group=3)
+    first = list(s)
+    assert sorted(first) == list(range(len(lengths))) and first == list(s)
+    s.set_epoch(1)
+    assert list(s) != first
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"task_id": "MBPP/1"}\n{not json\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_jsonl(path)
+
+
+def test_missing_field_and_empty_split_are_named(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"task_id": "MBPP/1", "prompt": "p", "canonical_solution": "s",
+                                "entry_point": "f"}) + "\n")
+    with pytest.raises(UserError, match=r"m\.jsonl:1: record is missing field 'test'"):
+        load_task_split("mbpp", "train", str(path))
+    path.write_text(json.dumps({"task_id": "MBPP/1", "prompt": "p", "canonical_solution": "s", "entry_point": "f",
+                                "test": "t"}) + "\n")
+    with pytest.raises(UserError, match="test split is empty"):
+        load_task_split("mbpp", "test", str(path))
+    with pytest.raises(UserError, match="unknown task 'humaneval'"):
+        load_task_split("humaneval", "test", str(path))
+
+
+def test_fixture_data_splits_are_non_empty(tmp_path):
+    from utils.fixtures import write_fixture_data
+
+    paths = write_fixture_data(tmp_path)
+    assert len(load_task_split("mbpp", "test", paths["mbpp"])) == 3
+    assert len(load_task_split("cruxeval_output_prediction", "train", paths["cruxeval"])) == 3

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from utils.errors import UserError
+from utils.models import TINY_MODEL_TYPES, load_encoder, load_foundation_model, load_tokenizer
+from utils.registry import ENCODERS, FOUNDATION_MODELS, get_encoder_spec, get_model_spec
+
+PAPER_MODELS = ["phi-2", "phi-3", "codegen-350M", "codegen2-3_7B", "deepseek-coder-1.3b-base",
+                "deepseek-coder-7b-base", "Meta-Llama-3-8B"]
+
+
+def test_every_paper_model_has_an_id_and_lora_targets():
+    for name in PAPER_MODELS:
+        spec = get_model_spec(name)
+        assert spec.hf_id and "/" in spec.hf_id
+        assert spec.lora_targets and all(isinstance(t, str) for t in spec.lora_targets)
+        assert spec.hidden_size > 0
+    assert get_model_spec("deepseek-coder-7b-base").hf_id.endswith("-v1.5")
+    assert get_model_spec("phi-2").lora_targets == ("q_proj", "k_proj", "v_proj")
+    assert get_model_spec("phi-3").lora_targets == ("qkv_proj",)
+
+
+def test_every_encoder_has_an_id_and_pooling():
+    expected = {"codebert-base": "cls", "codesage-small": "pooler_l2", "codesage-base": "pooler_l2",
+                "codesage-large": "pooler_l2", "tiny-roberta": "cls", "minilm": "mean_l2"}
+    for name, pooling in expected.items():
+        assert get_encoder_spec(name).pooling == pooling
+    for name in ("codebert-base", "codesage-small", "codesage-base", "codesage-large"):
+        assert ENCODERS[name].hf_id
+    assert get_encoder_spec("codesage-small").hidden_size == 1024
+
+
+@pytest.mark.parametrize("bad, getter", [("gpt-9", get_model_spec), ("bert-huge", get_encoder_spec)])
+def test_unknown_names_list_the_choices(bad, getter):
+    with pytest.raises(UserError) as err:
+        getter(bad)
+    assert bad in str(err.value) and "tiny-" in str(err.value)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_tiny_models_forward_backward_generate(model_type):
+    model, tok = load_foundation_model(model_type, seed=3)
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert 2 <= model.config.num_hidden_layers <= 4
+    batch = tok(["def add(a, b):\n    return a + b", "x = 1"], return_tensors="pt", padding=True)
+    out = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100))
+    assert torch.isfinite(out.loss) and 6.0 < out.loss.item() < 9.0  # ~ln(2048)=7.6 for a random model
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
+    new = model.generate(**tok(["def f(x):"], return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert new.shape[1] == len(tok("def f(x):")["input_ids"]) + 4
+    # deterministic for a seed, different across seeds
+    again, _ = load_foundation_model(model_type, seed=3)
+    other, _ = load_foundation_model(model_type, seed=4)
+    first = next(model.parameters())
+    assert torch.equal(first, next(again.parameters()))
+    assert not torch.equal(first, next(other.parameters()))
+
+
+def test_bos_adding_tiny_tokenizers_behave_like_llama_ones():
+    llama_tok, phi_tok = load_tokenizer("tiny-llama"), load_tokenizer("tiny-phi-2")
+    assert llama_tok("x")["input_ids"][0] == llama_tok.bos_token_id
+    assert phi_tok("x")["input_ids"][0] != phi_tok.bos_token_id
+    assert phi_tok.pad_token_id == phi_tok.eos_token_id == phi_tok.bos_token_id
+    text = "def f(x):\n\treturn [x, 'é']"
+    assert phi_tok.decode(phi_tok(text)["input_ids"]) == text
+
+
+def test_model_dtype_is_applied():
+    model, _ = load_foundation_model("tiny-llama", dtype="bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(UserError, match="dtype"):
+        load_foundation_model("tiny-llama", dtype="fp8")
+
+
+def test_tiny_roberta_and_minilm_encoders_pool_as_registered():
+    enc, tok = load_encoder("tiny-roberta", seed=0)
+    batch = tok(["def f(): pass", "x"], return_tensors="pt", padding=True)
+    out = enc(batch["input_ids"], batch["attention_mask"])
+    assert out.shape == (2, enc.hidden_size) and not out.requires_grad
+    assert all(not p.requires_grad for p in enc.parameters())
+    full = enc.backbone(**batch).last_hidden_state[:, 0]
+    torch.testing.assert_close(out, full)
+
+    enc, tok = load_encoder("minilm")
+    batch = tok(["sort a list of numbers", "sort a list of integers", "the weather is cold"], return_tensors="pt",
+                padding=True)
+    emb = enc(batch["input_ids"], batch["attention_mask"])
+    assert emb.shape == (3, 384)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+    # a real pretrained model: paraphrases are closer than unrelated text
+    assert (emb[0] @ emb[1]).item() > (emb[0] @ emb[2]).item() + 0.2
+
+
+def test_offline_hub_model_fails_fast_naming_the_way_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as err:
+        load_foundation_model("deepseek-coder-1.3b-base")
+    msg = str(err.value)
+    assert "deepseek-ai/deepseek-coder-1.3b-base" in msg and "--model_path" in msg and "tiny-llama" in msg
+    with pytest.raises(UserError, match="--enc_model_path"):
+        load_encoder("codesage-small")
+
+
+def test_registry_has_all_tiny_types():
+    assert set(TINY_MODEL_TYPES) <= set(FOUNDATION_MODELS)

@@ -1,0 +1,154 @@
+"""Turn task records into token ids, and examples into padded batches.
+
+Training examples: ``input_ids = prompt + target + EOS`` with labels -100 over the prompt (and, for CRUXEval, over
+the EOS, which the original does not supervise); long prompts are cut from the left. Test examples hold the prompt
+only. Encoder inputs are the prompt text under the encoder's own tokenizer, keeping its last tokens.
+Batches are padded to their longest row (dynamic padding) unless a fixed length is asked for.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from utils.tasks import Task
+
+IGNORE_INDEX = -100
+MAX_ENCODER_TOKENS = 512
+
+
+def encoder_ids(text: str, enc_tokenizer, max_tokens: int = MAX_ENCODER_TOKENS) -> list[int]:
+    """The prompt under the encoder tokenizer: its last tokens, wrapped in CLS/SEP when the tokenizer has both."""
+    ids = enc_tokenizer(text, add_special_tokens=False)["input_ids"]
+    if enc_tokenizer.cls_token_id is not None and enc_tokenizer.sep_token_id is not None:
+        return [enc_tokenizer.cls_token_id] + ids[-(max_tokens - 2):] + [enc_tokenizer.sep_token_id]
+    return ids[-max_tokens:]
+
+
+def prompt_ids(task: Task, text: str, tokenizer) -> list[int]:
+    """Prompt tokens with the tokenizer's own special tokens; CRUXEval always starts with BOS (spec §4.2)."""
+    ids = tokenizer(text)["input_ids"]
+    if not task.is_mbpp and tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def encode_example(task: Task, record: dict, tokenizer, enc_tokenizer=None, *, num_virtual_tokens: int = 0,
+                   train: bool = True) -> dict:
+    max_prompt, max_total = task.max_lengths(num_virtual_tokens)
+    q = prompt_ids(task, task.prompt(record), tokenizer)[-max_prompt:]
+    example = {"task_id": task.record_id(record)}
+    if train:
+        a = tokenizer(task.target(record), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        labels = [IGNORE_INDEX] * len(q) + (a if task.is_mbpp else a[:-1] + [IGNORE_INDEX])
+        ids = q + a
+        if task.is_mbpp:  # the answer is cut on the right, as in the original
+            ids, labels = ids[:max_total], labels[:max_total]
+        else:  # CRUXEval keeps the end (the answer) and drops the start of the prompt
+            ids, labels = ids[-max_total:], labels[-max_total:]
+        example.update(input_ids=ids, labels=labels)
+    else:
+        example["input_ids"] = q
+    if enc_tokenizer is not None:
+        example["enc_input_ids"] = encoder_ids(task.prompt(record), enc_tokenizer)
+    return example
+
+
+class TaskDataset(Dataset):
+    """Encoded examples of one split, computed once up front."""
+
+    def __init__(self, task: Task, records: Sequence[dict], tokenizer, enc_tokenizer=None, *,
+                 num_virtual_tokens: int = 0, train: bool = True):
+        self.task = task
+        self.records = list(records)
+        self.examples = [encode_example(task, r, tokenizer, enc_tokenizer, num_virtual_tokens=num_virtual_tokens,
+                                        train=train) for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+    def lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for e in self.examples]
+
+
+def _pad(rows: list[list[int]], value: int, length: int, side: str) -> torch.Tensor:
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if side == "left":
+            out[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
+        else:
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _mask(rows: list[list[int]], length: int, side: str) -> torch.Tensor:
+    return _pad([[1] * len(r) for r in rows], 0, length, side)
+
+
+class Collator:
+    """Pad a list of examples into tensors.
+
+    ``padding_side``: ``right`` for training (labels stay aligned), ``left`` for generation. ``pad_to``: a fixed
+    length (the original's behaviour; rows longer than it are an error) instead of the longest row.
+    The mask is built from positions, not from ids, so an EOS equal to PAD is still attended.
+    """
+
+    def __init__(self, pad_id: int, enc_pad_id: int | None = None, *, padding_side: str = "right",
+                 pad_to: int | None = None):
+        if padding_side not in ("left", "right"):
+            raise ValueError("padding_side must be 'left' or 'right'")
+        self.pad_id, self.enc_pad_id, self.padding_side, self.pad_to = pad_id, enc_pad_id, padding_side, pad_to
+
+    def __call__(self, examples: list[dict]) -> dict:
+        ids = [e["input_ids"] for e in examples]
+        longest = max(len(r) for r in ids)
+        length = self.pad_to if self.pad_to is not None else longest
+        if longest > length:
+            raise ValueError(f"a row of {longest} tokens does not fit pad_to={length}")
+        batch = {
+            "input_ids": _pad(ids, self.pad_id, length, self.padding_side),
+            "attention_mask": _mask(ids, length, self.padding_side),
+            "task_ids": [e["task_id"] for e in examples],
+        }
+        if "labels" in examples[0]:
+            batch["labels"] = _pad([e["labels"] for e in examples], IGNORE_INDEX, length, self.padding_side)
+        if "enc_input_ids" in examples[0]:
+            enc = [e["enc_input_ids"] for e in examples]
+            enc_len = max(len(r) for r in enc)
+            batch["enc_input_ids"] = _pad(enc, self.enc_pad_id or 0, enc_len, "right")
+            batch["enc_attention_mask"] = _mask(enc, enc_len, "right")
+        return batch
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffle, then sort within mega-batches of ``batch_size * group`` by length, so batches pad little.
+
+    Deterministic for (seed, epoch); the batches themselves are shuffled so long rows do not all come first.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group: int = 50):
+        self.lengths, self.batch_size, self.seed, self.group = list(lengths), batch_size, seed, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        mega = self.batch_size * self.group
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return iter([i for b in batches for i in b])

