@@ -1,0 +1,124 @@
+"""One model object for all six methods: forward with labels, and cache-correct batched ``generate``.
+
+A soft prompt (PT's shared one, or LOPA's / IDPG's per-instance one) is prepended to the input embeddings with
+m ones in the attention mask and m -100 labels. Generation passes those embeddings and the mask straight to the
+base model's own ``generate``: no patched ``prepare_inputs_for_generation``, no state stored on the model
+between calls. Position ids are computed from the mask, so left padding does not shift them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from utils.batching import IGNORE_INDEX
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, … over attended tokens only; padded slots get 1 (the Hugging Face convention)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+class TunedModel(nn.Module):
+    """A foundation model tuned (or not) by one method.
+
+    ``backbone``: the Hugging Face causal LM, or the ``peft.PeftModel`` around it for ``lora`` and ``pt``.
+    ``prompt``: the instance-prompt module for ``lopa`` and ``idpg`` (None otherwise).
+    ``meta``: what the adapter config records (method, m, r, encoder, base model, width).
+    """
+
+    def __init__(self, method: str, backbone: nn.Module, prompt: nn.Module | None = None, meta: dict | None = None):
+        super().__init__()
+        self.method = method
+        self.backbone = backbone
+        self.prompt = prompt
+        self.meta = dict(meta or {})
+        self.selective_logits = True
+        """Project to the vocabulary only where a label is supervised (same loss, far less memory)."""
+
+    # ------------------------------------------------------------------------------------------ parts
+    @property
+    def lm(self) -> nn.Module:
+        """The Hugging Face causal LM (with LoRA layers injected in place for ``lora``)."""
+        get_base = getattr(self.backbone, "get_base_model", None)
+        return get_base() if get_base is not None else self.backbone
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.meta.get("num_virtual_tokens", 0)) if self.method in ("pt", "lopa", "idpg") else 0
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def prompt_embeds(self, batch_size: int, enc_input_ids=None, enc_attention_mask=None) -> torch.Tensor | None:
+        """The B×m×d soft prompt for this batch, or None for methods without one."""
+        if self.method == "pt":
+            return self.backbone.get_prompt(batch_size=batch_size)
+        if self.prompt is not None:
+            return self.prompt(enc_input_ids, enc_attention_mask)
+        return None
+
+    def _embed_inputs(self, input_ids, attention_mask, enc_input_ids, enc_attention_mask):
+        """``(inputs_embeds, attention_mask)`` with the soft prompt in front, or None when there is none."""
+        prompt = self.prompt_embeds(input_ids.shape[0], enc_input_ids, enc_attention_mask)
+        if prompt is None:
+            return None
+        tokens = self.lm.get_input_embeddings()(input_ids)
+        embeds = torch.cat([prompt.to(tokens.dtype), tokens], dim=1)
+        ones = attention_mask.new_ones(input_ids.shape[0], prompt.shape[1])
+        return embeds, torch.cat([ones, attention_mask], dim=1)
+
+    # ---------------------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                enc_input_ids: torch.Tensor | None = None, enc_attention_mask: torch.Tensor | None = None,
+                **_ignored) -> CausalLMOutputWithPast:
+        """Mean cross-entropy over supervised tokens when ``labels`` is given; logits cover the input only
+        when no labels are given (or ``selective_logits`` is off)."""
+        embedded = self._embed_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
+        if embedded is None:
+            inputs = {"input_ids": input_ids}
+            mask = attention_mask
+        else:
+            inputs = {"inputs_embeds": embedded[0]}
+            mask = embedded[1]
+            if labels is not None:
+                pad = labels.new_full((labels.shape[0], mask.shape[1] - labels.shape[1]), IGNORE_INDEX)
+                labels = torch.cat([pad, labels], dim=1)
+        inputs.update(attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
+        if labels is not None and self.selective_logits:
+            hidden = self.lm.base_model(**inputs).last_hidden_state
+            return CausalLMOutputWithPast(loss=self._selective_loss(hidden, labels))
+        out = self.lm(**inputs, labels=labels)
+        if embedded is not None:  # drop the virtual-token positions from the returned logits
+            out.logits = out.logits[:, -input_ids.shape[1]:]
+        return out
+
+    def _selective_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
+        return nn.functional.cross_entropy(logits.float(), targets[keep])
+
+    # --------------------------------------------------------------------------------------- generate
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 enc_input_ids: torch.Tensor | None = None, enc_attention_mask: torch.Tensor | None = None,
+                 **generate_kwargs) -> torch.Tensor:
+        """New tokens only (B·num_return_sequences × T_new), for left-padded ``input_ids``.
+
+        Runs in eval mode (no dropout) and restores the previous mode afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(input_ids, attention_mask, enc_input_ids, enc_attention_mask, **generate_kwargs)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, input_ids, attention_mask, enc_input_ids, enc_attention_mask, **generate_kwargs):
+        embedded = self._embed_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
+        if embedded is None:
+            out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+            return out[:, input_ids.shape[1]:]
+        # With inputs_embeds alone, decoder-only generate returns just the new tokens.
+        return self.lm.generate(inputs_embeds=embedded[0], attention_mask=embedded[1], **generate_kwargs)

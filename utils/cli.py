@@ -1,0 +1,80 @@
+"""Argument groups the scripts share, and parsing helpers. Scripts stay thin: parse, check, call, report."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+
+from utils.errors import UserError
+from utils.registry import ENCODERS, FOUNDATION_MODELS, TASKS
+
+
+def str2bool(value: str | bool) -> bool:
+    """A real boolean for ``--flag True|False`` (never ``type=bool``, for which "False" is true)."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every argument's default in --help."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors follow the project's one-line ``error:`` form and exit with status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, require_task: bool = True) -> None:
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--task_name", required=require_task, choices=TASKS, metavar="TASK",
+                   help=f"one of: {', '.join(TASKS)}")
+    g.add_argument("--model_type", required=True, metavar="MODEL",
+                   help=f"foundation model, one of: {', '.join(FOUNDATION_MODELS)}")
+    g.add_argument("--model_path", default=None, help="local Hugging Face model directory used instead of the hub id")
+    g.add_argument("--enc_model_type", default="codesage-small", metavar="ENCODER",
+                   help=f"encoder for lopa/idpg, one of: {', '.join(ENCODERS)}")
+    g.add_argument("--enc_model_path", default=None, help="local encoder directory used instead of the hub id")
+    g.add_argument("--data_path", default=None,
+                   help="local JSONL of the task (default: the public source, downloaded and cached)")
+    g.add_argument("--mbpp_split", default="paper", choices=("paper", "standard"),
+                   help="paper: MBPP/1-487 train, 488-974 test; standard: 601-974 train, 11-510 test")
+    g.add_argument("--num_virtual_tokens", type=int, default=10, help="m, soft-prompt length (pt/idpg/lopa)")
+    g.add_argument("--lp_rank", type=int, default=1, help="r, LOPA rank")
+    g.add_argument("--seed", type=int, default=9876, help="global seed")
+    g.add_argument("--log_dir", default=None, help="output directory (default: ./logging/<YYYYmmdd-HHMMSS>)")
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Reject unknown names and impossible values before anything heavy loads."""
+    from utils.registry import get_encoder_spec, get_model_spec
+
+    get_model_spec(args.model_type)
+    if getattr(args, "enc_model_type", None):
+        get_encoder_spec(args.enc_model_type)
+    for flag in ("num_virtual_tokens", "lp_rank"):
+        if getattr(args, flag, 1) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("data_path",):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"--{flag} {path}: no such file")
+    for flag in ("model_path", "enc_model_path"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isdir(path):
+            raise UserError(f"--{flag} {path}: not a directory")
+
+
+def default_log_dir() -> str:
+    return os.path.join("logging", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
