@@ -3,7 +3,8 @@
 A soft prompt (PT's shared one, or LOPA's / IDPG's per-instance one) is prepended to the input embeddings with
 m ones in the attention mask and m -100 labels. Generation passes those embeddings and the mask straight to the
 base model's own ``generate``: no patched ``prepare_inputs_for_generation``, no state stored on the model
-between calls. Position ids are computed from the mask, so left padding does not shift them.
+between calls. Position ids are computed from the mask (in ``forward``, and passed explicitly to ``generate``,
+which extends them by one per new token), so left padding does not shift them.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from utils.batching import IGNORE_INDEX
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, … over attended tokens only; padded slots get 1 (the Hugging Face convention)."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    """0, 1, 2, … over attended tokens only; padded slots get 0, as ``generate`` itself does (their value never
+    reaches an attended token)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 class TunedModel(nn.Module):
@@ -106,7 +108,9 @@ class TunedModel(nn.Module):
                  **generate_kwargs) -> torch.Tensor:
         """New tokens only (B·num_return_sequences × T_new), for left-padded ``input_ids``.
 
-        Runs in eval mode (no dropout) and restores the previous mode afterwards.
+        With ``return_dict_in_generate=True`` the Hugging Face output comes back instead, its ``sequences`` holding
+        the new tokens only (``scores`` / ``logits`` as ``generate`` gives them). Runs in eval mode (no dropout) and
+        restores the previous mode afterwards.
         """
         was_training = self.training
         self.eval()
@@ -118,7 +122,15 @@ class TunedModel(nn.Module):
     def _generate(self, input_ids, attention_mask, enc_input_ids, enc_attention_mask, **generate_kwargs):
         embedded = self._embed_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
         if embedded is None:
-            out = self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        else:  # with inputs_embeds alone, decoder-only generate returns just the new tokens
+            inputs = {"inputs_embeds": embedded[0], "attention_mask": embedded[1]}
+        # Explicit positions: the same ones forward uses, whatever a model's own generate would infer.
+        generate_kwargs.setdefault("position_ids", positions_from_mask(inputs["attention_mask"]))
+        out = self.lm.generate(**inputs, **generate_kwargs)
+        if embedded is not None:
+            return out
+        if isinstance(out, torch.Tensor):
             return out[:, input_ids.shape[1]:]
-        # With inputs_embeds alone, decoder-only generate returns just the new tokens.
-        return self.lm.generate(inputs_embeds=embedded[0], attention_mask=embedded[1], **generate_kwargs)
+        out.sequences = out.sequences[:, input_ids.shape[1]:]
+        return out

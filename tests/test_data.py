@@ -101,6 +101,15 @@ def test_length_grouped_sampler_is_a_deterministic_permutation():
     assert sorted(first) == list(range(len(lengths))) and first == list(s)
     s.set_epoch(1)
     assert list(s) != first
+    # batches cut from the order are the length-sorted groups: little padding, the short one last
+    s = LengthGroupedSampler(lengths, batch_size=4, seed=3, group=2)
+    order = list(s)
+    batches = [order[i:i + 4] for i in range(0, len(order), 4)]
+    assert [len(b) for b in batches] == [4] * 7 + [2]
+    padded = sum(4 * max(lengths[i] for i in b) for b in batches[:-1])
+    plain = sum(4 * max(lengths[i] for i in order_b) for order_b in
+                [list(range(len(lengths)))[i:i + 4] for i in range(0, 28, 4)])
+    assert padded < plain
 
 
 def test_bad_jsonl_line_names_file_and_line(tmp_path):

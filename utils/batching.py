@@ -95,19 +95,23 @@ class Collator:
 
     ``padding_side``: ``right`` for training (labels stay aligned), ``left`` for generation. ``pad_to``: a fixed
     length (the original's behaviour; rows longer than it are an error) instead of the longest row.
+    ``pad_to_multiple_of``: round the longest row up (few distinct shapes for compiled kernels and static caches).
     The mask is built from positions, not from ids, so an EOS equal to PAD is still attended.
     """
 
     def __init__(self, pad_id: int, enc_pad_id: int | None = None, *, padding_side: str = "right",
-                 pad_to: int | None = None):
+                 pad_to: int | None = None, pad_to_multiple_of: int | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError("padding_side must be 'left' or 'right'")
         self.pad_id, self.enc_pad_id, self.padding_side, self.pad_to = pad_id, enc_pad_id, padding_side, pad_to
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: list[dict]) -> dict:
         ids = [e["input_ids"] for e in examples]
         longest = max(len(r) for r in ids)
         length = self.pad_to if self.pad_to is not None else longest
+        if self.pad_to is None and self.pad_to_multiple_of:
+            length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         if longest > length:
             raise ValueError(f"a row of {longest} tokens does not fit pad_to={length}")
         batch = {
@@ -129,6 +133,8 @@ class LengthGroupedSampler(Sampler[int]):
     """Shuffle, then sort within mega-batches of ``batch_size * group`` by length, so batches pad little.
 
     Deterministic for (seed, epoch); the batches themselves are shuffled so long rows do not all come first.
+    A short batch (when the size does not divide the data) goes last, so every batch a DataLoader cuts from this
+    order is one of the length-sorted groups.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group: int = 50):
@@ -150,5 +156,6 @@ class LengthGroupedSampler(Sampler[int]):
         for start in range(0, len(order), mega):
             chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        rng.shuffle(batches)
-        return iter([i for b in batches for i in b])
+        full = [b for b in batches if len(b) == self.batch_size]
+        rng.shuffle(full)
+        return iter([i for b in full + [b for b in batches if len(b) < self.batch_size] for i in b])

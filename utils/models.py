@@ -121,14 +121,21 @@ def random_causal_lm(spec: FoundationModelSpec, *, dtype=torch.float32, seed: in
 
 
 def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32", model_path: str | None = None,
-                          seed: int = 0):
+                          seed: int = 0, random_weights: bool = False):
     """Return ``(model, tokenizer)`` for a registry model type.
 
     ``model_path``: a local Hugging Face model directory (a downloaded copy, or an FFT output) used instead of
     the hub id; for tiny types it loads saved weights instead of building random ones.
+    ``random_weights``: build the real architecture from the registry's config values with random weights and the
+    project's small tokenizer (benchmarks: speed does not depend on weight values; nothing is downloaded).
     """
     spec = get_model_spec(model_type)
     torch_dtype = resolve_dtype(dtype)
+    if random_weights:
+        tokenizer = tiny_tokenizer("gpt", adds_bos=spec.adds_bos)
+        model = random_causal_lm(spec, dtype=torch_dtype, seed=seed)
+        model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
     tokenizer = load_tokenizer(model_type, model_path)
     if model_path is not None:
         if not pathlib.Path(model_path).is_dir():
@@ -205,10 +212,17 @@ def tiny_roberta(seed: int = 0, dtype=torch.float32):
 
 
 def load_encoder(enc_model_type: str, *, dtype: str | torch.dtype = "fp32", enc_model_path: str | None = None,
-                 seed: int = 0):
-    """Return ``(PooledEncoder, tokenizer)`` for a registry encoder type."""
+                 seed: int = 0, random_weights: bool = False):
+    """Return ``(PooledEncoder, tokenizer)`` for a registry encoder type (``random_weights``: see
+    load_foundation_model; needs the spec's ``arch``)."""
     spec: EncoderSpec = get_encoder_spec(enc_model_type)
     torch_dtype = resolve_dtype(dtype)
+    if random_weights and spec.arch:
+        values = dict(spec.arch)
+        with _seeded(seed):
+            backbone = AutoModel.from_config(AutoConfig.for_model(values.pop("model_type"), **values),
+                                             dtype=torch_dtype)
+        return PooledEncoder(backbone, spec.pooling), tiny_tokenizer("roberta")
     if spec.name == "tiny-roberta" and enc_model_path is None:
         backbone, tok = tiny_roberta(seed, torch_dtype)
         return PooledEncoder(backbone, spec.pooling), tok

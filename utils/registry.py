@@ -37,6 +37,8 @@ class EncoderSpec:
     hidden_size: int
     trust_remote_code: bool = False
     tiny: bool = False
+    arch: dict = field(default_factory=dict)
+    """Config values to build the architecture with random weights (benchmarks)."""
 
 
 # Architecture values copied from the public config.json of each model (used by benchmarks, no download).
@@ -94,7 +96,10 @@ FOUNDATION_MODELS: dict[str, FoundationModelSpec] = {
 ENCODERS: dict[str, EncoderSpec] = {
     s.name: s
     for s in [
-        EncoderSpec("codebert-base", "microsoft/codebert-base", "cls", 768),
+        EncoderSpec("codebert-base", "microsoft/codebert-base", "cls", 768, arch=dict(
+            model_type="roberta", vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+            intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+            add_pooling_layer=False)),
         EncoderSpec("codesage-small", "codesage/codesage-small", "pooler_l2", 1024, trust_remote_code=True),
         EncoderSpec("codesage-base", "codesage/codesage-base", "pooler_l2", 1024, trust_remote_code=True),
         EncoderSpec("codesage-large", "codesage/codesage-large", "pooler_l2", 2048, trust_remote_code=True),

@@ -1,0 +1,164 @@
+"""Generation speed: new tokens/s for greedy decoding of MBPP test prompts, through ``TunedModel.generate``.
+
+Methods: ``none``, ``pt``, ``lopa`` with the project's fast path (static KV cache, compiled decoding, prompts
+padded to a multiple of 64 so shapes repeat), ``<method>-eager`` without it, and ``hf-generate``: plain
+``model.generate`` with the default dynamic cache, the baseline a user would otherwise pick. Real architectures
+with random weights; EOS is disabled so every row makes exactly ``--new_tokens`` tokens. Prompt lengths come
+from the real MBPP test prompts under a 32k code BPE (benchmarks/bench_tokenizer.py).
+
+    python benchmarks/bench_generate.py --model phi-2 --batch_sizes 1,16,64
+    python benchmarks/bench_generate.py --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import traceback
+
+import torch
+
+from benchmarks.bench_tokenizer import bench_tokenizer
+from benchmarks.common import ResultWriter, Timer
+from custom_peft.build import MethodConfig, _wrap
+from utils.batching import Collator, encode_example
+from utils.data import default_data_path, load_task_split
+from utils.fast_paths import static_cache_kwargs
+from utils.models import load_foundation_model
+from utils.tasks import get_task
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prompt_batches(args, batch_size: int, vocab: int) -> dict:
+    task = get_task("mbpp")
+    tok = bench_tokenizer(args.smoke)
+    path = args.data_path or default_data_path("mbpp")
+    if path is None:
+        from utils.fixtures import write_fixture_data
+        import tempfile
+
+        path = write_fixture_data(tempfile.mkdtemp())["mbpp"]
+    records = load_task_split("mbpp", "test", path)
+    records = (records * (batch_size // len(records) + 1))[:batch_size]
+    examples = [encode_example(task, r, tok, tok, num_virtual_tokens=args.m, train=False) for r in records]
+    batch = Collator(tok.pad_token_id, tok.pad_token_id, padding_side="left", pad_to_multiple_of=args.pad_multiple)(
+        examples)
+    batch.pop("task_ids")
+    batch["input_ids"] = batch["input_ids"].clamp(max=vocab - 1)
+    batch["enc_input_ids"] = batch["enc_input_ids"].clamp(max=args.enc_vocab - 1)[:, :512]
+    batch["enc_attention_mask"] = batch["enc_attention_mask"][:, :512]
+    return {k: v.to(_device()) for k, v in batch.items()}
+
+
+def build_lm(args):
+    with _device():
+        lm, _ = load_foundation_model(args.model, dtype=args.dtype, random_weights=True, seed=0)
+    lm.eval()
+    lm.generation_config.eos_token_id = None  # every row makes exactly --new_tokens tokens
+    return lm
+
+
+def wrap(lm, method: str, args):
+    """One base model serves every method, so compiled decoding (and its shapes) is shared between them."""
+    base = method.removesuffix("-eager")
+    base = "none" if base == "hf-generate" else base
+    cfg = MethodConfig(base, num_virtual_tokens=args.m, enc_model_type=args.encoder)
+    with _device():
+        model = _wrap(cfg, args.model, lm, dtype=args.dtype, seed=0, random_weights=True)
+    return model.eval()
+
+
+def run(model, method: str, batch: dict, new_tokens: int, fast: bool) -> torch.Tensor:
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False)
+    if method == "hf-generate":
+        out = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        return out[:, batch["input_ids"].shape[1]:]
+    if fast:
+        kwargs.update(static_cache_kwargs())
+    return model.generate(**batch, **kwargs)
+
+
+def bench(args, writer: ResultWriter, lm) -> list[str]:
+    failures = []
+    vocab = lm.config.vocab_size
+    for method in args.methods.split(","):
+        fast = not method.endswith("-eager") and method != "hf-generate"
+        try:
+            model = wrap(lm, method, args)
+        except Exception as exc:
+            traceback.print_exc()
+            failures.append(f"{method}: {exc}")
+            continue
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            try:
+                batch = prompt_batches(args, bs, vocab)
+                # Warm up this shape; the fast path warms up at full length, since a longer static cache than
+                # any before it means a new compilation.
+                run(model, method, batch, args.new_tokens if fast else args.warmup_tokens, fast)
+                with Timer() as t:
+                    out = run(model, method, batch, args.new_tokens, fast)
+                made = out.shape[0] * out.shape[1]
+                writer.write("generate", model=args.model, method=method, batch_size=bs, dtype=args.dtype,
+                             fast_path=fast, new_tokens=args.new_tokens, prompt_len=int(batch["input_ids"].shape[1]),
+                             new_tokens_per_s=made / t.seconds, seconds=t.seconds)
+            except Exception as exc:
+                traceback.print_exc()
+                failures.append(f"{method} bs={bs}: {type(exc).__name__}: {exc}")
+                writer.write("generate", model=args.model, method=method, batch_size=bs, error=failures[-1])
+        del model
+        gc.collect()
+    return failures
+
+
+def agreement(args, writer: ResultWriter, lm) -> None:
+    """Greedy tokens of the fast path vs the eager path on the same model and batch (random weights in bf16
+    have nearly flat logits, so a few argmax flips between kernels are possible; reported, not asserted)."""
+    for method in ("none", "lopa"):
+        model = wrap(lm, method, args)
+        batch = prompt_batches(args, 4, lm.config.vocab_size)
+        eager = run(model, method, batch, args.check_tokens, fast=False)
+        fast = run(model, method, batch, args.check_tokens, fast=True)
+        same_rows = int((eager == fast).all(dim=1).sum())
+        writer.write("generate-check", model=args.model, method=method, batch_size=4, tokens=args.check_tokens,
+                     identical_rows=same_rows, token_agreement=float((eager == fast).float().mean()))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="phi-2")
+    p.add_argument("--methods", default="hf-generate,none,pt,lopa")
+    p.add_argument("--encoder", default="codebert-base")
+    p.add_argument("--enc_vocab", type=int, default=50265)
+    p.add_argument("--batch_sizes", default="1,16,64")
+    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--warmup_tokens", type=int, default=8)
+    p.add_argument("--check_tokens", type=int, default=32)
+    p.add_argument("--no_check", dest="check", action="store_false")
+    p.add_argument("--m", type=int, default=10)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--pad_multiple", type=int, default=64)
+    p.add_argument("--data_path", default=None)
+    p.add_argument("--results", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (CI)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.encoder, args.enc_vocab, args.dtype, args.m = "tiny-phi-2", "tiny-roberta", 2048, "fp32", 4
+        args.batch_sizes, args.new_tokens, args.warmup_tokens, args.check_tokens = "1,3", 6, 2, 6
+        args.pad_multiple = 8
+    writer = ResultWriter(args.results)
+    lm = build_lm(args)
+    failures = bench(args, writer, lm)
+    if args.check:
+        try:
+            agreement(args, writer, lm)
+        except Exception as exc:
+            traceback.print_exc()
+            failures.append(f"check: {exc}")
+    if failures:
+        raise SystemExit("failed: " + "; ".join(failures))
+
+
+if __name__ == "__main__":
+    main()

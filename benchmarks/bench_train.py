@@ -1,0 +1,218 @@
+"""Training throughput, MFU and peak memory per method, through the project's code paths, beside plain peft.
+
+Real architectures with random weights (speed does not depend on weight values; nothing is downloaded):
+``--model phi-2`` / ``deepseek-coder-1.3b-base`` / ``Meta-Llama-3-8B`` (config values in utils/registry.py).
+Methods: fft, lora, pt, idpg, lopa (the project's ``TunedModel`` with its fast paths: regional torch.compile,
+fused AdamW, selective logits) and the baselines a user would otherwise pick, ``peft-pt`` and ``peft-lora``
+(plain peft, eager, torch AdamW, full logits). Shapes: batch × seq_len random tokens, labels on the last half of
+each row (prompts are about half of an MBPP example). ``--padding`` adds useful (non-pad) tokens/s on the real
+MBPP train split with dynamic padding versus the original's fixed length.
+
+    python benchmarks/bench_train.py --model phi-2 --methods fft,lora,pt,idpg,lopa,peft-pt,peft-lora
+    python benchmarks/bench_train.py --smoke          # tiny model on the CPU (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import traceback
+
+import torch
+
+from benchmarks.common import ResultWriter, Timer, peak_flops, train_flops_per_token
+from custom_peft import build_model, count_trainable
+from utils.fast_paths import compile_layers, make_adamw
+from utils.registry import get_model_spec
+
+OUR_METHODS = ("fft", "lora", "pt", "idpg", "lopa")
+BASELINES = ("peft-pt", "peft-lora")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build(method: str, args):
+    """Return ``(step_fn, lm, trainable_count)``: one optimizer step on a batch dict."""
+    dev = _device()
+    with dev:
+        if method in BASELINES:
+            from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+            from utils.models import load_foundation_model
+
+            lm, _ = load_foundation_model(args.model, dtype=args.dtype, random_weights=True, seed=0)
+            if method == "peft-pt":
+                cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.m,
+                                         prompt_tuning_init=PromptTuningInit.RANDOM)
+            else:
+                cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, bias="none", task_type=TaskType.CAUSAL_LM,
+                                 target_modules=list(get_model_spec(args.model).lora_targets))
+            model = get_peft_model(lm, cfg)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+            def forward(batch):
+                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss
+        else:
+            model, _ = build_model(method, args.model, enc_model_type=args.encoder, num_virtual_tokens=args.m,
+                                   lp_rank=args.r, dtype=args.dtype, random_weights=True, seed=0)
+            lm = model.lm
+            if args.compile:
+                compile_layers(lm)
+            opt = make_adamw(model.parameters(), lr=1e-4)
+
+            def forward(batch):
+                return model(**batch).loss
+    model.train()
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if args.dtype == "bf16" and dev.type == "cuda" \
+        else contextlib.nullcontext()
+
+    def step(batch):
+        with autocast:
+            loss = forward(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, lm, count_trainable(model)
+
+
+def random_batch(args, vocab: int, enc_vocab: int = 50265) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, vocab, (args.batch_size, args.seq_len), generator=g)
+    labels = ids.clone()
+    labels[:, : args.seq_len // 2] = -100
+    enc = torch.randint(10, enc_vocab, (args.batch_size, min(args.seq_len, 512)), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "enc_input_ids": enc, "enc_attention_mask": torch.ones_like(enc)}
+    return {k: v.to(_device()) for k, v in batch.items()}
+
+
+def measure(step, batches, warmup: int, steps: int):
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    losses = []
+    with Timer() as t:
+        for i in range(steps):
+            losses.append(step(batches[i % len(batches)]).detach())
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return t.seconds, peak, float(losses[-1])
+
+
+def bench_method(method: str, args, writer: ResultWriter) -> None:
+    step, lm, trainable = build(method, args)
+    vocab = lm.config.vocab_size
+    enc_vocab = 50265 if args.encoder == "codebert-base" else 2048
+    batch = random_batch(args, vocab, enc_vocab)
+    seconds, peak, loss = measure(step, [batch], args.warmup, args.steps)
+    tokens = args.batch_size * args.seq_len * args.steps
+    tps = tokens / seconds
+    fpt = train_flops_per_token(lm, args.seq_len, full_finetune=(method == "fft"))
+    peak_fl = peak_flops()
+    writer.write("train", model=args.model, method=method, batch_size=args.batch_size, seq_len=args.seq_len,
+                 dtype=args.dtype, compile=bool(args.compile and method not in BASELINES), tokens_per_s=tps,
+                 mfu=(tps * fpt / peak_fl) if peak_fl else None, peak_gib=peak, trainable_params=trainable,
+                 final_loss=loss, steps=args.steps)
+    del step, lm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_padding(args, writer: ResultWriter) -> None:
+    """Useful tokens/s on the real MBPP train split: dynamic padding (+ length grouping) vs fixed length."""
+    from benchmarks.bench_tokenizer import bench_tokenizer
+    from utils.batching import Collator, LengthGroupedSampler, TaskDataset
+    from utils.data import default_data_path, load_task_split
+    from utils.tasks import get_task
+
+    path = args.data_path or default_data_path("mbpp")
+    if path is None:
+        print("padding benchmark skipped: no MBPP data (pass --data_path)")
+        return
+    task = get_task("mbpp")
+    tok = bench_tokenizer(args.smoke)
+    records = load_task_split("mbpp", "train", path)
+    ds = TaskDataset(task, records, tok, None, num_virtual_tokens=args.m, train=True)
+    fixed_len = task.max_lengths(args.m)[1]
+    step, lm, _ = build("pt", args)
+    vocab = lm.config.vocab_size
+    for mode in ("fixed", "dynamic"):
+        if mode == "fixed":
+            collate = Collator(tok.pad_token_id, pad_to=fixed_len)
+            order = list(range(len(ds)))
+        else:
+            collate = Collator(tok.pad_token_id, pad_to_multiple_of=args.pad_multiple)
+            order = list(LengthGroupedSampler(ds.lengths(), args.batch_size, seed=0))
+        batches = []
+        for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
+            b = collate([ds[j] for j in order[i:i + args.batch_size]])
+            b.pop("task_ids")
+            b["input_ids"] = b["input_ids"].clamp(max=vocab - 1)
+            batches.append({k: v.to(_device()) for k, v in b.items()})
+        batches = batches[: args.padding_batches]
+        useful = sum(int(b["attention_mask"].sum()) for b in batches)
+        padded = sum(b["input_ids"].numel() for b in batches)
+        seen = set()
+        for b in batches:  # compile every shape before timing (a new shape is a new compilation)
+            if b["input_ids"].shape not in seen:
+                seen.add(b["input_ids"].shape)
+                step(b)
+        with Timer() as t:
+            for b in batches:
+                step(b)
+        writer.write("train", model=args.model, method="pt", padding=mode, batch_size=args.batch_size,
+                     dtype=args.dtype, useful_tokens_per_s=useful / t.seconds, tokens_per_s=padded / t.seconds,
+                     pad_fraction=1 - useful / padded, batches=len(batches))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="phi-2")
+    p.add_argument("--methods", default="fft,lora,pt,idpg,lopa,peft-pt,peft-lora")
+    p.add_argument("--encoder", default="codebert-base", help="encoder architecture for idpg/lopa (random weights)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--m", type=int, default=10)
+    p.add_argument("--r", type=int, default=1)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no_compile", dest="compile", action="store_false")
+    p.add_argument("--padding", action="store_true", help="also run the dynamic vs fixed padding comparison")
+    p.add_argument("--padding_batches", type=int, default=40)
+    p.add_argument("--pad_multiple", type=int, default=64)
+    p.add_argument("--data_path", default=None)
+    p.add_argument("--results", default=None, help="JSONL to append to (default benchmarks/results.jsonl)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, CPU-sized shapes (CI)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.encoder, args.batch_size, args.seq_len = "tiny-phi-2", "tiny-roberta", 2, 32
+        args.steps, args.warmup, args.dtype, args.compile, args.m = 2, 1, "fp32", False, 4
+        args.padding_batches, args.pad_multiple = 2, 8
+    writer = ResultWriter(args.results)
+    failures = []
+    for method in args.methods.split(","):
+        try:
+            bench_method(method, args, writer)
+        except Exception as exc:  # one failing method must not lose the others' figures
+            traceback.print_exc()
+            failures.append(f"{method}: {type(exc).__name__}: {exc}")
+            writer.write("train", model=args.model, method=method, batch_size=args.batch_size, error=failures[-1])
+    if args.padding:
+        try:
+            bench_padding(args, writer)
+        except Exception as exc:
+            traceback.print_exc()
+            failures.append(f"padding: {type(exc).__name__}: {exc}")
+    if failures:
+        raise SystemExit("failed: " + "; ".join(failures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Adapter directories: save → load round trips, file contents, config fields, peft compatibility, mismatches."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+
+from custom_peft import (build_model, count_trainable, idpg_trainable_count, load_tuned_model, lopa_trainable_count,
+                         read_adapter_config, save_adapter, trainable_state_dict)
+from utils.batching import Collator
+from utils.errors import UserError
+from utils.models import TINY_MODEL_TYPES, load_encoder_tokenizer, load_foundation_model
+
+M, R, D, ENC_DIM = 4, 2, 64, 48
+PROMPTS = ["def add(a, b):\n    return", "x = [i * i for i in range(10)]\nprint(x", "import os"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and a second one only spins on a shared, busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trained(method: str, model_type: str = "tiny-llama", enc: str = "tiny-roberta"):
+    """A fresh model whose trainable tensors moved off their init (as after training)."""
+    model, tok = build_model(method, model_type, num_virtual_tokens=M, lp_rank=R, enc_model_type=enc, seed=7)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_((0.01 if method == "fft" else 0.2) * torch.randn(p.shape, generator=generator))
+    return model.eval(), tok
+
+
+def left_batch(tok, enc: str = "tiny-roberta") -> dict:
+    enc_tok = load_encoder_tokenizer(enc)
+    examples = [{"task_id": str(i), "input_ids": tok(t)["input_ids"], "enc_input_ids": enc_tok(t)["input_ids"]}
+                for i, t in enumerate(PROMPTS)]
+    batch = Collator(tok.pad_token_id, enc_tok.pad_token_id, padding_side="left")(examples)
+    batch.pop("task_ids")
+    return batch
+
+
+def assert_same_model(a, b, batch):
+    with torch.no_grad():
+        assert torch.equal(a(**batch).logits, b(**batch).logits)
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(a.generate(**batch, **kwargs), b.generate(**batch, **kwargs))
+
+
+def tensors_in(path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("method", ("lora", "pt", "idpg", "lopa"))
+def test_save_then_load_gives_identical_logits_and_generations(method, model_type, tmp_path):
+    model, tok = trained(method, model_type)
+    save_adapter(model, tmp_path)
+    loaded, loaded_tok = load_tuned_model(tmp_path)
+    assert loaded.method == method and not loaded.training
+    assert loaded_tok.get_vocab() == tok.get_vocab()
+    saved = {k: v.detach() for k, v in trainable_state_dict(model).items()}
+    assert all(torch.equal(saved[k], v) for k, v in trainable_state_dict(loaded).items())
+    assert_same_model(model, loaded, left_batch(tok))
+
+
+def test_fft_directory_is_a_whole_model_and_loads_back(tmp_path):
+    model, tok = trained("fft", "tiny-phi-2")
+    save_adapter(model, tmp_path, extra={"epochs": 1})
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    assert not (tmp_path / "adapter_config.json").exists()  # else from_pretrained would take it for a peft adapter
+    assert read_adapter_config(tmp_path)["epochs"] == 1
+    loaded, _ = load_tuned_model(tmp_path)
+    assert loaded.method == "fft" and count_trainable(loaded) == count_trainable(model)
+    assert_same_model(model, loaded, left_batch(tok))
+    plain, _ = load_foundation_model("tiny-phi-2", model_path=str(tmp_path))  # the documented FFT path
+    assert torch.equal(plain.lm_head.weight, model.lm.lm_head.weight)
+    with pytest.raises(ValueError, match="none"):
+        save_adapter(build_model("none", "tiny-phi-2")[0], tmp_path / "none")
+
+
+# ------------------------------------------------------------------------------------------- file contents
+def test_lopa_file_holds_only_the_shared_prompt_and_heads(tmp_path):
+    model, _ = trained("lopa")
+    save_adapter(model, tmp_path)
+    shapes = tensors_in(tmp_path / "adapter_model.safetensors")
+    heads = {f"{h}.{layer}.{kind}" for h in ("row_head", "col_head") for layer in ("dense", "out_proj")
+             for kind in ("weight", "bias")}
+    assert set(shapes) == {"shared_prompt"} | heads
+    assert shapes["shared_prompt"] == (M, D)
+    assert shapes["row_head.out_proj.weight"] == (M * R, ENC_DIM)
+    assert shapes["col_head.out_proj.weight"] == (D * R, ENC_DIM)
+    numel = sum(torch.Size(s).numel() for s in shapes.values())
+    assert numel == count_trainable(model) == lopa_trainable_count(D, ENC_DIM, ENC_DIM, M, R)
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    assert 4 * numel < size < 4 * numel + 2048  # fp32 data plus a small JSON header, no encoder
+
+
+def test_idpg_pt_and_lora_files_hold_only_their_trained_tensors(tmp_path):
+    for method in ("idpg", "pt", "lora"):
+        model, _ = trained(method)
+        save_adapter(model, tmp_path / method)
+        shapes = tensors_in(tmp_path / method / "adapter_model.safetensors")
+        numel = sum(torch.Size(s).numel() for s in shapes.values())
+        assert numel == count_trainable(model), method
+        if method == "idpg":
+            assert set(shapes) == {"head.dense.weight", "head.dense.bias", "head.out_proj.weight",
+                                   "head.out_proj.bias"}
+            assert numel == idpg_trainable_count(D, ENC_DIM, ENC_DIM, M)
+        elif method == "pt":
+            assert shapes == {"prompt_embeddings": (M, D)}
+        else:
+            assert all(".lora_A." in k or ".lora_B." in k for k in shapes) and len(shapes) == 3 * 3 * 2
+
+
+def test_real_encoder_is_referenced_not_copied(tmp_path):
+    model, tok = trained("lopa", "tiny-phi-3", enc="minilm")
+    save_adapter(model, tmp_path)
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    encoder = sum(p.numel() for p in model.prompt.encoder.parameters())
+    assert count_trainable(model) == lopa_trainable_count(D, 384, 384, M, R)
+    assert size < 4 * count_trainable(model) + 2048 < 4 * encoder / 10  # the 22.7M-parameter encoder is not in it
+    assert read_adapter_config(tmp_path)["enc_model_type"] == "minilm"
+    loaded, _ = load_tuned_model(tmp_path)
+    assert_same_model(model, loaded, left_batch(tok, enc="minilm"))
+
+
+def test_adapter_config_records_what_rebuilds_the_model(tmp_path):
+    expected = {"library": "lopa-peft", "base_model_type": "tiny-llama", "hidden_size": D}
+    for method in ("lora", "pt", "idpg", "lopa"):
+        model, _ = trained(method)
+        config = json.loads((save_adapter(model, tmp_path / method, extra={"lr": 1e-3}) /
+                             "adapter_config.json").read_text())
+        assert {k: config[k] for k in expected} == expected
+        assert config["method"] == method and config["lr"] == 1e-3
+        assert config["library_version"] and "base_model_name_or_path" in config
+        if method != "lora":
+            assert config["num_virtual_tokens"] == M
+        if method in ("idpg", "lopa"):
+            assert (config["enc_model_type"], config["encoder_hidden_size"], config["head_dim"]) == (
+                "tiny-roberta", ENC_DIM, ENC_DIM)
+        if method == "lopa":
+            assert config["lp_rank"] == R
+        if method in ("lora", "pt"):  # peft's own fields are there too
+            assert config["peft_type"] == {"lora": "LORA", "pt": "PROMPT_TUNING"}[method]
+        if method == "lora":
+            assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32, 0.1)
+            assert sorted(config["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("method", ("lora", "pt"))
+def test_plain_peft_loads_lora_and_pt_directories(method, tmp_path):
+    model, tok = trained(method, "tiny-codegen")
+    save_adapter(model, tmp_path)
+    base, _ = load_foundation_model("tiny-codegen", seed=read_adapter_config(tmp_path)["base_seed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that it ignores the project's extra config fields
+        theirs = PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    batch = tok(PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["attention_mask"]).logits
+        peft_logits = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(peft_logits[:, -ours.shape[1]:], ours, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- mismatches
+@pytest.fixture(scope="module")
+def lopa_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("lopa_adapter")
+    save_adapter(trained("lopa")[0], directory)
+    return directory
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"method": "pt"}, "method"),
+    ({"num_virtual_tokens": 10}, "num_virtual_tokens"),
+    ({"lp_rank": 1}, "lp_rank"),
+    ({"enc_model_type": "minilm"}, "enc_model_type"),
+    ({"model_type": "tiny-phi-2"}, "base_model_type"),  # same width, another model
+    ({"model_type": "phi-2"}, "hidden_size"),  # caught from the registry, before any download
+    ({"model_type": "deepseek-coder-1.3b-base"}, "hidden_size"),
+])
+def test_a_directory_that_does_not_fit_names_the_field(lopa_dir, kwargs, field):
+    with pytest.raises(UserError) as err:
+        load_tuned_model(lopa_dir, **kwargs)
+    message = str(err.value)
+    assert f"'{field}'" in message and "adapter_config.json" in message
+    assert str(kwargs[next(iter(kwargs))]) in message
+
+
+def _copy_with_config(src, dst, **changes):
+    dst.mkdir()
+    (dst / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    config = json.loads((src / "adapter_config.json").read_text())
+    config.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"hidden_size": 2560}, "'hidden_size' is 2560"),  # width of another model type
+    ({"num_virtual_tokens": 5}, "'num_virtual_tokens'"),  # config and tensors disagree
+    ({"lp_rank": 4}, "'lp_rank'"),
+    ({"method": "idpg"}, "unexpected tensor"),
+])
+def test_an_edited_config_that_contradicts_the_tensors_fails_clearly(lopa_dir, tmp_path, changes, needle):
+    with pytest.raises(UserError, match=needle):
+        load_tuned_model(_copy_with_config(lopa_dir, tmp_path / "edited", **changes))
+
+
+def test_missing_or_foreign_files_fail_clearly(lopa_dir, tmp_path):
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        load_tuned_model(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_tuned_model(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(UserError, match="field 'method' is missing"):
+        load_tuned_model(tmp_path)
+    only_config = tmp_path / "only_config"
+    only_config.mkdir()
+    (only_config / "adapter_config.json").write_text((lopa_dir / "adapter_config.json").read_text())
+    with pytest.raises(UserError, match="adapter_model.safetensors: missing"):
+        load_tuned_model(only_config)

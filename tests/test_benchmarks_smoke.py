@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end on the CPU with tiny models (no timing is asserted)."""
+import json
+
+from benchmarks import bench_generate, bench_train
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_bench_train_smoke_writes_one_line_per_figure(tmp_path, data_paths):
+    out = tmp_path / "results.jsonl"
+    bench_train.main(["--smoke", "--padding", "--results", str(out), "--data_path", data_paths["mbpp"]])
+    lines = _lines(out)
+    methods = {line["method"] for line in lines if "padding" not in line}
+    assert methods == {"fft", "lora", "pt", "idpg", "lopa", "peft-pt", "peft-lora"}
+    for line in lines:
+        assert line["bench"] == "train" and "error" not in line
+        assert {"model", "method", "batch_size", "device", "versions", "date", "run_id"} <= set(line)
+        assert line["tokens_per_s"] > 0
+    padding = {line["padding"]: line for line in lines if "padding" in line}
+    assert padding["dynamic"]["pad_fraction"] < padding["fixed"]["pad_fraction"]
+    # every method but fft trains only a small part of the model
+    trainable = {line["method"]: line["trainable_params"] for line in lines if "padding" not in line}
+    assert trainable["pt"] == trainable["peft-pt"] and trainable["lora"] == trainable["peft-lora"]
+    assert max(v for k, v in trainable.items() if k != "fft") < trainable["fft"] / 10
+
+
+def test_bench_generate_smoke(tmp_path, data_paths):
+    out = tmp_path / "results.jsonl"
+    bench_generate.main(["--smoke", "--results", str(out), "--data_path", data_paths["mbpp"]])
+    lines = _lines(out)
+    gen = [line for line in lines if line["bench"] == "generate"]
+    assert {line["method"] for line in gen} == {"hf-generate", "none", "pt", "lopa"}
+    assert all(line["new_tokens_per_s"] > 0 and "error" not in line for line in gen)
+    checks = [line for line in lines if line["bench"] == "generate-check"]
+    assert checks and all(line["identical_rows"] == 4 for line in checks)  # fp32 CPU: fast path == eager path

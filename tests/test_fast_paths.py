@@ -1,0 +1,89 @@
+"""The fast paths give the plain path's results (on the CPU; the GPU figures are in BENCHMARKS.md)."""
+import pytest
+import torch
+
+from custom_peft import build_model
+from utils.batching import Collator
+from utils.fast_paths import compile_layers, decoder_layers, make_adamw, static_cache_kwargs
+from utils.models import tiny_tokenizer
+
+ENC_TOK = tiny_tokenizer("roberta")
+PROMPTS = ["def add(a, b):\n    return a + b", "x = [i * i for i in range(10)]\nprint(x)", "import os"]
+
+
+def _batch(tok, side="right", multiple=None):
+    rows = [{"input_ids": tok(p)["input_ids"], "labels": tok(p)["input_ids"], "task_id": str(i),
+             "enc_input_ids": ENC_TOK(p)["input_ids"]} for i, p in enumerate(PROMPTS)]
+    batch = Collator(tok.pad_token_id, ENC_TOK.pad_token_id, padding_side=side, pad_to_multiple_of=multiple)(rows)
+    batch.pop("task_ids")
+    return batch
+
+
+def _train_losses(method, model_type, compiled: bool, steps=3):
+    model, tok = build_model(method, model_type, enc_model_type="tiny-roberta", num_virtual_tokens=4, seed=2,
+                             lora_dropout=0.0)
+    for module in model.modules():  # dropout would draw from the RNG differently once compiled
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if compiled:
+        assert compile_layers(model.lm, backend="aot_eager") == model.lm.config.num_hidden_layers
+    opt = make_adamw(model.parameters(), lr=1e-2)
+    batch, losses = _batch(tok), []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("method, model_type", [("lopa", "tiny-llama"), ("lora", "tiny-phi-2")])
+def test_compiled_layers_train_like_eager(method, model_type):
+    eager = _train_losses(method, model_type, compiled=False)
+    compiled = _train_losses(method, model_type, compiled=True)
+    assert eager[-1] < eager[0]
+    assert compiled == pytest.approx(eager, abs=1e-5)
+
+
+def test_decoder_layers_found_for_every_family():
+    for model_type in ("tiny-phi-2", "tiny-phi-3", "tiny-llama", "tiny-codegen"):
+        model, _ = build_model("none", model_type, seed=0)
+        assert len(decoder_layers(model.lm)) == model.lm.config.num_hidden_layers
+
+
+def test_make_adamw_matches_torch_adamw():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    opt_a = make_adamw(a.parameters(), lr=0.1, weight_decay=0.05)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.1, weight_decay=0.05)
+    assert opt_a.defaults["fused"] is False  # CPU parameters
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            m(x).pow(2).sum().backward()
+            o.step()
+            o.zero_grad()
+    torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["none", "pt", "lopa"])
+@pytest.mark.parametrize("model_type", ["tiny-phi-2", "tiny-llama"])
+def test_static_cache_and_bucketed_padding_generate_the_same_tokens(method, model_type):
+    model, tok = build_model(method, model_type, enc_model_type="tiny-roberta", num_virtual_tokens=4, seed=5)
+    plain = model.generate(**_batch(tok, "left"), max_new_tokens=8, do_sample=False)
+    fast = model.generate(**_batch(tok, "left", multiple=16), max_new_tokens=8, do_sample=False,
+                          **static_cache_kwargs())
+    assert plain.shape == (3, 8)
+    assert torch.equal(plain, fast)
+
+
+def test_selective_logits_loss_equals_full_loss():
+    model, tok = build_model("lopa", "tiny-phi-3", enc_model_type="tiny-roberta", num_virtual_tokens=4, seed=1)
+    model.eval()
+    batch = _batch(tok)
+    fast = model(**batch).loss
+    model.selective_logits = False
+    full = model(**batch).loss
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,345 @@
+"""The six methods on tiny models of every family: counts, equivalences, gradients, cache-correct generation."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from custom_peft import (build_model, count_trainable, expected_trainable_count, idpg_trainable_count,
+                         lopa_trainable_count, pt_trainable_count, trainable_state_dict)
+from utils.batching import IGNORE_INDEX, Collator
+from utils.models import TINY_MODEL_TYPES, load_encoder_tokenizer
+
+METHODS = ("none", "fft", "lora", "pt", "idpg", "lopa")
+M, R = 4, 2  # virtual tokens and LOPA rank of the tiny builds
+ENC_DIM = 48  # tiny-roberta's width (and head width)
+PROMPTS = ["def add(a, b):\n    return", "x = [i * i for i in range(10)]\nprint(x", "import os"]
+NEW_TOKENS = 7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and a second one only spins on a shared, busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def built(method: str, model_type: str, enc: str = "tiny-roberta"):
+    """A built model in eval mode, shared by the tests that only read it. Its adapter tensors are moved off their
+    init (LoRA's B starts at zero, LOPA's gate near 0.5), so every method visibly changes the base model."""
+    model, tok = build_model(method, model_type, num_virtual_tokens=M, lp_rank=R, enc_model_type=enc, seed=11)
+    if method != "fft":
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    return model.eval(), tok
+
+
+def batch_of(tok, prompts, enc: str = "tiny-roberta", side: str = "left", targets=None) -> dict:
+    """A collated batch as the project's Collator makes it (labels on ``targets`` when given)."""
+    enc_tok = load_encoder_tokenizer(enc)
+    examples = []
+    for i, text in enumerate(prompts):
+        ids = tok(text)["input_ids"]
+        example = {"task_id": str(i), "input_ids": ids,
+                   "enc_input_ids": enc_tok(text)["input_ids"]}
+        if targets is not None:
+            answer = tok(targets[i], add_special_tokens=False)["input_ids"]
+            example.update(input_ids=ids + answer, labels=[IGNORE_INDEX] * len(ids) + answer)
+        examples.append(example)
+    batch = Collator(tok.pad_token_id, enc_tok.pad_token_id, padding_side=side)(examples)
+    batch.pop("task_ids")
+    return batch
+
+
+def row(batch: dict, i: int) -> dict:
+    """Row i of a left-padded batch, unpadded (both the LM and the encoder inputs)."""
+    keep, enc_keep = batch["attention_mask"][i].bool(), batch["enc_attention_mask"][i].bool()
+    return {"input_ids": batch["input_ids"][i][keep][None], "attention_mask": batch["attention_mask"][i][keep][None],
+            "enc_input_ids": batch["enc_input_ids"][i][enc_keep][None],
+            "enc_attention_mask": batch["enc_attention_mask"][i][enc_keep][None]}
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+# ------------------------------------------------------------------------------------------------ counts
+def millions(n: int) -> float:
+    return round(n / 1e6, 2)
+
+
+def test_paper_parameter_counts_from_the_registry_without_a_download():
+    """spec §10.4: the numbers the paper reports, from registry widths only (no model is built or fetched)."""
+    for model_type, lopa in (("phi-2", (4.76, 7.39, 12.66)), ("deepseek-coder-1.3b-base", (4.23, 6.34, 10.56))):
+        got = [millions(expected_trainable_count("lopa", model_type, num_virtual_tokens=10, lp_rank=r,
+                                                 enc_model_type="codesage-small")) for r in (1, 2, 4)]
+        assert got == list(lopa), model_type
+    assert [millions(lopa_trainable_count(2048, 768, 768, 10, r)) for r in (1, 2, 4)] == [2.78, 4.37, 7.53]
+    assert expected_trainable_count("pt", "phi-2", num_virtual_tokens=10) == 25_600
+    assert expected_trainable_count("pt", "deepseek-coder-1.3b-base", num_virtual_tokens=10) == 20_480
+    idpg = [millions(expected_trainable_count("idpg", "deepseek-coder-1.3b-base", num_virtual_tokens=m,
+                                              enc_model_type="codebert-base")) for m in (5, 10, 25, 50, 100)]
+    assert idpg == [8.47, 16.34, 39.96, 79.34, 158.08]
+    # LoRA r=16 on q,k,v: r·(in+out) per adapted Linear, counted on the meta device.
+    assert expected_trainable_count("lora", "phi-2") == 32 * 3 * 16 * (2560 + 2560)
+    assert expected_trainable_count("lora", "deepseek-coder-1.3b-base") == 24 * 3 * 16 * (2048 + 2048)
+    assert expected_trainable_count("none", "phi-2") == 0
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_built_models_train_exactly_their_formula(model_type):
+    d = 64
+    want = {"none": 0, "pt": pt_trainable_count(d, M), "idpg": idpg_trainable_count(d, ENC_DIM, ENC_DIM, M),
+            "lopa": lopa_trainable_count(d, ENC_DIM, ENC_DIM, M, R)}
+    assert want["lopa"] == M * d + (ENC_DIM * ENC_DIM + ENC_DIM + ENC_DIM * M * R + M * R) + (
+        ENC_DIM * ENC_DIM + ENC_DIM + ENC_DIM * d * R + d * R)
+    for method in METHODS:
+        model, _ = built(method, model_type)
+        n = count_trainable(model)
+        assert n == expected_trainable_count(method, model_type, num_virtual_tokens=M, lp_rank=R,
+                                             enc_model_type="tiny-roberta"), method
+        if method in want:
+            assert n == want[method], method
+        if method == "fft":
+            assert n == sum(p.numel() for p in model.lm.parameters()) > 300_000
+        if method not in ("none", "fft"):
+            assert sum(t.numel() for t in trainable_state_dict(model).values()) == n, method
+
+
+# ------------------------------------------------------------------------------------------ equivalences
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_lopa_with_gate_one_is_prompt_tuning(model_type):
+    pt, tok = built("pt", model_type)
+    lopa, _ = build_model("lopa", model_type, num_virtual_tokens=M, lp_rank=R, enc_model_type="tiny-roberta",
+                          seed=11)
+    lopa.eval()
+    with torch.no_grad():  # u = v = 10 everywhere, so u·vᵀ = 200 and sigmoid saturates to exactly 1
+        for head in (lopa.prompt.row_head, lopa.prompt.col_head):
+            head.out_proj.weight.zero_()
+            head.out_proj.bias.fill_(10.0)
+        lopa.prompt.shared_prompt.copy_(pt.backbone.prompt_encoder["default"].embedding.weight)
+    batch = batch_of(tok, PROMPTS, targets=[" 1", " 2", " 3"])
+    assert torch.equal(lopa.prompt(batch["enc_input_ids"], batch["enc_attention_mask"]),
+                       pt.prompt_embeds(len(PROMPTS)))
+    with torch.no_grad():
+        a, b = lopa(**batch), pt(**batch)
+        assert a.loss.item() == b.loss.item()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        assert torch.equal(lopa(**inputs).logits, pt(**inputs).logits)
+    assert torch.equal(lopa.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False),
+                       pt.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False))
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_prompt_tuning_forward_equals_peft_forward(model_type):
+    """Right padding (peft's positions ignore the mask, so only right padding is comparable)."""
+    model, tok = built("pt", model_type)
+    batch = batch_of(tok, PROMPTS, side="right", targets=[" return 1", " 2", " os.path"])
+    with torch.no_grad():
+        theirs = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                labels=batch["labels"])
+        ours = model(**batch)
+        model.selective_logits = False
+        try:
+            full = model(**batch)
+        finally:
+            model.selective_logits = True
+        logits = model(batch["input_ids"], batch["attention_mask"]).logits
+    keep = batch["attention_mask"].bool()
+    assert theirs.logits.shape[1] == M + batch["input_ids"].shape[1]
+    assert torch.allclose(logits[keep], theirs.logits[:, M:][keep], atol=1e-5, rtol=0)
+    assert abs(full.loss.item() - theirs.loss.item()) < 1e-6
+    assert abs(ours.loss.item() - theirs.loss.item()) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("method", METHODS)
+def test_selective_logits_loss_equals_full_loss(method, model_type):
+    model, tok = built(method, model_type)
+    batch = batch_of(tok, PROMPTS, targets=[" return a + b", ")", " sys"])
+    with torch.no_grad():
+        selective = model(**batch)
+        model.selective_logits = False
+        try:
+            full = model(**batch)
+        finally:
+            model.selective_logits = True
+    assert selective.logits is None and full.logits is not None
+    assert 5.0 < full.loss.item() < 12.0
+    assert abs(selective.loss.item() - full.loss.item()) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("method", METHODS)
+def test_left_padded_forward_equals_unpadded_rows(method, model_type):
+    model, tok = built(method, model_type)
+    batch = batch_of(tok, PROMPTS)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for i in range(len(PROMPTS)):
+            single = model(**row(batch, i)).logits[0]
+            assert torch.allclose(logits[i][batch["attention_mask"][i].bool()], single, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("method", ("none", "pt", "lopa"))
+def test_position_ids_follow_the_mask_in_forward_and_generate(method, model_type):
+    """The model body receives 0, 1, 2, … over the attended (virtual + real) tokens of each left-padded row, in
+    forward and at every generation step. (All four families use rotary embeddings, which see only relative
+    positions, so logits alone could not tell a shifted position apart.)"""
+    model, tok = built(method, model_type)
+    batch = batch_of(tok, PROMPTS)
+    seen = []
+    hook = model.lm.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"].clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+        model.generate(**batch, max_new_tokens=3, do_sample=False)
+    finally:
+        hook.remove()
+    assert len(seen) == 1 + 3
+    m = model.num_virtual_tokens
+    # the soft prompt goes in front of the padded row: [virtual tokens; left padding; prompt]
+    mask = torch.cat([torch.ones(len(PROMPTS), m, dtype=torch.long), batch["attention_mask"]], 1).bool()
+    lengths = batch["attention_mask"].sum(1).tolist()
+    for positions in seen[:2]:  # forward, then generate's first step over the whole prompt
+        for i, n in enumerate(lengths):
+            assert positions[i][mask[i]].tolist() == list(range(m + n))
+    for step, positions in enumerate(seen[2:], start=1):
+        assert positions[:, -1].tolist() == [m + n + step - 1 for n in lengths]
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _expected_trainable(method: str, name: str) -> bool:
+    if method == "fft":
+        return True
+    if method == "lora":
+        return ".lora_A." in name or ".lora_B." in name
+    if method == "pt":
+        return name == "backbone.prompt_encoder.default.embedding.weight"
+    if method in ("lopa", "idpg"):
+        return name.startswith("prompt.") and not name.startswith("prompt.encoder.")
+    return False
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("method", ("fft", "lora", "pt", "idpg", "lopa"))
+def test_gradients_reach_exactly_the_trainable_tensors_and_training_lowers_the_loss(method, model_type):
+    model, tok = build_model(method, model_type, num_virtual_tokens=M, lp_rank=R, enc_model_type="tiny-roberta",
+                             seed=5)
+    names = dict(model.named_parameters())
+    trainable = {n for n, p in names.items() if p.requires_grad}
+    assert trainable == {n for n in names if _expected_trainable(method, n)}
+    if method in ("lopa", "idpg"):
+        assert not any(p.requires_grad for p in model.prompt.encoder.parameters())
+    if method == "lopa":
+        assert {n.split(".")[1] for n in trainable} == {"shared_prompt", "row_head", "col_head"}
+    frozen_before = {n: p.detach().clone() for n, p in names.items() if not p.requires_grad}
+    batch = batch_of(tok, PROMPTS, targets=[" return a + b", ")", " sys"])
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return model(**batch).loss.item()
+
+    start = eval_loss()
+    # a soft prompt moves a random tiny LM only a little: large steps, and a smaller drop asked of it
+    lr, drop = {"fft": (1e-3, 0.5), "lora": (1e-2, 0.5), "idpg": (1e-2, 0.05), "pt": (0.3, 0.05),
+                "lopa": (0.1, 0.05)}[method]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)  # all parameters, as the paper
+    torch.manual_seed(0)  # dropout (LoRA, heads) draws from the global generator
+    for step in range(6):
+        model.train()
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        for n, p in names.items():
+            if p.requires_grad:
+                assert p.grad is not None and torch.isfinite(p.grad).all(), n
+            else:
+                assert p.grad is None, n
+        if step == 1:  # after one step LoRA's B is non-zero, so every trainable tensor has a non-zero gradient
+            assert [n for n in trainable if not names[n].grad.any()] == []
+        optimizer.step()
+    end = eval_loss()
+    assert end < start - drop, (start, end)
+    assert all(torch.equal(p, frozen_before[n]) for n, p in names.items() if not p.requires_grad)
+
+
+# -------------------------------------------------------------------------------------------- generation
+def _full_forward_logits(model, single: dict, new_tokens: list[int]) -> torch.Tensor:
+    """Next-token logits after each prefix of ``new_tokens``, by full forward passes without a cache."""
+    ids, mask = single["input_ids"], single["attention_mask"]
+    enc = {k: single[k] for k in ("enc_input_ids", "enc_attention_mask")}
+    steps = []
+    for t in range(len(new_tokens)):
+        prefix = torch.tensor([new_tokens[:t]], dtype=ids.dtype)
+        logits = model(torch.cat([ids, prefix], 1), torch.cat([mask, torch.ones_like(prefix)], 1), **enc).logits
+        steps.append(logits[0, -1])
+    return torch.stack(steps)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("method", METHODS)
+def test_cached_batched_generation_equals_full_forward_and_single_rows(method, model_type):
+    """Greedy with the KV cache on a left-padded batch == greedy by full forward passes == one row at a time.
+
+    For ``pt`` this is the check ``peft``'s own prompt-tuning ``generate`` fails (its logits drift after the first
+    new token); ours prepends the prompt to ``inputs_embeds`` and lets the base model cache it.
+    """
+    model, tok = built(method, model_type)
+    batch = batch_of(tok, PROMPTS)
+    out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    assert out.sequences.shape == (len(PROMPTS), NEW_TOKENS)
+    distinct = set()
+    for i in range(len(PROMPTS)):
+        single = row(batch, i)
+        tokens = until_eos(out.sequences[i].tolist(), tok.eos_token_id)
+        distinct.update(tokens)
+        alone = model.generate(**single, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+        assert alone.sequences[0].tolist() == tokens
+        cached = torch.stack([step[i] for step in out.logits[:len(tokens)]])
+        assert torch.allclose(cached, torch.cat(alone.logits), atol=1e-4, rtol=0)
+        with torch.no_grad():
+            reference = _full_forward_logits(model, single, tokens)
+        assert torch.allclose(cached, reference, atol=1e-4, rtol=0), (cached - reference).abs().max()
+        assert reference.argmax(-1).tolist() == tokens
+    assert len(distinct) >= 4  # the rows are not one repeated token
+
+
+def test_sampling_expands_instance_prompts_per_return_sequence():
+    model, tok = built("lopa", "tiny-llama")
+    batch = batch_of(tok, PROMPTS[:2])
+    torch.manual_seed(0)
+    new = model.generate(**batch, max_new_tokens=3, do_sample=True, num_return_sequences=3)
+    assert new.shape == (6, 3)
+    assert model.training is False
+
+
+# ------------------------------------------------------------------------------------ a real encoder
+def test_lopa_with_a_real_pretrained_encoder():
+    """all-MiniLM-L6-v2 (mean pooling over the mask): counts, frozen backbone, padding-independent prompts."""
+    model, tok = built("lopa", "tiny-codegen", "minilm")
+    assert model.prompt.enc_dim == 384
+    assert count_trainable(model) == lopa_trainable_count(64, 384, 384, M, R)
+    assert sum(p.numel() for p in model.prompt.encoder.parameters()) > 22_000_000
+    assert not any(p.requires_grad for p in model.prompt.encoder.parameters())
+    batch = batch_of(tok, PROMPTS, enc="minilm")
+    assert (batch["enc_attention_mask"] == 0).any()  # the encoder rows really are padded
+    new = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
+    for i in range(len(PROMPTS)):
+        single = row(batch, i)
+        prompt = model.prompt(single["enc_input_ids"], single["enc_attention_mask"])
+        batched = model.prompt(batch["enc_input_ids"], batch["enc_attention_mask"])[i:i + 1]
+        assert torch.allclose(prompt, batched, atol=1e-5, rtol=0)
+        alone = model.generate(**single, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert alone[0].tolist() == until_eos(new[i].tolist(), tok.eos_token_id)

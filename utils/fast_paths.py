@@ -1,0 +1,57 @@
+"""Fast hot paths, each behind a switch, each tested to give the plain path's results.
+
+* ``compile_layers``: regional ``torch.compile`` of the decoder layers (one compilation serves every layer, so
+  compile time stays short; the model body gains ~1.3-1.4x on a GPU in training).
+* ``make_adamw``: AdamW with the fused CUDA kernel when the parameters live on a GPU.
+* ``static_cache_kwargs``: ``generate`` keyword arguments for a static KV cache, which transformers compiles
+  automatically on a GPU (decoding steps only; prefill, where the soft prompt enters, stays eager).
+* ``selective_logits`` (in ``TunedModel``): the vocabulary projection only where a label is supervised.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The repeated decoder blocks of a Hugging Face causal LM (``model.layers``, ``transformer.h``, ...)."""
+    body = lm.base_model
+    n_layers = getattr(lm.config, "num_hidden_layers", None) or getattr(lm.config, "n_layer", None)
+    for module in body.children():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(f"could not find the decoder layers of {type(lm).__name__}")
+
+
+def compile_layers(lm: nn.Module, **compile_kwargs) -> int:
+    """Compile each decoder layer in place (``nn.Module.compile``); returns how many were compiled."""
+    layers = decoder_layers(lm)
+    for layer in layers:
+        layer.compile(**compile_kwargs)
+    return len(layers)
+
+
+def make_adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
+               fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW; ``fused=None`` picks the fused kernel when every parameter is on a CUDA device."""
+    params = [p for p in params if p.requires_grad]
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
+
+
+def static_cache_kwargs(compile_mode: str | None = "reduce-overhead", fullgraph: bool = False) -> dict:
+    """Extra ``generate`` kwargs: a static KV cache, compiled decoding when ``compile_mode`` is set.
+
+    transformers compiles only on accelerators; on the CPU the static cache runs eager (same results).
+    Keep prompt lengths in few buckets (``Collator(pad_to_multiple_of=...)``) so shapes, hence compilations,
+    stay few.
+    """
+    kwargs: dict = {"cache_implementation": "static"}
+    if compile_mode is None:
+        kwargs["disable_compile"] = True
+    else:
+        from transformers.generation.configuration_utils import CompileConfig
+
+        kwargs["compile_config"] = CompileConfig(fullgraph=fullgraph, mode=compile_mode)
+    return kwargs
