@@ -124,8 +124,10 @@ def classic_evaluate(programs: list[str], timeout: float, n_workers: int, varian
 
 
 # -- the benchmark -------------------------------------------------------------------------------------------
+# Stamps in the format of benchmarks/common.py, without importing torch: the classic harness forks this
+# process once per sample, and a parent holding torch would make its forks slower than the harnesses' are.
 def device() -> str:
-    name = platform.processor() or "unknown CPU"
+    name = platform.processor() or "cpu"
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -133,12 +135,12 @@ def device() -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {default_workers()} cores"
+    return f"{name} ({os.cpu_count()} cores, CPU only)"
 
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "tqdm"):
+    for pkg in ("torch", "transformers", "peft", "accelerate", "tqdm"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -210,7 +212,8 @@ def main(argv=None) -> list[dict]:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     print(f"device: {common['device']}; n_workers {workers}; rounds {rounds}; run_id {common['run_id']}")
-    print("| task | method | variant | samples | passed | seconds (median) | samples/s |\n|---|---|---|---|---|---|---|")
+    print("| task | method | variant | samples | passed | seconds (median) | samples/s |")
+    print("|---|---|---|---|---|---|---|")
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["task"], r["method"], r["variant"]), []).append(r)

@@ -87,3 +87,17 @@ def test_selective_logits_loss_equals_full_loss():
     model.selective_logits = False
     full = model(**batch).loss
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_preds_fast_decoding_writes_the_same_files(tmp_path, data_paths):
+    import generate_preds
+
+    files = {}
+    for mode in ("off", "on"):
+        log_dir = tmp_path / mode
+        generate_preds.main(["--task_name", "mbpp", "--model_type", "tiny-llama", "--peft_method", "none",
+                             "--data_path", data_paths["mbpp"], "--limit", "5", "--batch_size", "3",
+                             "--max_new_tokens", "12", "--no_progress", "--fast_decoding", mode,
+                             "--log_dir", str(log_dir)])
+        files[mode] = (log_dir / "mbxp_raw.jsonl").read_text()
+    assert files["on"] == files["off"] and files["on"].count("\n") == 5

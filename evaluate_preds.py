@@ -1,0 +1,77 @@
+"""Score MBPP or CRUXEval predictions in the sandbox: pass@k, per-sample results and a summary beside the input.
+
+    python evaluate_preds.py --task_name mbpp --path logging/run/mbxp_solutions_stage2.jsonl
+    python evaluate_preds.py --task_name cruxeval_output_prediction --path logging/run/output.json --k 1,5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from utils.errors import UserError, cli_entry
+from utils.evaluation import DEFAULT_TIMEOUT, TASK_NAMES, evaluate_file
+from utils.sandbox import MODES, SandboxConfig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task_name", required=True, choices=TASK_NAMES)
+    p.add_argument("--path", required=True, help="MBPP: JSONL of {task_id, completion}; CRUXEval: JSON {id: [answer]}")
+    p.add_argument("--problem_file", default=None,
+                   help="MBPP: problems JSONL (default: mbpp_test_problems.jsonl beside --path, else the test "
+                        "split); CRUXEval: the dataset JSONL")
+    p.add_argument("--data_path", default=None, help="the task's dataset JSONL (MBPP: its paper test split is used)")
+    p.add_argument("--mbpp_split", default="paper", choices=("paper", "standard"))
+    p.add_argument("--n_workers", type=int, default=None, help="parallel samples (default: the usable CPU count)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help=f"wall-clock seconds per sample (default: {DEFAULT_TIMEOUT})")
+    p.add_argument("--k", default="1,5,10", help="comma-separated k of pass@k (reported where every task has n >= k)")
+    p.add_argument("--memory_mb", type=int, default=SandboxConfig.memory_mb, help="address-space limit per sample")
+    p.add_argument("--sandbox_mode", default="auto", choices=MODES, help="auto picks the strongest mode that works")
+    p.add_argument("--allow_missing", action="store_true", help="MBPP: score only the tasks that have samples")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        args.k = tuple(int(k) for k in args.k.split(",") if k.strip())
+    except ValueError:
+        raise UserError(f"--k {args.k!r}: expected comma-separated integers such as 1,5,10") from None
+    if not args.k or min(args.k) < 1:
+        raise UserError("--k: every k must be a positive integer")
+    if args.n_workers is not None and args.n_workers < 1:
+        raise UserError("--n_workers must be at least 1")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UserError("--timeout must be positive")
+    if args.memory_mb < 64:
+        raise UserError("--memory_mb below 64 leaves no room for the interpreter; use at least 64")
+    return args
+
+
+@cli_entry
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    summary = evaluate_file(args.task_name, args.path, problem_file=args.problem_file, data_path=args.data_path,
+                            n_workers=args.n_workers, timeout=args.timeout, k=args.k,
+                            allow_missing=args.allow_missing, progress=not args.no_progress,
+                            sandbox_config=SandboxConfig(memory_mb=args.memory_mb, mode=args.sandbox_mode),
+                            mbpp_split=args.mbpp_split)
+    counts = summary["counts"]
+    sandbox = summary["sandbox"]
+    print(f"sandbox mode: {sandbox['mode']}/{sandbox['start']} (network namespace: "
+          f"{sandbox['network_namespace']}, unprivileged uid: {sandbox['unprivileged_uid']})")
+    if sandbox["mode"] != "namespaces":
+        print(f"warning: the sandbox is degraded (no namespaces: network and /tmp are not isolated; see "
+              f"docs/EVALUATION.md); modes that failed: {sandbox['modes_that_failed']}", file=sys.stderr)
+    for key in (key for key in summary if key.startswith("pass@")):
+        print(f"{key} = {100 * summary[key]:.2f}%")
+    print(f"{summary['n_samples']} samples of {summary['n_tasks']} tasks: {counts['passed']} passed, "
+          f"{counts['failed']} failed, {counts['timed out']} timed out in {summary['seconds']:.1f} s "
+          f"({summary['samples_per_s']} samples/s)")
+    if counts["sandbox_errors"]:
+        print(f"warning: {counts['sandbox_errors']} samples failed because of the sandbox, not the program "
+              f"(reason 'sandbox error' in the results)", file=sys.stderr)
+    print(f"results: {summary['results_path']}\nsummary: {summary['summary_path']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

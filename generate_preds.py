@@ -1,0 +1,242 @@
+"""Generate test-split predictions for any method, in the files mxeval (MBPP) and CRUXEval read.
+
+    python generate_preds.py --task_name mbpp --model_type phi-2 --load_adapter_from logging/run/final \
+        --log_dir logging/run/preds                                   # greedy, batch 16
+    accelerate launch generate_preds.py ... --paper_decoding          # the paper's sampling, sharded over GPUs
+
+See docs/GENERATION.md for the options, the output formats and what differs from the original.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+from utils.cli import ArgumentParser, add_model_args, check_model_args, default_log_dir, str2bool
+from utils.errors import UserError, cli_entry
+from utils.registry import INSTANCE_METHODS, METHODS, PEFT_METHODS
+
+EXIT_AFTER_BATCHES_ENV = "GENERATE_PREDS_EXIT_AFTER_BATCHES"
+"""Testing hook: the main process dies (os._exit, no cleanup) after writing this many batches."""
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    # Taken from the adapter directory unless given (then they must agree with it).
+    parser.set_defaults(enc_model_type=None, num_virtual_tokens=None, lp_rank=None)
+    g = parser.add_argument_group("what to load")
+    g.add_argument("--peft_method", choices=METHODS, default=None,
+                   help="default: read from the adapter's adapter_config.json; fft when only a checkpoint is "
+                        "given; none otherwise")
+    g.add_argument("--load_adapter_from", default=None, help="adapter directory (lora, pt, idpg, lopa)")
+    g.add_argument("--clf_predictor_path", default=None,
+                   help="accepted for the original's commands: the LOPA/IDPG heads live in the adapter directory; "
+                        "a directory here is used as --load_adapter_from when that is not given")
+    g.add_argument("--load_base_from_path", default=None,
+                   help="fft: a Hugging Face model directory, or a single state_dict file (.bin/.pt/.safetensors, "
+                        "'module.' prefixes allowed) loaded into --model_type")
+    g.add_argument("--sharded_checkpoint_dir", default=None, help="fft: a sharded Hugging Face checkpoint directory")
+    g.add_argument("--path_to_data", dest="data_path", default=None, help="the original's name for --data_path")
+    g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights and compute dtype")
+    d = parser.add_argument_group("decoding (default: greedy, reproducible)")
+    d.add_argument("--batch_size", type=int, default=16, help="prompts per generate call (per process)")
+    d.add_argument("--paper_decoding", action="store_true",
+                   help="the paper's sampling: MBPP T=0.6, CRUXEval T=0.2, top-p 0.95, one sample")
+    d.add_argument("--do_sample", type=str2bool, default=None, help="True: sample (at the task's paper temperature "
+                                                                    "unless --temperature is given)")
+    d.add_argument("--temperature", type=float, default=None, help="> 0 turns sampling on; 0 means greedy")
+    d.add_argument("--top_p", type=float, default=None, help="nucleus sampling (default 1.0; 0.95 with "
+                                                             "--paper_decoding)")
+    d.add_argument("--top_k", type=int, default=None, help="top-k sampling; <= 0 turns it off (default 50, "
+                                                           "transformers' default, which the original used)")
+    d.add_argument("--num_return_sequences", type=int, default=None, help="samples per task (needs sampling)")
+    d.add_argument("--num_beams", type=int, default=1, help="accepted for the original's commands; only 1")
+    d.add_argument("--fast_decoding", default="auto", choices=("auto", "on", "off"),
+                   help="a static KV cache with compiled decoding steps and prompts padded to a multiple of 64 "
+                        "(same tokens, several times faster on a GPU; see BENCHMARKS.md); auto: on with CUDA")
+    d.add_argument("--max_new_tokens", type=int, default=None,
+                   help="new-token cap per sample (default MBPP 256; CRUXEval 512 minus the prompt length, which "
+                        "stays a cap when this is given)")
+    r = parser.add_argument_group("run")
+    r.add_argument("--limit", type=int, default=None, help="first N test tasks only (smoke runs)")
+    r.add_argument("--resume", action="store_true",
+                   help="keep the tasks already in --log_dir/generation_progress.jsonl and generate the rest")
+    r.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def resolve_method(args: argparse.Namespace) -> str:
+    """The method to load, from --peft_method or what was given; rejects contradictory flags."""
+    if args.clf_predictor_path:
+        clf = pathlib.Path(args.clf_predictor_path)
+        if args.load_adapter_from is None and (clf / "adapter_config.json").is_file():
+            args.load_adapter_from = str(clf)
+        elif args.load_adapter_from is None or clf.resolve() != pathlib.Path(args.load_adapter_from).resolve():
+            print(f"warning: --clf_predictor_path {clf} is not used: the LOPA/IDPG heads are read from the adapter "
+                  f"directory (--load_adapter_from)", file=sys.stderr)
+    checkpoint = args.load_base_from_path or args.sharded_checkpoint_dir
+    if args.peft_method:
+        method = args.peft_method
+    elif args.load_adapter_from:
+        from custom_peft import read_adapter_config
+
+        method = read_adapter_config(args.load_adapter_from)["method"]
+    else:
+        method = "fft" if checkpoint else "none"
+    if method in PEFT_METHODS and not args.load_adapter_from:
+        raise UserError(f"--peft_method {method} needs --load_adapter_from DIR (the adapter directory training wrote)")
+    if method not in PEFT_METHODS and args.load_adapter_from:
+        raise UserError(f"--load_adapter_from is for lora/pt/idpg/lopa, not --peft_method {method}")
+    if method == "none" and checkpoint:
+        raise UserError("--peft_method none loads the untuned model; for a tuned checkpoint pass --peft_method fft")
+    if method == "fft" and not (checkpoint or args.model_path):
+        raise UserError("--peft_method fft needs the tuned model: --load_base_from_path, --sharded_checkpoint_dir "
+                        "or --model_path")
+    if args.load_adapter_from and not pathlib.Path(args.load_adapter_from).is_dir():
+        raise UserError(f"--load_adapter_from {args.load_adapter_from}: not a directory")
+    for flag in ("load_base_from_path", "sharded_checkpoint_dir"):
+        if getattr(args, flag) and not pathlib.Path(getattr(args, flag)).exists():
+            raise UserError(f"--{flag} {getattr(args, flag)}: no such file or directory")
+    return method
+
+
+def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    """``(HF model directory, single state_dict file, sharded directory without config)`` from the FFT flags."""
+    hf_dir = state_file = sharded = None
+    base = args.load_base_from_path
+    if base:
+        if pathlib.Path(base).is_file():
+            state_file = base
+        elif (pathlib.Path(base) / "config.json").is_file():
+            hf_dir = base
+        else:
+            raise UserError(f"--load_base_from_path {base}: neither a state_dict file nor a Hugging Face model "
+                            f"directory (no config.json); for a sharded checkpoint pass --sharded_checkpoint_dir")
+    if args.sharded_checkpoint_dir:
+        if base:
+            raise UserError("give either --load_base_from_path or --sharded_checkpoint_dir, not both")
+        if (pathlib.Path(args.sharded_checkpoint_dir) / "config.json").is_file():
+            hf_dir = args.sharded_checkpoint_dir
+        else:
+            sharded = args.sharded_checkpoint_dir
+    return hf_dir, state_file, sharded
+
+
+def load_model(args: argparse.Namespace, method: str):
+    """``(TunedModel in eval mode, tokenizer, encoder tokenizer or None)``."""
+    from custom_peft import build_model, load_tuned_model
+    from utils.generation import load_fft_weights
+    from utils.models import load_encoder_tokenizer
+
+    if method in PEFT_METHODS:
+        model, tokenizer = load_tuned_model(
+            args.load_adapter_from, args.model_type, method=method, num_virtual_tokens=args.num_virtual_tokens,
+            lp_rank=args.lp_rank, enc_model_type=args.enc_model_type, dtype=args.dtype, model_path=args.model_path,
+            enc_model_path=args.enc_model_path)
+    else:
+        hf_dir, state_file, sharded = fft_sources(args)
+        model, tokenizer = build_model(method, args.model_type, dtype=args.dtype, model_path=hf_dir or args.model_path,
+                                       seed=args.seed)
+        load_fft_weights(model.lm, state_dict_file=state_file, sharded_dir=sharded)
+        model.requires_grad_(False)
+    model.eval()
+    enc_tokenizer = None
+    if method in INSTANCE_METHODS:
+        enc_tokenizer = load_encoder_tokenizer(model.meta["enc_model_type"], args.enc_model_path)
+    return model, tokenizer, enc_tokenizer
+
+
+def run_config(args, method: str, gen_config, num_processes: int, enc_model_type: str | None) -> dict:
+    """What generate_preds_config.json records (and --resume compares)."""
+    def absolute(path):
+        return str(pathlib.Path(path).resolve()) if path else None
+
+    return {"task_name": args.task_name, "model_type": args.model_type, "peft_method": method,
+            "load_adapter_from": absolute(args.load_adapter_from), "model_path": absolute(args.model_path),
+            "load_base_from_path": absolute(args.load_base_from_path),
+            "sharded_checkpoint_dir": absolute(args.sharded_checkpoint_dir), "enc_model_type": enc_model_type,
+            "data_path": absolute(args.data_path), "mbpp_split": args.mbpp_split, "limit": args.limit,
+            "dtype": args.dtype, "generation": gen_config.to_dict(), "batch_size": args.batch_size,
+            "num_processes": num_processes}
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_model_args(argparse.Namespace(**{**vars(args), "num_virtual_tokens": args.num_virtual_tokens or 1,
+                                           "lp_rank": args.lp_rank or 1}))
+    if args.num_beams != 1:
+        raise UserError(f"--num_beams {args.num_beams}: only 1 is supported (the paper samples one sequence)")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    method = resolve_method(args)
+
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+
+    from utils.data import default_data_path, load_task_split
+    from utils.fast_paths import static_cache_kwargs
+    from utils.generation import generate_predictions, resolve_gen_config
+    from utils.prediction_files import (ProgressLog, check_resumable, output_files, validate_prediction_files,
+                                        write_config, write_predictions)
+    from utils.tasks import get_task
+
+    task = get_task(args.task_name)
+    gen_config = resolve_gen_config(task, paper_decoding=args.paper_decoding, do_sample=args.do_sample,
+                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                    num_return_sequences=args.num_return_sequences,
+                                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+    args.data_path = args.data_path or default_data_path(args.task_name)
+    records = load_task_split(args.task_name, "test", args.data_path, mbpp_split=args.mbpp_split, limit=args.limit)
+    model, tokenizer, enc_tokenizer = load_model(args, method)  # fails on a bad checkpoint before any file is written
+    accelerator = Accelerator()
+    log_dir = pathlib.Path(args.log_dir or broadcast_object_list([default_log_dir()])[0])  # one timestamp for all
+    config = run_config(args, method, gen_config, accelerator.num_processes, model.meta.get("enc_model_type"))
+    progress = ProgressLog(log_dir)
+    if accelerator.is_main_process:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if args.resume:
+            ignore = ("batch_size", "num_processes") if not gen_config.do_sample else ()
+            check_resumable(log_dir, config, ignore)
+            progress.repair()
+        else:  # a fresh start: no stale results from an earlier run may survive a crash of this one
+            progress.reset()
+            for name in output_files(task):
+                (log_dir / name).unlink(missing_ok=True)
+        write_config(log_dir, config)
+    accelerator.wait_for_everyone()
+    done = progress.read() if args.resume else {}
+    todo = [r for r in records if task.record_id(r) not in done]
+    model.to(accelerator.device)
+    exit_after = int(os.environ.get(EXIT_AFTER_BATCHES_ENV, "0"))
+    written = [0]
+
+    def on_batch(fresh: dict, new_tokens: int) -> None:
+        progress.append(fresh)
+        written[0] += 1
+        if exit_after and written[0] >= exit_after:
+            os._exit(3)
+
+    fast = args.fast_decoding == "on" or (args.fast_decoding == "auto" and accelerator.device.type == "cuda")
+    start = time.perf_counter()
+    fresh = generate_predictions(model, tokenizer, enc_tokenizer, task, todo, batch_size=args.batch_size,
+                                 gen_config=gen_config, accelerator=accelerator, progress=not args.no_progress,
+                                 on_batch=on_batch, generate_kwargs=static_cache_kwargs() if fast else None,
+                                 pad_to_multiple_of=64 if fast else None)
+    if accelerator.is_main_process:
+        raw = {**done, **fresh}
+        paths = write_predictions(log_dir, task, records, raw, gen_config.stop_sequences)
+        validate_prediction_files(log_dir, task, [task.record_id(r) for r in records],
+                                  gen_config.num_return_sequences)
+        print(f"{len(records)} tasks ({len(done)} resumed, {len(fresh)} generated in "
+              f"{time.perf_counter() - start:.1f} s) -> {', '.join(str(p) for p in paths)}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""CRUXEval post-processing (spec §6.4): extract the answers from raw completions into output.json.
+
+    python postprocess_cruxeval_preds.py --path logging/run/output_raw.json --mode output
+
+Raw texts may be bare completions (what follows the prompt's [ANSWER]) or still hold the prompt; the prompt
+is rebuilt from the dataset (--data_path, default ../shared/data when present) to remove it exactly.
+Score the result with evaluate_preds.py.
+"""
+from __future__ import annotations
+
+import argparse
+
+from utils.errors import cli_entry
+from utils.postprocess import postprocess_cruxeval_file
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path", required=True, help="JSON {id: [raw completion, ...]}")
+    p.add_argument("--mode", required=True, choices=("input", "output"))
+    p.add_argument("--data_path", default=None, help="the CRUXEval JSONL (to rebuild the prompts)")
+    p.add_argument("--out", default=None, help="output file (default: output.json beside --path)")
+    return p.parse_args(argv)
+
+
+@cli_entry
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    out = postprocess_cruxeval_file(args.path, args.mode, args.data_path, args.out)
+    print(f"answers: {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,419 @@
+"""generate_preds.py and utils/generation.py: batch-size invariance for every method, per-row stopping,
+two-process sharding, output formats, and resume after a crash."""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate_preds
+from custom_peft import build_model, save_adapter
+from tests.conftest import ROOT
+from utils.data import load_task_split
+from utils.errors import UserError
+from utils.generation import GenConfig, generate_batch, generate_predictions, resolve_gen_config, shard_batches
+from utils.batching import Collator, TaskDataset
+from utils.models import load_tokenizer
+from utils.postprocess import cut_at_stop
+from utils.prediction_files import (CRUXEVAL_FILES, MBPP_FILES, PROGRESS_FILE, ProgressLog, check_resumable,
+                                    validate_prediction_files, write_predictions)
+from utils.stopping import StopOnText, window_tokens
+from utils.tasks import CRUXEVAL_STOP_SEQUENCES, MBPP_STOP_SEQUENCES, get_task
+
+PY = sys.executable
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+NEW_TOKENS = 12
+# (method, foundation model, task): both tokenizer styles (phi: EOS=PAD=BOS; llama: BOS added, own PAD) and all tasks.
+CASES = [("none", "tiny-llama", "mbpp"), ("fft", "tiny-phi-2", "cruxeval_output_prediction"),
+         ("lora", "tiny-llama", "cruxeval_input_prediction"), ("pt", "tiny-phi-2", "mbpp"),
+         ("idpg", "tiny-llama", "mbpp"), ("lopa", "tiny-phi-2", "cruxeval_output_prediction")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run as fast on one thread, and do not slow to a crawl when other processes load the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _data(data_paths, task_name):
+    return data_paths["mbpp" if task_name == "mbpp" else "cruxeval"]
+
+
+def _perturb(model, seed: int, scale: float) -> None:
+    """Move the trainable weights away from their init, as training would (LoRA's B starts at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.trainable_named_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """method -> directory: adapters saved with custom_peft.save_adapter, and an FFT model directory."""
+    out = tmp_path_factory.mktemp("saved")
+    dirs = {}
+    for method, model_type, _ in CASES:
+        if method == "none":
+            continue
+        model, tok = build_model(method, model_type, num_virtual_tokens=4, enc_model_type="tiny-roberta", seed=5)
+        _perturb(model, 11, 0.02 if method == "fft" else 0.3)
+        dirs[method] = out / method
+        if method == "fft":
+            model.lm.save_pretrained(dirs[method])
+            tok.save_pretrained(dirs[method])
+        else:
+            save_adapter(model, dirs[method])
+    return dirs
+
+
+def _load(method, model_type, task_name, saved_models, data_paths, extra=()):
+    argv = ["--task_name", task_name, "--model_type", model_type, "--data_path", _data(data_paths, task_name)]
+    if method in ("lora", "pt", "idpg", "lopa"):
+        argv += ["--load_adapter_from", str(saved_models[method])]
+    elif method == "fft":
+        argv += ["--peft_method", "fft", "--load_base_from_path", str(saved_models["fft"])]
+    args = generate_preds.build_parser().parse_args(argv + list(extra))
+    resolved = generate_preds.resolve_method(args)
+    assert resolved == method  # inferred from adapter_config.json / the checkpoint flags
+    return generate_preds.load_model(args, resolved)
+
+
+# ------------------------------------------------------------------------------------ every method
+@pytest.mark.parametrize("method, model_type, task_name", CASES)
+def test_greedy_predictions_do_not_depend_on_batch_size_or_run(method, model_type, task_name, saved_models,
+                                                               data_paths, tmp_path):
+    model, tok, enc_tok = _load(method, model_type, task_name, saved_models, data_paths)
+    assert model.method == method and (enc_tok is not None) == (method in ("idpg", "lopa"))
+    task = get_task(task_name)
+    records = load_task_split(task_name, "test", _data(data_paths, task_name), limit=8)
+    cfg = resolve_gen_config(task, max_new_tokens=NEW_TOKENS)
+    runs = {bs: generate_predictions(model, tok, enc_tok, task, records, batch_size=bs, gen_config=cfg,
+                                     progress=False) for bs in (1, 3, 8)}
+    again = generate_predictions(model, tok, enc_tok, task, records, batch_size=8, gen_config=cfg, progress=False)
+    assert runs[1] == runs[3] == runs[8] == again
+    assert set(runs[8]) == {task.record_id(r) for r in records}
+    assert all(len(v) == 1 and isinstance(v[0], str) for v in runs[8].values())
+    assert sum(len(v[0]) for v in runs[8].values()) > 8  # the model produced text
+    if method != "none":  # the loaded weights matter: the untuned base computes other logits
+        base, _ = build_model("none", model_type, seed=5)
+        ds = TaskDataset(task, records[:2], tok, enc_tok, num_virtual_tokens=model.num_virtual_tokens, train=False)
+        batch = Collator(tok.pad_token_id, getattr(enc_tok, "pad_token_id", None), padding_side="left")(list(ds))
+        with torch.no_grad():
+            tuned_logits, base_logits = model(**batch).logits[:, -1], base(**batch).logits[:, -1]
+        assert (tuned_logits - base_logits).abs().max() > 1e-3
+    # the evaluator's files for this task validate
+    write_predictions(tmp_path, task, records, runs[8], cfg.stop_sequences)
+    validate_prediction_files(tmp_path, task, [task.record_id(r) for r in records])
+
+
+def test_sampling_is_reproducible_for_a_seed_and_returns_n_samples(saved_models, data_paths):
+    model, tok, enc_tok = _load("lopa", "tiny-phi-2", "mbpp", saved_models, data_paths)
+    task = get_task("mbpp")
+    records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=4)
+    cfg = resolve_gen_config(task, temperature=1.5, num_return_sequences=3, max_new_tokens=6, seed=1)
+    first = generate_predictions(model, tok, enc_tok, task, records, batch_size=2, gen_config=cfg, progress=False)
+    second = generate_predictions(model, tok, enc_tok, task, records, batch_size=2, gen_config=cfg, progress=False)
+    assert first == second and all(len(v) == 3 for v in first.values())
+    assert any(len(set(v)) > 1 for v in first.values())  # the samples differ
+    other = resolve_gen_config(task, temperature=1.5, num_return_sequences=3, max_new_tokens=6, seed=2)
+    assert generate_predictions(model, tok, enc_tok, task, records, batch_size=2, gen_config=other,
+                                progress=False) != first
+
+
+def test_sampled_run_killed_after_two_batches_resumes_to_the_same_samples(data_paths, tmp_path):
+    model, tok = build_model("none", "tiny-phi-2", seed=3)
+    task = get_task("mbpp")
+    records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=7)
+    cfg = resolve_gen_config(task, temperature=1.5, max_new_tokens=6, seed=4)
+    whole = generate_predictions(model, tok, None, task, records, batch_size=2, gen_config=cfg, progress=False)
+    log = ProgressLog(tmp_path)
+
+    def die_after_two(fresh, _new_tokens):
+        log.append(fresh)
+        if len(log.path.read_text().splitlines()) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_predictions(model, tok, None, task, records, batch_size=2, gen_config=cfg, progress=False,
+                             on_batch=die_after_two)
+    done = log.read()
+    todo = [r for r in records if r["task_id"] not in done]
+    assert len(done) == 4 and len(todo) == 3
+    rest = generate_predictions(model, tok, None, task, todo, batch_size=2, gen_config=cfg, progress=False)
+    assert {**done, **rest} == whole
+
+
+# ---------------------------------------------------------------------------------------- stopping
+def _drive(criterion, rows: list[list[int]], prompt_len: int = 3) -> list[int | None]:
+    """Feed ``rows`` (new tokens) one step at a time, as generate does; returns the step each row finished."""
+    finished_at = [None] * len(rows)
+    steps = max(len(r) for r in rows)
+    padded = torch.tensor([[7] * prompt_len + r + [0] * (steps - len(r)) for r in rows])
+    for k in range(1, steps + 1):
+        done = criterion(padded[:, :prompt_len + k], None)
+        for i, flag in enumerate(done.tolist()):
+            if flag and finished_at[i] is None:
+                finished_at[i] = k
+        if all(done.tolist()):
+            break
+    return finished_at
+
+
+def test_stop_criterion_stops_each_row_at_its_first_stop_string_eos_or_budget():
+    tok = load_tokenizer("tiny-phi-2")
+    texts = ["    return a + b\nassert f(1) == 2\n", "    x = 1\n    y = 2\n    return x\n",
+             "    value = compute(1, 2)\nprint(3)"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    rows[1] = rows[1][:6] + [tok.eos_token_id] + rows[1][6:]
+    crit = StopOnText(tok, MBPP_STOP_SEQUENCES, budgets=[40, 40, 5], eos_token_ids=[tok.eos_token_id])
+    finished = _drive(crit, rows)
+    first_stop = next(k for k in range(1, len(rows[0]) + 1) if "\nassert" in tok.decode(rows[0][:k]))
+    assert finished == [first_stop, 7, 5]
+    assert crit.lengths == [first_stop, 6, 5]
+    width = max(len(r) for r in rows)
+    trimmed = crit.trim(torch.tensor([r + [0] * (width - len(r)) for r in rows]))
+    assert cut_at_stop(tok.decode(trimmed[0]), MBPP_STOP_SEQUENCES) == "    return a + b"
+    assert trimmed[1] == rows[1][:6] and trimmed[2] == rows[2][:5]
+
+
+def test_windowed_stop_detection_matches_decoding_the_whole_text():
+    """Over random texts built around stop strings, the criterion (which decodes only a short tail) finishes
+    every row at exactly the first step whose full decoded text holds a stop string."""
+    tok = load_tokenizer("tiny-llama")
+    rng = random.Random(0)
+    pieces = ["x", " = ", "1", "\n", "    ", "def", "if", "class", "assert", '"""', "print", "```", "é", "ü→",
+              "[ANSWER]", "[/", "ANSWER]", "AN", "SWER", "\t", "f(", ")"]
+    for stops in (MBPP_STOP_SEQUENCES, CRUXEVAL_STOP_SEQUENCES):
+        rows = [tok("".join(rng.choice(pieces) for _ in range(30)), add_special_tokens=False)["input_ids"]
+                for _ in range(60)]
+        crit = StopOnText(tok, stops, budgets=[10_000] * len(rows))
+        got = _drive(crit, rows, prompt_len=5)
+        for row, step in zip(rows, got):
+            want = next((k for k in range(1, len(row) + 1) if any(s in tok.decode(row[:k]) for s in stops)), None)
+            assert step == want
+    assert window_tokens(MBPP_STOP_SEQUENCES) == len("\nassert") + 2
+
+
+def test_a_row_that_stops_early_leaves_the_other_rows_unchanged(data_paths):
+    task = get_task("mbpp")
+    model, tok = build_model("none", "tiny-phi-2", seed=3)
+    records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=3)
+    free = resolve_gen_config(task, max_new_tokens=24, stop_sequences=())
+    full = generate_predictions(model, tok, None, task, records, batch_size=3, gen_config=free, progress=False)
+    ids = [task.record_id(r) for r in records]
+    text0 = full[ids[0]][0]
+    stop = next(text0[i:i + 3] for i in range(4, len(text0) // 2)
+                if text0[i:i + 3].strip() and all(text0[i:i + 3] not in full[t][0] for t in ids[1:]))
+    cut = resolve_gen_config(task, max_new_tokens=24, stop_sequences=(stop,))
+    stopped = generate_predictions(model, tok, None, task, records, batch_size=3, gen_config=cut, progress=False)
+    assert cut_at_stop(stopped[ids[0]][0], [stop]) == cut_at_stop(text0, [stop]) == text0[:text0.find(stop)]
+    assert len(stopped[ids[0]][0]) < len(text0)  # row 0 finished early
+    assert [stopped[t] for t in ids[1:]] == [full[t] for t in ids[1:]]  # the others ran to the end, unchanged
+    alone = generate_predictions(model, tok, None, task, records[1:2], batch_size=1, gen_config=cut, progress=False)
+    assert alone[ids[1]] == stopped[ids[1]]
+
+
+def test_cruxeval_rows_get_their_own_total_length_budget(data_paths):
+    task = get_task("cruxeval_output_prediction")
+    model, tok = build_model("none", "tiny-phi-2", seed=3)
+    records = load_task_split(task.name, "test", data_paths["cruxeval"], limit=6)
+    ds = TaskDataset(task, records, tok, train=False)
+    batch = Collator(tok.pad_token_id, padding_side="left")([ds[i] for i in range(len(records))])
+    lengths = batch["attention_mask"].sum(1).tolist()
+    cfg = GenConfig(max_new_tokens=None, max_total_tokens=max(lengths) + 2, stop_sequences=())
+    texts, new_tokens = generate_batch(model, tok, batch, cfg, "cpu")
+    budgets = [max(1, max(lengths) + 2 - n) for n in lengths]
+    assert new_tokens == sum(budgets)  # every row stopped exactly at its own budget (no EOS in 2+ tokens here)
+    assert len(texts) == len(records) and len(set(budgets)) > 1
+    assert resolve_gen_config(task).budget(300) == 212 and resolve_gen_config(task, max_new_tokens=8).budget(300) == 8
+
+
+def test_paper_decoding_and_defaults():
+    mbpp, crux = get_task("mbpp"), get_task("cruxeval_input_prediction")
+    greedy = resolve_gen_config(mbpp)
+    assert (greedy.do_sample, greedy.max_new_tokens, greedy.num_return_sequences) == (False, 256, 1)
+    paper = resolve_gen_config(mbpp, paper_decoding=True)
+    assert (paper.do_sample, paper.temperature, paper.top_p, paper.top_k, paper.max_new_tokens) == (
+        True, 0.6, 0.95, 50, 256)
+    paper = resolve_gen_config(crux, paper_decoding=True)
+    assert (paper.temperature, paper.top_p, paper.max_new_tokens, paper.max_total_tokens) == (0.2, 0.95, None, 512)
+    assert paper.stop_sequences == ("[/ANSWER]",)
+    assert resolve_gen_config(mbpp, paper_decoding=True, temperature=0).do_sample is False
+    with pytest.raises(UserError, match="needs sampling"):
+        resolve_gen_config(mbpp, num_return_sequences=5)
+
+
+def test_shards_cover_every_task_once_longest_first():
+    lengths = [5, 9, 1, 9, 3, 7, 2]
+    plans = [shard_batches(lengths, 2, r, 2) for r in range(2)]
+    assert {steps for _, steps in plans} == {2}
+    flat = [i for batches, _ in plans for b in batches for i in b]
+    assert sorted(flat) == list(range(7))
+    assert plans[0][0] == [[1, 5], [4, 2]] and plans[1][0] == [[3, 0], [6]]
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+def test_cli_rejects_contradictory_loading_flags(saved_models, data_paths, capsys, tmp_path):
+    base = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"]]
+    cases = [(["--peft_method", "lora"], "--load_adapter_from"),
+             (["--peft_method", "fft"], "needs the tuned model"),
+             (["--peft_method", "none", "--load_base_from_path", str(saved_models["fft"])], "--peft_method fft"),
+             (["--load_adapter_from", str(saved_models["lopa"]), "--model_type", "tiny-llama"], "base_model_type"),
+             (["--num_beams", "4"], "--num_beams")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            generate_preds.main(base + extra + ["--log_dir", str(tmp_path / "never")])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_seed_flags_resolve_to_the_adapter(saved_models, data_paths, capsys):
+    parse = generate_preds.build_parser().parse_args
+    base = ["--task_name", "mbpp", "--model_type", "tiny-phi-2"]
+    args = parse(base + ["--clf_predictor_path", str(saved_models["lopa"])])  # the seed's heads flag alone
+    assert generate_preds.resolve_method(args) == "lopa" and args.load_adapter_from == str(saved_models["lopa"])
+    args = parse(base + ["--load_adapter_from", str(saved_models["lopa"]), "--clf_predictor_path", "clf.pt",
+                         "--path_to_data", data_paths["mbpp"]])
+    assert generate_preds.resolve_method(args) == "lopa" and args.data_path == data_paths["mbpp"]
+    assert "--clf_predictor_path clf.pt is not used" in capsys.readouterr().err
+
+
+def test_nothing_left_to_generate_returns_nothing(data_paths):
+    model, tok = build_model("none", "tiny-phi-2", seed=3)
+    task = get_task("mbpp")
+    assert generate_predictions(model, tok, None, task, [], batch_size=4, gen_config=resolve_gen_config(task),
+                                progress=False) == {}
+
+
+def test_fft_checkpoints_load_from_state_dict_files_and_sharded_dirs(saved_models, data_paths, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(saved_models["fft"])
+    state = {f"module.{k}": v for k, v in trained.state_dict().items()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    trained.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    (tmp_path / "sharded" / "config.json").unlink()  # only the shards and their index, as the original expects
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    for flag, path in (("--load_base_from_path", tmp_path / "pytorch_model.bin"),
+                       ("--sharded_checkpoint_dir", tmp_path / "sharded")):
+        args = generate_preds.build_parser().parse_args(
+            ["--task_name", "mbpp", "--model_type", "tiny-phi-2", flag, str(path)])
+        assert generate_preds.resolve_method(args) == "fft"
+        model, _, _ = generate_preds.load_model(args, "fft")
+        for name, tensor in trained.state_dict().items():
+            assert torch.equal(model.lm.state_dict()[name], tensor), name
+    bad = generate_preds.build_parser().parse_args(
+        ["--task_name", "mbpp", "--model_type", "tiny-llama", "--load_base_from_path",
+         str(tmp_path / "pytorch_model.bin")])
+    with pytest.raises(UserError, match="pytorch_model.bin.*does not fit"):
+        generate_preds.load_model(bad, "fft")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(saved_models, data_paths, log_dir, *extra, launcher=(), env=None):
+    cmd = [*launcher] if launcher else [PY]
+    cmd += [str(ROOT / "generate_preds.py"), "--task_name", "mbpp", "--model_type", "tiny-phi-2",
+            "--load_adapter_from", str(saved_models["lopa"]), "--data_path", data_paths["mbpp"],
+            "--limit", "7", "--batch_size", "2", "--max_new_tokens", "8", "--log_dir", str(log_dir),
+            "--no_progress", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def _files(log_dir, names) -> dict[str, bytes]:
+    return {n: (log_dir / n).read_bytes() for n in names}
+
+
+@pytest.fixture(scope="module")
+def cli_runs(saved_models, data_paths, tmp_path_factory):
+    """The expected files (one process, in this one, batch 3), a two-process CLI run, and a CLI run killed after
+    2 batches then resumed."""
+    root = tmp_path_factory.mktemp("cli")
+    model, tok, enc_tok = _load("lopa", "tiny-phi-2", "mbpp", saved_models, data_paths)
+    task, records = get_task("mbpp"), load_task_split("mbpp", "test", data_paths["mbpp"], limit=7)
+    cfg = resolve_gen_config(task, max_new_tokens=8)
+    raw = generate_predictions(model, tok, enc_tok, task, records, batch_size=3, gen_config=cfg, progress=False)
+    (root / "expected").mkdir()
+    write_predictions(root / "expected", task, records, raw, cfg.stop_sequences)
+    runs = {}
+    accelerate = [os.path.join(os.path.dirname(PY), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(_free_port())]
+    runs["two"] = _cli(saved_models, data_paths, root / "two", launcher=accelerate, env={"ACCELERATE_USE_CPU": "1"})
+    runs["killed"] = _cli(saved_models, data_paths, root / "resumed",
+                          env={generate_preds.EXIT_AFTER_BATCHES_ENV: "2"})
+    runs["left_after_kill"] = sorted(p.name for p in (root / "resumed").iterdir())
+    runs["lines_after_kill"] = len((root / "resumed" / PROGRESS_FILE).read_text().splitlines())
+    with open(root / "resumed" / PROGRESS_FILE, "a") as fh:  # a torn write from the moment of the kill
+        fh.write('{"predictions": {"MBPP/4')
+    runs["resumed"] = _cli(saved_models, data_paths, root / "resumed", "--resume")
+    return root, runs
+
+
+def test_cli_writes_files_in_the_formats_the_evaluators_read(cli_runs, data_paths):
+    root, runs = cli_runs
+    assert runs["two"].returncode == 0, runs["two"].stderr[-3000:]
+    ids = [r["task_id"] for r in load_task_split("mbpp", "test", data_paths["mbpp"], limit=7)]
+    validate_prediction_files(root / "two", get_task("mbpp"), ids)
+    solutions = [json.loads(line) for line in (root / "two" / "mbxp_solutions.jsonl").read_text().splitlines()]
+    raw = [json.loads(line) for line in (root / "two" / "mbxp_raw.jsonl").read_text().splitlines()]
+    assert [s["task_id"] for s in solutions] == ids and all(s["language"] == "python" for s in solutions)
+    assert [s["completion"] for s in solutions] == [cut_at_stop(r["raw"], MBPP_STOP_SEQUENCES) for r in raw]
+    problems = [json.loads(line) for line in (root / "two" / "mbpp_test_problems.jsonl").read_text().splitlines()]
+    assert {"task_id", "prompt", "entry_point", "test", "language", "canonical_solution"} <= set(problems[0])
+    config = json.loads((root / "two" / "generate_preds_config.json").read_text())
+    assert (config["peft_method"], config["generation"]["do_sample"], config["generation"]["max_new_tokens"],
+            config["num_processes"]) == ("lopa", False, 8, 2)
+
+
+def test_two_processes_give_every_task_once_and_the_same_predictions(cli_runs):
+    root, runs = cli_runs
+    assert runs["two"].returncode == 0, runs["two"].stderr[-3000:]
+    lines = (root / "two" / "mbxp_solutions.jsonl").read_text().splitlines()
+    assert len(lines) == 7 and len({json.loads(line)["task_id"] for line in lines}) == 7
+    assert _files(root / "two", MBPP_FILES) == _files(root / "expected", MBPP_FILES)
+
+
+def test_a_killed_and_resumed_run_writes_the_same_files(cli_runs):
+    root, runs = cli_runs
+    assert runs["killed"].returncode == 3, runs["killed"].stderr[-3000:]
+    assert runs["left_after_kill"] == ["generate_preds_config.json", PROGRESS_FILE]  # no half-made results
+    assert runs["lines_after_kill"] == 2  # one line per batch
+    assert len((root / "resumed" / PROGRESS_FILE).read_text().splitlines()) == 4  # torn line dropped, 2 added
+    assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-3000:]
+    assert "7 tasks (4 resumed, 3 generated" in runs["resumed"].stdout
+    assert _files(root / "resumed", MBPP_FILES) == _files(root / "expected", MBPP_FILES)
+
+
+def test_resume_refuses_other_settings(cli_runs):
+    root, _ = cli_runs
+    saved = json.loads((root / "two" / "generate_preds_config.json").read_text())
+    check_resumable(root / "two", {**saved, "batch_size": 64, "num_processes": 1},
+                    ignore=("batch_size", "num_processes"))
+    changed = {**saved, "generation": {**saved["generation"], "temperature": 0.5, "do_sample": True}}
+    with pytest.raises(UserError, match="generate_preds_config.json: field 'generation'"):
+        check_resumable(root / "two", changed)
+
+
+def test_cruxeval_files_hold_one_list_per_sample(tmp_path):
+    task = get_task("cruxeval_input_prediction")
+    records = [{"id": f"sample_{i}", "code": "", "input": "", "output": ""} for i in (400, 401)]
+    raw = {"sample_400": ["\nassert f(1) == 2\n[/ANSWER]"], "sample_401": ["\nassert f('a') == 'b'"]}
+    write_predictions(tmp_path, task, records, raw, CRUXEVAL_STOP_SEQUENCES)
+    validate_prediction_files(tmp_path, task, ["sample_400", "sample_401"])
+    assert json.loads((tmp_path / "output.json").read_text()) == {"sample_400": ["f(1)"], "sample_401": ["f('a')"]}
+    assert json.loads((tmp_path / "output_raw.json").read_text()) == raw
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(CRUXEVAL_FILES)

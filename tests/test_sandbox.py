@@ -1,0 +1,376 @@
+"""The sandbox against hostile programs: each one fails or times out within its limit, nothing escapes, and the
+evaluator still scores every other sample right. Also: the fallback modes and graceful degradation."""
+import json
+import os
+import shutil
+import socket
+import stat
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from utils.data import read_jsonl
+from utils.evaluation import evaluate_file
+from utils.sandbox import PROJECT_ROOT, Sandbox, SandboxConfig
+
+SECRETS = {"HF_TOKEN": "hf_SECRETtoken1234567890", "WANDB_API_KEY": "wandb-SECRET-0987654321"}
+TIMEOUT = 3.0
+SLACK = 2.5  # seconds a sample may take beyond its timeout (kill, namespace teardown, a loaded machine)
+
+
+def _live_pids() -> list[str]:
+    """Pids of processes that are not zombies (a killed process lingers as a zombie until it is reaped)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] not in "ZX":
+                    pids.append(pid)
+        except (OSError, IndexError):
+            pass
+    return pids
+
+
+def _settled(find, *args, within: float = 2.0) -> list[int]:
+    """``find(*args)`` once it is empty, or its last answer after ``within`` s (dying processes take a moment)."""
+    end = time.monotonic() + within
+    while True:
+        found = find(*args)
+        if not found or time.monotonic() > end:
+            return found
+        time.sleep(0.05)
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in _live_pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if marker.encode() in fh.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _processes_of_uids(lo: int, hi: int) -> list[int]:
+    found = []
+    for pid in _live_pids():
+        try:
+            if lo <= os.stat(f"/proc/{pid}").st_uid < hi:
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture
+def arena(tmp_path, monkeypatch):
+    """Secrets in the environment, a world-writable directory with a file, a listening socket, sentinels."""
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+    token = uuid.uuid4().hex[:10]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("original")
+    os.chmod(outside, 0o777)
+    os.chmod(outside / "keep.txt", 0o666)
+    host_tmp_sentinel = f"/tmp/lopa_sentinel_{token}"
+    with open(host_tmp_sentinel, "w") as fh:
+        fh.write("original")
+    os.chmod(host_tmp_sentinel, 0o666)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    evil = [f"/tmp/lopa_evil_{token}", f"/var/tmp/lopa_evil_{token}", f"/dev/shm/lopa_evil_{token}",
+            os.path.join(PROJECT_ROOT, f"lopa_evil_{token}"), os.path.expanduser(f"~/lopa_evil_{token}"),
+            str(outside / f"new_{token}")]
+    yield {"token": token, "outside": outside, "sentinel": host_tmp_sentinel, "port": listener.getsockname()[1],
+           "listener": listener, "evil": evil, "marker": f"4242.{int(token[:6], 16) % 99991}"}
+    listener.close()
+    for path in evil + [host_tmp_sentinel]:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def hostile_programs(a: dict) -> dict[str, str]:
+    """name -> top-level program. Each ends by raising, so that only an escape could make it 'pass'."""
+    outside, keep = str(a["outside"]), str(a["outside"] / "keep.txt")
+    return {k: textwrap.dedent(v) for k, v in {
+        "infinite_loop": "while True:\n    pass\n",
+        "fork_bomb": """
+            import os
+            while True:
+                try:
+                    os.fork()
+                except OSError:
+                    pass
+            """,
+        "memory_bomb": "hog = []\nwhile True:\n    hog.append(' ' * 10**7)\n",
+        "deep_recursion": """
+            import sys
+            sys.setrecursionlimit(10**8)
+            def down(n):
+                return down(n + 1) + 1
+            down(0)
+            """,
+        "print_1gb": "import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * 2**20)\n",
+        "files_outside": f"""
+            import os, shutil
+            done = []
+            for path in {a['evil']!r}:
+                try:
+                    with open(path, 'w') as fh:
+                        fh.write('pwned')
+                    done.append('wrote ' + path)
+                except OSError:
+                    pass
+            for action, path in [(os.remove, {keep!r}), (os.remove, {a['sentinel']!r}),
+                                 (lambda p: open(p, 'w').write('pwned'), {keep!r}),
+                                 (lambda p: open(p, 'w').write('pwned'), {a['sentinel']!r}),
+                                 (shutil.rmtree, {outside!r})]:
+                try:
+                    action(path)
+                    done.append('changed ' + path)
+                except OSError:
+                    pass
+            raise SystemExit('did: %r' % done)
+            """,
+        "read_secrets": """
+            import os
+            seen = [repr(dict(os.environ))]
+            for pid in os.listdir('/proc'):
+                try:
+                    seen.append(open('/proc/%s/environ' % pid, 'rb').read().decode('latin-1'))
+                except OSError:
+                    pass
+            for path in ('/root/.cache/huggingface/token', os.path.expanduser('~/.netrc')):
+                try:
+                    seen.append(open(path).read())
+                except OSError:
+                    pass
+            print('\\n'.join(seen))
+            raise RuntimeError(' | '.join(seen)[:250])
+            """,
+        "os_exit_0": "import os\nos._exit(0)\n",
+        "kill_parent": f"""
+            import os, time
+            for target in (os.getppid(), 1, {os.getpid()}):
+                try:
+                    os.kill(target, 9)
+                except OSError:
+                    pass
+            try:
+                os.kill(-1, 9)
+            except OSError:
+                pass
+            time.sleep(0.5)
+            raise SystemExit('still alive')
+            """,
+        "daemon_then_exit": f"""
+            import os, time
+            pid = os.fork()
+            if pid == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    os.execv('/bin/sleep', ['sleep', '{a['marker']}'])
+                os._exit(0)
+            os.waitpid(pid, 0)
+            time.sleep(0.2)
+            raise SystemExit('left a daemon behind')
+            """,
+        "daemon_then_hang": f"""
+            import os, time
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    time.sleep({TIMEOUT} + 0.5)
+                    open({outside!r} + '/late.txt', 'w').write('after the timeout')
+                    os.execv('/bin/sleep', ['sleep', '{a['marker']}1'])
+                os._exit(0)
+            while True:
+                time.sleep(1)
+            """,
+        "socket": f"""
+            import socket
+            s = socket.create_connection(('127.0.0.1', {a['port']}), timeout=2)
+            s.sendall(b'leak')
+            raise SystemExit('connected')
+            """,
+    }.items()}
+
+
+GOOD = {"good_0": "assert sum(range(5)) == 10\n", "good_1": "import re\nassert re.sub('a', 'b', 'aa') == 'bb'\n",
+        "good_2": "import math\nassert math.isqrt(17) == 4\n", "good_3": "print('fine')\n"}
+WRONG = {"wrong_0": "assert 1 + 1 == 3\n", "wrong_1": "undefined_name\n"}
+
+
+def _as_mbpp(tmp_path, programs: dict[str, str]) -> tuple[str, str]:
+    """Each program as an MBPP sample whose prompt and test do nothing: program = completion + no-op check."""
+    problems = [{"task_id": name, "prompt": "", "entry_point": "None", "test": "def check(candidate):\n    pass\n"}
+                for name in programs]
+    (tmp_path / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    (tmp_path / "preds.jsonl").write_text(
+        "".join(json.dumps({"task_id": n, "completion": p}) + "\n" for n, p in programs.items()))
+    return str(tmp_path / "preds.jsonl"), str(tmp_path / "problems.jsonl")
+
+
+def _snapshot(path) -> dict:
+    return {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, files in os.walk(path) for f in files}
+
+
+def test_hostile_corpus_is_contained_and_the_rest_scores_right(tmp_path, arena):
+    hostile = hostile_programs(arena)
+    programs = {}
+    for i, (name, prog) in enumerate(hostile.items()):  # interleave hostile and ordinary samples
+        programs[name] = prog
+        extra = list(GOOD.items()) + list(WRONG.items())
+        if i < len(extra):
+            programs[extra[i][0]] = extra[i][1]
+    (tmp_path / "run").mkdir()
+    preds, problems = _as_mbpp(tmp_path / "run", programs)
+    before = _snapshot(arena["outside"])
+    uid_base = 400_000 + (os.getpid() % 1000) * 256
+    start = time.monotonic()
+    summary = evaluate_file("mbpp", preds, problem_file=problems, n_workers=2, timeout=TIMEOUT, progress=False,
+                            sandbox_config=SandboxConfig(uid_base=uid_base))
+    elapsed = time.monotonic() - start
+    features = summary["sandbox"]
+    results = {r["task_id"]: r for r in read_jsonl(tmp_path / "run" / "preds_results.jsonl")}
+
+    # Every hostile program failed or timed out, within its limit; the others scored as they should.
+    for name in hostile:
+        assert results[name]["status"] in ("failed", "timed out"), (name, results[name])
+        assert results[name]["seconds"] <= TIMEOUT + SLACK, (name, results[name])
+    assert {n: results[n]["status"] for n in GOOD} == {n: "passed" for n in GOOD}
+    assert {n: results[n]["status"] for n in WRONG} == {n: "failed" for n in WRONG}
+    assert summary["counts"]["passed"] == len(GOOD) and summary["n_samples"] == len(programs)
+    assert elapsed < 30, elapsed
+    reasons = {n: results[n]["reason"] for n in hostile}
+    assert results["infinite_loop"]["status"] == "timed out"
+    assert reasons["memory_bomb"].startswith("MemoryError") or results["memory_bomb"]["status"] == "timed out"
+    assert "File too large" in reasons["print_1gb"] or "SIGXFSZ" in reasons["print_1gb"]
+    assert "os._exit" in reasons["os_exit_0"]
+
+    # Nothing outside the temp dir changed; no process is left; no secret reached any file.
+    assert _snapshot(arena["outside"]) == before
+    assert open(arena["sentinel"]).read() == "original"
+    assert reasons["files_outside"].startswith("SystemExit: did:")  # it ran; what it wrote inside stayed inside
+    if features["private_tmp"]:  # its /tmp, /var/tmp and /dev/shm were private tmpfs mounts
+        assert not any(os.path.exists(p) for p in arena["evil"]), reasons["files_outside"]
+    if features["unprivileged_uid"]:
+        assert not any(os.path.exists(p) for p in arena["evil"][3:]), reasons["files_outside"]
+    assert _settled(_processes_with, arena["marker"]) == []
+    if features["unprivileged_uid"]:
+        assert _settled(_processes_of_uids, uid_base, uid_base + 256) == []
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            text = path.read_bytes().decode("utf-8", "replace")
+            assert not any(secret in text for secret in SECRETS.values()), path
+    time.sleep(max(0.0, TIMEOUT + 1.0 - (time.monotonic() - start)))
+    assert not (arena["outside"] / "late.txt").exists()
+    assert _settled(_processes_with, arena["marker"]) == []
+
+    if features["network_namespace"]:
+        arena["listener"].settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            arena["listener"].accept()
+        assert "Network is unreachable" in reasons["socket"] or "refused" in reasons["socket"]
+
+
+def test_program_sees_a_scrubbed_environment_and_no_host_files(arena):
+    with Sandbox(SandboxConfig(timeout=TIMEOUT)) as sandbox:
+        result = sandbox.run(hostile_programs(arena)["read_secrets"])
+        probe = sandbox.run("import os\nprint(os.getuid(), os.getcwd(), sorted(os.listdir(os.path.expanduser('~'))))")
+    assert result.status == "failed"
+    assert "PYTHONHASHSEED" in result.stdout  # the program ran and printed its environment
+    assert not any(secret in result.stdout + result.stderr + result.reason for secret in SECRETS.values())
+    if sandbox.features["mount_namespace"]:
+        uid, cwd, home = probe.stdout.split(" ", 2)
+        assert int(uid) != 0 and cwd == "/tmp" and home.strip() == "[]"
+
+
+def test_output_is_captured_and_capped():
+    with Sandbox(SandboxConfig(timeout=TIMEOUT, max_output_bytes=100)) as sandbox:
+        result = sandbox.run("import sys\nprint('a' * 5000)\nprint('tail', file=sys.stderr)\nraise ValueError('bad')")
+    assert result.status == "failed" and result.reason == "ValueError: bad (line 4)"
+    assert len(result.stdout) == 100 and result.stdout.endswith("a\n") and result.stderr == "tail\n"
+
+
+@pytest.mark.parametrize("start", ["forkserver", "exec"])
+def test_both_start_methods_contain_a_daemon_and_a_loop(arena, start):
+    programs = hostile_programs(arena)
+    with Sandbox(SandboxConfig(timeout=2.0, start=start)) as sandbox:
+        assert sandbox.start == start
+        ok = sandbox.run("print(6 * 7)")
+        daemon = sandbox.run(programs["daemon_then_exit"])
+        loop = sandbox.run(programs["infinite_loop"])
+    assert (ok.status, ok.stdout) == ("passed", "42\n")
+    assert daemon.status == "failed" and loop.status == "timed out" and loop.seconds < 2.0 + SLACK
+    if sandbox.features["pid_namespace"] or sandbox.features["unprivileged_uid"]:
+        assert _settled(_processes_with, arena["marker"]) == []
+
+
+def test_mode_none_still_enforces_timeout_limits_env_and_kills_daemons(arena):
+    programs = hostile_programs(arena)
+    with Sandbox(SandboxConfig(timeout=2.0, mode="none", memory_mb=256)) as sandbox:
+        assert sandbox.mode == "none" and not sandbox.features["network_namespace"]
+        loop = sandbox.run("import os\nif os.fork() == 0:\n    pass\nwhile True:\n    pass")
+        mem = sandbox.run("x = bytearray(512 * 2**20)")
+        env = sandbox.run("import os\nassert 'HF_TOKEN' not in os.environ and os.environ['PYTHONHASHSEED'] == '0'")
+        # No PID namespace and no uid here: the fork server, a child subreaper, inherits and kills the daemons.
+        daemons = [sandbox.run(programs[name]) for name in ("daemon_then_exit", "daemon_then_hang")]
+    assert loop.status == "timed out" and loop.seconds < 2.0 + SLACK
+    assert mem.status == "failed" and mem.reason.startswith("MemoryError")
+    assert env.status == "passed", env.reason
+    assert [d.status for d in daemons] == ["failed", "timed out"]
+    assert _settled(_processes_with, arena["marker"]) == []
+
+
+def _readable_by_others(path: str) -> bool:
+    while path != "/":
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+        path = os.path.dirname(path)
+    return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid mode needs root")
+def test_uid_mode_without_namespaces_sweeps_leftover_processes(arena):
+    python = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+    if not python or not _readable_by_others(os.path.dirname(os.path.realpath(python))):
+        pytest.skip("no Python whose stdlib an unprivileged uid can read")
+    uid_base = 500_000 + (os.getpid() % 1000) * 256
+    with Sandbox(SandboxConfig(timeout=2.0, mode="uid", python=python, uid_base=uid_base)) as sandbox:
+        assert sandbox.mode == "uid" and sandbox.features["unprivileged_uid"]
+        assert not sandbox.features["private_tmp"]  # documented: /tmp is not private without namespaces
+        programs = hostile_programs(arena)
+        results = {n: sandbox.run(programs[n]) for n in ("daemon_then_exit", "daemon_then_hang", "fork_bomb",
+                                                         "kill_parent")}
+    assert {n: r.status for n, r in results.items()} == {"daemon_then_exit": "failed", "daemon_then_hang": "timed out",
+                                                         "fork_bomb": "timed out", "kill_parent": "failed"}
+    assert _settled(_processes_with, arena["marker"]) == []
+    assert _settled(_processes_of_uids, uid_base, uid_base + 256) == []
+
+
+def test_falls_back_when_namespaces_are_not_permitted(tmp_path, monkeypatch):
+    """As in Docker without privileges: unshare fails. The probe records why and picks a weaker mode."""
+    fake = tmp_path / "unshare"
+    fake.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: str(fake) if name == "unshare" else None)
+    monkeypatch.setattr(Sandbox, "_candidates", lambda self: [("namespaces", "exec"), ("none", "forkserver")])
+    with Sandbox(SandboxConfig(timeout=2.0)) as sandbox:
+        result = sandbox.run("print('degraded but working')")
+    assert (sandbox.mode, sandbox.start) == ("none", "forkserver")
+    assert "namespaces/exec" in sandbox.features["modes_that_failed"]
+    assert not sandbox.features["network_namespace"] and not sandbox.features["unprivileged_uid"]
+    assert result.status == "passed" and result.stdout == "degraded but working\n"
+
+
+def test_no_working_mode_is_an_error():
+    with pytest.raises(RuntimeError, match="no sandbox mode works"):
+        Sandbox(SandboxConfig(python=os.path.join(sys.prefix, "no-such-python"), mode="none", start="exec"))

@@ -1,0 +1,266 @@
+"""Score predictions by running them in the sandbox: program assembly, parallel runs, pass@k, result files.
+
+Semantics follow the public harnesses (spec §7):
+
+* MBPP (mxeval): the program is ``prompt + completion + "\\n" + test + "\\n" + "check(<entry_point>)"``;
+  every task of the problem file must have samples; default timeout 15 s.
+* CRUXEval: the program is ``code + "\\nassert " + output + " == " + prediction``. In input mode a prediction
+  without ``f(`` fails without running; in output mode one that contains ``f(<input>)`` fails (it would
+  let the program compute the answer). Only the ids present are scored; default timeout 10 s.
+  Deviation: CRUXEval's own script drops such skipped generations from n (a bias when n > 1); here they
+  count as failures, so n is always the number of generations.
+* pass@k is the unbiased estimator ``1 - C(n-c, k) / C(n, k)`` averaged over tasks, reported for each k that
+  every task's n reaches.
+
+Samples run in parallel with a tqdm progress bar: ``n_workers`` threads (default: the usable CPUs), each
+driving its own worker slot of the sandbox (utils/sandbox.py). A sample whose sandbox failed (not the
+program) counts as failed with a reason that starts with "sandbox error", counted in the summary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from tqdm import tqdm
+
+from utils.data import default_data_path, load_records, load_task_split, read_jsonl
+from utils.errors import UserError
+from utils.sandbox import Sandbox, SandboxConfig
+
+CRUX_TASKS = {"cruxeval_input_prediction": "input", "cruxeval_output_prediction": "output"}
+TASK_NAMES = ("mbpp",) + tuple(CRUX_TASKS)
+DEFAULT_TIMEOUT = {"mbpp": 15.0, "cruxeval_input_prediction": 10.0, "cruxeval_output_prediction": 10.0}
+DEFAULT_K = (1, 5, 10)
+MBPP_PROBLEM_FIELDS = ("task_id", "prompt", "entry_point", "test")
+MBPP_PROBLEMS_FILE = "mbpp_test_problems.jsonl"
+
+
+@dataclasses.dataclass
+class Sample:
+    task_id: str
+    index: int
+    program: str | None
+    """None: the prediction is malformed and fails without running (``reason`` says why)."""
+    reason: str = ""
+    prediction: str = ""
+
+
+@dataclasses.dataclass
+class SampleResult:
+    task_id: str
+    sample_index: int
+    status: str
+    reason: str
+    seconds: float
+    prediction: str
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def to_json(self) -> dict:
+        return {"task_id": self.task_id, "sample_index": self.sample_index, "status": self.status,
+                "passed": self.passed, "reason": self.reason, "seconds": round(self.seconds, 4),
+                "prediction": self.prediction}
+
+
+# -- programs --------------------------------------------------------------------------------------------
+def mbpp_program(problem: dict, completion: str) -> str:
+    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+
+
+def cruxeval_program(record: dict, prediction: str, mode: str) -> tuple[str | None, str]:
+    """``(program, "")``, or ``(None, reason)`` for a prediction CRUXEval's rules reject without running."""
+    if mode == "input" and "f(" not in prediction:
+        return None, "malformed input prediction: no call f(...)"
+    if mode == "output" and f"f({record['input']})" in prediction:
+        return None, "malformed output prediction: it calls f on the input"
+    return record["code"] + "\nassert " + record["output"] + " == " + prediction, ""
+
+
+def mbpp_samples(solutions: list[dict], problems: dict[str, dict]) -> list[Sample]:
+    counts: dict[str, int] = {}
+    samples = []
+    for sol in solutions:
+        tid = sol["task_id"]
+        index = counts[tid] = counts.get(tid, -1) + 1
+        samples.append(Sample(tid, index, mbpp_program(problems[tid], sol["completion"]),
+                              prediction=sol["completion"]))
+    return samples
+
+
+def cruxeval_samples(predictions: dict[str, list[str]], records: dict[str, dict], mode: str) -> list[Sample]:
+    samples = []
+    for rid, preds in predictions.items():
+        for index, pred in enumerate(preds):
+            program, reason = cruxeval_program(records[rid], pred, mode)
+            samples.append(Sample(rid, index, program, reason, pred))
+    return samples
+
+
+# -- running and scoring ------------------------------------------------------------------------------------
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def run_samples(samples: list[Sample], sandbox: Sandbox, n_workers: int | None = None, progress: bool = True,
+                desc: str = "evaluating") -> list[SampleResult]:
+    """Run every sample (in parallel, results in input order); malformed samples fail without running."""
+
+    def one(sample: Sample) -> SampleResult:
+        if sample.program is None:
+            return SampleResult(sample.task_id, sample.index, "failed", sample.reason, 0.0, sample.prediction)
+        r = sandbox.run(sample.program)
+        return SampleResult(sample.task_id, sample.index, r.status, r.reason, r.seconds, sample.prediction)
+
+    results: list[SampleResult | None] = [None] * len(samples)
+    with ThreadPoolExecutor(max(1, n_workers or default_workers())) as pool, \
+            tqdm(total=len(samples), desc=desc, disable=not progress, unit="sample") as bar:
+        futures = {pool.submit(one, s): i for i, s in enumerate(samples)}
+        for fut in as_completed(futures):
+            results[futures[fut]] = fut.result()
+            bar.update(1)
+    return results  # type: ignore[return-value]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of P(at least one of k samples passes) from n samples with c passing."""
+    if not 0 <= c <= n or k < 1:
+        raise ValueError(f"need 0 <= c <= n and k >= 1, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def summarize(results: list[SampleResult], ks=DEFAULT_K) -> dict:
+    """pass@k (fractions, for each k <= every task's n), per-status counts and sample counts."""
+    per_task: dict[str, list[bool]] = {}
+    for r in results:
+        per_task.setdefault(r.task_id, []).append(r.passed)
+    ns = [len(v) for v in per_task.values()]
+    min_n = min(ns) if ns else 0
+    scores = {f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in per_task.values()) / len(per_task)
+              for k in sorted(set(ks)) if per_task and k <= min_n}
+    counts = {s: sum(r.status == s for r in results) for s in ("passed", "failed", "timed out")}
+    counts["sandbox_errors"] = sum(r.reason.startswith("sandbox error") for r in results)
+    return {**scores, "n_tasks": len(per_task), "n_samples": len(results),
+            "samples_per_task": {"min": min_n, "max": max(ns) if ns else 0}, "counts": counts}
+
+
+# -- files -------------------------------------------------------------------------------------------------
+def _read_json(path: pathlib.Path):
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def read_cruxeval_predictions(path) -> dict[str, list[str]]:
+    """``{"sample_412": [prediction, ...]}`` (a bare string is one prediction)."""
+    path = pathlib.Path(path)
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object {{id: [prediction, ...]}}, got {type(data).__name__}")
+    out = {}
+    for rid, preds in data.items():
+        preds = [preds] if isinstance(preds, str) else preds
+        if not isinstance(preds, list) or not all(isinstance(p, str) for p in preds):
+            raise UserError(f"{path}: value of {rid!r} must be a list of strings")
+        out[rid] = preds
+    return out
+
+
+def read_mbpp_solutions(path) -> list[dict]:
+    solutions = read_jsonl(path, ("task_id", "completion"))
+    for i, sol in enumerate(solutions, 1):
+        if not isinstance(sol["completion"], str):
+            raise UserError(f"{path}: record {i} ({sol['task_id']}): field 'completion' must be a string")
+    return solutions
+
+
+def load_mbpp_problems(predictions_path, problem_file=None, data_path=None, mbpp_split="paper") -> dict[str, dict]:
+    """The problem file if given, else ``mbpp_test_problems.jsonl`` beside the predictions, else the test split
+    of ``data_path`` (default: ../shared/data when present, else the public source)."""
+    sibling = pathlib.Path(predictions_path).with_name(MBPP_PROBLEMS_FILE)
+    if problem_file is None and data_path is None and sibling.is_file():
+        problem_file = sibling
+    if problem_file is not None:
+        records = read_jsonl(problem_file, MBPP_PROBLEM_FIELDS)
+    else:
+        records = load_task_split("mbpp", "test", data_path or default_data_path("mbpp"), mbpp_split=mbpp_split)
+    return {r["task_id"]: r for r in records}
+
+
+def load_cruxeval_records(task_name, problem_file=None, data_path=None) -> dict[str, dict]:
+    """Every CRUXEval row by id (predictions may come from either split): from ``problem_file`` or
+    ``data_path``, else ../shared/data when present, else the public source."""
+    path = problem_file or data_path or default_data_path(task_name)
+    records = read_jsonl(path, ("id", "code", "input", "output")) if path else load_records(task_name, None)
+    return {r["id"]: r for r in records}
+
+
+def output_paths(path) -> tuple[pathlib.Path, pathlib.Path]:
+    path = pathlib.Path(path)
+    return path.with_name(path.stem + "_results.jsonl"), path.with_name(path.stem + "_summary.json")
+
+
+def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_workers: int | None = None,
+                  timeout: float | None = None, k=DEFAULT_K, allow_missing: bool = False, progress: bool = True,
+                  sandbox_config: SandboxConfig | None = None, mbpp_split: str = "paper") -> dict:
+    """Score a predictions file; write ``<stem>_results.jsonl`` and ``<stem>_summary.json`` beside it.
+
+    MBPP: ``path`` is JSONL of ``{"task_id", "completion"}`` (several lines per task for n > 1). CRUXEval:
+    ``path`` is JSON ``{id: [prediction, ...]}`` with predictions already extracted. Returns the summary.
+    """
+    if task_name not in TASK_NAMES:
+        raise UserError(f"unknown task {task_name!r}; choose one of: {', '.join(TASK_NAMES)}")
+    path = pathlib.Path(path)
+    timeout = timeout or DEFAULT_TIMEOUT[task_name]
+    config = dataclasses.replace(sandbox_config or SandboxConfig(), timeout=timeout)
+    if task_name == "mbpp":
+        solutions = read_mbpp_solutions(path)
+        problems = load_mbpp_problems(path, problem_file, data_path, mbpp_split)
+        unknown = sorted({s["task_id"] for s in solutions} - problems.keys())
+        if unknown:
+            raise UserError(f"{path}: {len(unknown)} task ids are not in the problem set (first: {unknown[0]}); "
+                            f"pass the matching --problem_file")
+        missing = sorted(problems.keys() - {s["task_id"] for s in solutions})
+        if missing and not allow_missing:
+            raise UserError(f"{path}: no samples for {len(missing)} of {len(problems)} problems (first: "
+                            f"{missing[0]}); pass --allow_missing to score only the tasks present")
+        samples = mbpp_samples(solutions, problems)
+    else:
+        predictions = read_cruxeval_predictions(path)
+        records = load_cruxeval_records(task_name, problem_file, data_path)
+        unknown = sorted(predictions.keys() - records.keys())
+        if unknown:
+            raise UserError(f"{path}: {len(unknown)} ids are not CRUXEval ids (first: {unknown[0]!r}); "
+                            f"check --data_path")
+        samples = cruxeval_samples(predictions, records, CRUX_TASKS[task_name])
+        missing = []
+    workers = max(1, n_workers or default_workers())
+    start = time.monotonic()
+    with Sandbox(config) as sandbox:
+        results = run_samples(samples, sandbox, workers, progress, desc=task_name)
+    seconds = time.monotonic() - start
+    summary = {"task_name": task_name, "predictions": str(path), **summarize(results, k),
+               "tasks_without_samples": len(missing), "timeout_s": timeout, "n_workers": workers,
+               "seconds": round(seconds, 3), "samples_per_s": round(len(results) / seconds, 2) if seconds else None,
+               "sandbox": sandbox.features}
+    results_path, summary_path = output_paths(path)
+    with results_path.open("w", encoding="utf-8") as fh:
+        for r in results:
+            fh.write(json.dumps(r.to_json()) + "\n")
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    summary["results_path"], summary["summary_path"] = str(results_path), str(summary_path)
+    return summary

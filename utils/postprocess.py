@@ -1,0 +1,311 @@
+"""Post-processing of model completions (spec §6.3–6.5): MBPP stage 1 and 2, and CRUXEval answer extraction.
+
+MBPP stage 1 cuts a completion at the earliest stop string and drops BOS/EOS strings. Stage 2 keeps the
+function body (up to the first line indented less than the body), re-indents it to the prompt's indent unit
+when the two differ (content-based; the original decided this by the model name in the file path), ends it at
+the first body-level ``return`` (joining its continuation lines) and trims every ``return`` to its longest
+leading complete expression, found with ``ast`` instead of tree-sitter/parso.
+
+CRUXEval: the answer is cut out of the text that follows the prompt's final ``[ANSWER]``; the prompt, when
+still present, is removed first (with the original's rule for a prompt whose end the tokenizer rendered
+differently). Nothing here decides anything from a file path or a model name.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import json
+import pathlib
+import re
+import tokenize
+
+from utils.errors import UserError
+
+DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
+BOS_STRINGS = (DEEPSEEK_BOS, "<|begin_of_text|>", "<s>", "<|startoftext|>")
+"""Removed where they lead the text (the DeepSeek BOS is removed everywhere, as in the original)."""
+EOS_STRINGS = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<|end|>")
+MBPP_STAGE1_STOPS = ("\ndef", "\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```") + EOS_STRINGS
+"""The spec's stage-1 list (§6.5) plus the EOS strings of the supported tokenizers."""
+
+_INDENT = re.compile(r"[ \t]*")
+_RETURN = re.compile(r"return\b")
+
+
+def cut_at_stop(text: str, stop_sequences) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string; unchanged if none occurs."""
+    cut = len(text)
+    for stop in stop_sequences:
+        if stop:
+            pos = text.find(stop, 0, cut)
+            if pos != -1:
+                cut = pos
+    return text[:cut]
+
+
+def strip_bos(text: str) -> str:
+    text = text.replace(DEEPSEEK_BOS, "")
+    changed = True
+    while changed:
+        changed = False
+        for bos in BOS_STRINGS:
+            if text.startswith(bos):
+                text, changed = text[len(bos):], True
+    return text
+
+
+def mbpp_stage1(text: str) -> str:
+    """Drop BOS strings, then cut at the earliest MBPP stop string or EOS string (spec §6.5 stage 1)."""
+    return cut_at_stop(strip_bos(text), MBPP_STAGE1_STOPS)
+
+
+def first_expression(text: str) -> str | None:
+    """The longest prefix of ``text``, ending at a token boundary, that parses as one Python expression.
+
+    ``"a + b) junk"`` gives ``"a + b"``; ``"x if c else y  # note"`` gives ``"x if c else y"``. None if no
+    prefix is an expression (for example an unclosed bracket).
+    """
+    ends = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type in (tokenize.ENDMARKER, tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT,
+                            tokenize.INDENT, tokenize.DEDENT):
+                continue
+            if tok.start[0] > 1:
+                break
+            ends.append(tok.end[1])
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass
+    first_line = text.split("\n", 1)[0]
+    for end in sorted(set(ends), reverse=True):
+        candidate = first_line[:end].strip()
+        try:
+            ast.parse(candidate, mode="eval")
+        except (SyntaxError, ValueError):
+            continue
+        return candidate
+    return None
+
+
+def _trim_return(line: str) -> str:
+    """``<indent>return <first complete expression>``; the line unchanged if nothing parses."""
+    indent = _INDENT.match(line).group()
+    value = line.strip()[len("return"):]
+    if not value.strip():
+        return indent + "return"
+    expr = first_expression(value.strip())
+    return line.rstrip() if expr is None else f"{indent}return {expr}"
+
+
+def _prompt_indent(prompt: str) -> str:
+    """The body indent of the prompt's function (the indent of the first indented line after the ``def``)."""
+    lines = prompt.split("\n")
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("def "):
+            for body in lines[i + 1:]:
+                if body.strip():
+                    return _INDENT.match(body).group()
+    return ""
+
+
+def _reindent(lines: list[str], unit: str, target: str) -> list[str]:
+    out = []
+    for line in lines:
+        lead = _INDENT.match(line).group()
+        depth, rest = 0, lead
+        while unit and rest.startswith(unit):
+            depth, rest = depth + 1, rest[len(unit):]
+        out.append(target * depth + rest + line[len(lead):])
+    return out
+
+
+def _continuation_rows(text: str) -> set[int]:
+    """0-based indices of the lines that continue a logical line (inside brackets, strings or after ``\\``)."""
+    rows: set[int] = set()
+    start = None
+    skip = (tokenize.INDENT, tokenize.DEDENT, tokenize.NL, tokenize.COMMENT, tokenize.ENCODING)
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if start is None:
+                if tok.type in skip or tok.type == tokenize.ENDMARKER:
+                    continue
+                start = tok.start[0]
+            if tok.type == tokenize.NEWLINE:
+                rows.update(range(start, tok.end[0]))
+                start = None
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        if start is not None:  # an unclosed bracket or string runs to the end of the text
+            rows.update(range(start, text.count("\n") + 1))
+    return rows
+
+
+def _statement(lines: list[str], i: int, cont: set[int], deeper_than: int | None) -> tuple[str, int]:
+    """The statement starting at line ``i`` joined into one line, and the index after it. Joined: its
+    continuation lines, and (``deeper_than`` set) following lines indented deeper than that many characters."""
+    statement = lines[i].rstrip()
+    i += 1
+    while i < len(lines) and (i in cont or (deeper_than is not None and lines[i].strip()
+                                            and len(_INDENT.match(lines[i]).group()) > deeper_than)):
+        statement = statement.rstrip("\\").rstrip() + " " + lines[i].strip()
+        i += 1
+    return statement, i
+
+
+def mbpp_stage2(text: str, prompt: str | None = None) -> str:
+    """Keep the function body of a stage-1 completion and trim its returns (spec §6.5 ``cleanup_return``).
+
+    * The body indent is the first non-empty line's; lines are kept until a statement is indented less
+      (continuation lines inside brackets never end the body).
+    * A ``return`` at body level ends the body; its continuation lines and the lines indented deeper after
+      it are joined onto it (a trailing backslash removed). Every ``return`` is trimmed to its first
+      complete expression (the longest prefix that parses).
+    * If ``prompt`` is given and its body indent differs from the completion's (tabs against spaces, 2
+      against 4 spaces), the kept lines are re-indented to the prompt's unit.
+    * Text without a ``return`` keeps its body lines unchanged.
+    """
+    lines = text.split("\n")
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        return text
+    indent = _INDENT.match(lines[first]).group()
+    cont = _continuation_rows(text)
+    kept: list[str] = []
+    i = first
+    while i < len(lines):
+        line = lines[i]
+        if not line.strip() or i in cont:
+            kept.append(line)
+            i += 1
+            continue
+        lead = _INDENT.match(line).group()
+        if len(lead) < len(indent):
+            break
+        if _RETURN.match(line.strip()):
+            body_level = lead == indent
+            statement, i = _statement(lines, i, cont, len(indent) if body_level else None)
+            kept.append(_trim_return(statement))
+            if body_level:
+                break
+            continue
+        kept.append(line)
+        i += 1
+    while kept and not kept[-1].strip():
+        kept.pop()
+    target = _prompt_indent(prompt) if prompt else ""
+    if target and indent and target != indent:
+        kept = _reindent(kept, indent, target)
+    return "\n".join(lines[:first] + kept)
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def strip_prompt(text: str, prompt: str) -> str:
+    """The part of ``text`` after ``prompt`` (spec §6.4).
+
+    If the text does not start with the exact prompt (tokenizers render its end differently), the prompt is
+    cut at the first mismatching character and the text after that point is kept. A text that shares less
+    than half the prompt is a bare completion and is returned whole.
+    """
+    if text.startswith(prompt):
+        return text[len(prompt):]
+    common = _common_prefix_len(text, prompt)
+    return text[common:] if common >= len(prompt) // 2 else text
+
+
+def extract_cruxeval_answer(completion: str, mode: str, prompt: str | None = None) -> str:
+    """The prediction in a CRUXEval completion (the text after the prompt's ``[ANSWER]``).
+
+    output mode: what follows the first ``==``, cut before ``[/ANSWER]``, stripped (a literal).
+    input mode: what precedes the first ``==``, from ``f`` of ``assert f`` on, stripped (an ``f(...)`` call).
+    Raw text that still holds the prompt is accepted: pass ``prompt`` to remove it exactly, or leave it None
+    to keep what follows the last ``[ANSWER]`` (the generator stops at ``[/ANSWER]``, so that is the model's).
+    Input mode also cuts at ``[/ANSWER]`` first, so ``f(1)\\n[/ANSWER]`` without ``==`` gives ``f(1)``.
+    """
+    if mode not in ("input", "output"):
+        raise ValueError(f"mode must be 'input' or 'output', not {mode!r}")
+    text = completion
+    if prompt is not None:
+        text = strip_prompt(text, prompt)
+    elif "[ANSWER]" in text:
+        text = text.rsplit("[ANSWER]", 1)[1]
+    if mode == "output":
+        if "==" in text:
+            text = text.split("==", 1)[1]
+        if "[/ANSWER]" in text:
+            text = text.split("[/ANSWER]", 1)[0]
+    else:
+        if "[/ANSWER]" in text:
+            text = text.split("[/ANSWER]", 1)[0]
+        if "==" in text:
+            text = text.split("==", 1)[0]
+        if "assert f" in text:
+            text = "f" + text.split("assert f", 1)[1]
+    return text.strip()
+
+
+# -- files (the CLIs postprocess_mbpp_preds.py and postprocess_cruxeval_preds.py) ---------------------------
+def postprocess_mbpp_file(path, problem_file=None, data_path=None, mbpp_split="paper") -> tuple[str, str]:
+    """Write ``<stem>_stage1.jsonl`` and ``<stem>_stage2.jsonl`` beside ``path``; returns their paths.
+
+    Prompts (for stage 2) come from ``problem_file``, else ``mbpp_test_problems.jsonl`` beside ``path``, else
+    the test split of ``data_path``.
+    """
+    from utils.evaluation import load_mbpp_problems, read_mbpp_solutions
+
+    path = pathlib.Path(path)
+    solutions = read_mbpp_solutions(path)
+    problems = load_mbpp_problems(path, problem_file, data_path, mbpp_split)
+    missing = sorted({s["task_id"] for s in solutions} - problems.keys())
+    if missing:
+        raise UserError(f"{path}: no prompt for {len(missing)} task ids (first: {missing[0]}); "
+                        f"pass the matching --problem_file")
+    outputs = []
+    for stage in (1, 2):
+        out = path.with_name(f"{path.stem}_stage{stage}.jsonl")
+        with out.open("w", encoding="utf-8") as fh:
+            for sol in solutions:
+                text = mbpp_stage1(sol["completion"])
+                if stage == 2:
+                    text = mbpp_stage2(text, problems[sol["task_id"]]["prompt"])
+                fh.write(json.dumps({**sol, "completion": text}) + "\n")
+        outputs.append(str(out))
+    return outputs[0], outputs[1]
+
+
+def cruxeval_answers_path(path: pathlib.Path) -> pathlib.Path:
+    """``output.json`` for ``output_raw.json`` (any ``output_raw`` in the name), else ``<stem>_answers.json``."""
+    if "output_raw" in path.name:
+        return path.with_name(path.name.replace("output_raw", "output"))
+    return path.with_name(path.stem + "_answers.json")
+
+
+def postprocess_cruxeval_file(path, mode: str, data_path=None, out=None) -> str:
+    """Extract the answers of ``{id: [raw text, ...]}`` into ``{id: [answer, ...]}``; returns the output path.
+
+    The prompts are rebuilt from the dataset (``data_path``, default ../shared/data when present) so that raw
+    texts that still hold the prompt lose exactly that prompt.
+    """
+    from utils.evaluation import load_cruxeval_records, read_cruxeval_predictions
+    from utils.tasks import cruxeval_prompt
+
+    path = pathlib.Path(path)
+    raw = read_cruxeval_predictions(path)
+    task = f"cruxeval_{mode}_prediction"
+    records = load_cruxeval_records(task, None, data_path)
+    unknown = sorted(raw.keys() - records.keys())
+    if unknown:
+        raise UserError(f"{path}: {len(unknown)} ids are not CRUXEval ids (first: {unknown[0]!r}); "
+                        f"check --data_path")
+    answers = {rid: [extract_cruxeval_answer(text, mode, cruxeval_prompt(records[rid], mode)) for text in texts]
+               for rid, texts in raw.items()}
+    out = pathlib.Path(out) if out else cruxeval_answers_path(path)
+    if out.resolve() == path.resolve():
+        raise UserError(f"{out}: the output would overwrite the input; pass --out")
+    out.write_text(json.dumps(answers, indent=1) + "\n", encoding="utf-8")
+    return str(out)

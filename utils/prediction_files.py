@@ -1,0 +1,207 @@
+"""The files generation leaves in ``--log_dir``: progress while it runs, and the evaluators' inputs at the end.
+
+MBPP (read by mxeval's ``evaluate_functional_correctness``):
+  ``mbxp_solutions.jsonl``     {"task_id", "language": "python", "completion"} — n lines per task for n samples
+  ``mbxp_raw.jsonl``           {"task_id", "raw"} — the decoded new text before cutting at a stop string
+  ``mbpp_test_problems.jsonl`` the test records, as mxeval's ``--problem_file``
+CRUXEval (read by CRUXEval's ``evaluate_generations.py``):
+  ``output.json``              {"sample_412": [answer, …]} — answers extracted after ``[ANSWER]``
+  ``output_raw.json``          {"sample_412": [raw completion, …]}
+Both: ``generation_progress.jsonl`` (one line per finished batch, appended and fsynced; ``--resume`` reads it
+back) and ``generate_preds_config.json`` (the resolved settings).
+
+Every final file is written to a temporary name and renamed into place, so a reader never sees half a file.
+The final files are always rebuilt from the progress file, so a resumed run writes the same bytes as an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Sequence
+
+from utils.errors import UserError
+from utils.tasks import Task
+
+PROGRESS_FILE = "generation_progress.jsonl"
+CONFIG_FILE = "generate_preds_config.json"
+MBPP_FILES = ("mbxp_solutions.jsonl", "mbxp_raw.jsonl", "mbpp_test_problems.jsonl")
+CRUXEVAL_FILES = ("output.json", "output_raw.json")
+MXEVAL_PROBLEM_FIELDS = ("task_id", "language", "prompt", "test", "entry_point", "canonical_solution")
+_MBPP_OPTIONAL_FIELDS = ("description",)
+
+
+def output_files(task: Task) -> tuple[str, ...]:
+    return MBPP_FILES if task.is_mbpp else CRUXEVAL_FILES
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, and rename it over ``path``."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonl(rows: Sequence[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+# --------------------------------------------------------------------------------------------- progress
+class ProgressLog:
+    """``generation_progress.jsonl``: one line per finished batch, ``{"predictions": {task_id: [raw, ...]}}``.
+
+    A whole batch is one line, written by one ``write`` and fsynced, so a process killed mid-write loses that
+    batch only (the torn last line is ignored) and a resumed run regroups the remaining tasks into the same
+    batches as an uninterrupted run.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike):
+        self.path = pathlib.Path(log_dir) / PROGRESS_FILE
+
+    def read(self) -> dict[str, list[str]]:
+        """Finished tasks; a torn last line (the process died mid-write) is ignored."""
+        done: dict[str, list[str]] = {}
+        if not self.path.is_file():
+            return done
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        for lineno, line in enumerate(lines, 1):
+            try:
+                batch = json.loads(line)["predictions"]
+                done.update({str(tid): [str(t) for t in raw] for tid, raw in batch.items()})
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                if lineno == len(lines):
+                    break
+                raise UserError(f"{self.path}:{lineno}: not a progress record; delete the file and rerun "
+                                f"without --resume") from None
+        return done
+
+    def reset(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def repair(self) -> None:
+        """Drop a torn last line so that appends start on a fresh line."""
+        if self.path.is_file():
+            text = self.path.read_text(encoding="utf-8")
+            if text and not text.endswith("\n"):
+                atomic_write_text(self.path, text[:text.rfind("\n") + 1])
+
+    def append(self, predictions: dict[str, list[str]]) -> None:
+        if not predictions:
+            return
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"predictions": predictions}, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def check_resumable(log_dir: str | os.PathLike, config: dict, ignore: Sequence[str] = ()) -> None:
+    """Refuse to resume into a directory whose saved settings differ (other than the ``ignore`` keys)."""
+    path = pathlib.Path(log_dir) / CONFIG_FILE
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    config = json.loads(json.dumps(config))  # tuples become lists, as in the saved file
+    for key in sorted(set(saved) | set(config)):
+        if key in ignore:
+            continue
+        if saved.get(key) != config.get(key):
+            raise UserError(f"{path}: field {key!r} is {saved.get(key)!r} but this run has {config.get(key)!r}; "
+                            f"rerun with the same settings, or without --resume (or another --log_dir) to start "
+                            f"over")
+
+
+def write_config(log_dir: str | os.PathLike, config: dict) -> None:
+    atomic_write_text(pathlib.Path(log_dir) / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ final files
+def mbpp_problem(record: dict) -> dict:
+    """A test record in the form mxeval's ``--problem_file`` reads."""
+    problem = {k: record[k] for k in MXEVAL_PROBLEM_FIELDS if k != "language"}
+    problem["language"] = record.get("language", "python")
+    problem.update({k: record[k] for k in _MBPP_OPTIONAL_FIELDS if k in record})
+    return {k: problem[k] for k in (*MXEVAL_PROBLEM_FIELDS, *_MBPP_OPTIONAL_FIELDS) if k in problem}
+
+
+def write_predictions(log_dir: str | os.PathLike, task: Task, records: Sequence[dict],
+                      raw: dict[str, list[str]], stop_sequences: Sequence[str]) -> list[pathlib.Path]:
+    """Write the evaluator's files for ``records`` (in their order) from the raw completions."""
+    from utils.postprocess import cut_at_stop, extract_cruxeval_answer
+
+    log_dir = pathlib.Path(log_dir)
+    ids = [task.record_id(r) for r in records]
+    missing = [tid for tid in ids if tid not in raw]
+    if missing:
+        raise RuntimeError(f"no prediction for {len(missing)} tasks, e.g. {missing[0]}")
+    if task.is_mbpp:
+        contents = {
+            "mbxp_solutions.jsonl": _jsonl([{"task_id": tid, "language": "python",
+                                             "completion": cut_at_stop(text, stop_sequences)}
+                                            for tid in ids for text in raw[tid]]),
+            "mbxp_raw.jsonl": _jsonl([{"task_id": tid, "raw": text} for tid in ids for text in raw[tid]]),
+            "mbpp_test_problems.jsonl": _jsonl([mbpp_problem(r) for r in records]),
+        }
+    else:
+        answers = {tid: [extract_cruxeval_answer(text, task.mode) for text in raw[tid]] for tid in ids}
+        contents = {
+            "output.json": json.dumps(answers, indent=1, ensure_ascii=False) + "\n",
+            "output_raw.json": json.dumps({tid: raw[tid] for tid in ids}, indent=1, ensure_ascii=False) + "\n",
+        }
+    paths = []
+    for name, text in contents.items():
+        atomic_write_text(log_dir / name, text)
+        paths.append(log_dir / name)
+    return paths
+
+
+def validate_prediction_files(log_dir: str | os.PathLike, task: Task, task_ids: Sequence[str],
+                              num_samples: int = 1) -> None:
+    """Check the final files against the formats above: names, fields, types, one entry per task.
+
+    Raises UserError naming the file, the line and the field.
+    """
+    log_dir = pathlib.Path(log_dir)
+    expected = list(task_ids)
+    if task.is_mbpp:
+        fields = {"mbxp_solutions.jsonl": {"task_id": str, "language": str, "completion": str},
+                  "mbxp_raw.jsonl": {"task_id": str, "raw": str},
+                  "mbpp_test_problems.jsonl": {k: str for k in MXEVAL_PROBLEM_FIELDS}}
+        for name, schema in fields.items():
+            rows = _read_rows(log_dir / name, schema)
+            got = [r["task_id"] for r in rows]
+            want = expected if name == "mbpp_test_problems.jsonl" else [t for t in expected for _ in range(num_samples)]
+            if got != want:
+                raise UserError(f"{log_dir / name}: task ids {got[:5]}… do not match the test split {want[:5]}… "
+                                f"(one line per task and sample, in task order)")
+        return
+    for name in CRUXEVAL_FILES:
+        path = log_dir / name
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or list(data) != expected:
+            raise UserError(f"{path}: keys must be exactly the test ids in order, got {list(data)[:5]}…")
+        for key, values in data.items():
+            if not (isinstance(values, list) and len(values) == num_samples and all(isinstance(v, str)
+                                                                                     for v in values)):
+                raise UserError(f"{path}: field {key!r} must be a list of {num_samples} strings")
+
+
+def _read_rows(path: pathlib.Path, schema: dict) -> list[dict]:
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        row = json.loads(line)
+        for field, kind in schema.items():
+            if not isinstance(row.get(field), kind):
+                raise UserError(f"{path}:{lineno}: field {field!r} must be a {kind.__name__}, got "
+                                f"{type(row.get(field)).__name__}")
+        rows.append(row)
+    return rows

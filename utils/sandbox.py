@@ -1,0 +1,455 @@
+"""Run untrusted Python programs in a process sandbox, each in a fresh process with a hard wall-clock limit.
+
+Each program runs in its own process, temporary directory and session/process group, with:
+
+* a **clean interpreter**: by default a child forked from a per-worker *template* interpreter (a fork server
+  started once with ``python -s -S -B -P`` and a scrubbed environment, which imports only os, sys, json,
+  select, resource and ctypes and never runs a program itself), or with ``start="exec"`` a new interpreter per
+  program; either way no state of the evaluator (torch, tokens, the environment) is in the program's memory;
+* a **scrubbed environment** (PATH, LANG, HOME/TMPDIR pointing at the work dir, PYTHONHASHSEED=0; no
+  HF_TOKEN, WANDB_API_KEY or other secret), stdin on /dev/null, stdout and stderr to files that RLIMIT_FSIZE
+  caps (only the last ``max_output_bytes`` are read back);
+* **rlimits** on address space (RLIMIT_AS), CPU time, file size, open files and core dumps;
+* a **wall-clock timeout** after which the whole process group is SIGKILLed.
+
+Where the OS allows it (mode ``namespaces``; chosen automatically by probing; as root on these machines):
+
+* a new **network namespace** (only a downed loopback: no connection leaves, not even to the host's
+  127.0.0.1), held by the fork server for its worker slot (the exec start makes one per program: it costs
+  ~3 ms), and a new **IPC namespace** per program (SysV segments die with it);
+* a new **PID namespace** whose PID 1 is the sample's supervisor: when it ends or is killed, the kernel kills
+  every process the program left behind (daemonised grandchildren included);
+* a new **mount namespace** with private tmpfs mounts over /tmp (the program's work dir), /var/tmp, /dev/shm
+  and /run/lock, and empty tmpfs mounts over /root, /home, the caller's home and working directory and the
+  project (the Python installation is bind-mounted back read-only when it lives under one of them);
+* an **unprivileged uid/gid** per worker slot (as root): the program cannot write root-owned files, cannot
+  signal the evaluator, and RLIMIT_NPROC (which root ignores) caps a fork bomb.
+
+Fallbacks, recorded in ``Sandbox.features`` and in every evaluation summary: mode ``uid`` (root without
+namespaces, e.g. Docker without privileges: the uid drop and RLIMIT_NPROC still hold, and processes left behind
+are killed with ``kill(-1)`` as the slot uid; needs a Python whose stdlib that uid can read) and mode ``none``
+(rlimits, process group, scrubbed env and timeout; the fork server is a child subreaper, so the daemons a
+program leaves are re-parented to it and killed). A non-root caller gets ``namespaces`` through
+``unshare --map-root-user`` (exec start) when the kernel allows user namespaces.
+
+Not covered in any mode: kernel exploits and side channels; a program that deliberately forges its result
+(it shares its process with the code that reports it); reads of world-readable files outside the hidden
+directories (the dataset, /etc); CPU and memory pressure on other samples (no cgroups); with the fork server,
+all samples share the template's address-space layout (weaker ASLR). Without namespaces also: network access
+and writes to world-writable directories such as /tmp; without the uid drop (non-root callers): killing the
+caller's other processes, reading its files and /proc/<pid>/environ, fork bombs beyond RLIMIT_NPROC's
+per-user count, and (exec start only) a daemon left by a program killed at its timeout. See docs/EVALUATION.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = ("auto", "namespaces", "uid", "none")
+STARTS = ("auto", "forkserver", "exec")
+UNSHARE_FLAGS = ["--net", "--ipc", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount"]
+PYTHON_FLAGS = ["-s", "-S", "-B"] + (["-P"] if sys.version_info >= (3, 11) else [])
+
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+"""The child-side script (stdlib only), run with ``python -s -S -B -P``."""
+
+
+@dataclasses.dataclass
+class SandboxConfig:
+    timeout: float = 10.0
+    """Wall-clock seconds before the whole process group is killed (the result is 'timed out')."""
+    memory_mb: int = 1024
+    """RLIMIT_AS of the program, in MiB."""
+    file_size_mb: int = 16
+    """RLIMIT_FSIZE: the largest file (stdout and stderr included) the program may write."""
+    nproc: int = 16
+    """RLIMIT_NPROC for the program's uid (processes and threads); binding only for an unprivileged uid."""
+    nofile: int = 128
+    tmpfs_mb: int = 64
+    """Size of the private /tmp work dir in mode 'namespaces'."""
+    max_output_bytes: int = 4096
+    """How much of the end of stdout and stderr is read back."""
+    mode: str = "auto"
+    """auto | namespaces | uid | none (see the module docstring); auto picks the strongest that works."""
+    start: str = "auto"
+    """auto | forkserver | exec: fork each sample from a clean template interpreter, or exec a new one."""
+    python: str = sys.executable
+    """The interpreter that runs the programs (Python 3.11+; only its standard library is used)."""
+    uid_base: int | None = None
+    """First uid of the worker slots (uid_base + slot); by default derived from the caller's pid."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"sandbox mode must be one of {MODES}, not {self.mode!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"sandbox start must be one of {STARTS}, not {self.start!r}")
+        if self.timeout <= 0 or self.memory_mb <= 0:
+            raise ValueError("sandbox timeout and memory_mb must be positive")
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str
+    """'passed', 'failed' or 'timed out'."""
+    reason: str
+    seconds: float = 0.0
+    stdout: str = ""
+    stderr: str = ""
+    sandbox_error: bool = False
+
+
+_SIGNAL_NOTES = {signal.SIGXCPU: "CPU time limit", signal.SIGXFSZ: "file size / output limit",
+                 signal.SIGSEGV: "e.g. stack overflow"}
+
+
+def _signal_reason(code: int) -> str:
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    note = _SIGNAL_NOTES.get(-code)
+    return f"killed by {name}" + (f" ({note})" if note else "")
+
+
+def _tail(path: str, n: int) -> str:
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - n))
+        return fh.read().decode("utf-8", "replace")
+
+
+def _user_process_count(uid: int) -> int:
+    count = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                count += os.stat(f"/proc/{name}").st_uid == uid
+            except OSError:
+                pass
+    return count
+
+
+def _hidden_dirs() -> list[str]:
+    dirs = {"/root", "/home", os.path.expanduser("~"), os.getcwd(), PROJECT_ROOT}
+    return sorted({os.path.realpath(d) for d in dirs if d} - {"/"})
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait for ``proc`` up to ``timeout`` s; True if it ended. A pidfd wakes at once (Popen.wait polls)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        ready = select.select([fd], [], [], timeout)[0]
+    finally:
+        os.close(fd)
+    if ready:
+        proc.wait()
+    return bool(ready)
+
+
+class _ServerGone(Exception):
+    pass
+
+
+class _ForkServer:
+    """One template interpreter (for one worker slot) that forks a sandboxed child per request."""
+
+    def __init__(self, python: str, env: dict, isolated: bool):
+        self.proc = subprocess.Popen([python, *PYTHON_FLAGS, CHILD, "serve",
+                                      "isolated" if isolated else "plain"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd="/",
+                                     start_new_session=True)
+
+    def request(self, req: dict, wait: float) -> bool:
+        """Send one sample; return whether it timed out. Raises _ServerGone if the server died or hung."""
+        try:
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise _ServerGone(f"fork server is gone ({exc})") from None
+        out = self.proc.stdout
+        if not select.select([out], [], [], wait)[0]:
+            raise _ServerGone(f"fork server did not answer within {wait:g} s")
+        line = out.readline().decode()
+        if not line.startswith("D "):
+            raise _ServerGone(f"fork server ended (exit {self.proc.poll()})")
+        return line.split()[1] == "1"
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def _close_servers(servers: dict) -> None:
+    for server in list(servers.values()):
+        server.close()
+    servers.clear()
+
+
+class Sandbox:
+    """Runs programs; thread-safe (each concurrent ``run`` gets its own worker slot, uid and fork server).
+
+    Use as a context manager (or call ``close``) to stop the fork servers; they also exit with the caller.
+    """
+
+    _probe_cache: dict = {}
+    _probe_lock = threading.Lock()
+
+    def __init__(self, config: SandboxConfig | None = None):
+        self.config = config or SandboxConfig()
+        self._is_root = os.geteuid() == 0
+        self._uid_base = self.config.uid_base or 200_000 + (os.getpid() % 10_000) * 256
+        self._unshare = shutil.which("unshare")
+        self._free_slots: list[int] = []
+        self._n_slots = 0
+        self._lock = threading.Lock()
+        self._servers: dict[int, _ForkServer] = {}
+        self._slots_dir: str | None = None
+        self._finalizer = weakref.finalize(self, _close_servers, self._servers)
+        self.mode, self.start, self.features = self._choose()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the fork servers and remove the slot directories (a later ``run`` starts them again)."""
+        with self._lock:
+            _close_servers(self._servers)
+            if self._slots_dir is not None:
+                self._finalizer_dir()
+                self._slots_dir = None
+
+    # -- choosing the mode ------------------------------------------------------------------------------
+    def _candidates(self) -> list[tuple[str, str]]:
+        modes = [self.config.mode] if self.config.mode != "auto" else (
+            (["namespaces"] if self._unshare or self._is_root else []) + (["uid"] if self._is_root else []) + ["none"])
+        starts = [self.config.start] if self.config.start != "auto" else ["forkserver", "exec"]
+        out = []
+        for mode in modes:
+            for start in starts:
+                # Namespaces need root in the fork server, and the unshare binary with exec.
+                if mode == "namespaces" and ((start == "forkserver" and not self._is_root)
+                                             or (start == "exec" and not self._unshare)):
+                    continue
+                out.append((mode, start))
+        return out
+
+    def _choose(self) -> tuple[str, str, dict]:
+        key = (self.config.python, self.config.mode, self.config.start, self._is_root, self._uid_base,
+               self._unshare)
+        with self._probe_lock:
+            if key not in self._probe_cache:
+                tried = {}
+                for mode, start in self._candidates():
+                    self.mode, self.start = mode, start
+                    result = self.run("import json, math, re, collections\nprint('sandbox-ok')", 10.0)
+                    self.close()
+                    if result.status == "passed" and result.stdout == "sandbox-ok\n":
+                        break
+                    tried[f"{mode}/{start}"] = result.reason
+                else:
+                    raise RuntimeError(f"no sandbox mode works with {self.config.python}: {tried}")
+                self._probe_cache[key] = (mode, start, tried)
+            mode, start, tried = self._probe_cache[key]
+        ns, uid = mode == "namespaces", mode in ("namespaces", "uid") and self._is_root
+        features = {
+            "mode": mode, "start": start, "process_group_kill": True, "scrubbed_env": True,
+            "rlimits": {"as_mb": self.config.memory_mb, "fsize_mb": self.config.file_size_mb,
+                        "nofile": self.config.nofile, "nproc": self.config.nproc, "cpu_s": "timeout + 2"},
+            "network_namespace": ns, "pid_namespace": ns, "mount_namespace": ns, "private_tmp": ns,
+            "hidden_dirs": _hidden_dirs() if ns else [], "unprivileged_uid": uid,
+            "nproc_limit_binding": uid or not self._is_root, "modes_that_failed": tried,
+        }
+        return mode, start, features
+
+    # -- running ------------------------------------------------------------------------------------------
+    def _acquire_slot(self) -> int:
+        with self._lock:
+            if self._free_slots:
+                return self._free_slots.pop()
+            self._n_slots += 1
+            return self._n_slots - 1
+
+    def _release_slot(self, slot: int) -> None:
+        with self._lock:
+            self._free_slots.append(slot)
+
+    def run(self, program: str, timeout: float | None = None) -> RunResult:
+        """Run ``program``; never raises for anything the program does. ``timeout`` overrides the config."""
+        slot = self._acquire_slot()
+        try:
+            start = time.monotonic()
+            result = self._run(program, timeout or self.config.timeout, slot)
+            result.seconds = time.monotonic() - start
+            return result
+        finally:
+            self._release_slot(slot)
+
+    def _env(self, home: str) -> dict:
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
+               "TMPDIR": home, "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8"}
+        if "LD_LIBRARY_PATH" in os.environ:  # some Python builds need it to start; it holds no secret
+            env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+        return env
+
+    def _slot_dir(self, slot: int) -> str:
+        """A reusable directory with the output files of one worker slot (namespaces + fork server only)."""
+        with self._lock:
+            if self._slots_dir is None:
+                self._slots_dir = tempfile.mkdtemp(prefix="lopa_sandbox_")
+                self._finalizer_dir = weakref.finalize(self, shutil.rmtree, self._slots_dir, True)
+        path = os.path.join(self._slots_dir, f"slot{slot}")
+        if not os.path.isdir(path):
+            os.mkdir(path, 0o700)
+            for name in ("stdout", "stderr", "status"):
+                open(os.path.join(path, name), "wb").close()
+        return path
+
+    def _run(self, program: str, timeout: float, slot: int) -> RunResult:
+        cfg, ns = self.config, self.mode == "namespaces"
+        drop = self.mode in ("namespaces", "uid") and self._is_root
+        uid = self._uid_base + slot if drop else -1
+        nproc = cfg.nproc if drop else (-1 if self._is_root else _user_process_count(os.geteuid()) + cfg.nproc)
+        # With namespaces and the fork server nothing of a sample outlives it (its PID namespace ends first), so
+        # a slot's files are reused and the source travels in the request. Otherwise a leftover process could
+        # write into a reused file: every sample gets a fresh directory, removed afterwards.
+        reuse = ns and self.start == "forkserver"
+        tmp = self._slot_dir(slot) if reuse else tempfile.mkdtemp(prefix="lopa_sandbox_")
+        try:
+            paths = {name: os.path.join(tmp, name) for name in ("program", "stdout", "stderr", "status")}
+            home = "/tmp" if ns else os.path.join(tmp, "work")
+            req = {"stdout": paths["stdout"], "stderr": paths["stderr"], "status": paths["status"], "workdir": home,
+                   "uid": uid, "ns": ns, "env": self._env(home), "hide": _hidden_dirs(), "tmpfs_mb": cfg.tmpfs_mb,
+                   "timeout": timeout, "limits": {"as": cfg.memory_mb << 20, "fsize": cfg.file_size_mb << 20,
+                                                  "nofile": cfg.nofile, "nproc": nproc, "cpu": int(timeout) + 2}}
+            if reuse:
+                req["source"] = program
+            else:
+                if not ns:  # (with namespaces the work dir is the private /tmp)
+                    os.mkdir(home, 0o700)
+                    if drop:
+                        os.chown(home, uid, uid)
+                        os.chmod(tmp, 0o711)  # the slot uid may pass through to its work dir, not list the rest
+                with open(paths["program"], "w", encoding="utf-8") as fh:
+                    fh.write(program)
+                req["program"] = paths["program"]
+                for name in ("stdout", "stderr", "status"):
+                    open(paths[name], "wb").close()
+            try:
+                timed_out = self._via_server(req, slot) if self.start == "forkserver" else self._via_exec(req, tmp)
+            except (_ServerGone, OSError) as exc:
+                return RunResult("failed", f"sandbox error: {exc}", sandbox_error=True)
+            return self._interpret(paths, timed_out, timeout)
+        finally:
+            if not reuse:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _via_server(self, req: dict, slot: int) -> bool:
+        for attempt in (0, 1):
+            with self._lock:
+                server = self._servers.get(slot)
+                if server is None or server.proc.poll() is not None:
+                    server = self._servers[slot] = _ForkServer(self.config.python, self._env("/"),
+                                                               self.mode == "namespaces")
+            try:
+                return server.request(req, req["timeout"] + 10)
+            except _ServerGone:
+                with self._lock:
+                    self._servers.pop(slot, None)
+                server.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _via_exec(self, req: dict, tmp: str) -> bool:
+        with open(req["status"], "wb") as status, open(req["stdout"], "wb") as out, \
+                open(req["stderr"], "wb") as err:
+            req = {**req, "status_fd": status.fileno()}
+            prefix = []
+            if req["ns"]:
+                prefix = [self._unshare] + ([] if self._is_root else ["--map-root-user"]) + UNSHARE_FLAGS + ["--"]
+            proc = subprocess.Popen(prefix + [self.config.python, *PYTHON_FLAGS, CHILD, "run",
+                                              json.dumps(req)], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    env=req["env"], cwd=tmp, pass_fds=(status.fileno(),), start_new_session=True)
+            if _wait(proc, req["timeout"]):
+                return False
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            if req["uid"] >= 0 and not req["ns"]:
+                self._sweep(req["uid"])
+            return True
+
+    @staticmethod
+    def _sweep(uid: int) -> None:
+        """Kill every process of the slot uid (the program's escaped daemons): kill(-1) as that uid."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+                os.kill(-1, signal.SIGKILL)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+
+    def _interpret(self, paths: dict, timed_out: bool, timeout: float) -> RunResult:
+        n = self.config.max_output_bytes
+        stdout, stderr = _tail(paths["stdout"], n), _tail(paths["stderr"], n)
+        with open(paths["status"], encoding="utf-8", errors="replace") as fh:
+            lines = [line.rstrip("\n") for line in fh if line.strip()]
+        outcome = next((line for line in lines if line[:1] in "PF"), None)
+        exit_line = next((line for line in reversed(lines) if line.startswith("X ")), None)
+        setup = next((line[2:] for line in lines if line.startswith("E ")), None)
+
+        def done(status, reason, error=False):
+            return RunResult(status, reason, 0.0, stdout, stderr, error)
+
+        if timed_out:
+            return done("timed out", f"exceeded the {timeout:g} s wall-clock limit")
+        if setup:
+            return done("failed", f"sandbox error: {setup}", True)
+        if exit_line is None:
+            return done("failed", "sandbox supervisor ended without a result", True)
+        code = int(exit_line[2:])
+        if code < 0:
+            return done("failed", _signal_reason(code))
+        if outcome == "P" and code == 0:
+            return done("passed", "")
+        if outcome and outcome.startswith("F "):
+            reason = outcome[2:]
+            if reason.startswith("MemoryError"):
+                reason += f" (memory limit {self.config.memory_mb} MiB)"
+            return done("failed", reason)
+        return done("failed", f"exited with code {code} before the program finished (os._exit or similar)")

@@ -1,0 +1,313 @@
+"""The child side of the sandbox: run as a script (never imported by the evaluator) by utils/sandbox.py.
+
+    python -s -S -B -P utils/sandbox_child.py serve isolated|plain   # a fork server for one worker slot
+    python -s -S -B -P utils/sandbox_child.py run '<request JSON>'    # one program (exec start)
+
+It imports only the standard library (os, sys, json, select, resource, ctypes), so it starts fast and works
+with any Python 3.11+. The fork server reads one JSON request per line on stdin, forks a child per request,
+enforces its wall-clock timeout and answers ``D <timed out 0|1>``. Each sample's supervisor (PID 1 of its
+PID namespace when namespaced) reports on the status file: ``E <setup error>``, then the program's ``P``
+(ran to its end) or ``F <exception>``, then ``X <exit code or -signal>``.
+"""
+import ctypes
+import json
+import os
+import resource
+import select
+import sys
+import time
+
+_write, _exit, _fork, _waitpid, _kill = os.write, os._exit, os.fork, os.waitpid, os.kill
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+NEWNS, NEWUTS, NEWIPC, NEWPID, NEWNET = 0x20000, 0x4000000, 0x8000000, 0x20000000, 0x40000000
+NOSUID, NODEV, NOEXEC, RDONLY, REMOUNT, BIND, REC, PRIVATE = 2, 4, 8, 1, 32, 4096, 16384, 1 << 18
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # the same number on every architecture (Linux >= 5.2)
+OPEN_TREE_CLONE, AT_RECURSIVE, O_CLOEXEC, AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH = 1, 0x8000, 0o2000000, -100, 4
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER, SIGKILL = 1, 38, 36, 9
+
+
+def report(fd, line):
+    """Write one status line (the caller reads the status file after the sample ends)."""
+    try:
+        _write(fd, (line.replace("\n", " ")[:400] + "\n").encode("utf-8", "replace"))
+    except Exception:
+        pass
+
+
+def check(ret, what):
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+    return ret
+
+
+def mount(src, target, fstype, flags, data):
+    enc = lambda s: s.encode() if s is not None else None
+    check(libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)), "mount " + target)
+
+
+def under(path, root):
+    """Whether ``path`` is ``root`` or inside it."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def isolate(hide, tmpfs_mb):
+    """In a new mount namespace: private tmpfs over the scratch dirs, empty tmpfs over ``hide``."""
+    os.chdir("/")
+    keep = {os.path.realpath(p) for p in [sys.base_prefix, sys.base_exec_prefix] + sys.path if p}
+    keep = sorted(p for p in keep if os.path.isdir(p))
+    keep = [p for p in keep if not any(q != p and under(p, q) for q in keep)]
+    plan = [(d, mb, "1777") for d, mb in [("/tmp", tmpfs_mb), ("/var/tmp", 1), ("/dev/shm", 1), ("/run/lock", 1)]]
+    plan += [(d, 1, "755") for d in hide]
+    done = []
+    for d, mb, mode in plan:
+        if not os.path.isdir(d) or os.path.islink(d):
+            continue
+        d = os.path.realpath(d)
+        if d == "/" or any(under(d, q) for q in done):
+            continue
+        # Python itself may live under a hidden directory: clone its tree first, put it back read-only after.
+        trees = [(p, check(libc.syscall(SYS_OPEN_TREE, AT_FDCWD, p.encode(),
+                                            OPEN_TREE_CLONE | AT_RECURSIVE | O_CLOEXEC), "open_tree " + p))
+                 for p in keep if under(p, d)]
+        mount("tmpfs", d, "tmpfs", NOSUID | NODEV, "size=%dm,nr_inodes=4096,mode=%s" % (mb, mode))
+        for p, fd in trees:
+            os.makedirs(p, exist_ok=True)
+            check(libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, p.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+                  "move_mount " + p)
+            mount(None, p, None, REMOUNT | BIND | RDONLY | NOSUID, None)
+            os.close(fd)
+        done.append(d)
+
+
+def describe(exc):
+    """``Type: message (line N)`` of an exception raised by the program (N: its last line in program.py)."""
+    try:
+        msg = str(exc)
+    except BaseException:
+        msg = "?"
+    line, tb = getattr(exc, "lineno", None) if isinstance(exc, SyntaxError) else None, exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "program.py":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return type(exc).__name__ + (": " + msg[:300] if msg else "") + (" (line %s)" % line if line else "")
+
+
+def run_program(req, src, fd):
+    """The program's process: limits, unprivileged uid, clean environment, then exec; never returns."""
+    uid, lim = req["uid"], req["limits"]
+    try:
+        for res, val in ((resource.RLIMIT_AS, lim["as"]), (resource.RLIMIT_FSIZE, lim["fsize"]),
+                         (resource.RLIMIT_NOFILE, lim["nofile"]), (resource.RLIMIT_CORE, 0)):
+            resource.setrlimit(res, (val, val))
+        resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu"], lim["cpu"] + 1))
+        if uid >= 0:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        if lim["nproc"] > 0:
+            resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"], lim["nproc"]))
+        libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # die with the supervisor (set after the uid change)
+        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # setuid binaries cannot raise privileges
+        os.chdir(req["workdir"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        sys.argv = ["program.py"]
+    except OSError as exc:
+        report(fd, "E sandbox setup: %s" % exc)
+        _exit(3)
+    try:
+        exec(compile(src, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        status, code = "P", 0
+    except BaseException as exc:
+        status, code = "F " + describe(exc), 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    report(fd, status)
+    _exit(code)
+
+
+def sweep(uid):
+    """Kill every process of the slot uid (what a program left behind without a PID namespace)."""
+    pid = _fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            _kill(-1, SIGKILL)
+        finally:
+            _exit(0)
+    _waitpid(pid, 0)
+
+
+def _children(parent):
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == parent:
+                        found.append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def reap_orphans():
+    """Kill and reap every child left: as a child subreaper we inherit the program's orphaned descendants
+    (daemons that called setsid included). Returns at once when no child is left (the usual case)."""
+    me = os.getpid()
+    while True:
+        try:
+            if _waitpid(-1, os.WNOHANG)[0]:
+                continue
+        except ChildProcessError:
+            return
+        for child in _children(me):
+            try:
+                _kill(child, SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.001)
+
+
+def supervise(req, src, fd):
+    """The sample's PID 1 (or plain parent): fork the program, wait, clean up, report its exit, exit."""
+    if not req["ns"]:  # (in a PID namespace its end kills everything)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    pid = _fork()
+    if pid == 0:
+        run_program(req, src, fd)
+    code = os.waitstatus_to_exitcode(_waitpid(pid, 0)[1])
+    if not req["ns"]:
+        reap_orphans()
+    if req["uid"] >= 0 and not req["ns"]:
+        sweep(req["uid"])
+    report(fd, "X %d" % code)
+    _exit(0)
+
+
+def read_program(req, fd):
+    """The program's source: sent in the request, or read as the caller's user before anything is hidden."""
+    if "source" in req:
+        return req["source"]
+    try:
+        with open(req["program"], encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        report(fd, "E sandbox setup: cannot read the program: %s" % exc)
+        _exit(3)
+
+
+def forked_sample(req, net_error):
+    """Fork-server child: streams, then (namespaces) unshare and become PID 1's parent, then supervise."""
+    os.setsid()
+    libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # die with the fork server
+    for i, path, flags in ((0, "/dev/null", os.O_RDONLY), (1, req["stdout"], os.O_WRONLY | os.O_TRUNC),
+                           (2, req["stderr"], os.O_WRONLY | os.O_TRUNC)):
+        tmp = os.open(path, flags)
+        os.dup2(tmp, i)
+        os.close(tmp)
+    fd = os.open(req["status"], os.O_WRONLY | os.O_TRUNC)
+    src = read_program(req, fd)
+    if req["ns"]:
+        try:
+            if net_error:
+                raise OSError(net_error)
+            # The server already holds an empty network (and UTS) namespace for its slot; the rest is per sample.
+            check(libc.unshare(NEWNS | NEWPID | NEWIPC), "unshare")
+            pid1 = _fork()
+            if pid1:
+                _exit(os.waitstatus_to_exitcode(_waitpid(pid1, 0)[1]) & 0xFF)
+            libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # PID 1 dies with its parent: the namespace ends
+            mount(None, "/", None, REC | PRIVATE, None)  # nothing mounted here propagates to the host
+            mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC, None)
+            isolate(req["hide"], req["tmpfs_mb"])
+        except OSError as exc:
+            report(fd, "E sandbox setup: %s" % exc)
+            _exit(3)
+    supervise(req, src, fd)
+
+
+def wait_for(pid, timeout):
+    """True if ``pid`` (a child) ended within ``timeout`` s (reaped), False if it is still running."""
+    try:
+        pfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pfd = None
+    if pfd is not None:
+        ready = select.select([pfd], [], [], timeout)[0]
+        os.close(pfd)
+        if not ready:
+            return False
+        _waitpid(pid, 0)
+        return True
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if _waitpid(pid, os.WNOHANG)[0]:
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def serve(isolated):
+    """The fork server: one request per line on stdin, one ``D <timed out>`` line per request on stdout."""
+    net_error = None
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of a killed sample come back to us: reap_orphans
+    if isolated:
+        try:
+            check(libc.unshare(NEWNET | NEWUTS), "unshare network namespace")
+        except OSError as exc:
+            net_error = str(exc)
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            chunk = os.read(0, 65536)
+            if not chunk:
+                _exit(0)
+            buf += chunk
+        line, buf = buf.split(b"\n", 1)
+        req = json.loads(line)
+        pid = _fork()
+        if pid == 0:
+            try:
+                forked_sample(req, net_error)
+            finally:
+                _exit(3)
+        ended = wait_for(pid, req["timeout"])
+        if not ended:
+            for target in (lambda: os.killpg(pid, SIGKILL), lambda: _kill(pid, SIGKILL)):
+                try:
+                    target()
+                except OSError:
+                    pass
+            _waitpid(pid, 0)
+            if req["uid"] >= 0 and not req["ns"]:
+                sweep(req["uid"])
+        reap_orphans()
+        _write(1, ("D %d\n" % (0 if ended else 1)).encode())
+
+
+def run_one(req):
+    """Exec start: streams and namespaces are already set up (Popen, the unshare binary)."""
+    src = read_program(req, req["status_fd"])
+    if req["ns"]:
+        try:
+            isolate(req["hide"], req["tmpfs_mb"])
+        except OSError as exc:
+            report(req["status_fd"], "E sandbox setup: %s" % exc)
+            _exit(3)
+    supervise(req, src, req["status_fd"])
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve(sys.argv[2] == "isolated")
+    else:
+        run_one(json.loads(sys.argv[2]))
