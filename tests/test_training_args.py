@@ -1,0 +1,182 @@
+"""Arguments of the training scripts: defaults, help, validation before anything loads, shipped configs."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from utils.errors import UserError
+from utils.train_args import PAPER_LR, SaveEvery, build_parser, config_from_namespace, parse_args
+
+BASE = ["--task_name", "mbpp", "--model_type", "tiny-llama"]
+
+
+def _parse(argv, script="peft", tmp_path=None):
+    log = ["--log_dir", str(tmp_path / "run")] if tmp_path is not None else []
+    return parse_args(argv + log, script)
+
+
+@pytest.mark.parametrize("script", ["peft", "fft"])
+def test_help_lists_every_argument_with_its_default(script):
+    parser = build_parser(script)
+    help_text = parser.format_help().split("options:", 1)[1]  # the entries, not the usage
+    entries = {m.group(1): " ".join(m.group(2).split())  # an entry: a line starting "  --flag", up to the next
+               for m in re.finditer(r"^  (--\w+)(.*?)(?=^  -|^\S|\Z)", help_text, re.M | re.S)}
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= (37 if script == "peft" else 34)
+    for action in options:
+        flag = action.option_strings[0]
+        assert "(default:" in entries[flag], f"{flag} shows no default"
+    text = " ".join(help_text.split())
+    for flag in ("--peft_method", "--num_virtual_tokens", "--lp_rank", "--num_epochs", "--per_gpu_train_batch_size",
+                 "--lr", "--log_dir", "--wandb_logging", "--data_path", "--gradient_accumulation_steps", "--seed",
+                 "--num_warmup_steps", "--lr_scheduler_type", "--max_train_steps", "--mixed_precision",
+                 "--gradient_checkpointing", "--save_every", "--resume_from", "--pad_to_max_length",
+                 "--group_by_length"):
+        if script == "fft" and flag == "--peft_method":
+            continue
+        assert f"{flag} " in text
+
+
+def test_paper_defaults(tmp_path):
+    for method in ("lora", "pt", "idpg", "lopa"):
+        cfg = _parse(["--peft_method", method] + BASE, tmp_path=tmp_path)
+        assert cfg.train.lr == PAPER_LR[method] == (1e-4 if method == "lora" else 1e-3)
+        assert (cfg.model.num_virtual_tokens, cfg.model.lp_rank, cfg.model.seed) == (10, 1, 9876)
+        assert (cfg.train.num_epochs, cfg.train.per_gpu_train_batch_size, cfg.train.num_warmup_steps) == (10, 2, 0)
+        assert (cfg.train.weight_decay, cfg.train.warmup_ratio, cfg.train.lr_scheduler_type) == (0.0, 0.0, "linear")
+        assert cfg.model.enc_model_type == ("codesage-small" if method in ("lopa", "idpg") else None)
+        assert cfg.output.save_every == SaveEvery(0) and cfg.output.wandb_logging is False
+    assert _parse(["--peft_method", "lora", "--lr", "3e-4"] + BASE, tmp_path=tmp_path).train.lr == 3e-4
+
+
+def test_default_log_dir_is_a_timestamp_under_logging():
+    cfg = parse_args(["--peft_method", "pt"] + BASE, "peft")
+    assert re.fullmatch(r"logging/\d{8}-\d{6}", cfg.output.log_dir)
+
+
+def test_seed_readme_fft_command_parses_with_real_booleans(tmp_path):
+    cfg = _parse(["--local_rank=0", "--path_to_ds_config", "config_files/zero_stage3_config.json", "--fp16", "False",
+                  "--gradient_accumulation_steps", "2"], "fft", tmp_path)
+    assert (cfg.model.method, cfg.model.task_name, cfg.model.model_type) == ("fft", "mbpp", "phi-2")
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio) == (1e-5, 0.05, 0.1)
+    assert cfg.train.lr_scheduler_type == "linear" and cfg.train.gradient_accumulation_steps == 2
+    assert cfg.train.mixed_precision == "auto"  # "False" is false, not a truthy string
+    ns = build_parser("fft").parse_args(["--fp16", "True", "--log_dir", str(tmp_path / "x")])
+    assert config_from_namespace(ns, "fft").train.mixed_precision == "fp16"
+    ns = build_parser("fft").parse_args(["--fp16", "--mixed_precision", "bf16"])
+    with pytest.raises(UserError, match="--fp16 True contradicts"):
+        config_from_namespace(ns, "fft")
+
+
+@pytest.mark.parametrize("argv, flag_value", [
+    (["--wandb_logging"], True), (["--wandb_logging", "False"], False), (["--wandb_logging", "true"], True),
+    (["--gradient_checkpointing", "no"], False), (["--pad_to_max_length", "1"], True)])
+def test_flags_are_real_booleans(argv, flag_value):
+    ns = build_parser("peft").parse_args(["--peft_method", "pt"] + BASE + argv)
+    assert getattr(ns, argv[0][2:]) is flag_value
+
+
+def test_save_every_units():
+    assert SaveEvery.parse("2") == SaveEvery(2, "epochs") == SaveEvery.parse("2epochs")
+    assert SaveEvery.parse("50steps") == SaveEvery(50, "steps") and str(SaveEvery.parse("50 steps")) == "50steps"
+    assert SaveEvery.parse("-1") == SaveEvery.parse("0") == SaveEvery(0)
+    every2 = SaveEvery.parse("2")
+    assert [e for e in range(1, 7) if every2.due(epoch=e)] == [2, 4, 6] and not every2.due(step=2)
+    assert [s for s in range(1, 120) if SaveEvery.parse("50steps").due(step=s)] == [50, 100]
+    with pytest.raises(UserError, match="--save_every"):
+        SaveEvery.parse("often")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--peft_method", "lopa", "--enc_model_type", "bert-huge"], "unknown encoder type 'bert-huge'"),
+    (["--peft_method", "lora", "--enc_model_type", "bert-huge"], "unknown encoder type 'bert-huge'"),
+    (["--peft_method", "pt", "--lr", "0"], "--lr must be > 0"),
+    (["--peft_method", "pt", "--num_epochs", "0"], "--num_epochs must be >= 1"),
+    (["--peft_method", "pt", "--per_gpu_train_batch_size", "0"], "--per_gpu_train_batch_size must be >= 1"),
+    (["--peft_method", "pt", "--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1)"),
+    (["--peft_method", "pt", "--num_virtual_tokens", "0"], "--num_virtual_tokens must be >= 1"),
+    (["--peft_method", "pt", "--lr_scheduler_type", "constant", "--num_warmup_steps", "5"], "constant_with_warmup"),
+    (["--peft_method", "pt", "--mixed_precision", "fp16"], "fp16 needs a CUDA GPU"),
+    (["--peft_method", "pt", "--path_to_ds_config", "missing.json"], "missing.json: no such file"),
+    (["--peft_method", "pt", "--resume_from", "nowhere"], "--resume_from nowhere: not a checkpoint"),
+    (["--peft_method", "lora", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+])
+def test_bad_values_fail_in_parsing(tmp_path, argv, message):
+    if "fp16" in argv and __import__("torch").cuda.is_available():
+        pytest.skip("fp16 is valid on a GPU machine")
+    with pytest.raises(UserError) as err:
+        _parse(argv + BASE, tmp_path=tmp_path)
+    assert message in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fft_rejects_a_low_precision_master_copy(tmp_path):
+    with pytest.raises(UserError, match="--model_dtype must be fp32"):
+        _parse(["--model_dtype", "bf16"], "fft", tmp_path)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--peft_method", "lopa", "--task_name", "mbpp", "--model_type", "gpt-9"],
+    ["--peft_method", "prefix", "--task_name", "mbpp", "--model_type", "tiny-llama"],
+    ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path", "no.jsonl"],
+    ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--num_epochs", "x"],
+])
+def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path, argv):
+    log_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "tune_foundation_model.py", *argv, "--log_dir", str(log_dir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert not log_dir.exists() and proc.stdout == ""
+
+
+def test_a_used_log_dir_needs_resume(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match="already holds a run.*--resume_from"):
+        _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
+
+
+def test_resume_rejects_changed_arguments(tmp_path):
+    cfg = _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (ckpt / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000002\n")
+    resumed = parse_args(["--peft_method", "pt"] + BASE + ["--resume_from", str(tmp_path / "run")], "peft")
+    assert resumed.output.log_dir == str(tmp_path / "run")  # continues in the run's own directory
+    with pytest.raises(UserError, match=r"field 'train.per_gpu_train_batch_size' is 2 but this run has 4"):
+        parse_args(["--peft_method", "pt"] + BASE + ["--per_gpu_train_batch_size", "4", "--resume_from",
+                                                      str(ckpt)], "peft")
+    with pytest.raises(UserError, match=r"field 'model.method' is 'pt'.*--peft_method pt"):
+        parse_args(["--peft_method", "lora"] + BASE + ["--resume_from", str(ckpt)], "peft")
+
+
+def test_shipped_accelerate_configs_name_existing_deepspeed_files():
+    configs = ROOT / "config_files"
+    yamls = {p.name: yaml.safe_load(p.read_text()) for p in configs.glob("*.yaml")}
+    assert {"config_single_gpu.yaml", "config_multi_gpu.yaml", "config_ds_zero_stage2_no_fp16.yaml",
+            "config_ds_zero3_fft.yaml"} <= set(yamls)
+    assert yamls["config_single_gpu.yaml"]["num_processes"] == 1
+    assert yamls["config_multi_gpu.yaml"]["distributed_type"] == "MULTI_GPU"
+    for name, cfg in yamls.items():
+        if cfg["distributed_type"] == "DEEPSPEED":
+            ds_file = ROOT / cfg["deepspeed_config"]["deepspeed_config_file"]
+            ds = json.loads(ds_file.read_text())
+            stage = ds["zero_optimization"]["stage"]
+            assert stage == (3 if "fft" in name else 2)
+            assert ds["train_micro_batch_size_per_gpu"] == ds["gradient_accumulation_steps"] == "auto"
+    stage2 = json.loads((configs / "zero_stage2_nofp16_config.json").read_text())
+    assert "fp16" not in stage2 and stage2["optimizer"]["params"]["torch_adam"] is True
+    assert json.loads((configs / "zero_stage2_config.json").read_text())["fp16"]["enabled"] is True
+    stage3 = json.loads((configs / "zero_stage3_config.json").read_text())
+    assert stage3["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert stage3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    for path in configs.glob("*.json"):  # the schedule comes from --lr_scheduler_type in every launch mode
+        assert "scheduler" not in json.loads(path.read_text()), path

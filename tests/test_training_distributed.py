@@ -1,0 +1,146 @@
+"""Processes, accumulation, crashes and DeepSpeed: each must end with the weights of the plain run.
+
+Reference: one process, batch 4, prompt tuning on tiny-llama (no dropout anywhere, so runs can agree
+exactly), 8 real MBPP records of different lengths (dynamic padding differs between the splits), 2 epochs,
+lr 0.1 with one warmup step then linear decay.
+"""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+from tests.test_training_runs import records_file, run_inprocess
+from utils.train_logging import read_metrics
+
+ACCELERATE = str(pathlib.Path(sys.executable).parent / "accelerate")
+
+
+def pt_args(data_paths, log_dir, batch: int) -> list[str]:
+    data = records_file(data_paths, pathlib.Path(log_dir).parent, "mbpp", 8)
+    return ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama",
+            "--data_path", data, "--limit_train_examples", "8", "--num_epochs", "2",
+            "--per_gpu_train_batch_size", str(batch), "--lr", "0.1", "--num_warmup_steps", "1",
+            "--log_dir", str(log_dir)]
+
+
+def adapter(log_dir) -> dict:
+    return load_file(str(pathlib.Path(log_dir) / "final" / "adapter_model.safetensors"))
+
+
+def assert_same_run(log_dir, reference, atol: float):
+    ours, ref = read_metrics(pathlib.Path(log_dir) / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl")
+    assert [r["step"] for r in ours] == [r["step"] for r in ref] == [1, 2, 3, 4]
+    assert [r["lr"] for r in ours] == [r["lr"] for r in ref] == pytest.approx([0.0, 0.1, 0.1 * 2 / 3, 0.1 / 3])
+    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in ref], rel=1e-6)
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in ref]
+    a, b = adapter(log_dir), adapter(reference)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() <= atol, name
+    assert (a["prompt_embeddings"] - reference_initial_prompt()).abs().max() > 0.1  # it did train
+
+
+def reference_initial_prompt() -> torch.Tensor:
+    from custom_peft import build_model
+
+    model, _ = build_model("pt", "tiny-llama", num_virtual_tokens=10, seed=9876)
+    return model.backbone.prompt_encoder["default"].embedding.weight.detach()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_paths):
+    log_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_inprocess("peft", pt_args(data_paths, log_dir, batch=4))
+    return log_dir
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_paths, reference):
+    run_inprocess("peft", pt_args(data_paths, tmp_path / "ga", batch=2) + ["--gradient_accumulation_steps", "2"])
+    assert_same_run(tmp_path / "ga", reference, atol=1e-6)
+
+
+def test_two_synced_processes_match_one_process_with_twice_the_batch(tmp_path, data_paths, reference):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "tune_foundation_model.py",
+           *pt_args(data_paths, tmp_path / "ddp", batch=2)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runtime = json.loads((tmp_path / "ddp" / "config.json").read_text())["runtime"]
+    ref_runtime = json.loads((reference / "config.json").read_text())["runtime"]
+    assert (runtime["num_processes"], ref_runtime["num_processes"]) == (2, 1)
+    for key in ("batches_per_epoch", "steps_per_epoch", "total_steps", "total_batch_size"):
+        assert runtime[key] == ref_runtime[key], key  # 2 batches of 2 per process = 2 batches of 4
+    assert_same_run(tmp_path / "ddp", reference, atol=1e-5)
+
+
+def test_sigkill_after_a_checkpoint_then_resume_ends_bitwise_identical(tmp_path, data_paths):
+    # LOPA (dropout in its heads: the RNG state must come back), gradient accumulation, warmup, and a resume in
+    # the middle of an epoch: 12 records, 6 batches of 2, 3 steps per epoch, checkpoints every 2 steps.
+    args = ["--peft_method", "lopa", "--enc_model_type", "tiny-roberta", "--task_name", "cruxeval_output_prediction",
+            "--model_type", "tiny-codegen", "--data_path", records_file(data_paths, tmp_path, "cruxeval", 12),
+            "--limit_train_examples", "12",
+            "--num_epochs", "2", "--per_gpu_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--lr",
+            "0.05", "--num_warmup_steps", "2", "--max_length", "96", "--save_every", "2steps"]
+    run_inprocess("peft", args + ["--log_dir", str(tmp_path / "full")])
+
+    crashed = tmp_path / "crashed"
+    env = {**os.environ, "LOPA_TEST_KILL_AT": "step_00000004:written"}  # dies after writing, before the rename
+    proc = subprocess.run([sys.executable, "tune_foundation_model.py", *args, "--log_dir", str(crashed)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    checkpoints = crashed / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000002"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step_00000004", "latest", "step_00000002"]
+    assert [r["step"] for r in read_metrics(crashed / "metrics.jsonl")] == [1, 2, 3, 4]
+    state = json.loads((checkpoints / "step_00000002" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 4)  # mid-epoch: 4 of 6 batches consumed
+
+    run_inprocess("peft", args + ["--log_dir", str(crashed), "--resume_from", str(crashed)])
+    full, resumed = adapter(tmp_path / "full"), adapter(crashed)
+    assert full.keys() == resumed.keys() and "shared_prompt" in full
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    ours, ref = read_metrics(crashed / "metrics.jsonl"), read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [(r["step"], r["loss"], r["lr"]) for r in ours] == [(r["step"], r["loss"], r["lr"]) for r in ref]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000002", "step_00000004",
+                                                             "step_00000006"]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_single_process_matches_the_plain_run_and_resumes(tmp_path, data_paths, reference):
+    """The shipped ZeRO-2 config through accelerate, one CPU process (the first run JIT-builds a DeepSpeed op)."""
+    def launch(log_dir, *extra):
+        cmd = [ACCELERATE, "launch", "--config_file", "config_files/config_ds_zero_stage2_no_fp16.yaml",
+               "--num_processes", "1", "--main_process_port", str(free_port()), "tune_foundation_model.py",
+               *pt_args(data_paths, log_dir, batch=4), "--save_every", "1", *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(tmp_path / "ds")
+    runtime = json.loads((tmp_path / "ds" / "config.json").read_text())["runtime"]
+    assert runtime["distributed_type"] == "DistributedType.DEEPSPEED" and runtime["deepspeed_zero_stage"] == 2
+    assert runtime["optimizer"] == "deepspeed AdamW" and runtime["lr_schedule"] == "linear"
+    checkpoint = tmp_path / "ds" / "checkpoints" / "step_00000002"
+    assert (checkpoint / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
+    assert_same_run(tmp_path / "ds", reference, atol=1e-6)
+
+    launch(tmp_path / "ds_resumed", "--resume_from", str(checkpoint))
+    resumed, ds = adapter(tmp_path / "ds_resumed"), adapter(tmp_path / "ds")
+    assert torch.equal(resumed["prompt_embeddings"], ds["prompt_embeddings"])
+    assert [r["step"] for r in read_metrics(tmp_path / "ds_resumed" / "metrics.jsonl")] == [3, 4]

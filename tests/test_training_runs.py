@@ -1,0 +1,195 @@
+"""End-to-end runs of both scripts, in this process, on tiny models and real MBPP / CRUXEval records.
+
+The PEFT methods train on a tiny base with sharper random weights (initializer_range 0.3): on the registry's
+tiny models (std 0.02) the output is nearly uniform and a soft prompt has almost no leverage (measured: pt
+moves the loss by < 1 %), which would make an overfitting check meaningless. Full fine-tuning uses the
+registry's tiny models as they are.
+"""
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+import tune_fft_baseline
+import tune_foundation_model
+from custom_peft import TunedModel, load_tuned_model
+from tests.conftest import ROOT
+from utils import fixtures
+from utils.batching import Collator, TaskDataset
+from utils.data import load_task_split, read_jsonl
+from utils.models import load_encoder_tokenizer, load_foundation_model, load_tokenizer
+from utils.tasks import get_task
+from utils.train_logging import read_metrics
+from utils.training import shorten
+
+VOCAB = 2048  # the tiny models' tokenizer; ln(VOCAB) is the loss of a uniform guess
+LR = {"lora": 0.03, "pt": 0.3, "idpg": 0.01, "lopa": 0.3, "fft": 3e-3}
+OVERFIT = [("lora", "tiny-phi-2", "mbpp"), ("lora", "tiny-codegen", "cruxeval_output_prediction"),
+           ("pt", "tiny-llama", "mbpp"), ("pt", "tiny-phi-2", "cruxeval_input_prediction"),
+           ("idpg", "tiny-codegen", "mbpp"), ("idpg", "tiny-llama", "cruxeval_output_prediction"),
+           ("lopa", "tiny-llama", "mbpp"), ("lopa", "tiny-codegen", "cruxeval_input_prediction"),
+           ("fft", "tiny-llama", "mbpp"), ("fft", "tiny-phi-2", "cruxeval_output_prediction")]
+
+
+def reset_accelerate():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run_inprocess(script: str, argv: list[str]):
+    """One run of a script's ``main`` here (accelerate's process-wide state is reset around it)."""
+    reset_accelerate()
+    try:
+        return (tune_fft_baseline if script == "fft" else tune_foundation_model).main(argv)
+    finally:
+        reset_accelerate()
+
+
+def data_path(data_paths, task):
+    return data_paths["mbpp" if task == "mbpp" else "cruxeval"]
+
+
+def records_file(data_paths, directory, family: str, n: int) -> str:
+    """A JSONL with at least ``n`` training records: the real file, or (without ../shared/data) the project's
+    three fixture training records repeated under new ids."""
+    if data_paths["real"]:
+        return data_paths[family]
+    train = read_jsonl(data_paths[family])[:3]
+    records = [{**train[i % 3], **({"task_id": f"MBPP/{i + 1}"} if family == "mbpp" else {"id": f"sample_{i}"})}
+               for i in range(n)]
+    return fixtures.write_jsonl(pathlib.Path(directory) / f"{family}-{n}.jsonl", records)
+
+
+def epoch_means(log_dir) -> list[float]:
+    by_epoch = {}
+    for record in read_metrics(log_dir / "metrics.jsonl"):
+        by_epoch.setdefault(record["epoch"], []).append(record["loss"])
+    return [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
+
+
+@pytest.fixture(scope="module")
+def sharp_bases(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from utils.models import model_config
+    from utils.registry import get_model_spec
+
+    out = {}
+    for name in ("tiny-llama", "tiny-phi-2", "tiny-codegen"):
+        tokenizer = load_tokenizer(name)
+        config = model_config(get_model_spec(name), tokenizer)
+        config.initializer_range = 0.3
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config)
+        out[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(out[name])
+        tokenizer.save_pretrained(out[name])
+    return out
+
+
+def subset_loss(model, tokenizer, task_name, path, method, enc_tokenizer=None, m=20, max_length=40) -> float:
+    """Eval-mode loss of ``model`` over the training subset, batched as in training."""
+    records = load_task_split(task_name, "train", path, limit=4)
+    prompt = method in ("pt", "idpg", "lopa")
+    dataset = TaskDataset(get_task(task_name), records, tokenizer, enc_tokenizer, num_virtual_tokens=m if prompt else 0)
+    batch = Collator(tokenizer.pad_token_id, enc_tokenizer.pad_token_id if enc_tokenizer else None)(
+        [shorten(e, max_length) for e in dataset.examples])
+    batch.pop("task_ids")
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+@pytest.mark.parametrize("method, model_type, task", OVERFIT)
+def test_each_method_overfits_a_small_real_subset(tmp_path, data_paths, sharp_bases, method, model_type, task):
+    log_dir = tmp_path / "run"
+    argv = ["--task_name", task, "--model_type", model_type, "--data_path", data_path(data_paths, task),
+            "--limit_train_examples", "4", "--per_gpu_train_batch_size", "2", "--num_epochs", "30",
+            "--max_length", "40", "--lr", str(LR[method]), "--save_every", "10", "--save_total_limit", "2",
+            "--log_dir", str(log_dir)]
+    if method != "fft":
+        argv = ["--peft_method", method, "--num_virtual_tokens", "20", "--enc_model_type", "tiny-roberta",
+                "--model_path", str(sharp_bases[model_type])] + argv
+    result = run_inprocess(method if method == "fft" else "peft", argv)
+
+    means = epoch_means(log_dir)
+    assert len(means) == 30
+    assert means[-1] < 0.7 * means[0], means
+    assert means[-1] < math.log(VOCAB) - 0.5, means  # better than a uniform guess, not just less confident
+    steps = 30 * math.ceil(len(load_task_split(task, "train", data_path(data_paths, task), limit=4)) / 2)
+    records = read_metrics(log_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1)) and result.global_step == steps
+    warmup = math.ceil(0.1 * steps) if method == "fft" else 0  # FFT's default 10 % warmup, then linear to 0
+    expected = [LR[method] * (k / warmup if k < warmup else (steps - k) / (steps - warmup)) for k in range(steps)]
+    assert [r["lr"] for r in records] == pytest.approx(expected)
+    assert all(r["tokens_per_s"] > 0 and r["tokens"] > 0 and r["elapsed"] > 0 for r in records)
+    assert (log_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((log_dir / "config.json").read_text())
+    assert config["model"]["method"] == method and config["runtime"]["total_steps"] == steps
+    assert config["runtime"]["num_processes"] == 1 and config["runtime"]["trainable_params"] > 0
+    checkpoints = log_dir / "checkpoints"  # saved at epochs 10, 20, 30; the oldest pruned
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", f"step_{steps * 2 // 3:08d}",
+                                                             f"step_{steps:08d}"]
+    assert (checkpoints / "latest").read_text().strip() == f"step_{steps:08d}"
+    assert json.loads((checkpoints / f"step_{steps:08d}" / "config.json").read_text()) == config
+    assert "trainable parameters" in (log_dir / "train.log").read_text()
+
+    # the saved result is the trained model: it reproduces the low loss after a reload
+    final = result.final_dir
+    if method == "fft":
+        lm, tokenizer = load_foundation_model(model_type, model_path=str(final))
+        loss = subset_loss(TunedModel("fft", lm), tokenizer, task, data_path(data_paths, task), method)
+        assert config["runtime"]["trainable_params"] == sum(p.numel() for p in lm.parameters())
+    else:
+        assert {p.name for p in final.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+        model, tokenizer = load_tuned_model(final, model_path=str(sharp_bases[model_type]), seed=9876)
+        enc_tok = load_encoder_tokenizer("tiny-roberta") if method in ("lopa", "idpg") else None
+        loss = subset_loss(model, tokenizer, task, data_path(data_paths, task), method, enc_tok)
+    assert loss < 0.7 * means[0] and loss < math.log(VOCAB) - 0.5, (loss, means)
+
+
+def test_wandb_offline_run_records_the_metrics(tmp_path, data_paths, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log_dir = tmp_path / "run"
+    run_inprocess("peft", ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                           "--data_path", data_paths["mbpp"], "--limit_train_examples", "4",
+                           "--per_gpu_train_batch_size", "4", "--num_epochs", "2", "--max_length", "32",
+                           "--wandb_logging", "--log_dir", str(log_dir)])
+    runs = list((log_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    (data_file,) = runs[0].glob("run-*.wandb")
+    data = data_file.read_bytes()
+    assert b"train/loss" in data and b"train/lr" in data and b"model.method" in data
+    assert len(read_metrics(log_dir / "metrics.jsonl")) == 2
+
+
+def test_runs_without_the_optional_packages_and_with_every_switch(tmp_path, data_paths):
+    """The GPU image lacks deepspeed, wandb, matplotlib and datasets: a plain run must not need them."""
+    log_dir, data = tmp_path / "run", records_file(data_paths, tmp_path, "mbpp", 6)
+    argv = ["tune_fft_baseline.py", "--task_name", "mbpp", "--model_type", "tiny-codegen", "--data_path", data,
+            "--limit_train_examples", "6", "--per_gpu_train_batch_size", "2", "--num_epochs", "2",
+            "--max_length", "64", "--pad_to_max_length", "--group_by_length", "--gradient_checkpointing",
+            "--log_every", "4", "--lr_scheduler_type", "cosine", "--log_dir", str(log_dir)]
+    code = ("import runpy, sys\n"
+            "for name in ('deepspeed', 'wandb', 'matplotlib', 'datasets'):\n"
+            "    sys.modules[name] = None\n"
+            f"sys.argv = {argv!r}\n"
+            "runpy.run_path('tune_fft_baseline.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "matplotlib is not installed" in (log_dir / "train.log").read_text()
+    assert not (log_dir / "loss.png").exists() and (log_dir / "final" / "model.safetensors").is_file()
+    records = read_metrics(log_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [4, 6]  # every 4th step, and the last
+    lengths = TaskDataset(get_task("mbpp"), load_task_split("mbpp", "train", data, limit=6),
+                          load_tokenizer("tiny-codegen")).lengths()
+    assert records[-1]["tokens"] == 2 * sum(min(n, 64) for n in lengths)  # padding to 64 is not counted
+    config = json.loads((log_dir / "config.json").read_text())
+    assert config["train"]["group_by_length"] and config["train"]["pad_to_max_length"]
+    assert config["runtime"]["lr_schedule"] == "cosine" and config["runtime"]["warmup_steps"] == 1

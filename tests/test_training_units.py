@@ -1,0 +1,164 @@
+"""Pieces of the training loop without a training run: plan, data order across processes, loss bookkeeping,
+atomic checkpoints."""
+import json
+import math
+
+import pytest
+import torch
+from accelerate.data_loader import prepare_data_loader
+from accelerate.state import AcceleratorState, GradientState
+from torch.utils.data import DataLoader
+
+from utils.batching import IGNORE_INDEX
+from utils.checkpoint import (LATEST, TrainerState, find_checkpoint, load_checkpoint, prune_checkpoints,
+                              save_checkpoint)
+from utils.errors import UserError
+from utils.train_args import TrainArgs
+from utils.train_setup import make_plan, param_groups
+from utils.training import EpochSampler, shorten, supervised_tokens
+
+
+@pytest.mark.parametrize("processes, per_process_batches, steps", [(1, 244, 2440), (4, 61, 610), (8, 31, 310)])
+def test_plan_counts_steps_per_process_after_sharding(processes, per_process_batches, steps):
+    # MBPP's 487 training examples, batch 2 per process (spec §5: 244 pre-shard batches, 61 per process on 4 GPUs)
+    batches = math.ceil(math.ceil(487 / 2) / processes)
+    assert batches == per_process_batches
+    plan = make_plan(TrainArgs(num_epochs=10, per_gpu_train_batch_size=2), batches, processes)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.total_batch_size) == (per_process_batches, steps,
+                                                                                2 * processes)
+    fft = make_plan(TrainArgs(num_epochs=10, gradient_accumulation_steps=2, warmup_ratio=0.1), batches, processes)
+    assert fft.steps_per_epoch == math.ceil(per_process_batches / 2)
+    assert fft.warmup_steps == math.ceil(0.1 * fft.total_steps)
+    capped = make_plan(TrainArgs(num_epochs=10, max_train_steps=100, num_warmup_steps=7), batches, processes)
+    assert (capped.total_steps, capped.warmup_steps) == (100, 7)
+    assert capped.num_epochs == math.ceil(100 / per_process_batches)
+
+
+def test_epoch_sampler_is_a_seeded_permutation_that_ignores_the_global_rng():
+    sampler = EpochSampler(10, seed=3)
+    torch.manual_seed(0)
+    first = list(sampler)
+    torch.manual_seed(1)
+    assert list(sampler) == first and sorted(first) == list(range(10))
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == list(range(10))
+
+
+def test_two_processes_see_the_global_batches_of_one_process_with_twice_the_batch():
+    data = list(range(16))
+    single = DataLoader(data, batch_size=4, sampler=EpochSampler(16, seed=5))
+    shards = [prepare_data_loader(DataLoader(data, batch_size=2, sampler=EpochSampler(16, seed=5)),
+                                  num_processes=2, process_index=p, put_on_device=False) for p in range(2)]
+    for epoch in (0, 1):
+        single.sampler.set_epoch(epoch)
+        for shard in shards:
+            shard.set_epoch(epoch)
+        global_batches = [sorted(b.tolist()) for b in single]
+        per_process = [[b.tolist() for b in shard] for shard in shards]
+        assert [sorted(a + b) for a, b in zip(*per_process)] == global_batches
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_supervised_tokens_counts_what_the_loss_averages():
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX],
+                           [7, IGNORE_INDEX, IGNORE_INDEX, 8, 9]])
+    # without a soft prompt the first label has no predictor; with one, the last virtual token predicts it
+    assert supervised_tokens(labels, has_soft_prompt=False) == 4
+    assert supervised_tokens(labels, has_soft_prompt=True) == 5
+
+
+def test_shorten_cuts_the_prompt_from_the_left_and_keeps_the_answer():
+    example = {"task_id": "x", "input_ids": list(range(10)), "labels": [IGNORE_INDEX] * 6 + [6, 7, 8, 9]}
+    short = shorten(example, 6)
+    assert short["input_ids"] == [4, 5, 6, 7, 8, 9] and short["labels"] == [IGNORE_INDEX] * 2 + [6, 7, 8, 9]
+    tight = shorten(example, 3)  # one prompt token stays, the answer loses its end
+    assert tight["input_ids"] == [5, 6, 7] and tight["labels"] == [IGNORE_INDEX, 6, 7]
+    assert shorten(example, 10) is example
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.05)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])] and decay["weight_decay"] == 0.05
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+    assert len(param_groups(model, 0.0)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture
+def accelerated(tmp_path):
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    acc = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    opt = torch.optim.AdamW([model.weight], lr=0.1)
+    sched = get_scheduler("linear", opt, num_warmup_steps=1, num_training_steps=10)
+    model, opt, sched = acc.prepare(model, opt, sched)
+    yield acc, model, opt, sched
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _train_step(model, opt, sched):
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_path, accelerated):
+    acc, model, opt, sched = accelerated
+    _train_step(model, opt, sched)
+    state = TrainerState(global_step=1, epoch=0, batch_in_epoch=1, num_processes=1)
+    path = save_checkpoint(acc, model, opt, sched, state, {"x": 1}, tmp_path / "checkpoints")
+    assert path.name == "step_00000001" and (tmp_path / "checkpoints" / LATEST).read_text() == "step_00000001\n"
+    saved_weight = model.weight.detach().clone()
+    expected_draw = torch.rand(3)
+    _train_step(model, opt, sched)
+    assert not torch.equal(model.weight, saved_weight)
+    restored, rng = load_checkpoint(find_checkpoint(tmp_path), acc, model, opt, sched)
+    assert restored == state and json.loads((path / "config.json").read_text()) == {"x": 1}
+    assert torch.equal(model.weight, saved_weight)
+    assert sched.scheduler.last_epoch == 1 and opt.state_dict()["state"][0]["step"] == 1
+    from utils.checkpoint import set_rng_state
+
+    set_rng_state(rng)
+    assert torch.equal(torch.rand(3), expected_draw)
+
+
+def test_a_failed_save_never_becomes_latest(tmp_path, accelerated):
+    acc, model, opt, sched = accelerated
+    root = tmp_path / "checkpoints"
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=1), {}, root)
+
+    def broken_adapter(directory):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        save_checkpoint(acc, model, opt, sched, TrainerState(global_step=2), {}, root, write_adapter=broken_adapter)
+    assert (root / LATEST).read_text().strip() == "step_00000001" and not (root / "step_00000002").exists()
+    assert (root / ".tmp-step_00000002").exists()  # left behind, never read
+    assert find_checkpoint(tmp_path) == root / "step_00000001"
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=3), {}, root)
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000001", "step_00000003"]
+
+
+def test_prune_keeps_the_newest_and_find_checkpoint_explains_problems(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        (root / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
+    (root / LATEST).write_text("step_00000004\n")
+    removed = prune_checkpoints(root, keep=1)
+    assert [p.name for p in removed] == ["step_00000002"]  # step 4 is `latest`, so it stays
+    assert find_checkpoint(tmp_path).name == "step_00000004"
+    (root / LATEST).write_text("step_00000002\n")
+    with pytest.raises(UserError, match="names 'step_00000002'"):
+        find_checkpoint(tmp_path)
+    with pytest.raises(UserError, match="not a checkpoint"):
+        find_checkpoint(tmp_path / "elsewhere")

@@ -1,0 +1,267 @@
+"""Crash-safe training checkpoints: written atomically, found through a ``latest`` pointer, resumed exactly.
+
+Layout under ``<log_dir>/checkpoints/``::
+
+    step_00000050/                 one directory per checkpoint, named by optimizer step
+        trainer_state.json         position: global_step, epoch, batch_in_epoch, tokens, elapsed, num_processes
+        config.json                the run's resolved configuration
+        trainable.safetensors      the trained tensors (every weight for fft)       } without DeepSpeed
+        optimizer.pt, scheduler.pt (and scaler.pt with fp16)                        }
+        deepspeed/                 DeepSpeed's per-rank model/optimizer files      } with DeepSpeed
+        rng_state_<rank>.pt        python, numpy and torch (CPU and CUDA) RNG states of every process
+        adapter/                   PEFT methods: a usable adapter (adapter_config.json + adapter_model.safetensors)
+    latest                         the name of the newest complete checkpoint
+
+Writing: every file goes into ``.tmp-step_N/``; once all processes are done, the main process fsyncs it,
+renames it to ``step_N/`` (one atomic rename) and only then replaces ``latest`` (write, fsync, rename). A crash
+at any point leaves ``latest`` naming a complete checkpoint; a leftover ``.tmp-*`` is never read and is removed
+by the next save. Assumes all processes see one file system (true on one node).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from utils.errors import UserError
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "trainable.safetensors"
+DEEPSPEED_TAG = "deepspeed"
+KILL_HOOK_ENV = "LOPA_TEST_KILL_AT"
+"""Test hook: ``<checkpoint name>:written`` (before the rename) or ``:committed`` (after ``latest``) makes the
+process SIGKILL itself there, to test recovery from a real crash."""
+_NAME = re.compile(r"step_(\d+)")
+
+
+@dataclass
+class TrainerState:
+    """Where a run is: enough to continue it exactly."""
+
+    global_step: int = 0
+    epoch: int = 0
+    """0-based epoch in progress."""
+    batch_in_epoch: int = 0
+    """Micro-batches of ``epoch`` each process has consumed (a multiple of gradient_accumulation_steps)."""
+    tokens: int = 0
+    """Input tokens trained on, all processes together."""
+    elapsed: float = 0.0
+    """Seconds spent training, over all sessions of this run."""
+    num_processes: int = 1
+    wandb_run_id: str | None = None
+
+    @classmethod
+    def read(cls, path: pathlib.Path) -> "TrainerState":
+        try:
+            values = json.loads(path.read_text())
+            return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise UserError(f"{path}: unreadable trainer state ({exc}); resume from an earlier checkpoint") from None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
+    """A checkpoint directory itself, or the latest one of a log_dir (or of its ``checkpoints/``)."""
+    path = pathlib.Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    for root in (path / CHECKPOINTS_DIR, path):
+        latest = root / LATEST
+        if latest.is_file():
+            name = latest.read_text().strip()
+            checkpoint = root / name
+            if not (checkpoint / STATE_FILE).is_file():
+                raise UserError(f"{latest} names {name!r} but {checkpoint / STATE_FILE} is missing; pass one of "
+                                f"the step_* directories under {root} to --resume_from")
+            return checkpoint
+    raise UserError(f"--resume_from {path}: not a checkpoint (no {STATE_FILE}) and not a log_dir with "
+                    f"{CHECKPOINTS_DIR}/{LATEST}")
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _fsync_tree(root: pathlib.Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(pathlib.Path(dirpath))
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Replace ``path`` by ``text`` so that readers see the old or the new content, never a torn file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _kill_hook(name: str, stage: str) -> None:
+    if os.environ.get(KILL_HOOK_ENV) == f"{name}:{stage}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainerState, config: dict,
+                    checkpoints_dir: pathlib.Path, *, write_adapter=None, total_limit: int | None = None
+                    ) -> pathlib.Path:
+    """Write a checkpoint of the state after ``state.global_step`` steps; every process must call this.
+
+    ``model``/``optimizer``/``scheduler`` are the prepared objects. ``write_adapter(directory)`` (main process)
+    adds the usable adapter. Returns the committed directory.
+    """
+    name = checkpoint_name(state.global_step)
+    final, tmp = checkpoints_dir / name, checkpoints_dir / f".tmp-{name}"
+    deepspeed = accelerator.distributed_type == "DEEPSPEED"
+    if accelerator.is_main_process:
+        for stale in checkpoints_dir.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    if deepspeed:  # collective: each rank writes its optimizer partition
+        model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        if not deepspeed:
+            weights = trainable_parameters(accelerator.unwrap_model(model))
+            save_file({n: p.detach().cpu().contiguous() for n, p in weights.items()}, str(tmp / WEIGHTS_FILE))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if write_adapter is not None:
+            write_adapter(tmp / "adapter")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        _kill_hook(name, "written")
+        if final.exists():  # a re-save of a step whose checkpoint never became `latest`
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(checkpoints_dir)
+        write_text_atomic(checkpoints_dir / LATEST, name + "\n")
+        _kill_hook(name, "committed")
+        if total_limit:
+            prune_checkpoints(checkpoints_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(checkpoints_dir: pathlib.Path, keep: int) -> list[pathlib.Path]:
+    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names)."""
+    latest = (checkpoints_dir / LATEST).read_text().strip() if (checkpoints_dir / LATEST).is_file() else None
+    found = sorted((int(m.group(1)), p) for p in checkpoints_dir.iterdir()
+                   if p.is_dir() and (m := _NAME.fullmatch(p.name)))
+    removed = []
+    for _, path in found[:-keep]:
+        if path.name != latest:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- load
+def read_resume_state(checkpoint: pathlib.Path, num_processes: int) -> TrainerState:
+    """The checkpoint's trainer state, if this run can continue it (cheap: call it before loading models)."""
+    state = TrainerState.read(checkpoint / STATE_FILE)
+    if state.num_processes != num_processes:
+        raise UserError(f"{checkpoint / STATE_FILE}: field 'num_processes' is {state.num_processes} but this run "
+                        f"has {num_processes}; resume with the same number of processes (the data order and "
+                        f"optimizer partitions depend on it)")
+    return state
+
+
+def load_checkpoint(checkpoint: pathlib.Path, accelerator, model, optimizer, scheduler) -> tuple[TrainerState, dict]:
+    """Restore trained tensors, optimizer, scheduler (and loss scaler) in place from ``checkpoint``.
+
+    Returns the trainer state and this process's RNG state, which the caller applies right before training
+    continues (building the model and data draws random numbers). Every process must call this.
+    """
+    state = read_resume_state(checkpoint, accelerator.num_processes)
+    if accelerator.distributed_type == "DEEPSPEED":
+        if not (checkpoint / DEEPSPEED_TAG).is_dir():
+            raise UserError(f"{checkpoint}: no {DEEPSPEED_TAG}/ directory (written without DeepSpeed); resume "
+                            f"it without DeepSpeed")
+        model.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, load_module_strict=False)
+    else:
+        if not (checkpoint / WEIGHTS_FILE).is_file():
+            raise UserError(f"{checkpoint}: no {WEIGHTS_FILE} (written with DeepSpeed?); resume it with the same "
+                            f"accelerate/DeepSpeed configuration")
+        _load_trainable(checkpoint / WEIGHTS_FILE, accelerator.unwrap_model(model))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+        if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
+            accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True))
+    rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pt"
+    if not rng_file.is_file():
+        raise UserError(f"{rng_file}: missing; the checkpoint is incomplete, resume from an earlier one")
+    return state, torch.load(rng_file, weights_only=True)
+
+
+def _load_trainable(path: pathlib.Path, model: torch.nn.Module) -> None:
+    tensors = load_file(str(path))
+    params = trainable_parameters(model)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise UserError(f"{path}: tensor {what} for this model; resume with the method and model it was written by")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise UserError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                                f"{tuple(params[name].shape)}")
+            params[name].copy_(tensor)

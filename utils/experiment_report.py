@@ -1,0 +1,103 @@
+"""results.md, the chart of the table and the loss curves of an experiment directory."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+from utils.experiment import COLUMN_NAMES, ROW_NAMES, Cell
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell], results: dict[str, dict]) -> pathlib.Path:
+    lines = [f"# Results: preset `{preset_name}`", "",
+             "pass@1 (%) from the project's sandboxed evaluator. MBPP is scored on the stage-1 completions (cut at "
+             "the first stop string); stage 2 (function body, final `return` trimmed) is in the second table. "
+             "Each cell's commands, seed and git commit are listed below the tables.", ""]
+    models = list(dict.fromkeys(c.model for c in cells))
+    tasks = [t for t in COLUMN_NAMES if any(c.task == t for c in cells)]
+    methods = [m for m in ROW_NAMES if any(c.method == m for c in cells)]
+    for model in models:
+        lines += [f"## {model}", "", "| Tuning method | " + " | ".join(COLUMN_NAMES[t] for t in tasks) + " |",
+                  "|---|" + "---:|" * len(tasks)]
+        for method in methods:
+            row = [_fmt(results.get(f"{model}/{t}/{method}", {}).get("pass@1")) for t in tasks]
+            lines.append(f"| {ROW_NAMES[method]} | " + " | ".join(row) + " |")
+        if "mbpp" in tasks:
+            lines += ["", "| Tuning method | MBPP stage 1 | MBPP stage 2 |", "|---|---:|---:|"]
+            for method in methods:
+                r = results.get(f"{model}/mbpp/{method}", {})
+                lines.append(f"| {ROW_NAMES[method]} | {_fmt(r.get('pass@1'))} | {_fmt(r.get('mbpp_stage2_pass@1'))} |")
+        lines.append("")
+    lines += ["## Provenance", ""]
+    for cell in cells:
+        r = results.get(cell.key)
+        if not r:
+            lines.append(f"- `{cell.key}`: no result")
+            continue
+        lines.append(f"- `{cell.key}`: pass@1 {_fmt(r['pass@1'])} on {r['n_tasks']} tasks; seed {r['seed']}; "
+                     f"commit `{r['git_commit']}`; {r['seconds']} s; finished {r['finished']}")
+        lines += [f"  - `{c}`" for c in r["commands"]]
+    path = out_dir / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot_table(out_dir: pathlib.Path, cells: list[Cell], results: dict[str, dict]) -> pathlib.Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(c.model for c in cells))
+    tasks = [t for t in COLUMN_NAMES if any(c.task == t for c in cells)]
+    methods = [m for m in ROW_NAMES if any(c.method == m for c in cells)]
+    fig, axes = plt.subplots(1, len(models), figsize=(2 + 2.2 * len(tasks) * len(models), 4), squeeze=False)
+    width = 0.8 / len(methods)
+    for ax, model in zip(axes[0], models):
+        for i, method in enumerate(methods):
+            values = [100 * (results.get(f"{model}/{t}/{method}", {}).get("pass@1") or 0) for t in tasks]
+            ax.bar([j + i * width for j in range(len(tasks))], values, width, label=ROW_NAMES[method])
+        ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(tasks))])
+        ax.set_xticklabels([COLUMN_NAMES[t] for t in tasks])
+        ax.set_ylabel("pass@1 (%)")
+        ax.set_title(model)
+    axes[0][-1].legend(fontsize="small")
+    fig.tight_layout()
+    path = out_dir / "results.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curves(out_dir: pathlib.Path, cells: list[Cell]) -> pathlib.Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for cell in cells:
+        metrics = cell.directory / "train" / "metrics.jsonl"
+        if metrics.is_file():
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if "loss" in r and "step" in r]
+            if rows:
+                curves.setdefault((cell.model, cell.task), {})[cell.method] = rows
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.5), squeeze=False)
+    for ax, ((model, task), by_method) in zip(axes[0], sorted(curves.items())):
+        for method, rows in by_method.items():
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=ROW_NAMES[method])
+        ax.set_title(f"{model} / {COLUMN_NAMES[task]}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = out_dir / "loss_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,423 @@
+"""Typed, validated arguments of the two training scripts (tune_foundation_model.py, tune_fft_baseline.py).
+
+Parsing has no side effects: every value is checked — names against the registry, numbers, files, a checkpoint
+to resume from and its compatibility — before any model loads or any directory is created. A bad value ends
+the script with one ``error: ...`` line and exit status 2 (``utils.errors.cli_entry``).
+
+Three dataclasses, each checking itself in ``__post_init__`` (litgpt style): ``ModelArgs`` (what is tuned, on
+which data), ``TrainArgs`` (optimisation), ``OutputArgs`` (where results go, checkpoints, resume, logging).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import re
+from dataclasses import dataclass, field
+
+from utils.cli import ArgumentParser, add_model_args, check_model_args, default_log_dir, str2bool
+from utils.errors import UserError
+from utils.registry import PEFT_METHODS, get_encoder_spec
+
+PAPER_LR = {"pt": 1e-3, "idpg": 1e-3, "lopa": 1e-3, "lora": 1e-4, "fft": 1e-5}
+"""Learning rates behind the paper's results (spec §10.5), used when --lr is not given."""
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+MODEL_DTYPES = ("fp32", "bf16", "fp16")
+RESUME_MAY_DIFFER = {"model_path", "enc_model_path", "data_path", "path_to_ds_config", "gradient_checkpointing"}
+"""Arguments a resumed run may change (they locate files, or trade memory for time); every other model/train
+argument must match."""
+
+
+def _bool_flag(group, name: str, help: str, default: bool = False) -> None:
+    """``--name`` alone means True; ``--name True|False`` is also accepted (the original's scripts pass values)."""
+    group.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=default, metavar="BOOL",
+                       help=help)
+
+
+def _lr_value(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------- save_every
+@dataclass(frozen=True)
+class SaveEvery:
+    """Checkpoint frequency: ``every`` epochs or optimizer steps; ``every == 0`` saves only ``final/``."""
+
+    every: int = 0
+    unit: str = "epochs"
+
+    @classmethod
+    def parse(cls, text: str | int) -> "SaveEvery":
+        match = re.fullmatch(r"\s*(-?\d+)\s*(epochs?|steps?)?\s*", str(text))
+        if not match:
+            raise UserError(f"--save_every {text!r}: expected N (epochs), Nepochs or Nsteps, e.g. 2 or 50steps")
+        every, unit = int(match.group(1)), match.group(2) or "epochs"
+        if every <= 0:  # the original's -1 (and 0) mean "only final/"
+            return cls(0, "epochs")
+        return cls(every, "steps" if unit.startswith("step") else "epochs")
+
+    def __str__(self) -> str:
+        return f"{self.every}{self.unit}" if self.every else "0"
+
+    def due(self, *, step: int | None = None, epoch: int | None = None) -> bool:
+        """Whether a checkpoint is due after optimizer ``step`` or after completing ``epoch`` (1-based)."""
+        if not self.every:
+            return False
+        if self.unit == "steps":
+            return step is not None and step % self.every == 0
+        return epoch is not None and epoch % self.every == 0
+
+
+# ---------------------------------------------------------------------------------------------- dataclasses
+@dataclass(frozen=True)
+class ModelArgs:
+    """What is tuned, and on which data."""
+
+    method: str
+    task_name: str
+    model_type: str
+    model_path: str | None = None
+    enc_model_type: str | None = "codesage-small"
+    enc_model_path: str | None = None
+    data_path: str | None = None
+    mbpp_split: str = "paper"
+    num_virtual_tokens: int = 10
+    lp_rank: int = 1
+    lora_dim: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    seed: int = 9876
+
+    def __post_init__(self):
+        check_model_args(argparse.Namespace(**dataclasses.asdict(self)))
+        if self.method not in PEFT_METHODS + ("fft",):
+            raise UserError(f"unknown method {self.method!r}; choose one of: {', '.join(PEFT_METHODS)} (or fft)")
+        _at_least("lora_dim", self.lora_dim, 1)
+        _positive("lora_alpha", self.lora_alpha)
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def uses_encoder(self) -> bool:
+        return self.method in ("lopa", "idpg")
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """Optimisation. Defaults are the paper's PEFT runs (spec §10.5); the FFT script overrides a few."""
+
+    num_epochs: int = 10
+    per_gpu_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    num_warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_train_steps: int | None = None
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"
+    model_dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    pad_to_max_length: bool = False
+    group_by_length: bool = False
+    limit_train_examples: int | None = None
+    max_length: int | None = None
+    path_to_ds_config: str | None = None
+
+    def __post_init__(self):
+        for name in ("num_epochs", "per_gpu_train_batch_size", "gradient_accumulation_steps"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("max_train_steps", "limit_train_examples", "max_length"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        _positive("lr", self.lr)
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        _at_least("num_warmup_steps", self.num_warmup_steps, 0)
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        if self.lr_scheduler_type == "constant" and (self.num_warmup_steps or self.warmup_ratio):
+            raise UserError("--lr_scheduler_type constant ignores warmup; use constant_with_warmup, "
+                            "or drop --num_warmup_steps/--warmup_ratio")
+
+
+@dataclass(frozen=True)
+class OutputArgs:
+    """Where results go, when checkpoints are written, what a run resumes from, how it reports."""
+
+    log_dir: str
+    save_every: SaveEvery = field(default_factory=SaveEvery)
+    save_total_limit: int | None = None
+    resume_from: str | None = None
+    wandb_logging: bool = False
+    project_name: str = "PromptTuningModel"
+    log_every: int = 1
+
+    def __post_init__(self):
+        _at_least("log_every", self.log_every, 1)
+        if self.save_total_limit is not None:
+            _at_least("save_total_limit", self.save_total_limit, 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; ``to_dict`` is what config.json records."""
+
+    script: str
+    model: ModelArgs
+    train: TrainArgs
+    output: OutputArgs
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["output"]["save_every"] = str(self.output.save_every)
+        return out
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise UserError(f"--{name} must be >= {low}, got {value}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise UserError(f"--{name} must be > 0, got {value}")
+
+
+def _choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise UserError(f"--{name} {value!r}: choose one of: {', '.join(choices)}")
+
+
+# ---------------------------------------------------------------------------------------------- parsers
+def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--num_epochs", type=int, default=10, help="epochs over the train split")
+    g.add_argument("--per_gpu_train_batch_size", type=int, default=2, help="micro-batch per process")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step (effective batch = batch x processes x this)")
+    lr_help = ("peak learning rate; auto = 1e-5" if fft else
+               "peak learning rate; auto = 1e-3 for pt/idpg/lopa, 1e-4 for lora (the paper's)")
+    g.add_argument("--lr", type=_lr_value, default="auto", metavar="LR", help=lr_help)
+    g.add_argument("--weight_decay", type=float, default=0.05 if fft else 0.0,
+                   help="AdamW weight decay (never on biases and norm weights)")
+    g.add_argument("--lr_scheduler_type", default="linear", choices=SCHEDULERS,
+                   help="transformers schedule, stepped once per optimizer step")
+    g.add_argument("--num_warmup_steps", type=int, default=0, help="warmup steps; > 0 overrides --warmup_ratio")
+    g.add_argument("--warmup_ratio", type=float, default=0.1 if fft else 0.0,
+                   help="warmup as a fraction of all optimizer steps (used when --num_warmup_steps is 0)")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="stop after this many optimizer steps (overrides --num_epochs; sizes the schedule)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm; 0 turns it off")
+    g.add_argument("--mixed_precision", default="auto", choices=PRECISIONS,
+                   help="auto: the accelerate launcher's setting, else the DeepSpeed JSON's, else bf16 on a GPU "
+                        "that supports it, else no")
+    g.add_argument("--model_dtype", default="fp32", choices=MODEL_DTYPES,
+                   help="dtype of the frozen foundation model (trained tensors stay fp32); fft needs fp32")
+    _bool_flag(g, "gradient_checkpointing", "recompute activations in the backward pass (less memory)")
+    _bool_flag(g, "pad_to_max_length", "pad every batch to the task's maximum length, as the original "
+                                       "(default: pad to the longest row)")
+    _bool_flag(g, "group_by_length", "batch examples of similar length together (less padding)")
+    g.add_argument("--limit_train_examples", type=int, default=None,
+                   help="train on the first N examples of the split only (smoke runs, tests)")
+    g.add_argument("--max_length", type=int, default=None,
+                   help="tokens per example, without virtual tokens (default: the task's, 581-m MBPP, 512 "
+                        "CRUXEval); longer ones lose prompt tokens on the left")
+    g.add_argument("--path_to_ds_config", default=None, metavar="JSON",
+                   help="DeepSpeed JSON when launched with `deepspeed` (with `accelerate launch`, the "
+                        "--config_file YAML names it)")
+    g.add_argument("--local_rank", type=int, default=-1,
+                   help="set by the deepspeed launcher; the rank is read from the environment")
+
+
+def _add_output_args(parser: ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpoints and logging")
+    g.add_argument("--save_every", default="0", metavar="N[epochs|steps]",
+                   help="checkpoint every N epochs (2, 2epochs) or N optimizer steps (50steps); "
+                        "0 or -1: only final/")
+    g.add_argument("--save_total_limit", type=int, default=None,
+                   help="keep only the newest N checkpoints; None keeps all")
+    g.add_argument("--resume_from", default=None, metavar="DIR",
+                   help="a checkpoint directory, or a log_dir (resumes its latest checkpoint)")
+    _bool_flag(g, "wandb_logging", "log to Weights & Biases (WANDB_MODE=offline works)")
+    g.add_argument("--project_name", default="PromptTuningModel", help="wandb project")
+    g.add_argument("--log_every", type=int, default=1, help="optimizer steps between metrics.jsonl lines")
+
+
+PEFT_DESCRIPTION = """\
+Tune a foundation model with a PEFT method (lora, pt, idpg, lopa) on MBPP or CRUXEval.
+
+  python tune_foundation_model.py --peft_method lopa --task_name mbpp --model_type phi-2
+  accelerate launch --config_file config_files/config_ds_zero_stage2_no_fp16.yaml tune_foundation_model.py ...
+
+Writes to --log_dir: config.json, metrics.jsonl, train.log, loss.png, checkpoints/ and the adapter in final/.
+See docs/TRAINING.md."""
+
+FFT_DESCRIPTION = """\
+Full fine-tuning baseline: every weight of the foundation model trains; final/ is a Hugging Face model
+directory (generate_preds.py --load_base_from_path <log_dir>/final).
+
+  deepspeed tune_fft_baseline.py --path_to_ds_config config_files/zero_stage3_config.json --fp16 True \\
+      --gradient_accumulation_steps 2
+  accelerate launch --config_file config_files/config_ds_zero3_fft.yaml tune_fft_baseline.py --task_name mbpp ...
+
+See docs/TRAINING.md."""
+
+
+def build_parser(script: str) -> ArgumentParser:
+    """The argument parser of ``tune_foundation_model.py`` (script="peft") or ``tune_fft_baseline.py`` ("fft")."""
+    fft = script == "fft"
+    parser = ArgumentParser(prog=f"{'tune_fft_baseline' if fft else 'tune_foundation_model'}.py",
+                            description=FFT_DESCRIPTION if fft else PEFT_DESCRIPTION)
+    if not fft:
+        parser.add_argument("--peft_method", required=True, choices=PEFT_METHODS, metavar="METHOD",
+                            help=f"one of: {', '.join(PEFT_METHODS)}")
+    add_model_args(parser)
+    if fft:
+        # The seed README's FFT command names neither task nor model: default to its phi-2 / MBPP row.
+        for action in parser._actions:
+            if action.dest in ("task_name", "model_type"):
+                action.required = False
+        parser.set_defaults(task_name="mbpp", model_type="phi-2")
+    else:
+        g = parser.add_argument_group("lora")
+        g.add_argument("--lora_dim", type=int, default=16, help="LoRA rank (the paper's r=16)")
+        g.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha")
+        g.add_argument("--lora_dropout", type=float, default=0.1, help="LoRA dropout")
+    _add_train_args(parser, fft)
+    _add_output_args(parser)
+    if fft:
+        _bool_flag(parser.add_argument_group("compatibility"), "fp16",
+                   "the original's switch: True means --mixed_precision fp16")
+    return parser
+
+
+def config_from_namespace(ns: argparse.Namespace, script: str) -> TrainConfig:
+    """Typed, validated config (no file-system checks; see ``check_files``)."""
+    method = "fft" if script == "fft" else ns.peft_method
+    if ns.enc_model_type:  # checked even where the method ignores it: a typo should not pass silently
+        get_encoder_spec(ns.enc_model_type)
+    model = ModelArgs(
+        method=method, task_name=ns.task_name, model_type=ns.model_type, model_path=ns.model_path,
+        enc_model_type=ns.enc_model_type if method in ("lopa", "idpg") else None,
+        enc_model_path=ns.enc_model_path, data_path=ns.data_path, mbpp_split=ns.mbpp_split,
+        num_virtual_tokens=ns.num_virtual_tokens, lp_rank=ns.lp_rank, lora_dim=getattr(ns, "lora_dim", 16),
+        lora_alpha=getattr(ns, "lora_alpha", 32), lora_dropout=getattr(ns, "lora_dropout", 0.1), seed=ns.seed)
+    mixed_precision = ns.mixed_precision
+    if getattr(ns, "fp16", False):
+        if mixed_precision not in ("auto", "fp16"):
+            raise UserError(f"--fp16 True contradicts --mixed_precision {mixed_precision}; pass one of them")
+        mixed_precision = "fp16"
+    if method == "fft" and ns.model_dtype != "fp32":
+        raise UserError("--model_dtype must be fp32 for full fine-tuning (fp32 master weights); "
+                        "use --mixed_precision bf16 for speed")
+    train = TrainArgs(
+        num_epochs=ns.num_epochs, per_gpu_train_batch_size=ns.per_gpu_train_batch_size,
+        gradient_accumulation_steps=ns.gradient_accumulation_steps,
+        lr=ns.lr if ns.lr is not None else PAPER_LR[method], weight_decay=ns.weight_decay,
+        lr_scheduler_type=ns.lr_scheduler_type, num_warmup_steps=ns.num_warmup_steps, warmup_ratio=ns.warmup_ratio,
+        max_train_steps=ns.max_train_steps, max_grad_norm=ns.max_grad_norm, mixed_precision=mixed_precision,
+        model_dtype=ns.model_dtype, gradient_checkpointing=ns.gradient_checkpointing,
+        pad_to_max_length=ns.pad_to_max_length, group_by_length=ns.group_by_length,
+        limit_train_examples=ns.limit_train_examples, max_length=ns.max_length, path_to_ds_config=ns.path_to_ds_config)
+    output = OutputArgs(
+        log_dir=ns.log_dir or _resume_log_dir(ns.resume_from) or default_log_dir(),
+        save_every=SaveEvery.parse(ns.save_every), save_total_limit=ns.save_total_limit,
+        resume_from=ns.resume_from, wandb_logging=ns.wandb_logging, project_name=ns.project_name,
+        log_every=ns.log_every)
+    return TrainConfig(script=script, model=model, train=train, output=output)
+
+
+def _resume_log_dir(resume_from: str | None) -> str | None:
+    """A resumed run keeps writing to the run's own log_dir unless --log_dir says otherwise."""
+    if resume_from is None:
+        return None
+    path = pathlib.Path(resume_from)
+    if (path / "trainer_state.json").is_file() and path.parent.name == "checkpoints":
+        return str(path.parent.parent)
+    return str(path)
+
+
+def check_files(config: TrainConfig) -> None:
+    """File-system checks: inputs exist and parse, the log_dir is not another run's, resume is compatible."""
+    train, out = config.train, config.output
+    if train.path_to_ds_config is not None:
+        read_json_object(train.path_to_ds_config, "--path_to_ds_config")
+    if train.mixed_precision == "fp16" or train.model_dtype == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("fp16 needs a CUDA GPU; on the CPU use --mixed_precision bf16 or no")
+    if out.wandb_logging:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("--wandb_logging needs the wandb package (pip install wandb)")
+    log_dir = pathlib.Path(out.log_dir)
+    if log_dir.exists() and not log_dir.is_dir():
+        raise UserError(f"--log_dir {log_dir}: exists and is not a directory")
+    if out.resume_from is None:
+        for taken in ("metrics.jsonl", "checkpoints", "final"):
+            if (log_dir / taken).exists():
+                raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}); pass "
+                                f"--resume_from {log_dir} to continue it, or choose another --log_dir")
+        return
+    from utils.checkpoint import find_checkpoint  # only resumed runs pay for this import
+
+    saved_path = find_checkpoint(out.resume_from) / "config.json"
+    check_resume_compatible(config, read_json_object(saved_path, "checkpoint config"), saved_path)
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path}: no such file")
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what} {path}: expected a JSON object")
+    return value
+
+
+def check_resume_compatible(config: TrainConfig, saved: dict, saved_path) -> None:
+    """The data order, schedule and trained tensors depend on these arguments: they must match the checkpoint."""
+    if saved.get("script") != config.script:
+        raise UserError(f"{saved_path}: field 'script' is {saved.get('script')!r}; resume it with "
+                        f"{saved.get('script')} (this is {config.script})")
+    current = config.to_dict()
+    for section in ("model", "train"):
+        for name, value in current[section].items():
+            if name in RESUME_MAY_DIFFER or name not in saved.get(section, {}):
+                continue
+            if saved[section][name] != value:
+                raise UserError(f"{saved_path}: field '{section}.{name}' is {saved[section][name]!r} but this run "
+                                f"has {value!r}; pass --{_flag(name)} {saved[section][name]} to resume, or start "
+                                f"a new run")
+
+
+def _flag(name: str) -> str:
+    return {"method": "peft_method"}.get(name, name)
+
+
+def parse_args(argv: list[str] | None, script: str) -> TrainConfig:
+    """Parse and validate. Writes nothing; raises UserError (or exits 2 from argparse) on a bad value."""
+    ns = build_parser(script).parse_args(argv)
+    config = config_from_namespace(ns, script)
+    check_files(config)
+    return config

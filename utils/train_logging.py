@@ -1,0 +1,122 @@
+"""What a person follows during training: a text log, ``metrics.jsonl``, a progress bar, wandb, a loss plot.
+
+Only the main process writes. ``metrics.jsonl`` has one JSON object per logged optimizer step:
+``step, epoch (1-based), loss, lr, tokens (cumulative, all processes), tokens_per_s, elapsed (s)`` and
+``grad_norm`` when known. On resume, lines past the checkpoint's step are dropped (they are re-done).
+wandb and matplotlib are imported only when used (the GPU image may lack them).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import sys
+
+LOGGER_NAME = "lopa.train"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+def setup_logging(log_dir: pathlib.Path | None, is_main: bool) -> logging.Logger:
+    """INFO to stderr and ``log_dir/train.log`` on the main process; warnings only elsewhere."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for old in list(logger.handlers):
+        old.close()
+        logger.removeHandler(old)
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if is_main and log_dir is not None:
+        handler = logging.FileHandler(log_dir / "train.log")
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
+def read_metrics(path: str | pathlib.Path) -> list[dict]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsFile:
+    """Append-only ``metrics.jsonl``; ``resume_at(step)`` first drops lines logged after that step."""
+
+    def __init__(self, log_dir: pathlib.Path, enabled: bool):
+        self.path = log_dir / METRICS_FILE
+        self.enabled = enabled
+
+    def resume_at(self, step: int) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+class ProgressBar:
+    """tqdm over optimizer steps with loss, lr and tokens/s; silent off the main process."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_loss(metrics_path: pathlib.Path, png_path: pathlib.Path, title: str) -> pathlib.Path | None:
+    """Loss (and lr) per step as a PNG; None when matplotlib is missing or nothing was logged."""
+    records = read_metrics(metrics_path)
+    if not records:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.getLogger(LOGGER_NAME).warning("matplotlib is not installed: no %s", png_path.name)
+        return None
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in records], lw=1, label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, [r["lr"] for r in records], lw=1, color="tab:orange", alpha=0.6, label="lr")
+    lr_ax.set_ylabel("learning rate")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (wandb config)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

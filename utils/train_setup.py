@@ -1,0 +1,150 @@
+"""What the training loop runs on: the Accelerator (one process, DDP or DeepSpeed), DeepSpeed's JSON filled
+in, the optimizer and learning-rate schedule, and the step plan.
+
+Step counts come from the dataloader *after* accelerate shards it, and the scheduler is stepped once per
+optimizer step (``step_scheduler_with_optimizer=False``): accelerate's default steps it once per process,
+which only fits a schedule sized before sharding.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from utils.errors import UserError
+from utils.train_args import TrainArgs, TrainConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Step counts, from the dataloader as sharded across processes."""
+
+    batches_per_epoch: int
+    """Micro-batches per epoch on each process."""
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    warmup_steps: int
+    total_batch_size: int
+    """Examples per optimizer step, all processes together."""
+
+
+def make_plan(train: TrainArgs, batches_per_epoch: int, num_processes: int) -> Plan:
+    steps_per_epoch = math.ceil(batches_per_epoch / train.gradient_accumulation_steps)
+    total = train.max_train_steps or train.num_epochs * steps_per_epoch
+    warmup = train.num_warmup_steps or math.ceil(train.warmup_ratio * total)
+    return Plan(batches_per_epoch, steps_per_epoch, total, math.ceil(total / steps_per_epoch), warmup,
+                train.per_gpu_train_batch_size * train.gradient_accumulation_steps * num_processes)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases and norm weights (every tensor of fewer than 2 dims)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not weight_decay:
+        return [{"params": params, "weight_decay": 0.0}]
+    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def _resolve_mixed_precision(choice: str, deepspeed: bool) -> str | None:
+    """None lets accelerate read the launcher's setting (or the DeepSpeed JSON decide)."""
+    if choice != "auto":
+        return choice
+    if os.environ.get("ACCELERATE_MIXED_PRECISION") or deepspeed:
+        return None
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _single_process_env() -> None:
+    """DeepSpeed needs a process group even for one process started with plain ``python``."""
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, ProjectConfiguration
+
+    train = config.train
+    env_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    env_ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if env_ds and env_ds_file and env_ds_file != "none" and not os.path.isfile(env_ds_file):
+        raise UserError(f"the accelerate config names deepspeed_config_file {env_ds_file}, which does not exist "
+                        f"(relative paths are read from {os.getcwd()}); run from the project root or fix the YAML")
+    plugin = None
+    if train.path_to_ds_config:
+        _single_process_env()
+        # The model loads whole on each process and is partitioned by prepare (as the original's FFT did).
+        plugin = DeepSpeedPlugin(hf_ds_config=train.path_to_ds_config, zero3_init_flag=False)
+    return Accelerator(
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        mixed_precision=_resolve_mixed_precision(train.mixed_precision, plugin is not None or env_ds),
+        log_with="wandb" if config.output.wandb_logging else None,
+        project_config=ProjectConfiguration(project_dir=config.output.log_dir, logging_dir=config.output.log_dir),
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, by us (not N times per step)
+        deepspeed_plugin=plugin,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+
+
+def configure_deepspeed(accelerator, config: TrainConfig, hidden_size: int) -> dict:
+    """Fill the DeepSpeed JSON's ``auto`` values the way this loop runs; reject values that contradict it."""
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    train = config.train
+    for key, ours in (("gradient_accumulation_steps", train.gradient_accumulation_steps),
+                      ("train_micro_batch_size_per_gpu", train.per_gpu_train_batch_size)):
+        if ds.get(key, "auto") not in ("auto", ours):
+            raise UserError(f"the DeepSpeed config sets {key}={ds[key]} but this run uses {ours}; set it to "
+                            f'"auto" in the JSON (the command line decides)')
+        ds[key] = ours
+    if ds["zero_optimization"].get("stage", 0) == 3 and config.model.method != "fft":
+        raise UserError("ZeRO stage 3 partitions the frozen model and the adapter; use ZeRO-2 for PEFT methods "
+                        "(config_files/config_ds_zero_stage2_no_fp16.yaml)")
+    fills = {"train_batch_size": train.per_gpu_train_batch_size * train.gradient_accumulation_steps
+             * accelerator.num_processes,
+             "gradient_clipping": train.max_grad_norm,
+             # accelerate would read these from model.config, which the wrapped model does not have
+             "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+             "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+             "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size}
+    for key, value in fills.items():  # only where the JSON says "auto"
+        plugin.fill_match(key, must_match=False, **{key: value})
+    accelerator.gradient_accumulation_steps = train.gradient_accumulation_steps
+    return ds
+
+
+def make_optimizer_and_scheduler(model, train: TrainArgs, plan: Plan, accelerator, ds_config: dict | None):
+    """DeepSpeed's optimizer (and scheduler) when its JSON has those blocks, else torch AdamW + a transformers
+    schedule. Without a DeepSpeed ``scheduler`` block the transformers schedule is used in every case.
+
+    Returns ``(optimizer, scheduler, schedule name)``."""
+    from transformers import get_scheduler
+
+    def schedule(optimizer):
+        return get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup_steps,
+                             num_training_steps=plan.total_steps)
+
+    groups = param_groups(model, train.weight_decay)
+    ds_config = ds_config or {}
+    if "optimizer" in ds_config:
+        from accelerate.utils import DummyOptim, DummyScheduler  # exported only where deepspeed is installed
+
+        optimizer = DummyOptim(groups, lr=train.lr, weight_decay=train.weight_decay)
+        if "scheduler" in ds_config:  # DeepSpeed's own scheduler; accelerate divides this total by N
+            name = "deepspeed:" + ds_config["scheduler"].get("type", "?")
+            return optimizer, DummyScheduler(optimizer, total_num_steps=plan.total_steps * accelerator.num_processes,
+                                             warmup_num_steps=plan.warmup_steps), name
+        return optimizer, DummyScheduler(optimizer, lr_scheduler_callable=schedule), train.lr_scheduler_type
+    if "scheduler" in ds_config:
+        raise UserError("the DeepSpeed config has a scheduler block but no optimizer block; remove the scheduler "
+                        "block (--lr_scheduler_type sets the schedule) or add an optimizer block")
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, fused=True if accelerator.device.type == "cuda" else None)
+    return optimizer, schedule(optimizer), train.lr_scheduler_type

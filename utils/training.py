@@ -1,0 +1,332 @@
+"""The one training loop of both scripts, on accelerate: one process, DDP, or DeepSpeed.
+
+Order of work, and why:
+1. the Accelerator first: the process count sizes the schedule, and DeepSpeed must exist before the model;
+2. data, and its dataloader sharded by ``accelerator.prepare``;
+3. the schedule sized from the *sharded* dataloader (optimizer steps per process) — the original sized it
+   before sharding;
+4. model, optimizer and scheduler prepared; then resume; then the loop.
+
+Every process sees the same seeded permutation of the data (``EpochSampler``) and accelerate gives process p
+the batches p, p+N, …, so N processes with batch b train on exactly the batches of one process with batch N·b.
+The loss of an optimizer step is the mean over all its supervised tokens (every micro-batch, every process),
+so the gradient is the same for any split into processes and accumulation steps. The original averaged
+per-micro-batch means instead, which weighs tokens by how the batch was split.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDataset
+from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, find_checkpoint, load_checkpoint, read_resume_state,
+                              save_checkpoint, set_rng_state, write_text_atomic)
+from utils.data import default_data_path, load_task_split
+from utils.tasks import get_task
+from utils.train_args import TrainConfig
+from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, plot_loss, setup_logging
+from utils.train_setup import configure_deepspeed, make_accelerator, make_optimizer_and_scheduler, make_plan
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation drawn from (seed, epoch) alone: identical on every process, untouched by the global RNG."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def supervised_tokens(labels: torch.Tensor, has_soft_prompt: bool) -> int:
+    """Tokens the loss averages over: every label after the first (whose predictor is a virtual token, if any)."""
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return count + (int((labels[:, 0] != IGNORE_INDEX).sum()) if has_soft_prompt else 0)
+
+
+def shorten(example: dict, max_length: int) -> dict:
+    """Cut a training example to ``max_length`` tokens: the prompt loses tokens on the left (one is kept), then
+    the answer on the right."""
+    ids, labels = example["input_ids"], example["labels"]
+    excess = len(ids) - max_length
+    if excess <= 0:
+        return example
+    prompt_len = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    cut = min(excess, max(prompt_len - 1, 0))
+    return {**example, "input_ids": ids[cut:][:max_length], "labels": labels[cut:][:max_length]}
+
+
+# ---------------------------------------------------------------------------------------------- the run
+@dataclass
+class TrainResult:
+    log_dir: pathlib.Path
+    final_dir: pathlib.Path
+    global_step: int
+    epoch_losses: list[float] = field(default_factory=list)
+    """Mean loss of each epoch finished in this session."""
+
+
+def _broadcast_str(accelerator, value: str) -> str:
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0] if accelerator.num_processes > 1 else value
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) the training ``config`` describes; writes everything under its log_dir."""
+    return Trainer(config).fit()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        acc = self.accelerator = make_accelerator(config)
+        self.ds = acc.distributed_type == "DEEPSPEED"
+        self.resume_dir = self.state = None
+        if config.output.resume_from:
+            self.resume_dir = find_checkpoint(config.output.resume_from)
+            read_resume_state(self.resume_dir, acc.num_processes)
+        self.log_dir = pathlib.Path(_broadcast_str(acc, config.output.log_dir))  # rank 0's timestamp everywhere
+        self.config = config
+        if acc.is_main_process:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        self.log = setup_logging(self.log_dir, acc.is_main_process)
+        self.metrics = MetricsFile(self.log_dir, acc.is_main_process)
+        self._build()
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        from accelerate.utils import set_seed
+
+        from custom_peft import build_model
+        from utils.models import load_encoder_tokenizer
+
+        acc, cfg, m, t = self.accelerator, self.config, self.config.model, self.config.train
+        set_seed(m.seed)  # python, numpy, torch: dropout draws from here (the model's init has its own seed)
+        self.has_prompt = m.method in ("pt", "lopa", "idpg")
+        with acc.main_process_first():  # downloads (if any) happen once
+            model, self.tokenizer = build_model(
+                m.method, m.model_type, num_virtual_tokens=m.num_virtual_tokens, lp_rank=m.lp_rank,
+                enc_model_type=m.enc_model_type, dtype=t.model_dtype, model_path=m.model_path,
+                enc_model_path=m.enc_model_path, seed=m.seed, lora_r=m.lora_dim, lora_alpha=m.lora_alpha,
+                lora_dropout=m.lora_dropout)
+            enc_tok = load_encoder_tokenizer(m.enc_model_type, m.enc_model_path) if m.uses_encoder else None
+            task = get_task(m.task_name)
+            records = load_task_split(m.task_name, "train", m.data_path or default_data_path(m.task_name),
+                                      m.mbpp_split, limit=t.limit_train_examples)
+        self.dataset = TaskDataset(task, records, self.tokenizer, enc_tok,
+                                   num_virtual_tokens=m.num_virtual_tokens if self.has_prompt else 0)
+        max_length = task.max_lengths(m.num_virtual_tokens if self.has_prompt else 0)[1]
+        if t.max_length is not None:
+            max_length = min(max_length, t.max_length)
+            self.dataset.examples = [shorten(e, max_length) for e in self.dataset.examples]
+        if t.gradient_checkpointing:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.sampler = (LengthGroupedSampler(self.dataset.lengths(), t.per_gpu_train_batch_size * acc.num_processes,
+                                             seed=m.seed) if t.group_by_length
+                        else EpochSampler(len(self.dataset), m.seed))
+        pad_to = max_length if t.pad_to_max_length else None
+        collator = Collator(self.tokenizer.pad_token_id, enc_tok.pad_token_id if enc_tok else None,
+                            padding_side="right", pad_to=pad_to)
+        loader = DataLoader(self.dataset, batch_size=t.per_gpu_train_batch_size, sampler=self.sampler,
+                            collate_fn=collator, num_workers=0, generator=torch.Generator().manual_seed(m.seed))
+        self.dataloader = acc.prepare(loader)
+        self.plan = make_plan(t, len(self.dataloader), acc.num_processes)  # after sharding
+        ds_config = configure_deepspeed(acc, cfg, model.lm.config.hidden_size) if self.ds else None
+        optimizer, scheduler, self.schedule_name = make_optimizer_and_scheduler(model, t, self.plan, acc, ds_config)
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.total_params = sum(p.numel() for p in model.parameters())
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.resolved = self._resolved_config(ds_config)
+
+    def _resolved_config(self, ds_config) -> dict:
+        import accelerate
+        import transformers
+
+        acc, plan = self.accelerator, self.plan
+        runtime = {
+            "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
+            "mixed_precision": acc.mixed_precision, "device": str(acc.device),
+            "deepspeed_zero_stage": ds_config["zero_optimization"].get("stage") if ds_config else None,
+            "optimizer": ("deepspeed " if ds_config and "optimizer" in ds_config else "torch ") + "AdamW",
+            "lr_schedule": self.schedule_name, "train_examples": len(self.dataset), **asdict(plan),
+            "trainable_params": self.trainable, "total_params": self.total_params, "command": sys.argv,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "accelerate": accelerate.__version__}}
+        return {**self.config.to_dict(), "runtime": runtime}
+
+    def _write_config(self) -> None:
+        if self.accelerator.is_main_process:
+            write_text_atomic(self.log_dir / "config.json", json.dumps(self.resolved, indent=2, sort_keys=True))
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        acc, plan, cfg = self.accelerator, self.plan, self.config
+        rng = None
+        if self.resume_dir is not None:
+            self.state, rng = load_checkpoint(self.resume_dir, acc, self.model, self.optimizer, self.scheduler)
+            self.metrics.resume_at(self.state.global_step)
+            self.log.info("resumed from %s: step %d, epoch %d, batch %d", self.resume_dir, self.state.global_step,
+                          self.state.epoch + 1, self.state.batch_in_epoch)
+        else:
+            self.state = TrainerState(num_processes=acc.num_processes, wandb_run_id=uuid.uuid4().hex[:12])
+        self._write_config()
+        pct = 100 * self.trainable / max(self.total_params, 1)
+        self.log.info("%s on %s/%s: %d trainable parameters of %d (%.4f%%); %d processes, %d steps (%d epochs x %d), "
+                      "batch %d, lr %g (%s), mixed precision %s", cfg.model.method, cfg.model.task_name,
+                      cfg.model.model_type, self.trainable, self.total_params, pct, acc.num_processes,
+                      plan.total_steps, plan.num_epochs, plan.steps_per_epoch, plan.total_batch_size, cfg.train.lr,
+                      self.schedule_name, acc.mixed_precision)
+        if cfg.output.wandb_logging:
+            m = cfg.model
+            acc.init_trackers(cfg.output.project_name, config=flatten(self.resolved), init_kwargs={"wandb": {
+                "name": f"{m.task_name}/{m.model_type}/{m.method}", "dir": str(self.log_dir),
+                "id": self.state.wandb_run_id, "resume": "allow"}})
+        self.model.train()
+        bar = ProgressBar(plan.total_steps, self.state.global_step, acc.is_main_process)
+        epoch_losses, epoch_loss, epoch_steps = [], 0.0, 0
+        self._wall = self._rate_clock = (time.perf_counter(), self.state.tokens)
+        while self.state.global_step < plan.total_steps:
+            batches = iter(self._epoch_loader())
+            if rng is not None:  # exactly where the interrupted run stood
+                set_rng_state(rng)
+                rng = None
+            while self.state.global_step < plan.total_steps:
+                window = list(itertools.islice(batches, cfg.train.gradient_accumulation_steps))
+                if not window:
+                    raise RuntimeError("the dataloader ran out before the planned batches")  # a bug, not a user error
+                record = self._step(window)
+                epoch_loss, epoch_steps = epoch_loss + record["loss"], epoch_steps + 1
+                end_of_epoch = self.state.batch_in_epoch >= plan.batches_per_epoch
+                if end_of_epoch:
+                    self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+                self._log(record, bar)
+                save = cfg.output.save_every
+                if save.due(step=self.state.global_step) or (end_of_epoch and save.due(epoch=self.state.epoch)):
+                    self._save_checkpoint()
+                    self._rate_clock = (time.perf_counter(), self.state.tokens)  # tokens/s leaves out saving
+                if end_of_epoch:
+                    epoch_losses.append(epoch_loss / epoch_steps)
+                    self.log.info("epoch %d: mean loss %.4f", self.state.epoch, epoch_losses[-1])
+                    if cfg.output.wandb_logging:
+                        acc.log({"epoch/mean_loss": epoch_losses[-1]}, step=self.state.global_step)
+                    epoch_loss, epoch_steps = 0.0, 0
+                    if next(batches, None) is not None:
+                        raise RuntimeError("the dataloader had more batches than planned")
+                    break
+        bar.close()
+        final = self._save_final()
+        if acc.is_main_process:
+            plot_loss(self.metrics.path, self.log_dir / LOSS_PLOT,
+                      f"{cfg.model.method} {cfg.model.task_name} {cfg.model.model_type}")
+        acc.end_training()
+        self.log.info("done: %d steps; final weights in %s", self.state.global_step, final)
+        return TrainResult(self.log_dir, final, self.state.global_step, epoch_losses)
+
+    def _epoch_loader(self):
+        acc, skip = self.accelerator, self.state.batch_in_epoch
+        loader = acc.skip_first_batches(self.dataloader, skip) if skip else self.dataloader
+        loader.set_epoch(self.state.epoch)  # accelerate re-applies its own epoch counter when iteration starts
+        self.sampler.set_epoch(self.state.epoch)
+        return loader
+
+    def _step(self, window: list[dict]) -> dict:
+        """One optimizer step over ``window`` (this process's micro-batches); returns the metrics record."""
+        acc = self.accelerator
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
+        sup = [supervised_tokens(b["labels"], self.has_prompt) for b in window]
+        counts = acc.reduce(torch.tensor([sum(sup), sum(int(b["attention_mask"].sum()) for b in window)],
+                                         device=acc.device), reduction="sum")
+        total_sup, total_tokens = int(counts[0]), int(counts[1])
+        # backward divides by GA and DDP/DeepSpeed average over processes: undo both, divide by the true count
+        scale = acc.num_processes * acc.gradient_accumulation_steps / max(total_sup, 1)
+        loss_sum = torch.zeros((), device=acc.device)
+        for i, (batch, n) in enumerate(zip(window, sup)):
+            last = i == len(window) - 1
+            acc.sync_gradients = last
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                out = self.model(**{k: v for k, v in batch.items() if k != "task_ids"})
+                acc.backward(torch.nan_to_num(out.loss) * (n * scale))
+            loss_sum += torch.nan_to_num(out.loss.detach().float()) * n
+        grad_norm = None
+        if self.config.train.max_grad_norm and not self.ds:
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
+        self.optimizer.step()
+        if not self.optimizer.step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(acc.reduce(loss_sum, reduction="sum")) / max(total_sup, 1)
+        epoch = self.state.epoch + 1
+        self.state.global_step += 1
+        self.state.batch_in_epoch += len(window)
+        self.state.tokens += total_tokens
+        record = {"step": self.state.global_step, "epoch": epoch, "loss": loss, "lr": lr,
+                  "tokens": self.state.tokens}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        return record
+
+    def _log(self, record: dict, bar: ProgressBar) -> None:
+        now = time.perf_counter()
+        self.state.elapsed += now - self._wall[0]
+        start, tokens0 = self._rate_clock
+        record["tokens_per_s"] = (record["tokens"] - tokens0) / max(now - start, 1e-9)
+        record["elapsed"] = round(self.state.elapsed, 3)
+        self._wall = self._rate_clock = (now, record["tokens"])
+        bar.update(record)
+        if record["step"] % self.config.output.log_every == 0 or record["step"] == self.plan.total_steps:
+            self.metrics.write(record)
+            if self.config.output.wandb_logging:
+                self.accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    # ------------------------------------------------------------------------------------------ saving
+    def _write_adapter(self, directory: pathlib.Path) -> None:
+        from custom_peft import save_adapter
+
+        save_adapter(self.accelerator.unwrap_model(self.model), directory)
+
+    def _save_checkpoint(self) -> None:
+        path = save_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.state,
+                               self.resolved, self.log_dir / CHECKPOINTS_DIR,
+                               write_adapter=None if self.config.model.method == "fft" else self._write_adapter,
+                               total_limit=self.config.output.save_total_limit)
+        self.log.info("checkpoint %s", path)
+
+    def _save_final(self) -> pathlib.Path:
+        """``final/``: the adapter (PEFT) or a Hugging Face model directory (fft), written then renamed."""
+        acc = self.accelerator
+        final, tmp = self.log_dir / "final", self.log_dir / ".tmp-final"
+        # fft: every process takes part (ZeRO-3 gathers the partitioned weights)
+        state_dict = acc.get_state_dict(self.model) if self.config.model.method == "fft" else None
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if state_dict is None:
+                self._write_adapter(tmp)
+            else:
+                lm = acc.unwrap_model(self.model).lm
+                lm_state = {k.removeprefix("backbone."): v for k, v in state_dict.items()}
+                lm.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+            (tmp / "training_config.json").write_text(json.dumps(self.resolved, indent=2, sort_keys=True))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
+        return final
