@@ -18,13 +18,11 @@ import argparse
 import builtins
 import contextlib
 import datetime
-import importlib.metadata
 import io
 import json
 import multiprocessing
 import os
 import pathlib
-import platform
 import shutil
 import signal
 import statistics
@@ -39,13 +37,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import RESULTS, device_name, versions  # noqa: E402  (torch-free)
 from utils.data import default_data_path, load_task_split  # noqa: E402
 from utils.evaluation import (DEFAULT_TIMEOUT, cruxeval_samples, default_workers, mbpp_samples,  # noqa: E402
                               run_samples)
 from utils.fixtures import write_fixture_data  # noqa: E402
 from utils.sandbox import Sandbox, SandboxConfig  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results.jsonl"
 
 
 # -- the classic pattern (our own code) ------------------------------------------------------------------
@@ -124,30 +122,6 @@ def classic_evaluate(programs: list[str], timeout: float, n_workers: int, varian
 
 
 # -- the benchmark -------------------------------------------------------------------------------------------
-# Stamps in the format of benchmarks/common.py, without importing torch: the classic harness forks this
-# process once per sample, and a parent holding torch would make its forks slower than the harnesses' are.
-def device() -> str:
-    name = platform.processor() or "cpu"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores, CPU only)"
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "tqdm"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def build_samples(limit: int | None, mbpp_path: str | None, crux_path: str | None) -> dict:
     mbpp_path = mbpp_path or default_data_path("mbpp")
     crux_path = crux_path or default_data_path("cruxeval_output_prediction")
@@ -194,7 +168,7 @@ def main(argv=None) -> list[dict]:
     workers = args.n_workers or default_workers()
     rounds = 1 if args.smoke else args.rounds
     samples = build_samples(8 if args.smoke else None, args.mbpp_data, args.cruxeval_data)
-    common = {"bench": "evaluate", "model": None, "batch_size": None, "device": device(), "versions": versions(),
+    common = {"bench": "evaluate", "model": None, "batch_size": None, "device": device_name(), "versions": versions(),
               "date": datetime.date.today().isoformat(), "run_id": uuid.uuid4().hex[:12], "n_workers": workers,
               "smoke": args.smoke}
     rows = []

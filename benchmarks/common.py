@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -9,8 +10,6 @@ import platform
 import sys
 import time
 import uuid
-
-import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -21,8 +20,14 @@ RESULTS = ROOT / "benchmarks" / "results.jsonl"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
 
+def _torch():
+    """torch if this process already imported it; the evaluation benchmark must not (its forks would slow)."""
+    return sys.modules.get("torch")
+
+
 def device_name() -> str:
-    if torch.cuda.is_available():
+    torch = _torch()
+    if torch is not None and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     cpu = platform.processor() or "cpu"
     try:
@@ -41,12 +46,12 @@ def peak_flops() -> float | None:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("transformers", "peft", "accelerate"):
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "accelerate"):
         try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
-            out[mod] = None
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
     return out
 
 
@@ -69,7 +74,8 @@ class ResultWriter:
 
 
 def sync() -> None:
-    if torch.cuda.is_available():
+    torch = _torch()
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.synchronize()
 
 

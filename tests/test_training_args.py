@@ -180,3 +180,13 @@ def test_shipped_accelerate_configs_name_existing_deepspeed_files():
     assert stage3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     for path in configs.glob("*.json"):  # the schedule comes from --lr_scheduler_type in every launch mode
         assert "scheduler" not in json.loads(path.read_text()), path
+
+
+def test_compile_switch_is_validated_and_auto_by_default():
+    from utils.train_args import parse_args
+
+    config = parse_args(["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama"], script="peft")
+    assert config.train.compile == "auto"
+    off = parse_args(["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--compile", "off"],
+                     script="peft")
+    assert off.train.compile == "off"

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
+from utils.fileio import atomic_write_text, fsync_dir
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
@@ -120,26 +121,7 @@ def _fsync_tree(root: pathlib.Path) -> None:
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(pathlib.Path(dirpath))
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    """Replace ``path`` by ``text`` so that readers see the old or the new content, never a torn file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        fsync_dir(pathlib.Path(dirpath))
 
 
 def _kill_hook(name: str, stage: str) -> None:
@@ -192,8 +174,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainerStat
         if final.exists():  # a re-save of a step whose checkpoint never became `latest`
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(checkpoints_dir)
-        write_text_atomic(checkpoints_dir / LATEST, name + "\n")
+        fsync_dir(checkpoints_dir)
+        atomic_write_text(checkpoints_dir / LATEST, name + "\n")
         _kill_hook(name, "committed")
         if total_limit:
             prune_checkpoints(checkpoints_dir, total_limit)

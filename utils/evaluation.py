@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from utils.data import default_data_path, load_records, load_task_split, read_jsonl
 from utils.errors import UserError
+from utils.fileio import atomic_write_text
 from utils.sandbox import Sandbox, SandboxConfig
 
 CRUX_TASKS = {"cruxeval_input_prediction": "input", "cruxeval_output_prediction": "output"}
@@ -258,9 +259,7 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
                "seconds": round(seconds, 3), "samples_per_s": round(len(results) / seconds, 2) if seconds else None,
                "sandbox": sandbox.features}
     results_path, summary_path = output_paths(path)
-    with results_path.open("w", encoding="utf-8") as fh:
-        for r in results:
-            fh.write(json.dumps(r.to_json()) + "\n")
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(results_path, "".join(json.dumps(r.to_json()) + "\n" for r in results))
+    atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     summary["results_path"], summary["summary_path"] = str(results_path), str(summary_path)
     return summary

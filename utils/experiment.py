@@ -19,6 +19,7 @@ import time
 
 from utils.data import default_data_path
 from utils.errors import UserError
+from utils.fileio import atomic_write_text
 from utils.registry import METHODS, TASKS
 
 ROW_NAMES = {"none": "None", "fft": "FFT", "lora": "LoRA", "pt": "PT", "idpg": "IDPG", "lopa": "LOPA"}
@@ -228,7 +229,7 @@ def run_cell(cell: Cell, seed: int) -> dict:
     }
     if len(summaries) > 1:
         result["mbpp_stage2_pass@1"] = summaries[1]["pass@1"]
-    (cell.directory / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(cell.directory / "result.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

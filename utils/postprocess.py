@@ -20,6 +20,7 @@ import re
 import tokenize
 
 from utils.errors import UserError
+from utils.fileio import atomic_write_text
 
 DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
 BOS_STRINGS = (DEEPSEEK_BOS, "<|begin_of_text|>", "<s>", "<|startoftext|>")
@@ -268,12 +269,13 @@ def postprocess_mbpp_file(path, problem_file=None, data_path=None, mbpp_split="p
     outputs = []
     for stage in (1, 2):
         out = path.with_name(f"{path.stem}_stage{stage}.jsonl")
-        with out.open("w", encoding="utf-8") as fh:
-            for sol in solutions:
-                text = mbpp_stage1(sol["completion"])
-                if stage == 2:
-                    text = mbpp_stage2(text, problems[sol["task_id"]]["prompt"])
-                fh.write(json.dumps({**sol, "completion": text}) + "\n")
+        lines = []
+        for sol in solutions:
+            text = mbpp_stage1(sol["completion"])
+            if stage == 2:
+                text = mbpp_stage2(text, problems[sol["task_id"]]["prompt"])
+            lines.append(json.dumps({**sol, "completion": text}) + "\n")
+        atomic_write_text(out, "".join(lines))
         outputs.append(str(out))
     return outputs[0], outputs[1]
 
@@ -307,5 +309,5 @@ def postprocess_cruxeval_file(path, mode: str, data_path=None, out=None) -> str:
     out = pathlib.Path(out) if out else cruxeval_answers_path(path)
     if out.resolve() == path.resolve():
         raise UserError(f"{out}: the output would overwrite the input; pass --out")
-    out.write_text(json.dumps(answers, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(out, json.dumps(answers, indent=1) + "\n")
     return str(out)

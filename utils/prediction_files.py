@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 
 from utils.errors import UserError
 from utils.tasks import Task
+from utils.fileio import atomic_write_text
 
 PROGRESS_FILE = "generation_progress.jsonl"
 CONFIG_FILE = "generate_preds_config.json"
@@ -35,21 +35,6 @@ _MBPP_OPTIONAL_FIELDS = ("description",)
 
 def output_files(task: Task) -> tuple[str, ...]:
     return MBPP_FILES if task.is_mbpp else CRUXEVAL_FILES
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it, and rename it over ``path``."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonl(rows: Sequence[dict]) -> str:

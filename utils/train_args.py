@@ -27,7 +27,8 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 MODEL_DTYPES = ("fp32", "bf16", "fp16")
-RESUME_MAY_DIFFER = {"model_path", "enc_model_path", "data_path", "path_to_ds_config", "gradient_checkpointing"}
+RESUME_MAY_DIFFER = {"model_path", "enc_model_path", "data_path", "path_to_ds_config", "gradient_checkpointing",
+                     "compile"}
 """Arguments a resumed run may change (they locate files, or trade memory for time); every other model/train
 argument must match."""
 
@@ -128,6 +129,7 @@ class TrainArgs:
     mixed_precision: str = "auto"
     model_dtype: str = "fp32"
     gradient_checkpointing: bool = False
+    compile: str = "auto"
     pad_to_max_length: bool = False
     group_by_length: bool = False
     limit_train_examples: int | None = None
@@ -150,6 +152,7 @@ class TrainArgs:
         _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        _choice("compile", self.compile, ("auto", "on", "off"))
         if self.lr_scheduler_type == "constant" and (self.num_warmup_steps or self.warmup_ratio):
             raise UserError("--lr_scheduler_type constant ignores warmup; use constant_with_warmup, "
                             "or drop --num_warmup_steps/--warmup_ratio")
@@ -229,6 +232,9 @@ def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
     g.add_argument("--model_dtype", default="fp32", choices=MODEL_DTYPES,
                    help="dtype of the frozen foundation model (trained tensors stay fp32); fft needs fp32")
     _bool_flag(g, "gradient_checkpointing", "recompute activations in the backward pass (less memory)")
+    g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile each decoder layer (same losses, ~2x the tokens/s of plain peft on a GPU; "
+                        "see BENCHMARKS.md); auto: on with CUDA without DeepSpeed")
     _bool_flag(g, "pad_to_max_length", "pad every batch to the task's maximum length, as the original "
                                        "(default: pad to the longest row)")
     _bool_flag(g, "group_by_length", "batch examples of similar length together (less padding)")
@@ -331,7 +337,7 @@ def config_from_namespace(ns: argparse.Namespace, script: str) -> TrainConfig:
         lr=ns.lr if ns.lr is not None else PAPER_LR[method], weight_decay=ns.weight_decay,
         lr_scheduler_type=ns.lr_scheduler_type, num_warmup_steps=ns.num_warmup_steps, warmup_ratio=ns.warmup_ratio,
         max_train_steps=ns.max_train_steps, max_grad_norm=ns.max_grad_norm, mixed_precision=mixed_precision,
-        model_dtype=ns.model_dtype, gradient_checkpointing=ns.gradient_checkpointing,
+        model_dtype=ns.model_dtype, gradient_checkpointing=ns.gradient_checkpointing, compile=ns.compile,
         pad_to_max_length=ns.pad_to_max_length, group_by_length=ns.group_by_length,
         limit_train_examples=ns.limit_train_examples, max_length=ns.max_length, path_to_ds_config=ns.path_to_ds_config)
     output = OutputArgs(

@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader, Sampler
 
 from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDataset
 from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, find_checkpoint, load_checkpoint, read_resume_state,
-                              save_checkpoint, set_rng_state, write_text_atomic)
+                              save_checkpoint, set_rng_state)
 from utils.data import default_data_path, load_task_split
+from utils.fileio import atomic_write_text
 from utils.tasks import get_task
 from utils.train_args import TrainConfig
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, plot_loss, setup_logging
@@ -140,6 +141,11 @@ class Trainer:
             self.dataset.examples = [shorten(e, max_length) for e in self.dataset.examples]
         if t.gradient_checkpointing:
             model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.compiled = t.compile == "on" or (t.compile == "auto" and acc.device.type == "cuda" and not self.ds)
+        if self.compiled:
+            from utils.fast_paths import compile_layers
+
+            compile_layers(model.lm)
         self.sampler = (LengthGroupedSampler(self.dataset.lengths(), t.per_gpu_train_batch_size * acc.num_processes,
                                              seed=m.seed) if t.group_by_length
                         else EpochSampler(len(self.dataset), m.seed))
@@ -164,7 +170,7 @@ class Trainer:
         acc, plan = self.accelerator, self.plan
         runtime = {
             "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
-            "mixed_precision": acc.mixed_precision, "device": str(acc.device),
+            "mixed_precision": acc.mixed_precision, "device": str(acc.device), "compiled_layers": self.compiled,
             "deepspeed_zero_stage": ds_config["zero_optimization"].get("stage") if ds_config else None,
             "optimizer": ("deepspeed " if ds_config and "optimizer" in ds_config else "torch ") + "AdamW",
             "lr_schedule": self.schedule_name, "train_examples": len(self.dataset), **asdict(plan),
@@ -175,7 +181,7 @@ class Trainer:
 
     def _write_config(self) -> None:
         if self.accelerator.is_main_process:
-            write_text_atomic(self.log_dir / "config.json", json.dumps(self.resolved, indent=2, sort_keys=True))
+            atomic_write_text(self.log_dir / "config.json", json.dumps(self.resolved, indent=2, sort_keys=True))
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
