@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from utils import fixtures  # noqa: E402
 from utils.data import default_data_path  # noqa: E402
@@ -34,3 +35,12 @@ def data_paths(tmp_path_factory) -> dict:
 def require_real_data(data_paths):
     if not data_paths["real"]:
         pytest.skip("../shared/data is absent: this test needs the real MBPP and CRUXEval files")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run as fast on one thread, and do not crawl when other processes load the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

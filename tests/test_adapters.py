@@ -19,13 +19,7 @@ M, R, D, ENC_DIM = 4, 2, 64, 48
 PROMPTS = ["def add(a, b):\n    return", "x = [i * i for i in range(10)]\nprint(x", "import os"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a second one only spins on a shared, busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained(method: str, model_type: str = "tiny-llama", enc: str = "tiny-roberta"):

@@ -34,13 +34,7 @@ CASES = [("none", "tiny-llama", "mbpp"), ("fft", "tiny-phi-2", "cruxeval_output_
          ("idpg", "tiny-llama", "mbpp"), ("lopa", "tiny-phi-2", "cruxeval_output_prediction")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run as fast on one thread, and do not slow to a crawl when other processes load the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(data_paths, task_name):

@@ -18,13 +18,7 @@ PROMPTS = ["def add(a, b):\n    return", "x = [i * i for i in range(10)]\nprint(
 NEW_TOKENS = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a second one only spins on a shared, busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)
