@@ -47,13 +47,14 @@ def add_model_args(parser: argparse.ArgumentParser, *, require_task: bool = True
                    help=f"encoder for lopa/idpg, one of: {', '.join(ENCODERS)}")
     g.add_argument("--enc_model_path", default=None, help="local encoder directory used instead of the hub id")
     g.add_argument("--data_path", default=None,
-                   help="local JSONL of the task (default: the public source, downloaded and cached)")
+                   help="local JSONL of the task; None: ../shared/data when present, else the public source "
+                        "(downloaded and cached)")
     g.add_argument("--mbpp_split", default="paper", choices=("paper", "standard"),
                    help="paper: MBPP/1-487 train, 488-974 test; standard: 601-974 train, 11-510 test")
     g.add_argument("--num_virtual_tokens", type=int, default=10, help="m, soft-prompt length (pt/idpg/lopa)")
     g.add_argument("--lp_rank", type=int, default=1, help="r, LOPA rank")
     g.add_argument("--seed", type=int, default=9876, help="global seed")
-    g.add_argument("--log_dir", default=None, help="output directory (default: ./logging/<YYYYmmdd-HHMMSS>)")
+    g.add_argument("--log_dir", default=None, help="output directory; None: ./logging/<YYYYmmdd-HHMMSS>")
 
 
 def check_model_args(args: argparse.Namespace) -> None:
