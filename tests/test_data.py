@@ -137,5 +137,5 @@ def test_fixture_data_splits_are_non_empty(tmp_path):
     from utils.fixtures import write_fixture_data
 
     paths = write_fixture_data(tmp_path)
-    assert len(load_task_split("mbpp", "test", paths["mbpp"])) == 3
-    assert len(load_task_split("cruxeval_output_prediction", "train", paths["cruxeval"])) == 3
+    assert len(load_task_split("mbpp", "test", paths["mbpp"])) == 10
+    assert len(load_task_split("cruxeval_output_prediction", "train", paths["cruxeval"])) == 10

@@ -1,7 +1,7 @@
 """Small, self-written MBPP- and CRUXEval-format files, for tests and smoke runs when ../shared/data is absent.
 
 The records are this project's own toy problems (not copies of the benchmarks), with correct canonical
-solutions and outputs, numbered so that both splits of each task are non-empty.
+solutions and outputs, numbered so that each split of each task holds ten.
 """
 from __future__ import annotations
 
@@ -21,7 +21,13 @@ _MBPP_PROBLEMS = [
     ("count_a", "s", "Write a function to count the letter a in a string.", "return s.count('a')",
      [("'banana'", "3"), ("'xyz'", "0"), ("'a'", "1")]),
 ]
-_MBPP_NUMBERS = [1, 2, 3, 488, 489, 490]
+# Generated ones fill each split up to ten problems (tests batch and shard up to eight tasks).
+_MBPP_PROBLEMS += [
+    (f"add_{k}", "x", f"Write a function to add {k} to a number.", f"return x + {k}",
+     [("0", str(k)), ("1", str(1 + k)), ("-2", str(k - 2))])
+    for k in range(1, 15)
+]
+_MBPP_NUMBERS = [1, 2, 3, 488, 489, 490] + [4, 5, 6, 7, 8, 9, 10, 491, 492, 493, 494, 495, 496, 497]
 
 _CRUX_PROBLEMS = [
     ("def f(x):\n    return x + 1", "1", "2"),
@@ -31,7 +37,8 @@ _CRUX_PROBLEMS = [
     ("def f(s):\n    return s[::-1]", "'abc'", "'cba'"),
     ("def f(d):\n    return len(d)", "{1: 2, 3: 4}", "2"),
 ]
-_CRUX_NUMBERS = [0, 1, 2, 400, 401, 402]
+_CRUX_PROBLEMS += [(f"def f(x):\n    return x * {k}", str(k), str(k * k)) for k in range(2, 16)]
+_CRUX_NUMBERS = [0, 1, 2, 400, 401, 402] + [3, 4, 5, 6, 7, 8, 9, 403, 404, 405, 406, 407, 408, 409]
 
 
 def mbpp_records() -> list[dict]:
