@@ -13,7 +13,7 @@ from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get
 from custom_peft.instance_prompts import IdpgPrompt, LopaPrompt
 from custom_peft.tuned_model import TunedModel
 from utils.errors import UserError
-from utils.models import load_encoder, load_foundation_model, resolve_dtype
+from utils.models import load_encoder, load_foundation_model
 from utils.registry import check_method, get_encoder_spec, get_model_spec
 
 LIBRARY_NAME, LIBRARY_VERSION = "lopa-peft", "0.1.0"
@@ -116,8 +116,3 @@ def build_model(method: str, model_type: str, *, num_virtual_tokens: int = 10, l
 
 def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def to_dtype_name(dtype) -> str:
-    torch_dtype = resolve_dtype(dtype)
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[torch_dtype]

@@ -116,8 +116,6 @@ METHODS = ("none", "fft") + PEFT_METHODS
 """Every method a script can build: the untuned model, full fine-tuning and the four PEFT methods."""
 INSTANCE_METHODS = ("idpg", "lopa")
 """Methods whose soft prompt depends on the input through an encoder."""
-PROMPT_METHODS = ("pt",) + INSTANCE_METHODS
-"""Methods that prepend m virtual tokens."""
 
 
 def get_model_spec(model_type: str) -> FoundationModelSpec:
