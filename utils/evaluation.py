@@ -189,6 +189,17 @@ def read_mbpp_solutions(path) -> list[dict]:
     return solutions
 
 
+def read_mbpp_solutions_and_problems(path, problem_file=None, data_path=None, mbpp_split="paper"):
+    """``(solutions, problems)``; every solution's task id must be a known problem."""
+    solutions = read_mbpp_solutions(path)
+    problems = load_mbpp_problems(path, problem_file, data_path, mbpp_split)
+    unknown = sorted({s["task_id"] for s in solutions} - problems.keys())
+    if unknown:
+        raise UserError(f"{path}: {len(unknown)} task ids are not in the problem set (first: {unknown[0]}); "
+                        f"pass the matching --problem_file")
+    return solutions, problems
+
+
 def load_mbpp_problems(predictions_path, problem_file=None, data_path=None, mbpp_split="paper") -> dict[str, dict]:
     """The problem file if given, else ``mbpp_test_problems.jsonl`` beside the predictions, else the test split
     of ``data_path`` (default: ../shared/data when present, else the public source)."""
@@ -229,12 +240,7 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     timeout = timeout or DEFAULT_TIMEOUT[task_name]
     config = dataclasses.replace(sandbox_config or SandboxConfig(), timeout=timeout)
     if task_name == "mbpp":
-        solutions = read_mbpp_solutions(path)
-        problems = load_mbpp_problems(path, problem_file, data_path, mbpp_split)
-        unknown = sorted({s["task_id"] for s in solutions} - problems.keys())
-        if unknown:
-            raise UserError(f"{path}: {len(unknown)} task ids are not in the problem set (first: {unknown[0]}); "
-                            f"pass the matching --problem_file")
+        solutions, problems = read_mbpp_solutions_and_problems(path, problem_file, data_path, mbpp_split)
         missing = sorted(problems.keys() - {s["task_id"] for s in solutions})
         if missing and not allow_missing:
             raise UserError(f"{path}: no samples for {len(missing)} of {len(problems)} problems (first: "

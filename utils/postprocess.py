@@ -257,15 +257,10 @@ def postprocess_mbpp_file(path, problem_file=None, data_path=None, mbpp_split="p
     Prompts (for stage 2) come from ``problem_file``, else ``mbpp_test_problems.jsonl`` beside ``path``, else
     the test split of ``data_path``.
     """
-    from utils.evaluation import load_mbpp_problems, read_mbpp_solutions
+    from utils.evaluation import read_mbpp_solutions_and_problems
 
     path = pathlib.Path(path)
-    solutions = read_mbpp_solutions(path)
-    problems = load_mbpp_problems(path, problem_file, data_path, mbpp_split)
-    missing = sorted({s["task_id"] for s in solutions} - problems.keys())
-    if missing:
-        raise UserError(f"{path}: no prompt for {len(missing)} task ids (first: {missing[0]}); "
-                        f"pass the matching --problem_file")
+    solutions, problems = read_mbpp_solutions_and_problems(path, problem_file, data_path, mbpp_split)
     outputs = []
     for stage in (1, 2):
         out = path.with_name(f"{path.stem}_stage{stage}.jsonl")
