@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Every GPU figure of BENCHMARKS.md in one prepared run (about 8 minutes on an H100/H200).
-#   bash benchmarks/gpu_run.sh OUT_DIR [MBPP_JSONL]
-# Sections run longest-value-first, each under its own time limit; results stream to OUT_DIR/results.jsonl.
+# Every GPU figure of BENCHMARKS.md, as prepared runs on the device machine (H100 or H200).
+#   bash benchmarks/gpu_run.sh OUT_DIR [MBPP_JSONL] [SECTIONS]
+# SECTIONS: a comma list of train_phi2 (every method at 8 x 512 + the padding comparison, ~3.5 min),
+#   generate_phi2 (hf-generate, none, lopa, pt at batch 64/16/1, ~5 min: each new shape compiles once),
+#   train_deepseek (~1.5 min), train_llama3 (~3 min); default: all four. A device call may run 10 minutes and a
+#   session has 15 device minutes in all, so pick sections (and *_METHODS) to fit.
+# Sections run under their own time limits (env *_LIMIT) so one slow section cannot eat the others; every
+# figure streams to OUT_DIR/results.jsonl as it is made, so a cut-off section keeps what it measured.
 set -u
 OUT_DIR=${1:-bench_out}
 DATA=${2:-../shared/data/mbpp/mbpp_release_v1.jsonl}
+SECTIONS=,${3:-train_phi2,generate_phi2,train_deepseek,train_llama3},
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export BENCH_RUN_ID=${BENCH_RUN_ID:-gpu-$(date -u +%Y%m%dT%H%M%S)}
 PY=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT_DIR/device.txt"
 $PY -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT_DIR/device.txt"
 section() {  # name, time limit (s), command...
   local name=$1 limit=$2; shift 2
@@ -19,12 +25,20 @@ section() {  # name, time limit (s), command...
   grep -E '^\{"bench"' "$OUT_DIR/$name.log" | cut -c1-260
   grep -E 'Error|error|Traceback' "$OUT_DIR/$name.log" | grep -v '"bench"' | tail -5
 }
-section train_phi2 ${TRAIN_LIMIT:-250} $PY -m benchmarks.bench_train --model phi-2 \
+wanted() { [[ $SECTIONS == *,$1,* ]]; }
+# Baselines first in each pair, so a cut-off run still has every ratio it measured.
+wanted train_phi2 && section train_phi2 ${TRAIN_LIMIT:-220} $PY -m benchmarks.bench_train --model phi-2 \
   --methods ${TRAIN_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft,idpg} --steps 8 --warmup 3 --padding \
   --data_path "$DATA" --results "$OUT_DIR/results.jsonl"
-section generate_phi2 ${GEN_LIMIT:-210} $PY -m benchmarks.bench_generate --model phi-2 \
-  --methods ${GEN_METHODS:-lopa,pt,none,hf-generate} --batch_sizes 64,16,1 --data_path "$DATA" \
+wanted generate_phi2 && section generate_phi2 ${GEN_LIMIT:-300} $PY -m benchmarks.bench_generate --model phi-2 \
+  --methods ${GEN_METHODS:-hf-generate,none,lopa,pt} --batch_sizes 64,16,1 --data_path "$DATA" \
   --results "$OUT_DIR/results.jsonl"
-section train_deepseek ${DS_LIMIT:-70} $PY -m benchmarks.bench_train --model deepseek-coder-1.3b-base \
-  --methods pt,lopa,peft-pt,lora,peft-lora --steps 6 --warmup 3 --results "$OUT_DIR/results.jsonl"
+wanted train_deepseek && section train_deepseek ${DS_LIMIT:-100} $PY -m benchmarks.bench_train --model deepseek-coder-1.3b-base \
+  --methods ${DS_METHODS:-peft-pt,pt,lopa,peft-lora,lora,idpg,fft} --steps 6 --warmup 3 \
+  --results "$OUT_DIR/results.jsonl"
+# FFT last: an 8B model's weights, gradients and AdamW states (~64 GiB in bf16) plus activations fit an H200
+# (141 GiB), not an H100 (80 GiB); an out-of-memory error is recorded as that method's result line.
+wanted train_llama3 && section train_llama3 ${LLAMA_LIMIT:-180} $PY -m benchmarks.bench_train --model Meta-Llama-3-8B \
+  --methods ${LLAMA_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft} --steps 5 --warmup 3 \
+  --results "$OUT_DIR/results.jsonl"
 echo "=== done $(date -u +%T)"

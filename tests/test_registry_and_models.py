@@ -1,8 +1,9 @@
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from utils.errors import UserError
-from utils.models import TINY_MODEL_TYPES, load_encoder, load_foundation_model, load_tokenizer
+from utils.models import TINY_MODEL_TYPES, load_encoder, load_foundation_model, load_tokenizer, model_config
 from utils.registry import ENCODERS, FOUNDATION_MODELS, get_encoder_spec, get_model_spec
 
 PAPER_MODELS = ["phi-2", "phi-3", "codegen-350M", "codegen2-3_7B", "deepseek-coder-1.3b-base",
@@ -104,3 +105,12 @@ def test_offline_hub_model_fails_fast_naming_the_way_out(monkeypatch):
 
 def test_registry_has_all_tiny_types():
     assert set(TINY_MODEL_TYPES) <= set(FOUNDATION_MODELS)
+
+
+@pytest.mark.parametrize("model_type,params", [
+    ("phi-2", 2_779_683_840), ("deepseek-coder-1.3b-base", 1_346_471_936), ("Meta-Llama-3-8B", 8_030_261_248)])
+def test_benchmark_architectures_have_the_published_parameter_counts(model_type, params):
+    """The benchmarks build these from registry values with random weights; counted on the meta device."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(get_model_spec(model_type)))
+    assert sum(p.numel() for p in model.parameters()) == params
