@@ -6,9 +6,10 @@ Each program runs in its own process, temporary directory and session/process gr
   started once with ``python -s -S -B -P`` and a scrubbed environment, which imports only os, sys, json,
   select, resource and ctypes and never runs a program itself), or with ``start="exec"`` a new interpreter per
   program; either way no state of the evaluator (torch, tokens, the environment) is in the program's memory;
-* a **scrubbed environment** (PATH, LANG, HOME/TMPDIR pointing at the work dir, PYTHONHASHSEED=0; no
-  HF_TOKEN, WANDB_API_KEY or other secret), stdin on /dev/null, stdout and stderr to files that RLIMIT_FSIZE
-  caps (only the last ``max_output_bytes`` are read back);
+* a **scrubbed environment** (PATH, LANG, HOME/TMPDIR pointing at the work dir, PYTHONHASHSEED=0, one BLAS/OpenMP
+  thread; no HF_TOKEN, WANDB_API_KEY or other secret), stdin on /dev/null, stdout and stderr to files that
+  RLIMIT_FSIZE caps (only the last ``max_output_bytes`` are read back);
+* the evaluator's **site-packages** importable (read-only with namespaces), as in the classic harnesses;
 * **rlimits** on address space (RLIMIT_AS), CPU time, file size, open files and core dumps;
 * a **wall-clock timeout** after which the whole process group is SIGKILLed.
 
@@ -88,6 +89,10 @@ class SandboxConfig:
     """The interpreter that runs the programs (Python 3.11+; only its standard library is used)."""
     uid_base: int | None = None
     """First uid of the worker slots (uid_base + slot); by default derived from the caller's pid."""
+    site_packages: bool = True
+    """Let programs import the packages installed for the evaluator (numpy, ...), read-only, as in the classic
+    harnesses, which run programs in the evaluator's own environment. Only when ``python`` is the evaluator's
+    interpreter (another one may not load them)."""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -143,6 +148,19 @@ def _user_process_count(uid: int) -> int:
 def _hidden_dirs() -> list[str]:
     dirs = {"/root", "/home", os.path.expanduser("~"), os.getcwd(), PROJECT_ROOT}
     return sorted({os.path.realpath(d) for d in dirs if d} - {"/"})
+
+
+def _same_interpreter(python: str) -> bool:
+    return os.path.realpath(shutil.which(python) or python) == os.path.realpath(sys.executable)
+
+
+def _site_packages() -> list[str]:
+    """The evaluator's site-packages, resolved (a symlinked venv path would vanish under a hidden directory)."""
+    import site
+
+    paths = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    paths += site.getsitepackages() if hasattr(site, "getsitepackages") else []
+    return list(dict.fromkeys(os.path.realpath(p) for p in paths if os.path.isdir(p)))
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> bool:
@@ -231,6 +249,8 @@ class Sandbox:
         self._servers: dict[int, _ForkServer] = {}
         self._slots_dir: str | None = None
         self._finalizer = weakref.finalize(self, _close_servers, self._servers)
+        self._import_paths = _site_packages() if self.config.site_packages and _same_interpreter(
+            self.config.python) else []
         self.mode, self.start, self.features = self._choose()
 
     def __enter__(self) -> Sandbox:
@@ -315,7 +335,9 @@ class Sandbox:
 
     def _env(self, home: str) -> dict:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
-               "TMPDIR": home, "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8"}
+               "TMPDIR": home, "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8",
+               # one core per sample (n_workers = cores), and BLAS pools would hit RLIMIT_NPROC on big machines
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if "LD_LIBRARY_PATH" in os.environ:  # some Python builds need it to start; it holds no secret
             env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
         return env
@@ -348,6 +370,7 @@ class Sandbox:
             home = "/tmp" if ns else os.path.join(tmp, "work")
             req = {"stdout": paths["stdout"], "stderr": paths["stderr"], "status": paths["status"], "workdir": home,
                    "uid": uid, "ns": ns, "env": self._env(home), "hide": _hidden_dirs(), "tmpfs_mb": cfg.tmpfs_mb,
+                   "import_paths": self._import_paths,
                    "timeout": timeout, "limits": {"as": cfg.memory_mb << 20, "fsize": cfg.file_size_mb << 20,
                                                   "nofile": cfg.nofile, "nproc": nproc, "cpu": int(timeout) + 2}}
             if reuse:
