@@ -70,6 +70,32 @@ def test_programs_follow_the_harnesses():
     assert cruxeval_program(record, "f('b')", "output")[0] is not None
 
 
+
+LEGIT_MBPP = {  # correct solutions in the forms models write; mxeval passes every one of them
+    "prints": "    print('computing', a)\n    return a + 1",
+    "helpers_at_top_level": "    return _Box(a).inc()\nimport math\nclass _Box:\n    def __init__(self, v):\n"
+                            "        self.v = v\n    def inc(self):\n        return _helper(self.v)\n"
+                            "def _helper(v):\n    return int(math.floor(v)) + 1",
+    "deep_recursion": "    import sys\n    sys.setrecursionlimit(20000)\n    def down(n):\n"
+                      "        return 0 if n == 0 else 1 + down(n - 1)\n    return a + 1 + down(5000) - 5000",
+    "numpy": "    import numpy as np\n    return int(np.add(a, 1))",
+    "slow_but_in_time": "    import time\n    time.sleep(0.8)\n    return a + 1",  # 1.6 s of a 2.5 s limit
+}
+
+
+def test_legitimate_mbpp_solutions_pass(tmp_path):
+    pytest.importorskip("numpy")
+    problems = [{"task_id": f"T/{name}", "prompt": "def inc(a):\n", "entry_point": "inc",
+                 "test": "def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(41) == 42\n"}
+                for name in LEGIT_MBPP]
+    problem_file = _write_jsonl(tmp_path / "problems.jsonl", problems)
+    path = _write_jsonl(tmp_path / "sols.jsonl", [{"task_id": f"T/{name}", "completion": completion}
+                                                  for name, completion in LEGIT_MBPP.items()])
+    summary = evaluate_file("mbpp", path, problem_file=problem_file, timeout=2.5, **FAST)
+    results = read_jsonl(summary["results_path"])
+    assert {r["task_id"]: r["reason"] for r in results if not r["passed"]} == {}
+    assert summary["pass@1"] == 1.0
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)

@@ -102,6 +102,21 @@ def test_extract_cruxeval_answer_follows_the_spec():
         extract_cruxeval_answer("x", "both")
 
 
+
+@pytest.mark.parametrize("completion, mode, expected", [
+    # "==" inside a string or brackets is not the assertion's: the original's first-"==" split broke these
+    ("\nassert f('a==b') == 2\n[/ANSWER]", "input", "f('a==b')"),
+    ("\nassert f('a==b') == 2\n[/ANSWER]", "output", "2"),
+    ("\nassert f(3 if x == 1 else 0) == 3\n[/ANSWER]", "input", "f(3 if x == 1 else 0)"),
+    ("\nassert f(*[1, 2]) == 3  # two args\n[/ANSWER]", "input", "f(*[1, 2])"),
+    ("\nassert f(1) == {3, 2, 1}  # a set\n[/ANSWER]", "output", "{3, 2, 1}  # a set"),
+    ("\x0bjunk\u2028\nassert f('=') == 'é'\n[/ANSWER]", "input", "f('=')"),  # odd line breaks
+    ("\nassert f('a) == 2\n[/ANSWER]", "output", "2"),  # does not tokenize: the first "==", as before
+])
+def test_extract_cruxeval_answer_splits_at_the_assertions_eq(completion, mode, expected):
+    assert extract_cruxeval_answer(completion, mode) == expected
+
+
 def test_extract_cruxeval_answer_removes_a_prompt_still_in_the_text():
     record = {"code": "def f(x):\n    return x * 2", "input": "3", "output": "6", "id": "sample_400"}
     for mode, expected in (("output", "6"), ("input", "f(3)")):

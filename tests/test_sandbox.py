@@ -300,6 +300,20 @@ def test_output_is_captured_and_capped():
     assert len(result.stdout) == 100 and result.stdout.endswith("a\n") and result.stderr == "tail\n"
 
 
+
+def test_programs_import_the_evaluators_packages_read_only():
+    """mxeval and CRUXEval run programs in the evaluator's environment, so a numpy solution passes there."""
+    pytest.importorskip("numpy")
+    with Sandbox(SandboxConfig(timeout=TIMEOUT)) as sandbox:
+        ok = sandbox.run("import numpy as np\nassert int(np.arange(4).sum()) == 6")
+        write = sandbox.run("import numpy as np\nopen(np.__file__, 'a')")
+    with Sandbox(SandboxConfig(timeout=TIMEOUT, site_packages=False)) as bare:
+        off = bare.run("import numpy")
+    assert ok.status == "passed", ok.reason
+    assert off.status == "failed" and off.reason.startswith("ModuleNotFoundError: No module named 'numpy'")
+    if sandbox.features["mount_namespace"]:  # bind-mounted back read-only
+        assert write.status == "failed" and write.reason.startswith(("PermissionError", "OSError")), write.reason
+
 @pytest.mark.parametrize("start", ["forkserver", "exec"])
 def test_both_start_methods_contain_a_daemon_and_a_loop(arena, start):
     programs = hostile_programs(arena)

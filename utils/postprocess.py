@@ -224,6 +224,7 @@ def extract_cruxeval_answer(completion: str, mode: str, prompt: str | None = Non
 
     output mode: what follows the first ``==``, cut before ``[/ANSWER]``, stripped (a literal).
     input mode: what precedes the first ``==``, from ``f`` of ``assert f`` on, stripped (an ``f(...)`` call).
+    The ``==`` is the first one outside brackets and strings (``_assertion_eq``).
     Raw text that still holds the prompt is accepted: pass ``prompt`` to remove it exactly, or leave it None
     to keep what follows the last ``[ANSWER]`` (the generator stops at ``[/ANSWER]``, so that is the model's).
     Input mode also cuts at ``[/ANSWER]`` first, so ``f(1)\\n[/ANSWER]`` without ``==`` gives ``f(1)``.
@@ -235,19 +236,48 @@ def extract_cruxeval_answer(completion: str, mode: str, prompt: str | None = Non
         text = strip_prompt(text, prompt)
     elif "[ANSWER]" in text:
         text = text.rsplit("[ANSWER]", 1)[1]
+    eq = _assertion_eq(text)
     if mode == "output":
-        if "==" in text:
-            text = text.split("==", 1)[1]
+        if eq != -1:
+            text = text[eq + 2:]
         if "[/ANSWER]" in text:
             text = text.split("[/ANSWER]", 1)[0]
     else:
         if "[/ANSWER]" in text:
             text = text.split("[/ANSWER]", 1)[0]
-        if "==" in text:
-            text = text.split("==", 1)[0]
+        if eq != -1 and eq < len(text):
+            text = text[:eq]
         if "assert f" in text:
             text = "f" + text.split("assert f", 1)[1]
     return text.strip()
+
+
+def _assertion_eq(text: str) -> int:
+    """Index of the ``==`` that splits ``assert f(...) == value``: the first one outside brackets and strings.
+
+    The original split at the first ``==`` anywhere, so a correct ``assert f('a==b') == 2`` (or ``f(x == 1)``)
+    became a syntax error. Falls back to the first ``==`` when the text does not tokenize that far; -1 if none.
+    """
+    plain = text.find("==")
+    if plain == -1:
+        return -1
+    starts = [0]
+    for line in io.StringIO(text).readlines():  # the lines tokenize sees (str.splitlines also splits at \x0b)
+        starts.append(starts[-1] + len(line))
+    depth = 0
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type != tokenize.OP:
+                continue
+            if tok.string in "([{":
+                depth += 1
+            elif tok.string in ")]}":
+                depth = max(0, depth - 1)
+            elif tok.string == "==" and depth == 0:
+                return starts[tok.start[0] - 1] + tok.start[1]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass
+    return plain
 
 
 # -- files (the CLIs postprocess_mbpp_preds.py and postprocess_cruxeval_preds.py) ---------------------------

@@ -6,9 +6,10 @@ Each program runs in its own process, temporary directory and session/process gr
   started once with ``python -s -S -B -P`` and a scrubbed environment, which imports only os, sys, json,
   select, resource and ctypes and never runs a program itself), or with ``start="exec"`` a new interpreter per
   program; either way no state of the evaluator (torch, tokens, the environment) is in the program's memory;
-* a **scrubbed environment** (PATH, LANG, HOME/TMPDIR pointing at the work dir, PYTHONHASHSEED=0; no
-  HF_TOKEN, WANDB_API_KEY or other secret), stdin on /dev/null, stdout and stderr to files that RLIMIT_FSIZE
-  caps (only the last ``max_output_bytes`` are read back);
+* a **scrubbed environment** (PATH, LANG, HOME/TMPDIR pointing at the work dir, PYTHONHASHSEED=0, one BLAS/OpenMP
+  thread; no HF_TOKEN, WANDB_API_KEY or other secret), stdin on /dev/null, stdout and stderr to files that
+  RLIMIT_FSIZE caps (only the last ``max_output_bytes`` are read back);
+* the evaluator's **site-packages** importable (read-only with namespaces), as in the classic harnesses;
 * **rlimits** on address space (RLIMIT_AS), CPU time, file size, open files and core dumps;
 * a **wall-clock timeout** after which the whole process group is SIGKILLed.
 
@@ -39,30 +40,27 @@ all samples share the template's address-space layout (weaker ASLR). Without nam
 and writes to world-writable directories such as /tmp; without the uid drop (non-root callers): killing the
 caller's other processes, reading its files and /proc/<pid>/environ, fork bombs beyond RLIMIT_NPROC's
 per-user count, and (exec start only) a daemon left by a program killed at its timeout. See docs/EVALUATION.md.
+
+This module chooses the mode and builds each request; utils/sandbox_process.py talks to the processes (fork
+server client, exec start, reading a result) and utils/sandbox_child.py is the child side.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import select
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import weakref
 
+from utils.sandbox_process import (ForkServer, RunResult, ServerGone, close_servers, exec_sample, interpret,
+                                   same_interpreter, site_packages, user_process_count)
+
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("auto", "namespaces", "uid", "none")
 STARTS = ("auto", "forkserver", "exec")
-UNSHARE_FLAGS = ["--net", "--ipc", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount"]
-PYTHON_FLAGS = ["-s", "-S", "-B"] + (["-P"] if sys.version_info >= (3, 11) else [])
-
-CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
-"""The child-side script (stdlib only), run with ``python -s -S -B -P``."""
 
 
 @dataclasses.dataclass
@@ -88,6 +86,10 @@ class SandboxConfig:
     """The interpreter that runs the programs (Python 3.11+; only its standard library is used)."""
     uid_base: int | None = None
     """First uid of the worker slots (uid_base + slot); by default derived from the caller's pid."""
+    site_packages: bool = True
+    """Let programs import the packages installed for the evaluator (numpy, ...), read-only, as in the classic
+    harnesses, which run programs in the evaluator's own environment. Only when ``python`` is the evaluator's
+    interpreter (another one may not load them)."""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -98,117 +100,9 @@ class SandboxConfig:
             raise ValueError("sandbox timeout and memory_mb must be positive")
 
 
-@dataclasses.dataclass
-class RunResult:
-    status: str
-    """'passed', 'failed' or 'timed out'."""
-    reason: str
-    seconds: float = 0.0
-    stdout: str = ""
-    stderr: str = ""
-    sandbox_error: bool = False
-
-
-_SIGNAL_NOTES = {signal.SIGXCPU: "CPU time limit", signal.SIGXFSZ: "file size / output limit",
-                 signal.SIGSEGV: "e.g. stack overflow"}
-
-
-def _signal_reason(code: int) -> str:
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
-    note = _SIGNAL_NOTES.get(-code)
-    return f"killed by {name}" + (f" ({note})" if note else "")
-
-
-def _tail(path: str, n: int) -> str:
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        fh.seek(max(0, fh.tell() - n))
-        return fh.read().decode("utf-8", "replace")
-
-
-def _user_process_count(uid: int) -> int:
-    count = 0
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                count += os.stat(f"/proc/{name}").st_uid == uid
-            except OSError:
-                pass
-    return count
-
-
 def _hidden_dirs() -> list[str]:
     dirs = {"/root", "/home", os.path.expanduser("~"), os.getcwd(), PROJECT_ROOT}
     return sorted({os.path.realpath(d) for d in dirs if d} - {"/"})
-
-
-def _wait(proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait for ``proc`` up to ``timeout`` s; True if it ended. A pidfd wakes at once (Popen.wait polls)."""
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):
-        try:
-            proc.wait(timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    try:
-        ready = select.select([fd], [], [], timeout)[0]
-    finally:
-        os.close(fd)
-    if ready:
-        proc.wait()
-    return bool(ready)
-
-
-class _ServerGone(Exception):
-    pass
-
-
-class _ForkServer:
-    """One template interpreter (for one worker slot) that forks a sandboxed child per request."""
-
-    def __init__(self, python: str, env: dict, isolated: bool):
-        self.proc = subprocess.Popen([python, *PYTHON_FLAGS, CHILD, "serve",
-                                      "isolated" if isolated else "plain"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd="/",
-                                     start_new_session=True)
-
-    def request(self, req: dict, wait: float) -> bool:
-        """Send one sample; return whether it timed out. Raises _ServerGone if the server died or hung."""
-        try:
-            self.proc.stdin.write((json.dumps(req) + "\n").encode())
-            self.proc.stdin.flush()
-        except OSError as exc:
-            raise _ServerGone(f"fork server is gone ({exc})") from None
-        out = self.proc.stdout
-        if not select.select([out], [], [], wait)[0]:
-            raise _ServerGone(f"fork server did not answer within {wait:g} s")
-        line = out.readline().decode()
-        if not line.startswith("D "):
-            raise _ServerGone(f"fork server ended (exit {self.proc.poll()})")
-        return line.split()[1] == "1"
-
-    def close(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
-
-
-def _close_servers(servers: dict) -> None:
-    for server in list(servers.values()):
-        server.close()
-    servers.clear()
 
 
 class Sandbox:
@@ -228,9 +122,11 @@ class Sandbox:
         self._free_slots: list[int] = []
         self._n_slots = 0
         self._lock = threading.Lock()
-        self._servers: dict[int, _ForkServer] = {}
+        self._servers: dict[int, ForkServer] = {}
         self._slots_dir: str | None = None
-        self._finalizer = weakref.finalize(self, _close_servers, self._servers)
+        self._finalizer = weakref.finalize(self, close_servers, self._servers)
+        self._import_paths = site_packages() if self.config.site_packages and same_interpreter(
+            self.config.python) else []
         self.mode, self.start, self.features = self._choose()
 
     def __enter__(self) -> Sandbox:
@@ -242,7 +138,7 @@ class Sandbox:
     def close(self) -> None:
         """Stop the fork servers and remove the slot directories (a later ``run`` starts them again)."""
         with self._lock:
-            _close_servers(self._servers)
+            close_servers(self._servers)
             if self._slots_dir is not None:
                 self._finalizer_dir()
                 self._slots_dir = None
@@ -315,7 +211,9 @@ class Sandbox:
 
     def _env(self, home: str) -> dict:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
-               "TMPDIR": home, "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8"}
+               "TMPDIR": home, "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8",
+               # one core per sample (n_workers = cores), and BLAS pools would hit RLIMIT_NPROC on big machines
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if "LD_LIBRARY_PATH" in os.environ:  # some Python builds need it to start; it holds no secret
             env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
         return env
@@ -337,7 +235,7 @@ class Sandbox:
         cfg, ns = self.config, self.mode == "namespaces"
         drop = self.mode in ("namespaces", "uid") and self._is_root
         uid = self._uid_base + slot if drop else -1
-        nproc = cfg.nproc if drop else (-1 if self._is_root else _user_process_count(os.geteuid()) + cfg.nproc)
+        nproc = cfg.nproc if drop else (-1 if self._is_root else user_process_count(os.geteuid()) + cfg.nproc)
         # With namespaces and the fork server nothing of a sample outlives it (its PID namespace ends first), so
         # a slot's files are reused and the source travels in the request. Otherwise a leftover process could
         # write into a reused file: every sample gets a fresh directory, removed afterwards.
@@ -348,6 +246,7 @@ class Sandbox:
             home = "/tmp" if ns else os.path.join(tmp, "work")
             req = {"stdout": paths["stdout"], "stderr": paths["stderr"], "status": paths["status"], "workdir": home,
                    "uid": uid, "ns": ns, "env": self._env(home), "hide": _hidden_dirs(), "tmpfs_mb": cfg.tmpfs_mb,
+                   "import_paths": self._import_paths,
                    "timeout": timeout, "limits": {"as": cfg.memory_mb << 20, "fsize": cfg.file_size_mb << 20,
                                                   "nofile": cfg.nofile, "nproc": nproc, "cpu": int(timeout) + 2}}
             if reuse:
@@ -364,10 +263,11 @@ class Sandbox:
                 for name in ("stdout", "stderr", "status"):
                     open(paths[name], "wb").close()
             try:
-                timed_out = self._via_server(req, slot) if self.start == "forkserver" else self._via_exec(req, tmp)
-            except (_ServerGone, OSError) as exc:
+                timed_out = (self._via_server(req, slot) if self.start == "forkserver" else
+                             exec_sample(req, tmp, cfg.python, self._unshare, self._is_root))
+            except (ServerGone, OSError) as exc:
                 return RunResult("failed", f"sandbox error: {exc}", sandbox_error=True)
-            return self._interpret(paths, timed_out, timeout)
+            return interpret(paths, timed_out, timeout, cfg.max_output_bytes, cfg.memory_mb)
         finally:
             if not reuse:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -377,79 +277,14 @@ class Sandbox:
             with self._lock:
                 server = self._servers.get(slot)
                 if server is None or server.proc.poll() is not None:
-                    server = self._servers[slot] = _ForkServer(self.config.python, self._env("/"),
-                                                               self.mode == "namespaces")
+                    server = self._servers[slot] = ForkServer(self.config.python, self._env("/"),
+                                                              self.mode == "namespaces")
             try:
                 return server.request(req, req["timeout"] + 10)
-            except _ServerGone:
+            except ServerGone:
                 with self._lock:
                     self._servers.pop(slot, None)
                 server.close()
                 if attempt:
                     raise
         raise AssertionError("unreachable")
-
-    def _via_exec(self, req: dict, tmp: str) -> bool:
-        with open(req["status"], "wb") as status, open(req["stdout"], "wb") as out, \
-                open(req["stderr"], "wb") as err:
-            req = {**req, "status_fd": status.fileno()}
-            prefix = []
-            if req["ns"]:
-                prefix = [self._unshare] + ([] if self._is_root else ["--map-root-user"]) + UNSHARE_FLAGS + ["--"]
-            proc = subprocess.Popen(prefix + [self.config.python, *PYTHON_FLAGS, CHILD, "run",
-                                              json.dumps(req)], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    env=req["env"], cwd=tmp, pass_fds=(status.fileno(),), start_new_session=True)
-            if _wait(proc, req["timeout"]):
-                return False
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-            if req["uid"] >= 0 and not req["ns"]:
-                self._sweep(req["uid"])
-            return True
-
-    @staticmethod
-    def _sweep(uid: int) -> None:
-        """Kill every process of the slot uid (the program's escaped daemons): kill(-1) as that uid."""
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
-                os.kill(-1, signal.SIGKILL)
-            finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
-
-    def _interpret(self, paths: dict, timed_out: bool, timeout: float) -> RunResult:
-        n = self.config.max_output_bytes
-        stdout, stderr = _tail(paths["stdout"], n), _tail(paths["stderr"], n)
-        with open(paths["status"], encoding="utf-8", errors="replace") as fh:
-            lines = [line.rstrip("\n") for line in fh if line.strip()]
-        outcome = next((line for line in lines if line[:1] in "PF"), None)
-        exit_line = next((line for line in reversed(lines) if line.startswith("X ")), None)
-        setup = next((line[2:] for line in lines if line.startswith("E ")), None)
-
-        def done(status, reason, error=False):
-            return RunResult(status, reason, 0.0, stdout, stderr, error)
-
-        if timed_out:
-            return done("timed out", f"exceeded the {timeout:g} s wall-clock limit")
-        if setup:
-            return done("failed", f"sandbox error: {setup}", True)
-        if exit_line is None:
-            return done("failed", "sandbox supervisor ended without a result", True)
-        code = int(exit_line[2:])
-        if code < 0:
-            return done("failed", _signal_reason(code))
-        if outcome == "P" and code == 0:
-            return done("passed", "")
-        if outcome and outcome.startswith("F "):
-            reason = outcome[2:]
-            if reason.startswith("MemoryError"):
-                reason += f" (memory limit {self.config.memory_mb} MiB)"
-            return done("failed", reason)
-        return done("failed", f"exited with code {code} before the program finished (os._exit or similar)")

@@ -194,7 +194,9 @@ def supervise(req, src, fd):
 
 
 def read_program(req, fd):
-    """The program's source: sent in the request, or read as the caller's user before anything is hidden."""
+    """The program's source: sent in the request, or read as the caller's user before anything is hidden.
+    Also puts the evaluator's site-packages on sys.path, so that ``isolate`` keeps them visible (read-only)."""
+    sys.path.extend(p for p in req.get("import_paths", ()) if p not in sys.path)
     if "source" in req:
         return req["source"]
     try:
