@@ -355,6 +355,8 @@ def _resume_log_dir(resume_from: str | None) -> str | None:
     path = pathlib.Path(resume_from)
     if (path / "trainer_state.json").is_file() and path.parent.name == "checkpoints":
         return str(path.parent.parent)
+    if path.name == "checkpoints" and (path / "latest").is_file():  # <log_dir>/checkpoints itself
+        return str(path.parent)
     return str(path)
 
 
@@ -412,9 +414,10 @@ def check_resume_compatible(config: TrainConfig, saved: dict, saved_path) -> Non
             if name in RESUME_MAY_DIFFER or name not in saved.get(section, {}):
                 continue
             if saved[section][name] != value:
+                fix = (f"drop --{_flag(name)}" if saved[section][name] is None
+                       else f"pass --{_flag(name)} {saved[section][name]}")
                 raise UserError(f"{saved_path}: field '{section}.{name}' is {saved[section][name]!r} but this run "
-                                f"has {value!r}; pass --{_flag(name)} {saved[section][name]} to resume, or start "
-                                f"a new run")
+                                f"has {value!r}; {fix} to resume, or start a new run")
 
 
 def _flag(name: str) -> str:
