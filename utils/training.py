@@ -226,7 +226,8 @@ class Trainer:
                 end_of_epoch = state.batch_in_epoch >= plan.batches_per_epoch
                 if end_of_epoch:  # closed before a checkpoint is taken, so the next epoch starts from zero
                     epoch_losses.append(state.epoch_loss_sum / state.epoch_steps)
-                    state.epoch, state.batch_in_epoch, state.epoch_loss_sum, state.epoch_steps = state.epoch + 1, 0, 0., 0
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                    state.epoch_loss_sum, state.epoch_steps = 0.0, 0
                 self._log(record, bar)
                 save = cfg.output.save_every
                 if save.due(step=self.state.global_step) or (end_of_epoch and save.due(epoch=self.state.epoch)):
