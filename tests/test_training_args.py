@@ -9,7 +9,8 @@ import yaml
 
 from tests.conftest import ROOT
 from utils.errors import UserError
-from utils.train_args import PAPER_LR, SaveEvery, build_parser, config_from_namespace, parse_args
+from utils.train_args import PAPER_LR, build_parser, config_from_namespace, parse_args
+from utils.train_config import SaveEvery
 
 BASE = ["--task_name", "mbpp", "--model_type", "tiny-llama"]
 

@@ -14,7 +14,7 @@ from utils.batching import IGNORE_INDEX
 from utils.checkpoint import (LATEST, TrainerState, find_checkpoint, load_checkpoint, prune_checkpoints,
                               save_checkpoint)
 from utils.errors import UserError
-from utils.train_args import TrainArgs
+from utils.train_config import TrainArgs
 from utils.train_setup import make_plan, param_groups
 from utils.training import EpochSampler, shorten, supervised_tokens
 

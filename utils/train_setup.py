@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from utils.errors import UserError
-from utils.train_args import TrainArgs, TrainConfig
+from utils.train_config import TrainArgs, TrainConfig
 
 
 @dataclass(frozen=True)

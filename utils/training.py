@@ -35,7 +35,7 @@ from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, find_checkpoint, lo
 from utils.data import default_data_path, load_task_split
 from utils.fileio import atomic_write_text
 from utils.tasks import get_task
-from utils.train_args import TrainConfig
+from utils.train_config import TrainConfig
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, plot_loss, setup_logging
 from utils.train_setup import configure_deepspeed, make_accelerator, make_optimizer_and_scheduler, make_plan
 
