@@ -56,6 +56,27 @@ def test_training_input_is_prompt_plus_target_and_labels_cover_the_target(data_p
             assert ex["input_ids"][0] == tok.bos_token_id
 
 
+CRUX_SHOTS = {  # spec §4.2: CRUXEval's own two direct examples per mode, blank-line separated
+    "output": ('[PYTHON]\ndef f(n):\n    return n\nassert f(17) == ??\n[/PYTHON]\n[ANSWER]\nassert f(17) == 17\n'
+               '[/ANSWER]\n\n[PYTHON]\ndef f(s):\n    return s + "a"\nassert f("x9j") == ??\n[/PYTHON]\n[ANSWER]\n'
+               'assert f("x9j") == "x9ja"\n[/ANSWER]\n\n'),
+    "input": ('[PYTHON]\ndef f(my_list):\n    count = 0\n    for i in my_list:\n        if len(i) % 2 == 0:\n'
+              '            count += 1\n    return count\nassert f(??) == 3\n[/PYTHON]\n[ANSWER]\n'
+              'assert f(["mq", "px", "zy"]) == 3\n[/ANSWER]\n\n[PYTHON]\ndef f(s1, s2):\n    return s1 + s2\n'
+              'assert f(??) == "banana"\n[/PYTHON]\n[ANSWER]\nassert f("ba", "nana") == "banana"\n[/ANSWER]\n\n'),
+}
+
+
+@pytest.mark.parametrize("mode", ["input", "output"])
+def test_cruxeval_prompt_is_instruction_two_shots_then_the_query_up_to_answer(mode):
+    task = get_task(f"cruxeval_{mode}_prediction")
+    record = {"id": "sample_0", "code": "def f(x):\n    return x * 2", "input": "3", "output": "6"}
+    query = "assert f(3) == ??" if mode == "output" else "assert f(??) == 6"
+    instruction, rest = task.prompt(record).split("\n\n", 1)
+    assert instruction.endswith("as in these examples.") and "[PYTHON]" not in instruction
+    assert rest == CRUX_SHOTS[mode] + f"[PYTHON]\ndef f(x):\n    return x * 2\n{query}\n[/PYTHON]\n[ANSWER]"
+    assert task.target(record) == "\nassert f(3) == 6\n[/ANSWER]\n"  # the same answer line in both modes
+
 def test_long_prompts_are_cut_from_the_left():
     task, tok = get_task("mbpp"), tiny_tokenizer()
     record = {"task_id": "MBPP/1", "prompt": "x = 1\n" * 400 + "def tail():\n", "canonical_solution": "  pass",

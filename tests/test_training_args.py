@@ -9,7 +9,8 @@ import yaml
 
 from tests.conftest import ROOT
 from utils.errors import UserError
-from utils.train_args import PAPER_LR, SaveEvery, build_parser, config_from_namespace, parse_args
+from utils.train_args import PAPER_LR, build_parser, config_from_namespace, parse_args
+from utils.train_config import SaveEvery
 
 BASE = ["--task_name", "mbpp", "--model_type", "tiny-llama"]
 
@@ -151,6 +152,12 @@ def test_resume_rejects_changed_arguments(tmp_path):
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000002\n")
     resumed = parse_args(["--peft_method", "pt"] + BASE + ["--resume_from", str(tmp_path / "run")], "peft")
     assert resumed.output.log_dir == str(tmp_path / "run")  # continues in the run's own directory
+    for where in (tmp_path / "run" / "checkpoints", ckpt):  # find_checkpoint accepts both; the log_dir is the run's
+        again = parse_args(["--peft_method", "pt"] + BASE + ["--resume_from", str(where)], "peft")
+        assert again.output.log_dir == str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"field 'train.max_train_steps' is None but this run has 5; drop "
+                                        r"--max_train_steps to resume"):
+        parse_args(["--peft_method", "pt"] + BASE + ["--max_train_steps", "5", "--resume_from", str(ckpt)], "peft")
     with pytest.raises(UserError, match=r"field 'train.per_gpu_train_batch_size' is 2 but this run has 4"):
         parse_args(["--peft_method", "pt"] + BASE + ["--per_gpu_train_batch_size", "4", "--resume_from",
                                                       str(ckpt)], "peft")

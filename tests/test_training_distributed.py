@@ -96,7 +96,7 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_bitwise_identical(tmp_path,
             "--limit_train_examples", "12",
             "--num_epochs", "2", "--per_gpu_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--lr",
             "0.05", "--num_warmup_steps", "2", "--max_length", "96", "--save_every", "2steps"]
-    run_inprocess("peft", args + ["--log_dir", str(tmp_path / "full")])
+    uninterrupted = run_inprocess("peft", args + ["--log_dir", str(tmp_path / "full")])
 
     crashed = tmp_path / "crashed"
     env = {**os.environ, "LOPA_TEST_KILL_AT": "step_00000004:written"}  # dies after writing, before the rename
@@ -110,7 +110,9 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_bitwise_identical(tmp_path,
     state = json.loads((checkpoints / "step_00000002" / "trainer_state.json").read_text())
     assert (state["epoch"], state["batch_in_epoch"]) == (0, 4)  # mid-epoch: 4 of 6 batches consumed
 
-    run_inprocess("peft", args + ["--log_dir", str(crashed), "--resume_from", str(crashed)])
+    resumed_run = run_inprocess("peft", args + ["--log_dir", str(crashed), "--resume_from", str(crashed)])
+    # the epoch the crash cut in two is averaged over all its steps, not just those after the resume
+    assert resumed_run.epoch_losses == uninterrupted.epoch_losses and len(resumed_run.epoch_losses) == 2
     full, resumed = adapter(tmp_path / "full"), adapter(crashed)
     assert full.keys() == resumed.keys() and "shared_prompt" in full
     for name in full:

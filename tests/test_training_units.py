@@ -9,11 +9,12 @@ from accelerate.data_loader import prepare_data_loader
 from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader
 
+from tests.conftest import ROOT
 from utils.batching import IGNORE_INDEX
 from utils.checkpoint import (LATEST, TrainerState, find_checkpoint, load_checkpoint, prune_checkpoints,
                               save_checkpoint)
 from utils.errors import UserError
-from utils.train_args import TrainArgs
+from utils.train_config import TrainArgs
 from utils.train_setup import make_plan, param_groups
 from utils.training import EpochSampler, shorten, supervised_tokens
 
@@ -83,6 +84,35 @@ def test_weight_decay_skips_biases_and_norms():
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])] and decay["weight_decay"] == 0.05
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
     assert len(param_groups(model, 0.0)) == 1
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("gradient_clipping", 0.5, "gradient_clipping=0.5 but this run uses 1.0"),
+    ("train_batch_size", 64, "train_batch_size=64 but this run uses 4"),
+    ("gradient_accumulation_steps", 4, "gradient_accumulation_steps=4 but this run uses 2"),
+])
+def test_deepspeed_json_numbers_must_agree_with_the_command_line(key, value, message):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    from utils.train_args import parse_args
+    from utils.train_setup import configure_deepspeed
+
+    config = parse_args(["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                         "--gradient_accumulation_steps", "2", "--log_dir", "unused"], "peft")
+
+    def configured(**changes):
+        ds = {**json.loads((ROOT / "config_files" / "zero_stage2_nofp16_config.json").read_text()), **changes}
+        plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
+        accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=1)
+        return configure_deepspeed(accelerator, config, hidden_size=64)
+
+    filled = configured()  # "auto" everywhere: the command line's values
+    assert [filled[k] for k in ("gradient_clipping", "train_batch_size", "gradient_accumulation_steps")] == [1.0, 4, 2]
+    assert configured(**{key: filled[key]})[key] == filled[key]  # an agreeing number is fine
+    with pytest.raises(UserError, match=message):
+        configured(**{key: value})
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -3,7 +3,7 @@
 Layout under ``<log_dir>/checkpoints/``::
 
     step_00000050/                 one directory per checkpoint, named by optimizer step
-        trainer_state.json         position: global_step, epoch, batch_in_epoch, tokens, elapsed, num_processes
+        trainer_state.json         global_step, epoch, batch_in_epoch, tokens, elapsed, the epoch's loss so far
         config.json                the run's resolved configuration
         trainable.safetensors      the trained tensors (every weight for fft)       } without DeepSpeed
         optimizer.pt, scheduler.pt (and scaler.pt with fp16)                        }
@@ -63,6 +63,9 @@ class TrainerState:
     """Seconds spent training, over all sessions of this run."""
     num_processes: int = 1
     wandb_run_id: str | None = None
+    epoch_loss_sum: float = 0.0
+    """Sum of the step losses of ``epoch`` so far, so an epoch's mean survives a resume in its middle."""
+    epoch_steps: int = 0
 
     @classmethod
     def read(cls, path: pathlib.Path) -> "TrainerState":

@@ -1,32 +1,25 @@
-"""Typed, validated arguments of the two training scripts (tune_foundation_model.py, tune_fft_baseline.py).
+"""The command line of the two training scripts (tune_foundation_model.py, tune_fft_baseline.py).
 
 Parsing has no side effects: every value is checked — names against the registry, numbers, files, a checkpoint
 to resume from and its compatibility — before any model loads or any directory is created. A bad value ends
-the script with one ``error: ...`` line and exit status 2 (``utils.errors.cli_entry``).
-
-Three dataclasses, each checking itself in ``__post_init__`` (litgpt style): ``ModelArgs`` (what is tuned, on
-which data), ``TrainArgs`` (optimisation), ``OutputArgs`` (where results go, checkpoints, resume, logging).
+the script with one ``error: ...`` line and exit status 2 (``utils.errors.cli_entry``). The result is a
+``utils.train_config.TrainConfig``.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
-import re
-from dataclasses import dataclass, field
 
-from utils.cli import ArgumentParser, add_model_args, check_model_args, default_log_dir, str2bool
+from utils.cli import ArgumentParser, add_model_args, default_log_dir, str2bool
 from utils.errors import UserError
 from utils.registry import PEFT_METHODS, get_encoder_spec
+from utils.train_config import (MODEL_DTYPES, PRECISIONS, SCHEDULERS, ModelArgs, OutputArgs, SaveEvery, TrainArgs,
+                                TrainConfig)
 
 PAPER_LR = {"pt": 1e-3, "idpg": 1e-3, "lopa": 1e-3, "lora": 1e-4, "fft": 1e-5}
 """Learning rates behind the paper's results (spec §10.5), used when --lr is not given."""
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt")
-PRECISIONS = ("auto", "no", "bf16", "fp16")
-MODEL_DTYPES = ("fp32", "bf16", "fp16")
 RESUME_MAY_DIFFER = {"model_path", "enc_model_path", "data_path", "path_to_ds_config", "gradient_checkpointing",
                      "compile"}
 """Arguments a resumed run may change (they locate files, or trade memory for time); every other model/train
@@ -46,164 +39,6 @@ def _lr_value(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-
-
-# ---------------------------------------------------------------------------------------------- save_every
-@dataclass(frozen=True)
-class SaveEvery:
-    """Checkpoint frequency: ``every`` epochs or optimizer steps; ``every == 0`` saves only ``final/``."""
-
-    every: int = 0
-    unit: str = "epochs"
-
-    @classmethod
-    def parse(cls, text: str | int) -> "SaveEvery":
-        match = re.fullmatch(r"\s*(-?\d+)\s*(epochs?|steps?)?\s*", str(text))
-        if not match:
-            raise UserError(f"--save_every {text!r}: expected N (epochs), Nepochs or Nsteps, e.g. 2 or 50steps")
-        every, unit = int(match.group(1)), match.group(2) or "epochs"
-        if every <= 0:  # the original's -1 (and 0) mean "only final/"
-            return cls(0, "epochs")
-        return cls(every, "steps" if unit.startswith("step") else "epochs")
-
-    def __str__(self) -> str:
-        return f"{self.every}{self.unit}" if self.every else "0"
-
-    def due(self, *, step: int | None = None, epoch: int | None = None) -> bool:
-        """Whether a checkpoint is due after optimizer ``step`` or after completing ``epoch`` (1-based)."""
-        if not self.every:
-            return False
-        if self.unit == "steps":
-            return step is not None and step % self.every == 0
-        return epoch is not None and epoch % self.every == 0
-
-
-# ---------------------------------------------------------------------------------------------- dataclasses
-@dataclass(frozen=True)
-class ModelArgs:
-    """What is tuned, and on which data."""
-
-    method: str
-    task_name: str
-    model_type: str
-    model_path: str | None = None
-    enc_model_type: str | None = "codesage-small"
-    enc_model_path: str | None = None
-    data_path: str | None = None
-    mbpp_split: str = "paper"
-    num_virtual_tokens: int = 10
-    lp_rank: int = 1
-    lora_dim: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    seed: int = 9876
-
-    def __post_init__(self):
-        check_model_args(argparse.Namespace(**dataclasses.asdict(self)))
-        if self.method not in PEFT_METHODS + ("fft",):
-            raise UserError(f"unknown method {self.method!r}; choose one of: {', '.join(PEFT_METHODS)} (or fft)")
-        _at_least("lora_dim", self.lora_dim, 1)
-        _positive("lora_alpha", self.lora_alpha)
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-
-    @property
-    def uses_encoder(self) -> bool:
-        return self.method in ("lopa", "idpg")
-
-
-@dataclass(frozen=True)
-class TrainArgs:
-    """Optimisation. Defaults are the paper's PEFT runs (spec §10.5); the FFT script overrides a few."""
-
-    num_epochs: int = 10
-    per_gpu_train_batch_size: int = 2
-    gradient_accumulation_steps: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "linear"
-    num_warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    max_train_steps: int | None = None
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"
-    model_dtype: str = "fp32"
-    gradient_checkpointing: bool = False
-    compile: str = "auto"
-    pad_to_max_length: bool = False
-    group_by_length: bool = False
-    limit_train_examples: int | None = None
-    max_length: int | None = None
-    path_to_ds_config: str | None = None
-
-    def __post_init__(self):
-        for name in ("num_epochs", "per_gpu_train_batch_size", "gradient_accumulation_steps"):
-            _at_least(name, getattr(self, name), 1)
-        for name in ("max_train_steps", "limit_train_examples", "max_length"):
-            if getattr(self, name) is not None:
-                _at_least(name, getattr(self, name), 1)
-        _positive("lr", self.lr)
-        for name in ("weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        _at_least("num_warmup_steps", self.num_warmup_steps, 0)
-        if not 0 <= self.warmup_ratio < 1:
-            raise UserError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
-        _choice("mixed_precision", self.mixed_precision, PRECISIONS)
-        _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
-        _choice("compile", self.compile, ("auto", "on", "off"))
-        if self.lr_scheduler_type == "constant" and (self.num_warmup_steps or self.warmup_ratio):
-            raise UserError("--lr_scheduler_type constant ignores warmup; use constant_with_warmup, "
-                            "or drop --num_warmup_steps/--warmup_ratio")
-
-
-@dataclass(frozen=True)
-class OutputArgs:
-    """Where results go, when checkpoints are written, what a run resumes from, how it reports."""
-
-    log_dir: str
-    save_every: SaveEvery = field(default_factory=SaveEvery)
-    save_total_limit: int | None = None
-    resume_from: str | None = None
-    wandb_logging: bool = False
-    project_name: str = "PromptTuningModel"
-    log_every: int = 1
-
-    def __post_init__(self):
-        _at_least("log_every", self.log_every, 1)
-        if self.save_total_limit is not None:
-            _at_least("save_total_limit", self.save_total_limit, 1)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything one training run needs; ``to_dict`` is what config.json records."""
-
-    script: str
-    model: ModelArgs
-    train: TrainArgs
-    output: OutputArgs
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["output"]["save_every"] = str(self.output.save_every)
-        return out
-
-
-def _at_least(name: str, value: int, low: int) -> None:
-    if value < low:
-        raise UserError(f"--{name} must be >= {low}, got {value}")
-
-
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise UserError(f"--{name} must be > 0, got {value}")
-
-
-def _choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise UserError(f"--{name} {value!r}: choose one of: {', '.join(choices)}")
 
 
 # ---------------------------------------------------------------------------------------------- parsers
@@ -355,6 +190,8 @@ def _resume_log_dir(resume_from: str | None) -> str | None:
     path = pathlib.Path(resume_from)
     if (path / "trainer_state.json").is_file() and path.parent.name == "checkpoints":
         return str(path.parent.parent)
+    if path.name == "checkpoints" and (path / "latest").is_file():  # <log_dir>/checkpoints itself
+        return str(path.parent)
     return str(path)
 
 
@@ -412,9 +249,10 @@ def check_resume_compatible(config: TrainConfig, saved: dict, saved_path) -> Non
             if name in RESUME_MAY_DIFFER or name not in saved.get(section, {}):
                 continue
             if saved[section][name] != value:
+                fix = (f"drop --{_flag(name)}" if saved[section][name] is None
+                       else f"pass --{_flag(name)} {saved[section][name]}")
                 raise UserError(f"{saved_path}: field '{section}.{name}' is {saved[section][name]!r} but this run "
-                                f"has {value!r}; pass --{_flag(name)} {saved[section][name]} to resume, or start "
-                                f"a new run")
+                                f"has {value!r}; {fix} to resume, or start a new run")
 
 
 def _flag(name: str) -> str:

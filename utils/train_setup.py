@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from utils.errors import UserError
-from utils.train_args import TrainArgs, TrainConfig
+from utils.train_config import TrainArgs, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,12 @@ def configure_deepspeed(accelerator, config: TrainConfig, hidden_size: int) -> d
     plugin = accelerator.state.deepspeed_plugin
     ds = plugin.deepspeed_config
     train = config.train
+    # a number in the JSON must agree with the run (config.json records the command line's values)
     for key, ours in (("gradient_accumulation_steps", train.gradient_accumulation_steps),
-                      ("train_micro_batch_size_per_gpu", train.per_gpu_train_batch_size)):
+                      ("train_micro_batch_size_per_gpu", train.per_gpu_train_batch_size),
+                      ("train_batch_size", train.per_gpu_train_batch_size * train.gradient_accumulation_steps
+                       * accelerator.num_processes),
+                      ("gradient_clipping", train.max_grad_norm)):
         if ds.get(key, "auto") not in ("auto", ours):
             raise UserError(f"the DeepSpeed config sets {key}={ds[key]} but this run uses {ours}; set it to "
                             f'"auto" in the JSON (the command line decides)')
@@ -108,11 +112,8 @@ def configure_deepspeed(accelerator, config: TrainConfig, hidden_size: int) -> d
     if ds["zero_optimization"].get("stage", 0) == 3 and config.model.method != "fft":
         raise UserError("ZeRO stage 3 partitions the frozen model and the adapter; use ZeRO-2 for PEFT methods "
                         "(config_files/config_ds_zero_stage2_no_fp16.yaml)")
-    fills = {"train_batch_size": train.per_gpu_train_batch_size * train.gradient_accumulation_steps
-             * accelerator.num_processes,
-             "gradient_clipping": train.max_grad_norm,
-             # accelerate would read these from model.config, which the wrapped model does not have
-             "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+    # accelerate would read these from model.config, which the wrapped model does not have
+    fills = {"zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
              "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
              "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size}
     for key, value in fills.items():  # only where the JSON says "auto"

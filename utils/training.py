@@ -35,7 +35,7 @@ from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, find_checkpoint, lo
 from utils.data import default_data_path, load_task_split
 from utils.fileio import atomic_write_text
 from utils.tasks import get_task
-from utils.train_args import TrainConfig
+from utils.train_config import TrainConfig
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, plot_loss, setup_logging
 from utils.train_setup import configure_deepspeed, make_accelerator, make_optimizer_and_scheduler, make_plan
 
@@ -82,7 +82,7 @@ class TrainResult:
     final_dir: pathlib.Path
     global_step: int
     epoch_losses: list[float] = field(default_factory=list)
-    """Mean loss of each epoch finished in this session."""
+    """Mean step loss of each epoch finished in this session (the whole epoch, even if it began before a resume)."""
 
 
 def _broadcast_str(accelerator, value: str) -> str:
@@ -208,7 +208,7 @@ class Trainer:
                 "id": self.state.wandb_run_id, "resume": "allow"}})
         self.model.train()
         bar = ProgressBar(plan.total_steps, self.state.global_step, acc.is_main_process)
-        epoch_losses, epoch_loss, epoch_steps = [], 0.0, 0
+        epoch_losses = []
         self._wall = self._rate_clock = (time.perf_counter(), self.state.tokens)
         while self.state.global_step < plan.total_steps:
             batches = iter(self._epoch_loader())
@@ -220,21 +220,23 @@ class Trainer:
                 if not window:
                     raise RuntimeError("the dataloader ran out before the planned batches")  # a bug, not a user error
                 record = self._step(window)
-                epoch_loss, epoch_steps = epoch_loss + record["loss"], epoch_steps + 1
-                end_of_epoch = self.state.batch_in_epoch >= plan.batches_per_epoch
-                if end_of_epoch:
-                    self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+                state = self.state
+                state.epoch_loss_sum += record["loss"]
+                state.epoch_steps += 1
+                end_of_epoch = state.batch_in_epoch >= plan.batches_per_epoch
+                if end_of_epoch:  # closed before a checkpoint is taken, so the next epoch starts from zero
+                    epoch_losses.append(state.epoch_loss_sum / state.epoch_steps)
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                    state.epoch_loss_sum, state.epoch_steps = 0.0, 0
                 self._log(record, bar)
                 save = cfg.output.save_every
                 if save.due(step=self.state.global_step) or (end_of_epoch and save.due(epoch=self.state.epoch)):
                     self._save_checkpoint()
                     self._rate_clock = (time.perf_counter(), self.state.tokens)  # tokens/s leaves out saving
                 if end_of_epoch:
-                    epoch_losses.append(epoch_loss / epoch_steps)
                     self.log.info("epoch %d: mean loss %.4f", self.state.epoch, epoch_losses[-1])
                     if cfg.output.wandb_logging:
                         acc.log({"epoch/mean_loss": epoch_losses[-1]}, step=self.state.global_step)
-                    epoch_loss, epoch_steps = 0.0, 0
                     if next(batches, None) is not None:
                         raise RuntimeError("the dataloader had more batches than planned")
                     break
