@@ -178,6 +178,30 @@ def test_a_failed_save_never_becomes_latest(tmp_path, accelerated):
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000001", "step_00000003"]
 
 
+def test_a_resave_of_the_latest_step_cut_off_mid_swap_leaves_a_resumable_checkpoint(tmp_path, accelerated,
+                                                                                      monkeypatch):
+    """After resuming from an older checkpoint, a run re-saves a step that `latest` may already name."""
+    acc, model, opt, sched = accelerated
+    root = tmp_path / "checkpoints"
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=2, epoch=0), {}, root)
+    original = (root / "step_00000002" / "trainer_state.json").read_text()
+
+    def crash(name, stage):
+        if stage == "moved-aside":
+            raise KeyboardInterrupt  # stands in for a kill between the two renames
+
+    monkeypatch.setattr("utils.checkpoint._kill_hook", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(acc, model, opt, sched, TrainerState(global_step=2, epoch=1), {}, root)
+    found = find_checkpoint(tmp_path)
+    assert found == root / ".old-step_00000002" and (found / "trainer_state.json").read_text() == original
+    monkeypatch.undo()
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=2, epoch=1), {}, root)
+    assert find_checkpoint(tmp_path) == root / "step_00000002"
+    assert TrainerState.read(root / "step_00000002" / "trainer_state.json").epoch == 1
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000002"]
+
+
 def test_prune_keeps_the_newest_and_find_checkpoint_explains_problems(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):

@@ -90,6 +90,8 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
         if latest.is_file():
             name = latest.read_text().strip()
             checkpoint = root / name
+            if not (checkpoint / STATE_FILE).is_file() and (root / f".old-{name}" / STATE_FILE).is_file():
+                checkpoint = root / f".old-{name}"  # a re-save of this step was cut off mid-swap
             if not (checkpoint / STATE_FILE).is_file():
                 raise UserError(f"{latest} names {name!r} but {checkpoint / STATE_FILE} is missing; pass one of "
                                 f"the step_* directories under {root} to --resume_from")
@@ -149,8 +151,10 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainerStat
     final, tmp = checkpoints_dir / name, checkpoints_dir / f".tmp-{name}"
     deepspeed = accelerator.distributed_type == "DEEPSPEED"
     if accelerator.is_main_process:
-        for stale in checkpoints_dir.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        stale = [*checkpoints_dir.glob(".tmp-*"),  # an unfinished save; a moved-aside copy whose new one is in place
+                 *(p for p in checkpoints_dir.glob(".old-*") if (checkpoints_dir / p.name[5:]).is_dir())]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
@@ -174,10 +178,14 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainerStat
     if accelerator.is_main_process:
         _fsync_tree(tmp)
         _kill_hook(name, "written")
-        if final.exists():  # a re-save of a step whose checkpoint never became `latest`
-            shutil.rmtree(final)
+        aside = checkpoints_dir / f".old-{name}"
+        if final.exists():  # a re-save of a step (resumed from an earlier checkpoint); `latest` may name it,
+            shutil.rmtree(aside, ignore_errors=True)  # so it moves aside and goes only once the new one is in place
+            os.replace(final, aside)
+            _kill_hook(name, "moved-aside")
         os.replace(tmp, final)
         fsync_dir(checkpoints_dir)
+        shutil.rmtree(aside, ignore_errors=True)
         atomic_write_text(checkpoints_dir / LATEST, name + "\n")
         _kill_hook(name, "committed")
         if total_limit:
