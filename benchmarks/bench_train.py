@@ -6,7 +6,7 @@ Methods: fft, lora, pt, idpg, lopa (the project's ``TunedModel`` with its fast p
 fused AdamW, selective logits) and the baselines a user would otherwise pick, ``peft-pt`` and ``peft-lora``
 (plain peft, eager, torch AdamW, full logits). Shapes: batch × seq_len random tokens, labels on the last half of
 each row (prompts are about half of an MBPP example). ``--padding`` adds useful (non-pad) tokens/s on the real
-MBPP train split with dynamic padding versus the original's fixed length.
+MBPP train split with dynamic padding (shuffled, and length-grouped) versus the original's fixed length.
 
     python benchmarks/bench_train.py --model phi-2 --methods fft,lora,pt,idpg,lopa,peft-pt,peft-lora
     python benchmarks/bench_train.py --smoke          # tiny model on the CPU (CI)
@@ -125,7 +125,11 @@ def bench_method(method: str, args, writer: ResultWriter) -> None:
 
 
 def bench_padding(args, writer: ResultWriter) -> None:
-    """Useful tokens/s on the real MBPP train split: dynamic padding (+ length grouping) vs fixed length."""
+    """Useful tokens/s on the real MBPP train split, ``pt``, three ways: ``fixed`` (every row padded to the
+    original's fixed length), ``dynamic`` (the trainer's default: shuffled batches padded to their longest row)
+    and ``dynamic-grouped`` (``--group_by_length``: length-grouped batches, likewise padded)."""
+    import random
+
     from benchmarks.bench_tokenizer import bench_tokenizer
     from utils.batching import Collator, LengthGroupedSampler, TaskDataset
     from utils.data import default_data_path, load_task_split
@@ -140,15 +144,16 @@ def bench_padding(args, writer: ResultWriter) -> None:
     records = load_task_split("mbpp", "train", path)
     ds = TaskDataset(task, records, tok, None, num_virtual_tokens=args.m, train=True)
     fixed_len = task.max_lengths(args.m)[1]
+    shuffled = list(range(len(ds)))
+    random.Random(0).shuffle(shuffled)
+    multiple = args.pad_multiple if args.pad_multiple > 1 else None
+    modes = {"fixed": (Collator(tok.pad_token_id, pad_to=fixed_len), shuffled),
+             "dynamic": (Collator(tok.pad_token_id, pad_to_multiple_of=multiple), shuffled),
+             "dynamic-grouped": (Collator(tok.pad_token_id, pad_to_multiple_of=multiple),
+                                 list(LengthGroupedSampler(ds.lengths(), args.batch_size, seed=0)))}
     step, lm, _ = build("pt", args)
     vocab = lm.config.vocab_size
-    for mode in ("fixed", "dynamic"):
-        if mode == "fixed":
-            collate = Collator(tok.pad_token_id, pad_to=fixed_len)
-            order = list(range(len(ds)))
-        else:
-            collate = Collator(tok.pad_token_id, pad_to_multiple_of=args.pad_multiple)
-            order = list(LengthGroupedSampler(ds.lengths(), args.batch_size, seed=0))
+    for mode, (collate, order) in modes.items():
         batches = []
         for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
             b = collate([ds[j] for j in order[i:i + args.batch_size]])
@@ -156,19 +161,17 @@ def bench_padding(args, writer: ResultWriter) -> None:
             b["input_ids"] = b["input_ids"].clamp(max=vocab - 1)  # the bench tokenizer may outgrow a tiny vocab
             b["labels"] = b["labels"].where(b["labels"] < 0, b["labels"].clamp(max=vocab - 1))
             batches.append({k: v.to(_device()) for k, v in b.items()})
-        batches = batches[: args.padding_batches]
+        batches = batches[: args.padding_batches or None]
         useful = sum(int(b["attention_mask"].sum()) for b in batches)
         padded = sum(b["input_ids"].numel() for b in batches)
-        seen = set()
-        for b in batches:  # compile every shape before timing (a new shape is a new compilation)
-            if b["input_ids"].shape not in seen:
-                seen.add(b["input_ids"].shape)
-                step(b)
+        for b in batches:  # an untimed pass first: every new shape compiles (then one dynamic-shape graph)
+            step(b)
         with Timer() as t:
             for b in batches:
                 step(b)
         writer.write("train", model=args.model, method="pt", padding=mode, batch_size=args.batch_size,
-                     dtype=args.dtype, useful_tokens_per_s=useful / t.seconds, tokens_per_s=padded / t.seconds,
+                     dtype=args.dtype, compile=bool(args.compile), pad_multiple=multiple,
+                     useful_tokens_per_s=useful / t.seconds, tokens_per_s=padded / t.seconds,
                      pad_fraction=1 - useful / padded, batches=len(batches))
 
 
@@ -186,8 +189,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no_compile", dest="compile", action="store_false")
     p.add_argument("--padding", action="store_true", help="also run the dynamic vs fixed padding comparison")
-    p.add_argument("--padding_batches", type=int, default=40)
-    p.add_argument("--pad_multiple", type=int, default=64)
+    p.add_argument("--padding_batches", type=int, default=0, help="batches per padding mode (0: the whole split)")
+    p.add_argument("--pad_multiple", type=int, default=1,
+                   help="round padded lengths up to a multiple of this (1: to the longest row, as training does)")
     p.add_argument("--data_path", default=None)
     p.add_argument("--results", default=None, help="JSONL to append to (default benchmarks/results.jsonl)")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU-sized shapes (CI)")
@@ -195,7 +199,7 @@ def main(argv=None) -> None:
     if args.smoke:
         args.model, args.encoder, args.batch_size, args.seq_len = "tiny-phi-2", "tiny-roberta", 2, 32
         args.steps, args.warmup, args.dtype, args.compile, args.m = 2, 1, "fp32", False, 4
-        args.padding_batches, args.pad_multiple = 2, 8
+        args.padding_batches = 2
     writer = ResultWriter(args.results)
     failures = []
     for method in args.methods.split(","):
