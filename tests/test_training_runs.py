@@ -193,3 +193,21 @@ def test_runs_without_the_optional_packages_and_with_every_switch(tmp_path, data
     config = json.loads((log_dir / "config.json").read_text())
     assert config["train"]["group_by_length"] and config["train"]["pad_to_max_length"]
     assert config["runtime"]["lr_schedule"] == "cosine" and config["runtime"]["warmup_steps"] == 1
+
+
+def test_full_logits_and_plain_adamw_train_exactly_like_the_fast_paths(tmp_path, data_paths):
+    """--selective_logits False / --fused_adamw False (the plain paths) give the fast defaults' losses and weights."""
+    runs = {}
+    for name, extra in (("fast", []), ("plain", ["--selective_logits", "False", "--fused_adamw", "False"])):
+        log_dir = tmp_path / name
+        run_inprocess("peft", ["--peft_method", "lopa", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                               "--enc_model_type", "tiny-roberta", "--data_path", data_paths["mbpp"],
+                               "--limit_train_examples", "4", "--per_gpu_train_batch_size", "2", "--num_epochs", "2",
+                               "--max_length", "48", "--lr", "0.1", "--log_dir", str(log_dir), *extra])
+        config = json.loads((log_dir / "config.json").read_text())["train"]
+        assert (config["selective_logits"], config["fused_adamw"]) == ((name == "fast"),) * 2
+        runs[name] = ([r["loss"] for r in read_metrics(log_dir / "metrics.jsonl")],
+                      load_tuned_model(log_dir / "final")[0].prompt.shared_prompt.detach())
+    assert len(runs["fast"][0]) == 4
+    assert runs["fast"][0] == pytest.approx(runs["plain"][0], rel=1e-5)
+    torch.testing.assert_close(runs["fast"][1], runs["plain"][1], rtol=1e-5, atol=1e-6)

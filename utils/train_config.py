@@ -104,6 +104,8 @@ class TrainArgs:
     model_dtype: str = "fp32"
     gradient_checkpointing: bool = False
     compile: str = "auto"
+    selective_logits: bool = True
+    fused_adamw: bool = True
     pad_to_max_length: bool = False
     group_by_length: bool = False
     limit_train_examples: int | None = None

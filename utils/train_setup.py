@@ -150,5 +150,6 @@ def make_optimizer_and_scheduler(model, train: TrainArgs, plan: Plan, accelerato
     if "scheduler" in ds_config:
         raise UserError("the DeepSpeed config has a scheduler block but no optimizer block; remove the scheduler "
                         "block (--lr_scheduler_type sets the schedule) or add an optimizer block")
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, fused=True if accelerator.device.type == "cuda" else None)
+    fused = True if train.fused_adamw and accelerator.device.type == "cuda" else None  # None: torch's default
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, fused=fused)
     return optimizer, schedule(optimizer), train.lr_scheduler_type

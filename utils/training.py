@@ -141,6 +141,7 @@ class Trainer:
             self.dataset.examples = [shorten(e, max_length) for e in self.dataset.examples]
         if t.gradient_checkpointing:
             model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.selective_logits = t.selective_logits
         self.compiled = t.compile == "on" or (t.compile == "auto" and acc.device.type == "cuda" and not self.ds)
         if self.compiled:
             from utils.fast_paths import compile_layers
