@@ -20,7 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--problem_file", default=None,
                    help="MBPP: problems JSONL (default: the test split of --data_path when given, else "
                         "mbpp_test_problems.jsonl beside --path, else the test split); CRUXEval: the dataset JSONL")
-    p.add_argument("--data_path", default=None, help="the task's dataset JSONL (MBPP: its --mbpp_split test split is used)")
+    p.add_argument("--data_path", default=None,
+                   help="the task's dataset JSONL (MBPP: its --mbpp_split test split is used)")
     p.add_argument("--mbpp_split", default="paper", choices=("paper", "standard"))
     p.add_argument("--n_workers", type=int, default=None, help="parallel samples (default: the usable CPU count)")
     p.add_argument("--timeout", type=float, default=None,
