@@ -18,13 +18,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task_name", required=True, choices=TASK_NAMES)
     p.add_argument("--path", required=True, help="MBPP: JSONL of {task_id, completion}; CRUXEval: JSON {id: [answer]}")
     p.add_argument("--problem_file", default=None,
-                   help="MBPP: problems JSONL (default: mbpp_test_problems.jsonl beside --path, else the test "
-                        "split); CRUXEval: the dataset JSONL")
-    p.add_argument("--data_path", default=None, help="the task's dataset JSONL (MBPP: its paper test split is used)")
+                   help="MBPP: problems JSONL (default: the test split of --data_path when given, else "
+                        "mbpp_test_problems.jsonl beside --path, else the test split); CRUXEval: the dataset JSONL")
+    p.add_argument("--data_path", default=None,
+                   help="the task's dataset JSONL (MBPP: its --mbpp_split test split is used)")
     p.add_argument("--mbpp_split", default="paper", choices=("paper", "standard"))
     p.add_argument("--n_workers", type=int, default=None, help="parallel samples (default: the usable CPU count)")
     p.add_argument("--timeout", type=float, default=None,
-                   help=f"wall-clock seconds per sample (default: {DEFAULT_TIMEOUT})")
+                   help=f"wall-clock seconds per sample (default: {DEFAULT_TIMEOUT['mbpp']:g} for MBPP, "
+                        f"{DEFAULT_TIMEOUT['cruxeval_input_prediction']:g} for CRUXEval)")
     p.add_argument("--k", default="1,5,10", help="comma-separated k of pass@k (reported where every task has n >= k)")
     p.add_argument("--memory_mb", type=int, default=SandboxConfig.memory_mb, help="address-space limit per sample")
     p.add_argument("--sandbox_mode", default="auto", choices=MODES, help="auto picks the strongest mode that works")
@@ -63,6 +65,10 @@ def main(argv=None) -> dict:
               f"docs/EVALUATION.md); modes that failed: {sandbox['modes_that_failed']}", file=sys.stderr)
     for key in (key for key in summary if key.startswith("pass@")):
         print(f"{key} = {100 * summary[key]:.2f}%")
+    omitted = [f"pass@{k}" for k in args.k if f"pass@{k}" not in summary]
+    if omitted:
+        print(f"{', '.join(omitted)}: not reported (needs at least k samples per task; the fewest here: "
+              f"{summary['samples_per_task']['min']})")
     print(f"{summary['n_samples']} samples of {summary['n_tasks']} tasks: {counts['passed']} passed, "
           f"{counts['failed']} failed, {counts['timed out']} timed out in {summary['seconds']:.1f} s "
           f"({summary['samples_per_s']} samples/s)")

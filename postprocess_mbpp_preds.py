@@ -4,8 +4,8 @@
 
 Stage 1 cuts each completion at the earliest stop string and drops BOS/EOS strings; stage 2 keeps the
 function body and trims its returns to complete expressions. Stage 2 needs each task's prompt (for its indent
-unit): from --problem_file, by default mbpp_test_problems.jsonl beside --path, else the test split of
---data_path. Score each file with evaluate_preds.py.
+unit): from --problem_file, else the test split of --data_path when given, else mbpp_test_problems.jsonl
+beside --path, else the test split of ../shared/data. Score each file with evaluate_preds.py.
 """
 from __future__ import annotations
 

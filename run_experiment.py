@@ -1,7 +1,7 @@
 """From data to the results table: train → generate → post-process → evaluate for a grid of methods × tasks ×
 models, then results.md (the paper's table layout), results.png and loss_curves.png in --out.
 
-    python run_experiment.py --preset smoke                       # tiny models on the CPU, a few minutes
+    python run_experiment.py --preset smoke                       # tiny models on the CPU, about a minute
     python run_experiment.py --preset paper-phi-2 --out runs/phi2  # the paper's phi-2 settings, on a GPU
     python run_experiment.py --preset smoke --set lopa.lp_rank=2   # redoes only the cells this changes
 

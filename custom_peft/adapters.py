@@ -69,7 +69,7 @@ def read_adapter_config(directory: str | pathlib.Path) -> dict:
     directory = pathlib.Path(directory)
     path = next((directory / n for n in (ADAPTER_CONFIG, FFT_CONFIG) if (directory / n).is_file()), None)
     if path is None:
-        raise UserError(f"{directory}: no {ADAPTER_CONFIG}; pass an adapter directory written by this project")
+        raise UserError(_no_adapter_config(directory))
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -78,6 +78,19 @@ def read_adapter_config(directory: str | pathlib.Path) -> dict:
         raise UserError(f"{path}: field 'method' is missing (not an adapter written by {LIBRARY_NAME}); "
                         f"re-save it with {LIBRARY_NAME}, or load a plain peft adapter with peft itself")
     return config
+
+
+def _no_adapter_config(directory: pathlib.Path) -> str:
+    """Why ``directory`` is not an adapter directory, and the one that was probably meant."""
+    if not directory.is_dir():
+        return f"{directory}: no such directory; pass the adapter directory training wrote (<log_dir>/final)"
+    if (directory / "final" / ADAPTER_CONFIG).is_file():
+        return f"{directory}: no {ADAPTER_CONFIG}; this is a training log_dir: pass {directory / 'final'}"
+    if (directory / "config.json").is_file():
+        return (f"{directory}: no {ADAPTER_CONFIG}; this is a whole model directory (full fine-tuning): pass it as "
+                f"--load_base_from_path instead")
+    return (f"{directory}: no {ADAPTER_CONFIG}; pass an adapter directory written by this project (<log_dir>/final "
+            f"of tune_foundation_model.py)")
 
 
 def _check_fit(config: dict, path: pathlib.Path, *, method, model_type, model_path, num_virtual_tokens, lp_rank,

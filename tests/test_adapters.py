@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -213,8 +214,17 @@ def test_an_edited_config_that_contradicts_the_tensors_fails_clearly(lopa_dir, t
 
 
 def test_missing_or_foreign_files_fail_clearly(lopa_dir, tmp_path):
-    with pytest.raises(UserError, match="no adapter_config.json"):
+    with pytest.raises(UserError, match="no adapter_config.json; pass an adapter directory"):
         load_tuned_model(tmp_path)
+    with pytest.raises(UserError, match="nowhere: no such directory"):
+        load_tuned_model(tmp_path / "nowhere")
+    shutil.copytree(lopa_dir, tmp_path / "run" / "final")
+    with pytest.raises(UserError, match=f"this is a training log_dir: pass {tmp_path / 'run' / 'final'}$"):
+        load_tuned_model(tmp_path / "run")
+    (tmp_path / "config.json").write_text("{}")  # an fft final/ (a whole model) given as an adapter
+    with pytest.raises(UserError, match="whole model directory .*--load_base_from_path"):
+        load_tuned_model(tmp_path)
+    (tmp_path / "config.json").unlink()
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         load_tuned_model(tmp_path)

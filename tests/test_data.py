@@ -154,6 +154,15 @@ def test_missing_field_and_empty_split_are_named(tmp_path):
         load_task_split("humaneval", "test", str(path))
 
 
+def test_the_other_tasks_file_names_the_fields_and_the_fix(data_paths):
+    with pytest.raises(UserError) as err:
+        load_task_split("mbpp", "train", data_paths["cruxeval"])
+    assert str(err.value).startswith(f"{data_paths['cruxeval']}:1: record is missing field 'task_id'; ")
+    assert "task_id, prompt, canonical_solution, entry_point, test; pass that file as --data_path" in str(err.value)
+    with pytest.raises(UserError, match="needs the CRUXEval JSONL, one record per line with fields id, code"):
+        load_task_split("cruxeval_output_prediction", "test", data_paths["mbpp"])
+
+
 def test_fixture_data_splits_are_non_empty(tmp_path):
     from utils.fixtures import write_fixture_data
 

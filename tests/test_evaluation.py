@@ -168,6 +168,7 @@ def test_evaluate_cli_prints_pass_at_1_and_writes_files(tmp_path, data_paths, ca
                                    "--n_workers", "2", "--timeout", "5", "--no_progress"])
     out = capsys.readouterr().out
     assert f"pass@1 = {100 * 2 / 3:.2f}%" in out and "sandbox mode:" in out
+    assert "pass@5, pass@10: not reported (needs at least k samples per task; the fewest here: 1)" in out
     assert summary["pass@1"] == pytest.approx(2 / 3) and summary["timeout_s"] == 5.0
     assert len(read_jsonl(tmp_path / "preds_results.jsonl")) == 3
     assert (tmp_path / "preds_summary.json").is_file()
@@ -188,6 +189,13 @@ def test_evaluate_rejects_bad_input_with_a_one_line_error(tmp_path, data_paths, 
     crux.write_text(json.dumps({"sample_400": [1, 2]}))
     with pytest.raises(UserError, match="must be a list of strings"):
         evaluate_file("cruxeval_output_prediction", crux, data_path=data_paths["cruxeval"], progress=False)
+    with pytest.raises(UserError, match="output.json:1: record is missing field .task_id.; MBPP predictions are JSONL"):
+        evaluate_file("mbpp", crux, problem_file=problem_file, progress=False)  # one task's file, another's name
+    with pytest.raises(UserError, match="preds.jsonl: 2 ids are not in the CRUXEval data .*'sample_412'"):
+        evaluate_file("cruxeval_output_prediction", path, data_path=data_paths["cruxeval"], progress=False)
+    two = _write_jsonl(tmp_path / "two.jsonl", [{"task_id": p["task_id"], "completion": ""} for p in problems])
+    with pytest.raises(UserError, match="two.jsonl: not valid JSON .*CRUXEval predictions are one JSON object"):
+        evaluate_file("cruxeval_output_prediction", two, data_path=data_paths["cruxeval"], progress=False)
     for argv in (["--k", "1,x"], ["--n_workers", "0"], ["--timeout", "-1"]):
         with pytest.raises(SystemExit) as exc:
             evaluate_preds.main(["--task_name", "mbpp", "--path", path] + argv)

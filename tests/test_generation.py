@@ -261,10 +261,13 @@ def test_cli_rejects_contradictory_loading_flags(saved_models, data_paths, capsy
              (["--peft_method", "fft"], "needs the tuned model"),
              (["--peft_method", "none", "--load_base_from_path", str(saved_models["fft"])], "--peft_method fft"),
              (["--load_adapter_from", str(saved_models["lopa"]), "--model_type", "tiny-llama"], "base_model_type"),
-             (["--num_beams", "4"], "--num_beams")]
+             (["--num_beams", "4"], "--num_beams"),
+             (["--load_adapter_from", str(saved_models["fft"])], "whole model directory"),
+             (["--peft_method", "none", "--log_dir", str(tmp_path / "file")], "exists and is not a directory")]
+    (tmp_path / "file").write_text("")
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            generate_preds.main(base + extra + ["--log_dir", str(tmp_path / "never")])
+            generate_preds.main(base + ["--log_dir", str(tmp_path / "never")] + extra)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()

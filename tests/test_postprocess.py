@@ -171,7 +171,7 @@ def test_postprocess_mbpp_cli_names_the_missing_prompt(tmp_path):
     assert exc.value.code == 2
 
 
-def test_postprocess_cruxeval_cli_writes_output_json(tmp_path, data_paths):
+def test_postprocess_cruxeval_cli_writes_output_json(tmp_path, data_paths, capsys):
     records = load_task_split("cruxeval_output_prediction", "test", data_paths["cruxeval"])[:3]
     raw = {r["id"]: [cruxeval_prompt(r, "output") + cruxeval_target(r), "\nassert f(x) == 'nope'\n[/ANSWER]"]
            for r in records}
@@ -182,3 +182,10 @@ def test_postprocess_cruxeval_cli_writes_output_json(tmp_path, data_paths):
     assert out == str(tmp_path / "output.json")
     answers = json.loads((tmp_path / "output.json").read_text())
     assert answers == {r["id"]: [r["output"], "'nope'"] for r in records}
+    for bad_out, message in ((tmp_path, "is a directory; pass a file path"),
+                             (tmp_path / "no" / "o.json", "does not exist; create it or pass another path")):
+        with pytest.raises(SystemExit) as exc:
+            postprocess_cruxeval_preds.main(["--path", str(path), "--mode", "output", "--data_path",
+                                             data_paths["cruxeval"], "--out", str(bad_out)])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["output.json", "output_raw.json"]  # no temporary left

@@ -116,6 +116,27 @@ def test_bad_values_fail_in_parsing(tmp_path, argv, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_file_problems_are_found_before_anything_is_written(tmp_path, data_paths):
+    with pytest.raises(UserError, match="missing field 'task_id'; --task_name mbpp needs the MBXP-format MBPP"):
+        _parse(["--peft_method", "pt", "--data_path", data_paths["cruxeval"]] + BASE, tmp_path=tmp_path)
+    (tmp_path / "model").mkdir()
+    with pytest.raises(UserError, match="--model_path .*model: no config.json"):
+        _parse(["--peft_method", "pt", "--model_path", str(tmp_path / "model")] + BASE, tmp_path=tmp_path)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").write_text("")
+    with pytest.raises(UserError, match="exists and is not a directory; pass a directory path"):
+        _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("method, way_out", [("fft", "tune_fft_baseline.py"), ("none", "--peft_method none")])
+def test_methods_this_script_does_not_train_name_the_way_out(method, way_out, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser("peft").parse_args(["--peft_method", method] + BASE)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert f"invalid choice: '{method}' (choose from lora, pt, idpg, lopa)" in err and way_out in err
+
+
 def test_fft_rejects_a_low_precision_master_copy(tmp_path):
     with pytest.raises(UserError, match="--model_dtype must be fp32"):
         _parse(["--model_dtype", "bf16"], "fft", tmp_path)

@@ -154,6 +154,18 @@ def test_each_method_overfits_a_small_real_subset(tmp_path, data_paths, sharp_ba
     assert loss < 0.7 * means[0] and loss < math.log(VOCAB) - 0.5, (loss, means)
 
 
+def test_a_model_that_fails_to_load_leaves_no_log_dir(tmp_path, data_paths, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama"}))  # no weights
+    with pytest.raises(SystemExit) as exc:
+        run_inprocess("peft", ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                               "--model_path", str(tmp_path / "model"), "--data_path", data_paths["mbpp"],
+                               "--log_dir", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    assert "model: not a loadable Hugging Face model directory" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_wandb_offline_run_records_the_metrics(tmp_path, data_paths, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     log_dir = tmp_path / "run"

@@ -75,6 +75,17 @@ def check_model_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag, None)
         if path is not None and not os.path.isdir(path):
             raise UserError(f"--{flag} {path}: not a directory")
+        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"--{flag} {path}: no config.json, so not a Hugging Face model directory; pass a "
+                            f"directory written by save_pretrained (or a hub snapshot)")
+    check_log_dir(getattr(args, "log_dir", None))
+
+
+def check_log_dir(log_dir: str | None) -> None:
+    """An existing --log_dir must be a directory (a missing one is created later)."""
+    if log_dir is not None and os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise UserError(f"--log_dir {log_dir}: exists and is not a directory; pass a directory path "
+                        f"(it is created when missing)")
 
 
 def default_log_dir() -> str:

@@ -37,9 +37,11 @@ def default_data_path(task_name: str) -> str | None:
     return str(path) if path.exists() else None
 
 
-def read_jsonl(path: str | os.PathLike, required_fields=()) -> list[dict]:
-    """Read a JSONL file; a bad line or a missing field fails with ``file:line`` and the field's name."""
+def read_jsonl(path: str | os.PathLike, required_fields=(), hint: str = "") -> list[dict]:
+    """Read a JSONL file; a bad line or a missing field fails with ``file:line`` and the field's name, plus
+    ``hint`` (what the file should be) after a semicolon."""
     path = pathlib.Path(path)
+    hint = f"; {hint}" if hint else ""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     records = []
@@ -50,12 +52,12 @@ def read_jsonl(path: str | os.PathLike, required_fields=()) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}){hint}") from None
             if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}{hint}")
             missing = [f for f in required_fields if f not in record]
             if missing:
-                raise UserError(f"{path}:{lineno}: record is missing field {missing[0]!r}")
+                raise UserError(f"{path}:{lineno}: record is missing field {missing[0]!r}{hint}")
             records.append(record)
     return records
 
@@ -85,7 +87,15 @@ def load_records(task_name: str, data_path: str | None = None) -> list[dict]:
         if missing:
             raise UserError(f"public {task_name} data lacks field {missing[0]!r}")
         return records
-    return read_jsonl(data_path, task.required_fields)
+    return read_jsonl(data_path, task.required_fields, dataset_hint(task_name))
+
+
+def dataset_hint(task_name: str) -> str:
+    """What a --data_path for this task must hold (appended to errors about a wrong file)."""
+    task = get_task(task_name)
+    family = "the MBXP-format MBPP JSONL (mbpp_release_v1.jsonl)" if task.is_mbpp else "the CRUXEval JSONL"
+    return (f"--task_name {task_name} needs {family}, one record per line with fields "
+            f"{', '.join(task.required_fields)}; pass that file as --data_path")
 
 
 def _number(task_name: str, record: dict, data_path) -> int:

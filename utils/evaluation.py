@@ -157,13 +157,19 @@ def summarize(results: list[SampleResult], ks=DEFAULT_K) -> dict:
 
 
 # -- files -------------------------------------------------------------------------------------------------
+MBPP_FORMAT_HINT = ("MBPP predictions are JSONL, one {task_id, completion} object per line (mbxp_solutions*.jsonl); "
+                    "CRUXEval's JSON files go to --task_name cruxeval_*_prediction or postprocess_cruxeval_preds.py")
+CRUXEVAL_FORMAT_HINT = ('CRUXEval predictions are one JSON object {"sample_412": [text, ...]} (output.json, '
+                        "output_raw.json); MBPP's JSONL goes to --task_name mbpp or postprocess_mbpp_preds.py")
+
+
 def _read_json(path: pathlib.Path):
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); {CRUXEVAL_FORMAT_HINT}") from None
 
 
 def read_cruxeval_predictions(path) -> dict[str, list[str]]:
@@ -171,7 +177,7 @@ def read_cruxeval_predictions(path) -> dict[str, list[str]]:
     path = pathlib.Path(path)
     data = _read_json(path)
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object {{id: [prediction, ...]}}, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}; {CRUXEVAL_FORMAT_HINT}")
     out = {}
     for rid, preds in data.items():
         preds = [preds] if isinstance(preds, str) else preds
@@ -181,8 +187,15 @@ def read_cruxeval_predictions(path) -> dict[str, list[str]]:
     return out
 
 
+def check_cruxeval_ids(path, predictions: dict, records: dict) -> None:
+    unknown = sorted(predictions.keys() - records.keys())
+    if unknown:
+        raise UserError(f"{path}: {len(unknown)} ids are not in the CRUXEval data (first: {unknown[0]!r}); ids look "
+                        f"like 'sample_412': check that this is a CRUXEval predictions file, and --data_path")
+
+
 def read_mbpp_solutions(path) -> list[dict]:
-    solutions = read_jsonl(path, ("task_id", "completion"))
+    solutions = read_jsonl(path, ("task_id", "completion"), MBPP_FORMAT_HINT)
     for i, sol in enumerate(solutions, 1):
         if not isinstance(sol["completion"], str):
             raise UserError(f"{path}: record {i} ({sol['task_id']}): field 'completion' must be a string")
@@ -249,10 +262,7 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     else:
         predictions = read_cruxeval_predictions(path)
         records = load_cruxeval_records(task_name, problem_file, data_path)
-        unknown = sorted(predictions.keys() - records.keys())
-        if unknown:
-            raise UserError(f"{path}: {len(unknown)} ids are not CRUXEval ids (first: {unknown[0]!r}); "
-                            f"check --data_path")
+        check_cruxeval_ids(path, predictions, records)
         samples = cruxeval_samples(predictions, records, CRUX_TASKS[task_name])
         missing = []
     workers = max(1, n_workers or default_workers())

@@ -49,7 +49,7 @@ class Preset:
 
 
 def smoke_preset() -> Preset:
-    """Tiny models, a few real records (or the project's fixtures), CPU: all 18 cells in a few minutes."""
+    """Tiny models, a few real records (or the project's fixtures), CPU: all 18 cells in about a minute."""
     return Preset(
         name="smoke", models=["tiny-phi-2"], methods=list(METHODS), tasks=list(TASKS), encoder="tiny-roberta",
         train={"num_virtual_tokens": 4, "lp_rank": 1, "num_epochs": 1, "max_train_steps": 3,

@@ -140,8 +140,12 @@ def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32",
     if model_path is not None:
         if not pathlib.Path(model_path).is_dir():
             raise UserError(f"--model_path {model_path}: not a directory")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
-                                                     trust_remote_code=spec.trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
+                                                         trust_remote_code=spec.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{model_path}: not a loadable Hugging Face model directory ({exc}); pass a directory "
+                            f"written by save_pretrained") from exc
     elif spec.tiny:
         model = random_causal_lm(spec, dtype=torch_dtype, seed=seed, tokenizer=tokenizer)
     else:

@@ -284,8 +284,8 @@ def _assertion_eq(text: str) -> int:
 def postprocess_mbpp_file(path, problem_file=None, data_path=None, mbpp_split="paper") -> tuple[str, str]:
     """Write ``<stem>_stage1.jsonl`` and ``<stem>_stage2.jsonl`` beside ``path``; returns their paths.
 
-    Prompts (for stage 2) come from ``problem_file``, else ``mbpp_test_problems.jsonl`` beside ``path``, else
-    the test split of ``data_path``.
+    Prompts (for stage 2) come from ``problem_file``, else the test split of ``data_path`` when given, else
+    ``mbpp_test_problems.jsonl`` beside ``path`` (see ``load_mbpp_problems``).
     """
     from utils.evaluation import read_mbpp_solutions_and_problems
 
@@ -318,17 +318,14 @@ def postprocess_cruxeval_file(path, mode: str, data_path=None, out=None) -> str:
     The prompts are rebuilt from the dataset (``data_path``, default ../shared/data when present) so that raw
     texts that still hold the prompt lose exactly that prompt.
     """
-    from utils.evaluation import load_cruxeval_records, read_cruxeval_predictions
+    from utils.evaluation import check_cruxeval_ids, load_cruxeval_records, read_cruxeval_predictions
     from utils.tasks import cruxeval_prompt
 
     path = pathlib.Path(path)
     raw = read_cruxeval_predictions(path)
     task = f"cruxeval_{mode}_prediction"
     records = load_cruxeval_records(task, None, data_path)
-    unknown = sorted(raw.keys() - records.keys())
-    if unknown:
-        raise UserError(f"{path}: {len(unknown)} ids are not CRUXEval ids (first: {unknown[0]!r}); "
-                        f"check --data_path")
+    check_cruxeval_ids(path, raw, records)
     answers = {rid: [extract_cruxeval_answer(text, mode, cruxeval_prompt(records[rid], mode)) for text in texts]
                for rid, texts in raw.items()}
     out = pathlib.Path(out) if out else cruxeval_answers_path(path)

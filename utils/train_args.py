@@ -12,7 +12,8 @@ import json
 import os
 import pathlib
 
-from utils.cli import ArgumentParser, add_model_args, default_log_dir, str2bool
+from utils.cli import ArgumentParser, add_model_args, check_log_dir, default_log_dir, str2bool
+from utils.data import default_data_path, load_task_split
 from utils.errors import UserError
 from utils.registry import PEFT_METHODS, get_encoder_spec
 from utils.train_config import (MODEL_DTYPES, PRECISIONS, SCHEDULERS, ModelArgs, OutputArgs, SaveEvery, TrainArgs,
@@ -123,13 +124,23 @@ directory (generate_preds.py --load_base_from_path <log_dir>/final).
 See docs/TRAINING.md."""
 
 
+def _peft_method(value: str) -> str:
+    """--peft_method, with the way out for the two methods this script does not train."""
+    if value in PEFT_METHODS:
+        return value
+    elsewhere = {"fft": "; full fine-tuning is tune_fft_baseline.py",
+                 "none": "; the untuned model needs no training (generate_preds.py --peft_method none)"}
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(PEFT_METHODS)})"
+                                     f"{elsewhere.get(value, '')}")
+
+
 def build_parser(script: str) -> ArgumentParser:
     """The argument parser of ``tune_foundation_model.py`` (script="peft") or ``tune_fft_baseline.py`` ("fft")."""
     fft = script == "fft"
     parser = ArgumentParser(prog=f"{'tune_fft_baseline' if fft else 'tune_foundation_model'}.py",
                             description=FFT_DESCRIPTION if fft else PEFT_DESCRIPTION)
     if not fft:
-        parser.add_argument("--peft_method", required=True, choices=PEFT_METHODS, metavar="METHOD",
+        parser.add_argument("--peft_method", required=True, type=_peft_method, metavar="METHOD",
                             help=f"one of: {', '.join(PEFT_METHODS)}")
     add_model_args(parser)
     if fft:
@@ -215,9 +226,12 @@ def check_files(config: TrainConfig) -> None:
 
         if importlib.util.find_spec("wandb") is None:
             raise UserError("--wandb_logging needs the wandb package (pip install wandb)")
+    check_log_dir(out.log_dir)
+    data_path = config.model.data_path or default_data_path(config.model.task_name)
+    if data_path is not None:  # a local file: a wrong one fails here, before a model loads or log_dir exists
+        load_task_split(config.model.task_name, "train", data_path, config.model.mbpp_split,
+                        limit=train.limit_train_examples)
     log_dir = pathlib.Path(out.log_dir)
-    if log_dir.exists() and not log_dir.is_dir():
-        raise UserError(f"--log_dir {log_dir}: exists and is not a directory")
     if out.resume_from is None:
         for taken in ("metrics.jsonl", "checkpoints", "final"):
             if (log_dir / taken).exists():

@@ -106,12 +106,12 @@ class Trainer:
             read_resume_state(self.resume_dir, acc.num_processes)
         self.log_dir = pathlib.Path(_broadcast_str(acc, config.output.log_dir))  # rank 0's timestamp everywhere
         self.config = config
+        self._build()  # before the log_dir exists: a model or data that fails to load leaves nothing behind
         if acc.is_main_process:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         self.log = setup_logging(self.log_dir, acc.is_main_process)
         self.metrics = MetricsFile(self.log_dir, acc.is_main_process)
-        self._build()
 
     # ------------------------------------------------------------------------------------------ setup
     def _build(self) -> None:
