@@ -109,8 +109,9 @@ class TunedModel(nn.Module):
         """New tokens only (B·num_return_sequences × T_new), for left-padded ``input_ids``.
 
         With ``return_dict_in_generate=True`` the Hugging Face output comes back instead, its ``sequences`` holding
-        the new tokens only (``scores`` / ``logits`` as ``generate`` gives them). Runs in eval mode (no dropout) and
-        restores the previous mode afterwards.
+        the new tokens only (``scores`` / ``logits`` as ``generate`` gives them). ``max_length`` / ``min_length`` count
+        the prompt tokens plus the new ones, never the virtual tokens, so they mean the same for every method. Runs in
+        eval mode (no dropout) and restores the previous mode afterwards.
         """
         was_training = self.training
         self.eval()
@@ -125,6 +126,9 @@ class TunedModel(nn.Module):
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         else:  # with inputs_embeds alone, decoder-only generate returns just the new tokens
             inputs = {"inputs_embeds": embedded[0], "attention_mask": embedded[1]}
+            for key in ("max_length", "min_length"):  # HF counts the m virtual tokens in these; the user's do not
+                if generate_kwargs.get(key) is not None:
+                    generate_kwargs[key] += embedded[0].shape[1] - input_ids.shape[1]
         # Explicit positions: the same ones forward uses, whatever a model's own generate would infer.
         generate_kwargs.setdefault("position_ids", positions_from_mask(inputs["attention_mask"]))
         out = self.lm.generate(**inputs, **generate_kwargs)

@@ -267,6 +267,27 @@ def test_gradients_reach_exactly_the_trainable_tensors_and_training_lowers_the_l
     assert all(torch.equal(p, frozen_before[n]) for n, p in names.items() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("method", ("lora", "pt", "lopa"))
+def test_gradient_checkpointing_with_a_frozen_base_gives_the_same_gradients(method):
+    """Checkpointed layers of a frozen base still pass gradients to the prompt / LoRA (training's setting)."""
+    model, tok = build_model(method, "tiny-llama", num_virtual_tokens=M, lp_rank=R, enc_model_type="tiny-roberta",
+                             seed=5)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # the same forward in train mode as in eval mode
+    batch = batch_of(tok, PROMPTS, targets=[" return a + b", ")", " sys"])
+    model.train()
+    model(**batch).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.trainable_named_parameters()}
+    model.zero_grad()
+    model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(**batch).loss.backward()
+    assert model.lm.model.layers[0].gradient_checkpointing
+    assert sum(bool(g.any()) for g in plain.values()) >= len(plain) // 2  # LoRA's A has zero gradient at B = 0
+    for name, p in model.trainable_named_parameters():
+        assert torch.allclose(p.grad, plain[name], atol=1e-6, rtol=1e-5), name
+
+
 # -------------------------------------------------------------------------------------------- generation
 def _full_forward_logits(model, single: dict, new_tokens: list[int]) -> torch.Tensor:
     """Next-token logits after each prefix of ``new_tokens``, by full forward passes without a cache."""
@@ -310,13 +331,32 @@ def test_cached_batched_generation_equals_full_forward_and_single_rows(method, m
     assert len(distinct) >= 4  # the rows are not one repeated token
 
 
-def test_sampling_expands_instance_prompts_per_return_sequence():
-    model, tok = built("lopa", "tiny-llama")
+@pytest.mark.parametrize("method", ("pt", "idpg", "lopa"))
+def test_sampling_expands_the_soft_prompt_per_return_sequence(method):
+    """Row i's prompt serves its 3 return sequences: the same draws as a batch with each row repeated 3 times."""
+    model, tok = built(method, "tiny-llama")
     batch = batch_of(tok, PROMPTS[:2])
+    kwargs = dict(max_new_tokens=5, do_sample=True, top_k=0, temperature=2.0)
     torch.manual_seed(0)
-    new = model.generate(**batch, max_new_tokens=3, do_sample=True, num_return_sequences=3)
-    assert new.shape == (6, 3)
+    new = model.generate(**batch, num_return_sequences=3, **kwargs)
+    torch.manual_seed(0)
+    repeated = model.generate(**{k: v.repeat_interleave(3, 0) for k, v in batch.items()}, **kwargs)
+    assert new.shape == (6, 5) and torch.equal(new, repeated)
+    assert len({tuple(r) for r in new.tolist()}) >= 4  # the draws really differ
     assert model.training is False
+
+
+@pytest.mark.parametrize("method", ("none", "lora", "pt", "lopa"))
+def test_max_and_min_length_count_prompt_tokens_not_virtual_ones(method):
+    """``max_length`` = prompt + new tokens for every method (HF would count the m virtual tokens too)."""
+    model, tok = built(method, "tiny-llama")
+    batch = batch_of(tok, PROMPTS)
+    length = batch["input_ids"].shape[1]
+    assert model.generate(**batch, max_length=length + 5, do_sample=False).shape == (len(PROMPTS), 5)
+    first = model.generate(**batch, max_new_tokens=1, do_sample=False)[0, 0].item()
+    # with the row's first greedy token as EOS, min_length alone keeps row 0 going for 3 new tokens
+    new = model.generate(**batch, min_length=length + 3, max_new_tokens=4, do_sample=False, eos_token_id=first)
+    assert new.shape[1] >= 3 and first not in new[0, :3].tolist()
 
 
 # ------------------------------------------------------------------------------------ a real encoder
