@@ -146,6 +146,10 @@ def load_tuned_model(adapter_dir: str | pathlib.Path, model_type: str | None = N
         raise UserError(f"{cfg_path}: field 'hidden_size' is {config['hidden_size']} but the base model "
                         f"{model_type!r} has width {width}; pass the --model_type the adapter was trained on")
     model = _wrap(cfg, model_type, lm, dtype=dtype, enc_model_path=enc_model_path, seed=seed, model_path=model_path)
+    if model.prompt is not None and config.get("encoder_hidden_size") not in (None, model.prompt.enc_dim):
+        raise UserError(f"{cfg_path}: field 'encoder_hidden_size' is {config['encoder_hidden_size']} but the encoder "
+                        f"loaded for {config.get('enc_model_type')!r} has width {model.prompt.enc_dim}; pass the "
+                        f"--enc_model_path (or none) the adapter was trained with")
     if method != "fft":
         _load_trained_tensors(model, directory / ADAPTER_WEIGHTS)
     model.eval()

@@ -69,6 +69,20 @@ def test_save_then_load_gives_identical_logits_and_generations(method, model_typ
     assert_same_model(model, loaded, left_batch(tok))
 
 
+@pytest.mark.parametrize("method", ("lora", "pt", "lopa"))
+def test_bf16_base_trains_saves_and_loads_fp32_adapter_tensors(method, tmp_path):
+    model, tok = build_model(method, "tiny-phi-3", num_virtual_tokens=M, lp_rank=R, enc_model_type="tiny-roberta",
+                             seed=7, dtype="bf16")
+    assert {p.dtype for p in model.lm.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for _, p in model.trainable_named_parameters()} == {torch.float32}
+    save_adapter(model, tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    loaded, _ = load_tuned_model(tmp_path, dtype="bf16")
+    assert next(loaded.lm.parameters()).dtype == torch.bfloat16
+    assert_same_model(model.eval(), loaded, left_batch(tok))
+
+
 def test_fft_directory_is_a_whole_model_and_loads_back(tmp_path):
     model, tok = trained("fft", "tiny-phi-2")
     save_adapter(model, tmp_path, extra={"epochs": 1})
@@ -211,6 +225,15 @@ def _copy_with_config(src, dst, **changes):
 def test_an_edited_config_that_contradicts_the_tensors_fails_clearly(lopa_dir, tmp_path, changes, needle):
     with pytest.raises(UserError, match=needle):
         load_tuned_model(_copy_with_config(lopa_dir, tmp_path / "edited", **changes))
+
+
+def test_an_encoder_of_another_width_is_named(lopa_dir):
+    """--enc_model_path pointing at another encoder (all-MiniLM, 384 wide) for a 48-wide tiny-roberta adapter."""
+    from utils.models import _minilm_path
+
+    with pytest.raises(UserError, match="field 'encoder_hidden_size' is 48 but the encoder loaded for "
+                                        "'tiny-roberta' has width 384; pass the --enc_model_path"):
+        load_tuned_model(lopa_dir, enc_model_path=_minilm_path())
 
 
 def test_missing_or_foreign_files_fail_clearly(lopa_dir, tmp_path):
