@@ -161,6 +161,19 @@ def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32",
     return model, tokenizer
 
 
+def enable_activation_checkpointing(lm) -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant checkpoints).
+
+    transformers 5.24 renamed ``gradient_checkpointing_enable`` (deprecated, removed in v6) to
+    ``activation_checkpointing_enable``; older 5.x releases have only the first.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 # -------------------------------------------------------------------------------------------- encoders
 class PooledEncoder(nn.Module):
     """A frozen encoder backbone plus its pooling rule: ``(input_ids, attention_mask) -> (B, H)``.

@@ -66,7 +66,7 @@ def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
                    help="auto: the accelerate launcher's setting, else the DeepSpeed JSON's, else bf16 on a GPU "
                         "that supports it, else no")
     g.add_argument("--model_dtype", default="fp32", choices=MODEL_DTYPES,
-                   help="dtype of the frozen foundation model (trained tensors stay fp32); fft needs fp32")
+                   help="dtype of the frozen foundation model and encoder (trained tensors stay fp32); fft needs fp32")
     _bool_flag(g, "gradient_checkpointing", "recompute activations in the backward pass (less memory)")
     g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="torch.compile each decoder layer (same losses, ~2x the tokens/s of plain peft on a GPU; "

@@ -118,7 +118,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from custom_peft import build_model
-        from utils.models import load_encoder_tokenizer
+        from utils.models import enable_activation_checkpointing, load_encoder_tokenizer
 
         acc, cfg, m, t = self.accelerator, self.config, self.config.model, self.config.train
         set_seed(m.seed)  # python, numpy, torch: dropout draws from here (the model's init has its own seed)
@@ -140,7 +140,7 @@ class Trainer:
             max_length = min(max_length, t.max_length)
             self.dataset.examples = [shorten(e, max_length) for e in self.dataset.examples]
         if t.gradient_checkpointing:
-            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model.lm)
         model.selective_logits = t.selective_logits
         self.compiled = t.compile == "on" or (t.compile == "auto" and acc.device.type == "cuda" and not self.ds)
         if self.compiled:
