@@ -1,5 +1,5 @@
 # CUDA PyTorch image for training, generation and evaluation on GPUs.
-#   docker build -t lopa-peft .
+#   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t lopa-peft .
 #   docker run --gpus all --rm lopa-peft                      # runs the test suite (the default command)
 #   docker run --gpus all --rm -e HF_TOKEN -v $PWD/logging:/workspace/lopa-peft/logging lopa-peft \
 #       python tune_foundation_model.py --peft_method lopa --task_name mbpp --model_type phi-2
@@ -21,6 +21,10 @@ WORKDIR /workspace/lopa-peft
 COPY requirements.txt .
 RUN python -m pip install -r requirements.txt
 COPY . .
+# After the pip layer, so a new commit does not reinstall the stack. .git is not copied (.dockerignore);
+# results.md records this commit for each cell instead.
+ARG GIT_COMMIT=unknown
+ENV LOPA_GIT_COMMIT=${GIT_COMMIT}
 
 # The default command runs the tests, offline with tiny models (../shared/data is not in the image, so the data
 # tests use the project's fixtures). Other commands keep hub access: pass -e HF_TOKEN for gated models.

@@ -5,7 +5,11 @@ models, then results.md (the paper's table layout), results.png and loss_curves.
     python run_experiment.py --preset paper-phi-2 --out runs/phi2  # the paper's phi-2 settings, on a GPU
     python run_experiment.py --preset smoke --set lopa.lp_rank=2   # redoes only the cells this changes
 
-A cell with a stored result for the same settings is skipped unless --force. See README.md.
+A cell is skipped when it has a stored result for the same commands and data file content; the code version is
+NOT part of that check: after changing the code, rerun with --force (results.md lists each cell's git commit, and
+a kept cell from another commit is flagged). A cell that fails leaves no result: the other cells still run, the
+failure (command, error, cells/<model>/<task>/<method>/cell.log) is printed and listed in results.md, and the exit
+status is 1. A cell interrupted by Ctrl-C or a kill leaves no result either. The next run redoes both. See README.md.
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cruxeval_data", default=None, help="CRUXEval JSONL (default: as --mbpp_data)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a stage argument: train.lr=1e-3, lopa.lp_rank=2, gen.batch_size=8, eval.timeout=5")
-    p.add_argument("--force", action="store_true", help="redo cells that already have a result")
+    p.add_argument("--force", action="store_true",
+                   help="redo the selected cells even if they have a result (needed after a code change: the "
+                        "cache compares commands and data, not code)")
     return p.parse_args(argv)
 
 
@@ -47,9 +53,7 @@ def _subset(value: str | None, allowed, default: list[str], what: str) -> list[s
 @cli_entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from utils import fixtures
-    from utils.experiment import PRESETS, apply_overrides, plan_cells, run_cell, stored_result
-    from utils.experiment_report import plot_loss_curves, plot_table, write_results_md
+    from utils.experiment import PRESETS, apply_overrides, exclusive
 
     preset = apply_overrides(PRESETS[args.preset](), args.set)
     preset.methods = _subset(args.methods, METHODS, preset.methods, "methods")
@@ -57,6 +61,15 @@ def main(argv=None) -> dict:
     preset.models = _subset(args.models, None, preset.models, "models")
     out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _run(args, preset, out)
+
+
+def _run(args, preset, out: pathlib.Path) -> dict:
+    from utils import fixtures
+    from utils.experiment import check_commands, plan_cells
+    from utils.experiment_report import plot_loss_curves, plot_table, write_results_md
+
     for family, path in (("mbpp", args.mbpp_data), ("cruxeval", args.cruxeval_data)):
         if path:
             preset.data[family] = str(pathlib.Path(path).resolve())
@@ -66,24 +79,48 @@ def main(argv=None) -> dict:
         if not (preset.data.get("mbpp") or default_data_path("mbpp")):
             preset.data.update(fixtures.write_fixture_data(out / "fixture_data"))
     cells = plan_cells(preset, out)
-    results, ran = {}, []
-    for i, cell in enumerate(cells, 1):
-        stored = None if args.force else stored_result(cell)
-        if stored is not None:
-            results[cell.key] = stored
-            print(f"[{i}/{len(cells)}] {cell.key}: kept (pass@1 {100 * stored['pass@1']:.2f})", flush=True)
-            continue
-        print(f"[{i}/{len(cells)}] {cell.key}: running", flush=True)
-        results[cell.key] = run_cell(cell, preset.seed)
-        ran.append(cell.key)
-        print(f"[{i}/{len(cells)}] {cell.key}: pass@1 {100 * results[cell.key]['pass@1']:.2f} "
-              f"({results[cell.key]['seconds']} s)", flush=True)
-    table = write_results_md(out, preset.name, cells, results)
+    check_commands(cells)
+    results, ran, failed = _run_cells(cells, preset.seed, args.force)
+    table = write_results_md(out, preset.name, cells, results, failed)
     plot_table(out, cells, results)
     plot_loss_curves(out, cells)
-    print(f"{len(ran)} cells run, {len(cells) - len(ran)} kept -> {table}")
-    return {"ran": ran, "results": results, "results_md": str(table)}
+    print(f"{len(ran)} cells run, {len(cells) - len(ran) - len(failed)} kept, {len(failed)} failed -> {table}")
+    for key, failure in failed.items():
+        print(f"  FAILED {key}: {failure['reason']} (log: {failure['log']})")
+    return {"ran": ran, "failed": failed, "results": results, "results_md": str(table)}
+
+
+def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict]:
+    from utils.experiment import CellFailed, git_commit, interruptible, run_cell, stop_requested, stored_result
+
+    results, ran, failed = {}, [], {}
+    commit = git_commit()
+    with interruptible():
+        for i, cell in enumerate(cells, 1):
+            if stop_requested():  # a Ctrl-C that Python swallowed inside a finalizer
+                raise KeyboardInterrupt
+            tag = f"[{i}/{len(cells)}] {cell.key}"
+            stored = None if force else stored_result(cell)
+            if stored is not None:
+                results[cell.key] = stored
+                other = "" if stored["git_commit"] == commit else (
+                    f"; from commit {stored['git_commit'][:12]}, the code is now {commit[:12]}: --force to redo")
+                print(f"{tag}: kept (pass@1 {100 * stored['pass@1']:.2f}{other})", flush=True)
+                continue
+            print(f"{tag}: running", flush=True)
+            try:
+                results[cell.key] = run_cell(cell, seed)
+            except CellFailed as exc:  # the other cells still run; this one is redone next time
+                failed[cell.key] = {"script": exc.script, "command": exc.command, "reason": exc.reason,
+                                    "log": str(exc.log)}
+                print(f"{tag}: FAILED in {exc.script}: {exc.reason}\n  command: {exc.command}\n  log: {exc.log}",
+                      file=sys.stderr, flush=True)
+                continue
+            ran.append(cell.key)
+            print(f"{tag}: pass@1 {100 * results[cell.key]['pass@1']:.2f} ({results[cell.key]['seconds']} s)",
+                  flush=True)
+    return results, ran, failed
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(1 if main()["failed"] else 0)

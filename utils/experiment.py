@@ -1,21 +1,30 @@
 """The pipeline behind run_experiment.py: a grid of cells (model × task × method), each trained, generated,
 post-processed and evaluated by the project's own scripts, with results cached per cell.
 
-A cell's identity is a hash of everything that decides its result (its commands' arguments and the data file's
-content); a cell whose stored result has the same hash is skipped, so changing one hyperparameter redoes only the
-cells it reaches. Each stored result records the commands, the seed and the git commit that produced it.
+A cell's identity is a hash of its commands' arguments and its data file's content; a cell whose stored result has
+the same hash is skipped, so changing one hyperparameter redoes only the cells it reaches. The code is NOT part of
+the hash: after a code change, stored cells are kept (the run says so when their commit differs) until --force.
+Each stored result records the commands, the seed and the git commit that produced it. A cell that fails or is
+interrupted leaves no result.json, so the next run redoes it; its output is in ``<cell>/cell.log``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
+import fcntl
 import hashlib
+import io
 import json
+import os
 import pathlib
 import shutil
 import subprocess
+import sys
+import threading
 import time
+import traceback
 
 from utils.data import default_data_path
 from utils.errors import UserError
@@ -71,7 +80,7 @@ def paper_phi2_preset() -> Preset:
                "gradient_accumulation_steps": 4, "mixed_precision": "bf16"},
         per_task={"cruxeval_input_prediction": {"fft": {"num_epochs": 4}},
                   "cruxeval_output_prediction": {"fft": {"num_epochs": 4}}},
-        gen={"paper_decoding": True, "batch_size": 16, "no_progress": True},
+        gen={"paper_decoding": True, "batch_size": 16},  # progress bar on: generation takes minutes
         eval={"k": "1", "no_progress": True},
     )
 
@@ -163,7 +172,7 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
     if method != "none":
         train = {k: v for k, v in preset.train.items() if method in _METHOD_ONLY.get(k, (method,))}
         if method in ("idpg", "lopa"):
-            train["enc_model_type"] = preset.encoder
+            train.setdefault("enc_model_type", preset.encoder)  # --set enc_model_type=... wins
         train.update(preset.per_method.get(method, {}))
         train.update(preset.per_task.get(task, {}).get(method, {}))
         argv = (["--peft_method", method] if method != "fft" else []) + base + _flags(train)
@@ -188,6 +197,8 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
 
 
 def git_commit() -> str:
+    """HEAD, with ``-dirty`` when tracked files differ from it; outside a checkout (a Docker image has no .git),
+    the LOPA_GIT_COMMIT the image was built with; else ``unknown``."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -195,7 +206,7 @@ def git_commit() -> str:
                                capture_output=True, text=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("LOPA_GIT_COMMIT") or "unknown"
 
 
 def _script_main(script: str):
@@ -204,20 +215,99 @@ def _script_main(script: str):
     return importlib.import_module(script.removesuffix(".py")).main
 
 
+def _parse_only(script: str, argv: list[str]) -> None:
+    """Parse (and type-check) a stage's arguments as its script does, running nothing."""
+    import importlib
+
+    if script in ("tune_foundation_model.py", "tune_fft_baseline.py"):
+        from utils.train_args import build_parser, config_from_namespace
+
+        kind = "fft" if script == "tune_fft_baseline.py" else "peft"
+        config_from_namespace(build_parser(kind).parse_args(argv), kind)
+    elif script == "generate_preds.py":
+        importlib.import_module("generate_preds").build_parser().parse_args(argv)
+    else:
+        importlib.import_module(script.removesuffix(".py")).parse_args(argv)
+
+
+def check_commands(cells: list[Cell]) -> None:
+    """Reject a bad preset or --set before any cell runs: a typo would otherwise surface only after hours of
+    training, in every cell."""
+    for cell in cells:
+        for script, argv in cell.commands:
+            captured = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(captured):
+                    _parse_only(script, argv)
+            except (SystemExit, UserError) as exc:
+                lines = captured.getvalue().strip().splitlines()
+                message = str(exc) if isinstance(exc, UserError) else (lines[-1] if lines else f"exit {exc.code}")
+                raise UserError(f"{cell.key}: {script} rejects its arguments ({message.removeprefix('error: ')}); "
+                                f"fix the preset or --set") from None
+
+
+class CellFailed(Exception):
+    """A stage of a cell raised or exited non-zero; the cell has no result.json, so the next run redoes it."""
+
+    def __init__(self, cell: Cell, script: str, argv: list[str], reason: str):
+        self.cell, self.script, self.reason = cell, script, reason
+        self.command = " ".join(["python", script] + argv)
+        self.log = cell.directory / "cell.log"
+        super().__init__(f"{cell.key}: {script} failed: {reason}")
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the console and to a cell's log; once the log is closed (a logging handler may outlive the
+    cell), to the console only."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log, self.last_line = stream, log, ""
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if text.strip():
+            self.last_line = text.strip().splitlines()[-1]
+        if not self.log.closed:
+            self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        if not self.log.closed:
+            self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self):  # tqdm picks its bar characters from it
+        return getattr(self.stream, "encoding", None)
+
+
 def run_cell(cell: Cell, seed: int) -> dict:
-    """Run every stage of a cell in this process (through each script's ``main``); return its result record."""
+    """Run every stage of a cell in this process (through each script's ``main``), its output also written to
+    ``<cell>/cell.log``; return its result record. Raises CellFailed naming the stage; KeyboardInterrupt passes
+    through. Either way no result.json is written."""
     if cell.directory.exists():
         shutil.rmtree(cell.directory)
     cell.directory.mkdir(parents=True)
     start = time.perf_counter()
     summaries = []
-    for script, argv in cell.commands:
-        try:
-            value = _script_main(script)(argv)
-        except SystemExit as exc:  # cli_entry turns a UserError into exit 2
-            raise RuntimeError(f"{cell.key}: {script} exited with {exc.code}") from None
-        if script == "evaluate_preds.py":
-            summaries.append(value)
+    with open(cell.directory / "cell.log", "w", encoding="utf-8") as log, \
+            contextlib.redirect_stdout(_Tee(sys.stdout, log)), contextlib.redirect_stderr(_Tee(sys.stderr, log)) as err:
+        for script, argv in cell.commands:
+            print(f"$ python {script} {' '.join(argv)}", file=log, flush=True)
+            try:
+                value = _script_main(script)(argv)
+            except SystemExit as exc:  # cli_entry turns a UserError into exit 2, argparse too
+                if exc.code in (0, None):
+                    continue
+                raise CellFailed(cell, script, argv, f"exit status {exc.code}: {err.last_line}") from None
+            except Exception as exc:  # one cell's crash (OOM, a bug) must not lose the others
+                traceback.print_exc()
+                raise CellFailed(cell, script, argv, f"{type(exc).__name__}: {exc}") from exc
+            if script == "evaluate_preds.py":
+                summaries.append(value)
     main_summary = summaries[0]
     result = {
         "model": cell.model, "task": cell.task, "method": cell.method, "pass@1": main_summary["pass@1"],
@@ -239,3 +329,53 @@ def stored_result(cell: Cell) -> dict | None:
         return None
     result = json.loads(path.read_text())
     return result if result.get("config_hash") == cell.config_hash() else None
+
+
+_STOP = threading.Event()
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: Python drops a KeyboardInterrupt raised
+    inside a finalizer (``__del__``, common in a training step), so callers check ``stop_requested()`` between
+    cells. Leaves an ignored SIGINT (a background job) alone."""
+    import signal
+
+    _STOP.clear()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        _STOP.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: pathlib.Path):
+    """Hold ``out_dir/.lock`` so that two runs never write the same cells at once (the lock dies with the
+    process)."""
+    lock_path = out_dir / ".lock"
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise UserError(f"--out {out_dir}: another run_experiment.py (pid {fh.read().strip() or '?'}) is "
+                            f"writing there; wait for it to finish or pass another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield

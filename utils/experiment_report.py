@@ -11,11 +11,21 @@ def _fmt(value) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
 
-def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell], results: dict[str, dict]) -> pathlib.Path:
+def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell], results: dict[str, dict],
+                     failed: dict[str, dict] | None = None) -> pathlib.Path:
+    """``failed``: cell key -> {script, reason, log, command} of the cells that failed in this run."""
+    failed = failed or {}
     lines = [f"# Results: preset `{preset_name}`", "",
              "pass@1 (%) from the project's sandboxed evaluator. MBPP is scored on the stage-1 completions (cut at "
              "the first stop string); stage 2 (function body, final `return` trimmed) is in the second table. "
-             "Each cell's commands, seed and git commit are listed below the tables.", ""]
+             "Each cell's commands, seed and git commit are listed below the tables; a cell kept from an earlier "
+             "run was not redone after code changes (the cache compares commands and data only).", ""]
+    commits = sorted({r["git_commit"] for k, r in results.items() if any(c.key == k for c in cells)})
+    if len(commits) > 1:
+        lines += [f"**The cells come from {len(commits)} different commits** ({', '.join(f'`{c}`' for c in commits)}); "
+                  "rerun with --force for a table from one code version.", ""]
+    if failed:
+        lines += [f"**{len(failed)} cell(s) failed** (`failed` below; see Provenance for the command and log).", ""]
     models = list(dict.fromkeys(c.model for c in cells))
     tasks = [t for t in COLUMN_NAMES if any(c.task == t for c in cells)]
     methods = [m for m in ROW_NAMES if any(c.method == m for c in cells)]
@@ -23,7 +33,8 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
         lines += [f"## {model}", "", "| Tuning method | " + " | ".join(COLUMN_NAMES[t] for t in tasks) + " |",
                   "|---|" + "---:|" * len(tasks)]
         for method in methods:
-            row = [_fmt(results.get(f"{model}/{t}/{method}", {}).get("pass@1")) for t in tasks]
+            row = ["failed" if f"{model}/{t}/{method}" in failed else
+                   _fmt(results.get(f"{model}/{t}/{method}", {}).get("pass@1")) for t in tasks]
             lines.append(f"| {ROW_NAMES[method]} | " + " | ".join(row) + " |")
         if "mbpp" in tasks:
             lines += ["", "| Tuning method | MBPP stage 1 | MBPP stage 2 |", "|---|---:|---:|"]
@@ -34,6 +45,11 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
     lines += ["## Provenance", ""]
     for cell in cells:
         r = results.get(cell.key)
+        if cell.key in failed:
+            f = failed[cell.key]
+            lines += [f"- `{cell.key}`: **failed** in {f['script']}: {f['reason']}; log `{f['log']}`",
+                      f"  - `{f['command']}`"]
+            continue
         if not r:
             lines.append(f"- `{cell.key}`: no result")
             continue
