@@ -109,7 +109,7 @@ def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict]:
                 continue
             print(f"{tag}: running", flush=True)
             try:
-                results[cell.key] = run_cell(cell, seed)
+                results[cell.key] = run_cell(cell, seed, fresh=force)
             except CellFailed as exc:  # the other cells still run; this one is redone next time
                 failed[cell.key] = {"script": exc.script, "command": exc.command, "reason": exc.reason,
                                     "log": str(exc.log)}

@@ -1,6 +1,7 @@
 """run_experiment.py --preset smoke: all 18 cells through the real scripts, caching, provenance."""
 import json
 import re
+import shutil
 
 import pytest
 
@@ -258,3 +259,41 @@ def test_outside_a_checkout_the_commit_comes_from_the_image(tmp_path, monkeypatc
     assert experiment.git_commit() == "a" * 40
     monkeypatch.delenv("LOPA_GIT_COMMIT")
     assert experiment.git_commit() == "unknown"
+
+
+def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_path):
+    """A cell redone after a crash keeps what its training did (same configuration); --force starts afresh."""
+    from safetensors.torch import load_file
+
+    key = "tiny-phi-2/mbpp/pt"
+    argv = ["--preset", "smoke", "--out", str(tmp_path), "--methods", "pt", "--tasks", "mbpp",
+            "--set", "save_every=1steps"]
+    cell = tmp_path / "cells" / key
+    adapter = cell / "train" / "final" / "adapter_model.safetensors"
+
+    def run(*extra):
+        out = run_experiment.main(argv + list(extra))
+        assert out["ran"] == [key]
+        return out["results"][key]
+
+    assert run()["training"] == "fresh"
+    trained = load_file(adapter)
+    assert (cell / "train" / "checkpoints" / "step_00000003").is_dir()
+
+    (cell / "result.json").unlink()  # died after training (say, in generation)
+    assert run()["training"] == "reused"
+    assert "=== attempt started" in (cell / "cell.log").read_text() and "training: reused" in (
+        cell / "cell.log").read_text()
+
+    (cell / "result.json").unlink()  # died after the last checkpoint, before final/
+    shutil.rmtree(cell / "train" / "final")
+    shutil.rmtree(cell / "gen")
+    result = run()
+    assert result["training"] == "resumed"
+    assert f"--resume_from {cell / 'train'}" in (cell / "cell.log").read_text()
+    assert result["commands"] == json.loads((cell / "result.json").read_text())["commands"]
+    assert not any("--resume_from" in c for c in result["commands"])  # the cell's identity is unchanged
+    for name, tensor in load_file(adapter).items():
+        assert tensor.equal(trained[name]), name
+
+    assert run("--force")["training"] == "fresh"

@@ -5,7 +5,9 @@ A cell's identity is a hash of its commands' arguments and its data file's conte
 the same hash is skipped, so changing one hyperparameter redoes only the cells it reaches. The code is NOT part of
 the hash: after a code change, stored cells are kept (the run says so when their commit differs) until --force.
 Each stored result records the commands, the seed and the git commit that produced it. A cell that fails or is
-interrupted leaves no result.json, so the next run redoes it; its output is in ``<cell>/cell.log``.
+interrupted leaves no result.json, so the next run redoes it; its output is in ``<cell>/cell.log``. What its training
+already did is kept when the configuration is unchanged: a finished training (``train/final``) is not redone, and
+an interrupted one continues from its last checkpoint (presets that train for long save one every epoch).
 """
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ def paper_phi2_preset() -> Preset:
     return Preset(
         name="paper-phi-2", models=["phi-2"], methods=list(METHODS), tasks=list(TASKS), encoder="codesage-small",
         train={"num_virtual_tokens": 10, "lp_rank": 1, "num_epochs": 10, "per_gpu_train_batch_size": 2,
-               "gradient_accumulation_steps": 4, "mixed_precision": "bf16"},
+               "gradient_accumulation_steps": 4, "mixed_precision": "bf16",
+               "save_every": 1, "save_total_limit": 1},  # an interrupted cell resumes from its last epoch
         per_task={"cruxeval_input_prediction": {"fft": {"num_epochs": 4}},
                   "cruxeval_output_prediction": {"fft": {"num_epochs": 4}}},
         gen={"paper_decoding": True, "batch_size": 16},  # progress bar on: generation takes minutes
@@ -284,18 +287,55 @@ class _Tee(io.TextIOBase):
         return getattr(self.stream, "encoding", None)
 
 
-def run_cell(cell: Cell, seed: int) -> dict:
-    """Run every stage of a cell in this process (through each script's ``main``), its output also written to
-    ``<cell>/cell.log``; return its result record. Raises CellFailed naming the stage; KeyboardInterrupt passes
-    through. Either way no result.json is written."""
+ATTEMPT_FILE = "attempt.json"
+"""Written when a cell starts: the configuration hash its training directory belongs to."""
+
+
+def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str]:
+    """Clear the cell's directory for a run and return ``(commands to run, training)``. ``training`` is ``"reused"``
+    when an earlier attempt of the same configuration finished its training (that stage is skipped), ``"resumed"``
+    when it left a checkpoint (the stage gets ``--resume_from``), else ``"fresh"``."""
+    commands, training = list(cell.commands), "fresh"
+    train_dir, attempt = cell.directory / "train", cell.directory / ATTEMPT_FILE
+    trains = bool(commands) and commands[0][0] != "generate_preds.py"
+    try:
+        same = json.loads(attempt.read_text()).get("config_hash") == cell.config_hash()
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if trains and same and not fresh:
+        from utils.checkpoint import CHECKPOINTS_DIR, LATEST
+
+        if (train_dir / "final").is_dir():
+            commands, training = commands[1:], "reused"
+        elif (train_dir / CHECKPOINTS_DIR / LATEST).is_file():
+            script, argv = commands[0]
+            commands[0], training = (script, argv + ["--resume_from", str(train_dir)]), "resumed"
     if cell.directory.exists():
-        shutil.rmtree(cell.directory)
-    cell.directory.mkdir(parents=True)
+        for child in cell.directory.iterdir():
+            if (child == train_dir and training != "fresh") or child.name == "cell.log":
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    cell.directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(attempt, json.dumps({"config_hash": cell.config_hash()}) + "\n")
+    return commands, training
+
+
+def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
+    """Run every stage of a cell in this process (through each script's ``main``), its output also appended to
+    ``<cell>/cell.log``; return its result record. An earlier attempt's training is reused or resumed unless
+    ``fresh`` (see ``_prepare``). Raises CellFailed naming the stage; KeyboardInterrupt passes through. Either way
+    no result.json is written."""
+    commands, training = _prepare(cell, fresh)
     start = time.perf_counter()
     summaries = []
-    with open(cell.directory / "cell.log", "w", encoding="utf-8") as log, \
+    with open(cell.directory / "cell.log", "a", encoding="utf-8") as log, \
             contextlib.redirect_stdout(_Tee(sys.stdout, log)), contextlib.redirect_stderr(_Tee(sys.stderr, log)) as err:
-        for script, argv in cell.commands:
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        print(f"=== attempt started {stamp}; training: {training}", file=log, flush=True)
+        for script, argv in commands:
             print(f"$ python {script} {' '.join(argv)}", file=log, flush=True)
             try:
                 value = _script_main(script)(argv)
@@ -313,7 +353,7 @@ def run_cell(cell: Cell, seed: int) -> dict:
         "model": cell.model, "task": cell.task, "method": cell.method, "pass@1": main_summary["pass@1"],
         "n_tasks": main_summary["n_tasks"], "scored_file": pathlib.Path(main_summary["results_path"]).name,
         "commands": [" ".join(["python", script] + argv) for script, argv in cell.commands],
-        "seed": seed, "git_commit": git_commit(), "config_hash": cell.config_hash(),
+        "seed": seed, "git_commit": git_commit(), "config_hash": cell.config_hash(), "training": training,
         "seconds": round(time.perf_counter() - start, 1),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
