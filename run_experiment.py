@@ -56,18 +56,21 @@ def main(argv=None) -> dict:
     from utils.experiment import PRESETS, apply_overrides, exclusive
 
     preset = apply_overrides(PRESETS[args.preset](), args.set)
+    grid = {"methods": preset.methods, "tasks": preset.tasks, "models": preset.models}  # before --methods/--tasks
     preset.methods = _subset(args.methods, METHODS, preset.methods, "methods")
     preset.tasks = _subset(args.tasks, TASKS, preset.tasks, "tasks")
     preset.models = _subset(args.models, None, preset.models, "models")
     out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
-        return _run(args, preset, out)
+        return _run(args, preset, grid, out)
 
 
-def _run(args, preset, out: pathlib.Path) -> dict:
+def _run(args, preset, grid: dict, out: pathlib.Path) -> dict:
+    import dataclasses
+
     from utils import fixtures
-    from utils.experiment import check_commands, plan_cells
+    from utils.experiment import check_commands, plan_cells, stored_result
     from utils.experiment_report import plot_loss_curves, plot_table, write_results_md
 
     for family, path in (("mbpp", args.mbpp_data), ("cruxeval", args.cruxeval_data)):
@@ -81,9 +84,19 @@ def _run(args, preset, out: pathlib.Path) -> dict:
     cells = plan_cells(preset, out)
     check_commands(cells)
     results, ran, failed = _run_cells(cells, preset.seed, args.force)
-    table = write_results_md(out, preset.name, cells, results, failed)
-    plot_table(out, cells, results)
-    plot_loss_curves(out, cells)
+    # The report covers the preset's whole grid: cells outside --methods/--tasks/--models that an earlier run
+    # stored with the same configuration are shown too.
+    selected = {c.key for c in cells}
+    shown = []
+    for cell in plan_cells(dataclasses.replace(preset, **grid), out):
+        stored = None if cell.key in selected else stored_result(cell)
+        if stored is not None:
+            results[cell.key] = stored
+        if cell.key in selected or stored is not None:
+            shown.append(cell)
+    table = write_results_md(out, preset.name, shown, results, failed)
+    plot_table(out, shown, results)
+    plot_loss_curves(out, shown)
     print(f"{len(ran)} cells run, {len(cells) - len(ran) - len(failed)} kept, {len(failed)} failed -> {table}")
     for key, failure in failed.items():
         print(f"  FAILED {key}: {failure['reason']} (log: {failure['log']})")

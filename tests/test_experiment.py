@@ -297,3 +297,17 @@ def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_
         assert tensor.equal(trained[name]), name
 
     assert run("--force")["training"] == "fresh"
+
+
+def test_results_md_keeps_the_cells_outside_the_selection(tmp_path, monkeypatch):
+    _fake_stages(monkeypatch)
+    run_experiment.main(["--preset", "smoke", "--out", str(tmp_path)])
+    again = run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--methods", "lopa", "--force"])
+    assert sorted(again["ran"]) == sorted(f"tiny-phi-2/{t}/lopa" for t in TASK_ORDER)
+    table = _table((tmp_path / "results.md").read_text())
+    assert list(table) == ["None", "FFT", "LoRA", "PT", "IDPG", "LOPA"]
+    assert table["LoRA"] == ["3.00", "13.00", "23.00"] and table["LOPA"] == ["6.00", "16.00", "26.00"]
+    # stored cells of another configuration are not shown: a new training lr changes every cell but the untuned
+    # ones and FFT's (the smoke preset sets FFT's own lr)
+    run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--methods", "lopa", "--set", "train.lr=0.5"])
+    assert list(_table((tmp_path / "results.md").read_text())) == ["None", "FFT", "LOPA"]
