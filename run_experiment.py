@@ -129,10 +129,21 @@ def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict]:
                 print(f"{tag}: FAILED in {exc.script}: {exc.reason}\n  command: {exc.command}\n  log: {exc.log}",
                       file=sys.stderr, flush=True)
                 continue
+            finally:
+                _release_memory()  # each cell loads its own models; a failed one (an OOM) must not starve the next
             ran.append(cell.key)
             print(f"{tag}: pass@1 {100 * results[cell.key]['pass@1']:.2f} ({results[cell.key]['seconds']} s)",
                   flush=True)
     return results, ran, failed
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ VENV="${1:-.venv}"
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && ! command -v unshare >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq util-linux >/dev/null
 fi
+# A venv left by another Python (its packages would not import) is made anew; the same one is reused.
+want=$(python3 -c 'import sys; print(sys.version.split()[0])')
+if [ -x "$VENV/bin/python" ] && [ "$("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null)" != "$want" ]; then
+  echo "install: $VENV was made by another Python; recreating it with Python $want"
+  rm -rf "$VENV"
+fi
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # deepspeed is an sdist: build it without compiled ops (they JIT-build on first use).
