@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +75,11 @@ def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_pat
                 r=method_cfg.lora_r, lora_alpha=method_cfg.lora_alpha, lora_dropout=method_cfg.lora_dropout,
                 bias="none", target_modules=list(spec.lora_targets), task_type=TaskType.CAUSAL_LM))
         elif method == "pt":
-            backbone = get_peft_model(lm, PromptTuningConfig(
-                task_type=TaskType.CAUSAL_LM, num_virtual_tokens=m, prompt_tuning_init=PromptTuningInit.RANDOM))
+            with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5.24 deprecated; not ours to fix
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+                backbone = get_peft_model(lm, PromptTuningConfig(
+                    task_type=TaskType.CAUSAL_LM, num_virtual_tokens=m, prompt_tuning_init=PromptTuningInit.RANDOM))
         else:
             lm.requires_grad_(False)
             backbone = lm
