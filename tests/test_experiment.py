@@ -311,3 +311,14 @@ def test_results_md_keeps_the_cells_outside_the_selection(tmp_path, monkeypatch)
     # ones and FFT's (the smoke preset sets FFT's own lr)
     run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--methods", "lopa", "--set", "train.lr=0.5"])
     assert list(_table((tmp_path / "results.md").read_text())) == ["None", "FFT", "LOPA"]
+
+
+def test_paper_preset_checkpoints_can_be_turned_off_per_method(tmp_path):
+    from utils.experiment import apply_overrides, check_commands, paper_phi2_preset, plan_cells
+
+    preset = apply_overrides(paper_phi2_preset(), ["fft.save_every=0"])
+    cells = plan_cells(preset, tmp_path)
+    check_commands(cells)  # save_total_limit without checkpoints is accepted
+    fft = _train_config(next(c for c in cells if c.method == "fft"))
+    lopa = _train_config(next(c for c in cells if c.method == "lopa"))
+    assert (fft.output.save_every.every, lopa.output.save_every.every) == (0, 1)

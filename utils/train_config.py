@@ -150,9 +150,6 @@ class OutputArgs:
         _at_least("log_every", self.log_every, 1)
         if self.save_total_limit is not None:
             _at_least("save_total_limit", self.save_total_limit, 1)
-            if not self.save_every.every:
-                raise UserError("--save_total_limit keeps the newest N checkpoints, but without --save_every "
-                                "none is written; add --save_every (e.g. 1 or 50steps) or drop --save_total_limit")
 
 
 @dataclass(frozen=True)
