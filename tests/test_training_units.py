@@ -33,8 +33,9 @@ def test_plan_counts_steps_per_process_after_sharding(processes, per_process_bat
     capped = make_plan(TrainArgs(num_epochs=10, max_train_steps=100, num_warmup_steps=7), batches, processes)
     assert (capped.total_steps, capped.warmup_steps) == (100, 7)
     assert capped.num_epochs == math.ceil(100 / per_process_batches)
-    with pytest.raises(UserError, match=r"warmup \(100 steps\) is not shorter than the run \(100"):
+    with pytest.raises(UserError, match=r"--num_warmup_steps 100 is not below the run's 100 optimizer steps"):
         make_plan(TrainArgs(max_train_steps=100, num_warmup_steps=100), batches, processes)
+    assert make_plan(TrainArgs(max_train_steps=1, warmup_ratio=0.1), batches, processes).warmup_steps == 1  # FFT smoke
 
 
 def test_epoch_sampler_is_a_seeded_permutation_that_ignores_the_global_rng():

@@ -36,9 +36,9 @@ def make_plan(train: TrainArgs, batches_per_epoch: int, num_processes: int) -> P
     steps_per_epoch = math.ceil(batches_per_epoch / train.gradient_accumulation_steps)
     total = train.max_train_steps or train.num_epochs * steps_per_epoch
     warmup = train.num_warmup_steps or math.ceil(train.warmup_ratio * total)
-    if warmup >= total:
-        raise UserError(f"the warmup ({warmup} steps) is not shorter than the run ({total} optimizer steps), so the "
-                        f"learning rate would never reach --lr; lower --num_warmup_steps / --warmup_ratio or train longer")
+    if train.num_warmup_steps >= total:  # a ratio always leaves room, but for the ceil of a run of a step or two
+        raise UserError(f"--num_warmup_steps {warmup} is not below the run's {total} optimizer steps, so the "
+                        f"learning rate would never reach --lr; lower it (or use --warmup_ratio)")
     return Plan(batches_per_epoch, steps_per_epoch, total, math.ceil(total / steps_per_epoch), warmup,
                 train.per_gpu_train_batch_size * train.gradient_accumulation_steps * num_processes)
 
