@@ -296,6 +296,8 @@ def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_
     for name, tensor in load_file(adapter).items():
         assert tensor.equal(trained[name]), name
 
+    # new decoding settings redo generation and scoring, not the training
+    assert run("--set", "gen.max_new_tokens=16")["training"] == "reused"
     assert run("--force")["training"] == "fresh"
 
 

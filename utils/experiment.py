@@ -6,8 +6,9 @@ the same hash is skipped, so changing one hyperparameter redoes only the cells i
 the hash: after a code change, stored cells are kept (the run says so when their commit differs) until --force.
 Each stored result records the commands, the seed and the git commit that produced it. A cell that fails or is
 interrupted leaves no result.json, so the next run redoes it; its output is in ``<cell>/cell.log``. What its training
-already did is kept when the configuration is unchanged: a finished training (``train/final``) is not redone, and
-an interrupted one continues from its last checkpoint (presets that train for long save one every epoch).
+already did is kept when the training settings are unchanged (whatever changed in generation or evaluation): a
+finished training (``train/final``) is not redone, and an interrupted one continues from its last checkpoint
+(presets that train for long save one every epoch).
 """
 from __future__ import annotations
 
@@ -144,10 +145,19 @@ class Cell:
         return f"{self.model}/{self.task}/{self.method}"
 
     def config_hash(self) -> str:
+        return self._digest(self.commands)
+
+    def training_hash(self) -> str | None:
+        """The training stage's own hash (None without one): a cell whose generation or evaluation settings change
+        keeps its training."""
+        trains = bool(self.commands) and self.commands[0][0] != "generate_preds.py"
+        return self._digest(self.commands[:1]) if trains else None
+
+    def _digest(self, commands) -> str:
         data_digest = None
         if self.data_path:
             data_digest = hashlib.sha256(pathlib.Path(self.data_path).read_bytes()).hexdigest()
-        payload = {"commands": [(s, [a for a in argv if str(self.directory) not in a]) for s, argv in self.commands],
+        payload = {"commands": [(s, [a for a in argv if str(self.directory) not in a]) for s, argv in commands],
                    "data": data_digest}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -288,21 +298,21 @@ class _Tee(io.TextIOBase):
 
 
 ATTEMPT_FILE = "attempt.json"
-"""Written when a cell starts: the configuration hash its training directory belongs to."""
+"""Written when a cell starts: the training hash its ``train/`` directory belongs to."""
 
 
 def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str]:
     """Clear the cell's directory for a run and return ``(commands to run, training)``. ``training`` is ``"reused"``
-    when an earlier attempt of the same configuration finished its training (that stage is skipped), ``"resumed"``
-    when it left a checkpoint (the stage gets ``--resume_from``), else ``"fresh"``."""
+    when an earlier attempt with the same training settings finished its training (that stage is skipped),
+    ``"resumed"`` when it left a checkpoint (the stage gets ``--resume_from``), else ``"fresh"``."""
     commands, training = list(cell.commands), "fresh"
     train_dir, attempt = cell.directory / "train", cell.directory / ATTEMPT_FILE
-    trains = bool(commands) and commands[0][0] != "generate_preds.py"
+    train_hash = cell.training_hash()
     try:
-        same = json.loads(attempt.read_text()).get("config_hash") == cell.config_hash()
+        same = json.loads(attempt.read_text()).get("training_hash") == train_hash
     except (OSError, ValueError, AttributeError):
         same = False
-    if trains and same and not fresh:
+    if train_hash is not None and same and not fresh:
         from utils.checkpoint import CHECKPOINTS_DIR, LATEST
 
         if (train_dir / "final").is_dir():
@@ -319,7 +329,7 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str]
             else:
                 child.unlink()
     cell.directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(attempt, json.dumps({"config_hash": cell.config_hash()}) + "\n")
+    atomic_write_text(attempt, json.dumps({"training_hash": train_hash}) + "\n")
     return commands, training
 
 
