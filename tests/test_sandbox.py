@@ -311,8 +311,74 @@ def test_programs_import_the_evaluators_packages_read_only():
         off = bare.run("import numpy")
     assert ok.status == "passed", ok.reason
     assert off.status == "failed" and off.reason.startswith("ModuleNotFoundError: No module named 'numpy'")
-    if sandbox.features["mount_namespace"]:  # bind-mounted back read-only
+    if sandbox.features["mount_namespace"]:  # bind-mounted back read-only (as root the uid drop denies it first)
         assert write.status == "failed" and write.reason.startswith(("PermissionError", "OSError")), write.reason
+        with Sandbox(SandboxConfig(timeout=TIMEOUT)) as sandbox:
+            mounts = sandbox.run("import os, numpy\nsp = os.path.dirname(os.path.dirname(numpy.__file__))\n"
+                                 "print([l.split()[5] for l in open('/proc/self/mountinfo') if l.split()[4] == sp])")
+        options = eval(mounts.stdout)  # the program's own print of a list of strings
+        assert options and options[-1].split(",")[0] == "ro", mounts.stdout
+
+
+_CAPABILITY_PROBE = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+caps = open('/proc/self/status').read().split('CapEff:')[1].split()[0]
+unmounted = libc.umount2(b'/tmp', 2), ctypes.get_errno()
+remounted = libc.mount(None, b'/tmp', None, 32, None), ctypes.get_errno()  # MS_REMOUNT
+print(caps, *unmounted, *remounted, os.path.exists(SECRET))
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root (to run the evaluator as nobody), setpriv and a system python3")
+def test_a_non_root_evaluators_programs_hold_no_capabilities():
+    """Started by an unprivileged user, the namespaces mode makes each program root of its own user namespace: it
+    must hold no capability, or it could unmount the tmpfs that hides the host's files, or remount the read-only
+    paths writable (shown possible before the fix)."""
+    import subprocess
+    import tempfile
+
+    base = tempfile.mkdtemp(dir="/tmp")  # pytest's tmp_path is private to root
+    try:
+        project = os.path.join(base, "proj")
+        shutil.copytree(os.path.join(PROJECT_ROOT, "utils"), os.path.join(project, "utils"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        secret = os.path.join(base, "secret.txt")
+        with open(secret, "w") as fh:
+            fh.write("hunter2")
+        driver = os.path.join(base, "driver.py")
+        with open(driver, "w") as fh:
+            fh.write(textwrap.dedent(f"""
+                import json, sys
+                sys.path.insert(0, {project!r})
+                from utils.sandbox import Sandbox, SandboxConfig
+                try:
+                    sandbox = Sandbox(SandboxConfig(timeout=10, mode="namespaces", start="exec"))
+                except RuntimeError as exc:
+                    print(json.dumps(["unavailable", str(exc)]))
+                    sys.exit(0)
+                with sandbox:
+                    result = sandbox.run({_CAPABILITY_PROBE!r}.replace("SECRET", {repr(secret)!r}))
+                print(json.dumps([sandbox.mode, result.status, result.reason, result.stdout]))
+            """))
+        for dirpath, dirnames, filenames in os.walk(base):
+            for name in dirnames + filenames:
+                os.chmod(os.path.join(dirpath, name), 0o755)
+        os.chmod(base, 0o755)
+        proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
+                               "-s", driver], capture_output=True, text=True, timeout=120, cwd=base)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        mode, status, reason, stdout = (json.loads(proc.stdout.splitlines()[-1]) + [None] * 4)[:4]
+        if mode == "unavailable":
+            pytest.skip(f"no namespaces mode for an unprivileged user here: {status}")
+        assert (mode, status) == ("namespaces", "passed"), reason
+        caps, unmount, unmount_errno, remount, remount_errno, sees_secret = stdout.split()
+        assert caps == "0000000000000000"
+        assert (unmount, unmount_errno, remount, remount_errno) == ("-1", "1", "-1", "1")  # EPERM, both
+        assert sees_secret == "False"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 @pytest.mark.parametrize("start", ["forkserver", "exec"])
 def test_both_start_methods_contain_a_daemon_and_a_loop(arena, start):

@@ -25,6 +25,7 @@ NOSUID, NODEV, NOEXEC, RDONLY, REMOUNT, BIND, REC, PRIVATE = 2, 4, 8, 1, 32, 409
 SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # the same number on every architecture (Linux >= 5.2)
 OPEN_TREE_CLONE, AT_RECURSIVE, O_CLOEXEC, AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH = 1, 0x8000, 0o2000000, -100, 4
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER, SIGKILL = 1, 38, 36, 9
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, CAPABILITY_VERSION_3 = 24, 47, 4, 0x20080522
 
 
 def report(fd, line):
@@ -81,6 +82,34 @@ def isolate(hide, tmpfs_mb):
         done.append(d)
 
 
+def effective_capabilities():
+    with open("/proc/self/status") as fh:
+        return int(next(line for line in fh if line.startswith("CapEff:")).split()[1], 16)
+
+
+def drop_bounding_capabilities():
+    """Empty the bounding set (no capability can come back through an execve). Only a process that holds
+    capabilities needs it, and only it may: the evaluator as root, or root of its own user namespace."""
+    if not effective_capabilities():
+        return False
+    with open("/proc/sys/kernel/cap_last_cap") as fh:
+        last = int(fh.read())
+    for cap in range(last + 1):
+        check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "drop capability %d" % cap)
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    return True
+
+
+def clear_capabilities():
+    """No effective, permitted or inheritable capability. Without this, a program that runs as root of its own user
+    namespace (the namespaces mode started by a non-root evaluator) could remount the read-only site-packages
+    writable or unmount the tmpfs that hides the project and home directories."""
+    header = (ctypes.c_uint32 * 2)(CAPABILITY_VERSION_3, 0)
+    check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
+    if effective_capabilities():
+        raise OSError(1, "capabilities remain after capset")
+
+
 def describe(exc):
     """``Type: message (line N)`` of an exception raised by the program (N: its last line in program.py)."""
     try:
@@ -103,10 +132,13 @@ def run_program(req, src, fd):
                          (resource.RLIMIT_NOFILE, lim["nofile"]), (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(res, (val, val))
         resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu"], lim["cpu"] + 1))
+        privileged = drop_bounding_capabilities()
         if uid >= 0:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
+        if privileged:
+            clear_capabilities()
         if lim["nproc"] > 0:
             resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"], lim["nproc"]))
         libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # die with the supervisor (set after the uid change)
