@@ -5,9 +5,11 @@ VENV="${1:-.venv}"
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && ! command -v unshare >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq util-linux >/dev/null
 fi
-# A venv left by another Python (its packages would not import) is made anew; the same one is reused.
-want=$(python3 -c 'import sys; print(sys.version.split()[0])')
-if [ -x "$VENV/bin/python" ] && [ "$("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null)" != "$want" ]; then
+# A venv left by another Python minor version (its compiled packages would not import) is made anew; only a
+# directory with pyvenv.cfg counts as a venv, so nothing else is ever deleted.
+minor='import sys; print("%d.%d" % sys.version_info[:2])'
+want=$(python3 -c "$minor")
+if [ -f "$VENV/pyvenv.cfg" ] && [ "$("$VENV/bin/python" -c "$minor" 2>/dev/null)" != "$want" ]; then
   echo "install: $VENV was made by another Python; recreating it with Python $want"
   rm -rf "$VENV"
 fi

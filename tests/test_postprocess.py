@@ -112,6 +112,8 @@ def test_extract_cruxeval_answer_follows_the_spec():
     ("\nassert f(1) == {3, 2, 1}  # a set\n[/ANSWER]", "output", "{3, 2, 1}  # a set"),
     ("\x0bjunk\u2028\nassert f('=') == 'é'\n[/ANSWER]", "input", "f('=')"),  # odd line breaks
     ("\nassert f('a) == 2\n[/ANSWER]", "output", "2"),  # does not tokenize: the first "==", as before
+    ("\nassert f('a==b')\n[/ANSWER]", "input", "f('a==b')"),  # no top-level "==": nothing is cut
+    ("\nassert f(x == 1)\n[/ANSWER]", "input", "f(x == 1)"),
 ])
 def test_extract_cruxeval_answer_splits_at_the_assertions_eq(completion, mode, expected):
     assert extract_cruxeval_answer(completion, mode) == expected

@@ -203,6 +203,13 @@ def test_a_resave_of_the_latest_step_cut_off_mid_swap_leaves_a_resumable_checkpo
     assert find_checkpoint(tmp_path) == root / "step_00000002"
     assert TrainerState.read(root / "step_00000002" / "trainer_state.json").epoch == 1
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000002"]
+    # resumed from the aside copy, the run goes on to later steps: the copy goes with the next checkpoint
+    monkeypatch.setattr("utils.checkpoint._kill_hook", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(acc, model, opt, sched, TrainerState(global_step=2, epoch=2), {}, root)
+    monkeypatch.undo()
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=4), {}, root, total_limit=1)
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000004"]
 
 
 def test_prune_keeps_the_newest_and_find_checkpoint_explains_problems(tmp_path):

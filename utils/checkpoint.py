@@ -43,8 +43,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "trainable.safetensors"
 DEEPSPEED_TAG = "deepspeed"
 KILL_HOOK_ENV = "LOPA_TEST_KILL_AT"
-"""Test hook: ``<checkpoint name>:written`` (before the rename) or ``:committed`` (after ``latest``) makes the
-process SIGKILL itself there, to test recovery from a real crash."""
+"""Test hook: ``<checkpoint name>:written`` (before the rename), ``:moved-aside`` (a re-saved step's old copy moved
+aside, the new one not yet in place) or ``:committed`` (after ``latest``) makes the process SIGKILL itself there,
+to test recovery from a real crash."""
 _NAME = re.compile(r"step_(\d+)")
 
 
@@ -151,10 +152,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainerStat
     final, tmp = checkpoints_dir / name, checkpoints_dir / f".tmp-{name}"
     deepspeed = accelerator.distributed_type == "DEEPSPEED"
     if accelerator.is_main_process:
-        stale = [*checkpoints_dir.glob(".tmp-*"),  # an unfinished save; a moved-aside copy whose new one is in place
-                 *(p for p in checkpoints_dir.glob(".old-*") if (checkpoints_dir / p.name[5:]).is_dir())]
-        for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
+        for stale in checkpoints_dir.glob(".tmp-*"):  # an unfinished save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
@@ -185,8 +184,9 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainerStat
             _kill_hook(name, "moved-aside")
         os.replace(tmp, final)
         fsync_dir(checkpoints_dir)
-        shutil.rmtree(aside, ignore_errors=True)
         atomic_write_text(checkpoints_dir / LATEST, name + "\n")
+        for old in checkpoints_dir.glob(".old-*"):  # `latest` names a complete checkpoint again: none is needed
+            shutil.rmtree(old, ignore_errors=True)
         _kill_hook(name, "committed")
         if total_limit:
             prune_checkpoints(checkpoints_dir, total_limit)

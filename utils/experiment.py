@@ -321,6 +321,7 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str]
             script, argv = commands[0]
             commands[0], training = (script, argv + ["--resume_from", str(train_dir)]), "resumed"
     if cell.directory.exists():
+        (cell.directory / "result.json").unlink(missing_ok=True)  # first: a kill mid-clean-up must not leave it
         for child in cell.directory.iterdir():
             if (child == train_dir and training != "fresh") or child.name == "cell.log":
                 continue

@@ -256,7 +256,8 @@ def _assertion_eq(text: str) -> int:
     """Index of the ``==`` that splits ``assert f(...) == value``: the first one outside brackets and strings.
 
     The original split at the first ``==`` anywhere, so a correct ``assert f('a==b') == 2`` (or ``f(x == 1)``)
-    became a syntax error. Falls back to the first ``==`` when the text does not tokenize that far; -1 if none.
+    became a syntax error. Falls back to the first ``==`` when the text does not tokenize; -1 if there is none at
+    the top level.
     """
     plain = text.find("==")
     if plain == -1:
@@ -276,8 +277,8 @@ def _assertion_eq(text: str) -> int:
             elif tok.string == "==" and depth == 0:
                 return starts[tok.start[0] - 1] + tok.start[1]
     except (tokenize.TokenError, IndentationError, SyntaxError):
-        pass
-    return plain
+        return plain
+    return -1  # every == is inside a string or brackets: nothing to split at
 
 
 # -- files (the CLIs postprocess_mbpp_preds.py and postprocess_cruxeval_preds.py) ---------------------------
