@@ -454,3 +454,77 @@ def test_falls_back_when_namespaces_are_not_permitted(tmp_path, monkeypatch):
 def test_no_working_mode_is_an_error():
     with pytest.raises(RuntimeError, match="no sandbox mode works"):
         Sandbox(SandboxConfig(python=os.path.join(sys.prefix, "no-such-python"), mode="none", start="exec"))
+
+
+_JUNK_EXIT_LINES = """
+import os, time
+for _ in range(4):  # left behind, they write forged exit lines to the status descriptor until killed
+    if os.fork() == 0:
+        while True:
+            try:
+                os.write(3, b"X zz\\n")
+            except OSError:
+                pass
+time.sleep(0.3)
+"""
+_FALLOCATE = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+libc.fallocate(2, 1, 0, 200 << 20)  # FALLOC_FL_KEEP_SIZE: RLIMIT_FSIZE does not see it on ext4
+print(os.fstat(2).st_blocks * 512 >> 20)
+"""
+
+
+@pytest.mark.parametrize("start", ["forkserver", "exec"])
+def test_hostile_output_streams_stay_the_samples_own_problem(start):
+    """Found by a red-team review: junk exit lines from leftover processes aborted the whole evaluation
+    (ValueError), fallocate grew a host file past the 16 MiB output limit, and a lone surrogate in a completion
+    crashed the exec start."""
+    with Sandbox(SandboxConfig(timeout=TIMEOUT, start=start)) as sandbox:
+        junk = [sandbox.run(_JUNK_EXIT_LINES) for _ in range(3)]
+        grown = sandbox.run(_FALLOCATE)
+        surrogate = sandbox.run('s = "\ud800"\nprint("never")')
+        after = sandbox.run("print(6 * 7)")
+    assert all(r.status in ("passed", "failed") for r in junk), [r.reason for r in junk]
+    if sandbox.features["mount_namespace"]:  # streams live on the sample's capped tmpfs
+        assert grown.status == "passed" and int(grown.stdout) <= 64, grown.stdout
+    assert surrogate.status == "failed" and surrogate.reason.startswith("UnicodeEncodeError"), surrogate.reason
+    assert (after.status, after.stdout) == ("passed", "42\n")
+
+
+def test_an_unreadable_exit_line_is_a_sandbox_error_not_a_crash(tmp_path):
+    from utils.sandbox_process import interpret
+
+    paths = {name: str(tmp_path / name) for name in ("stdout", "stderr", "status")}
+    for name in ("stdout", "stderr"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "status").write_text("P\nX 0\nX zz\n")
+    result = interpret(paths, False, 3.0, 100, 256)
+    assert (result.status, result.sandbox_error) == ("failed", True) and "'X zz'" in result.reason
+
+
+def test_a_sample_cannot_find_earlier_samples_programs_in_its_memory():
+    """The fork server's template is forked for every sample: it must not hold earlier programs (their tests)."""
+    scan = textwrap.dedent("""
+        import ctypes, re
+        found = set()
+        for line in open("/proc/self/maps"):
+            fields = line.split()
+            if len(fields) < 2 or not fields[1].startswith("rw"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if end - start > 64 << 20:
+                continue
+            try:
+                found.update(re.findall(rb"HIDDEN-TEST-(\\d)", ctypes.string_at(start, end - start)))
+            except Exception:
+                pass
+        print(sorted(found))
+    """)
+    with Sandbox(SandboxConfig(timeout=TIMEOUT, start="forkserver")) as sandbox:
+        for i in range(3):
+            sandbox.run(f"assert 1 + 1 == 2, 'HIDDEN-TEST-{i}'")
+        result = sandbox.run(scan)
+    assert result.status == "passed", result.reason
+    assert result.stdout.strip() == "[]", result.stdout

@@ -8,7 +8,8 @@ Each program runs in its own process, temporary directory and session/process gr
   program; either way no state of the evaluator (torch, tokens, the environment) is in the program's memory;
 * a **scrubbed environment** (PATH, LANG, HOME/TMPDIR pointing at the work dir, PYTHONHASHSEED=0, one BLAS/OpenMP
   thread; no HF_TOKEN, WANDB_API_KEY or other secret), stdin on /dev/null, stdout and stderr to files that
-  RLIMIT_FSIZE caps (only the last ``max_output_bytes`` are read back);
+  RLIMIT_FSIZE caps (only the last ``max_output_bytes`` are read back; with namespaces they live on the sample's
+  own tmpfs and its supervisor copies them out, so ``fallocate`` cannot fill the host's disk);
 * the evaluator's **site-packages** importable (read-only with namespaces), as in the classic harnesses;
 * **rlimits** on address space (RLIMIT_AS), CPU time, file size, open files and core dumps;
 * a **wall-clock timeout** after which the whole process group is SIGKILLed.
@@ -41,7 +42,8 @@ directories (the dataset, /etc); CPU and memory pressure on other samples (no cg
 all samples share the template's address-space layout (weaker ASLR). Without namespaces also: network access
 and writes to world-writable directories such as /tmp; without the uid drop (non-root callers): killing the
 caller's other processes, reading its files and /proc/<pid>/environ, fork bombs beyond RLIMIT_NPROC's
-per-user count, and (exec start only) a daemon left by a program killed at its timeout. See docs/EVALUATION.md.
+per-user count, and (exec start only) a daemon left by a program killed at its timeout; with or without user
+namespaces, the caller's host identity (uid, groups) outside the hidden directories. See docs/EVALUATION.md.
 
 This module chooses the mode and builds each request; utils/sandbox_process.py talks to the processes (fork
 server client, exec start, reading a result) and utils/sandbox_child.py is the child side.
@@ -239,8 +241,8 @@ class Sandbox:
         uid = self._uid_base + slot if drop else -1
         nproc = cfg.nproc if drop else (-1 if self._is_root else user_process_count(os.geteuid()) + cfg.nproc)
         # With namespaces and the fork server nothing of a sample outlives it (its PID namespace ends first), so
-        # a slot's files are reused and the source travels in the request. Otherwise a leftover process could
-        # write into a reused file: every sample gets a fresh directory, removed afterwards.
+        # a slot's files are reused. Otherwise a leftover process could write into a reused file: every sample
+        # gets a fresh directory, removed afterwards.
         reuse = ns and self.start == "forkserver"
         tmp = self._slot_dir(slot) if reuse else tempfile.mkdtemp(prefix="lopa_sandbox_")
         try:
@@ -251,25 +253,27 @@ class Sandbox:
                    "import_paths": self._import_paths,
                    "timeout": timeout, "limits": {"as": cfg.memory_mb << 20, "fsize": cfg.file_size_mb << 20,
                                                   "nofile": cfg.nofile, "nproc": nproc, "cpu": int(timeout) + 2}}
-            if reuse:
-                req["source"] = program
-            else:
-                if not ns:  # (with namespaces the work dir is the private /tmp)
-                    os.mkdir(home, 0o700)
-                    if drop:
-                        os.chown(home, uid, uid)
-                        os.chmod(tmp, 0o711)  # the slot uid may pass through to its work dir, not list the rest
-                with open(paths["program"], "w", encoding="utf-8") as fh:
-                    fh.write(program)
-                req["program"] = paths["program"]
+            if not reuse and not ns:  # (with namespaces the work dir is the private /tmp)
+                os.mkdir(home, 0o700)
+                if drop:
+                    os.chown(home, uid, uid)
+                    os.chmod(tmp, 0o711)  # the slot uid may pass through to its work dir, not list the rest
+            # The source goes through a file, never the fork server's request: the template every later sample is
+            # forked from must not hold earlier samples' programs (and their tests) in its memory. 0600: a
+            # concurrent sample (another slot uid) must not read this one's program or output.
+            with open(os.open(paths["program"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+                      encoding="utf-8", errors="surrogatepass") as fh:  # a lone surrogate is legal JSON
+                fh.write(program)
+            req["program"] = paths["program"]
+            if not reuse:
                 for name in ("stdout", "stderr", "status"):
-                    open(paths[name], "wb").close()
+                    os.close(os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
             try:
                 timed_out = (self._via_server(req, slot) if self.start == "forkserver" else
                              exec_sample(req, tmp, cfg.python, self._unshare, self._is_root))
-            except (ServerGone, OSError) as exc:
-                return RunResult("failed", f"sandbox error: {exc}", sandbox_error=True)
-            return interpret(paths, timed_out, timeout, cfg.max_output_bytes, cfg.memory_mb)
+                return interpret(paths, timed_out, timeout, cfg.max_output_bytes, cfg.memory_mb)
+            except Exception as exc:  # one sample's trouble is its own result, never the whole evaluation's
+                return RunResult("failed", f"sandbox error: {type(exc).__name__}: {exc}", sandbox_error=True)
         finally:
             if not reuse:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -217,14 +217,68 @@ def reap_orphans():
         time.sleep(0.001)
 
 
+def anonymous_file(directory):
+    """An unlinked file on ``directory``'s filesystem (nothing can open it by path)."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except (AttributeError, OSError):
+        path = os.path.join(directory, ".sandbox-%d-%d" % (os.getpid(), time.monotonic_ns()))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.unlink(path)
+        return fd
+
+
+def private_streams(status_fd, directory):
+    """Namespaces: the program's stdout, stderr and status go to unlinked files on the sample's own size-capped
+    tmpfs, not to the host's files (``fallocate`` grows a host file past RLIMIT_FSIZE, and a process the program
+    leaves behind could write after the exit line). Returns (host fds, private fds); fds 1 and 2 now point to the
+    private stdout and stderr."""
+    host = [os.dup(1), os.dup(2), status_fd]
+    private = [anonymous_file(directory) for _ in range(3)]
+    os.dup2(private[0], 1)
+    os.dup2(private[1], 2)
+    return host, private
+
+
+def copy_tail(src, dst, cap):
+    """The last ``cap`` bytes of ``src`` (a private file) to ``dst`` (the host's)."""
+    size = os.fstat(src).st_size
+    os.lseek(src, max(0, size - cap), os.SEEK_SET)
+    left = min(size, cap)
+    while left > 0:
+        chunk = os.read(src, min(left, 1 << 20))
+        if not chunk:
+            break
+        os.write(dst, chunk)
+        left -= len(chunk)
+
+
 def supervise(req, src, fd):
     """The sample's PID 1 (or plain parent): fork the program, wait, clean up, report its exit, exit."""
-    if not req["ns"]:  # (in a PID namespace its end kills everything)
+    host = private = None
+    if req["ns"]:  # (in a PID namespace its end kills everything)
+        try:
+            host, private = private_streams(fd, req["workdir"])
+        except OSError as exc:
+            report(fd, "E sandbox setup: private output files: %s" % exc)
+            _exit(3)
+    else:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     pid = _fork()
     if pid == 0:
+        if host:  # the program holds only its private files
+            for h in host + private[:2]:
+                os.close(h)
+            fd = private[2]
         run_program(req, src, fd)
     code = os.waitstatus_to_exitcode(_waitpid(pid, 0)[1])
+    if host:
+        for src_fd, dst_fd, cap in zip(private, host, (req["limits"]["fsize"],) * 2 + (1 << 16,)):
+            try:
+                copy_tail(src_fd, dst_fd, cap)
+            except OSError:
+                pass
+        fd = host[2]
     if not req["ns"]:
         reap_orphans()
     if req["uid"] >= 0 and not req["ns"]:
@@ -234,13 +288,12 @@ def supervise(req, src, fd):
 
 
 def read_program(req, fd):
-    """The program's source: sent in the request, or read as the caller's user before anything is hidden.
-    Also puts the evaluator's site-packages on sys.path, so that ``isolate`` keeps them visible (read-only)."""
+    """The program's source, read as the caller's user before anything is hidden (never sent in the request, so
+    the fork server's memory holds no program). Also puts the evaluator's site-packages on sys.path, so that
+    ``isolate`` keeps them visible (read-only)."""
     sys.path.extend(p for p in req.get("import_paths", ()) if p not in sys.path)
-    if "source" in req:
-        return req["source"]
     try:
-        with open(req["program"], encoding="utf-8") as fh:
+        with open(req["program"], encoding="utf-8", errors="surrogatepass") as fh:  # as written; compile judges
             return fh.read()
     except OSError as exc:
         report(fd, "E sandbox setup: cannot read the program: %s" % exc)

@@ -197,7 +197,10 @@ def interpret(paths: dict, timed_out: bool, timeout: float, max_output_bytes: in
         return done("failed", f"sandbox error: {setup}", True)
     if exit_line is None:
         return done("failed", "sandbox supervisor ended without a result", True)
-    code = int(exit_line[2:])
+    try:  # without namespaces a process the program left behind may write this file too: parse defensively
+        code = int(exit_line[2:].strip()[:12])
+    except ValueError:
+        return done("failed", f"sandbox supervisor wrote no readable exit status ({exit_line[:40]!r})", True)
     if code < 0:
         return done("failed", signal_reason(code))
     if outcome == "P" and code == 0:
