@@ -80,6 +80,10 @@ def isolate(hide, tmpfs_mb):
             mount(None, p, None, REMOUNT | BIND | RDONLY | NOSUID, None)
             os.close(fd)
         done.append(d)
+    for p in keep:  # the interpreter and the site-packages that stayed visible: read-only wherever they live
+        if not any(under(p, d) for d in done):
+            mount(p, p, None, BIND | REC, None)
+            mount(None, p, None, REMOUNT | BIND | RDONLY | NOSUID, None)
 
 
 def effective_capabilities():
