@@ -60,6 +60,15 @@ def row(batch: dict, i: int) -> dict:
             "enc_attention_mask": batch["enc_attention_mask"][i][enc_keep][None]}
 
 
+def full_logits_forward(model, batch):
+    """``model(**batch)`` through the plain path (logits at every position), selective logits restored after."""
+    model.selective_logits = False
+    try:
+        return model(**batch)
+    finally:
+        model.selective_logits = True
+
+
 def until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
@@ -140,11 +149,7 @@ def test_prompt_tuning_forward_equals_peft_forward(model_type):
         theirs = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 labels=batch["labels"])
         ours = model(**batch)
-        model.selective_logits = False
-        try:
-            full = model(**batch)
-        finally:
-            model.selective_logits = True
+        full = full_logits_forward(model, batch)
         logits = model(batch["input_ids"], batch["attention_mask"]).logits
     keep = batch["attention_mask"].bool()
     assert theirs.logits.shape[1] == M + batch["input_ids"].shape[1]
@@ -160,11 +165,7 @@ def test_selective_logits_loss_equals_full_loss(method, model_type):
     batch = batch_of(tok, PROMPTS, targets=[" return a + b", ")", " sys"])
     with torch.no_grad():
         selective = model(**batch)
-        model.selective_logits = False
-        try:
-            full = model(**batch)
-        finally:
-            model.selective_logits = True
+        full = full_logits_forward(model, batch)
     assert selective.logits is None and full.logits is not None
     assert 5.0 < full.loss.item() < 12.0
     assert abs(selective.loss.item() - full.loss.item()) < 1e-5

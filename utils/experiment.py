@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import datetime
 import fcntl
 import hashlib
@@ -153,12 +154,14 @@ class Cell:
         trains = bool(self.commands) and self.commands[0][0] != "generate_preds.py"
         return self._digest(self.commands[:1]) if trains else None
 
+    @functools.cached_property
+    def _data_digest(self) -> str | None:
+        """The data file's content hash, read once per cell (its config and training hashes both use it)."""
+        return hashlib.sha256(pathlib.Path(self.data_path).read_bytes()).hexdigest() if self.data_path else None
+
     def _digest(self, commands) -> str:
-        data_digest = None
-        if self.data_path:
-            data_digest = hashlib.sha256(pathlib.Path(self.data_path).read_bytes()).hexdigest()
         payload = {"commands": [(s, [a for a in argv if str(self.directory) not in a]) for s, argv in commands],
-                   "data": data_digest}
+                   "data": self._data_digest}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
