@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.common import ResultWriter, Timer, peak_flops, train_flops_per_token
 from custom_peft import build_model, count_trainable
+from custom_peft.packing import attention_width_constant, plan_rows, row_cost
 from utils.fast_paths import compile_layers, make_adamw
 from utils.registry import get_model_spec
 
@@ -34,7 +35,8 @@ def _device() -> torch.device:
 
 
 def build(method: str, args):
-    """Return ``(step_fn, lm, trainable_count)``: one optimizer step on a batch dict."""
+    """Return ``(step_fn, lm, trainable_count, model)``: one optimizer step on a batch dict. Our methods pack
+    padded batches (``model.packing``, the trainer's default); the baselines never do."""
     dev = _device()
     with dev:
         if method in BASELINES:
@@ -59,6 +61,7 @@ def build(method: str, args):
             model, _ = build_model(method, args.model, enc_model_type=args.encoder, num_virtual_tokens=args.m,
                                    lp_rank=args.r, dtype=args.dtype, random_weights=True, seed=0)
             lm = model.lm
+            model.packing = True
             if args.compile:
                 compile_layers(lm)
             opt = make_adamw(model.parameters(), lr=1e-4)
@@ -77,7 +80,7 @@ def build(method: str, args):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return step, lm, count_trainable(model)
+    return step, lm, count_trainable(model), model
 
 
 def random_batch(args, vocab: int, enc_vocab: int = 50265) -> dict:
@@ -105,7 +108,7 @@ def measure(step, batches, warmup: int, steps: int):
 
 
 def bench_method(method: str, args, writer: ResultWriter) -> None:
-    step, lm, trainable = build(method, args)
+    step, lm, trainable, _ = build(method, args)
     vocab = lm.config.vocab_size
     enc_vocab = 50265 if args.encoder == "codebert-base" else 2048
     batch = random_batch(args, vocab, enc_vocab)
@@ -125,9 +128,11 @@ def bench_method(method: str, args, writer: ResultWriter) -> None:
 
 
 def bench_padding(args, writer: ResultWriter) -> None:
-    """Useful tokens/s on the real MBPP train split, ``pt``, three ways: ``fixed`` (every row padded to the
-    original's fixed length), ``dynamic`` (the trainer's default: shuffled batches padded to their longest row)
-    and ``dynamic-grouped`` (``--group_by_length``: length-grouped batches, likewise padded)."""
+    """Useful tokens/s on the real MBPP train split, ``pt``, four ways: ``fixed`` (every row padded to the
+    original's fixed length), ``dynamic`` (the trainer's default: shuffled batches padded to their longest row,
+    then packed where cheaper), ``dynamic-unpacked`` (the same with ``--packing False``) and ``dynamic-grouped``
+    (``--group_by_length``: length-grouped batches, packed where cheaper). ``decoder_pad_fraction``: the share of
+    the positions through the decoder that hold no token (after packing)."""
     import random
 
     from benchmarks.bench_tokenizer import bench_tokenizer
@@ -147,13 +152,23 @@ def bench_padding(args, writer: ResultWriter) -> None:
     shuffled = list(range(len(ds)))
     random.Random(0).shuffle(shuffled)
     multiple = args.pad_multiple if args.pad_multiple > 1 else None
-    modes = {"fixed": (Collator(tok.pad_token_id, pad_to=fixed_len), shuffled),
-             "dynamic": (Collator(tok.pad_token_id, pad_to_multiple_of=multiple), shuffled),
-             "dynamic-grouped": (Collator(tok.pad_token_id, pad_to_multiple_of=multiple),
-                                 list(LengthGroupedSampler(ds.lengths(), args.batch_size, seed=0)))}
-    step, lm, _ = build("pt", args)
+    dynamic = Collator(tok.pad_token_id, pad_to_multiple_of=multiple)
+    grouped = list(LengthGroupedSampler(ds.lengths(), args.batch_size, seed=0))
+    modes = {"fixed": (Collator(tok.pad_token_id, pad_to=fixed_len), shuffled, False),
+             "dynamic": (dynamic, shuffled, True), "dynamic-unpacked": (dynamic, shuffled, False),
+             "dynamic-grouped": (dynamic, grouped, True)}
+    if args.plan_only:  # the layout and FLOP estimate alone: the architecture on the meta device, nothing runs
+        from utils.models import load_foundation_model
+
+        with torch.device("meta"):
+            lm, _ = load_foundation_model(args.model, dtype=args.dtype, random_weights=True, seed=0)
+        step, model = None, None
+    else:
+        step, lm, _, model = build("pt", args)
     vocab = lm.config.vocab_size
-    for mode, (collate, order) in modes.items():
+    width_constant = attention_width_constant(lm)
+    fixed_cost = None
+    for mode, (collate, order, packing) in modes.items():
         batches = []
         for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
             b = collate([ds[j] for j in order[i:i + args.batch_size]])
@@ -162,8 +177,20 @@ def bench_padding(args, writer: ResultWriter) -> None:
             b["labels"] = b["labels"].where(b["labels"] < 0, b["labels"].clamp(max=vocab - 1))
             batches.append({k: v.to(_device()) for k, v in b.items()})
         batches = batches[: args.padding_batches or None]
+        if not batches:
+            raise ValueError(f"{path}: fewer MBPP train examples than --batch_size {args.batch_size}")
         useful = sum(int(b["attention_mask"].sum()) for b in batches)
         padded = sum(b["input_ids"].numel() for b in batches)
+        through, cost = (sum(x) for x in zip(*(_decoder_work(b, args.m, width_constant, packing) for b in batches)))
+        fixed_cost = fixed_cost or cost
+        figures = dict(pad_fraction=1 - useful / padded, packing=packing, batches=len(batches),
+                       decoder_pad_fraction=1 - (useful + args.m * sum(len(b["input_ids"]) for b in batches)) / through,
+                       est_speedup_vs_fixed=fixed_cost / cost)
+        if step is None:
+            writer.write("train", model=args.model, method="pt", padding=mode, batch_size=args.batch_size,
+                         plan_only=True, **figures)
+            continue
+        model.packing = packing
         for b in batches:  # an untimed pass first: every new shape compiles (then one dynamic-shape graph)
             step(b)
         with Timer() as t:
@@ -171,8 +198,18 @@ def bench_padding(args, writer: ResultWriter) -> None:
                 step(b)
         writer.write("train", model=args.model, method="pt", padding=mode, batch_size=args.batch_size,
                      dtype=args.dtype, compile=bool(args.compile), pad_multiple=multiple,
-                     useful_tokens_per_s=useful / t.seconds, tokens_per_s=padded / t.seconds,
-                     pad_fraction=1 - useful / padded, batches=len(batches))
+                     useful_tokens_per_s=useful / t.seconds, tokens_per_s=padded / t.seconds, **figures)
+
+
+def _decoder_work(batch: dict, m: int, width_constant: float, packing: bool) -> tuple[int, float]:
+    """``(positions the decoder runs, their relative FLOPs)`` for ``batch`` with ``m`` virtual tokens per row."""
+    lengths = (batch["attention_mask"].sum(1) + m).tolist()
+    rows = plan_rows(lengths, width_constant) if packing else None
+    if rows is None:
+        num_rows, width = len(lengths), batch["input_ids"].shape[1] + m
+    else:
+        num_rows, width = len(rows), max(sum(lengths[i] for i in row) for row in rows)
+    return num_rows * width, row_cost(num_rows, width, width_constant)
 
 
 def main(argv=None) -> None:
@@ -189,6 +226,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no_compile", dest="compile", action="store_false")
     p.add_argument("--padding", action="store_true", help="also run the dynamic vs fixed padding comparison")
+    p.add_argument("--plan_only", action="store_true",
+                   help="the --padding layouts and their FLOP estimate only (no model runs, no methods; any machine)")
     p.add_argument("--padding_batches", type=int, default=0, help="batches per padding mode (0: the whole split)")
     p.add_argument("--pad_multiple", type=int, default=1,
                    help="round padded lengths up to a multiple of this (1: to the longest row, as training does)")
@@ -202,14 +241,14 @@ def main(argv=None) -> None:
         args.padding_batches = 2
     writer = ResultWriter(args.results)
     failures = []
-    for method in args.methods.split(","):
+    for method in [] if args.plan_only else args.methods.split(","):
         try:
             bench_method(method, args, writer)
         except Exception as exc:  # one failing method must not lose the others' figures
             traceback.print_exc()
             failures.append(f"{method}: {type(exc).__name__}: {exc}")
             writer.write("train", model=args.model, method=method, batch_size=args.batch_size, error=failures[-1])
-    if args.padding:
+    if args.padding or args.plan_only:
         try:
             bench_padding(args, writer)
         except Exception as exc:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of BENCHMARKS.md, as prepared runs on the device machine (H100 or H200).
 #   bash benchmarks/gpu_run.sh OUT_DIR [MBPP_JSONL] [SECTIONS]
-# SECTIONS: a comma list of train_phi2 (every method at 8 x 512 + the padding comparison, ~3.5 min),
+# SECTIONS: a comma list of train_phi2 (every method at 8 x 512 + the four padding modes, ~4 min),
 #   generate_phi2 (hf-generate, none, lopa, pt at batch 64/16/1, ~5 min: each new shape compiles once),
 #   train_deepseek (~1.5 min), train_llama3 (~3 min); default: all four. A device call may run 10 minutes and a
 #   session has 15 device minutes in all, so pick sections (and *_METHODS) to fit.

@@ -8,6 +8,20 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_bench_train_plan_only_packs_phi2s_padded_batches_without_running_it(tmp_path, data_paths):
+    """The layouts of phi-2's architecture (built on the meta device): packing removes most padded positions."""
+    out = tmp_path / "results.jsonl"
+    bench_train.main(["--model", "phi-2", "--plan_only", "--batch_size", "2", "--padding_batches", "20",
+                      "--results", str(out), "--data_path", data_paths["mbpp"]])
+    plan = {line["padding"]: line for line in _lines(out)}
+    assert set(plan) == {"fixed", "dynamic", "dynamic-unpacked", "dynamic-grouped"}
+    assert all(line["plan_only"] and "tokens_per_s" not in line for line in plan.values())
+    assert plan["fixed"]["est_speedup_vs_fixed"] == 1.0
+    if data_paths["real"]:  # the fixture's three short examples barely pad
+        assert plan["dynamic"]["decoder_pad_fraction"] < 0.5 * plan["dynamic-unpacked"]["decoder_pad_fraction"]
+        assert plan["dynamic"]["est_speedup_vs_fixed"] > plan["dynamic-unpacked"]["est_speedup_vs_fixed"] > 1.0
+
+
 def test_bench_train_smoke_writes_one_line_per_figure(tmp_path, data_paths):
     out = tmp_path / "results.jsonl"
     bench_train.main(["--smoke", "--padding", "--results", str(out), "--data_path", data_paths["mbpp"]])
@@ -19,9 +33,12 @@ def test_bench_train_smoke_writes_one_line_per_figure(tmp_path, data_paths):
         assert {"model", "method", "batch_size", "device", "versions", "date", "run_id"} <= set(line)
         assert line["tokens_per_s"] > 0
     padding = {line["padding"]: line for line in lines if "padding" in line}
-    assert set(padding) == {"fixed", "dynamic", "dynamic-grouped"}
+    assert set(padding) == {"fixed", "dynamic", "dynamic-unpacked", "dynamic-grouped"}
     assert padding["fixed"]["pad_fraction"] > max(padding["dynamic"]["pad_fraction"],
                                                   padding["dynamic-grouped"]["pad_fraction"])
+    assert padding["dynamic"]["pad_fraction"] == padding["dynamic-unpacked"]["pad_fraction"]
+    assert padding["dynamic"]["decoder_pad_fraction"] <= padding["dynamic-unpacked"]["decoder_pad_fraction"]
+    assert [padding[m]["packing"] for m in ("fixed", "dynamic", "dynamic-unpacked")] == [False, True, False]
     # every method but fft trains only a small part of the model
     trainable = {line["method"]: line["trainable_params"] for line in lines if "padding" not in line}
     assert trainable["pt"] == trainable["peft-pt"] and trainable["lora"] == trainable["peft-lora"]

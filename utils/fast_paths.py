@@ -6,6 +6,7 @@
 * ``static_cache_kwargs``: ``generate`` keyword arguments for a static KV cache, which transformers compiles
   automatically on a GPU (decoding steps only; prefill, where the soft prompt enters, stays eager).
 * ``selective_logits`` (in ``TunedModel``): the vocabulary projection only where a label is supervised.
+* ``packing`` (in ``TunedModel``, ``custom_peft/packing.py``): padding-free training rows where they cost less.
 """
 from __future__ import annotations
 

@@ -106,6 +106,8 @@ class TrainArgs:
     compile: str = "auto"
     selective_logits: bool = True
     fused_adamw: bool = True
+    packing: bool = True
+    """Padding-free rows where cheaper (``custom_peft.packing``); off under ``pad_to_max_length``."""
     pad_to_max_length: bool = False
     group_by_length: bool = False
     limit_train_examples: int | None = None

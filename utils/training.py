@@ -142,6 +142,7 @@ class Trainer:
         if t.gradient_checkpointing:
             enable_activation_checkpointing(model.lm)
         model.selective_logits = t.selective_logits
+        model.packing = t.packing and not t.pad_to_max_length  # fixed-length rows are asked for as the original's
         self.compiled = t.compile == "on" or (t.compile == "auto" and acc.device.type == "cuda" and not self.ds)
         if self.compiled:
             from utils.fast_paths import compile_layers
@@ -172,6 +173,7 @@ class Trainer:
         runtime = {
             "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
             "mixed_precision": acc.mixed_precision, "device": str(acc.device), "compiled_layers": self.compiled,
+            "packing": self.config.train.packing and not self.config.train.pad_to_max_length,
             "deepspeed_zero_stage": ds_config["zero_optimization"].get("stage") if ds_config else None,
             "optimizer": ("deepspeed " if ds_config and "optimizer" in ds_config else "torch ") + "AdamW",
             "lr_schedule": self.schedule_name, "train_examples": len(self.dataset), **asdict(plan),

@@ -1,0 +1,128 @@
+"""Padding-free training rows (``custom_peft.packing``): the layout, and the same loss and gradients as padding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from custom_peft.packing import pack, plan_rows, row_cost
+from tests.test_methods import METHODS, batch_of, built, full_logits_forward
+from utils.batching import IGNORE_INDEX
+from utils.models import TINY_MODEL_TYPES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Lengths that pad a lot (one long example among short ones), with answers to supervise.
+PROMPTS = ["def add(a, b):\n    return", "x = [i * i for i in range(10)]\nprint(x) " * 6, "import os", "y=1",
+           "def f():\n  pass\n" * 3]
+TARGETS = [" return a + b", ")", " sys", " + 2\nprint(y)", "\n  return 3"]
+
+
+# ------------------------------------------------------------------------------------------------ layout
+def test_plan_rows_never_packs_a_batch_without_padding_or_a_single_example():
+    assert plan_rows([512] * 8, c=16_000) is None
+    assert plan_rows([300], c=16_000) is None
+
+
+def test_plan_rows_places_every_example_once_and_costs_less_than_padding():
+    lengths = [480, 120, 90, 200, 60, 171, 33, 250]
+    rows = plan_rows(lengths, c=16_000)
+    assert sorted(i for row in rows for i in row) == list(range(8))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    assert row_cost(len(rows), width, 16_000) < row_cost(8, 480, 16_000)
+    assert len(rows) == 3 and width == 480  # 3 rows as wide as the longest beat 1 row of all 1,404 tokens
+    assert plan_rows(lengths, c=100_000) == [[0, 7, 3, 5, 1, 2, 4, 6]]  # matmuls dominate: one row
+
+
+def test_plan_rows_keeps_rows_short_when_attention_dominates():
+    """With a small model (attention as costly as the matmuls at 100 positions) one long row would cost more."""
+    lengths = [400, 390, 380, 30, 20, 10, 400, 395]
+    rows = plan_rows(lengths, c=100)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    assert width == 400 and len(rows) == 6  # the three short ones share rows with long ones
+    assert all(sum(lengths[i] for i in row) <= 400 for row in rows)
+
+
+def test_pack_restarts_positions_and_hides_each_examples_first_label():
+    embeds = torch.arange(2 * 4, dtype=torch.float).reshape(2, 4, 1).expand(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # right padding
+    labels = torch.tensor([[5, 6, 7, IGNORE_INDEX], [8, 9, IGNORE_INDEX, IGNORE_INDEX]])
+    out = pack(embeds, mask, labels, [[1, 0]])
+    assert out.position_ids.tolist() == [[0, 1, 0, 1, 2]]
+    assert out.inputs_embeds[0, :, 0].tolist() == [4.0, 5.0, 0.0, 1.0, 2.0]
+    assert out.labels.tolist() == [[IGNORE_INDEX, 9, IGNORE_INDEX, 6, 7]]
+    two_rows = pack(embeds, mask, labels, [[0], [1]])  # the short row ends in zero filler with its own positions
+    assert two_rows.position_ids.tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert two_rows.inputs_embeds[1, 2].tolist() == [0.0, 0.0, 0.0]
+    assert two_rows.labels[1].tolist() == [IGNORE_INDEX, 9, IGNORE_INDEX]
+
+
+# ------------------------------------------------------------------------------------------ equivalence
+def _loss_and_grads(model, batch, packing: bool):
+    model.packing = packing
+    model.zero_grad(set_to_none=True)
+    try:
+        loss = model(**batch).loss
+    finally:
+        model.packing = False
+    if loss.requires_grad:
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("method", METHODS)
+def test_packed_rows_give_the_padded_batchs_loss_and_gradients(method, model_type):
+    """Eval mode (no dropout draws, which differ with the layout); the model body sees fewer, fuller rows."""
+    model, tok = built(method, model_type)
+    batch = batch_of(tok, PROMPTS, side="right", targets=TARGETS)
+    seen = []
+    hook = model.lm.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["inputs_embeds"].shape[:2] if kwargs.get(
+            "inputs_embeds") is not None else kwargs["input_ids"].shape, kwargs["position_ids"].clone())),
+        with_kwargs=True)
+    try:
+        padded_loss, padded_grads = _loss_and_grads(model, batch, packing=False)
+        packed_loss, packed_grads = _loss_and_grads(model, batch, packing=True)
+    finally:
+        hook.remove()
+    (padded_shape, _), (packed_shape, positions) = seen
+    m = model.num_virtual_tokens
+    lengths = (batch["attention_mask"].sum(1) + m).tolist()
+    assert padded_shape == (5, max(lengths)) and packed_shape == (1, sum(lengths))
+    assert (positions == 0).sum() == 5  # each example starts over at position 0
+    assert 5.0 < padded_loss.item() < 12.0
+    assert abs(packed_loss.item() - padded_loss.item()) < 1e-5
+    model.packing = True
+    try:
+        with torch.no_grad():
+            packed_full = full_logits_forward(model, batch)  # packed too, through the model's own loss
+    finally:
+        model.packing = False
+    assert packed_full.logits is None and abs(packed_full.loss.item() - padded_loss.item()) < 1e-5
+    assert padded_grads.keys() == packed_grads.keys()
+    if method != "none":
+        assert padded_grads
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packing_leaves_a_batch_without_padding_and_the_logits_path_alone():
+    model, tok = built("lopa", "tiny-llama")
+    same_length = batch_of(tok, ["def a(x): return x", "def b(y): return y"], side="right",
+                           targets=[" + 1", " - 1"])
+    padded = batch_of(tok, PROMPTS, side="right")
+    assert same_length["attention_mask"].all() and not padded["attention_mask"].all()
+    seen = []
+    hook = model.lm.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True)
+    model.packing = True
+    try:
+        with torch.no_grad():
+            model(**same_length)
+            logits = model(**padded).logits  # no labels: never packed
+    finally:
+        model.packing = False
+        hook.remove()
+    assert seen == [2, 5] and logits.shape[:2] == padded["input_ids"].shape
