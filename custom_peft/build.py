@@ -14,7 +14,7 @@ from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get
 from custom_peft.instance_prompts import IdpgPrompt, LopaPrompt
 from custom_peft.tuned_model import TunedModel
 from utils.errors import UserError
-from utils.models import load_encoder, load_foundation_model
+from utils.models import load_encoder, load_foundation_model, numel
 from utils.registry import check_method, get_encoder_spec, get_model_spec
 
 LIBRARY_NAME, LIBRARY_VERSION = "lopa-peft", "0.1.0"
@@ -45,7 +45,8 @@ class MethodConfig:
 
 
 def hidden_size_of(lm) -> int:
-    return lm.get_input_embeddings().weight.shape[1]
+    weight = lm.get_input_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[1]  # under DeepSpeed ZeRO-3 the local shard is empty
 
 
 def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_path=None, seed=0,
@@ -119,4 +120,4 @@ def build_model(method: str, model_type: str, *, num_virtual_tokens: int = 10, l
 
 
 def count_trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(numel(p) for p in model.parameters() if p.requires_grad)

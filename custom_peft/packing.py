@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from utils.batching import IGNORE_INDEX
+from utils.models import numel
 
 
 def attention_width_constant(lm: nn.Module) -> float:
@@ -26,7 +27,7 @@ def attention_width_constant(lm: nn.Module) -> float:
     cfg = lm.config
     d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters())  # ds_numel: DeepSpeed ZeRO-3 shards
+    n = sum(numel(p) for p in lm.parameters())
     return n / (2 * d * layers)
 
 

@@ -161,6 +161,11 @@ def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32",
     return model, tokenizer
 
 
+def numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also when DeepSpeed ZeRO-3 has partitioned it away (its local shard is empty)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def enable_activation_checkpointing(lm) -> None:
     """Recompute each decoder layer's activations in the backward pass (non-reentrant checkpoints).
 

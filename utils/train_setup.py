@@ -85,7 +85,7 @@ def make_accelerator(config: TrainConfig):
     plugin = None
     if train.path_to_ds_config:
         _single_process_env()
-        # The model loads whole on each process and is partitioned by prepare (as the original's FFT did).
+        # zero3_init_flag as the original's; transformers still builds a ZeRO-3 model partitioned (docs/TRAINING.md)
         plugin = DeepSpeedPlugin(hf_ds_config=train.path_to_ds_config, zero3_init_flag=False)
     return Accelerator(
         gradient_accumulation_steps=train.gradient_accumulation_steps,

@@ -118,7 +118,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from custom_peft import build_model
-        from utils.models import enable_activation_checkpointing, load_encoder_tokenizer
+        from utils.models import enable_activation_checkpointing, load_encoder_tokenizer, numel
 
         acc, cfg, m, t = self.accelerator, self.config, self.config.model, self.config.train
         set_seed(m.seed)  # python, numpy, torch: dropout draws from here (the model's init has its own seed)
@@ -160,8 +160,8 @@ class Trainer:
         self.plan = make_plan(t, len(self.dataloader), acc.num_processes)  # after sharding
         ds_config = configure_deepspeed(acc, cfg, model.lm.config.hidden_size) if self.ds else None
         optimizer, scheduler, self.schedule_name = make_optimizer_and_scheduler(model, t, self.plan, acc, ds_config)
-        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.total_params = sum(p.numel() for p in model.parameters())
+        self.trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+        self.total_params = sum(numel(p) for p in model.parameters())
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.resolved = self._resolved_config(ds_config)
 
