@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import traceback
 
 import torch
@@ -80,9 +81,33 @@ def run(model, method: str, batch: dict, new_tokens: int, fast: bool) -> torch.T
     return model.generate(**batch, **kwargs)
 
 
+class _CudagraphSkips(logging.Handler):
+    """Why inductor ran a compiled graph without CUDA graphs (torch logs the reason only for CUDA graphs; the
+    counter also counts CPU graphs, which never use them)."""
+
+    LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.reasons: list[str] = []
+        logger = logging.getLogger(self.LOGGER)
+        logger.setLevel(logging.WARNING)
+        logger.addHandler(self)
+
+    def emit(self, record) -> None:
+        self.reasons.append(record.getMessage())
+
+    @staticmethod
+    def count() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["cudagraph_skips"])
+
+
 def bench(args, writer: ResultWriter, lm) -> list[str]:
     failures = []
     vocab = lm.config.vocab_size
+    skips = _CudagraphSkips()
     for method in args.methods.split(","):
         fast = not method.endswith("-eager") and method != "hf-generate"
         try:
@@ -94,6 +119,7 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             try:
                 batch = prompt_batches(args, bs, vocab)
+                skipped_before, reasons_before = skips.count(), len(skips.reasons)
                 # Warm up this shape; the fast path warms up at full length, since a longer static cache than
                 # any before it means a new compilation.
                 run(model, method, batch, args.new_tokens if fast else args.warmup_tokens, fast)
@@ -102,7 +128,9 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
                 made = out.shape[0] * out.shape[1]
                 writer.write("generate", model=args.model, method=method, batch_size=bs, dtype=args.dtype,
                              fast_path=fast, new_tokens=args.new_tokens, prompt_len=int(batch["input_ids"].shape[1]),
-                             new_tokens_per_s=made / t.seconds, seconds=t.seconds)
+                             new_tokens_per_s=made / t.seconds, seconds=t.seconds,
+                             cudagraph_skips=skips.count() - skipped_before,
+                             cudagraph_skip_reasons=sorted(set(skips.reasons[reasons_before:]))[:5])
             except Exception as exc:
                 traceback.print_exc()
                 failures.append(f"{method} bs={bs}: {type(exc).__name__}: {exc}")
