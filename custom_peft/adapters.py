@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from custom_peft.build import LIBRARY_NAME, MethodConfig, _wrap, hidden_size_of
 from custom_peft.tuned_model import TunedModel
 from utils.errors import UserError
+from utils.fileio import open_file_modes
 from utils.models import load_foundation_model
 from utils.registry import get_model_spec
 
@@ -61,6 +62,7 @@ def save_adapter(model: TunedModel, directory: str | pathlib.Path, extra: dict |
     config.update(model.meta)
     config.update(extra or {})
     (directory / config_name).write_text(json.dumps(config, indent=2, sort_keys=True))
+    open_file_modes(directory)
     return directory
 
 

@@ -23,6 +23,7 @@ from tests.conftest import ROOT
 from utils import fixtures
 from utils.batching import Collator, TaskDataset
 from utils.data import load_task_split, read_jsonl
+from utils.fileio import current_umask
 from utils.models import load_encoder_tokenizer, load_foundation_model, load_tokenizer
 from utils.tasks import get_task
 from utils.train_logging import read_metrics
@@ -140,6 +141,9 @@ def test_each_method_overfits_a_small_real_subset(tmp_path, data_paths, sharp_ba
     assert (checkpoints / "latest").read_text().strip() == f"step_{steps:08d}"
     assert json.loads((checkpoints / f"step_{steps:08d}" / "config.json").read_text()) == config
     assert "trainable parameters" in (log_dir / "train.log").read_text()
+    # every file is readable as a plain open() would leave it (mkstemp and safetensors 0.8 write 0600)
+    modes = {str(p.relative_to(log_dir)): p.stat().st_mode & 0o777 for p in log_dir.rglob("*") if p.is_file()}
+    assert len(modes) > 10 and set(modes.values()) == {0o666 & ~current_umask()}, modes
 
     # the saved result is the trained model: it reproduces the low loss after a reload
     final = result.final_dir

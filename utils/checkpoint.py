@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
-from utils.fileio import atomic_write_text, fsync_dir
+from utils.fileio import atomic_write_text, fsync_dir, open_file_modes
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
@@ -175,6 +175,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainerStat
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
+        open_file_modes(tmp)
         _fsync_tree(tmp)
         _kill_hook(name, "written")
         aside = checkpoints_dir / f".old-{name}"

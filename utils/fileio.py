@@ -17,6 +17,30 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def open_file_modes(path: str | os.PathLike) -> None:
+    """Give the files at or under ``path`` the mode a plain ``open()`` gives (0666 minus the umask). Private
+    temporary files (``mkstemp``) and safetensors >= 0.8 create 0600 files, which another user — the evaluator in
+    its own container, a colleague on a shared cluster — could not read."""
+    path = pathlib.Path(path)
+    mode = 0o666 & ~current_umask()
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        os.chmod(file, mode)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` by ``text`` so that readers see the old or the new content, never a torn file: a temporary
     file beside it, fsynced, renamed over it, and the directory fsynced."""
@@ -27,6 +51,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise UserError(f"{path}: directory {path.parent} does not exist; create it or pass another path")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; the file is not a secret
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

@@ -33,7 +33,7 @@ from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDat
 from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, find_checkpoint, load_checkpoint, read_resume_state,
                               save_checkpoint, set_rng_state)
 from utils.data import default_data_path, load_task_split
-from utils.fileio import atomic_write_text
+from utils.fileio import atomic_write_text, open_file_modes
 from utils.tasks import get_task
 from utils.train_config import TrainConfig
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, plot_loss, setup_logging
@@ -337,6 +337,7 @@ class Trainer:
                 lm.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
             (tmp / "training_config.json").write_text(json.dumps(self.resolved, indent=2, sort_keys=True))
+            open_file_modes(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         acc.wait_for_everyone()
