@@ -89,6 +89,15 @@ def test_weight_decay_skips_biases_and_norms():
     assert len(param_groups(model, 0.0)) == 1
 
 
+def test_weight_decay_groups_read_the_full_shape_of_zero3_partitioned_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    for p in model.parameters():  # what deepspeed.zero.Init leaves on a process: an empty 1-D shard
+        p.ds_shape, p.ds_numel, p.data = p.shape, p.numel(), torch.empty(0)
+    decay, no_decay = param_groups(model, 0.05)
+    assert [p.ds_shape for p in decay["params"]] == [torch.Size([4, 3])] and decay["weight_decay"] == 0.05
+    assert len(no_decay["params"]) == 3
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("gradient_clipping", 0.5, "gradient_clipping=0.5 but this run uses 1.0"),
     ("train_batch_size", 64, "train_batch_size=64 but this run uses 4"),

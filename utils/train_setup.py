@@ -45,10 +45,14 @@ def make_plan(train: TrainArgs, batches_per_epoch: int, num_processes: int) -> P
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on biases and norm weights (every tensor of fewer than 2 dims)."""
+    from utils.models import full_shape
+
     params = [p for p in model.parameters() if p.requires_grad]
     if not weight_decay:
         return [{"params": params, "weight_decay": 0.0}]
-    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    # the full shape: a ZeRO-3 shard is 1-D, which would put every weight in the no-decay group
+    decay = [p for p in params if len(full_shape(p)) >= 2]
+    no_decay = [p for p in params if len(full_shape(p)) < 2]
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
