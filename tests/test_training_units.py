@@ -127,6 +127,34 @@ def test_deepspeed_json_numbers_must_agree_with_the_command_line(key, value, mes
         configured(**{key: value})
 
 
+
+# "auto" is accelerate's zero3_save_16bit_model (false unless an accelerate YAML sets it)
+@pytest.mark.parametrize("value, written", [(None, True), (True, True), (False, None), ("auto", None)])
+def test_zero3_gathers_the_weights_final_needs_or_refuses_before_training(tmp_path, value, written):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    from utils.train_args import parse_args
+    from utils.train_setup import configure_deepspeed
+
+    ds = json.loads((ROOT / "config_files" / "zero_stage3_config.json").read_text())
+    key = "stage3_gather_16bit_weights_on_model_save"
+    ds["zero_optimization"].pop(key)  # absent: DeepSpeed's default False, and final/ failed after the whole run
+    if value is not None:
+        ds["zero_optimization"][key] = value
+    (path := tmp_path / "my_zero3.json").write_text(json.dumps(ds))
+    config = parse_args(["--task_name", "mbpp", "--model_type", "tiny-llama", "--log_dir", "unused",
+                         "--path_to_ds_config", str(path)], "fft")
+    plugin = DeepSpeedPlugin(hf_ds_config=str(path), zero3_init_flag=False)
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=1)
+    if written is None:
+        with pytest.raises(UserError, match=f"my_zero3.json: zero_optimization.{key} resolves to False"):
+            configure_deepspeed(accelerator, config, hidden_size=64)
+    else:
+        assert configure_deepspeed(accelerator, config, hidden_size=64)["zero_optimization"][key] is written
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 @pytest.fixture
 def accelerated(tmp_path):
