@@ -14,7 +14,7 @@ from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get
 from custom_peft.instance_prompts import IdpgPrompt, LopaPrompt
 from custom_peft.tuned_model import TunedModel
 from utils.errors import UserError
-from utils.models import load_encoder, load_foundation_model, numel
+from utils.models import full_shape, load_encoder, load_foundation_model, numel
 from utils.registry import check_method, get_encoder_spec, get_model_spec
 
 LIBRARY_NAME, LIBRARY_VERSION = "lopa-peft", "0.1.0"
@@ -45,8 +45,7 @@ class MethodConfig:
 
 
 def hidden_size_of(lm) -> int:
-    weight = lm.get_input_embeddings().weight
-    return getattr(weight, "ds_shape", weight.shape)[1]  # under DeepSpeed ZeRO-3 the local shard is empty
+    return full_shape(lm.get_input_embeddings().weight)[1]
 
 
 def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_path=None, seed=0,

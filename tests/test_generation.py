@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import generate_preds
 from custom_peft import build_model, save_adapter
@@ -297,10 +298,14 @@ def test_fft_checkpoints_load_from_state_dict_files_and_sharded_dirs(saved_model
     trained = AutoModelForCausalLM.from_pretrained(saved_models["fft"])
     state = {f"module.{k}": v for k, v in trained.state_dict().items()}
     torch.save(state, tmp_path / "pytorch_model.bin")
+    # a training checkpoint's names (trainable.safetensors; zero_to_fp32.py's output of a DeepSpeed one)
+    save_file({f"backbone.{k}": v.contiguous() for k, v in trained.state_dict().items()},
+              str(tmp_path / "trainable.safetensors"))
     trained.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     (tmp_path / "sharded" / "config.json").unlink()  # only the shards and their index, as the original expects
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
     for flag, path in (("--load_base_from_path", tmp_path / "pytorch_model.bin"),
+                       ("--load_base_from_path", tmp_path / "trainable.safetensors"),
                        ("--sharded_checkpoint_dir", tmp_path / "sharded")):
         args = generate_preds.build_parser().parse_args(
             ["--task_name", "mbpp", "--model_type", "tiny-phi-2", flag, str(path)])

@@ -161,7 +161,7 @@ def test_deepspeed_zero3_fft_single_process_matches_the_plain_run(tmp_path, data
     data = records_file(data_paths, tmp_path, "mbpp", 8)
     args = ["--task_name", "mbpp", "--model_type", "tiny-llama", "--model_path", str(base), "--data_path", data,
             "--limit_train_examples", "8", "--per_gpu_train_batch_size", "4", "--num_epochs", "2", "--lr", "1e-3",
-            "--max_length", "200"]
+            "--max_length", "200", "--weight_decay", "5"]  # a decay large enough to show (ZeRO-3 once dropped it)
     cmd = [ACCELERATE, "launch", "--config_file", "config_files/config_ds_zero3_fft.yaml", "--num_processes", "1",
            "--main_process_port", str(free_port()), "tune_fft_baseline.py", *args, "--log_dir", str(tmp_path / "ds")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

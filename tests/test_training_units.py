@@ -89,6 +89,15 @@ def test_weight_decay_skips_biases_and_norms():
     assert len(param_groups(model, 0.0)) == 1
 
 
+def test_weight_decay_groups_read_the_full_shape_of_zero3_partitioned_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    for p in model.parameters():  # what deepspeed.zero.Init leaves on a process: an empty 1-D shard
+        p.ds_shape, p.ds_numel, p.data = p.shape, p.numel(), torch.empty(0)
+    decay, no_decay = param_groups(model, 0.05)
+    assert [p.ds_shape for p in decay["params"]] == [torch.Size([4, 3])] and decay["weight_decay"] == 0.05
+    assert len(no_decay["params"]) == 3
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("gradient_clipping", 0.5, "gradient_clipping=0.5 but this run uses 1.0"),
     ("train_batch_size", 64, "train_batch_size=64 but this run uses 4"),
@@ -116,6 +125,34 @@ def test_deepspeed_json_numbers_must_agree_with_the_command_line(key, value, mes
     assert configured(**{key: filled[key]})[key] == filled[key]  # an agreeing number is fine
     with pytest.raises(UserError, match=message):
         configured(**{key: value})
+
+
+
+# "auto" is accelerate's zero3_save_16bit_model (false unless an accelerate YAML sets it)
+@pytest.mark.parametrize("value, written", [(None, True), (True, True), (False, None), ("auto", None)])
+def test_zero3_gathers_the_weights_final_needs_or_refuses_before_training(tmp_path, value, written):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    from utils.train_args import parse_args
+    from utils.train_setup import configure_deepspeed
+
+    ds = json.loads((ROOT / "config_files" / "zero_stage3_config.json").read_text())
+    key = "stage3_gather_16bit_weights_on_model_save"
+    ds["zero_optimization"].pop(key)  # absent: DeepSpeed's default False, and final/ failed after the whole run
+    if value is not None:
+        ds["zero_optimization"][key] = value
+    (path := tmp_path / "my_zero3.json").write_text(json.dumps(ds))
+    config = parse_args(["--task_name", "mbpp", "--model_type", "tiny-llama", "--log_dir", "unused",
+                         "--path_to_ds_config", str(path)], "fft")
+    plugin = DeepSpeedPlugin(hf_ds_config=str(path), zero3_init_flag=False)
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=1)
+    if written is None:
+        with pytest.raises(UserError, match=f"my_zero3.json: zero_optimization.{key} resolves to False"):
+            configure_deepspeed(accelerator, config, hidden_size=64)
+    else:
+        assert configure_deepspeed(accelerator, config, hidden_size=64)["zero_optimization"][key] is written
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

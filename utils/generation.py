@@ -239,7 +239,8 @@ def _gather(accelerator, obj: list) -> list:
 
 # ----------------------------------------------------------------------------------------- FFT weights
 def read_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """A single-file state_dict (.safetensors, or a torch .bin/.pt), with DDP/DeepSpeed ``module.`` prefixes
+    """A single-file state_dict (.safetensors, or a torch .bin/.pt), with DDP/DeepSpeed ``module.`` prefixes and
+    the training wrapper's ``backbone.`` (an FFT checkpoint's trainable.safetensors, zero_to_fp32.py's output)
     removed."""
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -252,7 +253,8 @@ def read_state_dict_file(path: str) -> dict[str, torch.Tensor]:
             raise UserError(f"{path}: not a readable state_dict ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: expected a state_dict (a dict of tensor names to tensors)")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("backbone."): v for k, v in state.items()}
 
 
 def load_fft_weights(lm, *, state_dict_file: str | None = None, sharded_dir: str | None = None) -> None:

@@ -166,6 +166,11 @@ def numel(p: torch.Tensor) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """Shape of a parameter, also when DeepSpeed ZeRO-3 has partitioned it away (its local shard is 1-D, empty)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def enable_activation_checkpointing(lm) -> None:
     """Recompute each decoder layer's activations in the backward pass (non-reentrant checkpoints).
 

@@ -45,10 +45,14 @@ def make_plan(train: TrainArgs, batches_per_epoch: int, num_processes: int) -> P
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on biases and norm weights (every tensor of fewer than 2 dims)."""
+    from utils.models import full_shape
+
     params = [p for p in model.parameters() if p.requires_grad]
     if not weight_decay:
         return [{"params": params, "weight_decay": 0.0}]
-    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    # the full shape: a ZeRO-3 shard is 1-D, which would put every weight in the no-decay group
+    decay = [p for p in params if len(full_shape(p)) >= 2]
+    no_decay = [p for p in params if len(full_shape(p)) < 2]
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
@@ -112,9 +116,19 @@ def configure_deepspeed(accelerator, config: TrainConfig, hidden_size: int) -> d
             raise UserError(f"the DeepSpeed config sets {key}={ds[key]} but this run uses {ours}; set it to "
                             f'"auto" in the JSON (the command line decides)')
         ds[key] = ours
-    if ds["zero_optimization"].get("stage", 0) == 3 and config.model.method != "fft":
+    zero = ds["zero_optimization"]
+    if zero.get("stage", 0) == 3 and config.model.method != "fft":
         raise UserError("ZeRO stage 3 partitions the frozen model and the adapter; use ZeRO-2 for PEFT methods "
                         "(config_files/config_ds_zero_stage2_no_fp16.yaml)")
+    if zero.get("stage", 0) == 3:  # final/ needs the whole model gathered (accelerate's get_state_dict)
+        gather = "stage3_gather_16bit_weights_on_model_save"
+        if gather not in zero:  # DeepSpeed's own default, False, would fail only after training
+            zero[gather] = True
+        elif zero[gather] is not True:  # accelerate has filled "auto" from zero3_save_16bit_model by now
+            source = train.path_to_ds_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "accelerate config")
+            raise UserError(f"{source}: zero_optimization.{gather} resolves to {zero[gather]}, but full fine-tuning "
+                            f"under ZeRO-3 gathers the weights to write final/; set it to true in the JSON (or "
+                            f"zero3_save_16bit_model: true in the accelerate YAML)")
     # accelerate would read these from model.config, which the wrapped model does not have
     fills = {"zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
              "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
