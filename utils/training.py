@@ -281,6 +281,8 @@ class Trainer:
         if self.config.train.max_grad_norm and not self.ds:
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
         self.optimizer.step()
+        if self.ds and hasattr(self.model, "get_global_grad_norm"):  # the engine clipped (and measured) in its step
+            grad_norm = self.model.get_global_grad_norm()
         if not self.optimizer.step_was_skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
