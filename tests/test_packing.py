@@ -1,13 +1,17 @@
 """Padding-free training rows (``custom_peft.packing``): the layout, and the same loss and gradients as padding."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from custom_peft import build_model
 from custom_peft.packing import pack, plan_rows, row_cost
 from tests.test_methods import METHODS, batch_of, built, full_logits_forward
 from utils.batching import IGNORE_INDEX
 from utils.models import TINY_MODEL_TYPES
+from utils.registry import FOUNDATION_MODELS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,3 +130,27 @@ def test_packing_leaves_a_batch_without_padding_and_the_logits_path_alone():
         model.packing = False
         hook.remove()
     assert seen == [2, 5] and logits.shape[:2] == padded["input_ids"].shape
+
+
+def test_packed_rows_keep_a_sliding_window_inside_each_example(monkeypatch):
+    """Phi-3-mini's config has a 2,047-token sliding window and a packed row is far wider than one example; here
+    tiny-phi-3 gets a 16-token window, shorter than the long example, so the window changes the loss."""
+    spec = FOUNDATION_MODELS["tiny-phi-3"]
+    windowed = dataclasses.replace(spec, arch={**spec.arch, "sliding_window": 16})
+    models = {}
+    for name, s in (("full", spec), ("window", windowed)):
+        monkeypatch.setitem(FOUNDATION_MODELS, "tiny-phi-3", s)
+        models[name], tok = build_model("fft", "tiny-phi-3", seed=11)
+        models[name].eval()
+    model = models["window"]
+    assert model.lm.config.sliding_window == 16
+    batch = batch_of(tok, PROMPTS, side="right", targets=TARGETS)
+    assert batch["attention_mask"].sum(1).max() > 3 * 16
+    model._attention_width = 1e9  # matmuls dominate: the whole batch goes into one row
+    padded_loss, padded_grads = _loss_and_grads(model, batch, packing=False)
+    packed_loss, packed_grads = _loss_and_grads(model, batch, packing=True)
+    full_loss, _ = _loss_and_grads(models["full"], batch, packing=False)
+    assert abs(padded_loss.item() - full_loss.item()) > 1e-4  # the window is in effect
+    assert abs(packed_loss.item() - padded_loss.item()) < 1e-5
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
