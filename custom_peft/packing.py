@@ -79,7 +79,7 @@ class PackedBatch:
     inputs_embeds: torch.Tensor
     """R × W × d: the examples' attended positions end to end; zero vectors fill the end of a short row."""
     position_ids: torch.Tensor
-    """R × W: 0, 1, … within each example (and within the filler), so each attends only to itself."""
+    """R × W: 0, 1, … within each example, so each attends only to itself; 0 at every filler position."""
     labels: torch.Tensor
     """R × W: the examples' labels, -100 on the filler and on each example's first position (nothing in the
     example predicts it: the padded batch never supervises a row's first label either)."""
@@ -104,7 +104,7 @@ def pack(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, rows: l
             r_pos.extend(range(lengths[i]))
         gap = width - len(r_index)
         r_index.extend([filler] * gap)
-        r_pos.extend(range(gap))
+        r_pos.extend([0] * gap)  # each filler position its own sequence: no position beyond the longest example
         index.append(r_index)
         positions.append(r_pos)
         first.append(r_first)

@@ -56,6 +56,8 @@ def test_pack_restarts_positions_and_hides_each_examples_first_label():
     assert out.labels.tolist() == [[IGNORE_INDEX, 9, IGNORE_INDEX, 6, 7]]
     two_rows = pack(embeds, mask, labels, [[0], [1]])  # the short row ends in zero filler with its own positions
     assert two_rows.position_ids.tolist() == [[0, 1, 2], [0, 1, 0]]
+    wide = pack(embeds, mask, labels, [[0], [1]] + [[]])  # an empty row: all filler, every position 0
+    assert wide.position_ids.tolist()[2] == [0, 0, 0]
     assert two_rows.inputs_embeds[1, 2].tolist() == [0.0, 0.0, 0.0]
     assert two_rows.labels[1].tolist() == [IGNORE_INDEX, 9, IGNORE_INDEX]
 
