@@ -41,7 +41,8 @@ def _seeded(seed: int):
 
 def _hub_error(what: str, hf_id: str, flag: str, exc: Exception) -> UserError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    why = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else f"it could not be loaded ({exc})"
+    why = ("HF_HUB_OFFLINE=1 and it is not in the local cache" if offline and not os.path.isdir(hf_id)
+           else f"it could not be loaded ({exc})")
     return UserError(
         f"{what} {hf_id!r} is unavailable: {why}. Pass {flag} DIR with a local copy, or use a tiny model type "
         f"({', '.join(TINY_MODEL_TYPES)} / tiny-roberta, minilm) that needs no download."
@@ -254,11 +255,16 @@ def load_encoder(enc_model_type: str, *, dtype: str | torch.dtype = "fp32", enc_
         backbone, tok = tiny_roberta(seed, torch_dtype)
         return PooledEncoder(backbone, spec.pooling), tok
     source = enc_model_path or (_minilm_path() if spec.name == "minilm" else spec.hf_id)
+    token = os.environ.get("HF_TOKEN")
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code,
-                                            token=os.environ.get("HF_TOKEN"))
-        backbone = AutoModel.from_pretrained(source, dtype=torch_dtype, trust_remote_code=spec.trust_remote_code,
-                                             token=os.environ.get("HF_TOKEN"))
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code, token=token)
+        if spec.name.startswith("codesage"):  # the hub's remote code predates transformers 5 (utils/codesage.py)
+            from utils.codesage import load_codesage
+
+            backbone = load_codesage(str(source), torch_dtype, token)
+        else:
+            backbone = AutoModel.from_pretrained(source, dtype=torch_dtype, trust_remote_code=spec.trust_remote_code,
+                                                 token=token)
     except (OSError, ValueError) as exc:
         raise _hub_error("encoder", str(source), "--enc_model_path", exc) from exc
     return PooledEncoder(backbone, spec.pooling), _finish_tokenizer(tok)
