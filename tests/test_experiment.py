@@ -324,3 +324,19 @@ def test_paper_preset_checkpoints_can_be_turned_off_per_method(tmp_path):
     fft = _train_config(next(c for c in cells if c.method == "fft"))
     lopa = _train_config(next(c for c in cells if c.method == "lopa"))
     assert (fft.output.save_every.every, lopa.output.save_every.every) == (0, 1)
+
+
+def test_set_false_turns_off_a_training_switch_that_defaults_on(tmp_path):
+    """--set train.packing=false (or selective_logits / fused_adamw, also on by default) must reach the trainer:
+    left out, the flag keeps its default True, and the cell's hash does not change either."""
+    from utils.experiment import PRESETS, apply_overrides, plan_cells
+
+    def lopa(overrides):
+        return next(c for c in plan_cells(apply_overrides(PRESETS["smoke"](), overrides), tmp_path)
+                    if c.method == "lopa" and c.task == "mbpp")
+
+    default, off = lopa([]), lopa(["train.packing=false", "lopa.fused_adamw=false"])
+    assert (_train_config(default).train.packing, _train_config(default).train.fused_adamw) == (True, True)
+    assert (_train_config(off).train.packing, _train_config(off).train.fused_adamw) == (False, False)
+    assert off.training_hash() != default.training_hash()
+    assert "False" not in dict(off.commands)["generate_preds.py"]  # gen/eval store_true flags: False stays absent

@@ -115,10 +115,12 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
     return preset
 
 
-def _flags(values: dict) -> list[str]:
+def _flags(values: dict, *, keep_false: bool = False) -> list[str]:
+    """``keep_false``: False becomes ``--key False`` (training's switches accept a value, and the fast paths
+    default to True, so leaving the flag out would keep them on); elsewhere False flags are left out."""
     out = []
     for key, value in values.items():
-        if value is None or value is False:
+        if value is None or (value is False and not keep_false):
             continue
         out.append(f"--{key}")
         if value is not True:
@@ -191,7 +193,7 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
             train.setdefault("enc_model_type", preset.encoder)  # --set enc_model_type=... wins
         train.update(preset.per_method.get(method, {}))
         train.update(preset.per_task.get(task, {}).get(method, {}))
-        argv = (["--peft_method", method] if method != "fft" else []) + base + _flags(train)
+        argv = (["--peft_method", method] if method != "fft" else []) + base + _flags(train, keep_false=True)
         commands.append(("tune_fft_baseline.py" if method == "fft" else "tune_foundation_model.py",
                          argv + ["--log_dir", str(train_dir)]))
     gen = base + ["--peft_method", method] + _flags(preset.gen) + ["--log_dir", str(gen_dir)]
