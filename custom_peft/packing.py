@@ -99,7 +99,8 @@ def pack(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, rows: l
     for row in rows:
         r_index, r_pos, r_first = [], [], []
         for i in row:
-            r_first.append(len(r_index))
+            if lengths[i]:  # an empty example (all-zero mask) has no first position: past a full row's end
+                r_first.append(len(r_index))
             r_index.extend(range(starts[i], starts[i] + lengths[i]))
             r_pos.extend(range(lengths[i]))
         gap = width - len(r_index)

@@ -156,3 +156,20 @@ def test_packed_rows_keep_a_sliding_window_inside_each_example(monkeypatch):
     assert abs(packed_loss.item() - padded_loss.item()) < 1e-5
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pack_takes_an_example_with_an_empty_mask():
+    """A row of the batch with no attended token (all-zero mask) is planned like any other; packed after a row's
+    last token it used to index past the row (IndexError)."""
+    lengths = [4, 0, 2]
+    rows = plan_rows(lengths, c=10.0)
+    assert rows == [[0, 2, 1]]  # one row of 6 beats three of 4, the empty example last
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]])
+    embeds = torch.arange(12, dtype=torch.float).reshape(3, 4, 1)
+    labels = torch.tensor([[1, 2, 3, 4], [IGNORE_INDEX] * 4, [5, 6, IGNORE_INDEX, IGNORE_INDEX]])
+    out = pack(embeds, mask, labels, rows)
+    assert out.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert out.inputs_embeds[0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 8.0, 9.0]
+    assert out.labels.tolist() == [[IGNORE_INDEX, 2, 3, 4, IGNORE_INDEX, 6]]
+    assert pack(embeds, mask, labels, [[0, 1], [2]]).labels.tolist() == [[IGNORE_INDEX, 2, 3, 4],
+                                                                        [IGNORE_INDEX, 6, IGNORE_INDEX, IGNORE_INDEX]]
