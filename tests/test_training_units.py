@@ -249,6 +249,23 @@ def test_a_resave_of_the_latest_step_cut_off_mid_swap_leaves_a_resumable_checkpo
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000004"]
 
 
+def test_open_file_modes_opens_private_files_and_keeps_execute_bits(tmp_path):
+    """A DeepSpeed checkpoint holds zero_to_fp32.py, which DeepSpeed makes executable; opening up the 0600 files
+    that mkstemp / safetensors write must not take that bit away."""
+    import os
+
+    from utils.fileio import current_umask, open_file_modes
+
+    private, script = tmp_path / "trainable.safetensors", tmp_path / "sub" / "zero_to_fp32.py"
+    script.parent.mkdir()
+    for path, mode in ((private, 0o600), (script, 0o744)):
+        path.write_text("x")
+        os.chmod(path, mode)
+    open_file_modes(tmp_path)
+    plain = 0o666 & ~current_umask()
+    assert (private.stat().st_mode & 0o777, script.stat().st_mode & 0o777) == (plain, plain | 0o100)
+
+
 def test_prune_keeps_the_newest_and_find_checkpoint_explains_problems(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):

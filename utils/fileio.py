@@ -34,11 +34,12 @@ def current_umask() -> int:
 def open_file_modes(path: str | os.PathLike) -> None:
     """Give the files at or under ``path`` the mode a plain ``open()`` gives (0666 minus the umask). Private
     temporary files (``mkstemp``) and safetensors >= 0.8 create 0600 files, which another user — the evaluator in
-    its own container, a colleague on a shared cluster — could not read."""
+    its own container, a colleague on a shared cluster — could not read. Execute bits stay (DeepSpeed makes a
+    checkpoint's ``zero_to_fp32.py`` executable)."""
     path = pathlib.Path(path)
     mode = 0o666 & ~current_umask()
     for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
-        os.chmod(file, mode)
+        os.chmod(file, mode | (file.stat().st_mode & 0o111))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
