@@ -167,7 +167,7 @@ def bench_padding(args, writer: ResultWriter) -> None:
         step, lm, _, model = build("pt", args)
     vocab = lm.config.vocab_size
     width_constant = attention_width_constant(lm)
-    fixed_cost = None
+    fixed_cost_per_token = None
     for mode, (collate, order, packing) in modes.items():
         batches = []
         for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
@@ -182,10 +182,10 @@ def bench_padding(args, writer: ResultWriter) -> None:
         useful = sum(int(b["attention_mask"].sum()) for b in batches)
         padded = sum(b["input_ids"].numel() for b in batches)
         through, cost = (sum(x) for x in zip(*(_decoder_work(b, args.m, width_constant, packing) for b in batches)))
-        fixed_cost = fixed_cost or cost
+        fixed_cost_per_token = fixed_cost_per_token or cost / useful  # orders drop different remainders
         figures = dict(pad_fraction=1 - useful / padded, packing=packing, batches=len(batches),
                        decoder_pad_fraction=1 - (useful + args.m * sum(len(b["input_ids"]) for b in batches)) / through,
-                       est_speedup_vs_fixed=fixed_cost / cost)
+                       est_speedup_vs_fixed=fixed_cost_per_token / (cost / useful))
         if step is None:
             writer.write("train", model=args.model, method="pt", padding=mode, batch_size=args.batch_size,
                          plan_only=True, **figures)

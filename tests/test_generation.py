@@ -419,3 +419,15 @@ def test_cruxeval_files_hold_one_list_per_sample(tmp_path):
     assert json.loads((tmp_path / "output.json").read_text()) == {"sample_400": ["f(1)"], "sample_401": ["f('a')"]}
     assert json.loads((tmp_path / "output_raw.json").read_text()) == raw
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(CRUXEVAL_FILES)
+
+
+def test_a_state_dict_loses_backbone_prefixes_only_when_every_name_has_one(tmp_path):
+    from safetensors.torch import save_file
+
+    from utils.generation import read_state_dict_file
+
+    save_file({"backbone.a.weight": torch.zeros(2), "backbone.b.weight": torch.ones(2)},
+              str(tmp_path / "wrapped.safetensors"))
+    save_file({"backbone.a.weight": torch.zeros(2), "lm_head.weight": torch.ones(2)}, str(tmp_path / "own.safetensors"))
+    assert sorted(read_state_dict_file(str(tmp_path / "wrapped.safetensors"))) == ["a.weight", "b.weight"]
+    assert sorted(read_state_dict_file(str(tmp_path / "own.safetensors"))) == ["backbone.a.weight", "lm_head.weight"]

@@ -1,5 +1,6 @@
 """The sandbox against hostile programs: each one fails or times out within its limit, nothing escapes, and the
 evaluator still scores every other sample right. Also: the fallback modes and graceful degradation."""
+import ast
 import json
 import os
 import shutil
@@ -293,7 +294,7 @@ def test_program_sees_a_scrubbed_environment_and_no_host_files(arena):
         # the interpreter and site-packages stay visible (read-only): a venv under /tmp shows its first directory
         kept = {os.path.realpath(p).split("/")[2] for p in [sys.base_prefix, sys.base_exec_prefix, *sys.path]
                 if p and os.path.realpath(p).startswith("/tmp/")}
-        assert int(uid) != 0 and cwd == "/tmp" and set(json.loads(home.replace("'", '"'))) <= kept, (home, kept)
+        assert int(uid) != 0 and cwd == "/tmp" and set(ast.literal_eval(home.strip())) <= kept, (home, kept)
 
 
 def test_output_is_captured_and_capped():

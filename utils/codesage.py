@@ -99,7 +99,10 @@ def _weight_files(source: str, token: str | None) -> list[str]:
         path = cached_file(source, name, token=token, _raise_exceptions_for_missing_entries=False)
         if path:
             with open(path, encoding="utf-8") as fh:
-                shards = sorted(set(json.load(fh)["weight_map"].values()))
+                index = json.load(fh)
+            if not isinstance(index.get("weight_map"), dict):
+                raise UserError(f"{path}: a shard index without a 'weight_map' object")
+            shards = sorted(set(index["weight_map"].values()))
             return [cached_file(source, shard, token=token) for shard in shards]
     raise UserError(f"{source}: no weights ({' / '.join(WEIGHT_FILES + INDEX_FILES)}) beside its config.json")
 

@@ -240,8 +240,8 @@ def _gather(accelerator, obj: list) -> list:
 # ----------------------------------------------------------------------------------------- FFT weights
 def read_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """A single-file state_dict (.safetensors, or a torch .bin/.pt), with DDP/DeepSpeed ``module.`` prefixes and
-    the training wrapper's ``backbone.`` (an FFT checkpoint's trainable.safetensors, zero_to_fp32.py's output)
-    removed."""
+    the training wrapper's ``backbone.`` (an FFT checkpoint's trainable.safetensors, zero_to_fp32.py's output;
+    only when every name carries it) removed."""
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -254,7 +254,9 @@ def read_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: expected a state_dict (a dict of tensor names to tensors)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    return {k.removeprefix("backbone."): v for k, v in state.items()}
+    if state and all(k.startswith("backbone.") for k in state):  # the whole file is the wrapper's: unwrap it
+        state = {k.removeprefix("backbone."): v for k, v in state.items()}
+    return state
 
 
 def load_fft_weights(lm, *, state_dict_file: str | None = None, sharded_dir: str | None = None) -> None:
