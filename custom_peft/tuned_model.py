@@ -82,10 +82,6 @@ class TunedModel(nn.Module):
         """Mean cross-entropy over supervised tokens when ``labels`` is given; logits cover the input only
         when no labels are given (or ``selective_logits`` is off)."""
         embedded = self._embed_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
-        if labels is not None and self.packing:
-            packed = self._packed_forward(input_ids, attention_mask, labels, embedded)
-            if packed is not None:
-                return packed
         if embedded is None:
             inputs = {"input_ids": input_ids}
             mask = attention_mask
@@ -96,33 +92,34 @@ class TunedModel(nn.Module):
                 pad = labels.new_full((labels.shape[0], mask.shape[1] - labels.shape[1]), IGNORE_INDEX)
                 labels = torch.cat([pad, labels], dim=1)
         inputs.update(attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
+        packed = labels is not None and self.packing and self._pack(inputs, mask, labels)
+        if packed:
+            inputs, labels = packed
         if labels is not None and self.selective_logits:
             hidden = self.lm.base_model(**inputs).last_hidden_state
             return CausalLMOutputWithPast(loss=self._selective_loss(hidden, labels))
         out = self.lm(**inputs, labels=labels)
+        if packed:  # logits in the packed layout would match no input row
+            return CausalLMOutputWithPast(loss=out.loss)
         if embedded is not None:  # drop the virtual-token positions from the returned logits
             out.logits = out.logits[:, -input_ids.shape[1]:]
         return out
 
-    def _packed_forward(self, input_ids, attention_mask, labels, embedded) -> CausalLMOutputWithPast | None:
-        """The loss with the batch packed (``custom_peft.packing``), or None when packing would not save work."""
-        mask = attention_mask if embedded is None else embedded[1]
+    def _pack(self, inputs: dict, mask: torch.Tensor, labels: torch.Tensor) -> tuple[dict, torch.Tensor] | None:
+        """``(inputs, labels)`` of the batch packed (``custom_peft.packing``), or None when packing would not save
+        work. ``inputs`` / ``labels`` are the padded batch's, virtual tokens included."""
         if self._attention_width is None:
             self._attention_width = attention_width_constant(self.lm)
         rows = plan_rows(mask.sum(1).tolist(), self._attention_width)
         if rows is None:
             return None
-        embeds = self.lm.get_input_embeddings()(input_ids) if embedded is None else embedded[0]
-        if embedded is not None:
-            labels = torch.cat([labels.new_full((labels.shape[0], mask.shape[1] - labels.shape[1]), IGNORE_INDEX),
-                                labels], dim=1)
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            embeds = self.lm.get_input_embeddings()(inputs["input_ids"])
         batch = pack(embeds, mask, labels, rows)
-        inputs = {"inputs_embeds": batch.inputs_embeds, "attention_mask": None, "position_ids": batch.position_ids,
-                  "use_cache": False}  # no 2-D mask: transformers reads the examples' bounds from the positions
-        if self.selective_logits:
-            hidden = self.lm.base_model(**inputs).last_hidden_state
-            return CausalLMOutputWithPast(loss=self._selective_loss(hidden, batch.labels))
-        return CausalLMOutputWithPast(loss=self.lm(**inputs, labels=batch.labels).loss)
+        # no 2-D mask: transformers reads the examples' bounds from the restarting positions
+        return ({"inputs_embeds": batch.inputs_embeds, "attention_mask": None, "position_ids": batch.position_ids,
+                 "use_cache": False}, batch.labels)
 
     def _selective_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels[:, 1:]
