@@ -86,6 +86,29 @@ def test_long_prompts_are_cut_from_the_left():
     assert tok.decode(ex["input_ids"]).endswith("def tail():\n")
 
 
+@pytest.mark.parametrize("enc_kind", ["roberta", "decoder"])
+def test_encoder_input_keeps_the_prompt_budget_mbpp_and_512_cruxeval(enc_kind):
+    """As the original: MBPP's encoder input is cut to the FM's prompt budget (325 - m), CRUXEval's to 512; both
+    keep the end of the prompt, CLS/SEP included in the budget when the tokenizer has them."""
+    tok = tiny_tokenizer()
+    enc_tok = tiny_tokenizer("roberta") if enc_kind == "roberta" else tiny_tokenizer()
+    body = enc_tok("x = 1\n" * 400 + "def tail():\n", add_special_tokens=False)["input_ids"]
+    wrap = enc_kind == "roberta"
+    mbpp = {"task_id": "MBPP/1", "prompt": "x = 1\n" * 400 + "def tail():\n", "canonical_solution": "  pass",
+            "entry_point": "tail", "test": ""}
+    for m, budget in ((10, 315), (4, 321)):
+        ids = encode_example(get_task("mbpp"), mbpp, tok, enc_tok, num_virtual_tokens=m, train=False)["enc_input_ids"]
+        kept = budget - 2 if wrap else budget
+        assert ids == ([enc_tok.cls_token_id] + body[-kept:] + [enc_tok.sep_token_id] if wrap else body[-kept:])
+    task = get_task("cruxeval_output_prediction")
+    crux = {"id": "sample_0", "code": "def f(x):\n" + "    x = x + 1\n" * 300 + "    return x", "input": "3",
+            "output": "304"}
+    ids = encode_example(task, crux, tok, enc_tok, num_virtual_tokens=10, train=False)["enc_input_ids"]
+    full = enc_tok(task.prompt(crux), add_special_tokens=False)["input_ids"]
+    assert len(full) > 600 and len(ids) == 512
+    assert ids[1:-1] == full[-510:] if wrap else ids == full[-512:]
+
+
 def test_dynamic_padding_never_pads_past_the_longest_row(data_paths):
     tok, enc_tok = tiny_tokenizer(), tiny_tokenizer("roberta")
     task = get_task("mbpp")

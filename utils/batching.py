@@ -51,8 +51,9 @@ def encode_example(task: Task, record: dict, tokenizer, enc_tokenizer=None, *, n
         example.update(input_ids=ids, labels=labels)
     else:
         example["input_ids"] = q
-    if enc_tokenizer is not None:
-        example["enc_input_ids"] = encoder_ids(task.prompt(record), enc_tokenizer)
+    if enc_tokenizer is not None:  # the original cut MBPP's encoder input to the FM's prompt budget, CRUXEval's to 512
+        example["enc_input_ids"] = encoder_ids(task.prompt(record), enc_tokenizer,
+                                               max_prompt if task.is_mbpp else MAX_ENCODER_TOKENS)
     return example
 
 
