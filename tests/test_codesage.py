@@ -92,3 +92,29 @@ def test_lopa_builds_on_a_codesage_encoder_and_names_a_broken_checkpoint(checkpo
     save_file(state, str(broken / "model.safetensors"))
     with pytest.raises(UserError, match=r"broken: not a CodeSage checkpoint .*1 missing weights, e\.g\. \['ln_f"):
         load_encoder("codesage-small", enc_model_path=str(broken))
+
+
+def test_codesage_dropout_acts_in_train_mode_only_where_the_authors_put_it(checkpoint):
+    """Embedding, attention-probability and both residual dropouts (0.1 each by default): train mode gives other
+    hidden states each call; eval mode is the deterministic architecture above; p = 0 in train mode equals eval."""
+    directory, weights = checkpoint
+    encoder, _ = load_encoder("codesage-small", enc_model_path=str(directory))
+    backbone = encoder.backbone
+    assert backbone.drop.p == 0.1 and backbone.h[0].resid_drop.p == 0.1 and backbone.h[0].attn_p == 0.1
+    ids = torch.randint(5, 2048, (2, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    backbone.train()
+    torch.manual_seed(0)
+    a, b = backbone(input_ids=ids, attention_mask=mask), backbone(input_ids=ids, attention_mask=mask)
+    assert (a.last_hidden_state - b.last_hidden_state).abs().max() > 1e-3
+    hidden, _ = reference_forward(weights, ids, mask)
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for block in backbone.h:
+        block.attn_p = 0.0
+    torch.testing.assert_close(backbone(input_ids=ids, attention_mask=mask).last_hidden_state, hidden, rtol=1e-4,
+                               atol=1e-5)
+    backbone.eval()
+    torch.testing.assert_close(backbone(input_ids=ids, attention_mask=mask).last_hidden_state, hidden, rtol=1e-4,
+                               atol=1e-5)

@@ -378,3 +378,24 @@ def test_lopa_with_a_real_pretrained_encoder():
         assert torch.allclose(prompt, batched, atol=1e-5, rtol=0)
         alone = model.generate(**single, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert alone[0].tolist() == until_eos(new[i].tolist(), tok.eos_token_id)
+
+
+@pytest.mark.parametrize("method", ("lopa", "idpg"))
+def test_frozen_encoder_dropout_follows_the_training_mode_unless_turned_off(method):
+    """As the original (its trainer's model.train() reached the frozen encoder): instance embeddings are noisy in
+    train mode and exact in eval mode; ``dropout_in_training = False`` keeps the backbone in eval mode."""
+    model, tok = build_model(method, "tiny-llama", num_virtual_tokens=M, lp_rank=R, enc_model_type="tiny-roberta",
+                             seed=5)
+    batch = batch_of(tok, PROMPTS)
+    encoder, enc = model.prompt.encoder, (batch["enc_input_ids"], batch["enc_attention_mask"])
+    model.eval()
+    exact = encoder(*enc)
+    assert not encoder.backbone.training and torch.equal(encoder(*enc), exact)
+    model.train()
+    assert encoder.backbone.training and not any(p.requires_grad for p in encoder.parameters())
+    torch.manual_seed(0)
+    noisy = encoder(*enc)
+    assert (noisy - exact).abs().max() > 1e-3 and not noisy.requires_grad
+    encoder.dropout_in_training = False
+    model.train()
+    assert not encoder.backbone.training and torch.equal(encoder(*enc), exact)

@@ -242,3 +242,20 @@ def test_full_logits_plain_adamw_and_padded_rows_train_exactly_like_the_fast_pat
     assert runs["fast"][0] == pytest.approx(runs["plain"][0], rel=1e-5)
     # other summation orders in the packed rows moved one of 640 weights by 4.8e-6 after 4 Adam steps at lr 0.1
     torch.testing.assert_close(runs["fast"][1], runs["plain"][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag", [[], ["--encoder_dropout", "False"]])
+def test_the_frozen_encoder_trains_with_its_dropout_unless_turned_off(tmp_path, data_paths, monkeypatch, flag):
+    """Default: the encoder's dropout acts in training, as the original's; --encoder_dropout False: eval mode."""
+    from utils.models import PooledEncoder
+
+    modes, forward = [], PooledEncoder.forward
+    monkeypatch.setattr(PooledEncoder, "forward", lambda self, *a: modes.append(self.backbone.training) or
+                        forward(self, *a))
+    log_dir = tmp_path / "run"
+    run_inprocess("peft", ["--peft_method", "lopa", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                           "--enc_model_type", "tiny-roberta", "--data_path", data_paths["mbpp"],
+                           "--limit_train_examples", "4", "--per_gpu_train_batch_size", "2", "--max_train_steps", "2",
+                           "--max_length", "64", "--log_dir", str(log_dir), *flag])
+    assert modes and set(modes) == {not flag}
+    assert json.loads((log_dir / "config.json").read_text())["model"]["encoder_dropout"] is (not flag)

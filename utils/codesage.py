@@ -6,7 +6,9 @@ transformers 4: it imports ``Conv1D`` from ``transformers.modeling_utils`` and c
 network from the checkpoint's ``config.json`` and weights: a pre-LayerNorm transformer with learned absolute
 positions counted from the left edge, GPT-2-style ``Conv1D`` projections, bidirectional attention over the
 unpadded tokens (padding is masked with an additive -10000), a final LayerNorm, and ``pooler_output`` = the
-mean of the last hidden states over the attention mask. No remote code runs.
+mean of the last hidden states over the attention mask. Dropout sits where the authors' code has it (embeddings,
+attention probabilities, both residual branches; ``*_dropout_prob``, 0.1 by default) and acts only in train mode.
+No remote code runs.
 """
 from __future__ import annotations
 
@@ -37,26 +39,32 @@ class _Block(nn.Module):
         self.mlp = nn.Module()
         self.mlp.c_fc, self.mlp.c_proj = Conv1D(inner, d), Conv1D(d, inner)
         self.act = ACT2FN[cfg.activation_function]
+        self.attn_p = cfg.attention_dropout_prob
+        self.resid_drop = nn.Dropout(cfg.residual_dropout_prob)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
                    for z in self.attn.c_attn(self.ln_1(x)).split(d, dim=2))
-        mixed = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        x = x + self.attn.c_proj(mixed.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp.c_proj(self.act(self.mlp.c_fc(self.ln_2(x))))
+        mixed = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                           dropout_p=self.attn_p if self.training else 0.0)
+        x = x + self.resid_drop(self.attn.c_proj(mixed.transpose(1, 2).reshape(b, t, d)))
+        return x + self.resid_drop(self.mlp.c_proj(self.act(self.mlp.c_fc(self.ln_2(x)))))
 
 
 class CodeSageEncoder(nn.Module):
-    """The CodeSage encoder for inference (no dropout: the project's encoders are frozen and run in eval mode)."""
+    """The CodeSage encoder (frozen in this project; its dropout acts in train mode, see ``PooledEncoder``)."""
 
     def __init__(self, config: dict):
         super().__init__()
         self.config = types.SimpleNamespace(**{"intermediate_size": None, "layer_norm_epsilon": 1e-5,
-                                               "activation_function": "gelu_new", **config})
+                                               "activation_function": "gelu_new", "embedding_dropout_prob": 0.1,
+                                               "attention_dropout_prob": 0.1, "residual_dropout_prob": 0.1,
+                                               **config})
         cfg = self.config
         self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.embedding_dropout_prob)
         self.h = nn.ModuleList([_Block(cfg) for _ in range(cfg.num_hidden_layers)])
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
 
@@ -67,7 +75,7 @@ class CodeSageEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **_ignored) -> BaseModelOutputWithPooling:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.wte(input_ids) + self.wpe(positions)[None]
+        x = self.drop(self.wte(input_ids) + self.wpe(positions)[None])
         bias = None
         if attention_mask is not None:  # additive, as the original: a padded key gets -10000, not -inf
             bias = ((1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0)

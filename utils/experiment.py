@@ -130,7 +130,8 @@ def _flags(values: dict, *, keep_false: bool = False) -> list[str]:
 
 # Training flags that only some methods read; left out elsewhere so they do not reach those cells' hashes.
 _METHOD_ONLY = {"num_virtual_tokens": ("pt", "idpg", "lopa"), "lp_rank": ("lopa",), "enc_model_type": ("idpg", "lopa"),
-                "lora_dim": ("lora",), "lora_alpha": ("lora",), "lora_dropout": ("lora",)}
+                "encoder_dropout": ("idpg", "lopa"), "lora_dim": ("lora",), "lora_alpha": ("lora",),
+                "lora_dropout": ("lora",)}
 
 
 @dataclasses.dataclass

@@ -189,8 +189,10 @@ def enable_activation_checkpointing(lm) -> None:
 class PooledEncoder(nn.Module):
     """A frozen encoder backbone plus its pooling rule: ``(input_ids, attention_mask) -> (B, H)``.
 
-    The backbone never trains: its parameters have ``requires_grad=False`` and it runs under ``no_grad`` in
-    eval mode whatever the mode of the enclosing module.
+    The backbone never trains: its parameters have ``requires_grad=False`` and it runs under ``no_grad``. Its
+    dropout follows the enclosing module's mode, as in the original (its trainer's ``model.train()`` reached the
+    frozen encoder, so training saw noisy instance embeddings); ``dropout_in_training = False`` keeps it in eval
+    mode always (``--encoder_dropout False``).
     """
 
     def __init__(self, backbone: nn.Module, pooling: str):
@@ -201,10 +203,11 @@ class PooledEncoder(nn.Module):
         self.pooling = pooling
         self.backbone.requires_grad_(False)
         self.hidden_size = backbone.config.hidden_size
+        self.dropout_in_training = True
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.backbone.eval()  # dropout stays off in the frozen backbone
+        self.backbone.train(mode and self.dropout_in_training)
         return self
 
     @torch.no_grad()

@@ -156,6 +156,9 @@ def build_parser(script: str) -> ArgumentParser:
         g.add_argument("--lora_dim", type=int, default=16, help="LoRA rank (the paper's r=16)")
         g.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha")
         g.add_argument("--lora_dropout", type=float, default=0.1, help="LoRA dropout")
+        _bool_flag(parser.add_argument_group("idpg / lopa"), "encoder_dropout",
+                   "the frozen encoder's own dropout acts in training, as in the original (noisy instance "
+                   "embeddings); False: it always runs in eval mode", True)
     _add_train_args(parser, fft)
     _add_output_args(parser)
     if fft:
@@ -174,7 +177,8 @@ def config_from_namespace(ns: argparse.Namespace, script: str) -> TrainConfig:
         enc_model_type=ns.enc_model_type if method in ("lopa", "idpg") else None,
         enc_model_path=ns.enc_model_path, data_path=ns.data_path, mbpp_split=ns.mbpp_split,
         num_virtual_tokens=ns.num_virtual_tokens, lp_rank=ns.lp_rank, lora_dim=getattr(ns, "lora_dim", 16),
-        lora_alpha=getattr(ns, "lora_alpha", 32), lora_dropout=getattr(ns, "lora_dropout", 0.1), seed=ns.seed)
+        lora_alpha=getattr(ns, "lora_alpha", 32), lora_dropout=getattr(ns, "lora_dropout", 0.1),
+        encoder_dropout=getattr(ns, "encoder_dropout", True), seed=ns.seed)
     mixed_precision = ns.mixed_precision
     if getattr(ns, "fp16", False):
         if mixed_precision not in ("auto", "fp16"):

@@ -139,6 +139,8 @@ class Trainer:
         if t.max_length is not None:
             max_length = min(max_length, t.max_length)
             self.dataset.examples = [shorten(e, max_length) for e in self.dataset.examples]
+        if m.uses_encoder:
+            model.prompt.encoder.dropout_in_training = m.encoder_dropout
         if t.gradient_checkpointing:
             enable_activation_checkpointing(model.lm)
         model.selective_logits = t.selective_logits
