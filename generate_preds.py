@@ -9,6 +9,7 @@ See docs/GENERATION.md for the options, the output formats and what differs from
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -95,6 +96,13 @@ def resolve_method(args: argparse.Namespace) -> str:
     if method == "fft" and not (checkpoint or args.model_path):
         raise UserError("--peft_method fft needs the tuned model: --load_base_from_path, --sharded_checkpoint_dir "
                         "or --model_path")
+    # A flag the method never reads would pass silently (an adapter's own config checks m, r and the encoder type).
+    readers = {"enc_model_path": INSTANCE_METHODS} if method in PEFT_METHODS else {
+        "enc_model_type": INSTANCE_METHODS, "enc_model_path": INSTANCE_METHODS, "lp_rank": ("lopa",),
+        "num_virtual_tokens": ("pt",) + INSTANCE_METHODS}
+    for flag, users in readers.items():
+        if getattr(args, flag) is not None and method not in users:
+            raise UserError(f"--{flag} is for {'/'.join(users)} adapters, not --peft_method {method}; drop it")
     if args.load_adapter_from and not pathlib.Path(args.load_adapter_from).is_dir():
         raise UserError(f"--load_adapter_from {args.load_adapter_from}: not a directory")
     for flag in ("load_base_from_path", "sharded_checkpoint_dir"):
@@ -108,6 +116,7 @@ def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str |
     hf_dir = state_file = sharded = None
     base = args.load_base_from_path
     if base:
+        _reject_training_checkpoint(pathlib.Path(base))
         if pathlib.Path(base).is_file():
             state_file = base
         elif (pathlib.Path(base) / "config.json").is_file():
@@ -125,6 +134,34 @@ def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str |
     return hf_dir, state_file, sharded
 
 
+def _reject_training_checkpoint(path: pathlib.Path) -> None:
+    """A training checkpoint (``checkpoints/step_N``, or a file in it) named as the model: point at what loads."""
+    step = path if path.is_dir() else path.parent
+    if not (step / "trainer_state.json").is_file():
+        return
+    if (step / "adapter" / "adapter_config.json").is_file():
+        raise UserError(f"--load_base_from_path {path}: a checkpoint of a PEFT run, not a fully fine-tuned model; "
+                        f"pass --load_adapter_from {step / 'adapter'}")
+    if path.is_dir() and (step / "trainable.safetensors").is_file():
+        raise UserError(f"--load_base_from_path {path}: a training checkpoint directory; pass its weights file, "
+                        f"--load_base_from_path {step / 'trainable.safetensors'}")
+
+
+def _check_trained_model_type(model_dir: str | None, model_type: str) -> None:
+    """A full fine-tuning's final/ names its --model_type in training_config.json: another one would load the
+    directory's own architecture and tokenizer anyway, under the wrong name in generate_preds_config.json."""
+    path = pathlib.Path(model_dir or "") / "training_config.json"
+    if model_dir is None or not path.is_file():
+        return
+    try:
+        trained = json.loads(path.read_text()).get("model", {}).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        return  # not ours to judge: the model directory itself is what loads
+    if trained is not None and trained != model_type:
+        raise UserError(f"{path}: field 'model.model_type' is {trained!r} but --model_type is {model_type!r}; "
+                        f"pass --model_type {trained}")
+
+
 def load_model(args: argparse.Namespace, method: str):
     """``(TunedModel in eval mode, tokenizer, encoder tokenizer or None)``."""
     from custom_peft import build_model, load_tuned_model
@@ -138,6 +175,7 @@ def load_model(args: argparse.Namespace, method: str):
             enc_model_path=args.enc_model_path)
     else:
         hf_dir, state_file, sharded = fft_sources(args)
+        _check_trained_model_type(hf_dir or args.model_path, args.model_type)
         model, tokenizer = build_model(method, args.model_type, dtype=args.dtype, model_path=hf_dir or args.model_path,
                                        seed=args.seed)
         load_fft_weights(model.lm, state_dict_file=state_file, sharded_dir=sharded)

@@ -88,6 +88,8 @@ def _no_adapter_config(directory: pathlib.Path) -> str:
         return f"{directory}: no such directory; pass the adapter directory training wrote (<log_dir>/final)"
     if (directory / "final" / ADAPTER_CONFIG).is_file():
         return f"{directory}: no {ADAPTER_CONFIG}; this is a training log_dir: pass {directory / 'final'}"
+    if (directory / "adapter" / ADAPTER_CONFIG).is_file():
+        return f"{directory}: no {ADAPTER_CONFIG}; this is a training checkpoint: pass {directory / 'adapter'}"
     if (directory / "config.json").is_file():
         return (f"{directory}: no {ADAPTER_CONFIG}; this is a whole model directory (full fine-tuning): pass it as "
                 f"--load_base_from_path instead")
@@ -115,6 +117,9 @@ def _check_fit(config: dict, path: pathlib.Path, *, method, model_type, model_pa
                                ("enc_model_type", enc_model_type, "--enc_model_type")):
         if given is not None and field in config and config[field] != given:
             raise mismatch(field, given, f"pass the {flag} it was trained with")
+        if given is not None and field not in config and field != "base_model_type":  # e.g. an encoder for pt
+            raise UserError(f"{path}: a {config['method']} adapter has no field {field!r}, but {flag} {given} was "
+                            f"given; drop {flag} (a {config['method']} adapter does not use it)")
 
 
 def load_tuned_model(adapter_dir: str | pathlib.Path, model_type: str | None = None, *, method: str | None = None,

@@ -3,6 +3,7 @@ two-process sharding, output formats, and resume after a crash."""
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -269,6 +270,36 @@ def test_cli_rejects_contradictory_loading_flags(saved_models, data_paths, capsy
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             generate_preds.main(base + ["--log_dir", str(tmp_path / "never")] + extra)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_cli_rejects_flags_the_method_does_not_read_and_directories_of_another_kind(saved_models, data_paths,
+                                                                                      capsys, tmp_path):
+    fft_dir = tmp_path / "fft_final"  # a full fine-tuning's final/, trained on tiny-phi-2
+    shutil.copytree(saved_models["fft"], fft_dir)
+    (fft_dir / "training_config.json").write_text(json.dumps({"model": {"model_type": "tiny-phi-2"}}))
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"  # a PEFT training checkpoint
+    shutil.copytree(saved_models["lopa"], step / "adapter")
+    (step / "trainer_state.json").write_text("{}")
+    (step / "trainable.safetensors").write_bytes(b"")
+    base = ["--task_name", "mbpp", "--data_path", data_paths["mbpp"], "--log_dir", str(tmp_path / "never")]
+    cases = [(["--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]), "--enc_model_type",
+               "tiny-roberta"], "a pt adapter has no field 'enc_model_type', but --enc_model_type tiny-roberta"),
+             (["--model_type", "tiny-llama", "--load_adapter_from", str(saved_models["lora"]), "--num_virtual_tokens",
+               "4"], "a lora adapter has no field 'num_virtual_tokens'"),
+             (["--model_type", "tiny-llama", "--peft_method", "none", "--lp_rank", "2"],
+              "--lp_rank is for lopa adapters, not --peft_method none; drop it"),
+             (["--model_type", "tiny-llama", "--load_base_from_path", str(fft_dir)],
+              "training_config.json: field 'model.model_type' is 'tiny-phi-2' but --model_type is 'tiny-llama'"),
+             (["--model_type", "tiny-phi-2", "--load_base_from_path", str(step / "trainable.safetensors")],
+              f"a checkpoint of a PEFT run, not a fully fine-tuned model; pass --load_adapter_from {step / 'adapter'}"),
+             (["--model_type", "tiny-phi-2", "--load_adapter_from", str(step)],
+              f"this is a training checkpoint: pass {step / 'adapter'}")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            generate_preds.main(base + argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()

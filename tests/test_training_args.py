@@ -157,10 +157,18 @@ def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path, argv):
     assert not log_dir.exists() and proc.stdout == ""
 
 
-def test_a_used_log_dir_needs_resume(tmp_path):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "metrics.jsonl").write_text("")
-    with pytest.raises(UserError, match="already holds a run.*--resume_from"):
+def test_a_used_log_dir_needs_resume_and_one_without_a_checkpoint_needs_a_fresh_start(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")  # killed before its first checkpoint: nothing to resume
+    with pytest.raises(UserError, match="stopped before its first checkpoint, so it cannot be resumed; remove"):
+        _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
+    with pytest.raises(UserError, match="saved no checkpoint before it stopped.*start over without --resume_from"):
+        _parse(["--peft_method", "pt"] + BASE + ["--resume_from", str(run)], tmp_path=tmp_path)
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    with pytest.raises(UserError, match=f"already holds a run .*; pass --resume_from {run} to continue it"):
         _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
 
 
@@ -184,6 +192,9 @@ def test_resume_rejects_changed_arguments(tmp_path):
                                                       str(ckpt)], "peft")
     with pytest.raises(UserError, match=r"field 'model.method' is 'pt'.*--peft_method pt"):
         parse_args(["--peft_method", "lora"] + BASE + ["--resume_from", str(ckpt)], "peft")
+    with pytest.raises(UserError, match=r"field 'script' is 'peft'; resume it with tune_foundation_model.py "
+                                        r"\(this is tune_fft_baseline.py\)"):
+        parse_args(BASE + ["--resume_from", str(ckpt)], "fft")
 
 
 def test_shipped_accelerate_configs_name_existing_deepspeed_files():

@@ -97,6 +97,10 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
                 raise UserError(f"{latest} names {name!r} but {checkpoint / STATE_FILE} is missing; pass one of "
                                 f"the step_* directories under {root} to --resume_from")
             return checkpoint
+    if (path / "metrics.jsonl").is_file() or (path / "train.log").is_file():
+        raise UserError(f"--resume_from {path}: this run saved no checkpoint before it stopped (they come every "
+                        f"--save_every; 0 saves only final/), so there is nothing to resume; start over without "
+                        f"--resume_from, after removing {path} or with another --log_dir")
     raise UserError(f"--resume_from {path}: not a checkpoint (no {STATE_FILE}) and not a log_dir with "
                     f"{CHECKPOINTS_DIR}/{LATEST}")
 

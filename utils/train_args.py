@@ -241,6 +241,10 @@ def check_files(config: TrainConfig) -> None:
     if out.resume_from is None:
         for taken in ("metrics.jsonl", "checkpoints", "final"):
             if (log_dir / taken).exists():
+                if not (log_dir / "final").exists() and not _has_checkpoint(log_dir):
+                    raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}) that stopped "
+                                    f"before its first checkpoint, so it cannot be resumed; remove {log_dir} or "
+                                    f"choose another --log_dir")
                 raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}); pass "
                                 f"--resume_from {log_dir} to continue it, or choose another --log_dir")
         return
@@ -248,6 +252,13 @@ def check_files(config: TrainConfig) -> None:
 
     saved_path = find_checkpoint(out.resume_from) / "config.json"
     check_resume_compatible(config, read_json_object(saved_path, "checkpoint config"), saved_path)
+
+
+def _has_checkpoint(log_dir: pathlib.Path) -> bool:
+    """Whether --resume_from log_dir has a `latest` to follow (a broken one gets its own error there)."""
+    from utils.checkpoint import CHECKPOINTS_DIR, LATEST
+
+    return (log_dir / CHECKPOINTS_DIR / LATEST).is_file() or (log_dir / LATEST).is_file()
 
 
 def read_json_object(path: str | os.PathLike, what: str) -> dict:
@@ -266,8 +277,9 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
 def check_resume_compatible(config: TrainConfig, saved: dict, saved_path) -> None:
     """The data order, schedule and trained tensors depend on these arguments: they must match the checkpoint."""
     if saved.get("script") != config.script:
+        scripts = {"peft": "tune_foundation_model.py", "fft": "tune_fft_baseline.py"}
         raise UserError(f"{saved_path}: field 'script' is {saved.get('script')!r}; resume it with "
-                        f"{saved.get('script')} (this is {config.script})")
+                        f"{scripts.get(saved.get('script'), saved.get('script'))} (this is {scripts[config.script]})")
     current = config.to_dict()
     for section in ("model", "train"):
         for name, value in current[section].items():
