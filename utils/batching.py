@@ -21,7 +21,7 @@ MAX_ENCODER_TOKENS = 512
 
 def encoder_ids(text: str, enc_tokenizer, max_tokens: int = MAX_ENCODER_TOKENS) -> list[int]:
     """The prompt under the encoder tokenizer: its last tokens, wrapped in CLS/SEP when the tokenizer has both."""
-    ids = enc_tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = enc_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # cut below
     if enc_tokenizer.cls_token_id is not None and enc_tokenizer.sep_token_id is not None:
         return [enc_tokenizer.cls_token_id] + ids[-(max_tokens - 2):] + [enc_tokenizer.sep_token_id]
     return ids[-max_tokens:]
@@ -29,7 +29,7 @@ def encoder_ids(text: str, enc_tokenizer, max_tokens: int = MAX_ENCODER_TOKENS) 
 
 def prompt_ids(task: Task, text: str, tokenizer) -> list[int]:
     """Prompt tokens with the tokenizer's own special tokens; CRUXEval always starts with BOS (spec §4.2)."""
-    ids = tokenizer(text)["input_ids"]
+    ids = tokenizer(text, verbose=False)["input_ids"]  # longer than the model's limit is fine: callers cut it
     if not task.is_mbpp and tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id] + ids
     return ids
@@ -41,7 +41,8 @@ def encode_example(task: Task, record: dict, tokenizer, enc_tokenizer=None, *, n
     q = prompt_ids(task, task.prompt(record), tokenizer)[-max_prompt:]
     example = {"task_id": task.record_id(record)}
     if train:
-        a = tokenizer(task.target(record), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        a = tokenizer(task.target(record), add_special_tokens=False, verbose=False)["input_ids"]
+        a = a + [tokenizer.eos_token_id]
         labels = [IGNORE_INDEX] * len(q) + (a if task.is_mbpp else a[:-1] + [IGNORE_INDEX])
         ids = q + a
         if task.is_mbpp:  # the answer is cut on the right, as in the original
