@@ -77,10 +77,13 @@ def test_cruxeval_prompt_is_instruction_two_shots_then_the_query_up_to_answer(mo
     assert rest == CRUX_SHOTS[mode] + f"[PYTHON]\ndef f(x):\n    return x * 2\n{query}\n[/PYTHON]\n[ANSWER]"
     assert task.target(record) == "\nassert f(3) == 6\n[/ANSWER]\n"  # the same answer line in both modes
 
-def test_long_prompts_are_cut_from_the_left():
+def test_long_prompts_are_cut_from_the_left(caplog):
     task, tok = get_task("mbpp"), tiny_tokenizer()
     record = {"task_id": "MBPP/1", "prompt": "x = 1\n" * 400 + "def tail():\n", "canonical_solution": "  pass",
               "entry_point": "tail", "test": ""}
+    with caplog.at_level("WARNING"):
+        ex = encode_example(task, record, tok, tiny_tokenizer("roberta"), num_virtual_tokens=10, train=True)
+    assert "indexing errors" not in caplog.text  # no false alarm: the text is cut to the limits below
     ex = encode_example(task, record, tok, num_virtual_tokens=10, train=False)
     assert len(ex["input_ids"]) == 315
     assert tok.decode(ex["input_ids"]).endswith("def tail():\n")
