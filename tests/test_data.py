@@ -162,7 +162,10 @@ def test_length_grouped_sampler_is_a_deterministic_permutation():
 def test_bad_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"task_id": "MBPP/1"}\n{not json\n')
-    with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON \(.*, column 2\)"):
+        read_jsonl(path)
+    path.write_text('{"prompt": "a\tb"}\n')  # a raw tab inside a string: json's message ends in "at"
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: not valid JSON \(Invalid control character, column 14\)"):
         read_jsonl(path)
 
 

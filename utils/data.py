@@ -52,7 +52,8 @@ def read_jsonl(path: str | os.PathLike, required_fields=(), hint: str = "") -> l
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}){hint}") from None
+                msg = exc.msg.removesuffix(" at")  # json's position goes after "at": ours is the column below
+                raise UserError(f"{path}:{lineno}: not valid JSON ({msg}, column {exc.colno}){hint}") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}{hint}")
             missing = [f for f in required_fields if f not in record]
