@@ -17,6 +17,7 @@ import time
 
 from utils.cli import ArgumentParser, add_model_args, check_model_args, default_log_dir, str2bool
 from utils.errors import UserError, cli_entry
+from utils.fileio import lock_directory
 from utils.registry import INSTANCE_METHODS, METHODS, PEFT_METHODS
 
 EXIT_AFTER_BATCHES_ENV = "GENERATE_PREDS_EXIT_AFTER_BATCHES"
@@ -234,45 +235,51 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = pathlib.Path(args.log_dir or broadcast_object_list([default_log_dir()])[0])  # one timestamp for all
     config = run_config(args, method, gen_config, accelerator.num_processes, model.meta.get("enc_model_type"))
     progress = ProgressLog(log_dir)
-    if accelerator.is_main_process:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        if args.resume:
-            ignore = ("batch_size", "num_processes") if not gen_config.do_sample else ()
-            check_resumable(log_dir, config, ignore)
-            progress.repair()
-        else:  # a fresh start: no stale results from an earlier run may survive a crash of this one
-            progress.reset()
-            for name in output_files(task):
-                (log_dir / name).unlink(missing_ok=True)
-        write_config(log_dir, config)
-    accelerator.wait_for_everyone()
-    done = progress.read() if args.resume else {}
-    todo = [r for r in records if task.record_id(r) not in done]
-    model.to(accelerator.device)
-    exit_after = int(os.environ.get(EXIT_AFTER_BATCHES_ENV, "0"))
-    written = [0]
+    lock = None
+    try:
+        if accelerator.is_main_process:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_directory(log_dir, "--log_dir", "generate_preds.py")  # held until this function returns
+            if args.resume:
+                ignore = ("batch_size", "num_processes") if not gen_config.do_sample else ()
+                check_resumable(log_dir, config, ignore)
+                progress.repair()
+            else:  # a fresh start: no stale results from an earlier run may survive a crash of this one
+                progress.reset()
+                for name in output_files(task):
+                    (log_dir / name).unlink(missing_ok=True)
+            write_config(log_dir, config)
+        accelerator.wait_for_everyone()
+        done = progress.read() if args.resume else {}
+        todo = [r for r in records if task.record_id(r) not in done]
+        model.to(accelerator.device)
+        exit_after = int(os.environ.get(EXIT_AFTER_BATCHES_ENV, "0"))
+        written = [0]
 
-    def on_batch(fresh: dict, new_tokens: int) -> None:
-        progress.append(fresh)
-        written[0] += 1
-        if exit_after and written[0] >= exit_after:
-            os._exit(3)
+        def on_batch(fresh: dict, new_tokens: int) -> None:
+            progress.append(fresh)
+            written[0] += 1
+            if exit_after and written[0] >= exit_after:
+                os._exit(3)
 
-    fast = args.fast_decoding == "on" or (args.fast_decoding == "auto" and accelerator.device.type == "cuda")
-    start = time.perf_counter()
-    fresh = generate_predictions(model, tokenizer, enc_tokenizer, task, todo, batch_size=args.batch_size,
-                                 gen_config=gen_config, accelerator=accelerator, progress=not args.no_progress,
-                                 on_batch=on_batch, generate_kwargs=static_cache_kwargs() if fast else None,
-                                 pad_to_multiple_of=64 if fast else None)
-    if accelerator.is_main_process:
-        raw = {**done, **fresh}
-        paths = write_predictions(log_dir, task, records, raw, gen_config.stop_sequences)
-        validate_prediction_files(log_dir, task, [task.record_id(r) for r in records],
-                                  gen_config.num_return_sequences)
-        print(f"{len(records)} tasks ({len(done)} resumed, {len(fresh)} generated in "
-              f"{time.perf_counter() - start:.1f} s) -> {', '.join(str(p) for p in paths)}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        fast = args.fast_decoding == "on" or (args.fast_decoding == "auto" and accelerator.device.type == "cuda")
+        start = time.perf_counter()
+        fresh = generate_predictions(model, tokenizer, enc_tokenizer, task, todo, batch_size=args.batch_size,
+                                     gen_config=gen_config, accelerator=accelerator, progress=not args.no_progress,
+                                     on_batch=on_batch, generate_kwargs=static_cache_kwargs() if fast else None,
+                                     pad_to_multiple_of=64 if fast else None)
+        if accelerator.is_main_process:
+            raw = {**done, **fresh}
+            paths = write_predictions(log_dir, task, records, raw, gen_config.stop_sequences)
+            validate_prediction_files(log_dir, task, [task.record_id(r) for r in records],
+                                      gen_config.num_return_sequences)
+            print(f"{len(records)} tasks ({len(done)} resumed, {len(fresh)} generated in "
+                  f"{time.perf_counter() - start:.1f} s) -> {', '.join(str(p) for p in paths)}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    finally:
+        if lock is not None:
+            lock.close()  # a later run in this process may write here again
     return 0
 
 

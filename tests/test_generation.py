@@ -423,7 +423,7 @@ def test_two_processes_give_every_task_once_and_the_same_predictions(cli_runs):
 def test_a_killed_and_resumed_run_writes_the_same_files(cli_runs):
     root, runs = cli_runs
     assert runs["killed"].returncode == 3, runs["killed"].stderr[-3000:]
-    assert runs["left_after_kill"] == ["generate_preds_config.json", PROGRESS_FILE]  # no half-made results
+    assert runs["left_after_kill"] == [".lock", "generate_preds_config.json", PROGRESS_FILE]  # no half-made results
     assert runs["lines_after_kill"] == 2  # one line per batch
     assert len((root / "resumed" / PROGRESS_FILE).read_text().splitlines()) == 4  # torn line dropped, 2 added
     assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-3000:]
@@ -462,3 +462,23 @@ def test_a_state_dict_loses_backbone_prefixes_only_when_every_name_has_one(tmp_p
     save_file({"backbone.a.weight": torch.zeros(2), "lm_head.weight": torch.ones(2)}, str(tmp_path / "own.safetensors"))
     assert sorted(read_state_dict_file(str(tmp_path / "wrapped.safetensors"))) == ["a.weight", "b.weight"]
     assert sorted(read_state_dict_file(str(tmp_path / "own.safetensors"))) == ["backbone.a.weight", "lm_head.weight"]
+
+
+def test_a_second_run_on_the_same_log_dir_is_refused_and_the_lock_dies_with_the_run(saved_models, data_paths,
+                                                                                      capsys, tmp_path):
+    from utils.fileio import lock_directory
+
+    log_dir = tmp_path / "gen"
+    log_dir.mkdir()
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]),
+            "--data_path", data_paths["mbpp"], "--limit", "2", "--max_new_tokens", "4", "--no_progress",
+            "--log_dir", str(log_dir)]
+    with lock_directory(log_dir, "--log_dir", "generate_preds.py"):  # a live run holds it
+        with pytest.raises(SystemExit) as exit_info:
+            generate_preds.main(argv)
+    assert exit_info.value.code == 2
+    assert f"--log_dir {log_dir}: another generate_preds.py (pid {os.getpid()}) is writing there" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in log_dir.iterdir()) == [".lock"]  # it wrote nothing
+    assert generate_preds.main(argv) == 0  # the lock went with the run that held it
+    assert generate_preds.main(argv) == 0  # and a finished run releases its own

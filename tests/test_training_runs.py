@@ -7,6 +7,7 @@ registry's tiny models as they are.
 """
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -259,3 +260,20 @@ def test_the_frozen_encoder_trains_with_its_dropout_unless_turned_off(tmp_path, 
                            "--max_length", "64", "--log_dir", str(log_dir), *flag])
     assert modes and set(modes) == {not flag}
     assert json.loads((log_dir / "config.json").read_text())["model"]["encoder_dropout"] is (not flag)
+
+
+def test_a_second_training_run_on_the_same_log_dir_is_refused(tmp_path, data_paths, capsys):
+    from utils.fileio import lock_directory
+
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    argv = ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path",
+            data_paths["mbpp"], "--limit_train_examples", "2", "--per_gpu_train_batch_size", "2",
+            "--max_train_steps", "1", "--max_length", "64", "--log_dir", str(log_dir)]
+    with lock_directory(log_dir, "--log_dir", "training run"):  # a live run holds it
+        with pytest.raises(SystemExit) as exit_info:
+            run_inprocess("peft", argv)
+    assert exit_info.value.code == 2
+    assert f"--log_dir {log_dir}: another training run (pid {os.getpid()}) is writing there" in capsys.readouterr().err
+    assert sorted(p.name for p in log_dir.iterdir()) == [".lock"]  # it wrote nothing
+    assert run_inprocess("peft", argv).global_step == 1  # the lock went with the run that held it

@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import functools
 import datetime
-import fcntl
 import hashlib
 import io
 import json
@@ -32,7 +31,7 @@ import traceback
 
 from utils.data import default_data_path
 from utils.errors import UserError
-from utils.fileio import atomic_write_text
+from utils.fileio import atomic_write_text, lock_directory
 from utils.registry import METHODS, TASKS
 
 ROW_NAMES = {"none": "None", "fft": "FFT", "lora": "LoRA", "pt": "PT", "idpg": "IDPG", "lopa": "LOPA"}
@@ -423,16 +422,5 @@ def stop_requested() -> bool:
 def exclusive(out_dir: pathlib.Path):
     """Hold ``out_dir/.lock`` so that two runs never write the same cells at once (the lock dies with the
     process)."""
-    lock_path = out_dir / ".lock"
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            raise UserError(f"--out {out_dir}: another run_experiment.py (pid {fh.read().strip() or '?'}) is "
-                            f"writing there; wait for it to finish or pass another --out") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
+    with lock_directory(out_dir, "--out", "run_experiment.py"):
         yield

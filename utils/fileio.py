@@ -1,6 +1,7 @@
 """Crash-safe file writes shared by training, generation, post-processing, evaluation and the pipeline."""
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 import tempfile
@@ -62,3 +63,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def lock_directory(directory: str | os.PathLike, flag: str, owner: str):
+    """Hold ``directory/.lock`` so that a second run writing the same directory stops at once instead of mixing
+    its files with this one's. The lock lives as long as the returned file stays open (keep a reference), and
+    the OS drops it when the process ends, however it ends: a killed run leaves nothing to clean up."""
+    fh = open(pathlib.Path(directory) / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise UserError(f"{flag} {directory}: another {owner} (pid {pid}) is writing there; wait for it to finish "
+                        f"or pass another {flag}") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh

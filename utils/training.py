@@ -33,7 +33,7 @@ from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDat
 from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, find_checkpoint, load_checkpoint, read_resume_state,
                               save_checkpoint, set_rng_state)
 from utils.data import default_data_path, load_task_split
-from utils.fileio import atomic_write_text, open_file_modes
+from utils.fileio import atomic_write_text, lock_directory, open_file_modes
 from utils.tasks import get_task
 from utils.train_config import TrainConfig
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, plot_loss, setup_logging
@@ -93,7 +93,12 @@ def _broadcast_str(accelerator, value: str) -> str:
 
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training ``config`` describes; writes everything under its log_dir."""
-    return Trainer(config).fit()
+    trainer = Trainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer._lock is not None:
+            trainer._lock.close()  # a later run in this process may write here again
 
 
 class Trainer:
@@ -107,8 +112,10 @@ class Trainer:
         self.log_dir = pathlib.Path(_broadcast_str(acc, config.output.log_dir))  # rank 0's timestamp everywhere
         self.config = config
         self._build()  # before the log_dir exists: a model or data that fails to load leaves nothing behind
+        self._lock = None
         if acc.is_main_process:
             self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_directory(self.log_dir, "--log_dir", "training run")  # held until the process ends
         acc.wait_for_everyone()
         self.log = setup_logging(self.log_dir, acc.is_main_process)
         self.metrics = MetricsFile(self.log_dir, acc.is_main_process)
