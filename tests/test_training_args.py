@@ -163,7 +163,14 @@ def test_a_used_log_dir_needs_resume_and_one_without_a_checkpoint_needs_a_fresh_
     (run / "metrics.jsonl").write_text("")  # killed before its first checkpoint: nothing to resume
     with pytest.raises(UserError, match="stopped before its first checkpoint, so it cannot be resumed; remove"):
         _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
-    with pytest.raises(UserError, match="saved no checkpoint before it stopped.*start over without --resume_from"):
+    with pytest.raises(UserError, match="saved no checkpoint: it stopped before its first one.*start over without "
+                                        "--resume_from"):
+        _parse(["--peft_method", "pt"] + BASE + ["--resume_from", str(run)], tmp_path=tmp_path)
+    (run / "final").mkdir()  # finished with the default --save_every 0: nothing to continue either
+    with pytest.raises(UserError, match="a run .* that finished \\(final/\\) without a checkpoint, so it cannot be "
+                                        "resumed; remove"):
+        _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
+    with pytest.raises(UserError, match="saved no checkpoint: it finished \\(final/\\) without a checkpoint"):
         _parse(["--peft_method", "pt"] + BASE + ["--resume_from", str(run)], tmp_path=tmp_path)
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
     (run / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("{}")

@@ -241,10 +241,11 @@ def check_files(config: TrainConfig) -> None:
     if out.resume_from is None:
         for taken in ("metrics.jsonl", "checkpoints", "final"):
             if (log_dir / taken).exists():
-                if not (log_dir / "final").exists() and not _has_checkpoint(log_dir):
-                    raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}) that stopped "
-                                    f"before its first checkpoint, so it cannot be resumed; remove {log_dir} or "
-                                    f"choose another --log_dir")
+                if not _has_checkpoint(log_dir):
+                    how = ("finished (final/) without a checkpoint" if (log_dir / "final").exists()
+                           else "stopped before its first checkpoint")
+                    raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}) that {how}, so "
+                                    f"it cannot be resumed; remove {log_dir} or choose another --log_dir")
                 raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}); pass "
                                 f"--resume_from {log_dir} to continue it, or choose another --log_dir")
         return
