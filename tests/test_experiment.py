@@ -340,3 +340,26 @@ def test_set_false_turns_off_a_training_switch_that_defaults_on(tmp_path):
     assert (_train_config(off).train.packing, _train_config(off).train.fused_adamw) == (False, False)
     assert off.training_hash() != default.training_hash()
     assert "False" not in dict(off.commands)["generate_preds.py"]  # gen/eval store_true flags: False stays absent
+
+
+def test_set_gen_encoder_flags_reach_only_the_methods_that_read_them(tmp_path):
+    """--set gen.enc_model_path=DIR (a local encoder for lopa/idpg generation) goes to every cell's gen section;
+    generate_preds.py rejects a flag the method does not read, so the other cells must not get it."""
+    import pathlib
+
+    import generate_preds
+    from utils.experiment import PRESETS, apply_overrides, plan_cells
+
+    encoder = str(tmp_path / "encoder")
+    preset = apply_overrides(PRESETS["smoke"](), [f"gen.enc_model_path={encoder}", "gen.lp_rank=1"])
+    seen = {}
+    for cell in plan_cells(preset, tmp_path):
+        argv = dict(cell.commands)["generate_preds.py"]
+        for flag in ("--load_adapter_from", "--load_base_from_path"):  # what training would have written
+            if flag in argv:
+                pathlib.Path(argv[argv.index(flag) + 1]).mkdir(parents=True, exist_ok=True)
+        args = generate_preds.build_parser().parse_args(argv)
+        generate_preds.resolve_method(args)  # a UserError for a flag this method does not read
+        seen[cell.method] = (args.enc_model_path, args.lp_rank)
+    assert seen == {"none": (None, None), "fft": (None, None), "lora": (None, None), "pt": (None, None),
+                    "idpg": (encoder, None), "lopa": (encoder, 1)}

@@ -163,7 +163,14 @@ def test_a_used_log_dir_needs_resume_and_one_without_a_checkpoint_needs_a_fresh_
     (run / "metrics.jsonl").write_text("")  # killed before its first checkpoint: nothing to resume
     with pytest.raises(UserError, match="stopped before its first checkpoint, so it cannot be resumed; remove"):
         _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
-    with pytest.raises(UserError, match="saved no checkpoint before it stopped.*start over without --resume_from"):
+    with pytest.raises(UserError, match="saved no checkpoint: it stopped before its first one.*start over without "
+                                        "--resume_from"):
+        _parse(["--peft_method", "pt"] + BASE + ["--resume_from", str(run)], tmp_path=tmp_path)
+    (run / "final").mkdir()  # finished with the default --save_every 0: nothing to continue either
+    with pytest.raises(UserError, match="a run .* that finished \\(final/\\) without a checkpoint, so it cannot be "
+                                        "resumed; remove"):
+        _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
+    with pytest.raises(UserError, match="saved no checkpoint: it finished \\(final/\\) without a checkpoint"):
         _parse(["--peft_method", "pt"] + BASE + ["--resume_from", str(run)], tmp_path=tmp_path)
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
     (run / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("{}")
@@ -196,6 +203,29 @@ def test_resume_rejects_changed_arguments(tmp_path):
                                         r"\(this is tune_fft_baseline.py\)"):
         parse_args(BASE + ["--resume_from", str(ckpt)], "fft")
 
+
+
+def test_resuming_a_checkpoint_from_before_encoder_dropout_keeps_its_eval_mode_encoder(tmp_path):
+    """Its config.json has no 'encoder_dropout': that run's encoder ran in eval mode, so the new default (True)
+    would change the training half-way; pt never had an encoder, so the missing field does not matter there."""
+    for method, extra in (("lopa", ["--enc_model_type", "tiny-roberta"]), ("pt", [])):
+        run = tmp_path / method
+        cfg = parse_args(["--peft_method", method] + BASE + extra + ["--log_dir", str(run)], "peft").to_dict()
+        del cfg["model"]["encoder_dropout"]
+        ckpt = run / "checkpoints" / "step_00000002"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+        (run / "checkpoints" / "latest").write_text("step_00000002\n")
+        argv = ["--peft_method", method] + BASE + extra + ["--resume_from", str(run)]
+        if method == "pt":
+            assert parse_args(argv, "peft").model.encoder_dropout is True
+            continue
+        with pytest.raises(UserError, match=r"no field 'model.encoder_dropout' \(written before it existed, when "
+                                            r"the frozen encoder always ran in eval mode\) but this run has True; pass "
+                                            r"--encoder_dropout False to resume"):
+            parse_args(argv, "peft")
+        assert parse_args(argv + ["--encoder_dropout", "False"], "peft").model.encoder_dropout is False
 
 def test_shipped_accelerate_configs_name_existing_deepspeed_files():
     configs = ROOT / "config_files"

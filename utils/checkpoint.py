@@ -98,7 +98,8 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
                                 f"the step_* directories under {root} to --resume_from")
             return checkpoint
     if (path / "metrics.jsonl").is_file() or (path / "train.log").is_file():
-        raise UserError(f"--resume_from {path}: this run saved no checkpoint before it stopped (they come every "
+        how = "finished (final/) without a checkpoint" if (path / "final").exists() else "stopped before its first one"
+        raise UserError(f"--resume_from {path}: this run saved no checkpoint: it {how} (they come every "
                         f"--save_every; 0 saves only final/), so there is nothing to resume; start over without "
                         f"--resume_from, after removing {path} or with another --log_dir")
     raise UserError(f"--resume_from {path}: not a checkpoint (no {STATE_FILE}) and not a log_dir with "

@@ -131,6 +131,9 @@ def _flags(values: dict, *, keep_false: bool = False) -> list[str]:
 _METHOD_ONLY = {"num_virtual_tokens": ("pt", "idpg", "lopa"), "lp_rank": ("lopa",), "enc_model_type": ("idpg", "lopa"),
                 "encoder_dropout": ("idpg", "lopa"), "lora_dim": ("lora",), "lora_alpha": ("lora",),
                 "lora_dropout": ("lora",)}
+# Generation flags only some methods read: generate_preds.py rejects them elsewhere, so a --set gen.X reaches only these.
+_GEN_METHOD_ONLY = {**{k: _METHOD_ONLY[k] for k in ("num_virtual_tokens", "lp_rank", "enc_model_type")},
+                    "enc_model_path": ("idpg", "lopa")}
 
 
 @dataclasses.dataclass
@@ -196,7 +199,8 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
         argv = (["--peft_method", method] if method != "fft" else []) + base + _flags(train, keep_false=True)
         commands.append(("tune_fft_baseline.py" if method == "fft" else "tune_foundation_model.py",
                          argv + ["--log_dir", str(train_dir)]))
-    gen = base + ["--peft_method", method] + _flags(preset.gen) + ["--log_dir", str(gen_dir)]
+    gen_flags = {k: v for k, v in preset.gen.items() if method in _GEN_METHOD_ONLY.get(k, (method,))}
+    gen = base + ["--peft_method", method] + _flags(gen_flags) + ["--log_dir", str(gen_dir)]
     if method == "fft":
         gen += ["--load_base_from_path", str(train_dir / "final")]
     elif method != "none":

@@ -241,10 +241,11 @@ def check_files(config: TrainConfig) -> None:
     if out.resume_from is None:
         for taken in ("metrics.jsonl", "checkpoints", "final"):
             if (log_dir / taken).exists():
-                if not (log_dir / "final").exists() and not _has_checkpoint(log_dir):
-                    raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}) that stopped "
-                                    f"before its first checkpoint, so it cannot be resumed; remove {log_dir} or "
-                                    f"choose another --log_dir")
+                if not _has_checkpoint(log_dir):
+                    how = ("finished (final/) without a checkpoint" if (log_dir / "final").exists()
+                           else "stopped before its first checkpoint")
+                    raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}) that {how}, so "
+                                    f"it cannot be resumed; remove {log_dir} or choose another --log_dir")
                 raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}); pass "
                                 f"--resume_from {log_dir} to continue it, or choose another --log_dir")
         return
@@ -283,13 +284,24 @@ def check_resume_compatible(config: TrainConfig, saved: dict, saved_path) -> Non
     current = config.to_dict()
     for section in ("model", "train"):
         for name, value in current[section].items():
-            if name in RESUME_MAY_DIFFER or name not in saved.get(section, {}):
+            if name in RESUME_MAY_DIFFER:
+                continue
+            if name not in saved.get(section, {}):
+                _check_unrecorded(config, section, name, value, saved_path)
                 continue
             if saved[section][name] != value:
                 fix = (f"drop --{_flag(name)}" if saved[section][name] is None
                        else f"pass --{_flag(name)} {saved[section][name]}")
                 raise UserError(f"{saved_path}: field '{section}.{name}' is {saved[section][name]!r} but this run "
                                 f"has {value!r}; {fix} to resume, or start a new run")
+
+
+def _check_unrecorded(config: TrainConfig, section: str, name: str, value, saved_path) -> None:
+    """A checkpoint written before a field existed ran with that field's old behaviour, not with any value."""
+    if (section, name) == ("model", "encoder_dropout") and config.model.uses_encoder and value:
+        raise UserError(f"{saved_path}: no field 'model.encoder_dropout' (written before it existed, when the frozen "
+                        f"encoder always ran in eval mode) but this run has True; pass --encoder_dropout False to "
+                        f"resume, or start a new run")
 
 
 def _flag(name: str) -> str:
