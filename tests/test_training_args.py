@@ -218,14 +218,16 @@ def test_resuming_a_checkpoint_from_before_encoder_dropout_keeps_its_eval_mode_e
         (ckpt / "config.json").write_text(json.dumps(cfg))
         (run / "checkpoints" / "latest").write_text("step_00000002\n")
         argv = ["--peft_method", method] + BASE + extra + ["--resume_from", str(run)]
-        if method == "pt":
-            assert parse_args(argv, "peft").model.encoder_dropout is True
+        if method == "pt":  # no encoder: nothing recorded, and the flag changes nothing either way
+            assert parse_args(argv, "peft").model.encoder_dropout is None
+            assert parse_args(argv + ["--encoder_dropout", "False"], "peft").model.encoder_dropout is None
             continue
         with pytest.raises(UserError, match=r"no field 'model.encoder_dropout' \(written before it existed, when "
                                             r"the frozen encoder always ran in eval mode\) but this run has True; pass "
                                             r"--encoder_dropout False to resume"):
             parse_args(argv, "peft")
         assert parse_args(argv + ["--encoder_dropout", "False"], "peft").model.encoder_dropout is False
+
 
 def test_shipped_accelerate_configs_name_existing_deepspeed_files():
     configs = ROOT / "config_files"

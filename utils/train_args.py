@@ -178,7 +178,7 @@ def config_from_namespace(ns: argparse.Namespace, script: str) -> TrainConfig:
         enc_model_path=ns.enc_model_path, data_path=ns.data_path, mbpp_split=ns.mbpp_split,
         num_virtual_tokens=ns.num_virtual_tokens, lp_rank=ns.lp_rank, lora_dim=getattr(ns, "lora_dim", 16),
         lora_alpha=getattr(ns, "lora_alpha", 32), lora_dropout=getattr(ns, "lora_dropout", 0.1),
-        encoder_dropout=getattr(ns, "encoder_dropout", True), seed=ns.seed)
+        encoder_dropout=getattr(ns, "encoder_dropout", True) if method in ("lopa", "idpg") else None, seed=ns.seed)
     mixed_precision = ns.mixed_precision
     if getattr(ns, "fp16", False):
         if mixed_precision not in ("auto", "fp16"):

@@ -70,8 +70,9 @@ class ModelArgs:
     lora_dim: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.1
-    encoder_dropout: bool = True
-    """idpg/lopa: the frozen encoder's dropout acts in training, as the original's (``PooledEncoder``)."""
+    encoder_dropout: bool | None = True
+    """idpg/lopa: the frozen encoder's dropout acts in training, as the original's (``PooledEncoder``); None for
+    the methods without an encoder."""
     seed: int = 9876
 
     def __post_init__(self):
