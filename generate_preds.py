@@ -18,7 +18,7 @@ import time
 from utils.cli import ArgumentParser, add_model_args, check_model_args, default_log_dir, str2bool
 from utils.errors import UserError, cli_entry
 from utils.fileio import lock_directory
-from utils.registry import INSTANCE_METHODS, METHODS, PEFT_METHODS
+from utils.registry import INSTANCE_METHODS, METHOD_FLAGS, METHODS, PEFT_METHODS
 
 EXIT_AFTER_BATCHES_ENV = "GENERATE_PREDS_EXIT_AFTER_BATCHES"
 """Testing hook: the main process dies (os._exit, no cleanup) after writing this many batches."""
@@ -98,12 +98,12 @@ def resolve_method(args: argparse.Namespace) -> str:
         raise UserError("--peft_method fft needs the tuned model: --load_base_from_path, --sharded_checkpoint_dir "
                         "or --model_path")
     # A flag the method never reads would pass silently (an adapter's own config checks m, r and the encoder type).
-    readers = {"enc_model_path": INSTANCE_METHODS} if method in PEFT_METHODS else {
-        "enc_model_type": INSTANCE_METHODS, "enc_model_path": INSTANCE_METHODS, "lp_rank": ("lopa",),
-        "num_virtual_tokens": ("pt",) + INSTANCE_METHODS}
-    for flag, users in readers.items():
-        if getattr(args, flag) is not None and method not in users:
-            raise UserError(f"--{flag} is for {'/'.join(users)} adapters, not --peft_method {method}; drop it")
+    flags = ("enc_model_path",) if method in PEFT_METHODS else ("enc_model_type", "enc_model_path", "lp_rank",
+                                                                   "num_virtual_tokens")
+    for flag in flags:
+        if getattr(args, flag) is not None and method not in METHOD_FLAGS[flag]:
+            raise UserError(f"--{flag} is for {'/'.join(METHOD_FLAGS[flag])} adapters, not --peft_method {method}; "
+                            f"drop it")
     if args.load_adapter_from and not pathlib.Path(args.load_adapter_from).is_dir():
         raise UserError(f"--load_adapter_from {args.load_adapter_from}: not a directory")
     for flag in ("load_base_from_path", "sharded_checkpoint_dir"):

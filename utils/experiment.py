@@ -32,7 +32,7 @@ import traceback
 from utils.data import default_data_path
 from utils.errors import UserError
 from utils.fileio import atomic_write_text, lock_directory
-from utils.registry import METHODS, TASKS
+from utils.registry import METHOD_FLAGS, METHODS, TASKS
 
 ROW_NAMES = {"none": "None", "fft": "FFT", "lora": "LoRA", "pt": "PT", "idpg": "IDPG", "lopa": "LOPA"}
 COLUMN_NAMES = {"cruxeval_input_prediction": "CruxEval-I", "cruxeval_output_prediction": "CruxEval-O",
@@ -127,15 +127,6 @@ def _flags(values: dict, *, keep_false: bool = False) -> list[str]:
     return out
 
 
-# Training flags that only some methods read; left out elsewhere so they do not reach those cells' hashes.
-_METHOD_ONLY = {"num_virtual_tokens": ("pt", "idpg", "lopa"), "lp_rank": ("lopa",), "enc_model_type": ("idpg", "lopa"),
-                "encoder_dropout": ("idpg", "lopa"), "lora_dim": ("lora",), "lora_alpha": ("lora",),
-                "lora_dropout": ("lora",)}
-# Generation flags only some methods read: generate_preds.py rejects them elsewhere, so a --set gen.X reaches only these.
-_GEN_METHOD_ONLY = {**{k: _METHOD_ONLY[k] for k in ("num_virtual_tokens", "lp_rank", "enc_model_type")},
-                    "enc_model_path": ("idpg", "lopa")}
-
-
 @dataclasses.dataclass
 class Cell:
     model: str
@@ -191,7 +182,8 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
         base += ["--data_path", data_path]
     commands = []
     if method != "none":
-        train = {k: v for k, v in preset.train.items() if method in _METHOD_ONLY.get(k, (method,))}
+        # a flag another method reads stays out of this cell's commands, hence out of its hash
+        train = {k: v for k, v in preset.train.items() if method in METHOD_FLAGS.get(k, (method,))}
         if method in ("idpg", "lopa"):
             train.setdefault("enc_model_type", preset.encoder)  # --set enc_model_type=... wins
         train.update(preset.per_method.get(method, {}))
@@ -199,7 +191,7 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
         argv = (["--peft_method", method] if method != "fft" else []) + base + _flags(train, keep_false=True)
         commands.append(("tune_fft_baseline.py" if method == "fft" else "tune_foundation_model.py",
                          argv + ["--log_dir", str(train_dir)]))
-    gen_flags = {k: v for k, v in preset.gen.items() if method in _GEN_METHOD_ONLY.get(k, (method,))}
+    gen_flags = {k: v for k, v in preset.gen.items() if method in METHOD_FLAGS.get(k, (method,))}
     gen = base + ["--peft_method", method] + _flags(gen_flags) + ["--log_dir", str(gen_dir)]
     if method == "fft":
         gen += ["--load_base_from_path", str(train_dir / "final")]

@@ -116,6 +116,12 @@ METHODS = ("none", "fft") + PEFT_METHODS
 """Every method a script can build: the untuned model, full fine-tuning and the four PEFT methods."""
 INSTANCE_METHODS = ("idpg", "lopa")
 """Methods whose soft prompt depends on the input through an encoder."""
+METHOD_FLAGS = {"num_virtual_tokens": ("pt",) + INSTANCE_METHODS, "lp_rank": ("lopa",),
+                "enc_model_type": INSTANCE_METHODS, "enc_model_path": INSTANCE_METHODS,
+                "encoder_dropout": INSTANCE_METHODS, "lora_dim": ("lora",), "lora_alpha": ("lora",),
+                "lora_dropout": ("lora",)}
+"""Flags only some methods read: run_experiment.py gives them to those methods' cells only, and generate_preds.py
+refuses them for the others."""
 
 
 def get_model_spec(model_type: str) -> FoundationModelSpec:
