@@ -56,10 +56,12 @@ def main(argv=None) -> dict:
     from utils.experiment import PRESETS, apply_overrides, exclusive
 
     preset = apply_overrides(PRESETS[args.preset](), args.set)
-    grid = {"methods": preset.methods, "tasks": preset.tasks, "models": preset.models}  # before --methods/--tasks
+    full = {"methods": preset.methods, "tasks": preset.tasks, "models": preset.models}  # before --methods/...
     preset.methods = _subset(args.methods, METHODS, preset.methods, "methods")
     preset.tasks = _subset(args.tasks, TASKS, preset.tasks, "tasks")
     preset.models = _subset(args.models, None, preset.models, "models")
+    # the report shows the preset's grid and whatever was selected outside it (say --models tiny-phi-2)
+    grid = {k: list(dict.fromkeys(v + getattr(preset, k))) for k, v in full.items()}
     out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out):

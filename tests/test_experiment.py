@@ -108,6 +108,19 @@ def test_results_md_places_every_number_in_its_row_and_column(tmp_path, monkeypa
     assert table["LoRA"] == ["3.00", "13.00", "23.00"]
 
 
+def test_a_model_outside_the_preset_is_run_and_shown(tmp_path, monkeypatch):
+    """--models may name a model the preset does not list (a tiny stand-in for a dry run of paper-phi-2): its
+    cells are in results.md and the plots (the report used to have no model at all and crashed in matplotlib)."""
+    _fake_stages(monkeypatch)
+    result = run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--models", "tiny-llama",
+                                  "--tasks", "mbpp", "--methods", "pt"])
+    assert result["ran"] == ["tiny-llama/mbpp/pt"] and result["failed"] == {}
+    text = (tmp_path / "results.md").read_text()
+    assert "## tiny-llama" in text
+    assert re.search(r"^\| PT \| ([\d.]+) \|$", text, re.M).group(1) == f"{100 * _score('mbpp', 'pt'):.2f}"
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_a_failed_cell_is_reported_the_others_run_and_the_next_run_redoes_only_it(tmp_path, monkeypatch, capsys):
     key = "tiny-phi-2/mbpp/lora"
     _fake_stages(monkeypatch, fail=(key, "generate_preds.py", RuntimeError("CUDA out of memory")))
