@@ -69,6 +69,11 @@ def _score(task, method, stage="stage1"):
     return value / 2 if stage == "stage2" else value
 
 
+DRY_RUN = ["enc_model_type=tiny-roberta", "num_epochs=1", "limit_train_examples=8", "gen.limit=4",
+           "gen.max_new_tokens=16", "fft.num_epochs=1"]
+"""--set flags of the README's dry run of paper-phi-2 with --models tiny-phi-2."""
+
+
 def _fake_stages(monkeypatch, fail=None):
     """Every stage a no-op except evaluate (returns _score); ``fail``: (cell key, script, exception)."""
     from utils import experiment
@@ -119,6 +124,26 @@ def test_a_model_outside_the_preset_is_run_and_shown(tmp_path, monkeypatch):
     assert "## tiny-llama" in text
     assert re.search(r"^\| PT \| ([\d.]+) \|$", text, re.M).group(1) == f"{100 * _score('mbpp', 'pt'):.2f}"
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paper_preset_dry_run_with_a_tiny_stand_in_runs_every_stage(tmp_path, data_paths):
+    """The README's dry run: paper-phi-2's real flags (bf16, 2 x 4 accumulation, per-epoch checkpoints, the
+    paper's sampling) through the real stages, on a tiny model, before any GPU hour is spent. ``none`` first: its
+    generation's Accelerator() used to fix mixed precision "no" for the process, and every bf16 training after it
+    failed ("AcceleratorState has already been initialized")."""
+    argv = ["--preset", "paper-phi-2", "--out", str(tmp_path), "--models", "tiny-phi-2", "--tasks", "mbpp",
+            "--methods", "none,fft,lopa", "--mbpp_data", data_paths["mbpp"]] + [
+        x for flag in DRY_RUN for x in ("--set", flag)]
+    result = run_experiment.main(argv)
+    assert result["failed"] == {} and result["ran"] == [f"tiny-phi-2/mbpp/{m}" for m in ("none", "fft", "lopa")]
+    for method in ("fft", "lopa"):
+        cell = tmp_path / "cells/tiny-phi-2/mbpp" / method
+        config = json.loads((cell / "train/config.json").read_text())
+        assert config["train"]["gradient_accumulation_steps"] == 4 and config["runtime"]["mixed_precision"] == "bf16"
+        assert (cell / "train/checkpoints/latest").is_file()  # save_every 1: an epoch checkpoint
+        gen = json.loads((cell / "gen/generate_preds_config.json").read_text())
+        assert gen["generation"]["do_sample"] is True and gen["generation"]["temperature"] == 0.6
+        assert json.loads((cell / "result.json").read_text())["pass@1"] is not None
 
 
 def test_a_failed_cell_is_reported_the_others_run_and_the_next_run_redoes_only_it(tmp_path, monkeypatch, capsys):

@@ -229,6 +229,28 @@ def _script_main(script: str):
     return importlib.import_module(script.removesuffix(".py")).main
 
 
+def _run_stage(script: str, argv: list[str]):
+    """A stage's ``main`` in this process, as if in a process of its own: accelerate's process-wide state, which
+    fixes the mixed precision at the first ``Accelerator()`` (a bf16 training after a generation stage failed with
+    "AcceleratorState has already been initialized"), is reset around it, and its memory is freed after it."""
+    import gc
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        return _script_main(script)(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def _parse_only(script: str, argv: list[str]) -> None:
     """Parse (and type-check) a stage's arguments as its script does, running nothing."""
     import importlib
@@ -350,7 +372,7 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
         for script, argv in commands:
             print(f"$ python {script} {' '.join(argv)}", file=log, flush=True)
             try:
-                value = _script_main(script)(argv)
+                value = _run_stage(script, argv)
             except SystemExit as exc:  # cli_entry turns a UserError into exit 2, argparse too
                 if exc.code in (0, None):
                     continue
