@@ -47,8 +47,9 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--batch_size", type=int, default=16, help="prompts per generate call (per process)")
     d.add_argument("--paper_decoding", action="store_true",
                    help="the paper's sampling: MBPP T=0.6, CRUXEval T=0.2, top-p 0.95, one sample")
-    d.add_argument("--do_sample", type=str2bool, default=None, help="True: sample (at the task's paper temperature "
-                                                                    "unless --temperature is given)")
+    d.add_argument("--do_sample", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="--do_sample or --do_sample True: sample (at the task's paper temperature unless "
+                        "--temperature is given); False: greedy")
     d.add_argument("--temperature", type=float, default=None, help="> 0 turns sampling on; 0 means greedy")
     d.add_argument("--top_p", type=float, default=None, help="nucleus sampling (default 1.0; 0.95 with "
                                                              "--paper_decoding)")

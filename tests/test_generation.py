@@ -316,6 +316,13 @@ def test_seed_flags_resolve_to_the_adapter(saved_models, data_paths, capsys):
     assert "--clf_predictor_path clf.pt is not used" in capsys.readouterr().err
 
 
+def test_do_sample_alone_turns_sampling_on():
+    parse = generate_preds.build_parser().parse_args
+    base = ["--task_name", "mbpp", "--model_type", "tiny-phi-2"]
+    assert [parse(base + extra).do_sample for extra in ([], ["--do_sample"], ["--do_sample", "False"],
+                                                         ["--do_sample", "True"])] == [None, True, False, True]
+
+
 def test_nothing_left_to_generate_returns_nothing(data_paths):
     model, tok = build_model("none", "tiny-phi-2", seed=3)
     task = get_task("mbpp")
