@@ -59,6 +59,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def _resolve_mixed_precision(choice: str, deepspeed: bool) -> str | None:
     """None lets accelerate read the launcher's setting (or the DeepSpeed JSON decide)."""
+    if choice == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--mixed_precision bf16: this GPU ({torch.cuda.get_device_name()}) has no bfloat16; pass "
+                        f"--mixed_precision fp16 or no (run_experiment.py: --set mixed_precision=no)")
     if choice != "auto":
         return choice
     if os.environ.get("ACCELERATE_MIXED_PRECISION") or deepspeed:
