@@ -235,18 +235,19 @@ def _run_stage(script: str, argv: list[str]):
     "AcceleratorState has already been initialized"), is reset around it, and its memory is freed after it."""
     import gc
 
+    import torch
     from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    def fresh_state():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    fresh_state()
     try:
         return _script_main(script)(argv)
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        fresh_state()
         gc.collect()
-        import torch
-
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
