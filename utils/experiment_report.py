@@ -107,7 +107,8 @@ def plot_loss_curves(out_dir: pathlib.Path, cells: list[Cell]) -> pathlib.Path |
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.5), squeeze=False)
     for ax, ((model, task), by_method) in zip(axes[0], sorted(curves.items())):
         for method, rows in by_method.items():
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=ROW_NAMES[method])
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=ROW_NAMES[method],
+                    marker="o" if len(rows) <= 20 else None)  # a run of a step or two is still visible
         ax.set_title(f"{model} / {COLUMN_NAMES[task]}")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss")

@@ -98,12 +98,13 @@ def plot_loss(metrics_path: pathlib.Path, png_path: pathlib.Path, title: str) ->
         return None
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in records], lw=1, label="loss")
+    marker = "o" if len(records) <= 20 else None  # a run of a step or two is still visible
+    ax.plot(steps, [r["loss"] for r in records], lw=1, label="loss", marker=marker)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=9)
     lr_ax = ax.twinx()
-    lr_ax.plot(steps, [r["lr"] for r in records], lw=1, color="tab:orange", alpha=0.6, label="lr")
+    lr_ax.plot(steps, [r["lr"] for r in records], lw=1, color="tab:orange", alpha=0.6, label="lr", marker=marker)
     lr_ax.set_ylabel("learning rate")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
