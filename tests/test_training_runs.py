@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 import tune_fft_baseline
 import tune_foundation_model
@@ -28,6 +27,7 @@ from utils.fileio import current_umask
 from utils.models import load_encoder_tokenizer, load_foundation_model, load_tokenizer
 from utils.tasks import get_task
 from utils.train_logging import read_metrics
+from utils.train_setup import reset_accelerate_state
 from utils.training import shorten
 
 VOCAB = 2048  # the tiny models' tokenizer; ln(VOCAB) is the loss of a uniform guess
@@ -39,18 +39,13 @@ OVERFIT = [("lora", "tiny-phi-2", "mbpp"), ("lora", "tiny-codegen", "cruxeval_ou
            ("fft", "tiny-llama", "mbpp"), ("fft", "tiny-phi-2", "cruxeval_output_prediction")]
 
 
-def reset_accelerate():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def run_inprocess(script: str, argv: list[str]):
     """One run of a script's ``main`` here (accelerate's process-wide state is reset around it)."""
-    reset_accelerate()
+    reset_accelerate_state()
     try:
         return (tune_fft_baseline if script == "fft" else tune_foundation_model).main(argv)
     finally:
-        reset_accelerate()
+        reset_accelerate_state()
 
 
 def data_path(data_paths, task):

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader
-from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader
 
 from tests.conftest import ROOT
@@ -15,7 +14,7 @@ from utils.checkpoint import (LATEST, TrainerState, find_checkpoint, load_checkp
                               save_checkpoint)
 from utils.errors import UserError
 from utils.train_config import TrainArgs
-from utils.train_setup import make_plan, param_groups
+from utils.train_setup import make_plan, param_groups, reset_accelerate_state
 from utils.training import EpochSampler, shorten, supervised_tokens
 
 
@@ -60,8 +59,7 @@ def test_two_processes_see_the_global_batches_of_one_process_with_twice_the_batc
         global_batches = [sorted(b.tolist()) for b in single]
         per_process = [[b.tolist() for b in shard] for shard in shards]
         assert [sorted(a + b) for a, b in zip(*per_process)] == global_batches
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def test_supervised_tokens_counts_what_the_loss_averages():
@@ -161,8 +159,7 @@ def accelerated(tmp_path):
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     acc = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
     model = torch.nn.Linear(3, 2)
     model.bias.requires_grad_(False)
@@ -170,8 +167,7 @@ def accelerated(tmp_path):
     sched = get_scheduler("linear", opt, num_warmup_steps=1, num_training_steps=10)
     model, opt, sched = acc.prepare(model, opt, sched)
     yield acc, model, opt, sched
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def _train_step(model, opt, sched):

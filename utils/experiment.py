@@ -236,17 +236,14 @@ def _run_stage(script: str, argv: list[str]):
     import gc
 
     import torch
-    from accelerate.state import AcceleratorState, GradientState
 
-    def fresh_state():
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    from utils.train_setup import reset_accelerate_state
 
-    fresh_state()
+    reset_accelerate_state()
     try:
         return _script_main(script)(argv)
     finally:
-        fresh_state()
+        reset_accelerate_state()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

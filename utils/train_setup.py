@@ -57,6 +57,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, which the first ``Accelerator()`` fixes (mixed precision above all),
+    so that the next one in this process starts as in a new process: run_experiment's in-process stages, tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def _resolve_mixed_precision(choice: str, deepspeed: bool) -> str | None:
     """None lets accelerate read the launcher's setting (or the DeepSpeed JSON decide)."""
     if choice == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
