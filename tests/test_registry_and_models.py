@@ -114,3 +114,18 @@ def test_benchmark_architectures_have_the_published_parameter_counts(model_type,
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config(get_model_spec(model_type)))
     assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_a_codegen_checkpoint_whose_config_has_no_pad_token_id_loads(tmp_path):
+    # Salesforce/codegen-350M-mono's config.json has no pad_token_id, and transformers 5's CodeGenConfig no such field
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    from utils.models import tiny_tokenizer
+
+    tok = tiny_tokenizer("gpt")
+    config = CodeGenConfig(n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=64, n_ctx=64, vocab_size=len(tok))
+    assert not hasattr(config, "pad_token_id")
+    CodeGenForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, tok = load_foundation_model("codegen-350M", model_path=str(tmp_path))
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == tok.pad_token_id is not None

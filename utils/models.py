@@ -15,6 +15,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoToken
                           PreTrainedTokenizerFast)
 from tokenizers import Tokenizer, processors
 
+from utils.codegen2 import adopt_native_layout
 from utils.errors import UserError
 from utils.registry import EncoderSpec, FoundationModelSpec, get_encoder_spec, get_model_spec
 
@@ -155,7 +156,9 @@ def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32",
                                                          trust_remote_code=spec.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise _hub_error("model", spec.hf_id, "--model_path", exc) from exc
-    if model.config.pad_token_id is None:
+    if spec.fused_qkv_shards:
+        adopt_native_layout(model, spec.fused_qkv_shards, model_path or spec.hf_id)
+    if getattr(model.config, "pad_token_id", None) is None:  # CodeGen's config class has no such field in 5.x
         model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -25,6 +25,9 @@ class FoundationModelSpec:
     adds_bos: bool = False
     """Whether the tiny model's tokenizer prepends a BOS token (as Llama/DeepSeek/Phi-3 tokenizers do)."""
     trust_remote_code: bool = False
+    fused_qkv_shards: int | None = None
+    """CodeGen checkpoints whose fused ``qkv_proj`` rows are interleaved across another number of model-parallel
+    shards than transformers' CodeGen reads (4): that number (CodeGen2: 8); loading reorders them (utils/codegen2.py)."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,7 @@ FOUNDATION_MODELS: dict[str, FoundationModelSpec] = {
         FoundationModelSpec("phi-2", "microsoft/phi-2", ("q_proj", "k_proj", "v_proj"), 2560, PHI2_ARCH),
         FoundationModelSpec("phi-3", "microsoft/Phi-3-mini-4k-instruct", ("qkv_proj",), 3072),
         FoundationModelSpec("codegen-350M", "Salesforce/codegen-350M-mono", ("qkv_proj",), 1024),
-        FoundationModelSpec("codegen2-3_7B", "Salesforce/codegen2-3_7B", ("qkv_proj",), 4096,
-                            trust_remote_code=True),
+        FoundationModelSpec("codegen2-3_7B", "Salesforce/codegen2-3_7B", ("qkv_proj",), 4096, fused_qkv_shards=8),
         FoundationModelSpec("deepseek-coder-1.3b-base", "deepseek-ai/deepseek-coder-1.3b-base",
                             ("q_proj", "k_proj", "v_proj"), 2048, DEEPSEEK_1_3B_ARCH),
         FoundationModelSpec("deepseek-coder-7b-base", "deepseek-ai/deepseek-coder-7b-base-v1.5",
