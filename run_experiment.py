@@ -3,6 +3,7 @@ models, then results.md (the paper's table layout), results.png and loss_curves.
 
     python run_experiment.py --preset smoke                       # tiny models on the CPU, about a minute
     python run_experiment.py --preset paper-phi-2 --out runs/phi2  # the paper's phi-2 settings, on a GPU
+    python run_experiment.py --preset paper-phi-3 --out runs/phi3  # likewise for each model of the paper's table
     python run_experiment.py --preset smoke --set lopa.lp_rank=2   # redoes only the cells this changes
 
 A cell is skipped when it has a stored result for the same commands and data file content; the code version is

@@ -354,9 +354,9 @@ def test_results_md_keeps_the_cells_outside_the_selection(tmp_path, monkeypatch)
 
 
 def test_paper_preset_checkpoints_can_be_turned_off_per_method(tmp_path):
-    from utils.experiment import apply_overrides, check_commands, paper_phi2_preset, plan_cells
+    from utils.experiment import apply_overrides, check_commands, paper_preset, plan_cells
 
-    preset = apply_overrides(paper_phi2_preset(), ["fft.save_every=0"])
+    preset = apply_overrides(paper_preset("phi-2"), ["fft.save_every=0"])
     cells = plan_cells(preset, tmp_path)
     check_commands(cells)  # save_total_limit without checkpoints is accepted
     fft = _train_config(next(c for c in cells if c.method == "fft"))
@@ -401,3 +401,33 @@ def test_set_gen_encoder_flags_reach_only_the_methods_that_read_them(tmp_path):
         seen[cell.method] = (args.enc_model_path, args.lp_rank)
     assert seen == {"none": (None, None), "fft": (None, None), "lora": (None, None), "pt": (None, None),
                     "idpg": (encoder, None), "lopa": (encoder, 1)}
+
+
+def test_results_md_sets_the_papers_numbers_beside_ours(tmp_path, monkeypatch):
+    _fake_stages(monkeypatch)
+    run_experiment.main(["--preset", "paper-phi-2", "--out", str(tmp_path), "--tasks", "mbpp,cruxeval_input_prediction",
+                         "--methods", "pt,lopa"])
+    text = (tmp_path / "results.md").read_text()
+    assert "Against the paper (the README's table" in text
+    for name, method, paper in (("PT", "pt", (35.0, 49.69)), ("LOPA", "lopa", (43.0, 52.15))):
+        ours = [100 * _score(t, method) for t in ("cruxeval_input_prediction", "mbpp")]
+        row = f"| {name} | {paper[0]:.2f} / {ours[0] - paper[0]:+.2f} | {paper[1]:.2f} / {ours[1] - paper[1]:+.2f} |"
+        assert row in text.splitlines()
+    assert "| PT | 35.00 / -31.00 | 49.69 / -25.69 |" in text  # the same, written out once
+
+
+def test_every_model_of_the_papers_table_has_a_preset_with_its_settings():
+    from utils.experiment import PAPER_MODELS, PRESETS, plan_cells
+
+    for model in PAPER_MODELS:
+        preset = PRESETS[f"paper-{model}"]()
+        assert preset.models == [model] and preset.encoder == "codesage-small"
+        assert ("fft" in preset.methods) == (model == "phi-2")  # the paper has FFT numbers for phi-2 only
+        ranks = {}
+        for cell in plan_cells(preset, __import__("pathlib").Path("/nonexistent")):
+            if cell.method == "lopa":
+                argv = dict(cell.commands)["tune_foundation_model.py"]
+                ranks[cell.task] = argv[argv.index("--lp_rank") + 1]
+        big = model in ("deepseek-coder-7b-base", "Meta-Llama-3-8B")
+        assert ranks == {"cruxeval_input_prediction": "1", "cruxeval_output_prediction": "1",
+                         "mbpp": "4" if big else "1"}

@@ -73,23 +73,36 @@ def smoke_preset() -> Preset:
     )
 
 
-def paper_phi2_preset() -> Preset:
-    """The paper's settings for phi-2 (spec §10.5), for one GPU: effective batch 8 through gradient accumulation
-    (the paper ran 4 GPUs × 2); m = 10, r = 1, CodeSage-small, 10 epochs, lr 1e-3 (PT/IDPG/LOPA), 1e-4 (LoRA),
-    1e-5 (FFT; 4 epochs on CRUXEval); the paper's sampling at generation."""
+PAPER_MODELS = ("codegen-350M", "deepseek-coder-1.3b-base", "phi-2", "phi-3", "deepseek-coder-7b-base",
+                "Meta-Llama-3-8B")
+"""The foundation models of the paper's code-task table, in its column order; each has a ``paper-<model>`` preset."""
+LOPA_RANK_4_ON_MBPP = ("deepseek-coder-7b-base", "Meta-Llama-3-8B")
+"""The original's MBPP run script trains LOPA with r = 4 for these (DS-7B per a comment); r = 1 elsewhere (spec §10.5)."""
+
+
+def paper_preset(model: str) -> Preset:
+    """The paper's settings (spec §10.5) for one foundation model, for one GPU: effective batch 8 through gradient
+    accumulation (the paper ran 4 GPUs × 2); m = 10, CodeSage-small, 10 epochs, lr 1e-3 (PT/IDPG/LOPA), 1e-4
+    (LoRA), 1e-5 (FFT; 4 epochs on CRUXEval); LOPA r = 1, r = 4 on MBPP for DeepSeek-7B and Llama-3-8B; the
+    paper's sampling at generation. The paper has FFT numbers for phi-2 only, so the other presets leave FFT out
+    (``--methods ...,fft`` adds it; a 7B/8B model's full fine-tuning does not fit one GPU without DeepSpeed)."""
+    per_task = {"cruxeval_input_prediction": {"fft": {"num_epochs": 4}},
+                "cruxeval_output_prediction": {"fft": {"num_epochs": 4}}}
+    if model in LOPA_RANK_4_ON_MBPP:
+        per_task["mbpp"] = {"lopa": {"lp_rank": 4}}
     return Preset(
-        name="paper-phi-2", models=["phi-2"], methods=list(METHODS), tasks=list(TASKS), encoder="codesage-small",
+        name=f"paper-{model}", models=[model], tasks=list(TASKS), encoder="codesage-small",
+        methods=[m for m in METHODS if model == "phi-2" or m != "fft"],
         train={"num_virtual_tokens": 10, "lp_rank": 1, "num_epochs": 10, "per_gpu_train_batch_size": 2,
                "gradient_accumulation_steps": 4, "mixed_precision": "bf16",
                "save_every": 1, "save_total_limit": 1},  # an interrupted cell resumes from its last epoch
-        per_task={"cruxeval_input_prediction": {"fft": {"num_epochs": 4}},
-                  "cruxeval_output_prediction": {"fft": {"num_epochs": 4}}},
+        per_task=per_task,
         gen={"paper_decoding": True, "batch_size": 16},  # progress bar on: generation takes minutes
         eval={"k": "1", "no_progress": True},
     )
 
 
-PRESETS = {"smoke": smoke_preset, "paper-phi-2": paper_phi2_preset}
+PRESETS = {"smoke": smoke_preset, **{f"paper-{m}": functools.partial(paper_preset, m) for m in PAPER_MODELS}}
 
 
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:

@@ -5,6 +5,7 @@ import json
 import pathlib
 
 from utils.experiment import COLUMN_NAMES, ROW_NAMES, Cell
+from utils.paper_results import CONFIRMED, paper_pass_at_1
 
 
 def _fmt(value) -> str:
@@ -41,6 +42,7 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
             for method in methods:
                 r = results.get(f"{model}/mbpp/{method}", {})
                 lines.append(f"| {ROW_NAMES[method]} | {_fmt(r.get('pass@1'))} | {_fmt(r.get('mbpp_stage2_pass@1'))} |")
+        lines += _against_the_paper(model, tasks, methods, results)
         lines.append("")
     lines += ["## Provenance", ""]
     for cell in cells:
@@ -59,6 +61,26 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
     path = out_dir / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _against_the_paper(model: str, tasks: list[str], methods: list[str], results: dict[str, dict]) -> list[str]:
+    """The paper's pass@1 and ours minus it, for the rows the paper reports (none for tiny models)."""
+    rows = []
+    for method in methods:
+        paper = [paper_pass_at_1(model, t, method) for t in tasks]
+        if all(p is None for p in paper):
+            continue
+        ours = [results.get(f"{model}/{t}/{method}", {}).get("pass@1") for t in tasks]
+        rows.append(f"| {ROW_NAMES[method]} | " + " | ".join(
+            "—" if p is None else f"{p:.2f} / " + ("—" if o is None else f"{100 * o - p:+.2f}")
+            for p, o in zip(paper, ours)) + " |")
+    if not rows:
+        return []
+    source = ("the README's table" if model == "phi-2" else "the authors' numbers" +
+              ("" if model in CONFIRMED else ", in a column whose model is inferred from model size"))
+    return ["", f"Against the paper ({source}; utils/paper_results.py): paper pass@1 (%) / ours − paper", "",
+            "| Tuning method | " + " | ".join(COLUMN_NAMES[t] for t in tasks) + " |", "|---|" + "---:|" * len(tasks),
+            *rows]
 
 
 def plot_table(out_dir: pathlib.Path, cells: list[Cell], results: dict[str, dict]) -> pathlib.Path | None:

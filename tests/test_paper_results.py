@@ -1,0 +1,55 @@
+"""The paper's numbers in utils/paper_results.py are the ones the reference spec transcribes (§10.1, §10.2)."""
+import pathlib
+import re
+
+import pytest
+
+from utils.experiment import PAPER_MODELS
+from utils.paper_results import TASK_ORDER, has_paper_results, paper_pass_at_1
+
+SPEC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "original_repo_spec.md"
+METHOD_NAMES = {"None": "none", "FFT": "fft", "LoRA": "lora", "PT": "pt", "IDPG": "idpg", "LOPA": "lopa"}
+
+
+def _rows(section: str):
+    for line in section.splitlines():
+        cells = [c.strip().replace("*", "") for c in line.strip().strip("|").split("|")]
+        if len(cells) > 1 and re.fullmatch(r"[\d.]+", cells[1]):
+            yield cells
+
+
+@pytest.fixture(scope="module")
+def spec_text():
+    if not SPEC.is_file():
+        pytest.skip(f"{SPEC} not found (the reference spec sits in ../shared beside the repository)")
+    return SPEC.read_text()
+
+
+def test_phi2_numbers_are_the_readme_table(spec_text):
+    section = spec_text.split("### 10.1")[1].split("### 10.2")[0]
+    rows = list(_rows(section))
+    assert len(rows) == 6
+    for name, *values in rows:
+        assert [paper_pass_at_1("phi-2", t, METHOD_NAMES[name]) for t in TASK_ORDER] == [float(v) for v in values]
+
+
+def test_the_other_models_numbers_are_the_authors_table_in_its_column_order(spec_text):
+    section = spec_text.split("### 10.2")[1].split("GLUE (RoBERTa")[0]
+    task = None
+    seen = 0
+    for label, *values in _rows(section):
+        words = label.replace("\u2011", "-").split()
+        if len(words) == 2:  # the first row of a task's block names the task
+            task = {"CruxEval-I": TASK_ORDER[0], "CruxEval-O": TASK_ORDER[1], "MBPP": TASK_ORDER[2]}[words[0]]
+        method = METHOD_NAMES[words[-1]]
+        assert len(values) == len(PAPER_MODELS)
+        for model, value in zip(PAPER_MODELS, values):
+            assert paper_pass_at_1(model, task, method) == float(value), (model, task, method)
+            seen += 1
+    assert seen == 3 * 4 * 6
+
+
+def test_models_without_paper_numbers_have_none():
+    assert not has_paper_results("tiny-phi-2") and paper_pass_at_1("tiny-phi-2", "mbpp", "pt") is None
+    assert paper_pass_at_1("Meta-Llama-3-8B", "mbpp", "fft") is None  # no FFT row outside phi-2
+    assert all(has_paper_results(m) for m in PAPER_MODELS)
