@@ -23,7 +23,7 @@ from utils.registry import METHODS, TASKS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from utils.experiment import PRESETS
+    from utils.presets import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
@@ -54,7 +54,8 @@ def _subset(value: str | None, allowed, default: list[str], what: str) -> list[s
 @cli_entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from utils.experiment import PRESETS, apply_overrides, exclusive
+    from utils.experiment import exclusive
+    from utils.presets import PRESETS, apply_overrides
 
     preset = apply_overrides(PRESETS[args.preset](), args.set)
     full = {"methods": preset.methods, "tasks": preset.tasks, "models": preset.models}  # before --methods/...

@@ -219,7 +219,8 @@ def _train_config(cell):
 def test_paper_preset_trains_and_decodes_with_the_papers_settings(tmp_path):
     """spec §10.5: m=10, r=1, CodeSage-small, 10 epochs (FFT 4 on CRUXEval), effective batch 8, seed 9876, lr 1e-3
     (PT/IDPG/LOPA), 1e-4 (LoRA r=16 α=32 p=0.1), 1e-5 (FFT, wd 0.05, 10 % warmup), no warmup otherwise."""
-    from utils.experiment import PRESETS, plan_cells
+    from utils.experiment import plan_cells
+    from utils.presets import PRESETS
     from utils.generation import resolve_gen_config
     from utils.tasks import get_task
 
@@ -255,7 +256,8 @@ def test_paper_preset_trains_and_decodes_with_the_papers_settings(tmp_path):
 
 
 def test_set_enc_model_type_reaches_the_encoder_methods(tmp_path):
-    from utils.experiment import PRESETS, apply_overrides, plan_cells
+    from utils.experiment import plan_cells
+    from utils.presets import PRESETS, apply_overrides
 
     preset = apply_overrides(PRESETS["paper-phi-2"](), ["enc_model_type=codebert-base"])
     encoders = {c.method: _train_config(c).model.enc_model_type for c in plan_cells(preset, tmp_path)
@@ -354,7 +356,8 @@ def test_results_md_keeps_the_cells_outside_the_selection(tmp_path, monkeypatch)
 
 
 def test_paper_preset_checkpoints_can_be_turned_off_per_method(tmp_path):
-    from utils.experiment import apply_overrides, check_commands, paper_preset, plan_cells
+    from utils.experiment import check_commands, plan_cells
+    from utils.presets import apply_overrides, paper_preset
 
     preset = apply_overrides(paper_preset("phi-2"), ["fft.save_every=0"])
     cells = plan_cells(preset, tmp_path)
@@ -367,7 +370,8 @@ def test_paper_preset_checkpoints_can_be_turned_off_per_method(tmp_path):
 def test_set_false_turns_off_a_training_switch_that_defaults_on(tmp_path):
     """--set train.packing=false (or selective_logits / fused_adamw, also on by default) must reach the trainer:
     left out, the flag keeps its default True, and the cell's hash does not change either."""
-    from utils.experiment import PRESETS, apply_overrides, plan_cells
+    from utils.experiment import plan_cells
+    from utils.presets import PRESETS, apply_overrides
 
     def lopa(overrides):
         return next(c for c in plan_cells(apply_overrides(PRESETS["smoke"](), overrides), tmp_path)
@@ -386,7 +390,8 @@ def test_set_gen_encoder_flags_reach_only_the_methods_that_read_them(tmp_path):
     import pathlib
 
     import generate_preds
-    from utils.experiment import PRESETS, apply_overrides, plan_cells
+    from utils.experiment import plan_cells
+    from utils.presets import PRESETS, apply_overrides
 
     encoder = str(tmp_path / "encoder")
     preset = apply_overrides(PRESETS["smoke"](), [f"gen.enc_model_path={encoder}", "gen.lp_rank=1"])
@@ -417,7 +422,8 @@ def test_results_md_sets_the_papers_numbers_beside_ours(tmp_path, monkeypatch):
 
 
 def test_every_model_of_the_papers_table_has_a_preset_with_its_settings():
-    from utils.experiment import PAPER_MODELS, PRESETS, plan_cells
+    from utils.experiment import plan_cells
+    from utils.presets import PAPER_MODELS, PRESETS
 
     for model in PAPER_MODELS:
         preset = PRESETS[f"paper-{model}"]()

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from utils.experiment import PAPER_MODELS
+from utils.presets import PAPER_MODELS
 from utils.paper_results import TASK_ORDER, has_paper_results, paper_pass_at_1
 
 SPEC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "original_repo_spec.md"
