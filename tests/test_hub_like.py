@@ -1,0 +1,88 @@
+"""The load / encode / generate paths on local directories shaped like the real hub checkpoints (tests/hub_like.py):
+config keys the tiny registry models never have (no pad_token_id, torch_dtype bfloat16, linear RoPE scaling,
+sliding_window, auto_map), generation configs that sample, and tokenizers whose BOS comes from tokenizer.json."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+import tune_foundation_model
+from custom_peft import build_model
+from tests import hub_like
+from utils.batching import encode_example, encoder_ids
+from utils.generation import GenConfig, _eos_ids
+from utils.models import load_encoder_tokenizer, load_foundation_model
+from utils.tasks import get_task
+from utils.train_setup import reset_accelerate_state
+
+PROMPT = '\n\ndef add(a, b):\n    """\n    >>> add(1, 2)\n    3\n    """\n'
+RECORD = {"task_id": "MBPP/1", "prompt": PROMPT, "canonical_solution": "    return a + b", "entry_point": "add"}
+ADDS_BOS = {"phi-2": False, "phi-3": True, "deepseek-coder-1.3b-base": True, "deepseek-coder-7b-base": True,
+            "Meta-Llama-3-8B": True}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    dirs = {name: str(build(root / name)) for name, build in hub_like.FOUNDATION_BUILDERS.items()}
+    dirs["codebert-base"] = str(hub_like.codebert_base(root / "codebert-base"))
+    return dirs
+
+
+@pytest.mark.parametrize("model_type", list(hub_like.FOUNDATION_BUILDERS))
+def test_hub_like_checkpoint_loads_in_the_asked_dtype_and_encodes_as_its_tokenizer_json(hub, model_type, one_thread):
+    model, tok = load_foundation_model(model_type, model_path=hub[model_type], dtype="fp32")
+    assert model.dtype == torch.float32  # config.json says bfloat16/float16; --model_dtype wins
+    raw = Tokenizer.from_file(f"{hub[model_type]}/tokenizer.json").encode(PROMPT).ids
+    example = encode_example(get_task("mbpp"), RECORD, tok)
+    answer = tok("    return a + b", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert example["input_ids"] == raw + answer and example["labels"][-len(answer):] == answer
+    assert (example["input_ids"][0] == tok.bos_token_id) == ADDS_BOS[model_type]  # spec §4.1: the BOS-adders' one BOS
+    assert example["input_ids"].count(tok.bos_token_id) == 1  # never a second BOS (phi-2's one is its EOS)
+    assert tok.pad_token_id is not None and model.config.pad_token_id == tok.pad_token_id
+    if model_type == "deepseek-coder-1.3b-base":  # the hub's {"type": "linear", "factor": 4.0} survives the rename
+        assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == 4.0
+    if model_type == "phi-3":  # generation stops on every EOS the hub's generation config lists
+        assert len(_eos_ids(build_model("none", "phi-3", model_path=hub["phi-3"])[0], tok)) == 3
+
+
+def test_greedy_decoding_ignores_the_hub_generation_configs_sampling(hub, one_thread):
+    """Meta-Llama-3-8B's generation_config.json samples (T 0.6, top-p 0.9): our greedy default must not."""
+    model, tok = build_model("none", "Meta-Llama-3-8B", model_path=hub["Meta-Llama-3-8B"])
+    assert model.lm.generation_config.do_sample is True
+    batch = tok(["def f(x):\n    return", "import os\n"], return_tensors="pt", padding=True, padding_side="left")
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        runs.append(model.generate(batch["input_ids"], batch["attention_mask"], **GenConfig().hf_kwargs(),
+                                   max_new_tokens=8, pad_token_id=tok.pad_token_id))
+    ids, mask, argmax = batch["input_ids"], batch["attention_mask"], []
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+            argmax.append(logits[:, -1].argmax(-1, keepdim=True))
+            ids, mask = torch.cat([ids, argmax[-1]], 1), torch.cat([mask, torch.ones_like(argmax[-1])], 1)
+    assert runs[0].tolist() == runs[1].tolist() == torch.cat(argmax, 1).tolist()
+
+
+def test_lopa_trains_and_generates_on_hub_like_llama3_and_codebert(hub, tmp_path, data_paths, one_thread):
+    enc_tok = load_encoder_tokenizer("codebert-base", hub["codebert-base"])
+    ids = encoder_ids("def f(): pass", enc_tok)
+    assert ids[0] == enc_tok.cls_token_id and ids[-1] == enc_tok.sep_token_id and len(ids) > 2
+    import generate_preds
+
+    common = ["--task_name", "mbpp", "--model_type", "Meta-Llama-3-8B", "--model_path", hub["Meta-Llama-3-8B"],
+              "--data_path", data_paths["mbpp"], "--peft_method", "lopa", "--enc_model_type", "codebert-base",
+              "--enc_model_path", hub["codebert-base"]]
+    reset_accelerate_state()
+    try:
+        tune_foundation_model.main(common + ["--max_train_steps", "2", "--limit_train_examples", "4",
+                                             "--log_dir", str(tmp_path / "train")])
+        reset_accelerate_state()
+        assert generate_preds.main(common + ["--load_adapter_from", str(tmp_path / "train" / "final"), "--limit",
+                                             "2", "--max_new_tokens", "4", "--log_dir", str(tmp_path / "preds"),
+                                             "--no_progress"]) in (0, None)
+    finally:
+        reset_accelerate_state()
+    assert (tmp_path / "preds" / "mbxp_solutions.jsonl").read_text().count("\n") == 2
