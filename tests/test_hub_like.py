@@ -86,3 +86,38 @@ def test_lopa_trains_and_generates_on_hub_like_llama3_and_codebert(hub, tmp_path
     finally:
         reset_accelerate_state()
     assert (tmp_path / "preds" / "mbxp_solutions.jsonl").read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("model_type, bos", [("phi-3", "<s>"), ("phi-2", "<|endoftext|>")])
+def test_the_tokenizer_prepends_a_bos_exactly_when_the_original_runs_had_one(tmp_path, model_type, bos, caplog):
+    """transformers 5 takes BOS from tokenizer.json alone; hub files that disagree with the original's runs (spec
+    §4.1: Phi-3 prepends one, phi-2 not) are overridden, with a warning. Here each tokenizer.json says otherwise."""
+    import json
+    import logging
+
+    from utils.models import load_tokenizer
+    from utils.train_logging import LOGGER_NAME
+
+    path = hub_like.FOUNDATION_BUILDERS[model_type](tmp_path / model_type)
+    files = json.loads((path / "tokenizer.json").read_text())
+    bos_id = files["added_tokens"][[t["content"] for t in files["added_tokens"]].index(bos)]["id"]
+    files["post_processor"] = (None if model_type == "phi-3" else
+                               {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                                                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}})
+    (path / "tokenizer.json").write_text(json.dumps(files))
+    raw = Tokenizer.from_file(str(path / "tokenizer.json")).encode("x = 1").ids
+    assert (raw[0] == bos_id) != (model_type == "phi-3")  # the files disagree with the original runs
+    logger = logging.getLogger(LOGGER_NAME)  # training sets propagate=False on it: listen to it directly
+    logger.addHandler(caplog.handler)
+    try:
+        tok = load_tokenizer(model_type, str(path))
+        ids = tok("x = 1")["input_ids"]
+        assert ids == ([bos_id] + raw if model_type == "phi-3" else raw[1:])
+        assert f"{model_type}'s tokenizer {'prepended' if model_type == 'phi-3' else 'did not prepend'}" in caplog.text
+        tok.save_pretrained(tmp_path / "copy")  # an FFT final/ keeps the corrected tokenizer
+        caplog.clear()
+        assert load_tokenizer(model_type, str(tmp_path / "copy"))("x = 1")["input_ids"] == ids and not caplog.text
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -6,6 +6,7 @@ missing from the local cache fails at once with a message naming the model and t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 
@@ -17,6 +18,7 @@ from tokenizers import Tokenizer, processors
 
 from utils.codegen2 import adopt_native_layout
 from utils.errors import UserError
+from utils.train_logging import LOGGER_NAME
 from utils.registry import EncoderSpec, FoundationModelSpec, get_encoder_spec, get_model_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,10 +91,33 @@ def _has_tokenizer_files(path: str | os.PathLike) -> bool:
     return (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()
 
 
+def _bos_as_registered(tok: PreTrainedTokenizerBase, spec: FoundationModelSpec, source: str):
+    """Make ``tok`` prepend a BOS exactly when the registry says the original's runs had one (spec §4.1).
+
+    transformers 5 takes that from tokenizer.json's post-processor and ignores tokenizer_config.json's
+    ``add_bos_token``, from which transformers 4 rebuilt it; so the same hub files can give another answer here.
+    """
+    probe = tok("x")["input_ids"]
+    adds = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
+    if adds == spec.adds_bos:
+        return tok
+    if not isinstance(tok, PreTrainedTokenizerFast) or (spec.adds_bos and tok.bos_token is None):
+        raise UserError(f"{source}: this tokenizer {'does not prepend' if spec.adds_bos else 'prepends'} a BOS token, "
+                        f"unlike {spec.name}'s in the original runs, and cannot be changed here; pass the model's "
+                        f"own tokenizer files")
+    logging.getLogger(LOGGER_NAME).warning(
+        "%s: the tokenizer files %s a BOS token; %s's tokenizer %s one in the original runs, so this run does too",
+        source, "do not prepend" if spec.adds_bos else "prepend", spec.name,
+        "prepended" if spec.adds_bos else "did not prepend")
+    tok.add_bos_token = spec.adds_bos  # rebuilds the post-processor
+    return tok
+
+
 def load_tokenizer(model_type: str, model_path: str | None = None) -> PreTrainedTokenizerBase:
     spec = get_model_spec(model_type)
     if model_path is not None and _has_tokenizer_files(model_path):
-        return _finish_tokenizer(AutoTokenizer.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code))
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code)
+        return _finish_tokenizer(_bos_as_registered(tok, spec, model_path))
     if spec.tiny:
         return tiny_tokenizer("gpt", adds_bos=spec.adds_bos)
     try:
@@ -100,7 +125,7 @@ def load_tokenizer(model_type: str, model_path: str | None = None) -> PreTrained
                                             trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _hub_error("tokenizer of model", spec.hf_id, "--model_path", exc) from exc
-    return _finish_tokenizer(tok)
+    return _finish_tokenizer(_bos_as_registered(tok, spec, spec.hf_id))
 
 
 # ------------------------------------------------------------------------------------------ causal LMs

@@ -23,7 +23,8 @@ class FoundationModelSpec:
     """Config values (``model_type`` plus fields) to build the architecture with random weights."""
     tiny: bool = False
     adds_bos: bool = False
-    """Whether the tiny model's tokenizer prepends a BOS token (as Llama/DeepSeek/Phi-3 tokenizers do)."""
+    """Whether the tokenizer prepends a BOS token, as DeepSeek's, Llama-3's and Phi-3's did in the original's runs
+    (spec §4.1); loading makes it so (utils/models.py). Tiny models: whether their tokenizer mimics those."""
     trust_remote_code: bool = False
     fused_qkv_shards: int | None = None
     """CodeGen checkpoints whose fused ``qkv_proj`` rows are interleaved across another number of model-parallel
@@ -70,15 +71,15 @@ FOUNDATION_MODELS: dict[str, FoundationModelSpec] = {
     s.name: s
     for s in [
         FoundationModelSpec("phi-2", "microsoft/phi-2", ("q_proj", "k_proj", "v_proj"), 2560, PHI2_ARCH),
-        FoundationModelSpec("phi-3", "microsoft/Phi-3-mini-4k-instruct", ("qkv_proj",), 3072),
+        FoundationModelSpec("phi-3", "microsoft/Phi-3-mini-4k-instruct", ("qkv_proj",), 3072, adds_bos=True),
         FoundationModelSpec("codegen-350M", "Salesforce/codegen-350M-mono", ("qkv_proj",), 1024),
         FoundationModelSpec("codegen2-3_7B", "Salesforce/codegen2-3_7B", ("qkv_proj",), 4096, fused_qkv_shards=8),
         FoundationModelSpec("deepseek-coder-1.3b-base", "deepseek-ai/deepseek-coder-1.3b-base",
-                            ("q_proj", "k_proj", "v_proj"), 2048, DEEPSEEK_1_3B_ARCH),
+                            ("q_proj", "k_proj", "v_proj"), 2048, DEEPSEEK_1_3B_ARCH, adds_bos=True),
         FoundationModelSpec("deepseek-coder-7b-base", "deepseek-ai/deepseek-coder-7b-base-v1.5",
-                            ("q_proj", "k_proj", "v_proj"), 4096),
+                            ("q_proj", "k_proj", "v_proj"), 4096, adds_bos=True),
         FoundationModelSpec("Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B", ("q_proj", "k_proj", "v_proj"),
-                            4096, LLAMA3_8B_ARCH),
+                            4096, LLAMA3_8B_ARCH, adds_bos=True),
         # Random-init miniatures of the same families: 2-4 layers, small width, the project's own tokenizer.
         FoundationModelSpec("tiny-phi-2", None, ("q_proj", "k_proj", "v_proj"), 64, dict(
             model_type="phi", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
