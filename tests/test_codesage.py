@@ -7,15 +7,30 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from custom_peft import build_model
 from utils.codesage import CodeSageEncoder
 from utils.errors import UserError
-from utils.models import load_encoder, tiny_tokenizer
+from utils.batching import encoder_ids
+from utils.models import TINY_TOKENIZER_FILE, load_encoder, load_encoder_tokenizer
 
 CONFIG = {"model_type": "codesage", "vocab_size": 2048, "max_position_embeddings": 64, "hidden_size": 32,
           "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
           "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02}
+
+
+def _hub_tokenizer_files(directory) -> None:
+    """The tokenizer files as the hub's CodeSage has them: a GPT-2-style vocab.json + merges.txt and a
+    tokenizer_config.json naming the remote ``CodeSageTokenizer`` (its code file is absent here: nothing may run it)."""
+    model = json.loads(Tokenizer.from_file(str(TINY_TOKENIZER_FILE)).to_str())["model"]
+    (directory / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CodeSageTokenizer", "add_eos_token": True,
+        "auto_map": {"AutoTokenizer": ["tokenization_codesage.CodeSageTokenizer", None]},
+        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +48,7 @@ def checkpoint(tmp_path_factory):
     state["lm_head.weight"] = torch.randn(CONFIG["vocab_size"], CONFIG["hidden_size"], generator=generator)
     save_file(state, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(CONFIG))
-    tiny_tokenizer("roberta").save_pretrained(directory)
+    _hub_tokenizer_files(directory)
     return directory, {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
 
 
@@ -83,7 +98,7 @@ def test_lopa_builds_on_a_codesage_encoder_and_names_a_broken_checkpoint(checkpo
     assert model.meta["encoder_hidden_size"] == 32 and model.prompt.enc_dim == 32
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
         (broken / name).write_bytes((directory / name).read_bytes())
     from safetensors.torch import load_file
 
@@ -118,3 +133,15 @@ def test_codesage_dropout_acts_in_train_mode_only_where_the_authors_put_it(check
     backbone.eval()
     torch.testing.assert_close(backbone(input_ids=ids, attention_mask=mask).last_hidden_state, hidden, rtol=1e-4,
                                atol=1e-5)
+
+
+def test_codesage_tokenizer_loads_without_its_remote_code_as_a_gpt2_bpe(checkpoint):
+    """The hub names a remote CodeSageTokenizer (a transformers-4 GPT2Tokenizer); transformers' own GPT2Tokenizer
+    reads the same vocab.json + merges.txt. Encoder inputs are the plain BPE ids: no CLS/SEP, no EOS (spec §4.1)."""
+    directory, _ = checkpoint
+    text = 'def add(a, b):\n    """Return a + b, e.g. add(12, 30) == 42."""\n'
+    raw = Tokenizer.from_file(str(TINY_TOKENIZER_FILE)).encode(text).ids  # the same BPE, GPT-2 pre-tokenization
+    for tok in (load_encoder_tokenizer("codesage-small", str(directory)),
+                load_encoder("codesage-small", enc_model_path=str(directory))[1]):
+        assert encoder_ids(text, tok) == raw and encoder_ids(text, tok, max_tokens=5) == raw[-5:]
+        assert tok.pad_token == tok.eos_token == "<|endoftext|>"

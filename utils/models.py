@@ -12,8 +12,8 @@ import pathlib
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase,
-                          PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer,
+                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 from tokenizers import Tokenizer, processors
 
 from utils.codegen2 import adopt_native_layout
@@ -116,13 +116,12 @@ def _bos_as_registered(tok: PreTrainedTokenizerBase, spec: FoundationModelSpec, 
 def load_tokenizer(model_type: str, model_path: str | None = None) -> PreTrainedTokenizerBase:
     spec = get_model_spec(model_type)
     if model_path is not None and _has_tokenizer_files(model_path):
-        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(model_path)
         return _finish_tokenizer(_bos_as_registered(tok, spec, model_path))
     if spec.tiny:
         return tiny_tokenizer("gpt", adds_bos=spec.adds_bos)
     try:
-        tok = AutoTokenizer.from_pretrained(spec.hf_id, token=os.environ.get("HF_TOKEN"),
-                                            trust_remote_code=spec.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(spec.hf_id, token=os.environ.get("HF_TOKEN"))
     except (OSError, ValueError) as exc:
         raise _hub_error("tokenizer of model", spec.hf_id, "--model_path", exc) from exc
     return _finish_tokenizer(_bos_as_registered(tok, spec, spec.hf_id))
@@ -168,8 +167,7 @@ def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32",
         if not pathlib.Path(model_path).is_dir():
             raise UserError(f"--model_path {model_path}: not a directory")
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
-                                                         trust_remote_code=spec.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
             raise UserError(f"{model_path}: not a loadable Hugging Face model directory ({exc}); pass a directory "
                             f"written by save_pretrained") from exc
@@ -177,8 +175,7 @@ def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32",
         model = random_causal_lm(spec, dtype=torch_dtype, seed=seed, tokenizer=tokenizer)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec.hf_id, dtype=torch_dtype, token=os.environ.get("HF_TOKEN"),
-                                                         trust_remote_code=spec.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(spec.hf_id, dtype=torch_dtype, token=os.environ.get("HF_TOKEN"))
         except (OSError, ValueError) as exc:
             raise _hub_error("model", spec.hf_id, "--model_path", exc) from exc
     if spec.fused_qkv_shards:
@@ -270,6 +267,16 @@ def tiny_roberta(seed: int = 0, dtype=torch.float32):
     return model, tok
 
 
+def _encoder_tokenizer(spec: EncoderSpec, source: str, token: str | None) -> PreTrainedTokenizerBase:
+    """The encoder's tokenizer, without remote code. CodeSage's hub tokenizer is remote code (``CodeSageTokenizer``,
+    assumed from its class name and use to be transformers 4's GPT2Tokenizer plus an optional EOS, which the
+    encoder inputs never use); transformers' own GPT2Tokenizer reads its vocab.json and merges.txt with GPT-2's
+    byte-level pre-tokenization, as that class did."""
+    if spec.name.startswith("codesage"):
+        return GPT2Tokenizer.from_pretrained(source, token=token)
+    return AutoTokenizer.from_pretrained(source, token=token)
+
+
 def load_encoder(enc_model_type: str, *, dtype: str | torch.dtype = "fp32", enc_model_path: str | None = None,
                  seed: int = 0, random_weights: bool = False):
     """Return ``(PooledEncoder, tokenizer)`` for a registry encoder type (``random_weights``: see
@@ -288,14 +295,13 @@ def load_encoder(enc_model_type: str, *, dtype: str | torch.dtype = "fp32", enc_
     source = enc_model_path or (_minilm_path() if spec.name == "minilm" else spec.hf_id)
     token = os.environ.get("HF_TOKEN")
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code, token=token)
+        tok = _encoder_tokenizer(spec, source, token)
         if spec.name.startswith("codesage"):  # the hub's remote code predates transformers 5 (utils/codesage.py)
             from utils.codesage import load_codesage
 
             backbone = load_codesage(str(source), torch_dtype, token)
         else:
-            backbone = AutoModel.from_pretrained(source, dtype=torch_dtype, trust_remote_code=spec.trust_remote_code,
-                                                 token=token)
+            backbone = AutoModel.from_pretrained(source, dtype=torch_dtype, token=token)
     except (OSError, ValueError) as exc:
         raise _hub_error("encoder", str(source), "--enc_model_path", exc) from exc
     return PooledEncoder(backbone, spec.pooling), _finish_tokenizer(tok)
@@ -307,7 +313,6 @@ def load_encoder_tokenizer(enc_model_type: str, enc_model_path: str | None = Non
         return tiny_tokenizer("roberta")
     source = enc_model_path or (_minilm_path() if spec.name == "minilm" else spec.hf_id)
     try:
-        return _finish_tokenizer(AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code,
-                                                               token=os.environ.get("HF_TOKEN")))
+        return _finish_tokenizer(_encoder_tokenizer(spec, source, os.environ.get("HF_TOKEN")))
     except (OSError, ValueError) as exc:
         raise _hub_error("encoder tokenizer", str(source), "--enc_model_path", exc) from exc

