@@ -98,6 +98,11 @@ def plot_table(out_dir: pathlib.Path, cells: list[Cell], results: dict[str, dict
         for i, method in enumerate(methods):
             values = [100 * (results.get(f"{model}/{t}/{method}", {}).get("pass@1") or 0) for t in tasks]
             ax.bar([j + i * width for j in range(len(tasks))], values, width, label=ROW_NAMES[method])
+            paper = [(j + i * width, v) for j, t in enumerate(tasks)
+                     if (v := paper_pass_at_1(model, t, method)) is not None]
+            if paper:  # the paper's value as a black bar-wide tick over ours
+                ax.scatter(*zip(*paper), marker="_", s=(72 * width * 2) ** 2 / 4, color="black", zorder=3,
+                           label="paper" if not any(h.get_label() == "paper" for h in ax.collections) else None)
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(tasks))])
         ax.set_xticklabels([COLUMN_NAMES[t] for t in tasks])
         ax.set_ylabel("pass@1 (%)")
