@@ -4,6 +4,7 @@ models, then results.md (the paper's table layout), results.png and loss_curves.
     python run_experiment.py --preset smoke                       # tiny models on the CPU, about a minute
     python run_experiment.py --preset paper-phi-2 --out runs/phi2  # the paper's phi-2 settings, on a GPU
     python run_experiment.py --preset paper-phi-3 --out runs/phi3  # likewise for each model of the paper's table
+    python run_experiment.py --preset paper --out runs/paper       # all six: the paper's whole table, one results.md
     python run_experiment.py --preset smoke --set lopa.lp_rank=2   # redoes only the cells this changes
 
 A cell is skipped when it has a stored result for the same commands and data file content; the code version is
@@ -23,10 +24,11 @@ from utils.registry import METHODS, TASKS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from utils.presets import PRESETS
+    from utils.presets import PRESET_GROUPS, PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS) + sorted(PRESET_GROUPS),
+                   help="a preset, or a group of them (paper: every paper-<model>, one results.md)")
     p.add_argument("--out", default=None, help="experiment directory (default: runs/<preset>)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)}")
@@ -55,50 +57,71 @@ def _subset(value: str | None, allowed, default: list[str], what: str) -> list[s
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from utils.experiment import exclusive
-    from utils.presets import PRESETS, apply_overrides
+    from utils.presets import PRESET_GROUPS, PRESETS, apply_overrides
 
-    preset = apply_overrides(PRESETS[args.preset](), args.set)
-    full = {"methods": preset.methods, "tasks": preset.tasks, "models": preset.models}  # before --methods/...
+    presets = [apply_overrides(PRESETS[name](), args.set) for name in PRESET_GROUPS.get(args.preset, [args.preset])]
+    if len(presets) > 1:  # a group's --models names its members' models
+        members = [m for p in presets for m in p.models]
+        _subset(args.models, members, members, "models")
+    grids = [_select(args, preset, group=len(presets) > 1) for preset in presets]
+    presets, grids = [p for p in presets if p.models], [g for p, g in zip(presets, grids) if p.models]
+    out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _run(args, presets, grids, out)
+
+
+def _select(args, preset, group: bool) -> dict:
+    """Apply --methods/--tasks/--models to ``preset``; return its grid before them. A single preset may be told to
+    run what it does not list (a tiny stand-in model, FFT where the paper has none); a group's members are only
+    narrowed, and a member left without models drops out."""
+    full = {"methods": preset.methods, "tasks": preset.tasks, "models": preset.models}
+    if group:
+        everything = {"methods": METHODS, "tasks": TASKS, "models": None}
+        for what, allowed in everything.items():
+            chosen = _subset(getattr(args, what), allowed, full[what], what)
+            setattr(preset, what, [v for v in full[what] if v in chosen])
+        return full
     preset.methods = _subset(args.methods, METHODS, preset.methods, "methods")
     preset.tasks = _subset(args.tasks, TASKS, preset.tasks, "tasks")
     preset.models = _subset(args.models, None, preset.models, "models")
     # the report shows the preset's grid and whatever was selected outside it (say --models tiny-phi-2)
-    grid = {k: list(dict.fromkeys(v + getattr(preset, k))) for k, v in full.items()}
-    out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out):
-        return _run(args, preset, grid, out)
+    return {k: list(dict.fromkeys(v + getattr(preset, k))) for k, v in full.items()}
 
 
-def _run(args, preset, grid: dict, out: pathlib.Path) -> dict:
+def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
     import dataclasses
 
     from utils import fixtures
     from utils.experiment import check_commands, plan_cells, stored_result
     from utils.experiment_report import plot_loss_curves, plot_table, write_results_md
 
-    for family, path in (("mbpp", args.mbpp_data), ("cruxeval", args.cruxeval_data)):
-        if path:
-            preset.data[family] = str(pathlib.Path(path).resolve())
-    if args.preset == "smoke":  # without ../shared/data the smoke run uses the project's own fixture files
-        from utils.data import default_data_path
+    if len({p.seed for p in presets}) > 1:
+        raise UserError(f"preset group {args.preset!r} mixes seeds; run its presets one by one")
+    for preset in presets:
+        for family, path in (("mbpp", args.mbpp_data), ("cruxeval", args.cruxeval_data)):
+            if path:
+                preset.data[family] = str(pathlib.Path(path).resolve())
+        if preset.name == "smoke":  # without ../shared/data the smoke run uses the project's own fixture files
+            from utils.data import default_data_path
 
-        if not (preset.data.get("mbpp") or default_data_path("mbpp")):
-            preset.data.update(fixtures.write_fixture_data(out / "fixture_data"))
-    cells = plan_cells(preset, out)
+            if not (preset.data.get("mbpp") or default_data_path("mbpp")):
+                preset.data.update(fixtures.write_fixture_data(out / "fixture_data"))
+    cells = [cell for preset in presets for cell in plan_cells(preset, out)]
     check_commands(cells)
-    results, ran, failed = _run_cells(cells, preset.seed, args.force)
-    # The report covers the preset's whole grid: cells outside --methods/--tasks/--models that an earlier run
+    results, ran, failed = _run_cells(cells, presets[0].seed, args.force)
+    # The report covers the presets' whole grids: cells outside --methods/--tasks/--models that an earlier run
     # stored with the same configuration are shown too.
     selected = {c.key for c in cells}
     shown = []
-    for cell in plan_cells(dataclasses.replace(preset, **grid), out):
-        stored = None if cell.key in selected else stored_result(cell)
-        if stored is not None:
-            results[cell.key] = stored
-        if cell.key in selected or stored is not None:
-            shown.append(cell)
-    table = write_results_md(out, preset.name, shown, results, failed)
+    for preset, grid in zip(presets, grids):
+        for cell in plan_cells(dataclasses.replace(preset, **grid), out):
+            stored = None if cell.key in selected else stored_result(cell)
+            if stored is not None:
+                results[cell.key] = stored
+            if cell.key in selected or stored is not None:
+                shown.append(cell)
+    table = write_results_md(out, args.preset, shown, results, failed)
     plot_table(out, shown, results)
     plot_loss_curves(out, shown)
     print(f"{len(ran)} cells run, {len(cells) - len(ran) - len(failed)} kept, {len(failed)} failed -> {table}")

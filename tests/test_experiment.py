@@ -437,3 +437,26 @@ def test_every_model_of_the_papers_table_has_a_preset_with_its_settings():
         big = model in ("deepseek-coder-7b-base", "Meta-Llama-3-8B")
         assert ranks == {"cruxeval_input_prediction": "1", "cruxeval_output_prediction": "1",
                          "mbpp": "4" if big else "1"}
+
+
+def test_the_paper_group_runs_every_models_preset_into_one_table(tmp_path, monkeypatch, capsys):
+    _fake_stages(monkeypatch)
+    from utils.presets import PAPER_MODELS
+
+    result = run_experiment.main(["--preset", "paper", "--out", str(tmp_path), "--tasks", "mbpp",
+                                  "--methods", "pt,fft"])
+    assert sorted(result["ran"]) == sorted([f"{m}/mbpp/pt" for m in PAPER_MODELS] + ["phi-2/mbpp/fft"])
+    text = (tmp_path / "results.md").read_text()
+    sections = text.split("## Provenance")[0].split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == list(PAPER_MODELS)
+    for section in sections:  # a model's rows are its own methods: FFT only where the preset has it
+        rows = re.findall(r"^\| (FFT|PT) \| ([\d.]+) \|$", section, re.M)
+        assert rows == ([("FFT", "22.00")] if section.startswith("phi-2\n") else []) + [("PT", "24.00")]
+        assert "Against the paper" in section
+    # the group's cells are its members' own: the single-model preset finds them stored
+    again = run_experiment.main(["--preset", "paper-phi-3", "--out", str(tmp_path), "--tasks", "mbpp",
+                                 "--methods", "pt"])
+    assert again["ran"] == [] and again["results"]["phi-3/mbpp/pt"]["pass@1"] == _score("mbpp", "pt")
+    with pytest.raises(SystemExit) as exc:
+        run_experiment.main(["--preset", "paper", "--out", str(tmp_path), "--models", "phi-3,tiny-phi-2"])
+    assert exc.value.code == 2 and "--models 'phi-3,tiny-phi-2': choose from codegen-350M" in capsys.readouterr().err

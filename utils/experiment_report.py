@@ -29,8 +29,8 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
         lines += [f"**{len(failed)} cell(s) failed** (`failed` below; see Provenance for the command and log).", ""]
     models = list(dict.fromkeys(c.model for c in cells))
     tasks = [t for t in COLUMN_NAMES if any(c.task == t for c in cells)]
-    methods = [m for m in ROW_NAMES if any(c.method == m for c in cells)]
     for model in models:
+        methods = _methods(cells, model)
         lines += [f"## {model}", "", "| Tuning method | " + " | ".join(COLUMN_NAMES[t] for t in tasks) + " |",
                   "|---|" + "---:|" * len(tasks)]
         for method in methods:
@@ -63,6 +63,11 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
     return path
 
 
+def _methods(cells: list[Cell], model: str) -> list[str]:
+    """The table's rows for ``model``: the methods it has cells for, in the paper's order."""
+    return [m for m in ROW_NAMES if any(c.model == model and c.method == m for c in cells)]
+
+
 def _against_the_paper(model: str, tasks: list[str], methods: list[str], results: dict[str, dict]) -> list[str]:
     """The paper's pass@1 and ours minus it, for the rows the paper reports (none for tiny models)."""
     rows = []
@@ -91,13 +96,19 @@ def plot_table(out_dir: pathlib.Path, cells: list[Cell], results: dict[str, dict
 
     models = list(dict.fromkeys(c.model for c in cells))
     tasks = [t for t in COLUMN_NAMES if any(c.task == t for c in cells)]
-    methods = [m for m in ROW_NAMES if any(c.method == m for c in cells)]
-    fig, axes = plt.subplots(1, len(models), figsize=(2 + 2.2 * len(tasks) * len(models), 4), squeeze=False)
-    width = 0.8 / len(methods)
-    for ax, model in zip(axes[0], models):
+    cols = min(3, len(models))  # the paper's six models: two rows of three
+    rows = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2 + 2.2 * len(tasks) * cols, 4 * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[len(models):]:
+        ax.set_visible(False)
+    for ax, model in zip(axes, models):
+        methods = _methods(cells, model)
+        width = 0.8 / len(methods)
         for i, method in enumerate(methods):
             values = [100 * (results.get(f"{model}/{t}/{method}", {}).get("pass@1") or 0) for t in tasks]
-            ax.bar([j + i * width for j in range(len(tasks))], values, width, label=ROW_NAMES[method])
+            ax.bar([j + i * width for j in range(len(tasks))], values, width, label=ROW_NAMES[method],
+                   color=f"C{list(ROW_NAMES).index(method)}")  # one colour per method in every panel
             paper = [(j + i * width, v) for j, t in enumerate(tasks)
                      if (v := paper_pass_at_1(model, t, method)) is not None]
             if paper:  # the paper's value as a black bar-wide tick over ours
@@ -107,7 +118,7 @@ def plot_table(out_dir: pathlib.Path, cells: list[Cell], results: dict[str, dict
         ax.set_xticklabels([COLUMN_NAMES[t] for t in tasks])
         ax.set_ylabel("pass@1 (%)")
         ax.set_title(model)
-    axes[0][-1].legend(fontsize="small")
+    max(axes[:len(models)], key=lambda ax: len(ax.get_legend_handles_labels()[1])).legend(fontsize="small")
     fig.tight_layout()
     path = out_dir / "results.png"
     fig.savefig(path, dpi=120)

@@ -97,3 +97,7 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
             raise UserError(f"--set {item!r}: unknown section {section!r}; use train, gen, eval or a method "
                             f"({', '.join(METHODS)})")
     return preset
+PRESET_GROUPS = {"paper": [f"paper-{m}" for m in PAPER_MODELS]}
+"""Names that run several presets into one experiment directory and one results.md: ``paper`` is the paper's
+whole code-task table. Their cells are the member presets' own, so a group and its members share stored results."""
+
