@@ -69,7 +69,7 @@ def test_make_adamw_matches_torch_adamw():
 
 
 @pytest.mark.parametrize("method", ["none", "pt", "lopa"])
-@pytest.mark.parametrize("model_type", ["tiny-phi-2", "tiny-llama"])
+@pytest.mark.parametrize("model_type", ["tiny-phi-2", "tiny-llama", "tiny-phi-3", "tiny-codegen"])
 def test_static_cache_and_bucketed_padding_generate_the_same_tokens(method, model_type):
     model, tok = build_model(method, model_type, enc_model_type="tiny-roberta", num_virtual_tokens=4, seed=5)
     plain = model.generate(**_batch(tok, "left"), max_new_tokens=8, do_sample=False)
