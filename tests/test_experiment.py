@@ -460,3 +460,23 @@ def test_the_paper_group_runs_every_models_preset_into_one_table(tmp_path, monke
     with pytest.raises(SystemExit) as exc:
         run_experiment.main(["--preset", "paper", "--out", str(tmp_path), "--models", "phi-3,tiny-phi-2"])
     assert exc.value.code == 2 and "--models 'phi-3,tiny-phi-2': choose from codegen-350M" in capsys.readouterr().err
+
+
+def test_set_wins_over_the_presets_per_task_values(tmp_path):
+    """--set has no per-task section: the README's dry run (--set fft.num_epochs=1) must reach CRUXEval's FFT cells,
+    and lopa.lp_rank the r = 4 MBPP cell of Llama-3, as lp_rank alone does every LOPA cell."""
+    from utils.experiment import plan_cells
+    from utils.presets import PRESETS, apply_overrides
+
+    def values(name, overrides, method, flag):
+        cells = plan_cells(apply_overrides(PRESETS[name](), overrides), tmp_path)
+        argvs = {c.task: c.commands[0][1] for c in cells if c.method == method}
+        return {task: argv[argv.index(flag) + 1] for task, argv in argvs.items()}
+
+    crux = ("cruxeval_input_prediction", "cruxeval_output_prediction")
+    assert values("paper-phi-2", [], "fft", "--num_epochs") == {"mbpp": "10", **dict.fromkeys(crux, "4")}
+    for overrides in (["fft.num_epochs=1"], ["num_epochs=1"]):
+        assert set(values("paper-phi-2", overrides, "fft", "--num_epochs").values()) == {"1"}
+    for overrides in (["lopa.lp_rank=2"], ["lp_rank=2"]):
+        assert set(values("paper-Meta-Llama-3-8B", overrides, "lopa", "--lp_rank").values()) == {"2"}
+    assert values("paper-Meta-Llama-3-8B", ["pt.lp_rank=2"], "lopa", "--lp_rank")["mbpp"] == "4"
