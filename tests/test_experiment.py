@@ -480,3 +480,18 @@ def test_set_wins_over_the_presets_per_task_values(tmp_path):
     for overrides in (["lopa.lp_rank=2"], ["lp_rank=2"]):
         assert set(values("paper-Meta-Llama-3-8B", overrides, "lopa", "--lp_rank").values()) == {"2"}
     assert values("paper-Meta-Llama-3-8B", ["pt.lp_rank=2"], "lopa", "--lp_rank")["mbpp"] == "4"
+
+
+def test_the_paper_group_narrowed_to_one_model_still_shows_the_others_stored_cells(tmp_path, monkeypatch):
+    """--models selects what runs, not what is shown (README): a group narrowed to phi-3 keeps the other models."""
+    _fake_stages(monkeypatch)
+    from utils.presets import PAPER_MODELS
+
+    common = ["--preset", "paper", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "pt"]
+    run_experiment.main(common)
+    result = run_experiment.main([*common, "--models", "phi-3", "--force"])
+    assert result["ran"] == ["phi-3/mbpp/pt"] and len(result["results"]) == len(PAPER_MODELS)
+    text = (tmp_path / "results.md").read_text()
+    sections = text.split("## Provenance")[0].split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == list(PAPER_MODELS)
+    assert all(re.search(r"^\| PT \| 24\.00 \|$", s, re.M) for s in sections)
