@@ -64,6 +64,9 @@ def main(argv=None) -> dict:
         members = [m for p in presets for m in p.models]
         _subset(args.models, members, members, "models")
     grids = [_select(args, preset, group=len(presets) > 1) for preset in presets]
+    if not any(p.models and p.methods and p.tasks for p in presets):  # only a group's narrowing can empty it
+        raise UserError(f"--preset {args.preset}: no member preset has the selected models, methods and tasks "
+                        f"together; a single preset runs what it does not list (--preset paper-phi-3 --methods fft)")
     out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out):

@@ -495,3 +495,11 @@ def test_the_paper_group_narrowed_to_one_model_still_shows_the_others_stored_cel
     sections = text.split("## Provenance")[0].split("\n## ")[1:]
     assert [s.splitlines()[0] for s in sections] == list(PAPER_MODELS)
     assert all(re.search(r"^\| PT \| 24\.00 \|$", s, re.M) for s in sections)
+
+
+def test_a_group_selection_that_matches_no_cell_is_refused(tmp_path, monkeypatch, capsys):
+    _fake_stages(monkeypatch)
+    with pytest.raises(SystemExit) as exc:  # the paper has FFT for phi-2 only, so paper-phi-3 does not list it
+        run_experiment.main(["--preset", "paper", "--out", str(tmp_path), "--methods", "fft", "--models", "phi-3"])
+    assert exc.value.code == 2 and "no member preset has the selected" in capsys.readouterr().err
+    assert not (tmp_path / "results.md").exists()
