@@ -64,7 +64,9 @@ def main(argv=None) -> dict:
         members = [m for p in presets for m in p.models]
         _subset(args.models, members, members, "models")
     grids = [_select(args, preset, group=len(presets) > 1) for preset in presets]
-    presets, grids = [p for p in presets if p.models], [g for p, g in zip(presets, grids) if p.models]
+    if not any(p.models and p.methods and p.tasks for p in presets):  # only a group's narrowing can empty it
+        raise UserError(f"--preset {args.preset}: no member preset has the selected models, methods and tasks "
+                        f"together; a single preset runs what it does not list (--preset paper-phi-3 --methods fft)")
     out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
@@ -74,7 +76,7 @@ def main(argv=None) -> dict:
 def _select(args, preset, group: bool) -> dict:
     """Apply --methods/--tasks/--models to ``preset``; return its grid before them. A single preset may be told to
     run what it does not list (a tiny stand-in model, FFT where the paper has none); a group's members are only
-    narrowed, and a member left without models drops out."""
+    narrowed (one left without models runs nothing; its stored cells are still shown)."""
     full = {"methods": preset.methods, "tasks": preset.tasks, "models": preset.models}
     if group:
         everything = {"methods": METHODS, "tasks": TASKS, "models": None}

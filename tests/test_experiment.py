@@ -460,3 +460,46 @@ def test_the_paper_group_runs_every_models_preset_into_one_table(tmp_path, monke
     with pytest.raises(SystemExit) as exc:
         run_experiment.main(["--preset", "paper", "--out", str(tmp_path), "--models", "phi-3,tiny-phi-2"])
     assert exc.value.code == 2 and "--models 'phi-3,tiny-phi-2': choose from codegen-350M" in capsys.readouterr().err
+
+
+def test_set_wins_over_the_presets_per_task_values(tmp_path):
+    """--set has no per-task section: the README's dry run (--set fft.num_epochs=1) must reach CRUXEval's FFT cells,
+    and lopa.lp_rank the r = 4 MBPP cell of Llama-3, as lp_rank alone does every LOPA cell."""
+    from utils.experiment import plan_cells
+    from utils.presets import PRESETS, apply_overrides
+
+    def values(name, overrides, method, flag):
+        cells = plan_cells(apply_overrides(PRESETS[name](), overrides), tmp_path)
+        argvs = {c.task: c.commands[0][1] for c in cells if c.method == method}
+        return {task: argv[argv.index(flag) + 1] for task, argv in argvs.items()}
+
+    crux = ("cruxeval_input_prediction", "cruxeval_output_prediction")
+    assert values("paper-phi-2", [], "fft", "--num_epochs") == {"mbpp": "10", **dict.fromkeys(crux, "4")}
+    for overrides in (["fft.num_epochs=1"], ["num_epochs=1"]):
+        assert set(values("paper-phi-2", overrides, "fft", "--num_epochs").values()) == {"1"}
+    for overrides in (["lopa.lp_rank=2"], ["lp_rank=2"]):
+        assert set(values("paper-Meta-Llama-3-8B", overrides, "lopa", "--lp_rank").values()) == {"2"}
+    assert values("paper-Meta-Llama-3-8B", ["pt.lp_rank=2"], "lopa", "--lp_rank")["mbpp"] == "4"
+
+
+def test_the_paper_group_narrowed_to_one_model_still_shows_the_others_stored_cells(tmp_path, monkeypatch):
+    """--models selects what runs, not what is shown (README): a group narrowed to phi-3 keeps the other models."""
+    _fake_stages(monkeypatch)
+    from utils.presets import PAPER_MODELS
+
+    common = ["--preset", "paper", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "pt"]
+    run_experiment.main(common)
+    result = run_experiment.main([*common, "--models", "phi-3", "--force"])
+    assert result["ran"] == ["phi-3/mbpp/pt"] and len(result["results"]) == len(PAPER_MODELS)
+    text = (tmp_path / "results.md").read_text()
+    sections = text.split("## Provenance")[0].split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == list(PAPER_MODELS)
+    assert all(re.search(r"^\| PT \| 24\.00 \|$", s, re.M) for s in sections)
+
+
+def test_a_group_selection_that_matches_no_cell_is_refused(tmp_path, monkeypatch, capsys):
+    _fake_stages(monkeypatch)
+    with pytest.raises(SystemExit) as exc:  # the paper has FFT for phi-2 only, so paper-phi-3 does not list it
+        run_experiment.main(["--preset", "paper", "--out", str(tmp_path), "--methods", "fft", "--models", "phi-3"])
+    assert exc.value.code == 2 and "no member preset has the selected" in capsys.readouterr().err
+    assert not (tmp_path / "results.md").exists()

@@ -14,6 +14,8 @@ model's dtype; transformers' CodeGen computes them in the model's dtype (bf16 di
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from utils.errors import UserError
@@ -56,8 +58,19 @@ def adopt_native_layout(model, checkpoint_shards: int, source: str) -> None:
     if shards != NATIVE_SHARDS:
         order = qkv_row_order(config.n_embd, shards)
         projections = [m.qkv_proj for m in model.modules() if hasattr(m, "qkv_proj")]
-        for proj in projections:
-            proj.weight.copy_(proj.weight[order.to(proj.weight.device)])
+        with _gathered([proj.weight for proj in projections]):
+            for proj in projections:
+                proj.weight.copy_(proj.weight[order.to(proj.weight.device)])
     setattr(config, LAYOUT_KEY, NATIVE_SHARDS)
     if "auto_map" in vars(config):  # the hub's remote code reads the old layout: never route a copy to it
         del config.auto_map
+
+
+def _gathered(params):
+    """ZeRO-3 leaves each process an empty shard of every parameter: gather them whole to edit (rank 0's edit is
+    kept; every rank makes the same one), a no-op otherwise."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

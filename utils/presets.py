@@ -79,7 +79,7 @@ PRESETS = {"smoke": smoke_preset, **{f"paper-{m}": functools.partial(paper_prese
 
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
     """``section.flag=value`` (section: train, gen, eval, or a method name for its training) or ``flag=value``
-    (training, every method)."""
+    (training, every method). A training override also replaces the preset's per-task values of that flag."""
     preset = copy.deepcopy(preset)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -89,14 +89,24 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         parsed: object = {"true": True, "false": False}.get(value.lower(), value)
         if section in ("", "train"):
             preset.train[flag] = parsed
+            _drop_per_task(preset, flag, METHODS)
         elif section in ("gen", "eval"):
             getattr(preset, section)[flag] = parsed
         elif section in METHODS:
             preset.per_method.setdefault(section, {})[flag] = parsed
+            _drop_per_task(preset, flag, (section,))
         else:
             raise UserError(f"--set {item!r}: unknown section {section!r}; use train, gen, eval or a method "
                             f"({', '.join(METHODS)})")
     return preset
+
+
+def _drop_per_task(preset: Preset, flag: str, methods) -> None:
+    """--set has no per-task section, so it must win over the preset's per-task values (else CRUXEval's FFT epochs
+    and LOPA's MBPP rank could not be changed at all)."""
+    for by_method in preset.per_task.values():
+        for method in methods:
+            by_method.get(method, {}).pop(flag, None)
 PRESET_GROUPS = {"paper": [f"paper-{m}" for m in PAPER_MODELS]}
 """Names that run several presets into one experiment directory and one results.md: ``paper`` is the paper's
 whole code-task table. Their cells are the member presets' own, so a group and its members share stored results."""
