@@ -121,3 +121,24 @@ def test_the_tokenizer_prepends_a_bos_exactly_when_the_original_runs_had_one(tmp
         assert load_tokenizer(model_type, str(tmp_path / "copy"))("x = 1")["input_ids"] == ids and not caplog.text
     finally:
         logger.removeHandler(caplog.handler)
+
+
+def test_an_eos_the_tokenizer_files_append_survives_the_bos_correction(tmp_path):
+    """Rebuilding the post-processor for the BOS must not drop an EOS that tokenizer.json appends."""
+    import json
+
+    from utils.models import load_tokenizer
+
+    path = hub_like.phi3(tmp_path / "phi-3")
+    files = json.loads((path / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in files["added_tokens"]}
+    files["post_processor"] = {"type": "TemplateProcessing",
+                               "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                          {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}],
+                               "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                               "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [ids["<|endoftext|>"]],
+                                                                    "tokens": ["<|endoftext|>"]}}}
+    (path / "tokenizer.json").write_text(json.dumps(files))
+    raw = Tokenizer.from_file(str(path / "tokenizer.json")).encode("x = 1").ids
+    assert raw[-1] == ids["<|endoftext|>"] and raw[0] != ids["<s>"]
+    assert load_tokenizer("phi-3", str(path))("x = 1")["input_ids"] == [ids["<s>"]] + raw

@@ -99,6 +99,7 @@ def _bos_as_registered(tok: PreTrainedTokenizerBase, spec: FoundationModelSpec, 
     """
     probe = tok("x")["input_ids"]
     adds = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
+    appends_eos = tok.eos_token_id is not None and len(probe) > 1 and probe[-1] == tok.eos_token_id
     if adds == spec.adds_bos:
         return tok
     if not isinstance(tok, PreTrainedTokenizerFast) or (spec.adds_bos and tok.bos_token is None):
@@ -109,6 +110,7 @@ def _bos_as_registered(tok: PreTrainedTokenizerBase, spec: FoundationModelSpec, 
         "%s: the tokenizer files %s a BOS token; %s's tokenizer %s one in the original runs, so this run does too",
         source, "do not prepend" if spec.adds_bos else "prepend", spec.name,
         "prepended" if spec.adds_bos else "did not prepend")
+    tok.add_eos_token = appends_eos  # the rebuilt post-processor keeps an EOS that the files append
     tok.add_bos_token = spec.adds_bos  # rebuilds the post-processor
     return tok
 
