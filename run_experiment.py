@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cruxeval_data", default=None, help="CRUXEval JSONL (default: as --mbpp_data)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a stage argument: train.lr=1e-3, lopa.lp_rank=2, gen.batch_size=8, eval.timeout=5")
+    p.add_argument("--plan", action="store_true",
+                   help="list the selected cells (stored, or to run) and their commands after checking every stage's "
+                        "arguments; run nothing, write nothing")
     p.add_argument("--force", action="store_true",
                    help="redo the selected cells even if they have a result (needed after a code change: the "
                         "cache compares commands and data, not code)")
@@ -68,6 +71,8 @@ def main(argv=None) -> dict:
         raise UserError(f"--preset {args.preset}: no member preset has the selected models, methods and tasks "
                         f"together; a single preset runs what it does not list (--preset paper-phi-3 --methods fft)")
     out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
+    if args.plan:
+        return _run(args, presets, grids, out)
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
         return _run(args, presets, grids, out)
@@ -111,6 +116,8 @@ def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
                 preset.data.update(fixtures.write_fixture_data(out / "fixture_data"))
     cells = [cell for preset in presets for cell in plan_cells(preset, out)]
     check_commands(cells)
+    if args.plan:
+        return _print_plan(cells, args.force)
     results, ran, failed = _run_cells(cells, presets[0].seed, args.force)
     # The report covers the presets' whole grids: cells outside --methods/--tasks/--models that an earlier run
     # stored with the same configuration are shown too.
@@ -130,6 +137,19 @@ def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
     for key, failure in failed.items():
         print(f"  FAILED {key}: {failure['reason']} (log: {failure['log']})")
     return {"ran": ran, "failed": failed, "results": results, "results_md": str(table)}
+
+
+def _print_plan(cells, force: bool) -> dict:
+    from utils.experiment import stored_result
+
+    stored = [] if force else [c.key for c in cells if stored_result(c) is not None]
+    for i, cell in enumerate(cells, 1):
+        print(f"[{i}/{len(cells)}] {cell.key}: {'stored, kept' if cell.key in stored else 'to run'}")
+        for script, argv in cell.commands:
+            print(f"    python {script} {' '.join(argv)}")
+    trainings = sum(c.commands[0][0] != "generate_preds.py" for c in cells if c.key not in stored)
+    print(f"{len(cells)} cells: {len(stored)} stored, {len(cells) - len(stored)} to run ({trainings} with a training)")
+    return {"planned": [c.key for c in cells], "stored": stored, "ran": [], "failed": {}, "results": {}}
 
 
 def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict]:

@@ -503,3 +503,21 @@ def test_a_group_selection_that_matches_no_cell_is_refused(tmp_path, monkeypatch
         run_experiment.main(["--preset", "paper", "--out", str(tmp_path), "--methods", "fft", "--models", "phi-3"])
     assert exc.value.code == 2 and "no member preset has the selected" in capsys.readouterr().err
     assert not (tmp_path / "results.md").exists()
+
+
+def test_plan_lists_stored_and_pending_cells_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    _fake_stages(monkeypatch)
+    run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "pt"])
+    report = (tmp_path / "results.md").read_text()
+    capsys.readouterr()
+    plan = run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp",
+                                "--methods", "pt,lopa", "--plan"])
+    assert plan["stored"] == ["tiny-phi-2/mbpp/pt"] and plan["planned"] == ["tiny-phi-2/mbpp/pt", "tiny-phi-2/mbpp/lopa"]
+    printed = capsys.readouterr().out
+    assert "[1/2] tiny-phi-2/mbpp/pt: stored, kept" in printed and "[2/2] tiny-phi-2/mbpp/lopa: to run" in printed
+    assert "python tune_foundation_model.py --peft_method lopa" in printed
+    assert printed.rstrip().endswith("2 cells: 1 stored, 1 to run (1 with a training)")
+    assert (tmp_path / "results.md").read_text() == report and not (tmp_path / "cells/tiny-phi-2/mbpp/lopa").exists()
+    fresh = tmp_path / "never"
+    assert run_experiment.main(["--preset", "paper", "--out", str(fresh), "--plan"])["stored"] == []
+    assert not fresh.exists()
