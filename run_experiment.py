@@ -11,13 +11,16 @@ A cell is skipped when it has a stored result for the same commands and data fil
 NOT part of that check: after changing the code, rerun with --force (results.md lists each cell's git commit, and
 a kept cell from another commit is flagged). A cell that fails leaves no result: the other cells still run, the
 failure (command, error, cells/<model>/<task>/<method>/cell.log) is printed and listed in results.md, and the exit
-status is 1. A cell interrupted by Ctrl-C or a kill leaves no result either. The next run redoes both. See README.md.
+status is 1. A cell interrupted by Ctrl-C or a kill leaves no result either. The next run redoes both. Runs may
+share --out (one per GPU): each cell runs under its own lock, and a run skips the cells another is running. See
+README.md.
 """
 from __future__ import annotations
 
 import argparse
 import pathlib
 import sys
+import time
 
 from utils.errors import UserError, cli_entry
 from utils.registry import METHODS, TASKS
@@ -59,7 +62,6 @@ def _subset(value: str | None, allowed, default: list[str], what: str) -> list[s
 @cli_entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from utils.experiment import exclusive
     from utils.presets import PRESET_GROUPS, PRESETS, apply_overrides
 
     presets = [apply_overrides(PRESETS[name](), args.set) for name in PRESET_GROUPS.get(args.preset, [args.preset])]
@@ -71,11 +73,9 @@ def main(argv=None) -> dict:
         raise UserError(f"--preset {args.preset}: no member preset has the selected models, methods and tasks "
                         f"together; a single preset runs what it does not list (--preset paper-phi-3 --methods fft)")
     out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
-    if args.plan:
-        return _run(args, presets, grids, out)
-    out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out):
-        return _run(args, presets, grids, out)
+    if not args.plan:
+        out.mkdir(parents=True, exist_ok=True)
+    return _run(args, presets, grids, out)
 
 
 def _select(args, preset, group: bool) -> dict:
@@ -118,14 +118,14 @@ def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
     check_commands(cells)
     if args.plan:
         return _print_plan(cells, args.force)
-    results, ran, failed = _run_cells(cells, presets[0].seed, args.force)
+    results, ran, failed, busy = _run_cells(cells, presets[0].seed, args.force)
     # The report covers the presets' whole grids: cells outside --methods/--tasks/--models that an earlier run
-    # stored with the same configuration are shown too.
+    # stored with the same configuration are shown too, and so are those another run finished meanwhile.
     selected = {c.key for c in cells}
     shown = []
     for preset, grid in zip(presets, grids):
         for cell in plan_cells(dataclasses.replace(preset, **grid), out):
-            stored = None if cell.key in selected else stored_result(cell)
+            stored = None if cell.key in results or cell.key in failed else stored_result(cell)
             if stored is not None:
                 results[cell.key] = stored
             if cell.key in selected or stored is not None:
@@ -133,10 +133,11 @@ def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
     table = write_results_md(out, args.preset, shown, results, failed)
     plot_table(out, shown, results)
     plot_loss_curves(out, shown)
-    print(f"{len(ran)} cells run, {len(cells) - len(ran) - len(failed)} kept, {len(failed)} failed -> {table}")
+    kept = len(cells) - len(ran) - len(failed) - len(busy)
+    print(f"{len(ran)} cells run, {kept} kept, {len(busy)} left to other runs, {len(failed)} failed -> {table}")
     for key, failure in failed.items():
         print(f"  FAILED {key}: {failure['reason']} (log: {failure['log']})")
-    return {"ran": ran, "failed": failed, "results": results, "results_md": str(table)}
+    return {"ran": ran, "failed": failed, "busy": busy, "results": results, "results_md": str(table)}
 
 
 def _print_plan(cells, force: bool) -> dict:
@@ -152,11 +153,22 @@ def _print_plan(cells, force: bool) -> dict:
     return {"planned": [c.key for c in cells], "stored": stored, "ran": [], "failed": {}, "results": {}}
 
 
-def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict]:
+def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict, list[str]]:
+    """Run the cells that have no stored result (all of them with ``force``), each under ``<cell>/.lock``: a cell
+    that another run (sharing --out, say on another GPU) holds is left to it, and one it finished meanwhile is
+    kept, also under ``force``. Returns results, the keys run here, failures and the keys left to other runs."""
     from utils.experiment import CellFailed, git_commit, interruptible, run_cell, stop_requested, stored_result
+    from utils.fileio import try_lock
 
-    results, ran, failed = {}, [], {}
-    commit = git_commit()
+    results, ran, failed, busy = {}, [], {}, []
+    commit, started = git_commit(), time.time()
+
+    def keep(cell, tag, stored):
+        results[cell.key] = stored
+        other = "" if stored["git_commit"] == commit else (
+            f"; from commit {stored['git_commit'][:12]}, the code is now {commit[:12]}: --force to redo")
+        print(f"{tag}: kept (pass@1 {100 * stored['pass@1']:.2f}{other})", flush=True)
+
     with interruptible():
         for i, cell in enumerate(cells, 1):
             if stop_requested():  # a Ctrl-C that Python swallowed inside a finalizer
@@ -164,26 +176,35 @@ def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict]:
             tag = f"[{i}/{len(cells)}] {cell.key}"
             stored = None if force else stored_result(cell)
             if stored is not None:
-                results[cell.key] = stored
-                other = "" if stored["git_commit"] == commit else (
-                    f"; from commit {stored['git_commit'][:12]}, the code is now {commit[:12]}: --force to redo")
-                print(f"{tag}: kept (pass@1 {100 * stored['pass@1']:.2f}{other})", flush=True)
+                keep(cell, tag, stored)
                 continue
-            print(f"{tag}: running", flush=True)
-            try:
-                results[cell.key] = run_cell(cell, seed, fresh=force)
-            except CellFailed as exc:  # the other cells still run; this one is redone next time
-                failed[cell.key] = {"script": exc.script, "command": exc.command, "reason": exc.reason,
-                                    "log": str(exc.log)}
-                print(f"{tag}: FAILED in {exc.script}: {exc.reason}\n  command: {exc.command}\n  log: {exc.log}",
-                      file=sys.stderr, flush=True)
+            cell.directory.mkdir(parents=True, exist_ok=True)
+            lock, holder = try_lock(cell.directory)
+            if lock is None:
+                busy.append(cell.key)
+                print(f"{tag}: another run (pid {holder}) is running it; left to that run", flush=True)
                 continue
-            finally:
-                _release_memory()  # each cell loads its own models; a failed one (an OOM) must not starve the next
+            with lock:
+                stored = stored_result(cell)  # finished by another run since this one started?
+                result_file = cell.directory / "result.json"
+                if stored is not None and (not force or result_file.stat().st_mtime >= started):
+                    keep(cell, tag, stored)
+                    continue
+                print(f"{tag}: running", flush=True)
+                try:
+                    results[cell.key] = run_cell(cell, seed, fresh=force)
+                except CellFailed as exc:  # the other cells still run; this one is redone next time
+                    failed[cell.key] = {"script": exc.script, "command": exc.command, "reason": exc.reason,
+                                        "log": str(exc.log)}
+                    print(f"{tag}: FAILED in {exc.script}: {exc.reason}\n  command: {exc.command}\n  log: {exc.log}",
+                          file=sys.stderr, flush=True)
+                    continue
+                finally:
+                    _release_memory()  # each cell loads its own models; a failed one (an OOM) must not starve the next
             ran.append(cell.key)
             print(f"{tag}: pass@1 {100 * results[cell.key]['pass@1']:.2f} ({results[cell.key]['seconds']} s)",
                   flush=True)
-    return results, ran, failed
+    return results, ran, failed, busy
 
 
 def _release_memory() -> None:

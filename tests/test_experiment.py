@@ -196,14 +196,39 @@ def test_an_interrupted_cell_counts_as_not_done(tmp_path, monkeypatch):
     assert again["ran"] == [f"tiny-phi-2/mbpp/{m}" for m in ("pt", "idpg", "lopa")]
 
 
-def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
-    from utils.experiment import exclusive
+def test_runs_sharing_an_out_leave_each_other_the_cells_they_hold(tmp_path, monkeypatch, capsys):
+    """Several runs may share --out (one per GPU): each cell runs under its own lock, so a cell another run holds is
+    skipped, and one another run finished after this run started is kept, even under --force."""
+    import os
+    import time
 
-    with exclusive(tmp_path):
-        with pytest.raises(SystemExit) as exc:
-            run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--methods", "none"])
-    assert exc.value.code == 2
-    assert f"another run_experiment.py (pid {__import__('os').getpid()}) is writing there" in capsys.readouterr().err
+    from utils import experiment
+    from utils.fileio import try_lock
+
+    _fake_stages(monkeypatch)
+    argv = ["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "none,pt"]
+    held_dir = tmp_path / "cells/tiny-phi-2/mbpp/pt"
+    held_dir.mkdir(parents=True)
+    held, _ = try_lock(held_dir)  # another run is running pt
+    try:
+        first = run_experiment.main(argv)
+    finally:
+        held.close()
+    assert first["ran"] == ["tiny-phi-2/mbpp/none"] and first["busy"] == ["tiny-phi-2/mbpp/pt"]
+    assert f"tiny-phi-2/mbpp/pt: another run (pid {os.getpid()}) is running it" in capsys.readouterr().out
+    assert run_experiment.main(argv)["ran"] == ["tiny-phi-2/mbpp/pt"]  # released: the next run does it
+    # --force redoes both, unless another run finishes pt meanwhile (here: while this run does none)
+    fake = experiment._script_main
+
+    def finishing_pt_elsewhere(script):
+        if script == "generate_preds.py":
+            time.sleep(0.01)
+            (held_dir / "result.json").touch()
+        return fake(script)
+
+    monkeypatch.setattr(experiment, "_script_main", finishing_pt_elsewhere)
+    forced = run_experiment.main(argv + ["--force"])
+    assert forced["ran"] == ["tiny-phi-2/mbpp/none"] and "tiny-phi-2/mbpp/pt" in forced["results"]
 
 
 def test_a_bad_stage_argument_fails_before_any_cell_runs(tmp_path, capsys):

@@ -30,7 +30,7 @@ import traceback
 
 from utils.data import default_data_path
 from utils.errors import UserError
-from utils.fileio import atomic_write_text, lock_directory
+from utils.fileio import atomic_write_text
 from utils.presets import Preset
 from utils.registry import METHOD_FLAGS
 
@@ -270,7 +270,7 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str]
     if cell.directory.exists():
         (cell.directory / "result.json").unlink(missing_ok=True)  # first: a kill mid-clean-up must not leave it
         for child in cell.directory.iterdir():
-            if (child == train_dir and training != "fresh") or child.name == "cell.log":
+            if (child == train_dir and training != "fresh") or child.name in ("cell.log", ".lock"):
                 continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
@@ -358,11 +358,3 @@ def interruptible():
 
 def stop_requested() -> bool:
     return _STOP.is_set()
-
-
-@contextlib.contextmanager
-def exclusive(out_dir: pathlib.Path):
-    """Hold ``out_dir/.lock`` so that two runs never write the same cells at once (the lock dies with the
-    process)."""
-    with lock_directory(out_dir, "--out", "run_experiment.py"):
-        yield

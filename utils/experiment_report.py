@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 from utils.experiment import COLUMN_NAMES, ROW_NAMES, Cell
+from utils.fileio import atomic_write_text
 from utils.paper_results import CONFIRMED, paper_pass_at_1
 
 
@@ -59,8 +61,21 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
                      f"commit `{r['git_commit']}`; {r['seconds']} s; finished {r['finished']}")
         lines += [f"  - `{c}`" for c in r["commands"]]
     path = out_dir / "results.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")  # runs sharing --out each write it when they end
     return path
+
+
+def _save(fig, path: pathlib.Path, dpi: int) -> None:
+    """Write the figure whole or not at all (runs sharing --out each draw it when they end)."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 def _methods(cells: list[Cell], model: str) -> list[str]:
@@ -121,8 +136,7 @@ def plot_table(out_dir: pathlib.Path, cells: list[Cell], results: dict[str, dict
     max(axes[:len(models)], key=lambda ax: len(ax.get_legend_handles_labels()[1])).legend(fontsize="small")
     fig.tight_layout()
     path = out_dir / "results.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, dpi=120)
     return path
 
 
@@ -153,6 +167,5 @@ def plot_loss_curves(out_dir: pathlib.Path, cells: list[Cell]) -> pathlib.Path |
         ax.legend(fontsize="small")
     fig.tight_layout()
     path = out_dir / "loss_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
     return path

@@ -65,9 +65,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def lock_directory(directory: str | os.PathLike, flag: str, owner: str):
-    """Hold ``directory/.lock`` so that a second run writing the same directory stops at once instead of mixing
-    its files with this one's. The lock lives as long as the returned file stays open (keep a reference), and
+def try_lock(directory: str | os.PathLike):
+    """``(open lock file, None)`` holding ``directory/.lock``, or ``(None, the holder's pid)`` when another open
+    file (another process, or another open() in this one) holds it. The lock lives while the file stays open and
     the OS drops it when the process ends, however it ends: a killed run leaves nothing to clean up."""
     fh = open(pathlib.Path(directory) / ".lock", "a+")
     try:
@@ -76,10 +76,19 @@ def lock_directory(directory: str | os.PathLike, flag: str, owner: str):
         fh.seek(0)
         pid = fh.read().strip() or "?"
         fh.close()
-        raise UserError(f"{flag} {directory}: another {owner} (pid {pid}) is writing there; wait for it to finish "
-                        f"or pass another {flag}") from None
+        return None, pid
     fh.seek(0)
     fh.truncate()
     fh.write(str(os.getpid()))
     fh.flush()
+    return fh, None
+
+
+def lock_directory(directory: str | os.PathLike, flag: str, owner: str):
+    """Hold ``directory/.lock`` (see try_lock) so that a second run writing the same directory stops at once instead
+    of mixing its files with this one's; keep a reference to the returned file."""
+    fh, pid = try_lock(directory)
+    if fh is None:
+        raise UserError(f"{flag} {directory}: another {owner} (pid {pid}) is writing there; wait for it to finish "
+                        f"or pass another {flag}")
     return fh
