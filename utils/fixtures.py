@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+from utils.fileio import atomic_write_text
+
 _MBPP_PROBLEMS = [
     ("add_two", "a, b", "Write a function to add two numbers.", "return a + b", [("1, 2", "3"), ("0, 0", "0"),
                                                                                  ("-1, 1", "0")]),
@@ -62,7 +64,8 @@ def cruxeval_records() -> list[dict]:
 
 def write_jsonl(path: pathlib.Path, records: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    # whole or not at all: runs sharing an --out may write the smoke preset's copy while another reads it
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return str(path)
 
 
