@@ -142,3 +142,31 @@ def test_an_eos_the_tokenizer_files_append_survives_the_bos_correction(tmp_path)
     raw = Tokenizer.from_file(str(path / "tokenizer.json")).encode("x = 1").ids
     assert raw[-1] == ids["<|endoftext|>"] and raw[0] != ids["<s>"]
     assert load_tokenizer("phi-3", str(path))("x = 1")["input_ids"] == [ids["<s>"]] + raw
+
+
+def test_a_tokenizer_that_splits_otherwise_than_its_tokenizer_json_is_warned_about(hub, tmp_path, caplog):
+    """transformers 5 can rebuild a tokenizer from its class instead of its tokenizer.json (5.17 does for
+    DeepSeek-Coder's files). Here phi-2's byte-level tokenizer.json splits without GPT-2's regex, and its
+    tokenizer_config declares a GPT2Tokenizer, whose pipeline has it."""
+    import json
+    import logging
+
+    from utils.models import load_tokenizer
+    from utils.train_logging import LOGGER_NAME
+
+    path = hub_like.phi2(tmp_path / "phi-2")
+    files = json.loads((path / "tokenizer.json").read_text())
+    files["pre_tokenizer"]["use_regex"] = False
+    (path / "tokenizer.json").write_text(json.dumps(files))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": "GPT2Tokenizer"}))
+    logger = logging.getLogger(LOGGER_NAME)  # training sets propagate=False on it: listen to it directly
+    logger.addHandler(caplog.handler)
+    try:
+        for model_type in hub_like.FOUNDATION_BUILDERS:  # the hub-shaped files agree with their tokenizer.json
+            load_tokenizer(model_type, hub[model_type])
+        assert "tokenizes otherwise" not in caplog.text
+        load_tokenizer("phi-2", str(path))
+        assert f"{path}: transformers" in caplog.text and "tokenizes otherwise than this checkpoint's" in caplog.text
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -115,18 +115,48 @@ def _bos_as_registered(tok: PreTrainedTokenizerBase, spec: FoundationModelSpec, 
     return tok
 
 
+TOKENIZER_PROBE = "\n\ndef f(x, y=12):\n    \"\"\"Return x.\"\"\"\n\treturn  x[0] + 'héllo'  # ok\n"
+
+
+def _warn_unless_as_tokenizer_json(tok: PreTrainedTokenizerBase, source: str, token: str | None) -> None:
+    """Warn when ``tok`` splits text otherwise than the checkpoint's own tokenizer.json.
+
+    transformers 5 may rebuild a tokenizer's pipeline from its class instead of reading it from tokenizer.json
+    (5.17 does so for DeepSeek-Coder's files: a Llama class over a byte-level BPE, and gets other ids); transformers
+    4, which the original ran, used tokenizer.json as it is.
+    """
+    from transformers.utils import cached_file
+
+    path = cached_file(source, "tokenizer.json", token=token, _raise_exceptions_for_missing_entries=False)
+    if not path:
+        return
+    want = Tokenizer.from_file(path).encode(TOKENIZER_PROBE, add_special_tokens=False).ids
+    got = tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if got != want:
+        import transformers
+
+        logging.getLogger(LOGGER_NAME).warning(
+            "%s: transformers %s tokenizes otherwise than this checkpoint's tokenizer.json (%d vs %d tokens for a "
+            "probe text), so prompts differ from the original's; requirements.txt pins the version that matches",
+            source, transformers.__version__, len(got), len(want))
+
+
 def load_tokenizer(model_type: str, model_path: str | None = None) -> PreTrainedTokenizerBase:
     spec = get_model_spec(model_type)
     if model_path is not None and _has_tokenizer_files(model_path):
-        tok = AutoTokenizer.from_pretrained(model_path)
-        return _finish_tokenizer(_bos_as_registered(tok, spec, model_path))
-    if spec.tiny:
+        source, token = model_path, None
+    elif spec.tiny:
         return tiny_tokenizer("gpt", adds_bos=spec.adds_bos)
+    else:
+        source, token = spec.hf_id, os.environ.get("HF_TOKEN")
     try:
-        tok = AutoTokenizer.from_pretrained(spec.hf_id, token=os.environ.get("HF_TOKEN"))
+        tok = AutoTokenizer.from_pretrained(source, token=token)
     except (OSError, ValueError) as exc:
+        if source == model_path:
+            raise
         raise _hub_error("tokenizer of model", spec.hf_id, "--model_path", exc) from exc
-    return _finish_tokenizer(_bos_as_registered(tok, spec, spec.hf_id))
+    _warn_unless_as_tokenizer_json(tok, source, token)
+    return _finish_tokenizer(_bos_as_registered(tok, spec, source))
 
 
 # ------------------------------------------------------------------------------------------ causal LMs
