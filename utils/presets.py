@@ -75,6 +75,9 @@ def paper_preset(model: str) -> Preset:
 
 
 PRESETS = {"smoke": smoke_preset, **{f"paper-{m}": functools.partial(paper_preset, m) for m in PAPER_MODELS}}
+PRESET_GROUPS = {"paper": [f"paper-{m}" for m in PAPER_MODELS]}
+"""Names that run several presets into one experiment directory and one results.md: ``paper`` is the paper's
+whole code-task table. Their cells are the member presets' own, so a group and its members share stored results."""
 
 
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
@@ -107,7 +110,3 @@ def _drop_per_task(preset: Preset, flag: str, methods) -> None:
     for by_method in preset.per_task.values():
         for method in methods:
             by_method.get(method, {}).pop(flag, None)
-PRESET_GROUPS = {"paper": [f"paper-{m}" for m in PAPER_MODELS]}
-"""Names that run several presets into one experiment directory and one results.md: ``paper`` is the paper's
-whole code-task table. Their cells are the member presets' own, so a group and its members share stored results."""
-
