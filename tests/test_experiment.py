@@ -317,8 +317,13 @@ def test_ctrl_c_swallowed_inside_a_finalizer_still_stops_the_run(tmp_path, monke
         return fake(script)
 
     monkeypatch.setattr(experiment, "_script_main", with_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp"])
+    # a suite started in the background inherits an ignored SIGINT, which the runner rightly leaves alone
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert [p.parent.name for p in (tmp_path / "cells/tiny-phi-2/mbpp").glob("*/result.json")] == ["none"]
 
 
