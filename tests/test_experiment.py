@@ -239,63 +239,6 @@ def test_a_bad_stage_argument_fails_before_any_cell_runs(tmp_path, capsys):
     assert not (tmp_path / "cells").exists()
 
 
-def _train_config(cell):
-    from utils.train_args import build_parser, config_from_namespace
-
-    script, argv = cell.commands[0]
-    kind = "fft" if script == "tune_fft_baseline.py" else "peft"
-    return config_from_namespace(build_parser(kind).parse_args(argv), kind)
-
-
-def test_paper_preset_trains_and_decodes_with_the_papers_settings(tmp_path):
-    """spec §10.5: m=10, r=1, CodeSage-small, 10 epochs (FFT 4 on CRUXEval), effective batch 8, seed 9876, lr 1e-3
-    (PT/IDPG/LOPA), 1e-4 (LoRA r=16 α=32 p=0.1), 1e-5 (FFT, wd 0.05, 10 % warmup), no warmup otherwise."""
-    from utils.experiment import plan_cells
-    from utils.presets import PRESETS
-    from utils.generation import resolve_gen_config
-    from utils.tasks import get_task
-
-    cells = plan_cells(PRESETS["paper-phi-2"](), tmp_path)
-    assert len(cells) == 18
-    lrs = {"fft": 1e-5, "lora": 1e-4, "pt": 1e-3, "idpg": 1e-3, "lopa": 1e-3}
-    for cell in cells:
-        gen_argv = dict(cell.commands)["generate_preds.py"]
-        assert "--paper_decoding" in gen_argv and "--temperature" not in gen_argv and "--top_p" not in gen_argv
-        if cell.method == "none":
-            continue
-        config = _train_config(cell)
-        model, train = config.model, config.train
-        assert model.model_type == "phi-2" and model.seed == 9876
-        assert train.lr == lrs[cell.method]
-        assert train.per_gpu_train_batch_size * train.gradient_accumulation_steps == 8
-        assert train.num_epochs == (4 if cell.method == "fft" and cell.task != "mbpp" else 10)
-        assert train.num_warmup_steps == 0 and train.warmup_ratio == (0.1 if cell.method == "fft" else 0.0)
-        assert train.weight_decay == (0.05 if cell.method == "fft" else 0.0)
-        if cell.method in ("pt", "idpg", "lopa"):
-            assert model.num_virtual_tokens == 10
-        if cell.method in ("idpg", "lopa"):
-            assert model.enc_model_type == "codesage-small"
-        if cell.method == "lopa":
-            assert model.lp_rank == 1
-        if cell.method == "lora":
-            assert (model.lora_dim, model.lora_alpha, model.lora_dropout) == (16, 32, 0.1)
-    mbpp = resolve_gen_config(get_task("mbpp"), paper_decoding=True)
-    crux = resolve_gen_config(get_task("cruxeval_output_prediction"), paper_decoding=True)
-    assert (mbpp.do_sample, mbpp.temperature, mbpp.top_p, mbpp.max_new_tokens, mbpp.num_return_sequences) == \
-        (True, 0.6, 0.95, 256, 1)
-    assert (crux.do_sample, crux.temperature, crux.top_p, crux.max_total_tokens) == (True, 0.2, 0.95, 512)
-
-
-def test_set_enc_model_type_reaches_the_encoder_methods(tmp_path):
-    from utils.experiment import plan_cells
-    from utils.presets import PRESETS, apply_overrides
-
-    preset = apply_overrides(PRESETS["paper-phi-2"](), ["enc_model_type=codebert-base"])
-    encoders = {c.method: _train_config(c).model.enc_model_type for c in plan_cells(preset, tmp_path)
-                if c.task == "mbpp" and c.method not in ("none", "fft")}
-    assert encoders == {"lora": None, "pt": None, "idpg": "codebert-base", "lopa": "codebert-base"}
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed interrupt itself
 def test_ctrl_c_swallowed_inside_a_finalizer_still_stops_the_run(tmp_path, monkeypatch):
     """Python drops a KeyboardInterrupt raised in ``__del__`` ("Exception ignored in ..."): seen mid-training."""
@@ -391,59 +334,6 @@ def test_results_md_keeps_the_cells_outside_the_selection(tmp_path, monkeypatch)
     assert list(_table((tmp_path / "results.md").read_text())) == ["None", "FFT", "LOPA"]
 
 
-def test_paper_preset_checkpoints_can_be_turned_off_per_method(tmp_path):
-    from utils.experiment import check_commands, plan_cells
-    from utils.presets import apply_overrides, paper_preset
-
-    preset = apply_overrides(paper_preset("phi-2"), ["fft.save_every=0"])
-    cells = plan_cells(preset, tmp_path)
-    check_commands(cells)  # save_total_limit without checkpoints is accepted
-    fft = _train_config(next(c for c in cells if c.method == "fft"))
-    lopa = _train_config(next(c for c in cells if c.method == "lopa"))
-    assert (fft.output.save_every.every, lopa.output.save_every.every) == (0, 1)
-
-
-def test_set_false_turns_off_a_training_switch_that_defaults_on(tmp_path):
-    """--set train.packing=false (or selective_logits / fused_adamw, also on by default) must reach the trainer:
-    left out, the flag keeps its default True, and the cell's hash does not change either."""
-    from utils.experiment import plan_cells
-    from utils.presets import PRESETS, apply_overrides
-
-    def lopa(overrides):
-        return next(c for c in plan_cells(apply_overrides(PRESETS["smoke"](), overrides), tmp_path)
-                    if c.method == "lopa" and c.task == "mbpp")
-
-    default, off = lopa([]), lopa(["train.packing=false", "lopa.fused_adamw=false"])
-    assert (_train_config(default).train.packing, _train_config(default).train.fused_adamw) == (True, True)
-    assert (_train_config(off).train.packing, _train_config(off).train.fused_adamw) == (False, False)
-    assert off.training_hash() != default.training_hash()
-    assert "False" not in dict(off.commands)["generate_preds.py"]  # gen/eval store_true flags: False stays absent
-
-
-def test_set_gen_encoder_flags_reach_only_the_methods_that_read_them(tmp_path):
-    """--set gen.enc_model_path=DIR (a local encoder for lopa/idpg generation) goes to every cell's gen section;
-    generate_preds.py rejects a flag the method does not read, so the other cells must not get it."""
-    import pathlib
-
-    import generate_preds
-    from utils.experiment import plan_cells
-    from utils.presets import PRESETS, apply_overrides
-
-    encoder = str(tmp_path / "encoder")
-    preset = apply_overrides(PRESETS["smoke"](), [f"gen.enc_model_path={encoder}", "gen.lp_rank=1"])
-    seen = {}
-    for cell in plan_cells(preset, tmp_path):
-        argv = dict(cell.commands)["generate_preds.py"]
-        for flag in ("--load_adapter_from", "--load_base_from_path"):  # what training would have written
-            if flag in argv:
-                pathlib.Path(argv[argv.index(flag) + 1]).mkdir(parents=True, exist_ok=True)
-        args = generate_preds.build_parser().parse_args(argv)
-        generate_preds.resolve_method(args)  # a UserError for a flag this method does not read
-        seen[cell.method] = (args.enc_model_path, args.lp_rank)
-    assert seen == {"none": (None, None), "fft": (None, None), "lora": (None, None), "pt": (None, None),
-                    "idpg": (encoder, None), "lopa": (encoder, 1)}
-
-
 def test_results_md_sets_the_papers_numbers_beside_ours(tmp_path, monkeypatch):
     _fake_stages(monkeypatch)
     run_experiment.main(["--preset", "paper-phi-2", "--out", str(tmp_path), "--tasks", "mbpp,cruxeval_input_prediction",
@@ -455,24 +345,6 @@ def test_results_md_sets_the_papers_numbers_beside_ours(tmp_path, monkeypatch):
         row = f"| {name} | {paper[0]:.2f} / {ours[0] - paper[0]:+.2f} | {paper[1]:.2f} / {ours[1] - paper[1]:+.2f} |"
         assert row in text.splitlines()
     assert "| PT | 35.00 / -31.00 | 49.69 / -25.69 |" in text  # the same, written out once
-
-
-def test_every_model_of_the_papers_table_has_a_preset_with_its_settings():
-    from utils.experiment import plan_cells
-    from utils.presets import PAPER_MODELS, PRESETS
-
-    for model in PAPER_MODELS:
-        preset = PRESETS[f"paper-{model}"]()
-        assert preset.models == [model] and preset.encoder == "codesage-small"
-        assert ("fft" in preset.methods) == (model == "phi-2")  # the paper has FFT numbers for phi-2 only
-        ranks = {}
-        for cell in plan_cells(preset, __import__("pathlib").Path("/nonexistent")):
-            if cell.method == "lopa":
-                argv = dict(cell.commands)["tune_foundation_model.py"]
-                ranks[cell.task] = argv[argv.index("--lp_rank") + 1]
-        big = model in ("deepseek-coder-7b-base", "Meta-Llama-3-8B")
-        assert ranks == {"cruxeval_input_prediction": "1", "cruxeval_output_prediction": "1",
-                         "mbpp": "4" if big else "1"}
 
 
 def test_the_paper_group_runs_every_models_preset_into_one_table(tmp_path, monkeypatch, capsys):
@@ -496,26 +368,6 @@ def test_the_paper_group_runs_every_models_preset_into_one_table(tmp_path, monke
     with pytest.raises(SystemExit) as exc:
         run_experiment.main(["--preset", "paper", "--out", str(tmp_path), "--models", "phi-3,tiny-phi-2"])
     assert exc.value.code == 2 and "--models 'phi-3,tiny-phi-2': choose from codegen-350M" in capsys.readouterr().err
-
-
-def test_set_wins_over_the_presets_per_task_values(tmp_path):
-    """--set has no per-task section: the README's dry run (--set fft.num_epochs=1) must reach CRUXEval's FFT cells,
-    and lopa.lp_rank the r = 4 MBPP cell of Llama-3, as lp_rank alone does every LOPA cell."""
-    from utils.experiment import plan_cells
-    from utils.presets import PRESETS, apply_overrides
-
-    def values(name, overrides, method, flag):
-        cells = plan_cells(apply_overrides(PRESETS[name](), overrides), tmp_path)
-        argvs = {c.task: c.commands[0][1] for c in cells if c.method == method}
-        return {task: argv[argv.index(flag) + 1] for task, argv in argvs.items()}
-
-    crux = ("cruxeval_input_prediction", "cruxeval_output_prediction")
-    assert values("paper-phi-2", [], "fft", "--num_epochs") == {"mbpp": "10", **dict.fromkeys(crux, "4")}
-    for overrides in (["fft.num_epochs=1"], ["num_epochs=1"]):
-        assert set(values("paper-phi-2", overrides, "fft", "--num_epochs").values()) == {"1"}
-    for overrides in (["lopa.lp_rank=2"], ["lp_rank=2"]):
-        assert set(values("paper-Meta-Llama-3-8B", overrides, "lopa", "--lp_rank").values()) == {"2"}
-    assert values("paper-Meta-Llama-3-8B", ["pt.lp_rank=2"], "lopa", "--lp_rank")["mbpp"] == "4"
 
 
 def test_the_paper_group_narrowed_to_one_model_still_shows_the_others_stored_cells(tmp_path, monkeypatch):
