@@ -65,6 +65,17 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
     return path
 
 
+def _panels(plt, n: int, width: float, height: float):
+    """A figure of ``n`` panels of ``width`` x ``height`` inches, three to a row; returns it and the ``n`` axes."""
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
 def _save(fig, path: pathlib.Path, dpi: int) -> None:
     """Write the figure whole or not at all (runs sharing --out each draw it when they end)."""
     import matplotlib.pyplot as plt
@@ -111,12 +122,7 @@ def plot_table(out_dir: pathlib.Path, cells: list[Cell], results: dict[str, dict
 
     models = list(dict.fromkeys(c.model for c in cells))
     tasks = [t for t in COLUMN_NAMES if any(c.task == t for c in cells)]
-    cols = min(3, len(models))  # the paper's six models: two rows of three
-    rows = -(-len(models) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2 + 2.2 * len(tasks) * cols, 4 * rows), squeeze=False)
-    axes = axes.flatten()
-    for ax in axes[len(models):]:
-        ax.set_visible(False)
+    fig, axes = _panels(plt, len(models), 2 + 2.2 * len(tasks), 4)  # the paper's six models: two rows of three
     for ax, model in zip(axes, models):
         methods = _methods(cells, model)
         width = 0.8 / len(methods)
@@ -133,7 +139,7 @@ def plot_table(out_dir: pathlib.Path, cells: list[Cell], results: dict[str, dict
         ax.set_xticklabels([COLUMN_NAMES[t] for t in tasks])
         ax.set_ylabel("pass@1 (%)")
         ax.set_title(model)
-    max(axes[:len(models)], key=lambda ax: len(ax.get_legend_handles_labels()[1])).legend(fontsize="small")
+    max(axes, key=lambda ax: len(ax.get_legend_handles_labels()[1])).legend(fontsize="small")
     fig.tight_layout()
     path = out_dir / "results.png"
     _save(fig, path, dpi=120)
@@ -156,10 +162,11 @@ def plot_loss_curves(out_dir: pathlib.Path, cells: list[Cell]) -> pathlib.Path |
                 curves.setdefault((cell.model, cell.task), {})[cell.method] = rows
     if not curves:
         return None
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.5), squeeze=False)
-    for ax, ((model, task), by_method) in zip(axes[0], sorted(curves.items())):
+    fig, axes = _panels(plt, len(curves), 4.5, 3.5)  # a model's three tasks per row
+    for ax, ((model, task), by_method) in zip(axes, curves.items()):  # in the cells' (the table's) order
         for method, rows in by_method.items():
             ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=ROW_NAMES[method],
+                    color=f"C{list(ROW_NAMES).index(method)}",  # the colours of results.png
                     marker="o" if len(rows) <= 20 else None)  # a run of a step or two is still visible
         ax.set_title(f"{model} / {COLUMN_NAMES[task]}")
         ax.set_xlabel("optimizer step")
