@@ -5,7 +5,7 @@ import re
 import pytest
 
 from utils.presets import PAPER_MODELS
-from utils.paper_results import TASK_ORDER, has_paper_results, paper_pass_at_1
+from utils.paper_results import TASK_ORDER, paper_pass_at_1
 
 SPEC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "original_repo_spec.md"
 METHOD_NAMES = {"None": "none", "FFT": "fft", "LoRA": "lora", "PT": "pt", "IDPG": "idpg", "LOPA": "lopa"}
@@ -50,6 +50,6 @@ def test_the_other_models_numbers_are_the_authors_table_in_its_column_order(spec
 
 
 def test_models_without_paper_numbers_have_none():
-    assert not has_paper_results("tiny-phi-2") and paper_pass_at_1("tiny-phi-2", "mbpp", "pt") is None
+    assert all(paper_pass_at_1("tiny-phi-2", t, m) is None for t in TASK_ORDER for m in METHOD_NAMES.values())
     assert paper_pass_at_1("Meta-Llama-3-8B", "mbpp", "fft") is None  # no FFT row outside phi-2
-    assert all(has_paper_results(m) for m in PAPER_MODELS)
+    assert all(paper_pass_at_1(m, t, "pt") is not None for m in PAPER_MODELS for t in TASK_ORDER)

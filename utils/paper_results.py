@@ -33,7 +33,3 @@ def paper_pass_at_1(model: str, task: str, method: str) -> float | None:
     """The paper's pass@1 in percent, or None where it reports none."""
     values = _PAPER.get(model, {}).get(method)
     return None if values is None else values[TASK_ORDER.index(task)]
-
-
-def has_paper_results(model: str) -> bool:
-    return model in _PAPER
