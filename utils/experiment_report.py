@@ -89,6 +89,11 @@ def _save(fig, path: pathlib.Path, dpi: int) -> None:
         plt.close(fig)
 
 
+def _colour(method: str) -> str:
+    """One colour per method in every panel of results.png and loss_curves.png."""
+    return f"C{list(ROW_NAMES).index(method)}"
+
+
 def _methods(cells: list[Cell], model: str) -> list[str]:
     """The table's rows for ``model``: the methods it has cells for, in the paper's order."""
     return [m for m in ROW_NAMES if any(c.model == model and c.method == m for c in cells)]
@@ -129,7 +134,7 @@ def plot_table(out_dir: pathlib.Path, cells: list[Cell], results: dict[str, dict
         for i, method in enumerate(methods):
             values = [100 * (results.get(f"{model}/{t}/{method}", {}).get("pass@1") or 0) for t in tasks]
             ax.bar([j + i * width for j in range(len(tasks))], values, width, label=ROW_NAMES[method],
-                   color=f"C{list(ROW_NAMES).index(method)}")  # one colour per method in every panel
+                   color=_colour(method))
             paper = [(j + i * width, v) for j, t in enumerate(tasks)
                      if (v := paper_pass_at_1(model, t, method)) is not None]
             if paper:  # the paper's value as a black bar-wide tick over ours
@@ -166,7 +171,7 @@ def plot_loss_curves(out_dir: pathlib.Path, cells: list[Cell]) -> pathlib.Path |
     for ax, ((model, task), by_method) in zip(axes, curves.items()):  # in the cells' (the table's) order
         for method, rows in by_method.items():
             ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=ROW_NAMES[method],
-                    color=f"C{list(ROW_NAMES).index(method)}",  # the colours of results.png
+                    color=_colour(method),
                     marker="o" if len(rows) <= 20 else None)  # a run of a step or two is still visible
         ax.set_title(f"{model} / {COLUMN_NAMES[task]}")
         ax.set_xlabel("optimizer step")
