@@ -18,7 +18,7 @@ import time
 from utils.cli import ArgumentParser, add_model_args, check_model_args, default_log_dir, str2bool
 from utils.errors import UserError, cli_entry
 from utils.fileio import lock_directory
-from utils.registry import INSTANCE_METHODS, METHOD_FLAGS, METHODS, PEFT_METHODS
+from utils.registry import METHOD_FLAGS, METHODS, PEFT_METHODS
 
 EXIT_AFTER_BATCHES_ENV = "GENERATE_PREDS_EXIT_AFTER_BATCHES"
 """Testing hook: the main process dies (os._exit, no cleanup) after writing this many batches."""
@@ -168,7 +168,6 @@ def load_model(args: argparse.Namespace, method: str):
     """``(TunedModel in eval mode, tokenizer, encoder tokenizer or None)``."""
     from custom_peft import build_model, load_tuned_model
     from utils.generation import load_fft_weights
-    from utils.models import load_encoder_tokenizer
 
     if method in PEFT_METHODS:
         model, tokenizer = load_tuned_model(
@@ -183,10 +182,7 @@ def load_model(args: argparse.Namespace, method: str):
         load_fft_weights(model.lm, state_dict_file=state_file, sharded_dir=sharded)
         model.requires_grad_(False)
     model.eval()
-    enc_tokenizer = None
-    if method in INSTANCE_METHODS:
-        enc_tokenizer = load_encoder_tokenizer(model.meta["enc_model_type"], args.enc_model_path)
-    return model, tokenizer, enc_tokenizer
+    return model, tokenizer, model.enc_tokenizer
 
 
 def run_config(args, method: str, gen_config, num_processes: int, enc_model_type: str | None) -> dict:

@@ -59,7 +59,7 @@ def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_pat
         meta["base_seed"] = seed
     if method in ("pt", "lopa", "idpg"):
         meta["num_virtual_tokens"] = m
-    prompt = None
+    prompt = enc_tokenizer = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if method == "fft":
@@ -83,7 +83,7 @@ def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_pat
         else:
             lm.requires_grad_(False)
             backbone = lm
-            encoder, _ = load_encoder(method_cfg.enc_model_type, dtype=dtype, enc_model_path=enc_model_path,
+            encoder, enc_tokenizer = load_encoder(method_cfg.enc_model_type, dtype=dtype, enc_model_path=enc_model_path,
                                       seed=seed, random_weights=random_weights)
             meta.update(enc_model_type=method_cfg.enc_model_type, encoder_hidden_size=encoder.hidden_size,
                         head_dim=method_cfg.head_dim or encoder.hidden_size)
@@ -96,7 +96,7 @@ def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_pat
                 prompt = IdpgPrompt(encoder, m, d, method_cfg.head_dim)
     if method == "pt":  # peft builds the prompt in the base dtype; Z_S trains in fp32
         backbone.prompt_encoder.float()
-    return TunedModel(method, backbone, prompt, meta)
+    return TunedModel(method, backbone, prompt, meta, enc_tokenizer)
 
 
 def build_model(method: str, model_type: str, *, num_virtual_tokens: int = 10, lp_rank: int = 1,

@@ -28,14 +28,17 @@ class TunedModel(nn.Module):
     ``backbone``: the Hugging Face causal LM, or the ``peft.PeftModel`` around it for ``lora`` and ``pt``.
     ``prompt``: the instance-prompt module for ``lopa`` and ``idpg`` (None otherwise).
     ``meta``: what the adapter config records (method, m, r, encoder, base model, width).
+    ``enc_tokenizer``: the encoder's tokenizer, for ``lopa`` and ``idpg`` (None otherwise).
     """
 
-    def __init__(self, method: str, backbone: nn.Module, prompt: nn.Module | None = None, meta: dict | None = None):
+    def __init__(self, method: str, backbone: nn.Module, prompt: nn.Module | None = None, meta: dict | None = None,
+                 enc_tokenizer=None):
         super().__init__()
         self.method = method
         self.backbone = backbone
         self.prompt = prompt
         self.meta = dict(meta or {})
+        self.enc_tokenizer = enc_tokenizer
         self.selective_logits = True
         """Project to the vocabulary only where a label is supervised (same loss, far less memory)."""
         self.packing = False

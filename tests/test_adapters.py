@@ -64,6 +64,10 @@ def test_save_then_load_gives_identical_logits_and_generations(method, model_typ
     loaded, loaded_tok = load_tuned_model(tmp_path)
     assert loaded.method == method and not loaded.training
     assert loaded_tok.get_vocab() == tok.get_vocab()
+    if method in ("idpg", "lopa"):
+        assert loaded.enc_tokenizer.get_vocab() == load_encoder_tokenizer("tiny-roberta").get_vocab()
+    else:
+        assert model.enc_tokenizer is None and loaded.enc_tokenizer is None
     saved = {k: v.detach() for k, v in trainable_state_dict(model).items()}
     assert all(torch.equal(saved[k], v) for k, v in trainable_state_dict(loaded).items())
     assert_same_model(model, loaded, left_batch(tok))

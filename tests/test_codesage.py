@@ -96,6 +96,9 @@ def test_lopa_builds_on_a_codesage_encoder_and_names_a_broken_checkpoint(checkpo
     model, _ = build_model("lopa", "tiny-llama", enc_model_type="codesage-small", enc_model_path=str(directory),
                            num_virtual_tokens=4, lp_rank=2)
     assert model.meta["encoder_hidden_size"] == 32 and model.prompt.enc_dim == 32
+    code = "def f(x):\n    return x + 12345"  # the model carries the encoder's tokenizer (callers do not reload it)
+    assert model.enc_tokenizer(code)["input_ids"] == load_encoder_tokenizer("codesage-small", str(directory))(
+        code)["input_ids"]
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json"):

@@ -299,6 +299,11 @@ def tiny_roberta(seed: int = 0, dtype=torch.float32):
     return model, tok
 
 
+def _encoder_source(spec: EncoderSpec, enc_model_path: str | None) -> str:
+    """Where a (non-tiny) encoder loads from: ``--enc_model_path``, minilm's pip package, or the hub id."""
+    return enc_model_path or (_minilm_path() if spec.name == "minilm" else spec.hf_id)
+
+
 def _encoder_tokenizer(spec: EncoderSpec, source: str, token: str | None) -> PreTrainedTokenizerBase:
     """The encoder's tokenizer, without remote code. CodeSage's hub tokenizer is remote code (``CodeSageTokenizer``,
     assumed from its class name and use to be transformers 4's GPT2Tokenizer plus an optional EOS, which the
@@ -324,7 +329,7 @@ def load_encoder(enc_model_type: str, *, dtype: str | torch.dtype = "fp32", enc_
     if spec.name == "tiny-roberta" and enc_model_path is None:
         backbone, tok = tiny_roberta(seed, torch_dtype)
         return PooledEncoder(backbone, spec.pooling), tok
-    source = enc_model_path or (_minilm_path() if spec.name == "minilm" else spec.hf_id)
+    source = _encoder_source(spec, enc_model_path)
     token = os.environ.get("HF_TOKEN")
     try:
         tok = _encoder_tokenizer(spec, source, token)
@@ -343,7 +348,7 @@ def load_encoder_tokenizer(enc_model_type: str, enc_model_path: str | None = Non
     spec = get_encoder_spec(enc_model_type)
     if spec.name == "tiny-roberta" and enc_model_path is None:
         return tiny_tokenizer("roberta")
-    source = enc_model_path or (_minilm_path() if spec.name == "minilm" else spec.hf_id)
+    source = _encoder_source(spec, enc_model_path)
     try:
         return _finish_tokenizer(_encoder_tokenizer(spec, source, os.environ.get("HF_TOKEN")))
     except (OSError, ValueError) as exc:

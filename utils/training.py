@@ -125,7 +125,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from custom_peft import build_model
-        from utils.models import enable_activation_checkpointing, load_encoder_tokenizer, numel
+        from utils.models import enable_activation_checkpointing, numel
 
         acc, cfg, m, t = self.accelerator, self.config, self.config.model, self.config.train
         set_seed(m.seed)  # python, numpy, torch: dropout draws from here (the model's init has its own seed)
@@ -136,10 +136,10 @@ class Trainer:
                 enc_model_type=m.enc_model_type, dtype=t.model_dtype, model_path=m.model_path,
                 enc_model_path=m.enc_model_path, seed=m.seed, lora_r=m.lora_dim, lora_alpha=m.lora_alpha,
                 lora_dropout=m.lora_dropout)
-            enc_tok = load_encoder_tokenizer(m.enc_model_type, m.enc_model_path) if m.uses_encoder else None
             task = get_task(m.task_name)
             records = load_task_split(m.task_name, "train", m.data_path or default_data_path(m.task_name),
                                       m.mbpp_split, limit=t.limit_train_examples)
+        enc_tok = model.enc_tokenizer
         self.dataset = TaskDataset(task, records, self.tokenizer, enc_tok,
                                    num_virtual_tokens=m.num_virtual_tokens if self.has_prompt else 0)
         max_length = task.max_lengths(m.num_virtual_tokens if self.has_prompt else 0)[1]
