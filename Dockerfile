@@ -5,7 +5,10 @@
 #       python tune_foundation_model.py --peft_method lopa --task_name mbpp --model_type phi-2
 # The base image carries torch 2.13.0 built for CUDA; requirements.txt pins the same version, so pip keeps it.
 # Override with --build-arg BASE_IMAGE=... for another CUDA release of the same torch version.
-ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
+# -devel, not -runtime: with a GPU visible, DeepSpeed JIT-builds its CPU Adam (the optimizer of ZeRO-3 CPU offload,
+# config_files/zero_stage3_config.json) against the CUDA toolkit (CUDA_HOME, curand), which -runtime images lack.
+# Without CPU offload, BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime is smaller and enough.
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-devel
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
