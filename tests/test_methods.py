@@ -90,6 +90,14 @@ def test_paper_parameter_counts_from_the_registry_without_a_download():
     idpg = [millions(expected_trainable_count("idpg", "deepseek-coder-1.3b-base", num_virtual_tokens=m,
                                               enc_model_type="codebert-base")) for m in (5, 10, 25, 50, 100)]
     assert idpg == [8.47, 16.34, 39.96, 79.34, 158.08]
+    # The m sweep's end points: PT 0.01-0.20, LOPA (CodeBERT, r=1) 2.77-3.04.
+    assert [millions(expected_trainable_count("pt", "deepseek-coder-1.3b-base", num_virtual_tokens=m))
+            for m in (5, 100)] == [0.01, 0.20]
+    assert [millions(lopa_trainable_count(2048, 768, 768, m, 1)) for m in (5, 100)] == [2.77, 3.04]
+    # GLUE (RoBERTa-large FM and encoder, d = H = 1024, head width h = 256): the head_dim the formulas take.
+    assert [millions(lopa_trainable_count(1024, 1024, 256, 10, r)) for r in (1, 2, 4)] == [0.80, 1.07, 1.60]
+    assert [millions(lopa_trainable_count(1024, 1024, 256, m, 4)) for m in (5, 100)] == [1.59, 1.78]
+    assert millions(idpg_trainable_count(1024, 1024, 256, 10)) == 2.89
     # LoRA r=16 on q,k,v: r·(in+out) per adapted Linear, counted on the meta device.
     assert expected_trainable_count("lora", "phi-2") == 32 * 3 * 16 * (2560 + 2560)
     assert expected_trainable_count("lora", "deepseek-coder-1.3b-base") == 24 * 3 * 16 * (2048 + 2048)

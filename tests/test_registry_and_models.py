@@ -21,6 +21,35 @@ def test_every_paper_model_has_an_id_and_lora_targets():
     assert get_model_spec("phi-3").lora_targets == ("qkv_proj",)
 
 
+# The transformers class each hub checkpoint loads as (its config.json's model_type), by its tiny same-family model.
+HUB_FAMILY = {"phi-2": "tiny-phi-2", "phi-3": "tiny-phi-3", "codegen-350M": "tiny-codegen",
+              "codegen2-3_7B": "tiny-codegen", "deepseek-coder-1.3b-base": "tiny-llama",
+              "deepseek-coder-7b-base": "tiny-llama", "Meta-Llama-3-8B": "tiny-llama"}
+
+
+@pytest.mark.parametrize("model_type", PAPER_MODELS)
+def test_lora_targets_are_every_layers_attention_input_projections_in_the_real_architecture(model_type):
+    """spec §1.5: the original's targets name real modules: LoRA built as training builds it (on the meta device;
+    the real sizes where the registry has them) adapts q/k/v, or the fused qkv, of every layer and nothing else;
+    r·(in+out) parameters each (spec §10.4)."""
+    from peft.tuners.lora import LoraLayer
+
+    from custom_peft import MethodConfig, count_trainable
+    from custom_peft.build import _wrap
+
+    spec = get_model_spec(model_type)
+    arch_spec = spec if spec.arch else get_model_spec(HUB_FAMILY[model_type])
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(model_config(arch_spec))
+        assert lm.config.model_type == get_model_spec(HUB_FAMILY[model_type]).arch["model_type"]
+        model = _wrap(MethodConfig("lora"), model_type, lm, dtype="fp32")
+    adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    layers = lm.config.num_hidden_layers
+    assert sorted(name.rsplit(".", 1)[1] for name in adapted) == sorted(spec.lora_targets * layers)
+    assert all(".self_attn." in name or ".attn." in name for name in adapted)
+    assert count_trainable(model) == sum(16 * (m.in_features + m.out_features) for m in adapted.values())
+
+
 def test_every_encoder_has_an_id_and_pooling():
     expected = {"codebert-base": "cls", "codesage-small": "pooler_l2", "codesage-base": "pooler_l2",
                 "codesage-large": "pooler_l2", "tiny-roberta": "cls", "minilm": "mean_l2"}
