@@ -1,4 +1,5 @@
 import json
+import pathlib
 
 import pytest
 
@@ -198,3 +199,35 @@ def test_fixture_data_splits_are_non_empty(tmp_path):
     paths = write_fixture_data(tmp_path)
     assert len(load_task_split("mbpp", "test", paths["mbpp"])) == 10
     assert len(load_task_split("cruxeval_output_prediction", "train", paths["cruxeval"])) == 10
+
+
+def test_the_public_mbpp_file_is_fetched_once_into_the_cache_and_then_read_offline(tmp_path, monkeypatch):
+    """No --data_path and no ../shared/data: MBPP comes from its GitHub URL. Through `datasets` that failed with an
+    ImportError (its https path needs aiohttp, which nothing installs) before any download was tried."""
+    import io
+    import urllib.request
+
+    from datasets import config
+
+    from utils import data
+    from utils.fixtures import write_fixture_data
+
+    body = pathlib.Path(write_fixture_data(tmp_path / "src")["mbpp"]).read_bytes()
+    fetched = []
+
+    def fake_urlopen(url, timeout=None):
+        fetched.append(url)
+        return io.BytesIO(body)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(config, "HF_DATASETS_OFFLINE", False)
+    records = data.load_records("mbpp")
+    assert fetched == [data.MBPP_SOURCE_URL] and len(records) == len(body.splitlines()) == 20
+    test_ids = [r["task_id"] for r in load_task_split("mbpp", "test")]
+    assert test_ids == [r["task_id"] for r in records if int(r["task_id"].split("/")[1]) >= 488] and len(test_ids) == 10
+    monkeypatch.setattr(config, "HF_DATASETS_OFFLINE", True)  # the cached copy needs no network
+    assert data.load_records("mbpp") == records and len(fetched) == 1
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="HF_DATASETS_OFFLINE.*pass --data_path"):
+        data.load_records("mbpp")

@@ -11,6 +11,7 @@ import pathlib
 import re
 
 from utils.errors import UserError
+from utils.fileio import atomic_write_text
 from utils.tasks import get_task
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -63,17 +64,41 @@ def read_jsonl(path: str | os.PathLike, required_fields=(), hint: str = "") -> l
     return records
 
 
+def _mbpp_public_file() -> pathlib.Path:
+    """MBPP's MBXP file, downloaded once into the datasets cache. Not through ``datasets``: its https path needs
+    aiohttp, which neither it nor requirements.txt installs (it failed with an ImportError, network or not)."""
+    import http.client
+    import urllib.request
+
+    from datasets import config
+
+    path = pathlib.Path(config.HF_DATASETS_CACHE) / "lopa-peft" / MBPP_SOURCE_URL.rsplit("/", 1)[1]
+    if path.is_file():
+        return path
+    if config.HF_DATASETS_OFFLINE:
+        raise UserError(f"the public mbpp data is not in the cache ({path}) and HF_DATASETS_OFFLINE is set; "
+                        f"pass --data_path with a local copy of {MBPP_SOURCE_URL}")
+    try:
+        with urllib.request.urlopen(MBPP_SOURCE_URL, timeout=60) as response:
+            text = response.read().decode("utf-8")
+    except (OSError, http.client.HTTPException, UnicodeDecodeError) as exc:  # a cut download too
+        raise UserError(f"could not download {MBPP_SOURCE_URL} ({type(exc).__name__}: {exc}); "
+                        f"pass --data_path with a local JSONL copy") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    return path
+
+
 def _load_public(task_name: str) -> list[dict]:
-    """Download (and cache) the public source with ``datasets``; used when no --data_path is given."""
+    """Download (and cache) the public source; used when no --data_path is given."""
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is in requirements.txt
         raise UserError("the `datasets` package is needed to fetch the public data; pass --data_path") from exc
+    if _family(task_name) == "mbpp":
+        return read_jsonl(_mbpp_public_file(), hint=dataset_hint(task_name))
     try:
-        if _family(task_name) == "mbpp":
-            ds = datasets.load_dataset("json", data_files=MBPP_SOURCE_URL, split="train")
-        else:
-            ds = datasets.load_dataset(CRUXEVAL_HUB_ID, split="test")
+        ds = datasets.load_dataset(CRUXEVAL_HUB_ID, split="test")
     except Exception as exc:  # datasets raises many types for network / offline failures
         raise UserError(f"could not load the public {task_name} data ({type(exc).__name__}: {exc}); "
                         f"pass --data_path with a local JSONL copy") from exc

@@ -59,12 +59,17 @@ import threading
 import time
 import weakref
 
+from utils.errors import UserError
 from utils.sandbox_process import (ForkServer, RunResult, ServerGone, close_servers, exec_sample, interpret,
                                    same_interpreter, site_packages, user_process_count)
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("auto", "namespaces", "uid", "none")
 STARTS = ("auto", "forkserver", "exec")
+
+
+class SandboxUnavailable(UserError, RuntimeError):
+    """No mode of those asked for runs a probe program; a UserError, so a CLI prints it as one line."""
 
 
 @dataclasses.dataclass
@@ -176,7 +181,9 @@ class Sandbox:
                         break
                     tried[f"{mode}/{start}"] = result.reason
                 else:
-                    raise RuntimeError(f"no sandbox mode works with {self.config.python}: {tried}")
+                    fix = ("--sandbox_mode auto falls back to a mode that works" if self.config.mode != "auto"
+                           else f"check that {self.config.python} runs")
+                    raise SandboxUnavailable(f"no sandbox mode works with {self.config.python}: {tried}; {fix}")
                 self._probe_cache[key] = (mode, start, tried)
             mode, start, tried = self._probe_cache[key]
         ns, uid = mode == "namespaces", mode in ("namespaces", "uid") and self._is_root

@@ -83,8 +83,8 @@ def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
     g.add_argument("--limit_train_examples", type=int, default=None,
                    help="train on the first N examples of the split only (smoke runs, tests)")
     g.add_argument("--max_length", type=int, default=None,
-                   help="tokens per example, without virtual tokens (default: the task's, 581-m MBPP, 512 "
-                        "CRUXEval); longer ones lose prompt tokens on the left")
+                   help="tokens per example, without virtual tokens (default: the task's, MBPP 581-m for pt/idpg/lopa "
+                        "and 581 otherwise, CRUXEval 512); longer ones lose prompt tokens on the left")
     g.add_argument("--path_to_ds_config", default=None, metavar="JSON",
                    help="DeepSpeed JSON when launched with `deepspeed` (with `accelerate launch`, the "
                         "--config_file YAML names it)")
