@@ -86,7 +86,12 @@ class TunedModel(nn.Module):
         when no labels are given (or ``selective_logits`` is off)."""
         embedded = self._embed_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
         if embedded is None:
-            inputs = {"input_ids": input_ids}
+            # with packing on, embed here whether or not this batch packs: ZeRO-3 gathers weights in the order
+            # modules run, which must be the same on every process (they pack different batches differently)
+            if labels is not None and self.packing:
+                inputs = {"inputs_embeds": self.lm.get_input_embeddings()(input_ids)}
+            else:
+                inputs = {"input_ids": input_ids}
             mask = attention_mask
         else:
             inputs = {"inputs_embeds": embedded[0]}

@@ -173,3 +173,31 @@ def test_pack_takes_an_example_with_an_empty_mask():
     assert out.labels.tolist() == [[IGNORE_INDEX, 2, 3, 4, IGNORE_INDEX, 6]]
     assert pack(embeds, mask, labels, [[0, 1], [2]]).labels.tolist() == [[IGNORE_INDEX, 2, 3, 4],
                                                                         [IGNORE_INDEX, 6, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+@pytest.mark.parametrize("model_type", ["tiny-llama", "tiny-phi-2"])
+def test_a_batch_that_packs_runs_the_modules_in_the_order_of_one_that_does_not(model_type):
+    """ZeRO-3 gathers each module's weights as it runs, in the same order on every process; two processes whose
+    batches pack differently used to run the embedding before vs inside the model body (a collective mismatch)."""
+    model, tok = built("fft", model_type)
+    same_length = batch_of(tok, ["def a(x): return x", "def b(y): return y"], side="right", targets=[" + 1", " - 1"])
+    padded = batch_of(tok, PROMPTS, side="right", targets=TARGETS)
+    order, rows = [], []
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: order.append(name))
+             for name, module in model.lm.named_modules() if name]
+    hooks.append(model.lm.base_model.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(len(kwargs["position_ids"])), with_kwargs=True))
+    orders = []
+    model.packing = True
+    try:
+        with torch.no_grad():
+            for batch in (padded, same_length):
+                order.clear()
+                model(**batch)
+                orders.append(list(order))
+    finally:
+        model.packing = False
+        for hook in hooks:
+            hook.remove()
+    assert rows == [1, 2]  # the padded batch was packed into one row, the other was not packed
+    assert orders[0] == orders[1] and orders[0][0].endswith("embed_tokens")

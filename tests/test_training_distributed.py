@@ -125,21 +125,22 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_bitwise_identical(tmp_path,
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_single_process_matches_the_plain_run_and_resumes(tmp_path, data_paths, reference):
-    """The shipped ZeRO-2 config through accelerate, one CPU process (the first run JIT-builds a DeepSpeed op)."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_deepspeed_zero2_matches_the_plain_run_and_resumes(tmp_path, data_paths, reference, processes):
+    """The shipped ZeRO-2 config through accelerate on the CPU (the first run JIT-builds a DeepSpeed op): one
+    process × batch 4, or two × batch 2 (gloo, tests/deepspeed_gloo.py), each end with the plain run's adapter."""
     def launch(log_dir, *extra):
-        cmd = [ACCELERATE, "launch", "--config_file", "config_files/config_ds_zero_stage2_no_fp16.yaml",
-               "--num_processes", "1", "--main_process_port", str(free_port()), "tune_foundation_model.py",
-               *pt_args(data_paths, log_dir, batch=4), "--save_every", "1", *extra]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        launch_deepspeed("config_files/config_ds_zero_stage2_no_fp16.yaml", processes, "tune_foundation_model.py",
+                         [*pt_args(data_paths, log_dir, batch=4 // processes), "--save_every", "1", *extra])
 
     launch(tmp_path / "ds")
     runtime = json.loads((tmp_path / "ds" / "config.json").read_text())["runtime"]
     assert runtime["distributed_type"] == "DistributedType.DEEPSPEED" and runtime["deepspeed_zero_stage"] == 2
     assert runtime["optimizer"] == "deepspeed AdamW" and runtime["lr_schedule"] == "linear"
+    assert runtime["num_processes"] == processes
     checkpoint = tmp_path / "ds" / "checkpoints" / "step_00000002"
-    assert (checkpoint / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    for rank in range(processes):  # one optimizer partition per process
+        assert (checkpoint / "deepspeed" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
     assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
     assert_same_run(tmp_path / "ds", reference, atol=1e-6)
 
@@ -153,34 +154,67 @@ def test_deepspeed_zero2_single_process_matches_the_plain_run_and_resumes(tmp_pa
 def test_deepspeed_zero3_fft_single_process_matches_the_plain_run(tmp_path, data_paths):
     """The shipped ZeRO-3 FFT config (parameters and optimizer offloaded to the CPU), one process. ZeRO-3 empties
     each process's parameter tensors, which used to crash the model build (the width read from the embedding)."""
+    initial, args = zero3_fft_args(tmp_path, data_paths)
+    launch_deepspeed("config_files/config_ds_zero3_fft.yaml", 1, "tune_fft_baseline.py",
+                     [*args, "--per_gpu_train_batch_size", "4", "--log_dir", str(tmp_path / "ds")])
+    run_inprocess("fft", [*args, "--per_gpu_train_batch_size", "4", "--log_dir", str(tmp_path / "plain")])
+    ds_config = assert_zero3_run_matches_the_plain_one(tmp_path / "ds", tmp_path / "plain", initial)
+    assert ds_config["num_processes"] == 1
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_fft_two_processes_match_one_plain_process_with_twice_the_batch(tmp_path, data_paths):
+    """Two CPU processes (gloo, tests/deepspeed_gloo.py), each packing its own batches. The build used to hang
+    (the main process built the model first while ZeRO-3 broadcasts every parameter as it is made), then the
+    second step crashed in a collective mismatch (a packed batch ran the embedding before the model body)."""
+    initial, args = zero3_fft_args(tmp_path, data_paths)
+    launch_deepspeed("config_files/config_ds_zero3_fft.yaml", 2, "tune_fft_baseline.py",
+                     [*args, "--per_gpu_train_batch_size", "2", "--log_dir", str(tmp_path / "ds")])
+    run_inprocess("fft", [*args, "--per_gpu_train_batch_size", "4", "--log_dir", str(tmp_path / "plain")])
+    ds_config = assert_zero3_run_matches_the_plain_one(tmp_path / "ds", tmp_path / "plain", initial)
+    assert ds_config["num_processes"] == 2 and ds_config["packing"]
+    ranks = sorted(p.name for p in (tmp_path / "ds" / "checkpoints" / "step_00000002" / "deepspeed").iterdir())
+    assert ranks == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+
+
+def zero3_fft_args(tmp_path, data_paths) -> tuple[torch.nn.Module, list[str]]:
+    """``(initial model, arguments)`` of a 2-epoch FFT run from a saved tiny-llama (ZeRO-3 builds a model in
+    shards, so a random init would draw other values than the plain run's)."""
     from utils.models import load_foundation_model, load_tokenizer
 
-    # Both runs load the same weights (ZeRO-3 builds a model in shards, so a random init would draw other values)
     initial, base = load_foundation_model("tiny-llama", seed=9876)[0], tmp_path / "base"
     initial.save_pretrained(base)
     load_tokenizer("tiny-llama").save_pretrained(base)
     data = records_file(data_paths, tmp_path, "mbpp", 8)
-    args = ["--task_name", "mbpp", "--model_type", "tiny-llama", "--model_path", str(base), "--data_path", data,
-            "--limit_train_examples", "8", "--per_gpu_train_batch_size", "4", "--num_epochs", "2", "--lr", "1e-3",
-            "--max_length", "200", "--weight_decay", "5"]  # a decay large enough to show (ZeRO-3 once dropped it)
-    cmd = [ACCELERATE, "launch", "--config_file", "config_files/config_ds_zero3_fft.yaml", "--num_processes", "1",
-           "--main_process_port", str(free_port()), "tune_fft_baseline.py", *args, "--log_dir", str(tmp_path / "ds")]
+    return initial, ["--task_name", "mbpp", "--model_type", "tiny-llama", "--model_path", str(base), "--data_path",
+                     data, "--limit_train_examples", "8", "--num_epochs", "2", "--lr", "1e-3", "--max_length", "200",
+                     "--weight_decay", "5", "--save_every", "1"]  # a decay that shows (ZeRO-3 once dropped it)
+
+
+def launch_deepspeed(config_file: str, processes: int, script: str, args: list[str]) -> None:
+    """``accelerate launch`` with a DeepSpeed YAML; several processes go through gloo (tests/deepspeed_gloo.py)."""
+    runner = ["tests/deepspeed_gloo.py"] if processes > 1 else []
+    cmd = [ACCELERATE, "launch", "--config_file", config_file, "--num_processes", str(processes),
+           "--main_process_port", str(free_port()), *runner, script, *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_inprocess("fft", [*args, "--log_dir", str(tmp_path / "plain")])
-    ds_config, plain_config = (json.loads((tmp_path / name / "config.json").read_text())["runtime"]
-                               for name in ("ds", "plain"))
+
+
+def assert_zero3_run_matches_the_plain_one(ds_dir, plain_dir, initial) -> dict:
+    ds_config, plain_config = (json.loads((d / "config.json").read_text())["runtime"] for d in (ds_dir, plain_dir))
     assert ds_config["deepspeed_zero_stage"] == 3 and ds_config["optimizer"] == "deepspeed AdamW"
     assert ds_config["total_params"] == plain_config["total_params"] > 300_000  # counted through the shards
-    ours, ref = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("ds", "plain"))
+    ours, ref = read_metrics(ds_dir / "metrics.jsonl"), read_metrics(plain_dir / "metrics.jsonl")
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in ref] and len(ours) == 4
     assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
-    trained, plain = (load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("ds", "plain"))
+    trained, plain = (load_file(str(d / "final" / "model.safetensors")) for d in (ds_dir, plain_dir))
     assert trained.keys() == plain.keys()
     for name in plain:
         # DeepSpeed's offloaded CPU Adam (its own SIMD kernel) lands within 1.1e-5 of torch's on a 2e-3 move
         torch.testing.assert_close(trained[name], plain[name], rtol=0, atol=5e-5, msg=name)
     start = initial.state_dict()["model.norm.weight"]
     assert (trained["model.norm.weight"] - start).abs().max() > 1e-3  # it did train
+    return ds_config
 
 
 @pytest.mark.slow
@@ -195,10 +229,8 @@ def test_deepspeed_zero3_fft_reorders_a_codegen2_checkpoint_it_holds_in_shards(t
     args = ["--task_name", "mbpp", "--model_type", "codegen2-3_7B", "--model_path", str(hub), "--data_path", data,
             "--limit_train_examples", "4", "--per_gpu_train_batch_size", "2", "--num_epochs", "1", "--lr", "1e-3",
             "--max_length", "200"]
-    cmd = [ACCELERATE, "launch", "--config_file", "config_files/config_ds_zero3_fft.yaml", "--num_processes", "1",
-           "--main_process_port", str(free_port()), "tune_fft_baseline.py", *args, "--log_dir", str(tmp_path / "ds")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_deepspeed("config_files/config_ds_zero3_fft.yaml", 1, "tune_fft_baseline.py",
+                     [*args, "--log_dir", str(tmp_path / "ds")])
     run_inprocess("fft", [*args, "--log_dir", str(tmp_path / "plain")])
     ours, ref = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("ds", "plain"))
     assert len(ours) == 2 and [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in ref], rel=1e-5)

@@ -101,6 +101,17 @@ def train(config: TrainConfig) -> TrainResult:
             trainer._lock.close()  # a later run in this process may write here again
 
 
+def _main_process_first_unless_collective(accelerator):
+    """Main process first (downloads happen once), except where building the model is collective: under ZeRO-3
+    every parameter is broadcast as it is made (``deepspeed.zero.Init``), so a rank waiting at the barrier while
+    the main process builds would hang both."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if accelerator.num_processes > 1 and is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()  # concurrent downloads are safe: the hub cache locks each file
+    return accelerator.main_process_first()
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         acc = self.accelerator = make_accelerator(config)
@@ -130,7 +141,7 @@ class Trainer:
         acc, cfg, m, t = self.accelerator, self.config, self.config.model, self.config.train
         set_seed(m.seed)  # python, numpy, torch: dropout draws from here (the model's init has its own seed)
         self.has_prompt = m.method in ("pt", "lopa", "idpg")
-        with acc.main_process_first():  # downloads (if any) happen once
+        with _main_process_first_unless_collective(acc):  # downloads (if any) happen once
             model, self.tokenizer = build_model(
                 m.method, m.model_type, num_virtual_tokens=m.num_virtual_tokens, lp_rank=m.lp_rank,
                 enc_model_type=m.enc_model_type, dtype=t.model_dtype, model_path=m.model_path,
