@@ -291,3 +291,32 @@ def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
         train_setup._resolve_mixed_precision("bf16", deepspeed=False)
     assert train_setup._resolve_mixed_precision("auto", deepspeed=False) == "no"
     assert train_setup._resolve_mixed_precision("fp16", deepspeed=False) == "fp16"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_fp16_overflow_step_counts_as_skipped_with_the_fused_adamw_too(fused):
+    """fp16 on a GPU: an overflow skips the update, and the schedule must not advance. Fused AdamW skips inside its
+    kernel, so accelerate's own flag stays False (accelerate issue #4242); the CPU's GradScaler and fused AdamW
+    take the same path here."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from utils.train_setup import optimizer_step
+
+    reset_accelerate_state()
+    Accelerator(cpu=True)  # the wrapper reads accelerate's process state
+    layer = torch.nn.Linear(4, 4)
+    before = layer.weight.detach().clone()
+    try:
+        for init_scale, overflows in ((2.0 ** 127, True), (1.0, False)):
+            scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+            optimizer = AcceleratedOptimizer(torch.optim.AdamW(layer.parameters(), lr=0.1, fused=fused),
+                                             device_placement=False, scaler=scaler)
+            scaler.scale(layer(torch.ones(2, 4)).pow(2).sum() * 1e6).backward()
+            assert optimizer_step(SimpleNamespace(scaler=scaler), optimizer) is overflows
+            assert torch.equal(layer.weight, before) is overflows
+            optimizer.zero_grad()
+    finally:
+        reset_accelerate_state()

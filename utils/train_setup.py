@@ -151,6 +151,17 @@ def configure_deepspeed(accelerator, config: TrainConfig, hidden_size: int) -> d
     return ds
 
 
+def optimizer_step(accelerator, optimizer) -> bool:
+    """Step accelerate's wrapped ``optimizer``; True when the step was skipped (an fp16 overflow).
+
+    A fused AdamW unscales in its own kernel: its ``step()`` runs and skips the update there, so accelerate's
+    ``step_was_skipped`` stays False (accelerate issue #4242); the loss scale backing off counts as a skip too."""
+    scaler = accelerator.scaler
+    scale = scaler.get_scale() if scaler is not None else None
+    optimizer.step()
+    return optimizer.step_was_skipped or (scale is not None and scaler.get_scale() < scale)
+
+
 def make_optimizer_and_scheduler(model, train: TrainArgs, plan: Plan, accelerator, ds_config: dict | None):
     """DeepSpeed's optimizer (and scheduler) when its JSON has those blocks, else torch AdamW + a transformers
     schedule. Without a DeepSpeed ``scheduler`` block the transformers schedule is used in every case.
