@@ -279,15 +279,17 @@ def test_prune_keeps_the_newest_and_find_checkpoint_explains_problems(tmp_path):
 
 
 def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
-    """An older GPU (V100, T4) under the paper preset's bf16: one line that names the GPU and the way out, not
-    accelerate's error from deep inside Accelerator()."""
+    """An older GPU (V100, T4) under the paper preset's bf16: one line that names the GPU and the way out; "auto"
+    picks no mixed precision there. Such a GPU answers torch.cuda.is_bf16_supported() with True (it can hold bf16
+    tensors; torch emulates the arithmetic, slowly) and False only with including_emulation=False."""
     from utils import train_setup
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
     with pytest.raises(UserError, match=r"--mixed_precision bf16: this GPU \(Tesla V100-SXM2-32GB\) has no "
-                                        r"bfloat16; pass --mixed_precision fp16 or no"):
+                                        r"native bfloat16 \(torch would only emulate it\); pass --mixed_precision "
+                                        r"fp16 or no"):
         train_setup._resolve_mixed_precision("bf16", deepspeed=False)
     assert train_setup._resolve_mixed_precision("auto", deepspeed=False) == "no"
     assert train_setup._resolve_mixed_precision("fp16", deepspeed=False) == "fp16"

@@ -68,14 +68,17 @@ def reset_accelerate_state() -> None:
 
 def _resolve_mixed_precision(choice: str, deepspeed: bool) -> str | None:
     """None lets accelerate read the launcher's setting (or the DeepSpeed JSON decide)."""
-    if choice == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--mixed_precision bf16: this GPU ({torch.cuda.get_device_name()}) has no bfloat16; pass "
-                        f"--mixed_precision fp16 or no (run_experiment.py: --set mixed_precision=no)")
+    # V100/T4 answer True by default: torch emulates bf16 arithmetic there, in fp32 and slowly
+    native_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if choice == "bf16" and torch.cuda.is_available() and not native_bf16:
+        raise UserError(f"--mixed_precision bf16: this GPU ({torch.cuda.get_device_name()}) has no native bfloat16 "
+                        f"(torch would only emulate it); pass --mixed_precision fp16 or no (run_experiment.py: "
+                        f"--set mixed_precision=no)")
     if choice != "auto":
         return choice
     if os.environ.get("ACCELERATE_MIXED_PRECISION") or deepspeed:
         return None
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if native_bf16 else "no"
 
 
 def _single_process_env() -> None:
