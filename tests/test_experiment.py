@@ -422,7 +422,6 @@ def test_every_in_process_stage_compiles_its_decoder_layers(monkeypatch):
     from utils import experiment
     from utils.fast_paths import compile_layers
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     compiled = []
 
     def counting_backend(gm, example_inputs):
@@ -437,8 +436,9 @@ def test_every_in_process_stage_compiles_its_decoder_layers(monkeypatch):
         return main
 
     cells = [("pt", "tiny-llama"), ("lora", "tiny-phi-2"), ("pt", "tiny-codegen")]
-    for method, model_type in cells:
-        monkeypatch.setattr(experiment, "_script_main", lambda script: stage(method, model_type))
-        compiled.append(0)
-        experiment._run_stage("tune_foundation_model.py", [])
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for method, model_type in cells:
+            monkeypatch.setattr(experiment, "_script_main", lambda script: stage(method, model_type))
+            compiled.append(0)
+            experiment._run_stage("tune_foundation_model.py", [])
     assert min(compiled) >= 1, compiled  # without the reset: [1, 1, 0]
