@@ -409,3 +409,36 @@ def test_plan_lists_stored_and_pending_cells_and_runs_nothing(tmp_path, monkeypa
     fresh = tmp_path / "never"
     assert run_experiment.main(["--preset", "paper", "--out", str(fresh), "--plan"])["stored"] == []
     assert not fresh.exists()
+
+
+def test_every_in_process_stage_compiles_its_decoder_layers(monkeypatch):
+    """Stages run in one process, and every transformers decoder layer shares one wrapper's code object, whose
+    compiled entries torch caps (8 by default; 2 here, so that three cells show it): without a reset between
+    stages, the later cells' layers ran eager (seen: the fifth of a real run_experiment sequence)."""
+    import torch
+
+    from custom_peft import build_model
+    from tests.test_fast_paths import _batch
+    from utils import experiment
+    from utils.fast_paths import compile_layers
+
+    compiled = []
+
+    def counting_backend(gm, example_inputs):
+        compiled[-1] += 1
+        return gm.forward
+
+    def stage(method, model_type):
+        def main(argv):
+            model, tok = build_model(method, model_type, num_virtual_tokens=2, seed=0)
+            compile_layers(model.lm, backend=counting_backend)
+            model(**_batch(tok)).loss.backward()
+        return main
+
+    cells = [("pt", "tiny-llama"), ("lora", "tiny-phi-2"), ("pt", "tiny-codegen")]
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for method, model_type in cells:
+            monkeypatch.setattr(experiment, "_script_main", lambda script: stage(method, model_type))
+            compiled.append(0)
+            experiment._run_stage("tune_foundation_model.py", [])
+    assert min(compiled) >= 1, compiled  # without the reset: [1, 1, 0]

@@ -279,15 +279,46 @@ def test_prune_keeps_the_newest_and_find_checkpoint_explains_problems(tmp_path):
 
 
 def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
-    """An older GPU (V100, T4) under the paper preset's bf16: one line that names the GPU and the way out, not
-    accelerate's error from deep inside Accelerator()."""
+    """An older GPU (V100, T4) under the paper preset's bf16: one line that names the GPU and the way out; "auto"
+    picks no mixed precision there. Such a GPU answers torch.cuda.is_bf16_supported() with True (it can hold bf16
+    tensors; torch emulates the arithmetic, slowly) and False only with including_emulation=False."""
     from utils import train_setup
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
     with pytest.raises(UserError, match=r"--mixed_precision bf16: this GPU \(Tesla V100-SXM2-32GB\) has no "
-                                        r"bfloat16; pass --mixed_precision fp16 or no"):
+                                        r"native bfloat16 \(torch would only emulate it\); pass --mixed_precision "
+                                        r"fp16 or no"):
         train_setup._resolve_mixed_precision("bf16", deepspeed=False)
     assert train_setup._resolve_mixed_precision("auto", deepspeed=False) == "no"
     assert train_setup._resolve_mixed_precision("fp16", deepspeed=False) == "fp16"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_fp16_overflow_step_counts_as_skipped_with_the_fused_adamw_too(fused):
+    """fp16 on a GPU: an overflow skips the update, and the schedule must not advance. Fused AdamW skips inside its
+    kernel, so accelerate's own flag stays False (accelerate issue #4242); the CPU's GradScaler and fused AdamW
+    take the same path here."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from utils.train_setup import optimizer_step
+
+    reset_accelerate_state()
+    Accelerator(cpu=True)  # the wrapper reads accelerate's process state
+    layer = torch.nn.Linear(4, 4)
+    before = layer.weight.detach().clone()
+    try:
+        for init_scale, overflows in ((2.0 ** 127, True), (1.0, False)):
+            scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+            optimizer = AcceleratedOptimizer(torch.optim.AdamW(layer.parameters(), lr=0.1, fused=fused),
+                                             device_placement=False, scaler=scaler)
+            scaler.scale(layer(torch.ones(2, 4)).pow(2).sum() * 1e6).backward()
+            assert optimizer_step(SimpleNamespace(scaler=scaler), optimizer) is overflows
+            assert torch.equal(layer.weight, before) is overflows
+            optimizer.zero_grad()
+    finally:
+        reset_accelerate_state()

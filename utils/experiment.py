@@ -158,7 +158,9 @@ def _script_main(script: str):
 def _run_stage(script: str, argv: list[str]):
     """A stage's ``main`` in this process, as if in a process of its own: accelerate's process-wide state, which
     fixes the mixed precision at the first ``Accelerator()`` (a bf16 training after a generation stage failed with
-    "AcceleratorState has already been initialized"), is reset around it, and its memory is freed after it."""
+    "AcceleratorState has already been initialized"), is reset around it, and its memory is freed after it. So are
+    torch.compile's caches: every transformers decoder layer runs one wrapper's code, whose compiled entries torch
+    caps at 8 per process, so without it the fifth or so cell trained its layers eager (a warning, nothing else)."""
     import gc
 
     import torch
@@ -170,6 +172,7 @@ def _run_stage(script: str, argv: list[str]):
         return _script_main(script)(argv)
     finally:
         reset_accelerate_state()
+        torch.compiler.reset()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

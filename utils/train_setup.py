@@ -68,14 +68,17 @@ def reset_accelerate_state() -> None:
 
 def _resolve_mixed_precision(choice: str, deepspeed: bool) -> str | None:
     """None lets accelerate read the launcher's setting (or the DeepSpeed JSON decide)."""
-    if choice == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--mixed_precision bf16: this GPU ({torch.cuda.get_device_name()}) has no bfloat16; pass "
-                        f"--mixed_precision fp16 or no (run_experiment.py: --set mixed_precision=no)")
+    # V100/T4 answer True by default: torch emulates bf16 arithmetic there, in fp32 and slowly
+    native_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if choice == "bf16" and torch.cuda.is_available() and not native_bf16:
+        raise UserError(f"--mixed_precision bf16: this GPU ({torch.cuda.get_device_name()}) has no native bfloat16 "
+                        f"(torch would only emulate it); pass --mixed_precision fp16 or no (run_experiment.py: "
+                        f"--set mixed_precision=no)")
     if choice != "auto":
         return choice
     if os.environ.get("ACCELERATE_MIXED_PRECISION") or deepspeed:
         return None
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if native_bf16 else "no"
 
 
 def _single_process_env() -> None:
@@ -149,6 +152,17 @@ def configure_deepspeed(accelerator, config: TrainConfig, hidden_size: int) -> d
         plugin.fill_match(key, must_match=False, **{key: value})
     accelerator.gradient_accumulation_steps = train.gradient_accumulation_steps
     return ds
+
+
+def optimizer_step(accelerator, optimizer) -> bool:
+    """Step accelerate's wrapped ``optimizer``; True when the step was skipped (an fp16 overflow).
+
+    A fused AdamW unscales in its own kernel: its ``step()`` runs and skips the update there, so accelerate's
+    ``step_was_skipped`` stays False (accelerate issue #4242); the loss scale backing off counts as a skip too."""
+    scaler = accelerator.scaler
+    scale = scaler.get_scale() if scaler is not None else None
+    optimizer.step()
+    return optimizer.step_was_skipped or (scale is not None and scaler.get_scale() < scale)
 
 
 def make_optimizer_and_scheduler(model, train: TrainArgs, plan: Plan, accelerator, ds_config: dict | None):

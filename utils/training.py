@@ -37,7 +37,8 @@ from utils.fileio import atomic_write_text, lock_directory, open_file_modes
 from utils.tasks import get_task
 from utils.train_config import TrainConfig
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, plot_loss, setup_logging
-from utils.train_setup import configure_deepspeed, make_accelerator, make_optimizer_and_scheduler, make_plan
+from utils.train_setup import (configure_deepspeed, make_accelerator, make_optimizer_and_scheduler, make_plan,
+                               optimizer_step)
 
 
 class EpochSampler(Sampler[int]):
@@ -300,10 +301,10 @@ class Trainer:
         grad_norm = None
         if self.config.train.max_grad_norm and not self.ds:
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
-        self.optimizer.step()
+        skipped = optimizer_step(acc, self.optimizer)
         if self.ds and hasattr(self.model, "get_global_grad_norm"):  # the engine clipped (and measured) in its step
             grad_norm = self.model.get_global_grad_norm()
-        if not self.optimizer.step_was_skipped:
+        if not skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = float(acc.reduce(loss_sum, reduction="sum")) / max(total_sup, 1)
