@@ -242,6 +242,9 @@ def main(argv=None) -> None:
     writer = ResultWriter(args.results)
     failures = []
     for method in [] if args.plan_only else args.methods.split(","):
+        # torch caps one function's compiled versions per process (8) and every method's decoder layers run
+        # transformers' one wrapper: without a reset, later methods would silently train eager
+        torch.compiler.reset()
         try:
             bench_method(method, args, writer)
         except Exception as exc:  # one failing method must not lose the others' figures
@@ -249,6 +252,7 @@ def main(argv=None) -> None:
             failures.append(f"{method}: {type(exc).__name__}: {exc}")
             writer.write("train", model=args.model, method=method, batch_size=args.batch_size, error=failures[-1])
     if args.padding or args.plan_only:
+        torch.compiler.reset()
         try:
             bench_padding(args, writer)
         except Exception as exc:

@@ -54,3 +54,28 @@ def test_bench_generate_smoke(tmp_path, data_paths):
     assert all(line["new_tokens_per_s"] > 0 and "error" not in line for line in gen)
     checks = [line for line in lines if line["bench"] == "generate-check"]
     assert checks and all(line["identical_rows"] == 4 for line in checks)  # fp32 CPU: fast path == eager path
+
+
+def test_bench_train_compiles_every_methods_layers(tmp_path, monkeypatch):
+    """Methods run in one process and their decoder layers share one transformers wrapper, whose compiled versions
+    torch caps (8; 2 here): without a reset between methods, later methods were timed eager, still labelled compiled."""
+    import torch
+
+    from utils.fast_paths import compile_layers
+
+    compiled = []
+
+    def counting_backend(gm, example_inputs):
+        compiled[-1] += 1
+        return gm.forward
+
+    def compile_counted(lm):
+        compiled.append(0)
+        compile_layers(lm, backend=counting_backend)
+
+    monkeypatch.setattr(bench_train, "compile_layers", compile_counted)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        bench_train.main(["--model", "tiny-phi-2", "--encoder", "tiny-roberta", "--methods", "pt,lora,lopa",
+                          "--batch_size", "2", "--seq_len", "32", "--m", "4", "--dtype", "fp32", "--steps", "1",
+                          "--warmup", "1", "--results", str(tmp_path / "r.jsonl")])
+    assert len(compiled) == 3 and min(compiled) >= 1, compiled
