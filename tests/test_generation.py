@@ -487,6 +487,19 @@ def test_a_state_dict_without_the_head_loads_only_into_a_model_that_ties_it(tmp_
 
 
 
+@pytest.mark.parametrize("flag", ["--batch_size", "--limit"])
+def test_a_bad_count_is_refused_before_the_fresh_start_clears_the_log_dir(flag, data_paths, tmp_path, capsys):
+    earlier = {name: f"{name} of an earlier run\n" for name in (*MBPP_FILES, PROGRESS_FILE, "generate_preds_config.json")}
+    for name, text in earlier.items():
+        (tmp_path / name).write_text(text)
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--log_dir",
+            str(tmp_path), flag, "0"]
+    with pytest.raises(SystemExit) as exit_:
+        generate_preds.main(argv)
+    assert {name: (tmp_path / name).read_text() for name in earlier if (tmp_path / name).is_file()} == earlier
+    assert exit_.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_a_second_run_on_the_same_log_dir_is_refused_and_the_lock_dies_with_the_run(saved_models, data_paths,
                                                                                       capsys, tmp_path):
     from utils.fileio import lock_directory
