@@ -210,6 +210,19 @@ def test_missing_field_and_empty_split_are_named(tmp_path):
         load_task_split("humaneval", "test", str(path))
 
 
+def test_a_record_id_twice_is_named_before_generation_keys_predictions_by_it(tmp_path):
+    record = {"id": "sample_401", "code": "def f(x):\n    return x", "input": "1", "output": "1"}
+    path = tmp_path / "crux.jsonl"
+    path.write_text("".join(json.dumps({**record, "id": i}) + "\n" for i in ("sample_400", "sample_401", "sample_7")))
+    assert [r["id"] for r in load_task_split("cruxeval_input_prediction", "test", str(path))] == ["sample_400",
+                                                                                                  "sample_401"]
+    with path.open("a") as fh:  # say a copy of the test file appended to the whole one
+        fh.write(json.dumps(record) + "\n")
+    for split in ("train", "test"):
+        with pytest.raises(UserError, match=r"crux\.jsonl: id 'sample_401' appears more than once"):
+            load_task_split("cruxeval_input_prediction", split, str(path))
+
+
 def test_the_other_tasks_file_names_the_fields_and_the_fix(data_paths):
     with pytest.raises(UserError) as err:
         load_task_split("mbpp", "train", data_paths["cruxeval"])
