@@ -15,7 +15,7 @@ import pathlib
 import sys
 import time
 
-from utils.cli import ArgumentParser, add_model_args, check_model_args, default_log_dir, str2bool
+from utils.cli import ArgumentParser, add_model_args, check_model_args, default_log_dir, positive_int, str2bool
 from utils.errors import UserError, cli_entry
 from utils.fileio import lock_directory
 from utils.registry import METHOD_FLAGS, METHODS, PEFT_METHODS
@@ -44,7 +44,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--path_to_data", dest="data_path", default=None, help="the original's name for --data_path")
     g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights and compute dtype")
     d = parser.add_argument_group("decoding (default: greedy, reproducible)")
-    d.add_argument("--batch_size", type=int, default=16, help="prompts per generate call (per process)")
+    # checked when parsed: a bad value found after the fresh start has cleared --log_dir would cost its results
+    d.add_argument("--batch_size", type=positive_int, default=16, help="prompts per generate call (per process)")
     d.add_argument("--paper_decoding", action="store_true",
                    help="the paper's sampling: MBPP T=0.6, CRUXEval T=0.2, top-p 0.95, one sample")
     d.add_argument("--do_sample", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
@@ -64,7 +65,7 @@ def build_parser() -> ArgumentParser:
                    help="new-token cap per sample (default MBPP 256; CRUXEval 512 minus the prompt length, which "
                         "stays a cap when this is given)")
     r = parser.add_argument_group("run")
-    r.add_argument("--limit", type=int, default=None, help="first N test tasks only (smoke runs)")
+    r.add_argument("--limit", type=positive_int, default=None, help="first N test tasks only (smoke runs)")
     r.add_argument("--resume", action="store_true",
                    help="keep the tasks already in --log_dir/generation_progress.jsonl and generate the rest")
     r.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -206,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
                                            "lp_rank": args.lp_rank or 1}))
     if args.num_beams != 1:
         raise UserError(f"--num_beams {args.num_beams}: only 1 is supported (the paper samples one sequence)")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {args.limit}")
     method = resolve_method(args)
 
     from accelerate import Accelerator

@@ -140,6 +140,8 @@ def load_tuned_model(adapter_dir: str | pathlib.Path, model_type: str | None = N
     method = config["method"]
     if method == "fft":
         model_path = str(directory)
+    elif model_path is None:  # the base training ran on, when that was a local directory
+        model_path = _recorded_base(config, cfg_path, model_type or config["base_model_type"])
     lora = config.get("lora", {})
     cfg = MethodConfig(method, config.get("num_virtual_tokens", 10), config.get("lp_rank", 1),
                        config.get("enc_model_type"), config.get("head_dim"), lora.get("r", 16),
@@ -161,6 +163,19 @@ def load_tuned_model(adapter_dir: str | pathlib.Path, model_type: str | None = N
         _load_trained_tensors(model, directory / ADAPTER_WEIGHTS)
     model.eval()
     return model, tokenizer
+
+
+def _recorded_base(config: dict, cfg_path: pathlib.Path, model_type: str) -> str | None:
+    """``base_model_name_or_path`` when it is not the registry's hub id (training had --model_path): the hub model
+    (or, for a tiny type, a random one) would be another base, and the adapter's numbers would silently mean
+    nothing."""
+    recorded = config.get("base_model_name_or_path")
+    if recorded is None or recorded == get_model_spec(model_type).hf_id:
+        return None
+    if not (pathlib.Path(recorded) / "config.json").is_file():
+        raise UserError(f"{cfg_path}: field 'base_model_name_or_path' is {recorded!r}, the local model the adapter was "
+                        f"trained on, and it is not there; pass --model_path with that model (or a copy of it)")
+    return recorded
 
 
 def _load_trained_tensors(model: TunedModel, path: pathlib.Path) -> None:

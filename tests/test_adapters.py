@@ -102,6 +102,23 @@ def test_fft_directory_is_a_whole_model_and_loads_back(tmp_path):
         save_adapter(build_model("none", "tiny-phi-2")[0], tmp_path / "none")
 
 
+def test_an_adapter_trained_on_a_local_base_loads_that_base(tmp_path):
+    """Training with --model_path records it as base_model_name_or_path; left out at load time, the registry's base
+    (for a tiny type a random one) would silently replace it."""
+    base, tok = trained("fft", "tiny-phi-2")
+    base.lm.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model, _ = build_model("pt", "tiny-phi-2", num_virtual_tokens=M, model_path=str(tmp_path / "base"), seed=3)
+    save_adapter(model, tmp_path / "adapter")
+    loaded, _ = load_tuned_model(tmp_path / "adapter")
+    assert torch.equal(loaded.lm.lm_head.weight, base.lm.lm_head.weight)
+    assert_same_model(model.eval(), loaded, left_batch(tok))
+    shutil.rmtree(tmp_path / "base")
+    with pytest.raises(UserError, match="field 'base_model_name_or_path' is .*base', the local model .* not there; "
+                                        "pass --model_path"):
+        load_tuned_model(tmp_path / "adapter")
+
+
 # ------------------------------------------------------------------------------------------- file contents
 def test_lopa_file_holds_only_the_shared_prompt_and_heads(tmp_path):
     model, _ = trained("lopa")

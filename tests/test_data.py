@@ -113,6 +113,32 @@ def test_encoder_input_keeps_the_prompt_budget_mbpp_and_512_cruxeval(enc_kind):
     assert ids[1:-1] == full[-510:] if wrap else ids == full[-512:]
 
 
+
+def test_mbpp_prompt_budgets_of_a_few_tokens_hold_and_none_is_refused():
+    """m close to 325 leaves MBPP a prompt budget of 325 - m tokens: a budget of 1-2 tokens must still cut
+    (``ids[-0:]`` would keep everything), and none at all is an argument error, before anything loads."""
+    from utils.train_args import build_parser, config_from_namespace
+
+    tok, roberta, decoder = tiny_tokenizer(), tiny_tokenizer("roberta"), tiny_tokenizer()
+    record = {"task_id": "MBPP/1", "prompt": "x = 1\n" * 40 + "def tail():\n", "canonical_solution": "  pass",
+              "entry_point": "tail", "test": ""}
+    body = decoder(record["prompt"], add_special_tokens=False)["input_ids"]
+    for m, budget in ((323, 2), (324, 1)):
+        ex = encode_example(get_task("mbpp"), record, tok, roberta, num_virtual_tokens=m, train=False)
+        assert len(ex["input_ids"]) == budget
+        assert ex["enc_input_ids"] == [roberta.cls_token_id, roberta.sep_token_id]  # no room left inside CLS/SEP
+        ex = encode_example(get_task("mbpp"), record, tok, decoder, num_virtual_tokens=m, train=False)
+        assert ex["enc_input_ids"] == body[-budget:]
+    short = encode_example(get_task("mbpp"), record, tok, roberta, num_virtual_tokens=10, train=False)
+    assert short["enc_input_ids"][1:-1] == roberta(record["prompt"], add_special_tokens=False)["input_ids"]  # whole
+    with pytest.raises(UserError, match="--num_virtual_tokens 325: MBPP's prompt budget .* leaves none"):
+        encode_example(get_task("mbpp"), record, tok, num_virtual_tokens=325, train=False)
+    argv = ["--peft_method", "lopa", "--task_name", "mbpp", "--model_type", "tiny-llama", "--num_virtual_tokens", "400"]
+    with pytest.raises(UserError, match="--num_virtual_tokens 400"):
+        config_from_namespace(build_parser("peft").parse_args(argv), "peft")
+    argv[1] = "lora"  # m is not used by lora: no error
+    assert config_from_namespace(build_parser("peft").parse_args(argv), "peft").model.num_virtual_tokens == 400
+
 def test_dynamic_padding_never_pads_past_the_longest_row(data_paths):
     tok, enc_tok = tiny_tokenizer(), tiny_tokenizer("roberta")
     task = get_task("mbpp")
@@ -182,6 +208,19 @@ def test_missing_field_and_empty_split_are_named(tmp_path):
         load_task_split("mbpp", "test", str(path))
     with pytest.raises(UserError, match="unknown task 'humaneval'"):
         load_task_split("humaneval", "test", str(path))
+
+
+def test_a_record_id_twice_is_named_before_generation_keys_predictions_by_it(tmp_path):
+    record = {"id": "sample_401", "code": "def f(x):\n    return x", "input": "1", "output": "1"}
+    path = tmp_path / "crux.jsonl"
+    path.write_text("".join(json.dumps({**record, "id": i}) + "\n" for i in ("sample_400", "sample_401", "sample_7")))
+    assert [r["id"] for r in load_task_split("cruxeval_input_prediction", "test", str(path))] == ["sample_400",
+                                                                                                  "sample_401"]
+    with path.open("a") as fh:  # say a copy of the test file appended to the whole one
+        fh.write(json.dumps(record) + "\n")
+    for split in ("train", "test"):
+        with pytest.raises(UserError, match=r"crux\.jsonl: id 'sample_401' appears more than once"):
+            load_task_split("cruxeval_input_prediction", split, str(path))
 
 
 def test_the_other_tasks_file_names_the_fields_and_the_fix(data_paths):

@@ -184,6 +184,21 @@ def test_a_failed_cell_is_reported_the_others_run_and_the_next_run_redoes_only_i
     assert "**The cells come from 2 different commits**" in text
 
 
+def test_a_stage_that_exits_with_an_error_line_fails_its_cell_with_that_line(tmp_path, monkeypatch):
+    """The usual run-time failure of a real stage: a UserError that ``cli_entry`` turns into one line and exit 2."""
+    from utils import experiment
+    from utils.errors import UserError, cli_entry
+
+    key, message = "tiny-phi-2/mbpp/lora", "model 'microsoft/phi-2' is unavailable: not in the local cache"
+    _fake_stages(monkeypatch, fail=(key, "tune_foundation_model.py", UserError(message)))
+    fake = experiment._script_main
+    monkeypatch.setattr(experiment, "_script_main", lambda script: cli_entry(fake(script)))
+    run = run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "lora,pt"])
+    assert run["failed"][key]["reason"] == f"exit status 2: error: {message}"
+    assert run["ran"] == ["tiny-phi-2/mbpp/pt"] and not (tmp_path / "cells" / key / "result.json").exists()
+    assert f"error: {message}" in (tmp_path / "cells" / key / "cell.log").read_text()
+
+
 def test_an_interrupted_cell_counts_as_not_done(tmp_path, monkeypatch):
     key = "tiny-phi-2/mbpp/pt"
     _fake_stages(monkeypatch, fail=(key, "evaluate_preds.py", KeyboardInterrupt()))

@@ -470,6 +470,35 @@ def test_a_state_dict_loses_backbone_prefixes_only_when_every_name_has_one(tmp_p
     assert sorted(read_state_dict_file(str(tmp_path / "wrapped.safetensors"))) == ["a.weight", "b.weight"]
     assert sorted(read_state_dict_file(str(tmp_path / "own.safetensors"))) == ["backbone.a.weight", "lm_head.weight"]
 
+def test_a_state_dict_without_the_head_loads_only_into_a_model_that_ties_it(tmp_path):
+    from utils.generation import load_fft_weights
+    from utils.models import load_foundation_model
+
+    trained, _ = load_foundation_model("tiny-llama", seed=1)
+    path = tmp_path / "no_head.safetensors"
+    save_file({k: v for k, v in trained.state_dict().items() if k != "lm_head.weight"}, str(path))
+    untied, _ = load_foundation_model("tiny-llama", seed=2)  # its own lm_head: the file lacks a trained weight
+    with pytest.raises(UserError, match=r"1 missing weights, e.g. \['lm_head.weight'\]"):
+        load_fft_weights(untied, state_dict_file=str(path))
+    tied, _ = load_foundation_model("tiny-llama", seed=2)
+    tied.lm_head.weight = tied.model.embed_tokens.weight  # the head is the embedding, loaded under its other name
+    load_fft_weights(tied, state_dict_file=str(path))
+    assert torch.equal(tied.lm_head.weight, trained.model.embed_tokens.weight)
+
+
+
+@pytest.mark.parametrize("flag", ["--batch_size", "--limit"])
+def test_a_bad_count_is_refused_before_the_fresh_start_clears_the_log_dir(flag, data_paths, tmp_path, capsys):
+    earlier = {name: f"{name} of an earlier run\n" for name in (*MBPP_FILES, PROGRESS_FILE, "generate_preds_config.json")}
+    for name, text in earlier.items():
+        (tmp_path / name).write_text(text)
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--log_dir",
+            str(tmp_path), flag, "0"]
+    with pytest.raises(SystemExit) as exit_:
+        generate_preds.main(argv)
+    assert {name: (tmp_path / name).read_text() for name in earlier if (tmp_path / name).is_file()} == earlier
+    assert exit_.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
 
 def test_a_second_run_on_the_same_log_dir_is_refused_and_the_lock_dies_with_the_run(saved_models, data_paths,
                                                                                       capsys, tmp_path):

@@ -87,6 +87,29 @@ def test_set_false_turns_off_a_training_switch_that_defaults_on(tmp_path):
     assert "False" not in dict(off.commands)["generate_preds.py"]  # gen/eval store_true flags: False stays absent
 
 
+def test_set_gen_do_sample_false_makes_the_paper_presets_generation_greedy(tmp_path):
+    """generate_preds' --do_sample takes a value and its absence means "not given" (--paper_decoding then samples):
+    --set gen.do_sample=false must reach it as --do_sample False, and --set gen.paper_decoding=false stays absent."""
+    import generate_preds
+    from utils.experiment import plan_cells
+    from utils.generation import resolve_gen_config
+    from utils.presets import PRESETS, apply_overrides
+    from utils.tasks import get_task
+
+    def decoding(overrides):
+        cell = next(c for c in plan_cells(apply_overrides(PRESETS["paper-phi-2"](), overrides), tmp_path)
+                    if c.method == "none" and c.task == "mbpp")
+        argv = dict(cell.commands)["generate_preds.py"]
+        args = generate_preds.build_parser().parse_args(argv)
+        return resolve_gen_config(get_task("mbpp"), paper_decoding=args.paper_decoding, do_sample=args.do_sample), argv
+
+    assert decoding([])[0].do_sample is True and decoding([])[0].temperature == 0.6
+    greedy, argv = decoding(["gen.do_sample=false"])
+    assert greedy.do_sample is False and argv[argv.index("--do_sample") + 1] == "False"
+    greedy, argv = decoding(["gen.paper_decoding=false"])
+    assert greedy.do_sample is False and "--paper_decoding" not in argv and "False" not in argv
+
+
 def test_set_gen_encoder_flags_reach_only_the_methods_that_read_them(tmp_path):
     """--set gen.enc_model_path=DIR (a local encoder for lopa/idpg generation) goes to every cell's gen section;
     generate_preds.py rejects a flag the method does not read, so the other cells must not get it."""

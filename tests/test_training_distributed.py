@@ -238,3 +238,24 @@ def test_deepspeed_zero3_fft_reorders_a_codegen2_checkpoint_it_holds_in_shards(t
     trained, plain = (load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("ds", "plain"))
     for name in plain:
         torch.testing.assert_close(trained[name], plain[name], rtol=0, atol=5e-5, msg=name)
+
+
+def test_full_fine_tuning_resumed_from_an_epoch_checkpoint_ends_bitwise_identical(tmp_path, data_paths):
+    # FFT's checkpoint is every weight plus AdamW's two param groups (weight decay 0.05 on matrices only), and
+    # its default 10 % warmup: run_experiment resumes an interrupted FFT cell from it
+    args = ["--task_name", "cruxeval_output_prediction", "--model_type", "tiny-phi-2", "--data_path",
+            records_file(data_paths, tmp_path, "cruxeval", 6), "--limit_train_examples", "6", "--num_epochs", "2",
+            "--per_gpu_train_batch_size", "2", "--lr", "0.01", "--max_length", "96", "--save_every", "1"]
+    run_inprocess("fft", args + ["--log_dir", str(tmp_path / "full")])
+    checkpoint = tmp_path / "full" / "checkpoints" / "step_00000003"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["epoch"] == 1
+    run_inprocess("fft", args + ["--log_dir", str(tmp_path / "resumed"), "--resume_from", str(checkpoint)])
+    full, resumed = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("full", "resumed"))
+    assert full.keys() == resumed.keys() and len(full) > 20
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    ours, ref = read_metrics(tmp_path / "resumed" / "metrics.jsonl"), read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [(r["step"], r["loss"], r["lr"]) for r in ours] == [(r["step"], r["loss"], r["lr"]) for r in ref[3:]]
+    assert [r["lr"] for r in ref] == pytest.approx([0.0, 0.01, 0.008, 0.006, 0.004, 0.002])  # 1 warmup step
+    initial = load_file(str(checkpoint / "trainable.safetensors"))
+    assert max((full[n] - initial["backbone." + n]).abs().max().item() for n in full) > 1e-3  # it did train on

@@ -22,9 +22,10 @@ MAX_ENCODER_TOKENS = 512
 def encoder_ids(text: str, enc_tokenizer, max_tokens: int = MAX_ENCODER_TOKENS) -> list[int]:
     """The prompt under the encoder tokenizer: its last tokens, wrapped in CLS/SEP when the tokenizer has both."""
     ids = enc_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # cut below
-    if enc_tokenizer.cls_token_id is not None and enc_tokenizer.sep_token_id is not None:
-        return [enc_tokenizer.cls_token_id] + ids[-(max_tokens - 2):] + [enc_tokenizer.sep_token_id]
-    return ids[-max_tokens:]
+    wrap = enc_tokenizer.cls_token_id is not None and enc_tokenizer.sep_token_id is not None
+    keep = max(max_tokens - (2 if wrap else 0), 0)
+    ids = ids[max(len(ids) - keep, 0):]  # not ids[-keep:]: with keep 0 that is the whole list
+    return [enc_tokenizer.cls_token_id] + ids + [enc_tokenizer.sep_token_id] if wrap else ids
 
 
 def prompt_ids(task: Task, text: str, tokenizer) -> list[int]:

@@ -143,7 +143,11 @@ def split_records(task_name: str, records: list[dict], split: str, *, mbpp_split
         lo, hi = MBPP_SPLITS[mbpp_split][split]
     else:
         lo, hi = CRUXEVAL_SPLITS[split]
-    chosen = [r for r in records if lo <= _number(task_name, r, data_path) <= hi]
+    numbers = [_number(task_name, r, data_path) for r in records]
+    if len(set(numbers)) < len(numbers):  # generation keys predictions by id: a second copy cannot be told apart
+        twice = next(get_task(task_name).record_id(r) for i, r in enumerate(records) if numbers[i] in numbers[:i])
+        raise UserError(f"{data_path or task_name}: id {twice!r} appears more than once; keep one record per id")
+    chosen = [r for r, number in zip(records, numbers) if lo <= number <= hi]
     if not chosen:
         raise UserError(f"{data_path or task_name}: the {split} split is empty (ids {lo}-{hi}); "
                         f"check --data_path and --task_name")

@@ -40,12 +40,14 @@ COLUMN_NAMES = {"cruxeval_input_prediction": "CruxEval-I", "cruxeval_output_pred
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _flags(values: dict, *, keep_false: bool = False) -> list[str]:
-    """``keep_false``: False becomes ``--key False`` (training's switches accept a value, and the fast paths
-    default to True, so leaving the flag out would keep them on); elsewhere False flags are left out."""
+def _flags(values: dict, *, keep_false: bool | frozenset[str] = False) -> list[str]:
+    """``keep_false`` (True, or the keys it holds): False becomes ``--key False`` (training's switches accept a
+    value, and the fast paths default to True, so leaving the flag out would keep them on); elsewhere False flags
+    are left out."""
     out = []
     for key, value in values.items():
-        if value is None or (value is False and not keep_false):
+        keep = keep_false if isinstance(keep_false, bool) else key in keep_false
+        if value is None or (value is False and not keep):
             continue
         out.append(f"--{key}")
         if value is not True:
@@ -118,7 +120,8 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
         commands.append(("tune_fft_baseline.py" if method == "fft" else "tune_foundation_model.py",
                          argv + ["--log_dir", str(train_dir)]))
     gen_flags = {k: v for k, v in preset.gen.items() if method in METHOD_FLAGS.get(k, (method,))}
-    gen = base + ["--peft_method", method] + _flags(gen_flags) + ["--log_dir", str(gen_dir)]
+    gen = (base + ["--peft_method", method] + _flags(gen_flags, keep_false=_valued_switches("generate_preds.py"))
+           + ["--log_dir", str(gen_dir)])
     if method == "fft":
         gen += ["--load_base_from_path", str(train_dir / "final")]
     elif method != "none":
@@ -134,6 +137,18 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
             evaluate += ["--data_path", data_path]
         commands.append(("evaluate_preds.py", evaluate + ["--path", str(gen_dir / "output.json")]))
     return commands
+
+
+@functools.lru_cache(maxsize=None)
+def _valued_switches(script: str) -> frozenset[str]:
+    """The flags of ``script`` that take True/False: left out, such a flag means "not given" (generate_preds'
+    --do_sample: the preset's --paper_decoding then samples), not False."""
+    import importlib
+
+    from utils.cli import str2bool
+
+    parser = importlib.import_module(script.removesuffix(".py")).build_parser()
+    return frozenset(a.dest for a in parser._actions if a.type is str2bool)
 
 
 def git_commit() -> str:

@@ -259,6 +259,15 @@ def read_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _shared_with_loaded(lm, state: dict) -> set[str]:
+    """Names of ``lm`` whose tensor is also reached by a name in ``state`` (tied weights, loaded through the
+    other name). ``_tied_weights_keys`` lists lm_head for every causal LM, tied or not, so it cannot decide."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in [*lm.named_parameters(remove_duplicate=False), *lm.named_buffers(remove_duplicate=False)]:
+        names_of.setdefault(id(tensor), []).append(name)
+    return {name for names in names_of.values() if any(n in state for n in names) for name in names}
+
+
 def load_fft_weights(lm, *, state_dict_file: str | None = None, sharded_dir: str | None = None) -> None:
     """Load a fully fine-tuned checkpoint into ``lm`` (strictly: every weight, no stray names)."""
     if state_dict_file:
@@ -268,8 +277,7 @@ def load_fft_weights(lm, *, state_dict_file: str | None = None, sharded_dir: str
         except RuntimeError as exc:  # same names, other shapes
             raise UserError(f"{state_dict_file}: does not fit --model_type ({str(exc).splitlines()[-1].strip()}); "
                             f"pass the --model_type it was trained from") from exc
-        tied = set(getattr(lm, "_tied_weights_keys", None) or ())
-        missing = [k for k in missing if k not in tied]
+        missing = [k for k in missing if k not in _shared_with_loaded(lm, state)]
         if missing or unexpected:
             raise UserError(f"{state_dict_file}: does not fit --model_type ({len(missing)} missing weights, e.g. "
                             f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); pass the "

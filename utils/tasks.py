@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from utils.errors import UserError
 from utils.registry import check_task
 
 MBPP_STOP_SEQUENCES = ("\ndef", "\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```")
@@ -91,6 +92,9 @@ class Task:
     def max_lengths(self, num_virtual_tokens: int) -> tuple[int, int]:
         """``(max_prompt_tokens, max_total_tokens)`` without the virtual tokens, as in the paper's runs."""
         if self.is_mbpp:
+            if num_virtual_tokens >= MBPP_MAX_PROMPT:  # a budget of 0 or less would slice as [-0:], the whole prompt
+                raise UserError(f"--num_virtual_tokens {num_virtual_tokens}: MBPP's prompt budget is "
+                                f"{MBPP_MAX_PROMPT} - m tokens, which leaves none; use m < {MBPP_MAX_PROMPT}")
             return MBPP_MAX_PROMPT - num_virtual_tokens, MBPP_MAX_PROMPT + MBPP_MAX_NEW - num_virtual_tokens
         return CRUXEVAL_MAX_LENGTH - 1, CRUXEVAL_MAX_LENGTH
 

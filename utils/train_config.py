@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from utils.cli import check_model_args
 from utils.errors import UserError
 from utils.registry import PEFT_METHODS
+from utils.tasks import get_task
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
@@ -77,6 +78,7 @@ class ModelArgs:
 
     def __post_init__(self):
         check_model_args(argparse.Namespace(**dataclasses.asdict(self)))
+        get_task(self.task_name).max_lengths(self.num_virtual_tokens if self.method in ("pt", "lopa", "idpg") else 0)
         if self.method not in PEFT_METHODS + ("fft",):
             raise UserError(f"unknown method {self.method!r}; choose one of: {', '.join(PEFT_METHODS)} (or fft)")
         _at_least("lora_dim", self.lora_dim, 1)
