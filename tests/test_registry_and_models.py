@@ -158,3 +158,10 @@ def test_a_codegen_checkpoint_whose_config_has_no_pad_token_id_loads(tmp_path):
     tok.save_pretrained(tmp_path)
     model, tok = load_foundation_model("codegen-350M", model_path=str(tmp_path))
     assert model.config.pad_token_id == model.generation_config.pad_token_id == tok.pad_token_id is not None
+
+
+def test_a_model_path_with_broken_tokenizer_files_is_a_one_line_error(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut off mid-write
+    with pytest.raises(UserError, match=rf"^{tmp_path}: its tokenizer files do not load \(.*save_pretrained"):
+        load_tokenizer("phi-2", model_path=str(tmp_path))

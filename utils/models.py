@@ -153,7 +153,8 @@ def load_tokenizer(model_type: str, model_path: str | None = None) -> PreTrained
         tok = AutoTokenizer.from_pretrained(source, token=token)
     except (OSError, ValueError) as exc:
         if source == model_path:
-            raise
+            raise UserError(f"{model_path}: its tokenizer files do not load ({type(exc).__name__}: {exc}); pass a "
+                            f"directory written by save_pretrained") from exc
         raise _hub_error("tokenizer of model", spec.hf_id, "--model_path", exc) from exc
     _warn_unless_as_tokenizer_json(tok, source, token)
     return _finish_tokenizer(_bos_as_registered(tok, spec, source))
