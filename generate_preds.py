@@ -227,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     args.data_path = args.data_path or default_data_path(args.task_name)
     records = load_task_split(args.task_name, "test", args.data_path, mbpp_split=args.mbpp_split, limit=args.limit)
     model, tokenizer, enc_tokenizer = load_model(args, method)  # fails on a bad checkpoint before any file is written
+    try:  # an adapter's m can leave MBPP no prompt budget: say so before the fresh start below clears --log_dir
+        task.max_lengths(model.num_virtual_tokens)
+    except UserError as exc:
+        raise UserError(f"{args.load_adapter_from}: {exc}") from None
     accelerator = Accelerator()
     log_dir = pathlib.Path(args.log_dir or broadcast_object_list([default_log_dir()])[0])  # one timestamp for all
     config = run_config(args, method, gen_config, accelerator.num_processes, model.meta.get("enc_model_type"))

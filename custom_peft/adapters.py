@@ -142,6 +142,8 @@ def load_tuned_model(adapter_dir: str | pathlib.Path, model_type: str | None = N
         model_path = str(directory)
     elif model_path is None:  # the base training ran on, when that was a local directory
         model_path = _recorded_base(config, cfg_path, model_type or config["base_model_type"])
+    if enc_model_path is None and config.get("enc_model_name_or_path"):  # likewise a local encoder
+        enc_model_path = _recorded_directory(config, cfg_path, "enc_model_name_or_path", "--enc_model_path")
     lora = config.get("lora", {})
     cfg = MethodConfig(method, config.get("num_virtual_tokens", 10), config.get("lp_rank", 1),
                        config.get("enc_model_type"), config.get("head_dim"), lora.get("r", 16),
@@ -172,9 +174,14 @@ def _recorded_base(config: dict, cfg_path: pathlib.Path, model_type: str) -> str
     recorded = config.get("base_model_name_or_path")
     if recorded is None or recorded == get_model_spec(model_type).hf_id:
         return None
+    return _recorded_directory(config, cfg_path, "base_model_name_or_path", "--model_path")
+
+
+def _recorded_directory(config: dict, cfg_path: pathlib.Path, field: str, flag: str) -> str:
+    recorded = config[field]
     if not (pathlib.Path(recorded) / "config.json").is_file():
-        raise UserError(f"{cfg_path}: field 'base_model_name_or_path' is {recorded!r}, the local model the adapter was "
-                        f"trained on, and it is not there; pass --model_path with that model (or a copy of it)")
+        raise UserError(f"{cfg_path}: field {field!r} is {recorded!r}, the local model the adapter was trained on, "
+                        f"and it is not there; pass {flag} with that model (or a copy of it)")
     return recorded
 
 

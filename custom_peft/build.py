@@ -89,6 +89,8 @@ def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_pat
                         head_dim=method_cfg.head_dim or encoder.hidden_size)
             if get_encoder_spec(method_cfg.enc_model_type).tiny and enc_model_path is None:
                 meta["encoder_seed"] = seed  # a tiny encoder is random too
+            if enc_model_path is not None:  # loading reads it again: the registry's encoder could be another one
+                meta["enc_model_name_or_path"] = enc_model_path
             if method == "lopa":
                 meta["lp_rank"] = method_cfg.lp_rank
                 prompt = LopaPrompt(encoder, m, d, method_cfg.lp_rank, method_cfg.head_dim)

@@ -119,6 +119,27 @@ def test_an_adapter_trained_on_a_local_base_loads_that_base(tmp_path):
         load_tuned_model(tmp_path / "adapter")
 
 
+def test_an_adapter_trained_on_a_local_encoder_loads_that_encoder(tmp_path):
+    """--enc_model_path at training, left out at load time: the registry's encoder (for tiny-roberta a random one,
+    as wide) would silently make other instance prompts."""
+    from utils.models import tiny_roberta
+
+    encoder, enc_tok = tiny_roberta(seed=7)
+    encoder.save_pretrained(tmp_path / "encoder")
+    enc_tok.save_pretrained(tmp_path / "encoder")
+    model, tok = build_model("lopa", "tiny-llama", num_virtual_tokens=M, enc_model_type="tiny-roberta",
+                             enc_model_path=str(tmp_path / "encoder"), seed=3)
+    save_adapter(model, tmp_path / "adapter")
+    loaded, _ = load_tuned_model(tmp_path / "adapter")
+    ours, saved = loaded.prompt.encoder.backbone.state_dict(), encoder.state_dict()
+    assert len(saved) > 20 and all(torch.equal(ours[k], saved[k]) for k in saved)  # (AutoModel adds a pooler)
+    assert_same_model(model.eval(), loaded, left_batch(tok))
+    shutil.rmtree(tmp_path / "encoder")
+    with pytest.raises(UserError, match="field 'enc_model_name_or_path' is .*encoder', the local model .* not there; "
+                                        "pass --enc_model_path"):
+        load_tuned_model(tmp_path / "adapter")
+
+
 # ------------------------------------------------------------------------------------------- file contents
 def test_lopa_file_holds_only_the_shared_prompt_and_heads(tmp_path):
     model, _ = trained("lopa")

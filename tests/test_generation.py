@@ -487,17 +487,33 @@ def test_a_state_dict_without_the_head_loads_only_into_a_model_that_ties_it(tmp_
 
 
 
-@pytest.mark.parametrize("flag", ["--batch_size", "--limit"])
-def test_a_bad_count_is_refused_before_the_fresh_start_clears_the_log_dir(flag, data_paths, tmp_path, capsys):
+def _refused_leaving_the_log_dir_as_it_was(log_dir, argv) -> int:
+    """Run generate_preds on a --log_dir holding an earlier run's files; its exit code, once they are untouched."""
     earlier = {name: f"{name} of an earlier run\n" for name in (*MBPP_FILES, PROGRESS_FILE, "generate_preds_config.json")}
     for name, text in earlier.items():
-        (tmp_path / name).write_text(text)
-    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--log_dir",
-            str(tmp_path), flag, "0"]
+        (log_dir / name).write_text(text)
     with pytest.raises(SystemExit) as exit_:
-        generate_preds.main(argv)
-    assert {name: (tmp_path / name).read_text() for name in earlier if (tmp_path / name).is_file()} == earlier
-    assert exit_.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+        generate_preds.main([*argv, "--log_dir", str(log_dir)])
+    assert {name: (log_dir / name).read_text() for name in earlier if (log_dir / name).is_file()} == earlier
+    return exit_.value.code
+
+
+@pytest.mark.parametrize("flag", ["--batch_size", "--limit"])
+def test_a_bad_count_is_refused_before_the_fresh_start_clears_the_log_dir(flag, data_paths, tmp_path, capsys):
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], flag, "0"]
+    assert _refused_leaving_the_log_dir_as_it_was(tmp_path, argv) == 2
+    assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_an_adapter_whose_m_leaves_mbpp_no_prompt_is_refused_before_the_fresh_start(data_paths, tmp_path, capsys):
+    """m >= 325 cannot be trained on MBPP, but a CRUXEval adapter can have it: its MBPP generation used to clear
+    --log_dir first and fail in the dataset after."""
+    save_adapter(build_model("pt", "tiny-phi-2", num_virtual_tokens=330)[0], tmp_path / "adapter")
+    (tmp_path / "log").mkdir()
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--limit", "2",
+            "--peft_method", "pt", "--load_adapter_from", str(tmp_path / "adapter")]
+    assert _refused_leaving_the_log_dir_as_it_was(tmp_path / "log", argv) == 2
+    assert f"error: {tmp_path / 'adapter'}: --num_virtual_tokens 330: MBPP's prompt budget" in capsys.readouterr().err
 
 
 def test_a_second_run_on_the_same_log_dir_is_refused_and_the_lock_dies_with_the_run(saved_models, data_paths,
