@@ -261,7 +261,8 @@ def test_the_public_mbpp_file_is_fetched_once_into_the_cache_and_then_read_offli
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     monkeypatch.setattr(config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(config, "HF_DATASETS_OFFLINE", False)
-    records = data.load_records("mbpp")
+    with pytest.warns(UserWarning, match="not the file the paper's splits were checked on"):
+        records = data.load_records("mbpp")
     assert fetched == [data.MBPP_SOURCE_URL] and len(records) == len(body.splitlines()) == 20
     test_ids = [r["task_id"] for r in load_task_split("mbpp", "test")]
     assert test_ids == [r["task_id"] for r in records if int(r["task_id"].split("/")[1]) >= 488] and len(test_ids) == 10
@@ -270,3 +271,22 @@ def test_the_public_mbpp_file_is_fetched_once_into_the_cache_and_then_read_offli
     monkeypatch.setattr(config, "HF_DATASETS_CACHE", str(tmp_path / "empty"))
     with pytest.raises(UserError, match="HF_DATASETS_OFFLINE.*pass --data_path"):
         data.load_records("mbpp")
+
+
+def test_the_public_mbpp_file_as_checked_downloads_without_a_warning(tmp_path, monkeypatch, data_paths):
+    import io
+    import urllib.request
+    import warnings
+
+    from datasets import config
+
+    from utils import data
+
+    require_real_data(data_paths)
+    body = pathlib.Path(data_paths["mbpp"]).read_bytes()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(body))
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(config, "HF_DATASETS_OFFLINE", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(data.load_records("mbpp")) == 974

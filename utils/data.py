@@ -5,10 +5,12 @@ split (train MBPP/601–974, test MBPP/11–510); CRUXEval by sample number — 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
 import re
+import warnings
 
 from utils.errors import UserError
 from utils.fileio import atomic_write_text
@@ -19,6 +21,7 @@ SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 _SHARED_FILES = {"mbpp": "mbpp/mbpp_release_v1.jsonl", "cruxeval": "cruxeval/cruxeval.jsonl"}
 
 MBPP_SOURCE_URL = "https://raw.githubusercontent.com/amazon-science/mxeval/main/data/mbxp/mbpp_release_v1.jsonl"
+MBPP_SOURCE_SHA256 = "2ea7949f20ed5ecaacf4c9970d29430ec3f13772f4dd379665b1234f14b0ec3e"  # the file the splits were checked on
 CRUXEVAL_HUB_ID = "cruxeval-org/cruxeval"
 
 MBPP_SPLITS = {
@@ -80,10 +83,15 @@ def _mbpp_public_file() -> pathlib.Path:
                         f"pass --data_path with a local copy of {MBPP_SOURCE_URL}")
     try:
         with urllib.request.urlopen(MBPP_SOURCE_URL, timeout=60) as response:
-            text = response.read().decode("utf-8")
+            body = response.read()
+        text = body.decode("utf-8")
     except (OSError, http.client.HTTPException, UnicodeDecodeError) as exc:  # a cut download too
         raise UserError(f"could not download {MBPP_SOURCE_URL} ({type(exc).__name__}: {exc}); "
                         f"pass --data_path with a local JSONL copy") from exc
+    digest = hashlib.sha256(body).hexdigest()
+    if digest != MBPP_SOURCE_SHA256:  # upstream changed the file: the splits still go by task id, the records may not
+        warnings.warn(f"{MBPP_SOURCE_URL} is not the file the paper's splits were checked on (sha256 {digest}, "
+                      f"expected {MBPP_SOURCE_SHA256}); results may not be comparable", stacklevel=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
     return path
