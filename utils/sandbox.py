@@ -181,8 +181,9 @@ class Sandbox:
                         break
                     tried[f"{mode}/{start}"] = result.reason
                 else:
-                    fix = ("--sandbox_mode auto falls back to a mode that works" if self.config.mode != "auto"
-                           else f"check that {self.config.python} runs")
+                    fix = f"check that {self.config.python} runs"
+                    if self.config.mode != "auto":
+                        fix = f"--sandbox_mode auto tries the other modes; {fix}"
                     raise SandboxUnavailable(f"no sandbox mode works with {self.config.python}: {tried}; {fix}")
                 self._probe_cache[key] = (mode, start, tried)
             mode, start, tried = self._probe_cache[key]
