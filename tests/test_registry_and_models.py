@@ -30,8 +30,8 @@ HUB_FAMILY = {"phi-2": "tiny-phi-2", "phi-3": "tiny-phi-3", "codegen-350M": "tin
 @pytest.mark.parametrize("model_type", PAPER_MODELS)
 def test_lora_targets_are_every_layers_attention_input_projections_in_the_real_architecture(model_type):
     """spec §1.5: the original's targets name real modules: LoRA built as training builds it (on the meta device;
-    the real sizes where the registry has them) adapts q/k/v, or the fused qkv, of every layer and nothing else;
-    r·(in+out) parameters each (spec §10.4)."""
+    the real sizes where the registry has them, else the family's tiny stand-in, the same transformers class)
+    adapts q/k/v, or the fused qkv, of every layer and nothing else; r·(in+out) parameters each (spec §10.4)."""
     from peft.tuners.lora import LoraLayer
 
     from custom_peft import MethodConfig, count_trainable
@@ -41,7 +41,8 @@ def test_lora_targets_are_every_layers_attention_input_projections_in_the_real_a
     arch_spec = spec if spec.arch else get_model_spec(HUB_FAMILY[model_type])
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(model_config(arch_spec))
-        assert lm.config.model_type == get_model_spec(HUB_FAMILY[model_type]).arch["model_type"]
+        if spec.arch:  # the real architecture is the class its family's stand-in tests
+            assert lm.config.model_type == get_model_spec(HUB_FAMILY[model_type]).arch["model_type"]
         model = _wrap(MethodConfig("lora"), model_type, lm, dtype="fp32")
     adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
     layers = lm.config.num_hidden_layers
