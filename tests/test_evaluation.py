@@ -196,11 +196,28 @@ def test_evaluate_rejects_bad_input_with_a_one_line_error(tmp_path, data_paths, 
     two = _write_jsonl(tmp_path / "two.jsonl", [{"task_id": p["task_id"], "completion": ""} for p in problems])
     with pytest.raises(UserError, match="two.jsonl: not valid JSON .*CRUXEval predictions are one JSON object"):
         evaluate_file("cruxeval_output_prediction", two, data_path=data_paths["cruxeval"], progress=False)
-    for argv in (["--k", "1,x"], ["--n_workers", "0"], ["--timeout", "-1"]):
+    for argv in (["--k", "1,x"], ["--n_workers", "0"], ["--timeout", "-1"], ["--timeout", "nan"], ["--timeout", "inf"]):
         with pytest.raises(SystemExit) as exc:
             evaluate_preds.main(["--task_name", "mbpp", "--path", path] + argv)
         assert exc.value.code == 2
-    assert capsys.readouterr().err.count("error: ") == 3
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 5 and err.count("--timeout must be a positive finite number") == 3
+
+
+def test_an_unwritable_output_directory_fails_before_any_sample_runs(tmp_path, data_paths, monkeypatch):
+    from utils import evaluation, fileio
+    from utils.postprocess import postprocess_mbpp_file
+
+    problems = load_task_split("mbpp", "test", data_paths["mbpp"])[:1]
+    problem_file = _write_jsonl(tmp_path / "problems.jsonl", problems)
+    path = _write_jsonl(tmp_path / "preds.jsonl", [{"task_id": problems[0]["task_id"], "completion": "    pass"}])
+    monkeypatch.setattr(fileio.os, "access", lambda *a: False)  # a read-only mount: root's chmod cannot show it
+    monkeypatch.setattr(evaluation, "run_samples", lambda *a, **k: pytest.fail("samples ran"))
+    with pytest.raises(UserError, match=r"--path .*: cannot write in .* \(read-only or no permission\)"):
+        evaluate_file("mbpp", path, problem_file=problem_file, progress=False)
+    with pytest.raises(UserError, match="cannot write in"):
+        postprocess_mbpp_file(path, problem_file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.jsonl", "problems.jsonl"]
 
 
 def test_sandbox_config_rejects_nonsense():

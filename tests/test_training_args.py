@@ -131,6 +131,8 @@ def test_file_problems_are_found_before_anything_is_written(tmp_path, data_paths
     (tmp_path / "run").write_text("")
     with pytest.raises(UserError, match="exists and is not a directory; pass a directory path"):
         _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
+    with pytest.raises(UserError, match=r"--log_dir .*run/sub: .*run is a file, not a directory"):
+        _parse(["--peft_method", "pt"] + BASE + ["--log_dir", str(tmp_path / "run" / "sub")])
 
 
 @pytest.mark.parametrize("method, way_out", [("fft", "tune_fft_baseline.py"), ("none", "--peft_method none")])
