@@ -1,6 +1,7 @@
 """Scoring: pass@k against the closed form, harness semantics on the real test splits, result files, the CLI."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -218,6 +219,28 @@ def test_an_unwritable_output_directory_fails_before_any_sample_runs(tmp_path, d
     with pytest.raises(UserError, match="cannot write in"):
         postprocess_mbpp_file(path, problem_file)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.jsonl", "problems.jsonl"]
+
+
+def test_ctrl_c_drops_the_queued_samples_instead_of_running_them_all():
+    import os
+    import signal
+    import time
+
+    from utils.evaluation import Sample, run_samples
+
+    class Interrupted:  # Ctrl-C arrives once every sample is queued and two have finished
+        calls = 0
+
+        def run(self, program):
+            Interrupted.calls += 1
+            if Interrupted.calls == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            return SimpleNamespace(status="passed", reason="", seconds=0.05)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_samples([Sample(f"t{i}", 0, "print(1)") for i in range(40)], Interrupted(), n_workers=2, progress=False)
+    assert Interrupted.calls <= 4  # the running ones finish; without the fix all 40 ran before Ctrl-C took effect
 
 
 def test_sandbox_config_rejects_nonsense():

@@ -126,9 +126,13 @@ def run_samples(samples: list[Sample], sandbox: Sandbox, n_workers: int | None =
     with ThreadPoolExecutor(max(1, n_workers or default_workers())) as pool, \
             tqdm(total=len(samples), desc=desc, disable=not progress, unit="sample") as bar:
         futures = {pool.submit(one, s): i for i, s in enumerate(samples)}
-        for fut in as_completed(futures):
-            results[futures[fut]] = fut.result()
-            bar.update(1)
+        try:
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                bar.update(1)
+        except BaseException:  # Ctrl-C: drop the queued samples, or leaving the pool would still run them all
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return results  # type: ignore[return-value]
 
 
