@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from utils.errors import UserError, cli_entry
@@ -41,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--k: every k must be a positive integer")
     if args.n_workers is not None and args.n_workers < 1:
         raise UserError("--n_workers must be at least 1")
-    if args.timeout is not None and args.timeout <= 0:
-        raise UserError("--timeout must be positive")
+    if args.timeout is not None and not 0 < args.timeout < math.inf:  # NaN and inf broke the CPU-time rlimit
+        raise UserError(f"--timeout must be a positive finite number of seconds, got {args.timeout}")
     if args.memory_mb < 64:
         raise UserError("--memory_mb below 64 leaves no room for the interpreter; use at least 64")
     return args

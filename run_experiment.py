@@ -23,6 +23,7 @@ import sys
 import time
 
 from utils.errors import UserError, cli_entry
+from utils.fileio import check_writable_dir
 from utils.registry import METHODS, TASKS
 
 
@@ -74,6 +75,7 @@ def main(argv=None) -> dict:
                         f"together; a single preset runs what it does not list (--preset paper-phi-3 --methods fft)")
     out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
     if not args.plan:
+        check_writable_dir(out, "--out")
         out.mkdir(parents=True, exist_ok=True)
     return _run(args, presets, grids, out)
 

@@ -6,8 +6,8 @@ padded to a multiple of 64 so shapes repeat), ``<method>-eager`` without it, and
 with random weights; EOS is disabled so every row makes exactly ``--new_tokens`` tokens. Prompt lengths come
 from the real MBPP test prompts under a 32k code BPE (benchmarks/bench_tokenizer.py).
 
-    python benchmarks/bench_generate.py --model phi-2 --batch_sizes 1,16,64
-    python benchmarks/bench_generate.py --smoke
+    python -m benchmarks.bench_generate --model phi-2 --batch_sizes 1,16,64
+    python -m benchmarks.bench_generate --smoke
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ fused AdamW, selective logits) and the baselines a user would otherwise pick, ``
 each row (prompts are about half of an MBPP example). ``--padding`` adds useful (non-pad) tokens/s on the real
 MBPP train split with dynamic padding (shuffled, and length-grouped) versus the original's fixed length.
 
-    python benchmarks/bench_train.py --model phi-2 --methods fft,lora,pt,idpg,lopa,peft-pt,peft-lora
-    python benchmarks/bench_train.py --smoke          # tiny model on the CPU (CI)
+    python -m benchmarks.bench_train --model phi-2 --methods fft,lora,pt,idpg,lopa,peft-pt,peft-lora
+    python -m benchmarks.bench_train --smoke          # tiny model on the CPU (CI)
 """
 from __future__ import annotations
 

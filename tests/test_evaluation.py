@@ -1,6 +1,7 @@
 """Scoring: pass@k against the closed form, harness semantics on the real test splits, result files, the CLI."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -196,11 +197,50 @@ def test_evaluate_rejects_bad_input_with_a_one_line_error(tmp_path, data_paths, 
     two = _write_jsonl(tmp_path / "two.jsonl", [{"task_id": p["task_id"], "completion": ""} for p in problems])
     with pytest.raises(UserError, match="two.jsonl: not valid JSON .*CRUXEval predictions are one JSON object"):
         evaluate_file("cruxeval_output_prediction", two, data_path=data_paths["cruxeval"], progress=False)
-    for argv in (["--k", "1,x"], ["--n_workers", "0"], ["--timeout", "-1"]):
+    for argv in (["--k", "1,x"], ["--n_workers", "0"], ["--timeout", "-1"], ["--timeout", "nan"], ["--timeout", "inf"]):
         with pytest.raises(SystemExit) as exc:
             evaluate_preds.main(["--task_name", "mbpp", "--path", path] + argv)
         assert exc.value.code == 2
-    assert capsys.readouterr().err.count("error: ") == 3
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 5 and err.count("--timeout must be a positive finite number") == 3
+
+
+def test_an_unwritable_output_directory_fails_before_any_sample_runs(tmp_path, data_paths, monkeypatch):
+    from utils import evaluation, fileio
+    from utils.postprocess import postprocess_mbpp_file
+
+    problems = load_task_split("mbpp", "test", data_paths["mbpp"])[:1]
+    problem_file = _write_jsonl(tmp_path / "problems.jsonl", problems)
+    path = _write_jsonl(tmp_path / "preds.jsonl", [{"task_id": problems[0]["task_id"], "completion": "    pass"}])
+    monkeypatch.setattr(fileio.os, "access", lambda *a: False)  # a read-only mount: root's chmod cannot show it
+    monkeypatch.setattr(evaluation, "run_samples", lambda *a, **k: pytest.fail("samples ran"))
+    with pytest.raises(UserError, match=r"--path .*: cannot write in .* \(read-only or no permission\)"):
+        evaluate_file("mbpp", path, problem_file=problem_file, progress=False)
+    with pytest.raises(UserError, match="cannot write in"):
+        postprocess_mbpp_file(path, problem_file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.jsonl", "problems.jsonl"]
+
+
+def test_ctrl_c_drops_the_queued_samples_instead_of_running_them_all():
+    import os
+    import signal
+    import time
+
+    from utils.evaluation import Sample, run_samples
+
+    class Interrupted:  # Ctrl-C arrives once every sample is queued and two have finished
+        calls = 0
+
+        def run(self, program):
+            Interrupted.calls += 1
+            if Interrupted.calls == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            return SimpleNamespace(status="passed", reason="", seconds=0.05)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_samples([Sample(f"t{i}", 0, "print(1)") for i in range(40)], Interrupted(), n_workers=2, progress=False)
+    assert Interrupted.calls <= 4  # the running ones finish; without the fix all 40 ran before Ctrl-C took effect
 
 
 def test_sandbox_config_rejects_nonsense():

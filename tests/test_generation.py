@@ -247,6 +247,19 @@ def test_paper_decoding_and_defaults():
         resolve_gen_config(mbpp, num_return_sequences=5)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -1.0}, "--temperature must be a finite number >= 0 (0 means greedy), got -1.0"),
+    ({"temperature": float("nan")}, "--temperature must be a finite number >= 0"),
+    ({"temperature": float("inf")}, "--temperature must be a finite number >= 0"),
+    ({"top_p": 0.0}, "--top_p must be in (0, 1], got 0.0"),  # refused under greedy too, not ignored
+    ({"top_p": float("nan"), "temperature": 1.0}, "--top_p must be in (0, 1]"),
+])
+def test_temperatures_and_top_p_outside_their_range_are_refused_not_read_as_greedy(kwargs, message):
+    with pytest.raises(UserError) as err:
+        resolve_gen_config(get_task("mbpp"), **kwargs)
+    assert message in str(err.value)
+
+
 def test_shards_cover_every_task_once_longest_first():
     lengths = [5, 9, 1, 9, 3, 7, 2]
     plans = [shard_batches(lengths, 2, r, 2) for r in range(2)]

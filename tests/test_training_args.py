@@ -105,6 +105,12 @@ def test_save_every_units():
     (["--peft_method", "pt", "--path_to_ds_config", "missing.json"], "missing.json: no such file"),
     (["--peft_method", "pt", "--resume_from", "nowhere"], "--resume_from nowhere: not a checkpoint"),
     (["--peft_method", "lora", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+    (["--peft_method", "pt", "--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--peft_method", "pt", "--weight_decay", "nan"], "--weight_decay must be >= 0, got nan"),
+    (["--peft_method", "pt", "--weight_decay", "inf"], "--weight_decay must be a finite number"),
+    (["--peft_method", "pt", "--max_grad_norm", "nan"], "--max_grad_norm must be >= 0, got nan"),
+    (["--peft_method", "pt", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--peft_method", "pt", "--seed", str(2**32)], "--seed must be in [0, 2**32)"),
 ])
 def test_bad_values_fail_in_parsing(tmp_path, argv, message):
     if "fp16" in argv and __import__("torch").cuda.is_available():
@@ -125,6 +131,8 @@ def test_file_problems_are_found_before_anything_is_written(tmp_path, data_paths
     (tmp_path / "run").write_text("")
     with pytest.raises(UserError, match="exists and is not a directory; pass a directory path"):
         _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
+    with pytest.raises(UserError, match=r"--log_dir .*run/sub: .*run is a file, not a directory"):
+        _parse(["--peft_method", "pt"] + BASE + ["--log_dir", str(tmp_path / "run" / "sub")])
 
 
 @pytest.mark.parametrize("method, way_out", [("fft", "tune_fft_baseline.py"), ("none", "--peft_method none")])

@@ -6,6 +6,7 @@ import datetime
 import os
 
 from utils.errors import UserError
+from utils.fileio import check_writable_dir
 from utils.registry import ENCODERS, FOUNDATION_MODELS, TASKS
 
 
@@ -97,6 +98,8 @@ def check_log_dir(log_dir: str | None) -> None:
     if log_dir is not None and os.path.exists(log_dir) and not os.path.isdir(log_dir):
         raise UserError(f"--log_dir {log_dir}: exists and is not a directory; pass a directory path "
                         f"(it is created when missing)")
+    if log_dir is not None:
+        check_writable_dir(log_dir, "--log_dir")
 
 
 def default_log_dir() -> str:

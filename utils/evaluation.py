@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from utils.data import default_data_path, load_records, load_task_split, read_jsonl
 from utils.errors import UserError
-from utils.fileio import atomic_write_text
+from utils.fileio import atomic_write_text, check_writable_dir
 from utils.sandbox import Sandbox, SandboxConfig
 
 CRUX_TASKS = {"cruxeval_input_prediction": "input", "cruxeval_output_prediction": "output"}
@@ -126,9 +126,13 @@ def run_samples(samples: list[Sample], sandbox: Sandbox, n_workers: int | None =
     with ThreadPoolExecutor(max(1, n_workers or default_workers())) as pool, \
             tqdm(total=len(samples), desc=desc, disable=not progress, unit="sample") as bar:
         futures = {pool.submit(one, s): i for i, s in enumerate(samples)}
-        for fut in as_completed(futures):
-            results[futures[fut]] = fut.result()
-            bar.update(1)
+        try:
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                bar.update(1)
+        except BaseException:  # Ctrl-C: drop the queued samples, or leaving the pool would still run them all
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return results  # type: ignore[return-value]
 
 
@@ -265,6 +269,7 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
         check_cruxeval_ids(path, predictions, records)
         samples = cruxeval_samples(predictions, records, CRUX_TASKS[task_name])
         missing = []
+    check_writable_dir(path.parent, "--path")  # the results go beside it: fail now, not after the sandbox ran
     workers = max(1, n_workers or default_workers())
     start = time.monotonic()
     with Sandbox(config) as sandbox:

@@ -43,6 +43,20 @@ def open_file_modes(path: str | os.PathLike) -> None:
         os.chmod(file, mode | (file.stat().st_mode & 0o111))
 
 
+def check_writable_dir(directory: str | os.PathLike, what: str) -> None:
+    """Fail before the work, not at its first write: ``directory`` (created later when missing) must be a directory,
+    or creatable under a directory, that this process can write to. A read-only mount fails even for root."""
+    path = pathlib.Path(directory).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {directory}: {existing} is a file, not a directory; pass another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {directory}: cannot write in {existing} (read-only or no permission); pass a "
+                        f"directory you can write to")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` by ``text`` so that readers see the old or the new content, never a torn file: a temporary
     file beside it, fsynced, renamed over it, and the directory fsynced."""

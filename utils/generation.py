@@ -92,6 +92,11 @@ def resolve_gen_config(task: Task, *, paper_decoding: bool = False, do_sample: b
     Values given explicitly override those. ``--temperature`` alone turns sampling on (0 means greedy); so does
     ``--do_sample True``, at the task's paper temperature unless one is given.
     """
+    # checked here, not only when sampling: a negative or NaN temperature used to mean greedy, inf uniform noise
+    if temperature is not None and not 0 <= temperature < math.inf:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
     sample = paper_decoding
     if temperature is not None:
         sample = temperature > 0

@@ -20,7 +20,7 @@ import re
 import tokenize
 
 from utils.errors import UserError
-from utils.fileio import atomic_write_text
+from utils.fileio import atomic_write_text, check_writable_dir
 
 DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
 BOS_STRINGS = (DEEPSEEK_BOS, "<|begin_of_text|>", "<s>", "<|startoftext|>")
@@ -292,6 +292,7 @@ def postprocess_mbpp_file(path, problem_file=None, data_path=None, mbpp_split="p
 
     path = pathlib.Path(path)
     solutions, problems = read_mbpp_solutions_and_problems(path, problem_file, data_path, mbpp_split)
+    check_writable_dir(path.parent, "--path")  # both stages go beside it
     outputs = []
     for stage in (1, 2):
         out = path.with_name(f"{path.stem}_stage{stage}.jsonl")
@@ -329,8 +330,10 @@ def postprocess_cruxeval_file(path, mode: str, data_path=None, out=None) -> str:
     check_cruxeval_ids(path, raw, records)
     answers = {rid: [extract_cruxeval_answer(text, mode, cruxeval_prompt(records[rid], mode)) for text in texts]
                for rid, texts in raw.items()}
+    out_given = out is not None
     out = pathlib.Path(out) if out else cruxeval_answers_path(path)
     if out.resolve() == path.resolve():
         raise UserError(f"{out}: the output would overwrite the input; pass --out")
+    check_writable_dir(out.parent, "--out" if out_given else "--path")
     atomic_write_text(out, json.dumps(answers, indent=1) + "\n")
     return str(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -85,6 +86,8 @@ class ModelArgs:
         _positive("lora_alpha", self.lora_alpha)
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.seed < 2**32:  # numpy's seeding (accelerate's set_seed) takes nothing else
+            raise UserError(f"--seed must be in [0, 2**32), got {self.seed}")
 
     @property
     def uses_encoder(self) -> bool:
@@ -127,8 +130,11 @@ class TrainArgs:
                 _at_least(name, getattr(self, name), 1)
         _positive("lr", self.lr)
         for name in ("weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # written so that NaN fails too
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay"):  # inf makes every trained weight NaN, logged as loss 0.0
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name} must be a finite number, got {getattr(self, name)}")
         _at_least("num_warmup_steps", self.num_warmup_steps, 0)
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
