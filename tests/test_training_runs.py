@@ -182,6 +182,28 @@ def test_wandb_offline_run_records_the_metrics(tmp_path, data_paths, monkeypatch
     assert len(read_metrics(log_dir / "metrics.jsonl")) == 2
 
 
+def test_a_diverged_loss_is_logged_as_nan_not_zero(tmp_path, data_paths, monkeypatch):
+    """A NaN loss used to be logged (and plotted) as 0.0, which reads as a perfect fit; only a micro-batch with
+    nothing supervised (0/0) may count as 0."""
+    from custom_peft.tuned_model import TunedModel
+
+    forward = TunedModel.forward
+
+    def diverging(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(TunedModel, "forward", diverging)
+    log_dir = tmp_path / "run"
+    run_inprocess("peft", ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                           "--data_path", data_paths["mbpp"], "--limit_train_examples", "4",
+                           "--per_gpu_train_batch_size", "2", "--max_train_steps", "2", "--max_length", "32",
+                           "--log_dir", str(log_dir)])
+    losses = [r["loss"] for r in read_metrics(log_dir / "metrics.jsonl")]
+    assert len(losses) == 2 and all(math.isnan(x) for x in losses), losses
+
+
 def test_runs_without_the_optional_packages_and_with_every_switch(tmp_path, data_paths):
     """The GPU image lacks deepspeed, wandb, matplotlib and datasets: a plain run must not need them."""
     log_dir, data = tmp_path / "run", records_file(data_paths, tmp_path, "mbpp", 6)

@@ -296,8 +296,10 @@ class Trainer:
             acc.sync_gradients = last
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
                 out = self.model(**{k: v for k, v in batch.items() if k != "task_ids"})
-                acc.backward(torch.nan_to_num(out.loss) * (n * scale))
-            loss_sum += torch.nan_to_num(out.loss.detach().float()) * n
+                # only a micro-batch with nothing supervised (loss 0/0) is zeroed: a diverged run must log NaN
+                micro_loss = out.loss if n else torch.nan_to_num(out.loss)
+                acc.backward(micro_loss * (n * scale))
+            loss_sum += micro_loss.detach().float() * n
         grad_norm = None
         if self.config.train.max_grad_norm and not self.ds:
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
