@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None):
     from utils.training import train  # heavy imports only after the arguments passed
 
     result = train(config)
-    print(f"trained {result.global_step} steps; adapter: {result.final_dir}", file=sys.stderr)
+    if result.is_main_process:
+        print(f"trained {result.global_step} steps; adapter: {result.final_dir}", file=sys.stderr)
     return result
 
 

@@ -81,6 +81,7 @@ def test_two_synced_processes_match_one_process_with_twice_the_batch(tmp_path, d
            *pt_args(data_paths, tmp_path / "ddp", batch=2)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("trained 4 steps; adapter: ") == 1  # the closing line once, not once per process
     runtime = json.loads((tmp_path / "ddp" / "config.json").read_text())["runtime"]
     ref_runtime = json.loads((reference / "config.json").read_text())["runtime"]
     assert (runtime["num_processes"], ref_runtime["num_processes"]) == (2, 1)

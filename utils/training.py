@@ -84,6 +84,8 @@ class TrainResult:
     global_step: int
     epoch_losses: list[float] = field(default_factory=list)
     """Mean step loss of each epoch finished in this session (the whole epoch, even if it began before a resume)."""
+    is_main_process: bool = True
+    """The scripts print their closing line from this process only (once per run, not once per GPU)."""
 
 
 def _broadcast_str(accelerator, value: str) -> str:
@@ -271,7 +273,7 @@ class Trainer:
                       f"{cfg.model.method} {cfg.model.task_name} {cfg.model.model_type}")
         acc.end_training()
         self.log.info("done: %d steps; final weights in %s", self.state.global_step, final)
-        return TrainResult(self.log_dir, final, self.state.global_step, epoch_losses)
+        return TrainResult(self.log_dir, final, self.state.global_step, epoch_losses, acc.is_main_process)
 
     def _epoch_loader(self):
         acc, skip = self.accelerator, self.state.batch_in_epoch
