@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -53,7 +54,9 @@ def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_pat
     spec = get_model_spec(model_type)
     d = hidden_size_of(lm)
     m, method = method_cfg.num_virtual_tokens, method_cfg.method
-    meta = {"method": method, "base_model_type": model_type, "base_model_name_or_path": model_path or spec.hf_id,
+    # a local path is recorded absolute: loading the adapter from another working directory must find it too
+    meta = {"method": method, "base_model_type": model_type,
+            "base_model_name_or_path": os.path.abspath(model_path) if model_path else spec.hf_id,
             "hidden_size": d, "library": LIBRARY_NAME, "library_version": LIBRARY_VERSION}
     if spec.tiny and model_path is None:  # a tiny base is random: its seed is part of its identity
         meta["base_seed"] = seed
@@ -90,7 +93,7 @@ def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_pat
             if get_encoder_spec(method_cfg.enc_model_type).tiny and enc_model_path is None:
                 meta["encoder_seed"] = seed  # a tiny encoder is random too
             if enc_model_path is not None:  # loading reads it again: the registry's encoder could be another one
-                meta["enc_model_name_or_path"] = enc_model_path
+                meta["enc_model_name_or_path"] = os.path.abspath(enc_model_path)
             if method == "lopa":
                 meta["lp_rank"] = method_cfg.lp_rank
                 prompt = LopaPrompt(encoder, m, d, method_cfg.lp_rank, method_cfg.head_dim)

@@ -119,6 +119,31 @@ def test_an_adapter_trained_on_a_local_base_loads_that_base(tmp_path):
         load_tuned_model(tmp_path / "adapter")
 
 
+def test_a_relative_local_base_and_encoder_are_recorded_absolute(tmp_path, monkeypatch):
+    """--model_path base --enc_model_path enc given relative to the training directory: generation run from
+    another directory must still find both (a relative record resolved against the wrong cwd)."""
+    from utils.models import tiny_roberta
+
+    base, tok = trained("fft", "tiny-phi-2")
+    (tmp_path / "train").mkdir()
+    base.lm.save_pretrained(tmp_path / "train" / "base")
+    tok.save_pretrained(tmp_path / "train" / "base")
+    encoder, enc_tok = tiny_roberta(seed=7)
+    encoder.save_pretrained(tmp_path / "train" / "enc")
+    enc_tok.save_pretrained(tmp_path / "train" / "enc")
+    monkeypatch.chdir(tmp_path / "train")
+    model, _ = build_model("lopa", "tiny-phi-2", num_virtual_tokens=M, enc_model_type="tiny-roberta",
+                           model_path="base", enc_model_path="enc", seed=3)
+    save_adapter(model, tmp_path / "adapter")
+    config = read_adapter_config(tmp_path / "adapter")
+    assert config["base_model_name_or_path"] == str(tmp_path / "train" / "base")
+    assert config["enc_model_name_or_path"] == str(tmp_path / "train" / "enc")
+    monkeypatch.chdir(tmp_path)
+    loaded, _ = load_tuned_model(tmp_path / "adapter")
+    assert torch.equal(loaded.lm.lm_head.weight, base.lm.lm_head.weight)
+    assert_same_model(model.eval(), loaded, left_batch(tok))
+
+
 def test_an_adapter_trained_on_a_local_encoder_loads_that_encoder(tmp_path):
     """--enc_model_path at training, left out at load time: the registry's encoder (for tiny-roberta a random one,
     as wide) would silently make other instance prompts."""
