@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     from utils.data import default_data_path, load_task_split
     from utils.fast_paths import static_cache_kwargs
     from utils.generation import generate_predictions, resolve_gen_config
-    from utils.prediction_files import (ProgressLog, check_resumable, output_files, validate_prediction_files,
-                                        write_config, write_predictions)
+    from utils.prediction_files import (ProgressLog, check_resumable, derived_files, output_files,
+                                        validate_prediction_files, write_config, write_predictions)
     from utils.tasks import get_task
 
     task = get_task(args.task_name)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress.repair()
             else:  # a fresh start: no stale results from an earlier run may survive a crash of this one
                 progress.reset()
-                for name in output_files(task):
+                for name in (*output_files(task), *derived_files(task)):
                     (log_dir / name).unlink(missing_ok=True)
             write_config(log_dir, config)
         accelerator.wait_for_everyone()

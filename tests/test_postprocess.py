@@ -191,3 +191,33 @@ def test_postprocess_cruxeval_cli_writes_output_json(tmp_path, data_paths, capsy
                                              data_paths["cruxeval"], "--out", str(bad_out)])
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["output.json", "output_raw.json"]  # no temporary left
+
+
+@pytest.mark.parametrize("task_name", ["mbpp", "cruxeval_output_prediction"])
+def test_a_fresh_generation_deletes_what_was_derived_from_the_predictions_it_replaces(task_name, tmp_path,
+                                                                                        data_paths, capsys):
+    """Stage files and scores of an earlier run's predictions must not sit beside new ones (after a crash, or a run
+    the user forgot to score again); derived_files names exactly what post-processing and evaluation write."""
+    import evaluate_preds
+    import generate_preds
+    from utils.prediction_files import derived_files
+    from utils.tasks import get_task
+
+    data = data_paths["mbpp" if task_name == "mbpp" else "cruxeval"]
+    generate = ["--task_name", task_name, "--model_type", "tiny-phi-2", "--data_path", data, "--limit", "2",
+                "--max_new_tokens", "4", "--no_progress", "--log_dir", str(tmp_path)]
+    assert generate_preds.main(generate) == 0
+    generated = {p.name for p in tmp_path.iterdir()}
+    if task_name == "mbpp":
+        postprocess_mbpp_preds.main(["--path", str(tmp_path / "mbxp_solutions.jsonl")])
+        scored, subset = ["mbxp_solutions.jsonl", "mbxp_solutions_stage1.jsonl", "mbxp_solutions_stage2.jsonl"], \
+            ["--allow_missing"]
+    else:
+        scored, subset = ["output.json"], []
+    for name in scored:
+        evaluate_preds.main(["--task_name", task_name, "--path", str(tmp_path / name), "--data_path", data,
+                             "--n_workers", "1", "--no_progress", *subset])
+    derived = {p.name for p in tmp_path.iterdir()} - generated
+    assert derived == set(derived_files(get_task(task_name))) and len(derived) == 2 * len(scored) + len(scored) - 1
+    assert generate_preds.main(generate) == 0
+    assert {p.name for p in tmp_path.iterdir()} == generated

@@ -7,6 +7,7 @@ MBPP (read by mxeval's ``evaluate_functional_correctness``):
 CRUXEval (read by CRUXEval's ``evaluate_generations.py``):
   ``output.json``              {"sample_412": [answer, …]} — answers extracted after ``[ANSWER]``
   ``output_raw.json``          {"sample_412": [raw completion, …]}
+A fresh start (no ``--resume``) deletes these and the files derived from them (``derived_files``).
 Both: ``generation_progress.jsonl`` (one line per finished batch, appended and fsynced; ``--resume`` reads it
 back) and ``generate_preds_config.json`` (the resolved settings).
 
@@ -35,6 +36,14 @@ _MBPP_OPTIONAL_FIELDS = ("description",)
 
 def output_files(task: Task) -> tuple[str, ...]:
     return MBPP_FILES if task.is_mbpp else CRUXEVAL_FILES
+
+
+def derived_files(task: Task) -> tuple[str, ...]:
+    """What post-processing and evaluate_preds.py write beside the predictions (``<stem>_stageN.jsonl``,
+    ``<stem>_results.jsonl``, ``<stem>_summary.json``): stale once the predictions are replaced."""
+    scored = ("mbxp_solutions", "mbxp_solutions_stage1", "mbxp_solutions_stage2") if task.is_mbpp else ("output",)
+    return (*(f"{stem}.jsonl" for stem in scored[1:]),
+            *(f"{stem}{suffix}" for stem in scored for suffix in ("_results.jsonl", "_summary.json")))
 
 
 def _jsonl(rows: Sequence[dict]) -> str:
