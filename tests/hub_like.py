@@ -2,11 +2,20 @@
 generation_config.json, and a tokenizer with the real special-token strings, BOS/EOS/PAD presence and tokenizer_config
 fields. Vocabulary ids differ from the real ones (the project's small BPE); config ids match this tokenizer.
 
-Seen in public copies of the hub files: Phi-3-mini-4k's config.json (pad 32000, sliding_window 2047, rope_scaling
-null, torch_dtype bfloat16, auto_map) and generation EOS list [32000, 32001, 32007]; a DeepSeek tokenizer.json whose
-post-processor adds the BOS. From utils/registry.py: phi-2's and deepseek-1.3b's architecture values. Recalled, not
-seen (assumed): the tokenizer_config.json fields, Llama-3-8B's generation_config.json (do_sample, T 0.6, top-p 0.9,
-max_length 4096), deepseek-7b-v1.5's config, and codebert-base shipping vocab.json + merges.txt without tokenizer.json.
+Seen in public copies of the hub files (huggingface.co pages in the search index; "copy" = another repo re-uploading
+the file): Phi-3-mini-4k's config.json (pad 32000, sliding_window 2047, rope_scaling null, torch_dtype bfloat16,
+auto_map) and generation EOS list [32000, 32001, 32007]; its tokenizer_config.json add_bos_token/add_eos_token false
+(quoted from microsoft/Phi-3-mini-4k-instruct main in meta-pytorch/torchtune PR #1778); Llama-3-8B's
+generation_config.json (bos 128000, eos 128001, do_sample, T 0.6, top-p 0.9, max_length 4096, 4.40.0.dev0; copies
+GMQs/Meta-Llama-3-8B, Undi95/Meta-Llama-3-8B-hf) and special_tokens_map (BOS/EOS, no PAD); deepseek-7b-v1.5's
+generation_config.json (bos 100000, eos 100001; deepseek-ai page) and config.json (4096 positions, rope_scaling null,
+rope_theta 10000.0, vocab 102400, 30 layers; copy Fsoft-AIC/XMAiNframe-base-7b); its tokenizer_config.json (EOS
+"<|EOT|>", PAD end-of-sentence, add_bos_token, model_max_length 4096, LlamaTokenizerFast; copy
+TechxGenus/deepseek-coder-7b-base-v1.5-AQLM, 772 bytes like the hub's file); codebert-base's file list (vocab.json,
+merges.txt, special_tokens_map.json, a 25-byte tokenizer_config.json, no tokenizer.json); a DeepSeek tokenizer.json
+whose post-processor adds the BOS. From utils/registry.py: phi-2's and deepseek-1.3b's architecture values. Recalled,
+not seen (assumed): the other tokenizer_config.json fields, that "<|EOT|>" is a special added token, and Llama-3's
+tokenizer_config.json.
 """
 from __future__ import annotations
 
@@ -111,7 +120,7 @@ def phi3(path: pathlib.Path) -> pathlib.Path:
         "eos_token_id": [eot, ids["<|assistant|>"], ids["<|end|>"]], "pad_token_id": eot,
         "transformers_version": "4.40.2"})
     backend.save(str(path / "tokenizer.json"))
-    _write(path, "tokenizer_config.json", {  # add_bos_token: assumed (the hub file's current value)
+    _write(path, "tokenizer_config.json", {  # add_bos_token false, as the hub file (docstring)
         "add_bos_token": False, "add_eos_token": False, "bos_token": "<s>", "clean_up_tokenization_spaces": False,
         "eos_token": "<|endoftext|>", "legacy": False, "model_max_length": 4096, "pad_token": "<|endoftext|>",
         "padding_side": "left", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>",
@@ -119,8 +128,9 @@ def phi3(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _deepseek(path: pathlib.Path, config: dict, max_len: int) -> pathlib.Path:
-    backend, ids = _bytelevel_backend([DS_BOS, DS_EOS])
+def _deepseek(path: pathlib.Path, config: dict, max_len: int, eos: str = DS_EOS) -> pathlib.Path:
+    """``eos``: tokenizer_config.json's EOS; config.json's and generation_config.json's stay ``DS_EOS``."""
+    backend, ids = _bytelevel_backend([DS_BOS, DS_EOS] + ([eos] if eos != DS_EOS else []))
     _bos_template(backend, DS_BOS, ids)
     _save_model(path, dict(
         architectures=["LlamaForCausalLM"], attention_bias=False, bos_token_id=ids[DS_BOS], eos_token_id=ids[DS_EOS],
@@ -132,7 +142,7 @@ def _deepseek(path: pathlib.Path, config: dict, max_len: int) -> pathlib.Path:
     backend.save(str(path / "tokenizer.json"))
     _write(path, "tokenizer_config.json", {
         "add_bos_token": True, "add_eos_token": False, "bos_token": DS_BOS, "clean_up_tokenization_spaces": False,
-        "eos_token": DS_EOS, "legacy": True, "model_max_length": max_len, "pad_token": DS_EOS, "sp_model_kwargs": {},
+        "eos_token": eos, "legacy": True, "model_max_length": max_len, "pad_token": DS_EOS, "sp_model_kwargs": {},
         "unk_token": None, "tokenizer_class": "LlamaTokenizerFast"})
     return path
 
@@ -144,8 +154,10 @@ def deepseek_1_3b(path: pathlib.Path) -> pathlib.Path:
 
 
 def deepseek_7b(path: pathlib.Path) -> pathlib.Path:
-    """deepseek-ai/deepseek-coder-7b-base-v1.5: no RoPE scaling, 4k positions."""
-    return _deepseek(path, dict(max_position_embeddings=4096, rope_theta=10000.0, rope_scaling=None), 4096)
+    """deepseek-ai/deepseek-coder-7b-base-v1.5: no RoPE scaling, 4k positions; the tokenizer's EOS is ``<|EOT|>``,
+    not the config's ``<｜end▁of▁sentence｜>`` (which stays PAD)."""
+    return _deepseek(path, dict(max_position_embeddings=4096, rope_theta=10000.0, rope_scaling=None), 4096,
+                     eos="<|EOT|>")
 
 
 def llama3_8b(path: pathlib.Path) -> pathlib.Path:
@@ -173,7 +185,7 @@ def llama3_8b(path: pathlib.Path) -> pathlib.Path:
 
 # ------------------------------------------------------------------------------------------------- encoders
 def codebert_base(path: pathlib.Path) -> pathlib.Path:
-    """microsoft/codebert-base: RoBERTa with a pooler, vocab.json + merges.txt and no tokenizer.json (assumed)."""
+    """microsoft/codebert-base: RoBERTa with a pooler, vocab.json + merges.txt and no tokenizer.json."""
     backend, ids = _bytelevel_backend(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     _save_model(path, dict(
         architectures=["RobertaModel"], attention_probs_dropout_prob=0.1, bos_token_id=ids["<s>"],

@@ -45,6 +45,11 @@ def test_hub_like_checkpoint_loads_in_the_asked_dtype_and_encodes_as_its_tokeniz
         assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == 4.0
     if model_type == "phi-3":  # generation stops on every EOS the hub's generation config lists
         assert len(_eos_ids(build_model("none", "phi-3", model_path=hub["phi-3"])[0], tok)) == 3
+    if model_type == "deepseek-coder-7b-base":  # targets end in the tokenizer's <|EOT|>; generation stops on it too
+        configured = model.generation_config.eos_token_id
+        assert tok.eos_token == "<|EOT|>" and configured == tok.pad_token_id != tok.eos_token_id
+        assert _eos_ids(build_model("none", model_type, model_path=hub[model_type])[0], tok) == sorted(
+            [configured, tok.eos_token_id])
 
 
 def test_greedy_decoding_ignores_the_hub_generation_configs_sampling(hub, one_thread):
