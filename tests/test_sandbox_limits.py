@@ -1,5 +1,7 @@
-"""The sandbox at its resource limits (second red-team round): a program that fills its private /tmp is still scored
-by its own result, not as an early exit."""
+"""Second red-team round of the sandbox: a program that fills its private /tmp is still scored by its own result, and
+the evaluator's virtualenv is read-only wherever programs see it."""
+import sys
+
 import pytest
 
 from utils.sandbox import Sandbox, SandboxConfig
@@ -29,3 +31,21 @@ def test_a_program_that_fills_its_tmp_is_scored_by_its_own_result(start):
         failing = sandbox.run(_FILL_TMP + "assert 1 + 1 == 3, 'wrong sum'\n")
     assert (passing.status, passing.reason) == ("passed", "")
     assert (failing.status, failing.reason) == ("failed", "AssertionError: wrong sum (line 11)")
+
+
+_MOUNT_OPTIONS = """
+target = TARGET
+print([line.split()[5].split(",")[0] for line in open("/proc/self/mountinfo") if line.split()[4] == target])
+"""
+
+
+def test_the_evaluators_virtualenv_is_mounted_read_only_where_programs_see_it(monkeypatch):
+    """Found in review: only the venv's site-packages was read-only, so a non-root evaluator's programs (root of their
+    user namespace, the caller on the host) rewrote its pyvenv.cfg and bin/activate (shown as nobody with a venv in
+    /opt). A visible stand-in for the venv (/usr/bin: outside every hidden directory) must come back read-only."""
+    with Sandbox(SandboxConfig(timeout=5.0)) as sandbox:
+        if not sandbox.features["mount_namespace"]:
+            pytest.skip("read-only mounts need the namespaces mode")
+        monkeypatch.setattr(sys, "prefix", "/usr/bin")  # the venv root the request names (sys.base_prefix differs)
+        result = sandbox.run(_MOUNT_OPTIONS.replace("TARGET", repr("/usr/bin")))
+    assert (result.status, result.stdout) == ("passed", "['ro']\n"), (result.reason, result.stdout)

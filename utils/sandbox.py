@@ -10,7 +10,8 @@ Each program runs in its own process, temporary directory and session/process gr
   thread; no HF_TOKEN, WANDB_API_KEY or other secret), stdin on /dev/null, stdout and stderr to files that
   RLIMIT_FSIZE caps (only the last ``max_output_bytes`` are read back; with namespaces they live on the sample's
   own tmpfs and its supervisor copies them out, so ``fallocate`` cannot fill the host's disk);
-* the evaluator's **site-packages** importable (read-only with namespaces), as in the classic harnesses;
+* the evaluator's **site-packages** importable (read-only with namespaces, as is its virtualenv), as in the
+  classic harnesses;
 * **rlimits** on address space (RLIMIT_AS), CPU time, file size, open files and core dumps;
 * a **wall-clock timeout** after which the whole process group is SIGKILLed.
 
@@ -112,6 +113,11 @@ class SandboxConfig:
 def _hidden_dirs() -> list[str]:
     dirs = {"/root", "/home", os.path.expanduser("~"), os.getcwd(), PROJECT_ROOT}
     return sorted({os.path.realpath(d) for d in dirs if d} - {"/"})
+
+
+def _evaluator_venv() -> list[str]:
+    """The evaluator's virtualenv, which a non-root caller's programs could otherwise rewrite (pyvenv.cfg, bin/)."""
+    return [os.path.realpath(sys.prefix)] if sys.prefix != sys.base_prefix else []
 
 
 class Sandbox:
@@ -258,7 +264,7 @@ class Sandbox:
             home = "/tmp" if ns else os.path.join(tmp, "work")
             req = {"stdout": paths["stdout"], "stderr": paths["stderr"], "status": paths["status"], "workdir": home,
                    "uid": uid, "ns": ns, "env": self._env(home), "hide": _hidden_dirs(), "tmpfs_mb": cfg.tmpfs_mb,
-                   "import_paths": self._import_paths,
+                   "import_paths": self._import_paths, "readonly": _evaluator_venv(),
                    "timeout": timeout, "limits": {"as": cfg.memory_mb << 20, "fsize": cfg.file_size_mb << 20,
                                                   "nofile": cfg.nofile, "nproc": nproc, "cpu": int(timeout) + 2}}
             if not reuse and not ns:  # (with namespaces the work dir is the private /tmp)

@@ -55,8 +55,9 @@ def under(path, root):
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def isolate(hide, tmpfs_mb):
-    """In a new mount namespace: private tmpfs over the scratch dirs, empty tmpfs over ``hide``."""
+def isolate(hide, tmpfs_mb, readonly=()):
+    """In a new mount namespace: private tmpfs over the scratch dirs, empty tmpfs over ``hide``; ``readonly``
+    paths that stay visible become read-only."""
     os.chdir("/")
     keep = {os.path.realpath(p) for p in [sys.base_prefix, sys.base_exec_prefix] + sys.path if p}
     keep = sorted(p for p in keep if os.path.isdir(p))
@@ -82,7 +83,7 @@ def isolate(hide, tmpfs_mb):
             mount(None, p, None, REMOUNT | BIND | RDONLY | NOSUID, None)
             os.close(fd)
         done.append(d)
-    for p in keep:  # the interpreter and the site-packages that stayed visible: read-only wherever they live
+    for p in keep + [p for p in readonly if os.path.isdir(p)]:  # read-only wherever they stay visible
         if not any(under(p, d) for d in done):
             mount(p, p, None, BIND | REC, None)
             mount(None, p, None, REMOUNT | BIND | RDONLY | NOSUID, None)
@@ -331,7 +332,7 @@ def forked_sample(req, net_error):
             libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # PID 1 dies with its parent: the namespace ends
             mount(None, "/", None, REC | PRIVATE, None)  # nothing mounted here propagates to the host
             mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC, None)
-            isolate(req["hide"], req["tmpfs_mb"])
+            isolate(req["hide"], req["tmpfs_mb"], req.get("readonly", ()))
         except OSError as exc:
             report(fd, "E sandbox setup: %s" % exc)
             _exit(3)
@@ -402,7 +403,7 @@ def run_one(req):
     src = read_program(req, req["status_fd"])
     if req["ns"]:
         try:
-            isolate(req["hide"], req["tmpfs_mb"])
+            isolate(req["hide"], req["tmpfs_mb"], req.get("readonly", ()))
         except OSError as exc:
             report(req["status_fd"], "E sandbox setup: %s" % exc)
             _exit(3)
