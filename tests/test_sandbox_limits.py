@@ -1,5 +1,6 @@
-"""Second red-team round of the sandbox: a program that fills its private /tmp is still scored by its own result, and
-the evaluator's virtualenv is read-only wherever programs see it."""
+"""Second red-team round of the sandbox: a program that fills its private /tmp is still scored by its own result, the
+evaluator's virtualenv is read-only wherever programs see it, and mode none says that programs run as the caller."""
+import os
 import sys
 
 import pytest
@@ -49,3 +50,20 @@ def test_the_evaluators_virtualenv_is_mounted_read_only_where_programs_see_it(mo
         monkeypatch.setattr(sys, "prefix", "/usr/bin")  # the venv root the request names (sys.base_prefix differs)
         result = sandbox.run(_MOUNT_OPTIONS.replace("TARGET", repr("/usr/bin")))
     assert (result.status, result.stdout) == ("passed", "['ro']\n"), (result.reason, result.stdout)
+
+
+def test_mode_none_warns_that_programs_run_as_the_callers_user(tmp_path, capsys):
+    """Found in review: mode none said only 'network and /tmp are not isolated', yet its programs (as root: uid 0)
+    rewrote the project and the venv and killed the evaluator, so that the run ended with no results."""
+    import json
+
+    import evaluate_preds
+
+    problem = {"task_id": "t/0", "prompt": "", "entry_point": "None", "test": "def check(candidate):\n    pass\n"}
+    (tmp_path / "problems.jsonl").write_text(json.dumps(problem) + "\n")
+    (tmp_path / "preds.jsonl").write_text(json.dumps({"task_id": "t/0", "completion": "x = 1\n"}) + "\n")
+    summary = evaluate_preds.main(["--task_name", "mbpp", "--path", str(tmp_path / "preds.jsonl"), "--problem_file",
+                                   str(tmp_path / "problems.jsonl"), "--sandbox_mode", "none", "--no_progress",
+                                   "--k", "1", "--n_workers", "1"])
+    assert summary["counts"]["passed"] == 1
+    assert f"programs run as your user (uid {os.geteuid()})" in capsys.readouterr().err

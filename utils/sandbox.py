@@ -38,13 +38,17 @@ own user namespace, so it gives up every capability before it runs (else it coul
 files or remount the read-only paths writable).
 
 Not covered in any mode: kernel exploits and side channels; a program that deliberately forges its result
-(it shares its process with the code that reports it); reads of world-readable files outside the hidden
-directories (the dataset, /etc); CPU and memory pressure on other samples (no cgroups); with the fork server,
-all samples share the template's address-space layout (weaker ASLR). Without namespaces also: network access
-and writes to world-writable directories such as /tmp; without the uid drop (non-root callers): killing the
-caller's other processes, reading its files and /proc/<pid>/environ, fork bombs beyond RLIMIT_NPROC's
-per-user count, and (exec start only) a daemon left by a program killed at its timeout; with or without user
-namespaces, the caller's host identity (uid, groups) outside the hidden directories. See docs/EVALUATION.md.
+(it shares its process with the code that reports it); answers that game the assertion, as in mxeval/CRUXEval;
+reads of world-readable files outside the hidden directories (the dataset, /etc); CPU and memory pressure on
+other samples (no cgroups; RLIMIT_AS is per process, so a forking sample holds up to nproc x memory_mb); with the
+fork server, all samples share the template's address-space layout (weaker ASLR). Without namespaces also:
+network access, writes to world-writable directories such as /tmp, fallocate past RLIMIT_FSIZE on the host's
+disk, and nothing hidden; without the uid drop (mode none, non-root callers): killing the caller's other
+processes, reading its files and /proc/<pid>/environ, fork bombs beyond RLIMIT_NPROC's per-user count, and (exec
+start only) a daemon left by a program killed at its timeout; with or without user namespaces, the caller's host
+identity (uid, groups) outside the hidden directories. Mode none as root is no isolation: the program is uid 0
+(without capabilities) and can rewrite the project, the venv and the results, and kill the evaluator. See
+docs/EVALUATION.md.
 
 This module chooses the mode and builds each request; utils/sandbox_process.py talks to the processes (fork
 server client, exec start, reading a result) and utils/sandbox_child.py is the child side.
