@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from utils.errors import UserError, cli_entry
@@ -62,7 +63,10 @@ def main(argv=None) -> dict:
     print(f"sandbox mode: {sandbox['mode']}/{sandbox['start']} (network namespace: "
           f"{sandbox['network_namespace']}, unprivileged uid: {sandbox['unprivileged_uid']})")
     if sandbox["mode"] != "namespaces":
-        print(f"warning: the sandbox is degraded (no namespaces: network and /tmp are not isolated; see "
+        # without the uid drop a program can also rewrite the caller's files and kill this evaluator
+        user = "" if sandbox["unprivileged_uid"] else (f"; programs run as your user (uid {os.geteuid()}): they "
+                                                      f"can read and change its files and stop this evaluation")
+        print(f"warning: the sandbox is degraded (no namespaces: network and /tmp are not isolated{user}; see "
               f"docs/EVALUATION.md); modes that failed: {sandbox['modes_that_failed']}", file=sys.stderr)
     for key in (key for key in summary if key.startswith("pass@")):
         print(f"{key} = {100 * summary[key]:.2f}%")

@@ -10,7 +10,8 @@ Each program runs in its own process, temporary directory and session/process gr
   thread; no HF_TOKEN, WANDB_API_KEY or other secret), stdin on /dev/null, stdout and stderr to files that
   RLIMIT_FSIZE caps (only the last ``max_output_bytes`` are read back; with namespaces they live on the sample's
   own tmpfs and its supervisor copies them out, so ``fallocate`` cannot fill the host's disk);
-* the evaluator's **site-packages** importable (read-only with namespaces), as in the classic harnesses;
+* the evaluator's **site-packages** importable (read-only with namespaces, as is its virtualenv), as in the
+  classic harnesses;
 * **rlimits** on address space (RLIMIT_AS), CPU time, file size, open files and core dumps;
 * a **wall-clock timeout** after which the whole process group is SIGKILLed.
 
@@ -37,13 +38,17 @@ own user namespace, so it gives up every capability before it runs (else it coul
 files or remount the read-only paths writable).
 
 Not covered in any mode: kernel exploits and side channels; a program that deliberately forges its result
-(it shares its process with the code that reports it); reads of world-readable files outside the hidden
-directories (the dataset, /etc); CPU and memory pressure on other samples (no cgroups); with the fork server,
-all samples share the template's address-space layout (weaker ASLR). Without namespaces also: network access
-and writes to world-writable directories such as /tmp; without the uid drop (non-root callers): killing the
-caller's other processes, reading its files and /proc/<pid>/environ, fork bombs beyond RLIMIT_NPROC's
-per-user count, and (exec start only) a daemon left by a program killed at its timeout; with or without user
-namespaces, the caller's host identity (uid, groups) outside the hidden directories. See docs/EVALUATION.md.
+(it shares its process with the code that reports it); answers that game the assertion, as in mxeval/CRUXEval;
+reads of world-readable files outside the hidden directories (the dataset, /etc); CPU and memory pressure on
+other samples (no cgroups; RLIMIT_AS is per process, so a forking sample holds up to nproc x memory_mb); with the
+fork server, all samples share the template's address-space layout (weaker ASLR). Without namespaces also:
+network access, writes to world-writable directories such as /tmp, fallocate past RLIMIT_FSIZE on the host's
+disk, and nothing hidden; without the uid drop (mode none, non-root callers): killing the caller's other
+processes, reading its files and /proc/<pid>/environ, fork bombs beyond RLIMIT_NPROC's per-user count, and (exec
+start only) a daemon left by a program killed at its timeout; with or without user namespaces, the caller's host
+identity (uid, groups) outside the hidden directories. Mode none as root is no isolation: the program is uid 0
+(without capabilities) and can rewrite the project, the venv and the results, and kill the evaluator. See
+docs/EVALUATION.md.
 
 This module chooses the mode and builds each request; utils/sandbox_process.py talks to the processes (fork
 server client, exec start, reading a result) and utils/sandbox_child.py is the child side.
@@ -112,6 +117,11 @@ class SandboxConfig:
 def _hidden_dirs() -> list[str]:
     dirs = {"/root", "/home", os.path.expanduser("~"), os.getcwd(), PROJECT_ROOT}
     return sorted({os.path.realpath(d) for d in dirs if d} - {"/"})
+
+
+def _evaluator_venv() -> list[str]:
+    """The evaluator's virtualenv, which a non-root caller's programs could otherwise rewrite (pyvenv.cfg, bin/)."""
+    return [os.path.realpath(sys.prefix)] if sys.prefix != sys.base_prefix else []
 
 
 class Sandbox:
@@ -258,7 +268,7 @@ class Sandbox:
             home = "/tmp" if ns else os.path.join(tmp, "work")
             req = {"stdout": paths["stdout"], "stderr": paths["stderr"], "status": paths["status"], "workdir": home,
                    "uid": uid, "ns": ns, "env": self._env(home), "hide": _hidden_dirs(), "tmpfs_mb": cfg.tmpfs_mb,
-                   "import_paths": self._import_paths,
+                   "import_paths": self._import_paths, "readonly": _evaluator_venv(),
                    "timeout": timeout, "limits": {"as": cfg.memory_mb << 20, "fsize": cfg.file_size_mb << 20,
                                                   "nofile": cfg.nofile, "nproc": nproc, "cpu": int(timeout) + 2}}
             if not reuse and not ns:  # (with namespaces the work dir is the private /tmp)

@@ -20,12 +20,14 @@ import time
 _write, _exit, _fork, _waitpid, _kill = os.write, os._exit, os.fork, os.waitpid, os.kill
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 NEWNS, NEWUTS, NEWIPC, NEWPID, NEWNET = 0x20000, 0x4000000, 0x8000000, 0x20000000, 0x40000000
 NOSUID, NODEV, NOEXEC, RDONLY, REMOUNT, BIND, REC, PRIVATE = 2, 4, 8, 1, 32, 4096, 16384, 1 << 18
 SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # the same number on every architecture (Linux >= 5.2)
 OPEN_TREE_CLONE, AT_RECURSIVE, O_CLOEXEC, AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH = 1, 0x8000, 0o2000000, -100, 4
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER, SIGKILL = 1, 38, 36, 9
 PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, CAPABILITY_VERSION_3, EINVAL = 24, 47, 4, 0x20080522, 22
+FALLOC_FL_KEEP_SIZE, STATUS_CAP = 1, 1 << 16  # the status file: space reserved on the tmpfs, and copied out
 
 
 def report(fd, line):
@@ -53,8 +55,9 @@ def under(path, root):
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def isolate(hide, tmpfs_mb):
-    """In a new mount namespace: private tmpfs over the scratch dirs, empty tmpfs over ``hide``."""
+def isolate(hide, tmpfs_mb, readonly=()):
+    """In a new mount namespace: private tmpfs over the scratch dirs, empty tmpfs over ``hide``; ``readonly``
+    paths that stay visible become read-only."""
     os.chdir("/")
     keep = {os.path.realpath(p) for p in [sys.base_prefix, sys.base_exec_prefix] + sys.path if p}
     keep = sorted(p for p in keep if os.path.isdir(p))
@@ -80,7 +83,7 @@ def isolate(hide, tmpfs_mb):
             mount(None, p, None, REMOUNT | BIND | RDONLY | NOSUID, None)
             os.close(fd)
         done.append(d)
-    for p in keep:  # the interpreter and the site-packages that stayed visible: read-only wherever they live
+    for p in keep + [p for p in readonly if os.path.isdir(p)]:  # read-only wherever they stay visible
         if not any(under(p, d) for d in done):
             mount(p, p, None, BIND | REC, None)
             mount(None, p, None, REMOUNT | BIND | RDONLY | NOSUID, None)
@@ -239,6 +242,8 @@ def private_streams(status_fd, directory):
     private stdout and stderr."""
     host = [os.dup(1), os.dup(2), status_fd]
     private = [anonymous_file(directory) for _ in range(3)]
+    # Reserved, so the status line fits when the program filled its tmpfs (a passing program read as failed).
+    libc.fallocate(private[2], FALLOC_FL_KEEP_SIZE, 0, STATUS_CAP)  # best effort: without it, as before
     os.dup2(private[0], 1)
     os.dup2(private[1], 2)
     return host, private
@@ -277,7 +282,7 @@ def supervise(req, src, fd):
         run_program(req, src, fd)
     code = os.waitstatus_to_exitcode(_waitpid(pid, 0)[1])
     if host:
-        for src_fd, dst_fd, cap in zip(private, host, (req["limits"]["fsize"],) * 2 + (1 << 16,)):
+        for src_fd, dst_fd, cap in zip(private, host, (req["limits"]["fsize"],) * 2 + (STATUS_CAP,)):
             try:
                 copy_tail(src_fd, dst_fd, cap)
             except OSError:
@@ -327,7 +332,7 @@ def forked_sample(req, net_error):
             libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # PID 1 dies with its parent: the namespace ends
             mount(None, "/", None, REC | PRIVATE, None)  # nothing mounted here propagates to the host
             mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC, None)
-            isolate(req["hide"], req["tmpfs_mb"])
+            isolate(req["hide"], req["tmpfs_mb"], req.get("readonly", ()))
         except OSError as exc:
             report(fd, "E sandbox setup: %s" % exc)
             _exit(3)
@@ -398,7 +403,7 @@ def run_one(req):
     src = read_program(req, req["status_fd"])
     if req["ns"]:
         try:
-            isolate(req["hide"], req["tmpfs_mb"])
+            isolate(req["hide"], req["tmpfs_mb"], req.get("readonly", ()))
         except OSError as exc:
             report(req["status_fd"], "E sandbox setup: %s" % exc)
             _exit(3)
