@@ -163,6 +163,18 @@ def test_postprocess_mbpp_cli_writes_both_stages(tmp_path, data_paths, capsys):
     assert "stage 2:" in capsys.readouterr().out
 
 
+def test_postprocess_mbpp_stage_files_carry_the_field_mxeval_dispatches_on(tmp_path, data_paths):
+    # mxeval reads sample["language"] for every line (a KeyError without it); ours accepts files without it
+    problems = load_task_split("mbpp", "test", data_paths["mbpp"])[:2]
+    (tmp_path / "mbpp_test_problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    path = tmp_path / "preds.jsonl"
+    path.write_text("".join(json.dumps({"task_id": p["task_id"], "completion": p["canonical_solution"]}) + "\n"
+                            for p in problems))
+    for stage in postprocess_mbpp_preds.main(["--path", str(path)]):
+        rows = read_jsonl(stage)
+        assert [(r["task_id"], r["language"]) for r in rows] == [(p["task_id"], "python") for p in problems]
+
+
 def test_postprocess_mbpp_cli_names_the_missing_prompt(tmp_path):
     path = tmp_path / "preds.jsonl"
     path.write_text(json.dumps({"task_id": "MBPP/9999", "completion": "    return 1"}) + "\n")

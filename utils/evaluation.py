@@ -7,8 +7,8 @@ Semantics follow the public harnesses (spec §7):
 * CRUXEval: the program is ``code + "\\nassert " + output + " == " + prediction``. In input mode a prediction
   without ``f(`` fails without running; in output mode one that contains ``f(<input>)`` fails (it would
   let the program compute the answer). Only the ids present are scored; default timeout 10 s.
-  Deviation: CRUXEval's own script drops such skipped generations from n (a bias when n > 1); here they
-  count as failures, so n is always the number of generations.
+  Such predictions count as failures, so n is always the number of generations, as in the official CRUXEval
+  script (the LOPA repository's copy drops them from n: a bias when n > 1).
 * pass@k is the unbiased estimator ``1 - C(n-c, k) / C(n, k)`` averaged over tasks, reported for each k that
   every task's n reaches.
 

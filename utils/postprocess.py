@@ -301,7 +301,8 @@ def postprocess_mbpp_file(path, problem_file=None, data_path=None, mbpp_split="p
             text = mbpp_stage1(sol["completion"])
             if stage == 2:
                 text = mbpp_stage2(text, problems[sol["task_id"]]["prompt"])
-            lines.append(json.dumps({**sol, "completion": text}) + "\n")
+            # mxeval picks its executor by each sample's "language": a file without it would not run there
+            lines.append(json.dumps({**sol, "language": sol.get("language", "python"), "completion": text}) + "\n")
         atomic_write_text(out, "".join(lines))
         outputs.append(str(out))
     return outputs[0], outputs[1]

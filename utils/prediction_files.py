@@ -4,7 +4,8 @@ MBPP (read by mxeval's ``evaluate_functional_correctness``):
   ``mbxp_solutions.jsonl``     {"task_id", "language": "python", "completion"} — n lines per task for n samples
   ``mbxp_raw.jsonl``           {"task_id", "raw"} — the decoded new text before cutting at a stop string
   ``mbpp_test_problems.jsonl`` the test records, as mxeval's ``--problem_file``
-CRUXEval (read by CRUXEval's ``evaluate_generations.py``):
+CRUXEval (read as is by the LOPA repository's copy of CRUXEval's ``evaluate_generations.py``; the official one
+needs every id and the mode in the file name: docs/EVALUATION.md):
   ``output.json``              {"sample_412": [answer, …]} — answers extracted after ``[ANSWER]``
   ``output_raw.json``          {"sample_412": [raw completion, …]}
 A fresh start (no ``--resume``) deletes these and the files derived from them (``derived_files``).
