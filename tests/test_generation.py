@@ -427,6 +427,7 @@ def test_cli_writes_files_in_the_formats_the_evaluators_read(cli_runs, data_path
     assert [s["completion"] for s in solutions] == [cut_at_stop(r["raw"], MBPP_STOP_SEQUENCES) for r in raw]
     problems = [json.loads(line) for line in (root / "two" / "mbpp_test_problems.jsonl").read_text().splitlines()]
     assert {"task_id", "prompt", "entry_point", "test", "language", "canonical_solution"} <= set(problems[0])
+    assert all((root / "two" / name).read_bytes().isascii() for name in MBPP_FILES)  # any locale reads them
     config = json.loads((root / "two" / "generate_preds_config.json").read_text())
     assert (config["peft_method"], config["generation"]["do_sample"], config["generation"]["max_new_tokens"],
             config["num_processes"]) == ("lopa", False, 8, 2)
@@ -464,11 +465,13 @@ def test_resume_refuses_other_settings(cli_runs):
 def test_cruxeval_files_hold_one_list_per_sample(tmp_path):
     task = get_task("cruxeval_input_prediction")
     records = [{"id": f"sample_{i}", "code": "", "input": "", "output": ""} for i in (400, 401)]
-    raw = {"sample_400": ["\nassert f(1) == 2\n[/ANSWER]"], "sample_401": ["\nassert f('a') == 'b'"]}
+    raw = {"sample_400": ["\nassert f(1) == 2\n[/ANSWER]"], "sample_401": ["\nassert f('ä') == 'b'"]}
     write_predictions(tmp_path, task, records, raw, CRUXEVAL_STOP_SEQUENCES)
     validate_prediction_files(tmp_path, task, ["sample_400", "sample_401"])
-    assert json.loads((tmp_path / "output.json").read_text()) == {"sample_400": ["f(1)"], "sample_401": ["f('a')"]}
+    assert json.loads((tmp_path / "output.json").read_text()) == {"sample_400": ["f(1)"], "sample_401": ["f('ä')"]}
     assert json.loads((tmp_path / "output_raw.json").read_text()) == raw
+    # the harnesses open these in the locale's encoding: non-ASCII travels as JSON escapes
+    assert all((tmp_path / name).read_bytes().isascii() for name in CRUXEVAL_FILES)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(CRUXEVAL_FILES)
 
 

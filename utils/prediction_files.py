@@ -13,6 +13,7 @@ Both: ``generation_progress.jsonl`` (one line per finished batch, appended and f
 back) and ``generate_preds_config.json`` (the resolved settings).
 
 Every final file is written to a temporary name and renamed into place, so a reader never sees half a file.
+They are ASCII (JSON escapes any other character), since the harnesses read them in the locale's encoding.
 The final files are always rebuilt from the progress file, so a resumed run writes the same bytes as an
 uninterrupted one.
 """
@@ -48,7 +49,8 @@ def derived_files(task: Task) -> tuple[str, ...]:
 
 
 def _jsonl(rows: Sequence[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    # ASCII (non-ASCII as \u escapes): mxeval and CRUXEval open files in the locale's encoding, not always UTF-8
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 # --------------------------------------------------------------------------------------------- progress
@@ -149,8 +151,8 @@ def write_predictions(log_dir: str | os.PathLike, task: Task, records: Sequence[
     else:
         answers = {tid: [extract_cruxeval_answer(text, task.mode) for text in raw[tid]] for tid in ids}
         contents = {
-            "output.json": json.dumps(answers, indent=1, ensure_ascii=False) + "\n",
-            "output_raw.json": json.dumps({tid: raw[tid] for tid in ids}, indent=1, ensure_ascii=False) + "\n",
+            "output.json": json.dumps(answers, indent=1) + "\n",
+            "output_raw.json": json.dumps({tid: raw[tid] for tid in ids}, indent=1) + "\n",
         }
     paths = []
     for name, text in contents.items():
