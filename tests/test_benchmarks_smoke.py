@@ -1,6 +1,8 @@
 """The benchmark scripts run end to end on the CPU with tiny models (no timing is asserted)."""
 import json
 
+import pytest
+
 from benchmarks import bench_generate, bench_train
 
 
@@ -79,3 +81,22 @@ def test_bench_train_compiles_every_methods_layers(tmp_path, monkeypatch):
                           "--batch_size", "2", "--seq_len", "32", "--m", "4", "--dtype", "fp32", "--steps", "1",
                           "--warmup", "1", "--results", str(tmp_path / "r.jsonl")])
     assert len(compiled) == 3 and min(compiled) >= 1, compiled
+
+
+def test_preflight_runs_real_widths_at_one_layer_and_names_a_failed_run(capsys):
+    """The GPU run's code paths on deepseek-coder-1.3b's real config (one layer): it must pass here, report a
+    method that fails, and leave the registry's layer counts as they were."""
+    from benchmarks import preflight
+    from utils.registry import get_encoder_spec, get_model_spec
+
+    argv = ["--models", "deepseek-coder-1.3b-base", "--gen_methods", "none"]
+    assert preflight.main([*argv, "--train_methods", "lopa"]) == []
+    out = capsys.readouterr().out
+    assert '"method": "lopa"' in out and '"method": "none"' in out and '"generate-check"' in out
+    assert "every run passed" in out
+    with pytest.raises(SystemExit) as exit_:
+        preflight.main([*argv, "--train_methods", "no-such-method"])
+    assert exit_.value.code == 1 and "train deepseek-coder-1.3b-base: failed: no-such-method" in \
+        capsys.readouterr().out
+    assert get_model_spec("deepseek-coder-1.3b-base").arch["num_hidden_layers"] == 24
+    assert get_encoder_spec("codebert-base").arch["num_hidden_layers"] == 12
