@@ -90,7 +90,8 @@ def resolve_gen_config(task: Task, *, paper_decoding: bool = False, do_sample: b
     Default: greedy, one sample; MBPP 256 new tokens, CRUXEval up to 512 tokens in all. ``paper_decoding``:
     sampling at the task's paper temperature (MBPP 0.6, CRUXEval 0.2), top-p 0.95, top-k 50, one sample.
     Values given explicitly override those. ``--temperature`` alone turns sampling on (0 means greedy); so does
-    ``--do_sample True``, at the task's paper temperature unless one is given.
+    ``--do_sample True``, at the task's paper temperature unless one is given. ``--do_sample`` with a temperature
+    that says the opposite is an error.
     """
     # checked here, not only when sampling: a negative or NaN temperature used to mean greedy, inf uniform noise
     if temperature is not None and not 0 <= temperature < math.inf:
@@ -103,6 +104,9 @@ def resolve_gen_config(task: Task, *, paper_decoding: bool = False, do_sample: b
     if do_sample is not None:
         if do_sample and temperature == 0:
             raise UserError("--do_sample True contradicts --temperature 0; drop one of them")
+        if not do_sample and temperature:  # it would decode greedy and record a temperature it never used
+            raise UserError(f"--do_sample False contradicts --temperature {temperature} (which samples); drop one "
+                            f"of them")
         sample = do_sample
     if sample:
         temperature = task.paper_temperature if temperature is None else temperature
