@@ -455,6 +455,34 @@ def test_falls_back_when_namespaces_are_not_permitted(tmp_path, monkeypatch):
     assert result.status == "passed" and result.stdout == "degraded but working\n"
 
 
+def test_as_root_auto_never_falls_back_to_running_programs_as_root(monkeypatch):
+    """Root, with neither namespaces nor the uid drop working (a container without privileges and a Python under
+    /root): mode none would run model code as uid 0, so auto refuses and names the fixes; non-root callers keep
+    the fallback (their programs run as themselves, as in the classic harnesses)."""
+    from types import SimpleNamespace
+
+    from utils.errors import UserError
+
+    probed = []
+
+    def refuse(self, source, timeout=None):
+        probed.append(f"{self.mode}/{self.start}")
+        return SimpleNamespace(status="failed", stdout="", reason=f"{self.mode} refused")
+
+    monkeypatch.setattr(Sandbox, "run", refuse)
+    monkeypatch.setattr(Sandbox, "_probe_cache", {})
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: "/usr/bin/unshare" if name == "unshare" else None)
+    with pytest.raises(UserError, match="as root, auto does not fall back to mode none.*pass --sandbox_mode none"):
+        Sandbox(SandboxConfig())
+    assert probed == ["namespaces/forkserver", "namespaces/exec", "uid/forkserver", "uid/exec"]
+    probed.clear()
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(UserError, match="no sandbox mode works") as err:
+        Sandbox(SandboxConfig())
+    assert probed == ["namespaces/exec", "none/forkserver", "none/exec"] and "as root" not in str(err.value)
+
+
 def test_no_working_mode_is_an_error_the_cli_prints_as_one_line():
     from utils.errors import UserError
 

@@ -32,7 +32,8 @@ Fallbacks, recorded in ``Sandbox.features`` and in every evaluation summary: mod
 namespaces, e.g. Docker without privileges: the uid drop and RLIMIT_NPROC still hold, and processes left behind
 are killed with ``kill(-1)`` as the slot uid; needs a Python whose stdlib that uid can read) and mode ``none``
 (rlimits, process group, scrubbed env and timeout; the fork server is a child subreaper, so the daemons a
-program leaves are re-parented to it and killed). A non-root caller gets ``namespaces`` through
+program leaves are re-parented to it and killed). As root, ``auto`` never falls back to ``none`` (the programs
+would run as uid 0): it raises, naming the fixes, and only an explicit ``mode="none"`` runs that way. A non-root caller gets ``namespaces`` through
 ``unshare --map-root-user`` (exec start) when the kernel allows user namespaces; the program is then root of its
 own user namespace, so it gives up every capability before it runs (else it could unmount what hides the host's
 files or remount the read-only paths writable).
@@ -164,8 +165,9 @@ class Sandbox:
 
     # -- choosing the mode ------------------------------------------------------------------------------
     def _candidates(self) -> list[tuple[str, str]]:
+        # As root, auto never falls back to none: the programs would run as uid 0 (asked for explicitly, it runs).
         modes = [self.config.mode] if self.config.mode != "auto" else (
-            (["namespaces"] if self._unshare or self._is_root else []) + (["uid"] if self._is_root else []) + ["none"])
+            ["namespaces", "uid"] if self._is_root else (["namespaces"] if self._unshare else []) + ["none"])
         starts = [self.config.start] if self.config.start != "auto" else ["forkserver", "exec"]
         out = []
         for mode in modes:
@@ -194,6 +196,11 @@ class Sandbox:
                     fix = f"check that {self.config.python} runs"
                     if self.config.mode != "auto":
                         fix = f"--sandbox_mode auto tries the other modes; {fix}"
+                    elif self._is_root:
+                        fix = (f"as root, auto does not fall back to mode none, where programs would run as root "
+                               f"with no isolation: allow user namespaces, or let mode uid work (a Python that an "
+                               f"unprivileged user can read, e.g. outside /root), or pass --sandbox_mode none to "
+                               f"accept that; {fix}")
                     raise SandboxUnavailable(f"no sandbox mode works with {self.config.python}: {tried}; {fix}")
                 self._probe_cache[key] = (mode, start, tried)
             mode, start, tried = self._probe_cache[key]
