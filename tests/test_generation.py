@@ -217,11 +217,14 @@ def test_a_row_that_stops_early_leaves_the_other_rows_unchanged(data_paths):
     assert alone[ids[1]] == stopped[ids[1]]
 
 
-def test_cruxeval_rows_get_their_own_total_length_budget(data_paths):
+@pytest.mark.parametrize("method", ["none", "pt"])
+def test_cruxeval_rows_get_their_own_total_length_budget(data_paths, method, monkeypatch):
+    """The total (prompt + new tokens) never counts pt's 4 virtual tokens, and with several samples per task each
+    sample keeps its own task's budget (generate repeats each row's samples next to each other)."""
     task = get_task("cruxeval_output_prediction")
-    model, tok = build_model("none", "tiny-phi-2", seed=3)
+    model, tok = build_model(method, "tiny-phi-2", num_virtual_tokens=4, seed=3)
     records = load_task_split(task.name, "test", data_paths["cruxeval"], limit=6)
-    ds = TaskDataset(task, records, tok, train=False)
+    ds = TaskDataset(task, records, tok, train=False, num_virtual_tokens=model.num_virtual_tokens)
     batch = Collator(tok.pad_token_id, padding_side="left")([ds[i] for i in range(len(records))])
     lengths = batch["attention_mask"].sum(1).tolist()
     cfg = GenConfig(max_new_tokens=None, max_total_tokens=max(lengths) + 2, stop_sequences=())
@@ -229,6 +232,14 @@ def test_cruxeval_rows_get_their_own_total_length_budget(data_paths):
     budgets = [max(1, max(lengths) + 2 - n) for n in lengths]
     assert new_tokens == sum(budgets)  # every row stopped exactly at its own budget (no EOS in 2+ tokens here)
     assert len(texts) == len(records) and len(set(budgets)) > 1
+    criteria, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: criteria.append(k["stopping_criteria"][0]) or
+                        generate(*a, **k))
+    sampled = GenConfig(do_sample=True, num_return_sequences=3, max_new_tokens=None,
+                        max_total_tokens=max(lengths) + 2, stop_sequences=())
+    texts, new_tokens = generate_batch(model, tok, batch, sampled, "cpu")
+    assert len(texts) == 3 * len(records)
+    assert criteria[0].lengths == [b for b in budgets for _ in range(3)] and new_tokens == 3 * sum(budgets)
     assert resolve_gen_config(task).budget(300) == 212 and resolve_gen_config(task, max_new_tokens=8).budget(300) == 8
 
 

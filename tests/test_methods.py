@@ -148,6 +148,39 @@ def test_lopa_with_gate_one_is_prompt_tuning(model_type):
                        pt.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False))
 
 
+def _read(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """B×(rows·cols) head output read row-major as B×rows×cols: element [b, i, k] is flat[b, i·cols + k]."""
+    return flat[:, torch.arange(rows)[:, None] * cols + torch.arange(cols)]
+
+
+@pytest.mark.parametrize("method", ("lopa", "idpg"))
+def test_instance_prompt_is_the_spec_formula_of_the_heads(method):
+    """spec §2.1 / §3.1 at r = 2: u = row head (m·r) read as m×r, v = col head (d·r) read as d×r,
+    Z[b,i,j] = Z_S[i,j]·sigmoid(sum_k u[b,i,k]·v[b,j,k]); IDPG's m·d head output read as m×d. The golden runs use
+    r = 1, where a transposed reading of u or v is the same tensor, so they cannot see a layout bug."""
+    model, tok = built(method, "tiny-llama")
+    prompt, batch, d = model.prompt, batch_of(tok, PROMPTS), model.lm.config.hidden_size
+    with torch.no_grad():
+        x = prompt.encoder(batch["enc_input_ids"], batch["enc_attention_mask"]).float()
+
+        def head(h):
+            return torch.tanh(x @ h.dense.weight.T + h.dense.bias) @ h.out_proj.weight.T + h.out_proj.bias
+
+        got = model.prompt_embeds(len(PROMPTS), batch["enc_input_ids"], batch["enc_attention_mask"])
+        if method == "lopa":
+            row, col = head(prompt.row_head), head(prompt.col_head)
+            want, swapped = (prompt.shared_prompt * torch.sigmoid(torch.einsum("bik,bjk->bij", u, v))
+                             for u, v in ((_read(row, M, R), _read(col, d, R)),
+                                          (_read(row, R, M).transpose(1, 2), _read(col, d, R))))
+        else:
+            out = head(prompt.head)
+            want, swapped = _read(out, M, d), _read(out, d, M).transpose(1, 2)
+    assert got.shape == (len(PROMPTS), M, d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (want - swapped).abs().max() > 1e-2  # the check can tell the layouts apart
+    assert (want[0] - want[1]).abs().max() > 1e-3  # per-instance prompts
+
+
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_prompt_tuning_forward_equals_peft_forward(model_type):
     """Right padding (peft's positions ignore the mask, so only right padding is comparable)."""

@@ -163,6 +163,19 @@ def test_postprocess_mbpp_cli_writes_both_stages(tmp_path, data_paths, capsys):
     assert "stage 2:" in capsys.readouterr().out
 
 
+def test_postprocess_mbpp_cli_reindents_stage2_to_each_tasks_prompt(tmp_path):
+    """The CLI hands stage 2 the task's prompt from mbpp_test_problems.jsonl: a tab-indented prompt gets a
+    tab-indented body (spaces after its tab-indented docstring would not compile)."""
+    prompt = '\n\ndef f(a):\n\t"""\n\tAdd the first two naturals to a.\n\t"""\n'
+    (tmp_path / "mbpp_test_problems.jsonl").write_text(json.dumps(
+        {"task_id": "MBPP/1", "prompt": prompt, "entry_point": "f", "test": ""}) + "\n")
+    path = tmp_path / "mbxp_solutions.jsonl"
+    path.write_text(json.dumps({"task_id": "MBPP/1", "completion": "    y = a\n    for i in range(2):\n"
+                                                                   "        y += i\n    return y\nprint(f(1))"}) + "\n")
+    _, stage2 = postprocess_mbpp_preds.main(["--path", str(path)])
+    assert read_jsonl(stage2)[0]["completion"] == "\ty = a\n\tfor i in range(2):\n\t\ty += i\n\treturn y"
+
+
 def test_postprocess_mbpp_stage_files_carry_the_field_mxeval_dispatches_on(tmp_path, data_paths):
     # mxeval reads sample["language"] for every line (a KeyError without it); ours accepts files without it
     problems = load_task_split("mbpp", "test", data_paths["mbpp"])[:2]

@@ -392,10 +392,16 @@ def test_both_start_methods_contain_a_daemon_and_a_loop(arena, start):
         ok = sandbox.run("print(6 * 7)")
         daemon = sandbox.run(programs["daemon_then_exit"])
         loop = sandbox.run(programs["infinite_loop"])
+        connect = sandbox.run(programs["socket"])
     assert (ok.status, ok.stdout) == ("passed", "42\n")
     assert daemon.status == "failed" and loop.status == "timed out" and loop.seconds < 2.0 + SLACK
     if sandbox.features["pid_namespace"] or sandbox.features["unprivileged_uid"]:
         assert _settled(_processes_with, arena["marker"]) == []
+    if sandbox.features["network_namespace"]:  # each start sets up its own (exec: the unshare flags)
+        assert connect.reason.startswith("OSError: [Errno 101] Network is unreachable"), connect.reason
+        arena["listener"].settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            arena["listener"].accept()
 
 
 def test_mode_none_still_enforces_timeout_limits_env_and_kills_daemons(arena):
