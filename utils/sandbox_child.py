@@ -55,6 +55,14 @@ def under(path, root):
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def remount_read_only(path):
+    """Make the bind mount at ``path`` read-only and nosuid. Its nodev and noexec are kept: in a user namespace they
+    are locked on the host's mounts, and a remount that drops them fails with EPERM (a venv on a nodev /home)."""
+    flags = os.statvfs(path).f_flag
+    kept = (NODEV if flags & os.ST_NODEV else 0) | (NOEXEC if flags & os.ST_NOEXEC else 0)
+    mount(None, path, None, REMOUNT | BIND | RDONLY | NOSUID | kept, None)
+
+
 def isolate(hide, tmpfs_mb, readonly=()):
     """In a new mount namespace: private tmpfs over the scratch dirs, empty tmpfs over ``hide``; ``readonly``
     paths that stay visible become read-only."""
@@ -80,13 +88,13 @@ def isolate(hide, tmpfs_mb, readonly=()):
             os.makedirs(p, exist_ok=True)
             check(libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, p.encode(), MOVE_MOUNT_F_EMPTY_PATH),
                   "move_mount " + p)
-            mount(None, p, None, REMOUNT | BIND | RDONLY | NOSUID, None)
+            remount_read_only(p)
             os.close(fd)
         done.append(d)
     for p in keep + [p for p in readonly if os.path.isdir(p)]:  # read-only wherever they stay visible
         if not any(under(p, d) for d in done):
             mount(p, p, None, BIND | REC, None)
-            mount(None, p, None, REMOUNT | BIND | RDONLY | NOSUID, None)
+            remount_read_only(p)
 
 
 def effective_capabilities():
