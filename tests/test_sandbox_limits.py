@@ -1,5 +1,6 @@
 """Second red-team round of the sandbox: a program that fills its private /tmp is still scored by its own result, the
-evaluator's virtualenv is read-only wherever programs see it (nodev mounts included), and mode none says that programs run as the caller."""
+evaluator's virtualenv is read-only wherever programs see it (on a nodev mount too), and mode none says that programs
+run as the caller."""
 import os
 import shutil
 import subprocess
