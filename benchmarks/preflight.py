@@ -63,6 +63,10 @@ def main(argv=None) -> list[str]:
     p.add_argument("--data_path", default=None, help="MBPP JSONL: also runs phi-2's padding section on it")
     args = p.parse_args(argv)
     specs = [get_model_spec(m) for m in args.models.split(",")] + [get_encoder_spec(args.encoder)]
+    unbuilt = [spec.name for spec in specs if "num_hidden_layers" not in spec.arch]
+    if unbuilt:  # only the registry's architecture configs can be cut to one layer
+        p.error(f"{', '.join(unbuilt)}: no architecture config in utils/registry.py; --models takes "
+                f"{', '.join(MODELS)}, --encoder codebert-base")
     failed = []
     with tempfile.TemporaryDirectory() as tmp, one_layer(specs):
         for name, bench_main, bench_argv in runs(args, f"{tmp}/results.jsonl"):

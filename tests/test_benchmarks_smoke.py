@@ -100,3 +100,14 @@ def test_preflight_runs_real_widths_at_one_layer_and_names_a_failed_run(capsys):
         capsys.readouterr().out
     assert get_model_spec("deepseek-coder-1.3b-base").arch["num_hidden_layers"] == 24
     assert get_encoder_spec("codebert-base").arch["num_hidden_layers"] == 12
+
+
+def test_preflight_names_a_model_without_an_architecture_config(capsys):
+    """phi-3 (and minilm as encoder) have no config to cut to one layer: a one-line error, not a KeyError."""
+    from benchmarks import preflight
+
+    for argv in (["--models", "phi-3"], ["--models", "phi-2", "--encoder", "minilm"]):
+        with pytest.raises(SystemExit) as exit_:
+            preflight.main(argv)
+        assert exit_.value.code == 2 and f"error: {argv[-1]}: no architecture config in utils/registry.py; --models " \
+            "takes phi-2, deepseek-coder-1.3b-base, Meta-Llama-3-8B" in capsys.readouterr().err
