@@ -89,15 +89,13 @@ def test_preflight_runs_real_widths_at_one_layer_and_names_a_failed_run(capsys):
     from benchmarks import preflight
     from utils.registry import get_encoder_spec, get_model_spec
 
-    argv = ["--models", "deepseek-coder-1.3b-base", "--gen_methods", "none"]
-    assert preflight.main([*argv, "--train_methods", "lopa"]) == []
+    with pytest.raises(SystemExit) as exit_:  # one run: a method that works and one that cannot
+        preflight.main(["--models", "deepseek-coder-1.3b-base", "--gen_methods", "none",
+                        "--train_methods", "lopa,no-such-method"])
     out = capsys.readouterr().out
-    assert '"method": "lopa"' in out and '"method": "none"' in out and '"generate-check"' in out
-    assert "every run passed" in out
-    with pytest.raises(SystemExit) as exit_:
-        preflight.main([*argv, "--train_methods", "no-such-method"])
-    assert exit_.value.code == 1 and "train deepseek-coder-1.3b-base: failed: no-such-method" in \
-        capsys.readouterr().out
+    assert '"method": "lopa", "batch_size": 2' in out and '"method": "none"' in out and '"generate-check"' in out
+    assert exit_.value.code == 1 and "preflight: train deepseek-coder-1.3b-base: failed: no-such-method" in out
+    assert "generate deepseek-coder-1.3b-base" not in out.split("preflight:")[-1]  # generation passed
     assert get_model_spec("deepseek-coder-1.3b-base").arch["num_hidden_layers"] == 24
     assert get_encoder_spec("codebert-base").arch["num_hidden_layers"] == 12
 

@@ -33,10 +33,10 @@ namespaces, e.g. Docker without privileges: the uid drop and RLIMIT_NPROC still 
 are killed with ``kill(-1)`` as the slot uid; needs a Python whose stdlib that uid can read) and mode ``none``
 (rlimits, process group, scrubbed env and timeout; the fork server is a child subreaper, so the daemons a
 program leaves are re-parented to it and killed). As root, ``auto`` never falls back to ``none`` (the programs
-would run as uid 0): it raises, naming the fixes, and only an explicit ``mode="none"`` runs that way. A non-root caller gets ``namespaces`` through
-``unshare --map-root-user`` (exec start) when the kernel allows user namespaces; the program is then root of its
-own user namespace, so it gives up every capability before it runs (else it could unmount what hides the host's
-files or remount the read-only paths writable).
+would run as uid 0): it raises, naming the fixes, and only an explicit ``mode="none"`` runs that way. A non-root
+caller gets ``namespaces`` through ``unshare --map-root-user`` (exec start) when the kernel allows user
+namespaces; the program is then root of its own user namespace, so it gives up every capability before it runs
+(else it could unmount what hides the host's files or remount the read-only paths writable).
 
 Not covered in any mode: kernel exploits and side channels; a program that deliberately forges its result
 (it shares its process with the code that reports it); answers that game the assertion, as in mxeval/CRUXEval;
