@@ -42,10 +42,13 @@ def output_files(task: Task) -> tuple[str, ...]:
 
 def derived_files(task: Task) -> tuple[str, ...]:
     """What post-processing and evaluate_preds.py write beside the predictions (``<stem>_stageN.jsonl``,
-    ``<stem>_results.jsonl``, ``<stem>_summary.json``): stale once the predictions are replaced."""
+    ``<stem>_results.jsonl``, ``<stem>_summary.json``), and mxeval's scores of them (``<file>_results.jsonl``,
+    ``<file>_passatk.json``): stale once the predictions are replaced."""
     scored = ("mbxp_solutions", "mbxp_solutions_stage1", "mbxp_solutions_stage2") if task.is_mbpp else ("output",)
+    mxeval = [f"{stem}.jsonl{suffix}" for stem in scored for suffix in ("_results.jsonl", "_passatk.json")]
     return (*(f"{stem}.jsonl" for stem in scored[1:]),
-            *(f"{stem}{suffix}" for stem in scored for suffix in ("_results.jsonl", "_summary.json")))
+            *(f"{stem}{suffix}" for stem in scored for suffix in ("_results.jsonl", "_summary.json")),
+            *(mxeval if task.is_mbpp else ()))
 
 
 def _jsonl(rows: Sequence[dict]) -> str:
