@@ -15,7 +15,9 @@ Layout under ``<log_dir>/checkpoints/``::
 Writing: every file goes into ``.tmp-step_N/``; once all processes are done, the main process fsyncs it,
 renames it to ``step_N/`` (one atomic rename) and only then replaces ``latest`` (write, fsync, rename). A crash
 at any point leaves ``latest`` naming a complete checkpoint; a leftover ``.tmp-*`` is never read and is removed
-by the next save. Assumes all processes see one file system (true on one node).
+by the next save. A save that fails (a full disk) removes its ``.tmp-*`` at once, to give the space back. Older
+checkpoints are pruned only after the new one is in place, so ``--save_total_limit N`` needs room for N + 1.
+Assumes all processes see one file system (true on one node).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
-from utils.fileio import atomic_write_text, fsync_dir, open_file_modes
+from utils.fileio import atomic_write_text, fsync_dir, open_file_modes, unfinished_directory
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
@@ -106,6 +108,16 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
                     f"{CHECKPOINTS_DIR}/{LATEST}")
 
 
+def resume_hint(log_dir: pathlib.Path) -> str:
+    """How to go on after a full disk stopped the run in ``log_dir``: from its last complete checkpoint, if any."""
+    latest = log_dir / CHECKPOINTS_DIR / LATEST
+    if latest.is_file():
+        return (f"free space, then rerun with --resume_from {log_dir}: it continues from {latest.read_text().strip()}, "
+                f"the last complete checkpoint")
+    return (f"free space, then rerun without --resume_from (no checkpoint was complete), after removing {log_dir} "
+            f"or with another --log_dir")
+
+
 # ---------------------------------------------------------------------------------------------- RNG
 def rng_state() -> dict:
     np_state = np.random.get_state()
@@ -135,6 +147,12 @@ def _fsync_tree(root: pathlib.Path) -> None:
         fsync_dir(pathlib.Path(dirpath))
 
 
+def _torch_save(obj, path: pathlib.Path) -> None:
+    # through a Python file: given a path, torch reports a full disk as "unexpected pos" or "iostream error"
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def _kill_hook(name: str, stage: str) -> None:
     if os.environ.get(KILL_HOOK_ENV) == f"{name}:{stage}":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -155,28 +173,15 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainerStat
     """
     name = checkpoint_name(state.global_step)
     final, tmp = checkpoints_dir / name, checkpoints_dir / f".tmp-{name}"
-    deepspeed = accelerator.distributed_type == "DEEPSPEED"
     if accelerator.is_main_process:
         for stale in checkpoints_dir.glob(".tmp-*"):  # an unfinished save
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
-    if deepspeed:  # collective: each rank writes its optimizer partition
-        model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
-    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        if not deepspeed:
-            weights = trainable_parameters(accelerator.unwrap_model(model))
-            save_file({n: p.detach().cpu().contiguous() for n, p in weights.items()}, str(tmp / WEIGHTS_FILE))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if write_adapter is not None:
-            write_adapter(tmp / "adapter")
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
+    with unfinished_directory(tmp, lambda: f"it was removed; {resume_hint(checkpoints_dir.parent)}",
+                              remove=accelerator.is_main_process):
+        _write_checkpoint_files(accelerator, model, optimizer, scheduler, state, config, tmp, write_adapter)
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -198,6 +203,26 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainerStat
             prune_checkpoints(checkpoints_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_checkpoint_files(accelerator, model, optimizer, scheduler, state: TrainerState, config: dict,
+                            tmp: pathlib.Path, write_adapter) -> None:
+    deepspeed = accelerator.distributed_type == "DEEPSPEED"
+    if deepspeed:  # collective: each rank writes its optimizer partition
+        model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+    _torch_save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        if not deepspeed:
+            weights = trainable_parameters(accelerator.unwrap_model(model))
+            save_file({n: p.detach().cpu().contiguous() for n, p in weights.items()}, str(tmp / WEIGHTS_FILE))
+            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if accelerator.scaler is not None:
+                _torch_save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if write_adapter is not None:
+            write_adapter(tmp / "adapter")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
 
 
 def prune_checkpoints(checkpoints_dir: pathlib.Path, keep: int) -> list[pathlib.Path]:

@@ -1,6 +1,7 @@
 """User-facing errors: raised at the boundary (CLI, files, checkpoints) and printed as one line."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 
@@ -9,8 +10,28 @@ class UserError(Exception):
     """A problem with the user's input. The message names the thing, the field and the fix."""
 
 
+RUST_DISK_FULL = ("(os error 28)", "(os error 122)")
+"""How safetensors and tokenizers (Rust) report ENOSPC and EDQUOT: only in the text of their own exception types."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed because the file system (or the user's quota) is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    rust = type(exc) is Exception or type(exc).__module__.startswith("safetensors")
+    return rust and any(text in str(exc) for text in RUST_DISK_FULL)
+
+
+def disk_full_message(exc: BaseException) -> str:
+    """One line for a full disk met where no caller named the file (an append, a log): the OS's file name if any."""
+    where = getattr(exc, "filename", None)
+    if where:
+        return f"{where}: no space left on device; free space there (or write elsewhere) and rerun"
+    return "no space left on device writing the output; free space on its file system (or write elsewhere) and rerun"
+
+
 def cli_entry(main):
-    """Wrap a script's ``main`` so that a UserError prints one line and exits with status 2."""
+    """Wrap a script's ``main`` so that a UserError (or a full disk) prints one line and exits with status 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -18,6 +39,11 @@ def cli_entry(main):
             return main(*args, **kwargs)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except Exception as exc:  # a full disk is the user's to fix, like a bad argument: no traceback
+            if not is_disk_full(exc):
+                raise
+            print(f"error: {disk_full_message(exc)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

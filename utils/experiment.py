@@ -30,7 +30,7 @@ import traceback
 
 from utils.data import default_data_path
 from utils.errors import UserError
-from utils.fileio import atomic_write_text
+from utils.fileio import atomic_write_text, naming_full_disk
 from utils.presets import Preset
 from utils.registry import METHOD_FLAGS
 
@@ -307,7 +307,9 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
     commands, training = _prepare(cell, fresh)
     start = time.perf_counter()
     summaries = []
-    with open(cell.directory / "cell.log", "a", encoding="utf-8") as log, \
+    with naming_full_disk(cell.directory / "cell.log", "the cell has no result.json, so the next run redoes it: free "
+                                                       "space, then rerun"), \
+            open(cell.directory / "cell.log", "a", encoding="utf-8") as log, \
             contextlib.redirect_stdout(_Tee(sys.stdout, log)), contextlib.redirect_stderr(_Tee(sys.stderr, log)) as err:
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         print(f"=== attempt started {stamp}; training: {training}", file=log, flush=True)

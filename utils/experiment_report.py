@@ -1,13 +1,13 @@
 """results.md, the chart of the table and the loss curves of an experiment directory."""
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
 from utils.experiment import COLUMN_NAMES, ROW_NAMES, Cell
 from utils.fileio import atomic_write_text
 from utils.paper_results import CONFIRMED, paper_pass_at_1
+from utils.train_logging import read_metrics
 
 
 def _fmt(value) -> str:
@@ -161,8 +161,7 @@ def plot_loss_curves(out_dir: pathlib.Path, cells: list[Cell]) -> pathlib.Path |
     for cell in cells:
         metrics = cell.directory / "train" / "metrics.jsonl"
         if metrics.is_file():
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            rows = [r for r in rows if "loss" in r and "step" in r]
+            rows = [r for r in read_metrics(metrics) if "loss" in r and "step" in r]
             if rows:
                 curves.setdefault((cell.model, cell.task), {})[cell.method] = rows
     if not curves:

@@ -1,12 +1,14 @@
 """Crash-safe file writes shared by training, generation, post-processing, evaluation and the pipeline."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pathlib
+import shutil
 import tempfile
 
-from utils.errors import UserError
+from utils.errors import UserError, is_disk_full
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -57,14 +59,49 @@ def check_writable_dir(directory: str | os.PathLike, what: str) -> None:
                         f"directory you can write to")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+@contextlib.contextmanager
+def naming_full_disk(path: str | os.PathLike, fix="free space on its file system (or write elsewhere) and rerun"):
+    """Turn a full disk (ENOSPC, EDQUOT) met inside into a one-line UserError naming ``path`` and the fix; ``fix``
+    is text, or a function giving it once the error happened (what survived is known only then)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise UserError(f"{path}: no space left on device; {fix() if callable(fix) else fix}") from exc
+
+
+@contextlib.contextmanager
+def unfinished_directory(directory: pathlib.Path, fix, remove: bool = True):
+    """Fill ``directory`` (a temporary name, renamed once complete) inside: on a failure it is removed when
+    ``remove`` (never read, it only holds space) and a full disk becomes a UserError naming it (``fix`` as in
+    naming_full_disk)."""
+    with naming_full_disk(directory, fix):
+        try:
+            yield
+        except BaseException:
+            if remove:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+
+KEPT_FIX = "it keeps its earlier content, if any; free space there (or write elsewhere), rerun"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, full_disk_fix: str = KEPT_FIX) -> None:
     """Replace ``path`` by ``text`` so that readers see the old or the new content, never a torn file: a temporary
-    file beside it, fsynced, renamed over it, and the directory fsynced."""
+    file beside it, fsynced, renamed over it, and the directory fsynced. A full disk raises a UserError naming
+    ``path`` and ``full_disk_fix``."""
     path = pathlib.Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory; pass a file path to write to")
     if not path.parent.is_dir():
         raise UserError(f"{path}: directory {path.parent} does not exist; create it or pass another path")
+    with naming_full_disk(path, full_disk_fix):
+        _replace_text(path, text)
+
+
+def _replace_text(path: pathlib.Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; the file is not a secret
@@ -91,10 +128,11 @@ def try_lock(directory: str | os.PathLike):
         pid = fh.read().strip() or "?"
         fh.close()
         return None, pid
-    fh.seek(0)
-    fh.truncate()
-    fh.write(str(os.getpid()))
-    fh.flush()
+    with naming_full_disk(fh.name):
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
     return fh, None
 
 

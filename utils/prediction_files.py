@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from utils.errors import UserError
 from utils.tasks import Task
-from utils.fileio import atomic_write_text
+from utils.fileio import atomic_write_text, naming_full_disk
 
 PROGRESS_FILE = "generation_progress.jsonl"
 CONFIG_FILE = "generate_preds_config.json"
@@ -98,7 +98,8 @@ class ProgressLog:
     def append(self, predictions: dict[str, list[str]]) -> None:
         if not predictions:
             return
-        with self.path.open("a", encoding="utf-8") as fh:
+        kept = "the batches before this one are kept (a cut-off line is dropped): free space, then rerun with --resume"
+        with naming_full_disk(self.path, kept), self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps({"predictions": predictions}, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -158,8 +159,9 @@ def write_predictions(log_dir: str | os.PathLike, task: Task, records: Sequence[
             "output_raw.json": json.dumps({tid: raw[tid] for tid in ids}, indent=1) + "\n",
         }
     paths = []
+    resume = f"free space, then rerun with --resume (every task is in {PROGRESS_FILE}: none is generated again)"
     for name, text in contents.items():
-        atomic_write_text(log_dir / name, text)
+        atomic_write_text(log_dir / name, text, resume)
         paths.append(log_dir / name)
     return paths
 

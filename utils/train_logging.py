@@ -12,9 +12,17 @@ import logging
 import pathlib
 import sys
 
+from utils.errors import UserError, is_disk_full
+
 LOGGER_NAME = "lopa.train"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+
+
+class _LogFile(logging.FileHandler):
+    def handleError(self, record):
+        if not is_disk_full(sys.exc_info()[1]):  # the console still shows the line; the run's next write stops it
+            super().handleError(record)
 
 
 def setup_logging(log_dir: pathlib.Path | None, is_main: bool) -> logging.Logger:
@@ -30,17 +38,26 @@ def setup_logging(log_dir: pathlib.Path | None, is_main: bool) -> logging.Logger
     stream.setFormatter(fmt)
     logger.addHandler(stream)
     if is_main and log_dir is not None:
-        handler = logging.FileHandler(log_dir / "train.log")
+        handler = _LogFile(log_dir / "train.log")
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     return logger
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict]:
+    """The logged records; a torn last line (an append cut short by a full disk or a kill) is left out."""
     path = pathlib.Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if lineno < len(lines):
+                raise UserError(f"{path}:{lineno}: not a JSON record; delete the line (or the file)") from None
+    return records
 
 
 class MetricsFile:
@@ -107,8 +124,16 @@ def plot_loss(metrics_path: pathlib.Path, png_path: pathlib.Path, title: str) ->
     lr_ax.plot(steps, [r["lr"] for r in records], lw=1, color="tab:orange", alpha=0.6, label="lr", marker=marker)
     lr_ax.set_ylabel("learning rate")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(png_path, dpi=100)
+    except OSError as exc:  # the trained weights are already saved: a missing plot must not fail the run
+        if not is_disk_full(exc):
+            raise
+        png_path.unlink(missing_ok=True)  # a cut-off PNG
+        logging.getLogger(LOGGER_NAME).warning("%s: not written: no space left on device", png_path)
+        return None
+    finally:
+        plt.close(fig)
     return png_path
 
 

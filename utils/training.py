@@ -31,9 +31,10 @@ from torch.utils.data import DataLoader, Sampler
 
 from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDataset
 from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, find_checkpoint, load_checkpoint, read_resume_state,
-                              save_checkpoint, set_rng_state)
+                              resume_hint, save_checkpoint, set_rng_state)
 from utils.data import default_data_path, load_task_split
-from utils.fileio import atomic_write_text, lock_directory, open_file_modes
+from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, open_file_modes,
+                          unfinished_directory)
 from utils.tasks import get_task
 from utils.train_config import TrainConfig
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, plot_loss, setup_logging
@@ -98,7 +99,8 @@ def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training ``config`` describes; writes everything under its log_dir."""
     trainer = Trainer(config)
     try:
-        return trainer.fit()
+        with naming_full_disk(trainer.log_dir, lambda: resume_hint(trainer.log_dir)):  # the appends, the config
+            return trainer.fit()
     finally:
         if trainer._lock is not None:
             trainer._lock.close()  # a later run in this process may write here again
@@ -341,6 +343,17 @@ class Trainer:
 
         save_adapter(self.accelerator.unwrap_model(self.model), directory)
 
+    def _write_final(self, tmp: pathlib.Path, state_dict: dict | None) -> None:
+        if state_dict is None:
+            self._write_adapter(tmp)
+        else:
+            lm = self.accelerator.unwrap_model(self.model).lm
+            lm_state = {k.removeprefix("backbone."): v for k, v in state_dict.items()}
+            lm.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+        (tmp / "training_config.json").write_text(json.dumps(self.resolved, indent=2, sort_keys=True))
+        open_file_modes(tmp)
+
     def _save_checkpoint(self) -> None:
         path = save_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.state,
                                self.resolved, self.log_dir / CHECKPOINTS_DIR,
@@ -356,15 +369,8 @@ class Trainer:
         state_dict = acc.get_state_dict(self.model) if self.config.model.method == "fft" else None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            if state_dict is None:
-                self._write_adapter(tmp)
-            else:
-                lm = acc.unwrap_model(self.model).lm
-                lm_state = {k.removeprefix("backbone."): v for k, v in state_dict.items()}
-                lm.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
-            (tmp / "training_config.json").write_text(json.dumps(self.resolved, indent=2, sort_keys=True))
-            open_file_modes(tmp)
+            with unfinished_directory(tmp, lambda: f"it was removed, final/ is as it was; {resume_hint(self.log_dir)}"):
+                self._write_final(tmp, state_dict)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         acc.wait_for_everyone()

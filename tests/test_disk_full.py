@@ -1,0 +1,217 @@
+"""A full disk (ENOSPC) part-way through every writer: one line naming the file, no good output lost, no partial
+output read as complete, and the rerun (--resume_from, --resume, run_experiment) recovers.
+
+The disk fills by monkeypatching a write to raise what the libraries raise on a full tmpfs (measured there):
+OSError(ENOSPC) from Python files, SafetensorError / Exception with "(os error 28)" from the Rust libraries.
+"""
+import errno
+import json
+import pathlib
+
+import pytest
+import torch
+
+from tests.test_training_runs import run_inprocess
+from tests.test_training_units import accelerated  # noqa: F401 (fixture)
+from utils.checkpoint import LATEST, TrainerState, find_checkpoint, load_checkpoint, save_checkpoint
+from utils.errors import UserError, cli_entry
+from utils.train_logging import MetricsFile, read_metrics
+
+
+def enospc(filename=None) -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device", filename)
+
+
+def raising(exc):
+    def main(*args, **kwargs):
+        raise exc
+    return main
+
+
+def test_cli_entry_prints_a_full_disk_as_one_line_and_lets_other_errors_through(capsys):
+    class CellFailed(Exception):  # quotes a disk-full message but is not one: must pass through untouched
+        pass
+
+    for exc, line in [(enospc("/out/metrics.jsonl"), "error: /out/metrics.jsonl: no space left on device; free "
+                                                       "space there (or write elsewhere) and rerun"),
+                      (Exception("No space left on device (os error 28)"),  # tokenizers' save
+                       "error: no space left on device writing the output; free space on its file system")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_entry(raising(exc))()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(line) and err.count("\n") == 1 and "Traceback" not in err
+    for exc in (OSError(errno.EACCES, "Permission denied"), CellFailed("OSError: (os error 28)")):
+        with pytest.raises(type(exc)):
+            cli_entry(raising(exc))()
+
+
+def fail_torch_save_on(monkeypatch, name: str) -> None:
+    """torch.save into ``name`` fails as on a full disk: given a path, torch raises RuntimeError("... unexpected
+    pos ...") with no word of the disk; given a Python file, that file's OSError(ENOSPC)."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if pathlib.Path(getattr(f, "name", f)).name == name:
+            if isinstance(f, (str, pathlib.Path)):
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+            raise enospc()
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_checkpoint_cut_off_by_a_full_disk_is_removed_and_named_and_the_last_good_one_resumes(
+        tmp_path, accelerated, monkeypatch):  # noqa: F811
+    acc, model, opt, sched = accelerated
+    root = tmp_path / "checkpoints"
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=1, num_processes=1), {}, root)
+    weight = model.weight.detach().clone()
+    fail_torch_save_on(monkeypatch, "optimizer.pt")
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(UserError) as info:
+        save_checkpoint(acc, model, opt, sched, TrainerState(global_step=2, num_processes=1), {}, root,
+                        total_limit=1)
+    assert str(info.value) == (f"{root / '.tmp-step_00000002'}: no space left on device; it was removed; free space, "
+                               f"then rerun with --resume_from {tmp_path}: it continues from step_00000001, the last "
+                               f"complete checkpoint")
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000001"]  # the partial one gave its space back
+    monkeypatch.undo()
+    state, _ = load_checkpoint(find_checkpoint(tmp_path), acc, model, opt, sched)
+    assert state.global_step == 1 and torch.equal(model.weight, weight)
+
+
+def test_read_metrics_skips_the_line_a_full_disk_cut_off_and_resume_rewrites_without_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    full = "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(full[:-15])  # what a short append on a full tmpfs left (measured: 4096 bytes, mid-record)
+    assert read_metrics(path) == records[:2]
+    MetricsFile(tmp_path, enabled=True).resume_at(2)
+    assert path.read_text() == full[:full.index('{"step": 3')]
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: not a JSON record"):
+        read_metrics(path)
+
+
+def test_final_cut_off_by_a_full_disk_is_one_line_then_the_resumed_run_finishes_without_its_plot(
+        tmp_path, data_paths, monkeypatch, capsys):
+    from utils.training import Trainer
+
+    log_dir = tmp_path / "run"
+    argv = ["--peft_method", "lora", "--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path",
+            data_paths["mbpp"], "--limit_train_examples", "4", "--per_gpu_train_batch_size", "2", "--max_train_steps",
+            "2", "--max_length", "48", "--save_every", "1steps", "--log_dir", str(log_dir)]
+    write_adapter = Trainer._write_adapter
+
+    def adapter_on_a_full_disk(self, directory):
+        if directory.name == ".tmp-final":  # the checkpoints' adapters are written; final/'s is not
+            directory.mkdir(parents=True)
+            (directory / "adapter_model.safetensors").write_bytes(b"\0" * 10)  # cut off
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+        write_adapter(self, directory)
+
+    monkeypatch.setattr(Trainer, "_write_adapter", adapter_on_a_full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        run_inprocess("peft", argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"error: {log_dir / '.tmp-final'}: no space left on device; it was removed, final/ is as it was; free "
+            f"space, then rerun with --resume_from {log_dir}: it continues from step_00000002") in err
+    assert "Traceback" not in err
+    assert not (log_dir / ".tmp-final").exists() and not (log_dir / "final").exists()
+
+    monkeypatch.undo()
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", raising(enospc()))
+    result = run_inprocess("peft", argv + ["--resume_from", str(log_dir)])  # the plot alone must not fail the run
+    assert result.global_step == 2 and (result.final_dir / "adapter_model.safetensors").is_file()
+    assert not (log_dir / "loss.png").exists()
+    assert f"{log_dir / 'loss.png'}: not written: no space left on device" in capsys.readouterr().err
+
+
+class _FullDiskAfter:
+    """A text file that takes ``room`` more characters, then fails as a full disk does (a short write first)."""
+
+    def __init__(self, fh, room: int):
+        self.fh, self.room = fh, room
+
+    def write(self, text):
+        self.fh.write(text[:self.room])
+        if len(text) > self.room:
+            self.fh.flush()
+            raise enospc()
+        self.room -= len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+def test_generation_progress_cut_off_by_a_full_disk_names_the_file_and_resume_keeps_the_batches(tmp_path,
+                                                                                                 monkeypatch):
+    from utils.prediction_files import PROGRESS_FILE, ProgressLog, write_predictions
+    from utils.tasks import get_task
+
+    log = ProgressLog(tmp_path)
+    log.append({"MBPP/11": ["def a(): pass"]})
+    real_open = pathlib.Path.open
+    monkeypatch.setattr(pathlib.Path, "open", lambda self, *a, **k: _FullDiskAfter(real_open(self, *a, **k), 9))
+    with pytest.raises(UserError) as info:
+        log.append({"MBPP/12": ["def b(): pass"]})
+    assert str(info.value).startswith(f"{tmp_path / PROGRESS_FILE}: no space left on device; the batches before "
+                                      f"this one are kept")
+    monkeypatch.undo()
+    log.repair()  # what --resume does first
+    assert log.read() == {"MBPP/11": ["def a(): pass"]}
+
+    monkeypatch.setattr("os.fsync", raising(enospc()))  # the final files' temp copies
+    task = get_task("mbpp")
+    record = {"task_id": "MBPP/11", "prompt": "p", "test": "t", "entry_point": "a", "canonical_solution": "c"}
+    with pytest.raises(UserError, match=r"mbxp_solutions.jsonl: no space left on device; free space, then rerun "
+                                        r"with --resume \(every task is in generation_progress.jsonl"):
+        write_predictions(tmp_path, task, [record], {"MBPP/11": ["x"]}, task.stop_sequences)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PROGRESS_FILE]  # no temporary copy left behind
+
+
+def test_a_cell_whose_training_fills_the_disk_is_failed_with_one_line_and_redone_next_run(tmp_path, monkeypatch):
+    import run_experiment
+    from tests.test_experiment import _fake_stages
+    from utils import experiment
+
+    key = "tiny-phi-2/mbpp/lora"
+    metrics = tmp_path / "cells" / key / "train" / "metrics.jsonl"
+
+    class TornMetrics(OSError):  # the training stage wrote one step, then the disk filled mid-line
+        def __init__(self):
+            metrics.parent.mkdir(parents=True, exist_ok=True)
+            metrics.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
+            super().__init__(errno.ENOSPC, "No space left on device")
+
+    _fake_stages(monkeypatch)
+    fake = experiment._script_main
+
+    def stage(script):
+        main = fake(script)
+
+        def run(argv):
+            if script == "tune_foundation_model.py" and f"/cells/{key}/" in " ".join(argv):
+                raise TornMetrics()
+            return main(argv)
+        return cli_entry(run)
+
+    monkeypatch.setattr(experiment, "_script_main", stage)
+    argv = ["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "lora,pt"]
+    first = run_experiment.main(argv)  # the loss-curve plot reads the cut-off metrics.jsonl too
+    assert first["failed"][key]["reason"].startswith("exit status 2: error: no space left on device writing the output")
+    assert first["ran"] == ["tiny-phi-2/mbpp/pt"] and not (tmp_path / "cells" / key / "result.json").exists()
+    assert (tmp_path / "loss_curves.png").is_file() and "failed" in (tmp_path / "results.md").read_text()
+    _fake_stages(monkeypatch)
+    assert run_experiment.main(argv)["ran"] == [key]
