@@ -46,6 +46,19 @@ def test_cli_entry_prints_a_full_disk_as_one_line_and_lets_other_errors_through(
             cli_entry(raising(exc))()
 
 
+def test_a_full_disk_elsewhere_is_named_beside_the_output_it_stopped(tmp_path):
+    """A run wrapped as a whole names its log_dir; when the file the OS names lies elsewhere (a cache in /tmp),
+    that one is named too, else the user frees space on the wrong file system."""
+    from utils.fileio import naming_full_disk
+
+    run = tmp_path / "run"
+    for inside, shown in ((enospc("/tmp/inductor/cache.bin"), " (writing /tmp/inductor/cache.bin);"),
+                          (enospc(str(run / "metrics.jsonl")), ";"), (enospc(), ";")):
+        with pytest.raises(UserError) as err, naming_full_disk(run, "free space"):
+            raise inside
+        assert str(err.value) == f"{run}: no space left on device{shown} free space"
+
+
 def fail_torch_save_on(monkeypatch, name: str) -> None:
     """torch.save into ``name`` fails as on a full disk: given a path, torch raises RuntimeError("... unexpected
     pos ...") with no word of the disk; given a Python file, that file's OSError(ENOSPC)."""

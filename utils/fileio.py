@@ -68,7 +68,9 @@ def naming_full_disk(path: str | os.PathLike, fix="free space on its file system
     except Exception as exc:
         if not is_disk_full(exc):
             raise
-        raise UserError(f"{path}: no space left on device; {fix() if callable(fix) else fix}") from exc
+        where = getattr(exc, "filename", None)  # the file the OS names, when it is another (e.g. in /tmp)
+        where = f" (writing {where})" if where and not str(where).startswith(str(pathlib.Path(path).parent)) else ""
+        raise UserError(f"{path}: no space left on device{where}; {fix() if callable(fix) else fix}") from exc
 
 
 @contextlib.contextmanager
