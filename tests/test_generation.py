@@ -266,6 +266,8 @@ def test_paper_decoding_and_defaults():
     ({"top_p": float("nan"), "temperature": 1.0}, "--top_p must be in (0, 1]"),
     ({"do_sample": True, "temperature": 0.0}, "--do_sample True contradicts --temperature 0; drop one of them"),
     ({"do_sample": False, "temperature": 0.7}, "--do_sample False contradicts --temperature 0.7 (which samples)"),
+    ({"top_p": 0.9}, "--top_p 0.9 only shape sampling, and this run decodes greedy; add --do_sample"),
+    ({"top_k": 5, "paper_decoding": True, "do_sample": False}, "--top_k 5 only shape sampling"),
 ])
 def test_temperatures_and_top_p_outside_their_range_are_refused_not_read_as_greedy(kwargs, message):
     with pytest.raises(UserError) as err:

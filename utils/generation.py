@@ -91,7 +91,7 @@ def resolve_gen_config(task: Task, *, paper_decoding: bool = False, do_sample: b
     sampling at the task's paper temperature (MBPP 0.6, CRUXEval 0.2), top-p 0.95, top-k 50, one sample.
     Values given explicitly override those. ``--temperature`` alone turns sampling on (0 means greedy); so does
     ``--do_sample True``, at the task's paper temperature unless one is given. ``--do_sample`` with a temperature
-    that says the opposite is an error.
+    that says the opposite is an error, as are ``--top_p``/``--top_k`` under greedy decoding.
     """
     # checked here, not only when sampling: a negative or NaN temperature used to mean greedy, inf uniform noise
     if temperature is not None and not 0 <= temperature < math.inf:
@@ -108,6 +108,10 @@ def resolve_gen_config(task: Task, *, paper_decoding: bool = False, do_sample: b
             raise UserError(f"--do_sample False contradicts --temperature {temperature} (which samples); drop one "
                             f"of them")
         sample = do_sample
+    given = [f"--{name} {value}" for name, value in (("top_p", top_p), ("top_k", top_k)) if value is not None]
+    if given and not sample:  # greedy decoding would ignore them, as --num_return_sequences > 1 is refused
+        raise UserError(f"{' and '.join(given)} only shape sampling, and this run decodes greedy; add --do_sample "
+                        f"(or --temperature T > 0), or drop them")
     if sample:
         temperature = task.paper_temperature if temperature is None else temperature
         top_p = PAPER_TOP_P if top_p is None and paper_decoding else (1.0 if top_p is None else top_p)
