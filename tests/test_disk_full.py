@@ -95,6 +95,39 @@ def test_a_checkpoint_cut_off_by_a_full_disk_is_removed_and_named_and_the_last_g
     assert state.global_step == 1 and torch.equal(model.weight, weight)
 
 
+class _Rank:
+    """A one-process accelerator seen as ``rank`` of 2 (the collective calls are no-ops on one process)."""
+
+    def __init__(self, acc, rank: int):
+        self.acc, self.process_index, self.num_processes, self.is_main_process = acc, rank, 2, rank == 0
+
+    def __getattr__(self, name):
+        return getattr(self.acc, name)
+
+
+def test_a_multi_process_checkpoint_cut_off_is_left_for_the_other_ranks_and_named_to_delete(
+        tmp_path, accelerated, monkeypatch):  # noqa: F811
+    """Removing it would pull the directory from under a rank still writing (measured with torchrun, 2 gloo
+    processes: rank 1 died with FileNotFoundError), and a rank other than the main one never removed it while its
+    line said "it was removed"."""
+    acc, model, opt, sched = accelerated
+    root = tmp_path / "checkpoints"
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=1, num_processes=1), {}, root)
+    tmp = root / ".tmp-step_00000002"
+    for rank, name in ((0, "optimizer.pt"), (1, "rng_state_1.pt")):
+        fail_torch_save_on(monkeypatch, name)
+        tmp.mkdir(exist_ok=True)  # rank 0 made it before the barrier
+        with pytest.raises(UserError) as info:
+            save_checkpoint(_Rank(acc, rank), model, opt, sched, TrainerState(global_step=2, num_processes=2), {},
+                            root)
+        assert str(info.value).startswith(f"{tmp}: no space left on device; it is never read: delete it to get its "
+                                          f"space back; free space, then rerun with --resume_from {tmp_path}")
+        assert (tmp / "rng_state_0.pt").is_file()  # rank 0 wrote it before its optimizer.pt failed
+        monkeypatch.undo()
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=3, num_processes=1), {}, root)
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000001", "step_00000003"]  # the next save
+
+
 def test_read_metrics_skips_the_line_a_full_disk_cut_off_and_resume_rewrites_without_it(tmp_path):
     path = tmp_path / "metrics.jsonl"
     records = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
