@@ -227,6 +227,20 @@ def test_generation_progress_cut_off_by_a_full_disk_names_the_file_and_resume_ke
     assert sorted(p.name for p in tmp_path.iterdir()) == [PROGRESS_FILE]  # no temporary copy left behind
 
 
+def test_generation_progress_cut_inside_a_utf8_character_resumes_with_the_batches_before(tmp_path):
+    """The kernel's short write ends at a byte (a page), not at a character; predictions are stored unescaped, so
+    a line may also hold U+2028, which is no end of a record."""
+    from utils.prediction_files import ProgressLog
+
+    log = ProgressLog(tmp_path)
+    log.append({"MBPP/11": ["s = 'a\u2028b'"]})
+    log.append({"MBPP/12": ["print('é')"]})
+    data = log.path.read_bytes()
+    log.path.write_bytes(data[:data.rindex("é".encode()) + 1])  # the second batch cut inside the é
+    log.repair()
+    assert log.read() == {"MBPP/11": ["s = 'a\u2028b'"]} and log.path.read_bytes().endswith(b"\n")
+
+
 def test_a_cell_whose_training_fills_the_disk_is_failed_with_one_line_and_redone_next_run(tmp_path, monkeypatch):
     import run_experiment
     from tests.test_experiment import _fake_stages
