@@ -46,17 +46,22 @@ def test_cli_entry_prints_a_full_disk_as_one_line_and_lets_other_errors_through(
             cli_entry(raising(exc))()
 
 
-def test_a_full_disk_elsewhere_is_named_beside_the_output_it_stopped(tmp_path):
+def test_a_full_disk_elsewhere_is_named_beside_the_output_it_stopped(tmp_path, monkeypatch):
     """A run wrapped as a whole names its log_dir; when the file the OS names lies elsewhere (a cache in /tmp),
     that one is named too, else the user frees space on the wrong file system."""
     from utils.fileio import naming_full_disk
 
     run = tmp_path / "run"
     for inside, shown in ((enospc("/tmp/inductor/cache.bin"), " (writing /tmp/inductor/cache.bin);"),
+                          (enospc(f"{tmp_path}2/cache.bin"), f" (writing {tmp_path}2/cache.bin);"),  # a sibling
                           (enospc(str(run / "metrics.jsonl")), ";"), (enospc(), ";")):
         with pytest.raises(UserError) as err, naming_full_disk(run, "free space"):
             raise inside
         assert str(err.value) == f"{run}: no space left on device{shown} free space"
+    monkeypatch.chdir(tmp_path)  # a relative --log_dir (the default is one): its files are its own
+    with pytest.raises(UserError) as err, naming_full_disk("run", "free space"):
+        raise enospc("run/metrics.jsonl")
+    assert str(err.value) == "run: no space left on device; free space"
 
 
 def fail_torch_save_on(monkeypatch, name: str) -> None:
