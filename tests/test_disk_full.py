@@ -183,6 +183,29 @@ def test_final_cut_off_by_a_full_disk_is_one_line_then_the_resumed_run_finishes_
     assert f"{log_dir / 'loss.png'}: not written: no space left on device" in capsys.readouterr().err
 
 
+def test_a_metrics_append_on_a_full_disk_mid_run_is_one_line_naming_the_run_and_its_resume(
+        tmp_path, data_paths, monkeypatch, capsys):
+    from utils.train_logging import MetricsFile
+
+    log_dir = tmp_path / "run"
+    write = MetricsFile.write
+
+    def full_at_step_2(self, record):
+        if record["step"] == 2:
+            raise enospc()  # an append names no file
+        write(self, record)
+
+    monkeypatch.setattr(MetricsFile, "write", full_at_step_2)
+    with pytest.raises(SystemExit):
+        run_inprocess("peft", ["--peft_method", "lora", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                               "--data_path", data_paths["mbpp"], "--limit_train_examples", "4",
+                               "--per_gpu_train_batch_size", "2", "--max_train_steps", "3", "--max_length", "48",
+                               "--save_every", "1steps", "--log_dir", str(log_dir)])
+    err = capsys.readouterr().err
+    assert (f"error: {log_dir}: no space left on device; free space, then rerun with --resume_from {log_dir}: it "
+            f"continues from step_00000001, the last complete checkpoint\n") in err and "Traceback" not in err
+
+
 class _FullDiskAfter:
     """A text file that takes ``room`` more characters, then fails as a full disk does (a short write first)."""
 
