@@ -46,17 +46,22 @@ def test_cli_entry_prints_a_full_disk_as_one_line_and_lets_other_errors_through(
             cli_entry(raising(exc))()
 
 
-def test_a_full_disk_elsewhere_is_named_beside_the_output_it_stopped(tmp_path):
+def test_a_full_disk_elsewhere_is_named_beside_the_output_it_stopped(tmp_path, monkeypatch):
     """A run wrapped as a whole names its log_dir; when the file the OS names lies elsewhere (a cache in /tmp),
     that one is named too, else the user frees space on the wrong file system."""
     from utils.fileio import naming_full_disk
 
     run = tmp_path / "run"
     for inside, shown in ((enospc("/tmp/inductor/cache.bin"), " (writing /tmp/inductor/cache.bin);"),
+                          (enospc(f"{tmp_path}2/cache.bin"), f" (writing {tmp_path}2/cache.bin);"),  # a sibling
                           (enospc(str(run / "metrics.jsonl")), ";"), (enospc(), ";")):
         with pytest.raises(UserError) as err, naming_full_disk(run, "free space"):
             raise inside
         assert str(err.value) == f"{run}: no space left on device{shown} free space"
+    monkeypatch.chdir(tmp_path)  # a relative --log_dir (the default is one): its files are its own
+    with pytest.raises(UserError) as err, naming_full_disk("run", "free space"):
+        raise enospc("run/metrics.jsonl")
+    assert str(err.value) == "run: no space left on device; free space"
 
 
 def fail_torch_save_on(monkeypatch, name: str) -> None:
@@ -93,6 +98,39 @@ def test_a_checkpoint_cut_off_by_a_full_disk_is_removed_and_named_and_the_last_g
     monkeypatch.undo()
     state, _ = load_checkpoint(find_checkpoint(tmp_path), acc, model, opt, sched)
     assert state.global_step == 1 and torch.equal(model.weight, weight)
+
+
+class _Rank:
+    """A one-process accelerator seen as ``rank`` of 2 (the collective calls are no-ops on one process)."""
+
+    def __init__(self, acc, rank: int):
+        self.acc, self.process_index, self.num_processes, self.is_main_process = acc, rank, 2, rank == 0
+
+    def __getattr__(self, name):
+        return getattr(self.acc, name)
+
+
+def test_a_multi_process_checkpoint_cut_off_is_left_for_the_other_ranks_and_named_to_delete(
+        tmp_path, accelerated, monkeypatch):  # noqa: F811
+    """Removing it would pull the directory from under a rank still writing (measured with torchrun, 2 gloo
+    processes: rank 1 died with FileNotFoundError), and a rank other than the main one never removed it while its
+    line said "it was removed"."""
+    acc, model, opt, sched = accelerated
+    root = tmp_path / "checkpoints"
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=1, num_processes=1), {}, root)
+    tmp = root / ".tmp-step_00000002"
+    for rank, name in ((0, "optimizer.pt"), (1, "rng_state_1.pt")):
+        fail_torch_save_on(monkeypatch, name)
+        tmp.mkdir(exist_ok=True)  # rank 0 made it before the barrier
+        with pytest.raises(UserError) as info:
+            save_checkpoint(_Rank(acc, rank), model, opt, sched, TrainerState(global_step=2, num_processes=2), {},
+                            root)
+        assert str(info.value).startswith(f"{tmp}: no space left on device; it is never read: delete it to get its "
+                                          f"space back; free space, then rerun with --resume_from {tmp_path}")
+        assert (tmp / "rng_state_0.pt").is_file()  # rank 0 wrote it before its optimizer.pt failed
+        monkeypatch.undo()
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=3, num_processes=1), {}, root)
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000001", "step_00000003"]  # the next save
 
 
 def test_read_metrics_skips_the_line_a_full_disk_cut_off_and_resume_rewrites_without_it(tmp_path):
@@ -145,6 +183,29 @@ def test_final_cut_off_by_a_full_disk_is_one_line_then_the_resumed_run_finishes_
     assert f"{log_dir / 'loss.png'}: not written: no space left on device" in capsys.readouterr().err
 
 
+def test_a_metrics_append_on_a_full_disk_mid_run_is_one_line_naming_the_run_and_its_resume(
+        tmp_path, data_paths, monkeypatch, capsys):
+    from utils.train_logging import MetricsFile
+
+    log_dir = tmp_path / "run"
+    write = MetricsFile.write
+
+    def full_at_step_2(self, record):
+        if record["step"] == 2:
+            raise enospc()  # an append names no file
+        write(self, record)
+
+    monkeypatch.setattr(MetricsFile, "write", full_at_step_2)
+    with pytest.raises(SystemExit):
+        run_inprocess("peft", ["--peft_method", "lora", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                               "--data_path", data_paths["mbpp"], "--limit_train_examples", "4",
+                               "--per_gpu_train_batch_size", "2", "--max_train_steps", "3", "--max_length", "48",
+                               "--save_every", "1steps", "--log_dir", str(log_dir)])
+    err = capsys.readouterr().err
+    assert (f"error: {log_dir}: no space left on device; free space, then rerun with --resume_from {log_dir}: it "
+            f"continues from step_00000001, the last complete checkpoint\n") in err and "Traceback" not in err
+
+
 class _FullDiskAfter:
     """A text file that takes ``room`` more characters, then fails as a full disk does (a short write first)."""
 
@@ -192,6 +253,20 @@ def test_generation_progress_cut_off_by_a_full_disk_names_the_file_and_resume_ke
                                         r"with --resume \(every task is in generation_progress.jsonl"):
         write_predictions(tmp_path, task, [record], {"MBPP/11": ["x"]}, task.stop_sequences)
     assert sorted(p.name for p in tmp_path.iterdir()) == [PROGRESS_FILE]  # no temporary copy left behind
+
+
+def test_generation_progress_cut_inside_a_utf8_character_resumes_with_the_batches_before(tmp_path):
+    """The kernel's short write ends at a byte (a page), not at a character; predictions are stored unescaped, so
+    a line may also hold U+2028, which is no end of a record."""
+    from utils.prediction_files import ProgressLog
+
+    log = ProgressLog(tmp_path)
+    log.append({"MBPP/11": ["s = 'a\u2028b'"]})
+    log.append({"MBPP/12": ["print('é')"]})
+    data = log.path.read_bytes()
+    log.path.write_bytes(data[:data.rindex("é".encode()) + 1])  # the second batch cut inside the é
+    log.repair()
+    assert log.read() == {"MBPP/11": ["s = 'a\u2028b'"]} and log.path.read_bytes().endswith(b"\n")
 
 
 def test_a_cell_whose_training_fills_the_disk_is_failed_with_one_line_and_redone_next_run(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ Layout under ``<log_dir>/checkpoints/``::
 Writing: every file goes into ``.tmp-step_N/``; once all processes are done, the main process fsyncs it,
 renames it to ``step_N/`` (one atomic rename) and only then replaces ``latest`` (write, fsync, rename). A crash
 at any point leaves ``latest`` naming a complete checkpoint; a leftover ``.tmp-*`` is never read and is removed
-by the next save. A save that fails (a full disk) removes its ``.tmp-*`` at once, to give the space back. Older
+by the next save. A save that fails (a full disk) in a one-process run removes its ``.tmp-*`` at once, to give
+the space back (with several, other ranks may still be writing into it: it is left, and the error names it). Older
 checkpoints are pruned only after the new one is in place, so ``--save_total_limit N`` needs room for N + 1.
 Assumes all processes see one file system (true on one node).
 """
@@ -179,8 +180,9 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainerStat
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
-    with unfinished_directory(tmp, lambda: f"it was removed; {resume_hint(checkpoints_dir.parent)}",
-                              remove=accelerator.is_main_process):
+    alone = accelerator.num_processes == 1  # else another rank may still be writing into tmp: removing it races
+    left = "it was removed" if alone else "it is never read: delete it to get its space back"
+    with unfinished_directory(tmp, lambda: f"{left}; {resume_hint(checkpoints_dir.parent)}", remove=alone):
         _write_checkpoint_files(accelerator, model, optimizer, scheduler, state, config, tmp, write_adapter)
     accelerator.wait_for_everyone()
 

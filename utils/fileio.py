@@ -69,7 +69,9 @@ def naming_full_disk(path: str | os.PathLike, fix="free space on its file system
         if not is_disk_full(exc):
             raise
         where = getattr(exc, "filename", None)  # the file the OS names, when it is another (e.g. in /tmp)
-        where = f" (writing {where})" if where and not str(where).startswith(str(pathlib.Path(path).parent)) else ""
+        parent = os.path.dirname(os.path.abspath(path))
+        beside = where and pathlib.Path(os.path.abspath(str(where))).is_relative_to(parent)
+        where = f" (writing {where})" if where and not beside else ""
         raise UserError(f"{path}: no space left on device{where}; {fix() if callable(fix) else fix}") from exc
 
 

@@ -73,12 +73,14 @@ class ProgressLog:
         done: dict[str, list[str]] = {}
         if not self.path.is_file():
             return done
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        # bytes: only "\n" ends a record (str.splitlines also splits at a U+2028 or U+0085 in a prediction), and a
+        # short write (a full disk) may end inside a UTF-8 character
+        lines = self.path.read_bytes().splitlines()
         for lineno, line in enumerate(lines, 1):
             try:
                 batch = json.loads(line)["predictions"]
                 done.update({str(tid): [str(t) for t in raw] for tid, raw in batch.items()})
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError):  # JSONDecodeError, UnicodeDecodeError
                 if lineno == len(lines):
                     break
                 raise UserError(f"{self.path}:{lineno}: not a progress record; delete the file and rerun "
@@ -91,9 +93,9 @@ class ProgressLog:
     def repair(self) -> None:
         """Drop a torn last line so that appends start on a fresh line."""
         if self.path.is_file():
-            text = self.path.read_text(encoding="utf-8")
-            if text and not text.endswith("\n"):
-                atomic_write_text(self.path, text[:text.rfind("\n") + 1])
+            data = self.path.read_bytes()  # as in read()
+            if data and not data.endswith(b"\n"):
+                atomic_write_text(self.path, data[:data.rfind(b"\n") + 1].decode("utf-8"))
 
     def append(self, predictions: dict[str, list[str]]) -> None:
         if not predictions:
