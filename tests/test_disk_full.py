@@ -303,3 +303,30 @@ def test_a_cell_whose_training_fills_the_disk_is_failed_with_one_line_and_redone
     assert (tmp_path / "loss_curves.png").is_file() and "failed" in (tmp_path / "results.md").read_text()
     _fake_stages(monkeypatch)
     assert run_experiment.main(argv)["ran"] == [key]
+
+
+
+def test_train_log_on_a_full_disk_stays_quiet_on_the_console_and_other_log_errors_do_not(tmp_path, capsys):
+    """A train.log line that does not fit must not print logging's "--- Logging error ---" block with a traceback
+    for every line (the console handler still shows each line); any other handler error still does."""
+    from utils.train_logging import setup_logging
+
+    class Failing:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def write(self, text):
+            raise self.exc
+
+        def flush(self):
+            pass
+
+    logger = setup_logging(tmp_path, is_main=True)
+    file_handler, real = logger.handlers[-1], logger.handlers[-1].stream
+    for exc, block in ((enospc(), False), (ValueError("bad format"), True)):
+        file_handler.stream = Failing(exc)
+        logger.info("step 7")
+        err = capsys.readouterr().err
+        assert "step 7" in err and ("--- Logging error ---" in err) is block, err
+    file_handler.stream = real
+    setup_logging(None, is_main=True)  # closes the file handler
