@@ -20,14 +20,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", required=True, choices=("input", "output"))
     p.add_argument("--data_path", default=None, help="the CRUXEval JSONL (to rebuild the prompts)")
     p.add_argument("--out", default=None, help="output file (default: output.json beside --path)")
+    p.add_argument("--official_out", default=None,
+                   help="also write the answers for facebookresearch/cruxeval's evaluate_generations.py: every id "
+                        "of the data (the missing ones empty, so failed); the path must name the mode ('input' in "
+                        "it for input prediction, not for output), which that script reads from it")
     return p.parse_args(argv)
 
 
 @cli_entry
 def main(argv=None) -> str:
     args = parse_args(argv)
-    out = postprocess_cruxeval_file(args.path, args.mode, args.data_path, args.out)
-    print(f"answers: {out}")
+    out = postprocess_cruxeval_file(args.path, args.mode, args.data_path, args.out, args.official_out)
+    print(f"answers: {out}" + (f"\nfor the official script: {args.official_out}" if args.official_out else ""))
     return out
 
 

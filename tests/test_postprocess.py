@@ -252,3 +252,29 @@ def test_a_fresh_generation_deletes_what_was_derived_from_the_predictions_it_rep
         + (2 * len(scored) if task_name == "mbpp" else 0)
     assert generate_preds.main(generate) == 0
     assert {p.name for p in tmp_path.iterdir()} == generated
+
+
+def test_postprocess_cruxeval_cli_writes_the_file_the_official_script_reads(tmp_path, data_paths, capsys):
+    """facebookresearch/cruxeval's evaluate_generations.py needs every id of its data and reads the mode from the
+    path ('input' in it); --official_out writes that file, padded, and refuses a path that names the wrong mode."""
+    records = load_task_split("cruxeval_output_prediction", "test", data_paths["cruxeval"])[:3]
+    raw = {r["id"]: [cruxeval_prompt(r, "output") + cruxeval_target(r), "\nassert f(x) == 'nope'\n[/ANSWER]"]
+           for r in records}
+    path = tmp_path / "output_raw.json"
+    path.write_text(json.dumps(raw))
+    base = ["--path", str(path), "--data_path", data_paths["cruxeval"]]
+    official = tmp_path / "cruxeval_output_generations.json"
+    postprocess_cruxeval_preds.main([*base, "--mode", "output", "--official_out", str(official)])
+    padded = json.loads(official.read_text())
+    every_id = [r["id"] for r in read_jsonl(data_paths["cruxeval"])]
+    assert list(padded) == sorted(every_id, key=lambda rid: int(rid.split("_")[1]))
+    assert {rid: padded[rid] for rid in raw} == {r["id"]: [r["output"], "'nope'"] for r in records}
+    assert all(padded[rid] == ["", ""] for rid in set(every_id) - set(raw))
+    assert f"for the official script: {official}" in capsys.readouterr().out
+    for mode, name, need in (("output", "cruxeval_input_generations.json", "must not contain 'input' for output"),
+                             ("input", "generations.json", "must contain 'input' for input")):
+        (tmp_path / "output.json").unlink(missing_ok=True)
+        with pytest.raises(SystemExit) as exc:
+            postprocess_cruxeval_preds.main([*base, "--mode", mode, "--official_out", str(tmp_path / name)])
+        assert exc.value.code == 2 and need in capsys.readouterr().err
+        assert not (tmp_path / "output.json").exists() and not (tmp_path / name).exists()  # refused before writing

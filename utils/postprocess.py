@@ -315,11 +315,12 @@ def cruxeval_answers_path(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.stem + "_answers.json")
 
 
-def postprocess_cruxeval_file(path, mode: str, data_path=None, out=None) -> str:
+def postprocess_cruxeval_file(path, mode: str, data_path=None, out=None, official_out=None) -> str:
     """Extract the answers of ``{id: [raw text, ...]}`` into ``{id: [answer, ...]}``; returns the output path.
 
     The prompts are rebuilt from the dataset (``data_path``, default ../shared/data when present) so that raw
-    texts that still hold the prompt lose exactly that prompt.
+    texts that still hold the prompt lose exactly that prompt. ``official_out``: also write the answers as the
+    official CRUXEval script reads them (``official_cruxeval_generations``).
     """
     from utils.evaluation import check_cruxeval_ids, load_cruxeval_records, read_cruxeval_predictions
     from utils.tasks import cruxeval_prompt
@@ -336,5 +337,29 @@ def postprocess_cruxeval_file(path, mode: str, data_path=None, out=None) -> str:
     if out.resolve() == path.resolve():
         raise UserError(f"{out}: the output would overwrite the input; pass --out")
     check_writable_dir(out.parent, "--out" if out_given else "--path")
+    if official_out is not None:  # checked before anything is written
+        official_out = pathlib.Path(official_out)
+        _check_official_mode_in_path(official_out, mode)
+        check_writable_dir(official_out.parent, "--official_out")
     atomic_write_text(out, json.dumps(answers, indent=1) + "\n")
+    if official_out is not None:
+        atomic_write_text(official_out, json.dumps(official_cruxeval_generations(answers, records)) + "\n")
     return str(out)
+
+
+def official_cruxeval_generations(answers: dict[str, list[str]], records: dict) -> dict[str, list[str]]:
+    """``answers`` as facebookresearch/cruxeval's evaluate_generations.py reads them: every id of the dataset in
+    order, an id without answers padded with empty ones (they fail in either mode, and count in its average)."""
+    n = max((len(v) for v in answers.values()), default=1)
+    order = sorted(records, key=lambda rid: (len(rid), rid))  # sample_2 before sample_10
+    return {rid: answers.get(rid, [""] * n) for rid in order}
+
+
+def _check_official_mode_in_path(path: pathlib.Path, mode: str) -> None:
+    # the official script ignores --mode: "input" anywhere in --generations_path means input prediction
+    for shown in {str(path), str(path.resolve())}:
+        if ("input" in shown) != (mode == "input"):
+            need = "must contain" if mode == "input" else "must not contain"
+            raise UserError(f"--official_out {shown}: the official CRUXEval script takes the mode from the path, "
+                            f"which {need} 'input' for {mode} prediction; e.g. cruxeval_{mode}_generations.json "
+                            f"in a directory whose path {need} it")
