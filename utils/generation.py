@@ -104,7 +104,7 @@ def resolve_gen_config(task: Task, *, paper_decoding: bool = False, do_sample: b
     if do_sample is not None:
         if do_sample and temperature == 0:
             raise UserError("--do_sample True contradicts --temperature 0; drop one of them")
-        if not do_sample and temperature:  # it would decode greedy and record a temperature it never used
+        if not do_sample and temperature:  # it would decode greedy, ignoring the temperature the user typed
             raise UserError(f"--do_sample False contradicts --temperature {temperature} (which samples); drop one "
                             f"of them")
         sample = do_sample
