@@ -282,6 +282,12 @@ def _assertion_eq(text: str) -> int:
 
 
 # -- files (the CLIs postprocess_mbpp_preds.py and postprocess_cruxeval_preds.py) ---------------------------
+def stage_path(path, stage: int) -> pathlib.Path:
+    """``<stem>_stage<N>.jsonl`` beside the MBPP predictions ``path``."""
+    path = pathlib.Path(path)
+    return path.with_name(f"{path.stem}_stage{stage}.jsonl")
+
+
 def postprocess_mbpp_file(path, problem_file=None, data_path=None, mbpp_split="paper") -> tuple[str, str]:
     """Write ``<stem>_stage1.jsonl`` and ``<stem>_stage2.jsonl`` beside ``path``; returns their paths.
 
@@ -295,7 +301,7 @@ def postprocess_mbpp_file(path, problem_file=None, data_path=None, mbpp_split="p
     check_writable_dir(path.parent, "--path")  # both stages go beside it
     outputs = []
     for stage in (1, 2):
-        out = path.with_name(f"{path.stem}_stage{stage}.jsonl")
+        out = stage_path(path, stage)
         lines = []
         for sol in solutions:
             text = mbpp_stage1(sol["completion"])

@@ -44,11 +44,15 @@ def derived_files(task: Task) -> tuple[str, ...]:
     """What post-processing and evaluate_preds.py write beside the predictions (``<stem>_stageN.jsonl``,
     ``<stem>_results.jsonl``, ``<stem>_summary.json``), and mxeval's scores of them (``<file>_results.jsonl``,
     ``<file>_passatk.json``): stale once the predictions are replaced."""
-    scored = ("mbxp_solutions", "mbxp_solutions_stage1", "mbxp_solutions_stage2") if task.is_mbpp else ("output",)
-    mxeval = [f"{stem}.jsonl{suffix}" for stem in scored for suffix in ("_results.jsonl", "_passatk.json")]
-    return (*(f"{stem}.jsonl" for stem in scored[1:]),
-            *(f"{stem}{suffix}" for stem in scored for suffix in ("_results.jsonl", "_summary.json")),
-            *(mxeval if task.is_mbpp else ()))
+    from utils.evaluation import output_paths
+    from utils.postprocess import stage_path
+
+    if not task.is_mbpp:
+        return tuple(p.name for p in output_paths(CRUXEVAL_FILES[0]))
+    stages = [stage_path(MBPP_FILES[0], n).name for n in (1, 2)]
+    scored = [MBPP_FILES[0], *stages]
+    mxeval = [f"{name}{suffix}" for name in scored for suffix in ("_results.jsonl", "_passatk.json")]
+    return (*stages, *(p.name for name in scored for p in output_paths(name)), *mxeval)
 
 
 def _jsonl(rows: Sequence[dict]) -> str:
