@@ -330,3 +330,26 @@ def test_train_log_on_a_full_disk_stays_quiet_on_the_console_and_other_log_error
         assert "step 7" in err and ("--- Logging error ---" in err) is block, err
     file_handler.stream = real
     setup_logging(None, is_main=True)  # closes the file handler
+
+
+def test_a_run_lock_that_cannot_write_its_pid_is_one_line_naming_it(tmp_path, monkeypatch):
+    """The lock file records the holder's pid for the next run's message; a full disk there is a one-line error
+    naming the lock file, not a traceback."""
+    import builtins
+
+    from utils import fileio
+
+    class FullDisk:  # the real lock file, whose writes fail as on a full disk
+        def __init__(self, fh):
+            self.fh, self.name = fh, fh.name
+
+        def __getattr__(self, attr):
+            return getattr(self.fh, attr)
+
+        def write(self, text):
+            raise enospc()
+
+    real_open = builtins.open
+    monkeypatch.setattr(fileio, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    with pytest.raises(UserError, match=rf"^{tmp_path / '.lock'}: no space left on device; free space"):
+        fileio.try_lock(tmp_path)
