@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import pathlib
 import shutil
@@ -118,6 +119,21 @@ def _replace_text(path: pathlib.Path, text: str) -> None:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def parse_appended_lines(path: pathlib.Path, lines: list[bytes], parse, bad: str) -> list:
+    """``parse(record)`` for each JSON line of the append-only file ``path`` (``lines``: its bytes split at
+    newlines; a write cut short may end inside a UTF-8 character). A torn last line (a kill or a full disk
+    mid-append) is left out; any other line that does not parse is a UserError ``<path>:<line>: <bad>``."""
+    parsed = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            parsed.append(parse(json.loads(line)))
+        except (ValueError, KeyError, TypeError, AttributeError):  # JSONDecodeError, UnicodeDecodeError, shape
+            if lineno == len(lines):
+                break
+            raise UserError(f"{path}:{lineno}: {bad}") from None
+    return parsed
 
 
 def try_lock(directory: str | os.PathLike):

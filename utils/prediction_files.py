@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from utils.errors import UserError
 from utils.tasks import Task
-from utils.fileio import atomic_write_text, naming_full_disk
+from utils.fileio import atomic_write_text, naming_full_disk, parse_appended_lines
 
 PROGRESS_FILE = "generation_progress.jsonl"
 CONFIG_FILE = "generate_preds_config.json"
@@ -77,18 +77,13 @@ class ProgressLog:
         done: dict[str, list[str]] = {}
         if not self.path.is_file():
             return done
-        # bytes: only "\n" ends a record (str.splitlines also splits at a U+2028 or U+0085 in a prediction), and a
-        # short write (a full disk) may end inside a UTF-8 character
-        lines = self.path.read_bytes().splitlines()
-        for lineno, line in enumerate(lines, 1):
-            try:
-                batch = json.loads(line)["predictions"]
-                done.update({str(tid): [str(t) for t in raw] for tid, raw in batch.items()})
-            except (ValueError, KeyError, TypeError, AttributeError):  # JSONDecodeError, UnicodeDecodeError
-                if lineno == len(lines):
-                    break
-                raise UserError(f"{self.path}:{lineno}: not a progress record; delete the file and rerun "
-                                f"without --resume") from None
+        # bytes: only "\n" ends a record (str.splitlines also splits at a U+2028 or U+0085 in a prediction)
+        batches = parse_appended_lines(
+            self.path, self.path.read_bytes().splitlines(),
+            lambda record: {str(tid): [str(t) for t in raw] for tid, raw in record["predictions"].items()},
+            "not a progress record; delete the file and rerun without --resume")
+        for batch in batches:
+            done.update(batch)
         return done
 
     def reset(self) -> None:

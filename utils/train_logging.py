@@ -12,7 +12,8 @@ import logging
 import pathlib
 import sys
 
-from utils.errors import UserError, is_disk_full
+from utils.errors import is_disk_full
+from utils.fileio import parse_appended_lines
 
 LOGGER_NAME = "lopa.train"
 METRICS_FILE = "metrics.jsonl"
@@ -49,15 +50,8 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
     path = pathlib.Path(path)
     if not path.is_file():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for lineno, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if lineno < len(lines):
-                raise UserError(f"{path}:{lineno}: not a JSON record; delete the line (or the file)") from None
-    return records
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+    return parse_appended_lines(path, lines, lambda record: record, "not a JSON record; delete the line (or the file)")
 
 
 class MetricsFile:
