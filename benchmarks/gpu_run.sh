@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU figure of BENCHMARKS.md, as prepared runs on the device machine (H100 or H200).
 #   bash benchmarks/gpu_run.sh OUT_DIR [MBPP_JSONL] [SECTIONS]
-# SECTIONS: a comma list of train_phi2 (every method at 8 x 512 + the four padding modes, ~4 min),
-#   generate_phi2 (hf-generate, none, lopa, pt at batch 64/16/1, ~5 min: each new shape compiles once),
-#   train_deepseek (~1.5 min), train_llama3 (~3 min), cli_tiny (the README's tiny train -> generate -> postprocess
-#   -> evaluate commands through the real CLIs on the GPU: bf16, --compile auto, fast decoding on and off; ~1.5 min);
-#   default: all five (cli_tiny writes its runs to CLI_DIR, default a fresh temporary directory, so OUT_DIR stays
-#   a few files). A device call may run 10 minutes and a session has 15 device minutes in all, so pick sections (and
+# SECTIONS, a comma list (times as measured on an H100, session 8):
+#   train_phi2     every method at 8 x 512, then the four padding modes (156 s)
+#   generate_phi2  hf-generate, none, lopa, pt at batch 64/16/1, then the fast-vs-eager check (211 s; each new
+#                  shape compiles once)
+#   train_deepseek (42 s)    train_llama3 (52 s without its FFT, which needs an H200)
+#   cli_tiny       the README's tiny train -> generate -> postprocess -> evaluate through the real CLIs: bf16,
+#                  --compile auto, fast decoding on and off (75 s; over 90 s on a fresh machine). Its runs go to
+#                  CLI_DIR (default: a fresh temporary directory), so OUT_DIR stays a few files.
+#   Default: all five. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
 #   *_METHODS) to fit.
 # Sections run under their own time limits (env *_LIMIT) so one slow section cannot eat the others; every
 # figure streams to OUT_DIR/results.jsonl as it is made, so a cut-off section keeps what it measured.
@@ -44,5 +47,5 @@ wanted train_deepseek && section train_deepseek ${DS_LIMIT:-100} $PY -m benchmar
 wanted train_llama3 && section train_llama3 ${LLAMA_LIMIT:-180} $PY -m benchmarks.bench_train --model Meta-Llama-3-8B \
   --methods ${LLAMA_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft} --steps 5 --warmup 3 \
   --results "$OUT_DIR/results.jsonl"
-wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-120} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
+wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-150} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
 echo "=== done $(date -u +%T)"
