@@ -71,8 +71,8 @@ def wrap(lm, method: str, args):
     return model.eval()
 
 
-def run(model, method: str, batch: dict, new_tokens: int, fast: bool) -> torch.Tensor:
-    kwargs = dict(max_new_tokens=new_tokens, do_sample=False)
+def run(model, method: str, batch: dict, new_tokens: int, fast: bool, **extra):
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, **extra)
     if method == "hf-generate":
         out = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
         return out[:, batch["input_ids"].shape[1]:]
@@ -140,17 +140,58 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
     return failures
 
 
+def divergence_report(eager: torch.Tensor, fast: torch.Tensor, eager_logits: torch.Tensor,
+                      fast_logits: torch.Tensor) -> dict:
+    """Where and why two greedy decodings of the same batch part: tokens ``(B, T)`` and the per-step logits
+    ``(B, T, V)`` that chose them. Up to a row's first differing step both paths saw the same prefix, so their
+    logits there are comparable; after it they are not.
+
+    A divergence counts as a near tie when the eager top-1 minus top-2 gap at that step is not larger than the
+    noise floor: the largest logit difference between the paths on the steps before any row's divergence. The
+    difference at the divergence step itself is no yardstick: greedy picked each path's argmax there, so the gap
+    is at most twice that difference whatever caused it (a bug that moves logits a lot passes any such test).
+    A bug that moves every step's logits raises the floor too: ``eager_logit_absmax`` sets the floor against the
+    logits' scale (bf16 keeps 8 significant bits, so at scale ~5 one rounding step is 1/32).
+    """
+    diff = (eager_logits.float() - fast_logits.float()).abs().amax(dim=-1)  # (B, T)
+    top2 = eager_logits.float().topk(2, dim=-1).values
+    gap = top2[..., 0] - top2[..., 1]
+    steps = eager.shape[1]
+    differs = eager != fast
+    first = [int(row.nonzero()[0]) if row.any() else None for row in differs]
+    ends = torch.tensor([steps if f is None else f for f in first], device=diff.device)
+    before = torch.arange(steps, device=diff.device) < ends[:, None]
+    floor = float(diff[before].max()) if before.any() else None
+    gaps = [None if f is None else float(gap[b, f]) for b, f in enumerate(first)]
+    # Without a step where the paths agreed there is no noise floor: every divergence is then suspect.
+    suspect = [g for g in gaps if g is not None and (floor is None or g > floor)]
+    return dict(first_divergence=first, gap_at_divergence=gaps,
+                logit_diff_at_divergence=[None if f is None else float(diff[b, f]) for b, f in enumerate(first)],
+                max_logit_diff_before_divergence=floor, divergences_not_near_ties=len(suspect),
+                eager_logit_absmax=float(eager_logits.float().abs().max()),
+                first_step_max_logit_diff=[float(d) for d in diff[:, 0]],
+                first_step_top1_agrees=(eager_logits[:, 0].argmax(-1) == fast_logits[:, 0].argmax(-1)).tolist())
+
+
 def agreement(args, writer: ResultWriter, lm) -> None:
     """Greedy tokens of the fast path vs the eager path on the same model and batch (random weights in bf16
-    have nearly flat logits, so a few argmax flips between kernels are possible; reported, not asserted)."""
+    have nearly flat logits, so a few argmax flips between kernels are possible; reported, not asserted).
+    Per row ``first_divergence`` (None: identical), the eager top-1/top-2 ``gap_at_divergence`` and the paths'
+    ``logit_diff_at_divergence``; ``divergences_not_near_ties`` (should be 0) counts gaps above the noise floor
+    ``max_logit_diff_before_divergence``; ``first_step_*`` compare the logits set by the prompt and soft prompt
+    alone."""
     for method in ("none", "lopa"):
         model = wrap(lm, method, args)
         batch = prompt_batches(args, 4, lm.config.vocab_size)
-        eager = run(model, method, batch, args.check_tokens, fast=False)
-        fast = run(model, method, batch, args.check_tokens, fast=True)
-        same_rows = int((eager == fast).all(dim=1).sum())
+        traced = dict(return_dict_in_generate=True, output_logits=True)
+        eager = run(model, method, batch, args.check_tokens, fast=False, **traced)
+        fast = run(model, method, batch, args.check_tokens, fast=True, **traced)
+        same = eager.sequences == fast.sequences
         writer.write("generate-check", model=args.model, method=method, batch_size=4, tokens=args.check_tokens,
-                     identical_rows=same_rows, token_agreement=float((eager == fast).float().mean()))
+                     dtype=args.dtype, identical_rows=int(same.all(dim=1).sum()),
+                     token_agreement=float(same.float().mean()),
+                     **divergence_report(eager.sequences, fast.sequences, torch.stack(eager.logits, dim=1),
+                                         torch.stack(fast.logits, dim=1)))
 
 
 def main(argv=None) -> None:

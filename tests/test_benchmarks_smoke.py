@@ -56,6 +56,10 @@ def test_bench_generate_smoke(tmp_path, data_paths):
     assert all(line["new_tokens_per_s"] > 0 and "error" not in line for line in gen)
     checks = [line for line in lines if line["bench"] == "generate-check"]
     assert checks and all(line["identical_rows"] == 4 for line in checks)  # fp32 CPU: fast path == eager path
+    for line in checks:  # identical rows: no divergence, and fp32 rounding noise only on the prompt's step
+        assert line["first_divergence"] == [None] * 4 and line["divergences_not_near_ties"] == 0
+        assert line["first_step_top1_agrees"] == [True] * 4 and max(line["first_step_max_logit_diff"]) < 1e-4
+        assert 0 <= line["max_logit_diff_before_divergence"] < 1e-4
 
 
 def test_bench_train_compiles_every_methods_layers(tmp_path, monkeypatch):
