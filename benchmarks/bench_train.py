@@ -8,6 +8,20 @@ fused AdamW, selective logits) and the baselines a user would otherwise pick, ``
 each row (prompts are about half of an MBPP example). ``--padding`` adds useful (non-pad) tokens/s on the real
 MBPP train split with dynamic padding (shuffled, and length-grouped) versus the original's fixed length.
 
+Attribution fields of each method's and each padding mode's line (benchmarks/profile_step.py):
+``ms_per_step``: the timed wall time of one step (synchronised);
+``allocated_before_gib`` (methods): GPU memory still allocated just before the method's model is built (what an
+earlier method left behind; ``peak_gib`` includes it);
+``gpu_busy_fraction``: kernel + memcpy/memset device time over the wall time of 3 profiled steps run after the
+timed ones (near 1: GPU-bound; well below: the GPU waits on the host);
+``top_kernels``: the 5 kernels with the most device time, ``[name, ms per step]``;
+``host_ms_per_step``: the host's time to issue one step, without synchronising (near ``ms_per_step``: the
+step is host-bound or synchronises inside);
+``profiled_ms_per_step``: the wall time of one profiled step (above ``ms_per_step``: the profiler's overhead);
+``dynamo_frames_compiled`` / ``dynamo_graph_breaks`` / ``dynamo_unique_graphs``: dynamo's counters over the
+method (or padding mode, its untimed pass included): frames compiled (recompilations included), graph breaks,
+graphs captured. ``allocated_before_gib`` and the profiled figures are None on the CPU (CUDA only).
+
     python -m benchmarks.bench_train --model phi-2 --methods fft,lora,pt,idpg,lopa,peft-pt,peft-lora
     python -m benchmarks.bench_train --smoke          # tiny model on the CPU (CI)
 """
@@ -21,6 +35,7 @@ import traceback
 import torch
 
 from benchmarks.common import ResultWriter, Timer, peak_flops, train_flops_per_token
+from benchmarks.profile_step import dynamo_counts, dynamo_delta, step_figures
 from custom_peft import build_model, count_trainable
 from custom_peft.packing import attention_width_constant, plan_rows, row_cost
 from utils.fast_paths import compile_layers, make_adamw
@@ -107,12 +122,25 @@ def measure(step, batches, warmup: int, steps: int):
     return t.seconds, peak, float(losses[-1])
 
 
+def _release_compiled() -> None:
+    """Drop dynamo's caches, then collect: they hold the compiled decoder layers, which sit in reference cycles
+    (layer -> its compiled call -> layer), so a collection before the reset left them to the oldest generation,
+    alive through the next method's peak memory."""
+    torch.compiler.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def bench_method(method: str, args, writer: ResultWriter) -> None:
+    allocated = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    compiles = dynamo_counts()
     step, lm, trainable, _ = build(method, args)
     vocab = lm.config.vocab_size
     enc_vocab = 50265 if args.encoder == "codebert-base" else 2048
     batch = random_batch(args, vocab, enc_vocab)
     seconds, peak, loss = measure(step, [batch], args.warmup, args.steps)
+    attribution = step_figures(step, [batch])
     tokens = args.batch_size * args.seq_len * args.steps
     tps = tokens / seconds
     fpt = train_flops_per_token(lm, args.seq_len, full_finetune=(method == "fft"))
@@ -120,11 +148,8 @@ def bench_method(method: str, args, writer: ResultWriter) -> None:
     writer.write("train", model=args.model, method=method, batch_size=args.batch_size, seq_len=args.seq_len,
                  dtype=args.dtype, compile=bool(args.compile and method not in BASELINES), tokens_per_s=tps,
                  mfu=(tps * fpt / peak_fl) if peak_fl else None, peak_gib=peak, trainable_params=trainable,
-                 final_loss=loss, steps=args.steps)
-    del step, lm
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+                 final_loss=loss, steps=args.steps, allocated_before_gib=allocated,
+                 ms_per_step=seconds * 1e3 / args.steps, **attribution, **dynamo_delta(compiles))
 
 
 def bench_padding(args, writer: ResultWriter) -> None:
@@ -191,6 +216,7 @@ def bench_padding(args, writer: ResultWriter) -> None:
                          plan_only=True, **figures)
             continue
         model.packing = packing
+        compiles = dynamo_counts()
         for b in batches:  # an untimed pass first: every new shape compiles (then one dynamic-shape graph)
             step(b)
         with Timer() as t:
@@ -198,7 +224,9 @@ def bench_padding(args, writer: ResultWriter) -> None:
                 step(b)
         writer.write("train", model=args.model, method="pt", padding=mode, batch_size=args.batch_size,
                      dtype=args.dtype, compile=bool(args.compile), pad_multiple=multiple,
-                     useful_tokens_per_s=useful / t.seconds, tokens_per_s=padded / t.seconds, **figures)
+                     useful_tokens_per_s=useful / t.seconds, tokens_per_s=padded / t.seconds, **figures,
+                     ms_per_step=t.seconds * 1e3 / len(batches), **step_figures(step, batches),
+                     **dynamo_delta(compiles))
 
 
 def _decoder_work(batch: dict, m: int, width_constant: float, packing: bool) -> tuple[int, float]:
@@ -241,18 +269,19 @@ def main(argv=None) -> None:
         args.padding_batches = 2
     writer = ResultWriter(args.results)
     failures = []
+    # torch caps one function's compiled versions per process (8) and every method's decoder layers run
+    # transformers' one wrapper: without a reset between methods, later methods would silently train eager
+    _release_compiled()
     for method in [] if args.plan_only else args.methods.split(","):
-        # torch caps one function's compiled versions per process (8) and every method's decoder layers run
-        # transformers' one wrapper: without a reset, later methods would silently train eager
-        torch.compiler.reset()
         try:
             bench_method(method, args, writer)
         except Exception as exc:  # one failing method must not lose the others' figures
             traceback.print_exc()
             failures.append(f"{method}: {type(exc).__name__}: {exc}")
             writer.write("train", model=args.model, method=method, batch_size=args.batch_size, error=failures[-1])
+        finally:
+            _release_compiled()
     if args.padding or args.plan_only:
-        torch.compiler.reset()
         try:
             bench_padding(args, writer)
         except Exception as exc:
