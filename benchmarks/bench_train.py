@@ -38,7 +38,7 @@ from benchmarks.common import ResultWriter, Timer, peak_flops, train_flops_per_t
 from benchmarks.profile_step import dynamo_counts, dynamo_delta, step_figures
 from custom_peft import build_model, count_trainable
 from custom_peft.packing import attention_width_constant, plan_rows, row_cost
-from utils.fast_paths import compile_layers, make_adamw
+from utils.fast_paths import compile_encoder_layers, compile_layers, make_adamw
 from utils.registry import get_model_spec
 
 OUR_METHODS = ("fft", "lora", "pt", "idpg", "lopa")
@@ -79,6 +79,8 @@ def build(method: str, args):
             model.packing = True
             if args.compile:
                 compile_layers(lm)
+                if args.compile_encoder and model.prompt is not None:
+                    compile_encoder_layers(model.prompt.encoder.backbone)
             opt = make_adamw(model.parameters(), lr=1e-4)
 
             def forward(batch):
@@ -146,7 +148,9 @@ def bench_method(method: str, args, writer: ResultWriter) -> None:
     fpt = train_flops_per_token(lm, args.seq_len, full_finetune=(method == "fft"))
     peak_fl = peak_flops()
     writer.write("train", model=args.model, method=method, batch_size=args.batch_size, seq_len=args.seq_len,
-                 dtype=args.dtype, compile=bool(args.compile and method not in BASELINES), tokens_per_s=tps,
+                 dtype=args.dtype, compile=bool(args.compile and method not in BASELINES),
+                 compile_encoder=bool(args.compile and args.compile_encoder and method in ("lopa", "idpg")),
+                 tokens_per_s=tps,
                  mfu=(tps * fpt / peak_fl) if peak_fl else None, peak_gib=peak, trainable_params=trainable,
                  final_loss=loss, steps=args.steps, allocated_before_gib=allocated,
                  ms_per_step=seconds * 1e3 / args.steps, **attribution, **dynamo_delta(compiles))
@@ -253,6 +257,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no_compile", dest="compile", action="store_false")
+    p.add_argument("--compile_encoder", action="store_true",
+                   help="also compile the frozen encoder's layers for lopa/idpg (an A/B; the trainer does not yet)")
     p.add_argument("--padding", action="store_true", help="also run the dynamic vs fixed padding comparison")
     p.add_argument("--plan_only", action="store_true",
                    help="the --padding layouts and their FLOP estimate only (no model runs, no methods; any machine)")

@@ -6,17 +6,19 @@
 #   generate_phi2  hf-generate, none, lopa, pt at batch 64/16/1, then the fast-vs-eager check (211 s; each new
 #                  shape compiles once)
 #   train_deepseek (42 s)    train_llama3 (52 s without its FFT, which needs an H200)
+#   encoder_ab     lopa on deepseek and phi-2 with the frozen encoder's layers compiled too (--compile_encoder):
+#                  compare with the same model's lopa line of its train section (not yet run; ~1 min estimated)
 #   cli_tiny       the README's tiny train -> generate -> postprocess -> evaluate through the real CLIs: bf16,
 #                  --compile auto, fast decoding on and off (75 s; over 90 s on a fresh machine). Its runs go to
 #                  CLI_DIR (default: a fresh temporary directory), so OUT_DIR stays a few files.
-#   Default: all five. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
+#   Default: all six. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
 #   *_METHODS) to fit.
 # Sections run under their own time limits (env *_LIMIT) so one slow section cannot eat the others; every
 # figure streams to OUT_DIR/results.jsonl as it is made, so a cut-off section keeps what it measured.
 set -u
 OUT_DIR=${1:-bench_out}
 DATA=${2:-../shared/data/mbpp/mbpp_release_v1.jsonl}
-SECTIONS=,${3:-train_phi2,generate_phi2,train_deepseek,train_llama3,cli_tiny},
+SECTIONS=,${3:-train_phi2,generate_phi2,train_deepseek,train_llama3,encoder_ab,cli_tiny},
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export BENCH_RUN_ID=${BENCH_RUN_ID:-gpu-$(date -u +%Y%m%dT%H%M%S)}
@@ -47,5 +49,8 @@ wanted train_deepseek && section train_deepseek ${DS_LIMIT:-100} $PY -m benchmar
 wanted train_llama3 && section train_llama3 ${LLAMA_LIMIT:-180} $PY -m benchmarks.bench_train --model Meta-Llama-3-8B \
   --methods ${LLAMA_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft} --steps 5 --warmup 3 \
   --results "$OUT_DIR/results.jsonl"
+wanted encoder_ab && section encoder_ab ${AB_LIMIT:-90} bash -c 'for model in deepseek-coder-1.3b-base phi-2; do
+  "$0" -m benchmarks.bench_train --model $model --methods lopa --compile_encoder --steps 6 --warmup 3 --results "$1" \
+    || exit; done' "$PY" "$OUT_DIR/results.jsonl"
 wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-150} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
 echo "=== done $(date -u +%T)"

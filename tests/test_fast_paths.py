@@ -91,3 +91,27 @@ def test_generate_preds_fast_decoding_writes_the_same_files(tmp_path, data_paths
                              "--log_dir", str(log_dir)])
         files[mode] = (log_dir / "mbxp_raw.jsonl").read_text()
     assert files["on"] == files["off"] and files["on"].count("\n") == 5
+
+
+def test_compiled_encoder_layers_pool_like_eager():
+    """bench_train --compile_encoder: every encoder family's layers are found, and compiled they give eager's
+    instance embeddings (eval mode: dropout draws differently once compiled)."""
+    from tests.test_codesage import CONFIG as CODESAGE_CONFIG
+    from utils.codesage import CodeSageEncoder
+    from utils.fast_paths import compile_encoder_layers, encoder_layers
+    from utils.models import PooledEncoder, load_encoder
+
+    torch.manual_seed(0)
+    encoders = {"tiny-roberta": load_encoder("tiny-roberta")[0],
+                "codesage": PooledEncoder(CodeSageEncoder(CODESAGE_CONFIG), "pooler_l2")}
+    ids = torch.randint(5, 40, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    for name, encoder in encoders.items():
+        n_layers = encoder.backbone.config.num_hidden_layers
+        assert len(encoder_layers(encoder.backbone)) == n_layers >= 2, name
+        eager = encoder.eval()(ids, mask)
+        assert compile_encoder_layers(encoder.backbone, backend="aot_eager") == n_layers
+        torch.testing.assert_close(encoder(ids, mask), eager, rtol=1e-5, atol=1e-6)
+        assert all(getattr(layer, "_compiled_call_impl", None) is not None
+                   for layer in encoder_layers(encoder.backbone)), name
