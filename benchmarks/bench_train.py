@@ -125,9 +125,10 @@ def measure(step, batches, warmup: int, steps: int):
 
 
 def _release_compiled() -> None:
-    """Drop dynamo's caches, then collect: they hold the compiled decoder layers, which sit in reference cycles
-    (layer -> its compiled call -> layer), so a collection before the reset left them to the oldest generation,
-    alive through the next method's peak memory."""
+    """Drop dynamo's caches, then collect. On the H100 (session 8), with the collection before the reset, each
+    method after a compiled one carried the previous model's decoder-layer weights in its peak; the likely reason:
+    the caches held the compiled layers, which sit in reference cycles (layer -> its compiled call -> layer), so
+    they outlived the collection and waited in the oldest generation once the reset let go of them."""
     torch.compiler.reset()
     gc.collect()
     if torch.cuda.is_available():

@@ -27,7 +27,10 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
 
 def compile_layers(lm: nn.Module, **compile_kwargs) -> int:
     """Compile each decoder layer in place (``nn.Module.compile``); returns how many were compiled."""
-    layers = decoder_layers(lm)
+    return _compile_each(decoder_layers(lm), compile_kwargs)
+
+
+def _compile_each(layers: nn.ModuleList, compile_kwargs: dict) -> int:
     for layer in layers:
         layer.compile(**compile_kwargs)
     return len(layers)
@@ -45,10 +48,7 @@ def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
 def compile_encoder_layers(backbone: nn.Module, **compile_kwargs) -> int:
     """Compile each layer of a frozen encoder in place; returns how many. Opt-in (``bench_train
     --compile_encoder``), not yet a default: whether it pays on a GPU is not measured."""
-    layers = encoder_layers(backbone)
-    for layer in layers:
-        layer.compile(**compile_kwargs)
-    return len(layers)
+    return _compile_each(encoder_layers(backbone), compile_kwargs)
 
 
 def make_adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
