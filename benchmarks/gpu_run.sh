@@ -54,3 +54,4 @@ wanted encoder_ab && section encoder_ab ${AB_LIMIT:-90} bash -c 'for model in de
     || exit; done' "$PY" "$OUT_DIR/results.jsonl"
 wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-150} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
 echo "=== done $(date -u +%T)"
+[ -s "$OUT_DIR/results.jsonl" ] && $PY -m benchmarks.summarize --results "$OUT_DIR/results.jsonl"  # targets, tables

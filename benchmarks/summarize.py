@@ -1,0 +1,167 @@
+"""Issue 8's targets and tables from result lines, so that BENCHMARKS.md's ratios come from the data, not by hand.
+
+    python -m benchmarks.summarize --runs gpu-20261126T181908,gpu-20261126T182538
+    python -m benchmarks.summarize --results OUT/results.jsonl      # every run in a device call's file
+
+Ratios are taken within the given runs only (compare one machine with itself); where a model, method and batch size
+appear more than once, the last line counts. Prints markdown: the targets with met / not met / not shown, then one
+table per bench and the fast-vs-eager checks; error lines are listed, never dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from benchmarks.common import RESULTS
+
+BASELINE = {"pt": "peft-pt", "lopa": "peft-pt", "idpg": "peft-pt", "lora": "peft-lora"}
+
+
+def load(path: str | pathlib.Path, runs: list[str] | None) -> list[dict]:
+    lines = [json.loads(line) for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for line in lines if not runs or line.get("run_id") in runs]
+
+
+def _train(lines):
+    """``{model: {method: line}}`` of the 8 × 512 method lines (padding lines and errors left out)."""
+    out: dict[str, dict[str, dict]] = {}
+    for line in lines:
+        if line["bench"] == "train" and "padding" not in line and "error" not in line:
+            out.setdefault(line["model"], {})[line["method"]] = line
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def targets(lines: list[dict]) -> list[tuple[str, str, bool | None]]:
+    """``(target, measured, met)`` for every target the lines bear on; ``met`` None when a figure is missing."""
+    rows = []
+    for model, by in _train(lines).items():
+        tps = {m: line["tokens_per_s"] for m, line in by.items()}
+        for method, floor in (("pt", 1.2), ("lopa", 1.2), ("lora", 1.3)):
+            r = _ratio(tps.get(method), tps.get(BASELINE[method]))
+            if r is not None:
+                rows.append((f"{model}: {method} ≥ {floor}× {BASELINE[method]}", f"{r:.2f}×", r >= floor))
+        r = _ratio(tps.get("lopa"), tps.get("pt"))
+        if r is not None:
+            rows.append((f"{model}: lopa ≥ 0.95× pt", f"{r:.3f}×", r >= 0.95))
+        if by.get("fft", {}).get("mfu") is not None:
+            rows.append((f"{model}: fft ≥ 45 % MFU", f"{100 * by['fft']['mfu']:.1f} %", by["fft"]["mfu"] >= 0.45))
+        if "lopa" in by and "pt" in by and by["lopa"].get("peak_gib") is not None:
+            extra = by["lopa"]["peak_gib"] - by["pt"]["peak_gib"]
+            before = [by[m].get("allocated_before_gib") for m in ("lopa", "pt")]
+            if None in before:  # lines from before session 8: an earlier method's leftovers cannot be told apart
+                rows.append((f"{model}: lopa peak ≤ pt + 1 GiB", f"{extra:+.2f} GiB (no allocated_before_gib)", None))
+            else:
+                left = max(before)
+                rows.append((f"{model}: lopa peak ≤ pt + 1 GiB", f"{extra:+.2f} GiB"
+                             + (f" ({left:.2f} GiB left by an earlier method)" if left > 0.1 else ""),
+                             None if left > 0.1 else extra <= 1.0))
+    pad = {(line["model"], line["padding"]): line["useful_tokens_per_s"] for line in lines
+           if line["bench"] == "train" and "useful_tokens_per_s" in line}
+    for model in sorted({m for m, _ in pad}):
+        r = _ratio(pad.get((model, "dynamic")), pad.get((model, "fixed")))
+        if r is not None:
+            rows.append((f"{model}: useful tokens/s, dynamic (default) ≥ 2× fixed", f"{r:.2f}×", r >= 2.0))
+    gen = {(line["model"], line["method"], line["batch_size"]): line["new_tokens_per_s"] for line in lines
+           if line["bench"] == "generate" and "new_tokens_per_s" in line}
+    for model, method, batch in gen:
+        if method in ("none", "pt", "lopa") and batch == 64:
+            rows.append((f"{model}: generate {method}, B = 64: ≥ 6,000 new tokens/s",
+                         f"{gen[model, method, 64]:,.0f}", gen[model, method, 64] >= 6000))
+            r = _ratio(gen[model, method, 64], gen.get((model, "hf-generate", 64)))
+            if r is not None:
+                rows.append((f"{model}: generate {method}, B = 64: ≥ 2.2× hf-generate", f"{r:.2f}×", r >= 2.2))
+    return rows
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _train_table(lines: list[dict]) -> list[str]:
+    out = ["| model | method | tokens/s | ms/step | vs baseline | vs pt | MFU | peak GiB |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for model, by in _train(lines).items():
+        for method, line in by.items():
+            tps = line["tokens_per_s"]
+            base = _ratio(tps, by.get(BASELINE.get(method, ""), {}).get("tokens_per_s"))
+            vs_pt = None if method == "pt" else _ratio(tps, by.get("pt", {}).get("tokens_per_s"))
+            mfu = line.get("mfu")
+            out.append(_row(model, method, f"{tps:,.0f}", f"{line['batch_size'] * line['seq_len'] / tps * 1e3:.1f}",
+                            _fmt(base, ".2f", "×"), _fmt(vs_pt, ".3f", "×"),
+                            _fmt(None if mfu is None else 100 * mfu, ".1f", " %"), _fmt(line.get("peak_gib"), ".2f")))
+    return out if len(out) > 2 else []
+
+
+def _padding_table(lines: list[dict]) -> list[str]:
+    pad = [line for line in lines if line["bench"] == "train" and "useful_tokens_per_s" in line]
+    fixed = {p["model"]: p["useful_tokens_per_s"] for p in pad if p["padding"] == "fixed"}
+    out = ["| model | padding | useful tokens/s | all tokens/s | decoder positions without a token | vs fixed |",
+           "|---|---|---:|---:|---:|---:|"]
+    out += [_row(p["model"], p["padding"], f"{p['useful_tokens_per_s']:,.0f}", f"{p['tokens_per_s']:,.0f}",
+                 _fmt(None if p.get("decoder_pad_fraction") is None else 100 * p["decoder_pad_fraction"], ".1f", " %"),
+                 _fmt(_ratio(p["useful_tokens_per_s"], fixed.get(p["model"])), ".2f", "×")) for p in pad]
+    return out if pad else []
+
+
+def _generate_table(lines: list[dict]) -> list[str]:
+    gen = [line for line in lines if line["bench"] == "generate" and "new_tokens_per_s" in line]
+    hf = {(g["model"], g["batch_size"]): g["new_tokens_per_s"] for g in gen if g["method"] == "hf-generate"}
+    out = ["| model | method | batch | new tokens/s | ms/step | vs hf-generate |", "|---|---|---:|---:|---:|---:|"]
+    for g in gen:
+        baseline = hf.get((g["model"], g["batch_size"]))
+        r = None if g["method"] == "hf-generate" else _ratio(g["new_tokens_per_s"], baseline)
+        out.append(_row(g["model"], g["method"], g["batch_size"], f"{g['new_tokens_per_s']:,.0f}",
+                        f"{g['seconds'] / g['new_tokens'] * 1e3:.2f}", _fmt(r, ".2f", "×")))
+    checks = [line for line in lines if line["bench"] == "generate-check"]
+    if checks:
+        out += ["", "Fast vs eager (generate-check):"]
+        out += [f"* {c['model']} {c['method']}: {c['identical_rows']} of {c['batch_size']} rows identical, "
+                f"{100 * c['token_agreement']:.1f} % of tokens"
+                + (f", {c['divergences_not_near_ties']} divergences not near ties"
+                   if "divergences_not_near_ties" in c else "") for c in checks]
+    return out if gen or checks else []
+
+
+def markdown(lines: list[dict]) -> str:
+    verdict = {True: "met", False: "**not met**", None: "not shown"}
+    out = ["| target | measured | |", "|---|---:|---|"]
+    out += [_row(t, m, verdict[ok]) for t, m, ok in targets(lines)]
+    for table in (_train_table(lines), _padding_table(lines), _generate_table(lines)):
+        if table:
+            out += [""] + table
+    errors = [line for line in lines if "error" in line]
+    if errors:
+        out += ["", "Errors:"] + [f"* {e['bench']} {e.get('model')} {e.get('method')}: {e['error']}" for e in errors]
+    return "\n".join(out)
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--runs", default=None, help="comma list of run ids (default: every line of --results)")
+    args = p.parse_args(argv)
+    lines = load(args.results, args.runs.split(",") if args.runs else None)
+    if not lines:
+        p.error(f"{args.results}: no result lines" + (f" with run ids {args.runs}" if args.runs else ""))
+    devices: dict[str, set] = {}
+    for line in lines:
+        devices.setdefault(line.get("device", "?"), set()).add(line.get("run_id", "?"))
+    if len(devices) > 1:  # ratios across machines mean nothing
+        p.error("these lines come from several machines; pick runs of one with --runs: " + "; ".join(
+            f"{device}: {', '.join(sorted(runs))}" for device, runs in sorted(devices.items())))
+    text = markdown(lines)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

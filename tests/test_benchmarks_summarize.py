@@ -1,0 +1,67 @@
+"""benchmarks/summarize.py: the targets and ratios of BENCHMARKS.md, recomputed from the committed result lines."""
+import json
+
+import pytest
+
+from benchmarks import summarize
+from benchmarks.common import RESULTS
+
+H100 = ["gpu-20261126T181908", "gpu-20261126T182538"]
+
+
+def _verdicts(lines):
+    return {target: (measured, met) for target, measured, met in summarize.targets(lines)}
+
+
+def test_the_h100_runs_targets_as_benchmarks_md_states_them():
+    got = _verdicts(summarize.load(RESULTS, H100))
+    assert got["phi-2: pt ≥ 1.2× peft-pt"] == ("2.36×", True)
+    assert got["phi-2: lopa ≥ 0.95× pt"] == ("0.910×", False)
+    assert got["deepseek-coder-1.3b-base: lopa ≥ 0.95× pt"] == ("0.666×", False)
+    assert got["Meta-Llama-3-8B: lopa ≥ 0.95× pt"] == ("0.969×", True)
+    assert got["deepseek-coder-1.3b-base: lora ≥ 1.3× peft-lora"] == ("1.73×", True)
+    assert got["phi-2: fft ≥ 45 % MFU"] == ("47.3 %", True)
+    assert got["phi-2: useful tokens/s, dynamic (default) ≥ 2× fixed"] == ("1.90×", False)
+    assert got["phi-2: generate none, B = 64: ≥ 6,000 new tokens/s"] == ("5,851", False)
+    assert got["phi-2: generate lopa, B = 64: ≥ 2.2× hf-generate"] == ("5.77×", True)
+    # those lines predate allocated_before_gib: a leak from an earlier method cannot be ruled out
+    assert got["phi-2: lopa peak ≤ pt + 1 GiB"] == ("+4.98 GiB (no allocated_before_gib)", None)
+    assert "Meta-Llama-3-8B: fft ≥ 45 % MFU" not in got  # not run: no verdict invented
+    text = summarize.markdown(summarize.load(RESULTS, H100))
+    assert "| deepseek-coder-1.3b-base | lopa | 59,021 | 69.4 | 1.24× | 0.666× | 32.4 % | 10.32 |" in text
+    assert "| phi-2 | none | 64 | 5,851 | 10.94 | 6.18× |" in text
+    assert "* phi-2 lopa: 2 of 4 rows identical, 68.8 % of tokens" in text
+
+
+def _train(method, tps, peak, before, model="m"):
+    return {"bench": "train", "model": model, "method": method, "batch_size": 8, "seq_len": 512,
+            "tokens_per_s": tps, "mfu": None, "peak_gib": peak, "allocated_before_gib": before}
+
+
+@pytest.mark.parametrize("before, lopa_peak, expected", [
+    (0.0, 13.5, ("+0.50 GiB", True)),
+    (0.0, 14.5, ("+1.50 GiB", False)),
+    (4.69, 17.8, ("+4.80 GiB (4.69 GiB left by an earlier method)", None)),
+])
+def test_the_lopa_peak_target_is_judged_only_without_leftovers(before, lopa_peak, expected):
+    lines = [_train("pt", 100.0, 13.0, 0.0), _train("lopa", 96.0, lopa_peak, before)]
+    assert _verdicts(lines)["m: lopa peak ≤ pt + 1 GiB"] == expected
+
+
+def test_errors_are_listed_and_an_unknown_run_is_refused(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in [
+        _train("pt", 100.0, 13.0, 0.0),
+        {"bench": "train", "model": "m", "method": "fft", "batch_size": 8, "error": "fft: OutOfMemoryError: CUDA",
+         "run_id": "x"}]) + "\n")
+    assert "* train m fft: fft: OutOfMemoryError: CUDA" in summarize.main(["--results", str(path)])
+    with pytest.raises(SystemExit):
+        summarize.main(["--results", str(path), "--runs", "nope"])
+    assert "no result lines with run ids nope" in capsys.readouterr().err
+
+
+def test_lines_of_several_machines_are_refused_without_runs(capsys):
+    with pytest.raises(SystemExit):
+        summarize.main(["--results", str(RESULTS)])  # the committed file holds CPU, H200 and H100 runs
+    err = capsys.readouterr().err
+    assert "several machines" in err and "NVIDIA H100 80GB HBM3: gpu-20261126T181908, gpu-20261126T182538" in err
