@@ -44,8 +44,9 @@ wanted generate_phi2 && section generate_phi2 ${GEN_LIMIT:-300} $PY -m benchmark
 wanted train_deepseek && section train_deepseek ${DS_LIMIT:-100} $PY -m benchmarks.bench_train --model deepseek-coder-1.3b-base \
   --methods ${DS_METHODS:-peft-pt,pt,lopa,peft-lora,lora,idpg,fft} --steps 6 --warmup 3 \
   --results "$OUT_DIR/results.jsonl"
-# FFT last: an 8B model's weights, gradients and AdamW states (~64 GiB in bf16) plus activations fit an H200
-# (141 GiB), not an H100 (80 GiB); an out-of-memory error is recorded as that method's result line.
+# FFT last: an 8B model's weights, gradients and AdamW states (~60 GiB in bf16) plus activations fit an H200
+# (141 GiB); on an H100 (80 GiB) an estimate says 72-75 GiB (never run there); an out-of-memory error is recorded as
+# that method's result line.
 wanted train_llama3 && section train_llama3 ${LLAMA_LIMIT:-180} $PY -m benchmarks.bench_train --model Meta-Llama-3-8B \
   --methods ${LLAMA_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft} --steps 5 --warmup 3 \
   --results "$OUT_DIR/results.jsonl"
@@ -54,4 +55,4 @@ wanted encoder_ab && section encoder_ab ${AB_LIMIT:-90} bash -c 'for model in de
     || exit; done' "$PY" "$OUT_DIR/results.jsonl"
 wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-150} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
 echo "=== done $(date -u +%T)"
-[ -s "$OUT_DIR/results.jsonl" ] && $PY -m benchmarks.summarize --results "$OUT_DIR/results.jsonl"  # targets, tables
+if [ -s "$OUT_DIR/results.jsonl" ]; then $PY -m benchmarks.summarize --results "$OUT_DIR/results.jsonl"; fi
