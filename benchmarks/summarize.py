@@ -24,11 +24,13 @@ def load(path: str | pathlib.Path, runs: list[str] | None) -> list[dict]:
 
 
 def _train(lines):
-    """``{model: {method: line}}`` of the 8 × 512 method lines (padding lines and errors left out)."""
+    """``{model: {method: line}}`` of the 8 × 512 method lines (padding lines and errors left out); a variant run
+    (``--compile_encoder``) is its own entry, ``lopa+compile_encoder``, so it never stands in for the default."""
     out: dict[str, dict[str, dict]] = {}
     for line in lines:
         if line["bench"] == "train" and "padding" not in line and "error" not in line:
-            out.setdefault(line["model"], {})[line["method"]] = line
+            method = line["method"] + ("+compile_encoder" if line.get("compile_encoder") else "")
+            out.setdefault(line["model"], {})[method] = line
     return out
 
 
@@ -92,7 +94,7 @@ def _train_table(lines: list[dict]) -> list[str]:
     for model, by in _train(lines).items():
         for method, line in by.items():
             tps = line["tokens_per_s"]
-            base = _ratio(tps, by.get(BASELINE.get(method, ""), {}).get("tokens_per_s"))
+            base = _ratio(tps, by.get(BASELINE.get(method.split("+")[0], ""), {}).get("tokens_per_s"))
             vs_pt = None if method == "pt" else _ratio(tps, by.get("pt", {}).get("tokens_per_s"))
             mfu = line.get("mfu")
             out.append(_row(model, method, f"{tps:,.0f}", f"{line['batch_size'] * line['seq_len'] / tps * 1e3:.1f}",

@@ -48,6 +48,14 @@ def test_the_lopa_peak_target_is_judged_only_without_leftovers(before, lopa_peak
     assert _verdicts(lines)["m: lopa peak ≤ pt + 1 GiB"] == expected
 
 
+def test_an_encoder_compile_variant_is_shown_beside_lopa_and_never_judged_in_its_place():
+    variant = dict(_train("lopa", 50.0, 13.2, 0.0), compile_encoder=True)
+    lines = [_train("peft-pt", 40.0, 30.0, 0.0), _train("pt", 100.0, 13.0, 0.0), _train("lopa", 90.0, 13.2, 0.0),
+             variant]
+    assert _verdicts(lines)["m: lopa ≥ 0.95× pt"] == ("0.900×", False)
+    assert "| m | lopa+compile_encoder | 50 | 81920.0 | 1.25× | 0.500× |  | 13.20 |" in summarize.markdown(lines)
+
+
 def test_errors_are_listed_and_an_unknown_run_is_refused(tmp_path, capsys):
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in [
