@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import traceback
 
 import torch
@@ -38,7 +37,7 @@ from benchmarks.common import ResultWriter, Timer, peak_flops, train_flops_per_t
 from benchmarks.profile_step import dynamo_counts, dynamo_delta, step_figures
 from custom_peft import build_model, count_trainable
 from custom_peft.packing import attention_width_constant, plan_rows, row_cost
-from utils.fast_paths import compile_encoder_layers, compile_layers, make_adamw
+from utils.fast_paths import compile_encoder_layers, compile_layers, make_adamw, release_compiled
 from utils.registry import get_model_spec
 
 OUR_METHODS = ("fft", "lora", "pt", "idpg", "lopa")
@@ -124,21 +123,10 @@ def measure(step, batches, warmup: int, steps: int):
     return t.seconds, peak, float(losses[-1])
 
 
-def _release_compiled() -> None:
-    """Drop dynamo's caches, then collect. On the H100 (session 8), with the collection before the reset, each
-    method after a compiled one carried the previous model's decoder-layer weights in its peak; the likely reason:
-    the caches held the compiled layers, which sit in reference cycles (layer -> its compiled call -> layer), so
-    they outlived the collection and waited in the oldest generation once the reset let go of them."""
-    torch.compiler.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def bench_method(method: str, args, writer: ResultWriter) -> None:
     allocated = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
     compiles = dynamo_counts()
-    step, lm, trainable, _ = build(method, args)
+    step, lm, trainable, model = build(method, args)
     vocab = lm.config.vocab_size
     enc_vocab = 50265 if args.encoder == "codebert-base" else 2048
     batch = random_batch(args, vocab, enc_vocab)
@@ -148,10 +136,10 @@ def bench_method(method: str, args, writer: ResultWriter) -> None:
     tps = tokens / seconds
     fpt = train_flops_per_token(lm, args.seq_len, full_finetune=(method == "fft"))
     peak_fl = peak_flops()
+    encoder_compiled = bool(args.compile and args.compile_encoder and getattr(model, "prompt", None) is not None)
     writer.write("train", model=args.model, method=method, batch_size=args.batch_size, seq_len=args.seq_len,
                  dtype=args.dtype, compile=bool(args.compile and method not in BASELINES),
-                 compile_encoder=bool(args.compile and args.compile_encoder and method in ("lopa", "idpg")),
-                 tokens_per_s=tps,
+                 compile_encoder=encoder_compiled, tokens_per_s=tps,
                  mfu=(tps * fpt / peak_fl) if peak_fl else None, peak_gib=peak, trainable_params=trainable,
                  final_loss=loss, steps=args.steps, allocated_before_gib=allocated,
                  ms_per_step=seconds * 1e3 / args.steps, **attribution, **dynamo_delta(compiles))
@@ -278,7 +266,7 @@ def main(argv=None) -> None:
     failures = []
     # torch caps one function's compiled versions per process (8) and every method's decoder layers run
     # transformers' one wrapper: without a reset between methods, later methods would silently train eager
-    _release_compiled()
+    release_compiled()
     for method in [] if args.plan_only else args.methods.split(","):
         try:
             bench_method(method, args, writer)
@@ -287,7 +275,7 @@ def main(argv=None) -> None:
             failures.append(f"{method}: {type(exc).__name__}: {exc}")
             writer.write("train", model=args.model, method=method, batch_size=args.batch_size, error=failures[-1])
         finally:
-            _release_compiled()
+            release_compiled()
     if args.padding or args.plan_only:
         try:
             bench_padding(args, writer)

@@ -176,10 +176,7 @@ def _run_stage(script: str, argv: list[str]):
     "AcceleratorState has already been initialized"), is reset around it, and its memory is freed after it. So are
     torch.compile's caches: every transformers decoder layer runs one wrapper's code, whose compiled entries torch
     caps at 8 per process, so without it the fifth or so cell trained its layers eager (a warning, nothing else)."""
-    import gc
-
-    import torch
-
+    from utils.fast_paths import release_compiled
     from utils.train_setup import reset_accelerate_state
 
     reset_accelerate_state()
@@ -187,10 +184,7 @@ def _run_stage(script: str, argv: list[str]):
         return _script_main(script)(argv)
     finally:
         reset_accelerate_state()
-        torch.compiler.reset()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_compiled()
 
 
 def _parse_only(script: str, argv: list[str]) -> None:

@@ -51,6 +51,20 @@ def compile_encoder_layers(backbone: nn.Module, **compile_kwargs) -> int:
     return _compile_each(encoder_layers(backbone), compile_kwargs)
 
 
+def release_compiled() -> None:
+    """Free compiled models that are no longer used: reset torch.compile's caches, then collect, then return CUDA's
+    cached blocks. The order matters: the caches hold compiled layers, which sit in reference cycles (layer -> its
+    compiled call -> layer); collected before the reset, they survived in the oldest generation (on an H100 the next
+    model's peak carried the previous one's layer weights). The reset also lifts torch's cap of 8 compiled versions
+    per function, which every transformers decoder layer's one wrapper shares."""
+    import gc
+
+    torch.compiler.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def make_adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
                fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW; ``fused=None`` picks the fused kernel when every parameter is on a CUDA device."""
