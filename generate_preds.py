@@ -61,6 +61,10 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--fast_decoding", default="auto", choices=("auto", "on", "off"),
                    help="a static KV cache with compiled decoding steps and prompts padded to a multiple of 64 "
                         "(same tokens, several times faster on a GPU; see BENCHMARKS.md); auto: on with CUDA")
+    d.add_argument("--decode_loop", default="hf", choices=("hf", "own"),
+                   help="hf: transformers' generate; own: greedy decoding in the project's loop, which reads the "
+                        "new tokens back every 8 steps instead of every step (same tokens; greedy only; its GPU "
+                        "speed is not yet measured, see docs/GENERATION.md)")
     d.add_argument("--max_new_tokens", type=int, default=None,
                    help="new-token cap per sample (default MBPP 256; CRUXEval 512 minus the prompt length, which "
                         "stays a cap when this is given)")
@@ -213,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import broadcast_object_list
 
     from utils.data import default_data_path, load_task_split
+    from utils.decode_loop import STEP_COMPILE, GreedyDecoder, check_plain_greedy
     from utils.fast_paths import static_cache_kwargs
     from utils.generation import generate_predictions, resolve_gen_config
     from utils.prediction_files import (ProgressLog, check_resumable, derived_files, output_files,
@@ -224,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                     num_return_sequences=args.num_return_sequences,
                                     max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.decode_loop == "own" and gen_config.do_sample:
+        raise UserError("--decode_loop own decodes greedily; sampling (--paper_decoding, --do_sample, --temperature) "
+                        "needs --decode_loop hf")
     args.data_path = args.data_path or default_data_path(args.task_name)
     records = load_task_split(args.task_name, "test", args.data_path, mbpp_split=args.mbpp_split, limit=args.limit)
     model, tokenizer, enc_tokenizer = load_model(args, method)  # fails on a bad checkpoint before any file is written
@@ -231,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         task.max_lengths(model.num_virtual_tokens)
     except UserError as exc:
         raise UserError(f"{args.load_adapter_from}: {exc}") from None
+    if args.decode_loop == "own":
+        check_plain_greedy(model.lm.generation_config)
     accelerator = Accelerator()
     log_dir = pathlib.Path(args.log_dir or broadcast_object_list([default_log_dir()])[0])  # one timestamp for all
     config = run_config(args, method, gen_config, accelerator.num_processes, model.meta.get("enc_model_type"))
@@ -263,11 +273,15 @@ def main(argv: list[str] | None = None) -> int:
                 os._exit(3)
 
         fast = args.fast_decoding == "on" or (args.fast_decoding == "auto" and accelerator.device.type == "cuda")
+        decoder = None
+        if args.decode_loop == "own":  # compiled only on a GPU, as generate does
+            decoder = GreedyDecoder(compile_kwargs=STEP_COMPILE if fast and accelerator.device.type == "cuda"
+                                    else None)
         start = time.perf_counter()
         fresh = generate_predictions(model, tokenizer, enc_tokenizer, task, todo, batch_size=args.batch_size,
                                      gen_config=gen_config, accelerator=accelerator, progress=not args.no_progress,
                                      on_batch=on_batch, generate_kwargs=static_cache_kwargs() if fast else None,
-                                     pad_to_multiple_of=64 if fast else None)
+                                     pad_to_multiple_of=64 if fast else None, decoder=decoder)
         if accelerator.is_main_process:
             raw = {**done, **fresh}
             paths = write_predictions(log_dir, task, records, raw, gen_config.stop_sequences)

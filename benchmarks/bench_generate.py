@@ -1,8 +1,10 @@
 """Generation speed: new tokens/s for greedy decoding of MBPP test prompts, through ``TunedModel.generate``.
 
 Methods: ``none``, ``pt``, ``lopa`` with the project's fast path (static KV cache, compiled decoding, prompts
-padded to a multiple of 64 so shapes repeat), ``<method>-eager`` without it, and ``hf-generate``: plain
-``model.generate`` with the default dynamic cache, the baseline a user would otherwise pick. Real architectures
+padded to a multiple of 64 so shapes repeat), ``<method>-eager`` without it, ``<method>-own`` with the project's
+own greedy loop (``utils/decode_loop.py``: static cache, compiled step, the tokens read back every 8 steps instead
+of every step), and ``hf-generate``: plain ``model.generate`` with the default dynamic cache, the baseline a user
+would otherwise pick. Real architectures
 with random weights; EOS is disabled so every row makes exactly ``--new_tokens`` tokens. Prompt lengths come
 from the real MBPP test prompts under a 32k code BPE (benchmarks/bench_tokenizer.py).
 
@@ -23,8 +25,10 @@ from benchmarks.common import ResultWriter, Timer
 from custom_peft.build import MethodConfig, _wrap
 from utils.batching import Collator, encode_example
 from utils.data import default_data_path, load_task_split
+from utils.decode_loop import STEP_COMPILE, GreedyDecoder
 from utils.fast_paths import static_cache_kwargs
 from utils.models import load_foundation_model
+from utils.stopping import StopOnText
 from utils.tasks import get_task
 
 
@@ -63,7 +67,7 @@ def build_lm(args):
 
 def wrap(lm, method: str, args):
     """One base model serves every method, so compiled decoding (and its shapes) is shared between them."""
-    base = method.removesuffix("-eager")
+    base = method.removesuffix("-eager").removesuffix("-own")
     base = "none" if base == "hf-generate" else base
     cfg = MethodConfig(base, num_virtual_tokens=args.m, enc_model_type=args.encoder)
     with _device():
@@ -71,7 +75,10 @@ def wrap(lm, method: str, args):
     return model.eval()
 
 
-def run(model, method: str, batch: dict, new_tokens: int, fast: bool, **extra):
+def run(model, method: str, batch: dict, new_tokens: int, fast: bool, decoder=None, **extra):
+    if method.endswith("-own"):  # no stop strings, no EOS: every row runs to new_tokens
+        criterion = StopOnText(None, (), [new_tokens] * batch["input_ids"].shape[0])
+        return model.decode_greedy(decoder, **batch, max_new_tokens=new_tokens, criterion=criterion)
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False, **extra)
     if method == "hf-generate":
         out = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
@@ -108,6 +115,7 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
     failures = []
     vocab = lm.config.vocab_size
     skips = _CudagraphSkips()
+    decoder = own_decoder(args)  # one for all -own methods: they share the base model, hence its compiled step
     for method in args.methods.split(","):
         fast = not method.endswith("-eager") and method != "hf-generate"
         try:
@@ -122,12 +130,14 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
                 skipped_before, reasons_before = skips.count(), len(skips.reasons)
                 # Warm up this shape; the fast path warms up at full length, since a longer static cache than
                 # any before it means a new compilation.
-                run(model, method, batch, args.new_tokens if fast else args.warmup_tokens, fast)
+                run(model, method, batch, args.new_tokens if fast else args.warmup_tokens, fast, decoder)
                 with Timer() as t:
-                    out = run(model, method, batch, args.new_tokens, fast)
+                    out = run(model, method, batch, args.new_tokens, fast, decoder)
                 made = out.shape[0] * out.shape[1]
                 writer.write("generate", model=args.model, method=method, batch_size=bs, dtype=args.dtype,
-                             fast_path=fast, new_tokens=args.new_tokens, prompt_len=int(batch["input_ids"].shape[1]),
+                             fast_path=fast, decode_loop="own" if method.endswith("-own") else "hf",
+                             check_every=decoder.check_every if method.endswith("-own") else None,
+                             new_tokens=args.new_tokens, prompt_len=int(batch["input_ids"].shape[1]),
                              new_tokens_per_s=made / t.seconds, seconds=t.seconds,
                              cudagraph_skips=skips.count() - skipped_before,
                              cudagraph_skip_reasons=sorted(set(skips.reasons[reasons_before:]))[:5])
@@ -138,6 +148,12 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
         del model
         gc.collect()
     return failures
+
+
+def own_decoder(args) -> GreedyDecoder:
+    """The project's greedy loop, its step compiled with CUDA graphs on a GPU (eager on the CPU, as generate)."""
+    return GreedyDecoder(check_every=args.check_every,
+                         compile_kwargs=STEP_COMPILE if _device().type == "cuda" else None)
 
 
 def divergence_report(eager: torch.Tensor, fast: torch.Tensor, eager_logits: torch.Tensor,
@@ -179,7 +195,8 @@ def agreement(args, writer: ResultWriter, lm) -> None:
     Per row ``first_divergence`` (None: identical), the eager top-1/top-2 ``gap_at_divergence`` and the paths'
     ``logit_diff_at_divergence``; ``divergences_not_near_ties`` (should be 0) counts gaps above the noise floor
     ``max_logit_diff_before_divergence``; ``first_step_*`` compare the logits set by the prompt and soft prompt
-    alone."""
+    alone. A ``<method>-own`` line compares the project's own loop with both (tokens only)."""
+    decoder = own_decoder(args)
     for method in ("none", "lopa"):
         model = wrap(lm, method, args)
         batch = prompt_batches(args, 4, lm.config.vocab_size)
@@ -192,18 +209,30 @@ def agreement(args, writer: ResultWriter, lm) -> None:
                      token_agreement=float(same.float().mean()),
                      **divergence_report(eager.sequences, fast.sequences, torch.stack(eager.logits, dim=1),
                                          torch.stack(fast.logits, dim=1)))
+        # the own loop keeps no logits: its tokens against both, and the eager top-2 gap where it parts from eager
+        own = run(model, f"{method}-own", batch, args.check_tokens, fast=True, decoder=decoder)
+        same, same_fast = eager.sequences == own, fast.sequences == own
+        first = [int(row.nonzero()[0]) if row.any() else None for row in ~same]
+        top2 = torch.stack(eager.logits, dim=1).float().topk(2, dim=-1).values
+        writer.write("generate-check", model=args.model, method=f"{method}-own", batch_size=4,
+                     tokens=args.check_tokens, dtype=args.dtype, identical_rows=int(same.all(dim=1).sum()),
+                     token_agreement=float(same.float().mean()),
+                     identical_rows_vs_fast=int(same_fast.all(dim=1).sum()), first_divergence=first,
+                     eager_gap_at_divergence=[None if f is None else float(top2[b, f, 0] - top2[b, f, 1])
+                                              for b, f in enumerate(first)])
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="phi-2")
-    p.add_argument("--methods", default="hf-generate,none,pt,lopa")
+    p.add_argument("--methods", default="hf-generate,none,none-own,lopa,lopa-own,pt,pt-own")
     p.add_argument("--encoder", default="codebert-base")
     p.add_argument("--enc_vocab", type=int, default=50265)
     p.add_argument("--batch_sizes", default="1,16,64")
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--warmup_tokens", type=int, default=8)
     p.add_argument("--check_tokens", type=int, default=32)
+    p.add_argument("--check_every", type=int, default=8, help="-own methods: steps between reading tokens back")
     p.add_argument("--no_check", dest="check", action="store_false")
     p.add_argument("--m", type=int, default=10)
     p.add_argument("--dtype", default="bf16")

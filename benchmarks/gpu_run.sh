@@ -3,13 +3,15 @@
 #   bash benchmarks/gpu_run.sh OUT_DIR [MBPP_JSONL] [SECTIONS]
 # SECTIONS, a comma list (times as measured on an H100, session 8):
 #   train_phi2     every method at 8 x 512, then the four padding modes (156 s)
-#   generate_phi2  hf-generate, none, lopa, pt at batch 64/16/1, then the fast-vs-eager check (211 s; each new
-#                  shape compiles once)
+#   generate_phi2  hf-generate, none, none-own, lopa, lopa-own, pt at batch 64/16/1, then the fast-vs-eager check
+#                  (211 s for the four without -own in session 8; each new shape compiles once; the -own methods,
+#                  the project's decoding loop of session 9, are not yet timed: ~1.5 min more estimated)
 #   train_deepseek (42 s)    train_llama3 (52 s without its FFT, which needs an H200)
 #   encoder_ab     lopa on deepseek and phi-2 with the frozen encoder's layers compiled too (--compile_encoder):
 #                  compare with the same model's lopa line of its train section (not yet run; ~1 min estimated)
 #   cli_tiny       the README's tiny train -> generate -> postprocess -> evaluate through the real CLIs: bf16,
-#                  --compile auto, fast decoding on and off (75 s; over 90 s on a fresh machine). Its runs go to
+#                  --compile auto, fast decoding on and off and --decode_loop own (75 s in session 8 without the
+#                  last; over 90 s on a fresh machine). Its runs go to
 #                  CLI_DIR (default: a fresh temporary directory), so OUT_DIR stays a few files.
 #   Default: all six. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
 #   *_METHODS) to fit.
@@ -38,8 +40,8 @@ wanted() { [[ $SECTIONS == *,$1,* ]]; }
 wanted train_phi2 && section train_phi2 ${TRAIN_LIMIT:-220} $PY -m benchmarks.bench_train --model phi-2 \
   --methods ${TRAIN_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft,idpg} --steps 8 --warmup 3 --padding \
   --data_path "$DATA" --results "$OUT_DIR/results.jsonl"
-wanted generate_phi2 && section generate_phi2 ${GEN_LIMIT:-300} $PY -m benchmarks.bench_generate --model phi-2 \
-  --methods ${GEN_METHODS:-hf-generate,none,lopa,pt} --batch_sizes 64,16,1 --data_path "$DATA" \
+wanted generate_phi2 && section generate_phi2 ${GEN_LIMIT:-390} $PY -m benchmarks.bench_generate --model phi-2 \
+  --methods ${GEN_METHODS:-hf-generate,none,none-own,lopa,lopa-own,pt} --batch_sizes 64,16,1 --data_path "$DATA" \
   --results "$OUT_DIR/results.jsonl"
 wanted train_deepseek && section train_deepseek ${DS_LIMIT:-100} $PY -m benchmarks.bench_train --model deepseek-coder-1.3b-base \
   --methods ${DS_METHODS:-peft-pt,pt,lopa,peft-lora,lora,idpg,fft} --steps 6 --warmup 3 \
@@ -53,6 +55,6 @@ wanted train_llama3 && section train_llama3 ${LLAMA_LIMIT:-180} $PY -m benchmark
 wanted encoder_ab && section encoder_ab ${AB_LIMIT:-90} bash -c 'for model in deepseek-coder-1.3b-base phi-2; do
   "$0" -m benchmarks.bench_train --model $model --methods lopa --compile_encoder --steps 6 --warmup 3 --results "$1" \
     || exit; done' "$PY" "$OUT_DIR/results.jsonl"
-wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-150} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
+wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-180} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
 echo "=== done $(date -u +%T)"
 if [ -s "$OUT_DIR/results.jsonl" ]; then $PY -m benchmarks.summarize --results "$OUT_DIR/results.jsonl"; fi

@@ -154,19 +154,40 @@ class TunedModel(nn.Module):
         finally:
             self.train(was_training)
 
-    def _generate(self, input_ids, attention_mask, enc_input_ids, enc_attention_mask, **generate_kwargs):
+    @torch.no_grad()
+    def decode_greedy(self, decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      enc_input_ids: torch.Tensor | None = None, enc_attention_mask: torch.Tensor | None = None, *,
+                      max_new_tokens: int, criterion, pad_token_id: int = 0) -> torch.Tensor:
+        """New tokens only, like ``generate`` with greedy decoding, from ``decoder`` (a ``utils.decode_loop``
+        ``GreedyDecoder``); ``criterion`` (``StopOnText``) decides where rows end and ``criterion.trim`` cuts them."""
+        was_training = self.training
+        self.eval()
+        try:
+            inputs = self._generation_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
+            mask = inputs.pop("attention_mask")
+            return decoder.decode(self.lm, inputs, mask, positions_from_mask(mask), max_new_tokens, criterion,
+                                  pad_token_id)
+        finally:
+            self.train(was_training)
+
+    def _generation_inputs(self, input_ids, attention_mask, enc_input_ids, enc_attention_mask) -> dict:
+        """The base model's inputs: ids and mask, or the embeddings with the soft prompt in front and its mask."""
         embedded = self._embed_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
         if embedded is None:
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        else:  # with inputs_embeds alone, decoder-only generate returns just the new tokens
-            inputs = {"inputs_embeds": embedded[0], "attention_mask": embedded[1]}
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return {"inputs_embeds": embedded[0], "attention_mask": embedded[1]}
+
+    def _generate(self, input_ids, attention_mask, enc_input_ids, enc_attention_mask, **generate_kwargs):
+        inputs = self._generation_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
+        embedded = "inputs_embeds" in inputs
+        if embedded:  # with inputs_embeds alone, decoder-only generate returns just the new tokens
             for key in ("max_length", "min_length"):  # HF counts the m virtual tokens in these; the user's do not
                 if generate_kwargs.get(key) is not None:
-                    generate_kwargs[key] += embedded[0].shape[1] - input_ids.shape[1]
+                    generate_kwargs[key] += inputs["inputs_embeds"].shape[1] - input_ids.shape[1]
         # Explicit positions: the same ones forward uses, whatever a model's own generate would infer.
         generate_kwargs.setdefault("position_ids", positions_from_mask(inputs["attention_mask"]))
         out = self.lm.generate(**inputs, **generate_kwargs)
-        if embedded is not None:
+        if embedded:
             return out
         if isinstance(out, torch.Tensor):
             return out[:, input_ids.shape[1]:]

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_generate, bench_train
+from benchmarks import bench_decode_loop, bench_generate, bench_train
 
 
 def _lines(path):
@@ -52,14 +52,30 @@ def test_bench_generate_smoke(tmp_path, data_paths):
     bench_generate.main(["--smoke", "--results", str(out), "--data_path", data_paths["mbpp"]])
     lines = _lines(out)
     gen = [line for line in lines if line["bench"] == "generate"]
-    assert {line["method"] for line in gen} == {"hf-generate", "none", "pt", "lopa"}
+    assert {line["method"] for line in gen} == {"hf-generate", "none", "pt", "lopa", "none-own", "pt-own",
+                                                "lopa-own"}
     assert all(line["new_tokens_per_s"] > 0 and "error" not in line for line in gen)
+    assert {line["decode_loop"] for line in gen if line["method"].endswith("-own")} == {"own"}
     checks = [line for line in lines if line["bench"] == "generate-check"]
-    assert checks and all(line["identical_rows"] == 4 for line in checks)  # fp32 CPU: fast path == eager path
-    for line in checks:  # identical rows: no divergence, and fp32 rounding noise only on the prompt's step
+    assert {line["method"] for line in checks} == {"none", "lopa", "none-own", "lopa-own"}
+    assert all(line["identical_rows"] == 4 for line in checks)  # fp32 CPU: fast path and own loop == eager path
+    own = [line for line in checks if line["method"].endswith("-own")]
+    assert all(line["identical_rows_vs_fast"] == 4 and line["first_divergence"] == [None] * 4 for line in own)
+    for line in (c for c in checks if c not in own):  # identical rows: no divergence, fp32 noise on the prompt's step
         assert line["first_divergence"] == [None] * 4 and line["divergences_not_near_ties"] == 0
         assert line["first_step_top1_agrees"] == [True] * 4 and max(line["first_step_max_logit_diff"]) < 1e-4
         assert 0 <= line["max_logit_diff_before_divergence"] < 1e-4
+
+
+def test_bench_decode_loop_smoke(tmp_path, data_paths):
+    out = tmp_path / "results.jsonl"
+    bench_decode_loop.main(["--smoke", "--results", str(out), "--data_path", data_paths["mbpp"]])
+    lines = _lines(out)
+    assert [(line["method"], line["batch_size"]) for line in lines] == [
+        (loop, rows) for rows in (1, 3) for loop in ("hf-generate", "hf-static", "own-k1", "own-k8", "own-end")]
+    # no stop string occurs and EOS is off: every loop makes every token, and the same ones
+    assert all(line["made"] == 10 and line["same_tokens_as_first"] for line in lines)
+    assert all(line["seconds"] > 0 and line["prefill_seconds"] > 0 for line in lines)  # no timing is compared
 
 
 def test_bench_train_compiles_every_methods_layers(tmp_path, monkeypatch):

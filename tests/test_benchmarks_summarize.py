@@ -56,6 +56,22 @@ def test_an_encoder_compile_variant_is_shown_beside_lopa_and_never_judged_in_its
     assert "| m | lopa+compile_encoder | 50 | 81920.0 | 1.25× | 0.500× |  | 13.20 |" in summarize.markdown(lines)
 
 
+def test_the_own_decoding_loop_is_judged_beside_generate():
+    def gen(method, tps):
+        return {"bench": "generate", "model": "m", "method": method, "batch_size": 64, "new_tokens_per_s": tps,
+                "seconds": 256 * 64 / tps, "new_tokens": 256}
+
+    lines = [gen("hf-generate", 1000.0), gen("none", 5800.0), gen("none-own", 9000.0),
+             {"bench": "generate-check", "model": "m", "method": "none-own", "batch_size": 4, "identical_rows": 3,
+              "token_agreement": 0.9, "identical_rows_vs_fast": 2}]
+    got = _verdicts(lines)
+    assert got["m: generate none, B = 64: ≥ 6,000 new tokens/s"] == ("5,800", False)
+    assert got["m: generate none-own, B = 64: ≥ 6,000 new tokens/s"] == ("9,000", True)
+    assert got["m: generate none-own, B = 64: ≥ 2.2× hf-generate"] == ("9.00×", True)
+    assert ("* m none-own: 3 of 4 rows identical, 90.0 % of tokens; 2 rows identical to the fast path's"
+            in summarize.markdown(lines))
+
+
 def test_errors_are_listed_and_an_unknown_run_is_refused(tmp_path, capsys):
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in [

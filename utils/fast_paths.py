@@ -6,6 +6,8 @@
 * ``make_adamw``: AdamW with the fused CUDA kernel when the parameters live on a GPU.
 * ``static_cache_kwargs``: ``generate`` keyword arguments for a static KV cache, which transformers compiles
   automatically on a GPU (decoding steps only; prefill, where the soft prompt enters, stays eager).
+* ``utils.decode_loop.GreedyDecoder`` (``--decode_loop own``, opt-in): greedy decoding that reads the new tokens back
+  every few steps instead of every step, its step compiled with CUDA graphs on a GPU.
 * ``selective_logits`` (in ``TunedModel``): the vocabulary projection only where a label is supervised.
 * ``packing`` (in ``TunedModel``, ``custom_peft/packing.py``): padding-free training rows where they cost less.
 """

@@ -167,10 +167,11 @@ def _batch_seed(seed: int, first_task_id: str) -> int:
 
 
 def generate_batch(model, tokenizer, batch: dict, gen_config: GenConfig, device,
-                   generate_kwargs: dict | None = None) -> tuple[list[str], int]:
+                   generate_kwargs: dict | None = None, decoder=None) -> tuple[list[str], int]:
     """Raw completions for one collated batch (``len(task_ids) × num_return_sequences`` strings, grouped by
     task) and the number of new tokens they hold. ``generate_kwargs``: extra arguments for ``generate`` (e.g. a
-    static cache)."""
+    static cache). ``decoder``: a ``utils.decode_loop.GreedyDecoder`` to decode with instead of ``generate``
+    (greedy only)."""
     n = gen_config.num_return_sequences if gen_config.do_sample else 1
     prompt_lens = batch["attention_mask"].sum(1).tolist()
     budgets = [gen_config.budget(length) for length in prompt_lens for _ in range(n)]
@@ -178,11 +179,17 @@ def generate_batch(model, tokenizer, batch: dict, gen_config: GenConfig, device,
     criterion = StopOnText(tokenizer, gen_config.stop_sequences, budgets, eos)
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "enc_input_ids", "enc_attention_mask")
               if k in batch}
-    if gen_config.do_sample:
-        torch.manual_seed(_batch_seed(gen_config.seed, batch["task_ids"][0]))
-    new_tokens = model.generate(**inputs, **gen_config.hf_kwargs(), max_new_tokens=max(budgets),
-                                stopping_criteria=StoppingCriteriaList([criterion]), eos_token_id=eos,
-                                pad_token_id=tokenizer.pad_token_id, **(generate_kwargs or {}))
+    if decoder is not None:
+        if gen_config.do_sample:
+            raise UserError("--decode_loop own decodes greedily; sampling needs --decode_loop hf")
+        new_tokens = model.decode_greedy(decoder, **inputs, max_new_tokens=max(budgets), criterion=criterion,
+                                         pad_token_id=tokenizer.pad_token_id)
+    else:
+        if gen_config.do_sample:
+            torch.manual_seed(_batch_seed(gen_config.seed, batch["task_ids"][0]))
+        new_tokens = model.generate(**inputs, **gen_config.hf_kwargs(), max_new_tokens=max(budgets),
+                                    stopping_criteria=StoppingCriteriaList([criterion]), eos_token_id=eos,
+                                    pad_token_id=tokenizer.pad_token_id, **(generate_kwargs or {}))
     rows = criterion.trim(new_tokens)
     texts = tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return texts, sum(len(r) for r in rows)
@@ -192,15 +199,16 @@ def generate_batch(model, tokenizer, batch: dict, gen_config: GenConfig, device,
 def generate_predictions(model, tokenizer, enc_tokenizer, task: Task, records: Sequence[dict], *, batch_size: int,
                          gen_config: GenConfig, accelerator=None, progress: bool = True,
                          on_batch: Callable[[dict[str, list[str]], int], None] | None = None,
-                         generate_kwargs: dict | None = None,
-                         pad_to_multiple_of: int | None = None) -> dict[str, list[str]]:
+                         generate_kwargs: dict | None = None, pad_to_multiple_of: int | None = None,
+                         decoder=None) -> dict[str, list[str]]:
     """``{task_id: [raw completion, …]}`` for ``records`` (the new text, decoded, before any cutting).
 
     With an ``accelerator`` of several processes the records are sharded and every process returns the full,
     gathered dict. ``on_batch(new_predictions, new_tokens)`` runs on the main process after each gathered batch
     (the caller appends them to its progress file there). ``generate_kwargs`` go to every ``generate`` call;
     ``pad_to_multiple_of`` rounds prompt lengths up (few shapes for a static cache and compiled decoding).
-    The model must already be on its device.
+    ``decoder``: decode greedily with ``utils.decode_loop.GreedyDecoder`` instead of ``generate`` (then
+    ``generate_kwargs`` are unused). The model must already be on its device.
     """
     from tqdm.auto import tqdm
 
@@ -221,7 +229,7 @@ def generate_predictions(model, tokenizer, enc_tokenizer, task: Task, records: S
         local_new = 0
         if step < len(batches):
             batch = collate([dataset[i] for i in batches[step]])
-            texts, local_new = generate_batch(model, tokenizer, batch, gen_config, device, generate_kwargs)
+            texts, local_new = generate_batch(model, tokenizer, batch, gen_config, device, generate_kwargs, decoder)
             per_task = len(texts) // len(batch["task_ids"])
             local = [(tid, texts[j * per_task:(j + 1) * per_task]) for j, tid in enumerate(batch["task_ids"])]
         gathered = _gather(accelerator, [(local, local_new)]) if world > 1 else [(local, local_new)]

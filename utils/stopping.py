@@ -6,7 +6,8 @@ loop exits once every row has finished. This criterion also records, per row, ho
 completion, so the caller never has to re-scan the padded tail.
 
 Cost per decoding step: one device-to-host copy of the last few token ids of the rows still running, and one
-``batch_decode`` of those short windows — never the whole sequence.
+``batch_decode`` of those short windows — never the whole sequence. ``observe`` takes several steps' tokens at once
+(``utils.decode_loop`` calls it every few steps) and judges each step as the per-step call would.
 """
 from __future__ import annotations
 
@@ -55,20 +56,50 @@ class StopOnText(StoppingCriteria):
         if self.prompt_len is None:
             self.prompt_len = input_ids.shape[1] - 1
         n_new = input_ids.shape[1] - self.prompt_len
-        running = [i for i, length in enumerate(self.lengths) if length is None]
-        if running:
-            width = min(self.window, n_new) if self.stop_sequences else 1
+        if not self.finished:
+            width = self._width(n_new)
             window = input_ids[:, input_ids.shape[1] - width:].tolist()  # the step's one host sync
-            tails = [window[i] for i in running]
-            texts = (self.tokenizer.batch_decode(tails, skip_special_tokens=True) if self.stop_sequences
-                     else [""] * len(running))
-            for i, tail, text in zip(running, tails, texts):
-                if tail[-1] in self.eos_token_ids:
-                    self.lengths[i] = n_new - 1
-                elif any(s in text for s in self.stop_sequences) or n_new >= self.budgets[i]:
-                    self.lengths[i] = n_new
+            self.observe(window, n_new - width, n_new - 1)
         done = [length is not None for length in self.lengths]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    @property
+    def finished(self) -> bool:
+        """Whether every row has stopped."""
+        return all(length is not None for length in self.lengths)
+
+    def _width(self, n_new: int) -> int:
+        return min(self.window, n_new) if self.stop_sequences else 1
+
+    def observe(self, new_ids: Sequence[Sequence[int]], offset: int, checked: int) -> bool:
+        """Judge, step by step, the steps after ``checked`` up to the newest, exactly as if called after each one.
+
+        ``new_ids[i]``: row i's new tokens from index ``offset`` on (host lists, all rows equally long), which must
+        reach back ``window`` tokens before step ``checked + 1`` (or to the first new token). A decoding loop that
+        calls this every k steps instead of every step gets the same ``lengths``; the tokens a row made after it
+        stopped are cut by ``trim``. Returns whether every row has stopped.
+        """
+        if len(new_ids) != len(self.budgets):
+            raise ValueError(f"StopOnText was built for {len(self.budgets)} rows but got {len(new_ids)}")
+        upto = offset + (len(new_ids[0]) if new_ids else 0)
+        if checked + 1 - self._width(checked + 1) < offset:
+            raise ValueError(f"observe needs the new tokens from index {checked + 1 - self._width(checked + 1)} on, "
+                             f"got them from {offset}")
+        running = [i for i, length in enumerate(self.lengths) if length is None]
+        steps = range(checked + 1, upto + 1)
+        tails = [list(new_ids[i][n - self._width(n) - offset:n - offset]) for n in steps for i in running]
+        # one decode for all k steps; a row's windows after the step it stops at are decoded but never judged
+        texts = (self.tokenizer.batch_decode(tails, skip_special_tokens=True) if self.stop_sequences
+                 else [""] * len(tails))
+        for j, (tail, text) in enumerate(zip(tails, texts)):
+            n_new, i = steps[j // len(running)], running[j % len(running)]
+            if self.lengths[i] is not None:
+                continue
+            if tail[-1] in self.eos_token_ids:
+                self.lengths[i] = n_new - 1
+            elif any(s in text for s in self.stop_sequences) or n_new >= self.budgets[i]:
+                self.lengths[i] = n_new
+        return self.finished
 
     def trim(self, new_tokens: torch.Tensor) -> list[list[int]]:
         """Each row's completion ids, from the new-token matrix ``generate`` returned."""

@@ -1,0 +1,203 @@
+"""utils/decode_loop.py: the project's greedy loop gives generate's predictions, judging stops every k steps."""
+import random
+
+import pytest
+import torch
+
+import generate_preds
+from custom_peft import build_model
+from tests.test_generation import _perturb, _refused_leaving_the_log_dir_as_it_was
+from utils.batching import Collator, TaskDataset
+from utils.data import load_task_split
+from utils.decode_loop import GreedyDecoder, check_plain_greedy
+from utils.errors import UserError
+from utils.generation import GenConfig, generate_batch, generate_predictions, resolve_gen_config
+from utils.models import load_tokenizer
+from utils.stopping import StopOnText
+from utils.tasks import CRUXEVAL_STOP_SEQUENCES, MBPP_STOP_SEQUENCES, get_task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _per_step(crit: StopOnText, rows: list[list[int]]) -> list[int | None]:
+    """lengths from the per-step path generate drives (prompt of 2 ids in front)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[5, 5] + r + [0] * (width - len(r)) for r in rows])
+    for n in range(1, width + 1):
+        if crit(ids[:, :2 + n]).all():
+            break
+    return crit.lengths
+
+
+def _every(crit: StopOnText, rows: list[list[int]], k: int) -> list[int | None]:
+    """lengths from observe, fed k steps at a time with the shortest look-back it accepts."""
+    width = max(len(r) for r in rows)
+    padded = [r + [0] * (width - len(r)) for r in rows]
+    checked = 0
+    while checked < width and not crit.finished:
+        made = min(width, checked + k)
+        offset = max(0, checked + 1 - crit.window)
+        crit.observe([r[offset:made] for r in padded], offset, checked)
+        checked = made
+    return crit.lengths
+
+
+def test_observing_every_k_steps_ends_each_row_where_the_per_step_check_does():
+    tok = load_tokenizer("tiny-llama")
+    rng = random.Random(1)
+    pieces = ["x", " = ", "1", "\n", "    ", "def", "if", "class", "assert", '"""', "print", "```", "é", "ü→",
+              "[ANSWER]", "[/", "ANSWER]", "AN", "SWER", "\t", "f(", ")"]
+    eos = tok.eos_token_id
+    for stops in (MBPP_STOP_SEQUENCES, CRUXEVAL_STOP_SEQUENCES, ()):
+        rows = [tok("".join(rng.choice(pieces) for _ in range(25)), add_special_tokens=False)["input_ids"]
+                for _ in range(40)]
+        for row in rows[::5]:  # some rows emit EOS somewhere
+            row.insert(rng.randrange(1, len(row)), eos)
+        budgets = [rng.choice([3, 9, 1000]) for _ in rows]
+        want = _per_step(StopOnText(tok, stops, budgets, [eos]), rows)
+        assert len({w for w in want}) > 3  # stop strings, EOS and budgets all end rows here
+        for k in (1, 2, 7, 64):
+            assert _every(StopOnText(tok, stops, budgets, [eos]), rows, k) == want, (stops, k)
+    crit = StopOnText(tok, MBPP_STOP_SEQUENCES, [100])
+    with pytest.raises(ValueError, match="from index 6 on, got them from 7"):
+        crit.observe([[1, 2, 3]], 7, 14)  # a window that does not reach back far enough would miss a stop string
+
+
+def _models():
+    """(name, model, tokenizer, encoder tokenizer), trainable weights moved off their init."""
+    out = []
+    for method, model_type in (("none", "tiny-llama"), ("pt", "tiny-phi-2"), ("lopa", "tiny-phi-2"),
+                               ("lora", "tiny-codegen")):
+        model, tok = build_model(method, model_type, num_virtual_tokens=4, enc_model_type="tiny-roberta", seed=5)
+        _perturb(model, 11, 0.3)
+        out.append((f"{method}-{model_type}", model.eval(), tok, model.enc_tokenizer))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _models()
+
+
+@pytest.mark.parametrize("task_name", ["mbpp", "cruxeval_output_prediction"])
+def test_own_loop_predicts_what_generate_predicts(models, data_paths, task_name):
+    """Real prompts, the task's stop strings, EOS and (CRUXEval) per-row budgets: the same raw completions and new
+    token counts as generate, whether stops are judged every step or every 5."""
+    task = get_task(task_name)
+    records = load_task_split(task_name, "test", data_paths["mbpp" if task_name == "mbpp" else "cruxeval"], limit=6)
+    cfg = resolve_gen_config(task, max_new_tokens=20)
+    for name, model, tok, enc_tok in models:
+        counts = {}
+
+        def run(decoder, **kw):
+            tokens = []
+            got = generate_predictions(model, tok, enc_tok, task, records, batch_size=3, gen_config=cfg,
+                                       progress=False, decoder=decoder,
+                                       on_batch=lambda fresh, n: tokens.append(n), **kw)
+            counts[len(counts)] = sum(tokens)
+            return got
+
+        want = run(None)
+        assert run(GreedyDecoder(check_every=1)) == want, name
+        assert run(GreedyDecoder(check_every=5)) == want, name
+        assert len(set(counts.values())) == 1, (name, counts)
+        assert counts[0] > 0
+
+
+def test_the_loop_ends_within_k_steps_of_the_last_stop_and_reuses_its_cache(models, data_paths):
+    task = get_task("mbpp")
+    name, model, tok, enc_tok = models[1]
+    records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=3)
+    batch = Collator(tok.pad_token_id, padding_side="left")(
+        list(TaskDataset(task, records, tok, train=False, num_virtual_tokens=model.num_virtual_tokens)))
+    decoder = GreedyDecoder(check_every=4)
+    outs, caches = [], []
+    for budget in ([5, 2, 7], [5, 2, 7]):
+        crit = StopOnText(tok, (), budget)
+        outs.append(model.decode_greedy(decoder, batch["input_ids"], batch["attention_mask"], max_new_tokens=30,
+                                        criterion=crit))
+        assert crit.lengths == budget
+        caches.append(getattr(decoder, "_cache"))
+    # stops judged at 4 and 8: every row has ended by step 8, so the loop made 8 tokens, not 30
+    assert outs[0].shape == (3, 8) and torch.equal(outs[0], outs[1])
+    assert caches[0] is caches[1]  # same shape: the static cache (and its CUDA graphs) is reused
+
+
+def test_compiled_step_traces_as_one_graph_and_gives_the_same_tokens(models, data_paths):
+    """The decoding step compiles without graph breaks (fullgraph) and without a recompilation per step or per
+    batch of the same shape, for the phi, llama and codegen architectures (CPU; CUDA graphs are a GPU matter)."""
+    from torch._dynamo.utils import counters
+
+    task = get_task("mbpp")
+    records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=4)
+    cfg = resolve_gen_config(task, max_new_tokens=12)
+    for name, model, tok, enc_tok in models[:3] + models[3:]:
+        if name.startswith("lopa"):
+            continue  # same architecture as pt: the encoder runs before the loop
+        want = generate_predictions(model, tok, enc_tok, task, records, batch_size=2, gen_config=cfg, progress=False)
+        torch.compiler.reset()
+        counters.clear()
+        decoder = GreedyDecoder(check_every=3, compile_kwargs={"backend": "eager", "fullgraph": True,
+                                                               "dynamic": False})
+        for again in (False, True):  # the second run repeats the first one's shapes: no new compilation
+            got = generate_predictions(model, tok, enc_tok, task, records, batch_size=2, gen_config=cfg,
+                                       progress=False, decoder=decoder, pad_to_multiple_of=64)
+            assert got == want, name
+            # one graph per batch shape (3 batches here), none per step
+            assert counters["stats"]["unique_graphs"] == len(decoder.shapes) > 1, (name, dict(counters["stats"]))
+    torch.compiler.reset()
+
+
+def test_more_batch_shapes_than_torchs_default_recompile_limit_all_stay_compiled(models):
+    """torch compiles a function for at most 8 shapes by default and runs the rest eager, silently; a run over
+    MBPP's test set meets more (prompt buckets times the last batch's size). Nine shapes: nine graphs."""
+    from torch._dynamo.utils import counters
+
+    name, model, tok, _ = models[0]
+    torch.compiler.reset()
+    counters.clear()
+    decoder = GreedyDecoder(compile_kwargs={"backend": "eager", "fullgraph": True, "dynamic": False})
+    for rows in range(1, 10):
+        ids = torch.arange(5, 5 + 4 * rows).view(rows, 4)
+        model.decode_greedy(decoder, ids, torch.ones_like(ids), max_new_tokens=2,
+                            criterion=StopOnText(tok, (), [2] * rows))
+    assert len(decoder.shapes) == 9 and counters["stats"]["unique_graphs"] == 9, dict(counters["stats"])
+    torch.compiler.reset()
+
+
+def test_sampling_and_logits_processors_are_refused(models, data_paths):
+    name, model, tok, enc_tok = models[0]
+    task = get_task("mbpp")
+    records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=1)
+    batch = Collator(tok.pad_token_id, padding_side="left")(
+        list(TaskDataset(task, records, tok, train=False, num_virtual_tokens=0)))
+    with pytest.raises(UserError, match="sampling needs --decode_loop hf"):
+        generate_batch(model, tok, batch, GenConfig(do_sample=True, temperature=0.5), "cpu", decoder=GreedyDecoder())
+    config = model.lm.generation_config
+    check_plain_greedy(config)
+    config.repetition_penalty = 1.3
+    try:
+        with pytest.raises(UserError, match="repetition_penalty=1.3; use --decode_loop hf"):
+            check_plain_greedy(config)
+    finally:
+        config.repetition_penalty = 1.0
+
+
+def test_cli_own_loop_writes_the_files_generate_writes(tmp_path, data_paths, monkeypatch, capsys):
+    calls, decode = [], GreedyDecoder.decode
+    monkeypatch.setattr(GreedyDecoder, "decode", lambda self, *a, **k: calls.append(1) or decode(self, *a, **k))
+    files = {}
+    for loop in ("hf", "own"):
+        log_dir = tmp_path / loop
+        assert generate_preds.main(["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--peft_method", "none",
+                                    "--data_path", data_paths["mbpp"], "--limit", "5", "--batch_size", "2",
+                                    "--max_new_tokens", "12", "--no_progress", "--decode_loop", loop,
+                                    "--log_dir", str(log_dir)]) == 0
+        files[loop] = {p.name: p.read_bytes() for p in sorted(log_dir.glob("mbxp*.jsonl"))}
+        assert len(calls) == (3 if loop == "own" else 0)  # 5 tasks in batches of 2
+    assert files["own"] == files["hf"] and len(files["hf"]) == 2
+    # sampling is refused before anything in the log dir is touched
+    assert _refused_leaving_the_log_dir_as_it_was(
+        tmp_path / "own", ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--peft_method", "none",
+                           "--data_path", data_paths["mbpp"], "--decode_loop", "own", "--paper_decoding"]) == 2
+    assert "--decode_loop own decodes greedily" in capsys.readouterr().err
