@@ -6,6 +6,8 @@
 #   generate_phi2  hf-generate, none, none-own, lopa, lopa-own, pt at batch 64/16/1, then the fast-vs-eager check
 #                  (211 s for the four without -own in session 8; each new shape compiles once; the -own methods,
 #                  the project's decoding loop of session 9, are not yet timed: ~1.5 min more estimated)
+#   generate_phi3  Phi-3-mini's architecture (2,047-token sliding window), none and none-own at batch 64: does
+#                  fast decoding compile once per shape there (session 9 fix; not yet run, ~1.5 min estimated)?
 #   train_deepseek (42 s)    train_llama3 (52 s without its FFT, which needs an H200)
 #   encoder_ab     lopa on deepseek and phi-2 with the frozen encoder's layers compiled too (--compile_encoder):
 #                  compare with the same model's lopa line of its train section (not yet run; ~1 min estimated)
@@ -13,14 +15,14 @@
 #                  --compile auto, fast decoding on and off and --decode_loop own (75 s in session 8 without the
 #                  last; over 90 s on a fresh machine). Its runs go to
 #                  CLI_DIR (default: a fresh temporary directory), so OUT_DIR stays a few files.
-#   Default: all six. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
+#   Default: all seven. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
 #   *_METHODS) to fit.
 # Sections run under their own time limits (env *_LIMIT) so one slow section cannot eat the others; every
 # figure streams to OUT_DIR/results.jsonl as it is made, so a cut-off section keeps what it measured.
 set -u
 OUT_DIR=${1:-bench_out}
 DATA=${2:-../shared/data/mbpp/mbpp_release_v1.jsonl}
-SECTIONS=,${3:-train_phi2,generate_phi2,train_deepseek,train_llama3,encoder_ab,cli_tiny},
+SECTIONS=,${3:-train_phi2,generate_phi2,generate_phi3,train_deepseek,train_llama3,encoder_ab,cli_tiny},
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export BENCH_RUN_ID=${BENCH_RUN_ID:-gpu-$(date -u +%Y%m%dT%H%M%S)}
@@ -42,6 +44,9 @@ wanted train_phi2 && section train_phi2 ${TRAIN_LIMIT:-220} $PY -m benchmarks.be
   --data_path "$DATA" --results "$OUT_DIR/results.jsonl"
 wanted generate_phi2 && section generate_phi2 ${GEN_LIMIT:-390} $PY -m benchmarks.bench_generate --model phi-2 \
   --methods ${GEN_METHODS:-hf-generate,none,none-own,lopa,lopa-own,pt} --batch_sizes 64,16,1 --data_path "$DATA" \
+  --results "$OUT_DIR/results.jsonl"
+wanted generate_phi3 && section generate_phi3 ${PHI3_LIMIT:-150} $PY -m benchmarks.bench_generate --model phi-3 \
+  --methods ${PHI3_METHODS:-none,none-own} --batch_sizes 64 --no_check --data_path "$DATA" \
   --results "$OUT_DIR/results.jsonl"
 wanted train_deepseek && section train_deepseek ${DS_LIMIT:-100} $PY -m benchmarks.bench_train --model deepseek-coder-1.3b-base \
   --methods ${DS_METHODS:-peft-pt,pt,lopa,peft-lora,lora,idpg,fft} --steps 6 --warmup 3 \

@@ -72,8 +72,9 @@ def targets(lines: list[dict]) -> list[tuple[str, str, bool | None]]:
            if line["bench"] == "generate" and "new_tokens_per_s" in line}
     for model, method, batch in gen:
         if method.removesuffix("-own") in ("none", "pt", "lopa") and batch == 64:  # -own: the project's loop
-            rows.append((f"{model}: generate {method}, B = 64: ≥ 6,000 new tokens/s",
-                         f"{gen[model, method, 64]:,.0f}", gen[model, method, 64] >= 6000))
+            if model == "phi-2":  # the issue sets the tokens/s target for phi-2's architecture
+                rows.append((f"{model}: generate {method}, B = 64: ≥ 6,000 new tokens/s",
+                             f"{gen[model, method, 64]:,.0f}", gen[model, method, 64] >= 6000))
             r = _ratio(gen[model, method, 64], gen.get((model, "hf-generate", 64)))
             if r is not None:
                 rows.append((f"{model}: generate {method}, B = 64: ≥ 2.2× hf-generate", f"{r:.2f}×", r >= 2.2))

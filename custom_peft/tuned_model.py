@@ -2,9 +2,10 @@
 
 A soft prompt (PT's shared one, or LOPA's / IDPG's per-instance one) is prepended to the input embeddings with
 m ones in the attention mask and m -100 labels. Generation passes those embeddings and the mask straight to the
-base model's own ``generate``: no patched ``prepare_inputs_for_generation``, no state stored on the model
-between calls. Position ids are computed from the mask (in ``forward``, and passed explicitly to ``generate``,
-which extends them by one per new token), so left padding does not shift them.
+base model's own ``generate``: no patched ``prepare_inputs_for_generation``, no decoding state kept on the model
+between calls (only, for a sliding-window model, a static cache buffer to reuse). Position ids are computed from
+the mask (in ``forward``, and passed explicitly to ``generate``, which extends them by one per new token), so left
+padding does not shift them.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ class TunedModel(nn.Module):
         """With labels, lay a padded batch's examples end to end in fewer rows when that costs less
         (``custom_peft.packing``; same loss). The trainer turns it on."""
         self._attention_width: float | None = None
+        self._static_caches = None
+        """``utils.fast_paths.StaticCacheSlot`` for a sliding-window model's fast decoding, made on first use."""
 
     # ------------------------------------------------------------------------------------------ parts
     @property
@@ -177,6 +180,25 @@ class TunedModel(nn.Module):
             return {"input_ids": input_ids, "attention_mask": attention_mask}
         return {"inputs_embeds": embedded[0], "attention_mask": embedded[1]}
 
+    def _full_attention_static_cache(self, mask: torch.Tensor, generate_kwargs: dict) -> None:
+        """Where ``generate`` was asked for a static cache and the model's sliding window covers the whole sequence
+        (Phi-3), pass it a full-attention one instead (``utils.fast_paths.full_attention_config``): transformers'
+        own would make its compiled step compile again at every step. Other models keep transformers' cache."""
+        from utils.fast_paths import StaticCacheSlot, full_attention_config
+
+        new = generate_kwargs.get("max_new_tokens")
+        if generate_kwargs.get("cache_implementation") != "static" or not new:
+            return
+        length = -(-(mask.shape[1] + new) // 64) * 64
+        config = self.lm.config
+        if getattr(config, "sliding_window", None) is None or full_attention_config(config, length) is config:
+            return
+        if self._static_caches is None:  # kept between calls, as transformers keeps its own
+            self._static_caches = StaticCacheSlot()
+        rows = mask.shape[0] * (generate_kwargs.get("num_return_sequences") or 1)
+        del generate_kwargs["cache_implementation"]
+        generate_kwargs["cache"] = self._static_caches.get(config, rows, length, self.lm.dtype, mask.device)
+
     def _generate(self, input_ids, attention_mask, enc_input_ids, enc_attention_mask, **generate_kwargs):
         inputs = self._generation_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
         embedded = "inputs_embeds" in inputs
@@ -186,6 +208,7 @@ class TunedModel(nn.Module):
                     generate_kwargs[key] += inputs["inputs_embeds"].shape[1] - input_ids.shape[1]
         # Explicit positions: the same ones forward uses, whatever a model's own generate would infer.
         generate_kwargs.setdefault("position_ids", positions_from_mask(inputs["attention_mask"]))
+        self._full_attention_static_cache(inputs["attention_mask"], generate_kwargs)
         out = self.lm.generate(**inputs, **generate_kwargs)
         if embedded:
             return out

@@ -121,10 +121,10 @@ def test_preflight_runs_real_widths_at_one_layer_and_names_a_failed_run(capsys):
 
 
 def test_preflight_names_a_model_without_an_architecture_config(capsys):
-    """phi-3 (and minilm as encoder) have no config to cut to one layer: a one-line error, not a KeyError."""
+    """codegen-350M (and minilm as encoder) have no config to cut to one layer: a one-line error, not a KeyError."""
     from benchmarks import preflight
 
-    for argv in (["--models", "phi-3"], ["--models", "phi-2", "--encoder", "minilm"]):
+    for argv in (["--models", "codegen-350M"], ["--models", "phi-2", "--encoder", "minilm"]):
         with pytest.raises(SystemExit) as exit_:
             preflight.main(argv)
         assert exit_.value.code == 2 and f"error: {argv[-1]}: no architecture config in utils/registry.py; --models " \

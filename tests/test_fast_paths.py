@@ -79,6 +79,43 @@ def test_static_cache_and_bucketed_padding_generate_the_same_tokens(method, mode
     assert torch.equal(plain, fast)
 
 
+@pytest.mark.parametrize("method", ["none", "pt"])
+def test_a_sliding_window_model_compiles_its_decoding_step_once(method, monkeypatch):
+    """Phi-3's 2,047-token window: transformers' own static cache made its compiled step compile again at every step
+    (8 graphs for 11 steps here, then eager); the full-attention cache that covers the sequence compiles once per
+    shape, in generate's fast path and in the own loop, and gives the plain path's tokens."""
+    from torch._dynamo.utils import counters
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from utils.decode_loop import GreedyDecoder
+    from utils.fast_paths import full_attention_config
+    from utils.registry import get_model_spec
+    from utils.stopping import StopOnText
+
+    monkeypatch.setitem(get_model_spec("tiny-phi-3").arch, "sliding_window", 2047)
+    model, tok = build_model(method, "tiny-phi-3", num_virtual_tokens=4, seed=5)
+    model.lm.generation_config.eos_token_id = None
+    plain = model.generate(**_batch(tok, "left"), max_new_tokens=12, do_sample=False)
+    batch = _batch(tok, "left", multiple=16)
+    compile_config = CompileConfig(backend="eager", dynamic=False)
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
+    torch.compiler.reset()
+    counters.clear()
+    for _ in range(2):  # the second call reuses the first one's cache and compiled step
+        fast = model.generate(**batch, max_new_tokens=12, do_sample=False, cache_implementation="static",
+                              compile_config=compile_config)
+        assert torch.equal(plain, fast)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    decoder = GreedyDecoder(compile_kwargs={"backend": "eager", "fullgraph": True, "dynamic": False})
+    own = model.decode_greedy(decoder, batch["input_ids"], batch["attention_mask"], max_new_tokens=12,
+                              criterion=StopOnText(tok, (), [12] * 3))
+    assert torch.equal(plain, own) and counters["stats"]["unique_graphs"] == 2
+    torch.compiler.reset()
+    config = model.lm.config
+    assert full_attention_config(config, 2047).sliding_window is None and config.sliding_window == 2047
+    assert full_attention_config(config, 2048) is config  # longer than the window: the window matters
+
+
 def test_generate_preds_fast_decoding_writes_the_same_files(tmp_path, data_paths):
     import generate_preds
 

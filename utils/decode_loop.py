@@ -7,16 +7,18 @@ and hands the tokens to ``StopOnText.observe`` every ``check_every`` steps, whic
 per-step check would. Rows that have stopped keep decoding until the next check; ``StopOnText.trim`` cuts what they
 made after stopping, and no row sees another, so greedy decoding gives ``generate``'s tokens (tested in fp32).
 
-What it does per batch: a static KV cache (reused while the batch shape repeats, so compiled CUDA graphs stay
-valid), one eager prefill over the prompt (and soft prompt), then one forward per new token with the full-length
-attention mask, compiled with ``mode="reduce-overhead"`` when asked. Greedy only: sampling and the model's own
-logits processors (repetition penalty, bad words, ...) are ``generate``'s; ``check_plain_greedy`` refuses them.
+What it does per batch: a static KV cache (``utils.fast_paths.StaticCacheSlot``: reused while the batch shape
+repeats, so compiled CUDA graphs stay valid; full attention when a sliding window covers it), one eager prefill
+over the prompt (and soft prompt), then one forward per new token with the full-length attention mask, compiled
+with ``mode="reduce-overhead"`` when asked. Greedy only: sampling and the model's own logits processors
+(repetition penalty, bad words, ...) are ``generate``'s; ``check_plain_greedy`` refuses them.
 """
 from __future__ import annotations
 
 import torch
 
 from utils.errors import UserError
+from utils.fast_paths import StaticCacheSlot
 from utils.stopping import StopOnText
 
 STEP_COMPILE = {"mode": "reduce-overhead", "dynamic": False}
@@ -57,29 +59,18 @@ class GreedyDecoder:
         self.compile_kwargs = compile_kwargs
         self._step = None
         self._lm = None
-        self._cache = None
-        self._cache_key = None
-        self.shapes: set[tuple[int, int]] = set()
-        """The (batch, cache length) shapes decoded so far: one compilation (one CUDA graph) each."""
+        self._caches = StaticCacheSlot()
+
+    @property
+    def caches(self) -> StaticCacheSlot:
+        """The static cache in use, with the shapes decoded so far (one compilation, one CUDA graph each)."""
+        return self._caches
 
     def _forward(self, lm):
         if self._lm is not lm:
-            self._lm, self._cache, self._cache_key = lm, None, None
+            self._lm, self._caches = lm, StaticCacheSlot()
             self._step = _step if self.compile_kwargs is None else torch.compile(_step, **self.compile_kwargs)
         return self._step
-
-    def _static_cache(self, lm, batch: int, length: int, dtype: torch.dtype, device: torch.device):
-        from transformers import StaticCache
-
-        key = (batch, length, dtype, device)
-        if self._cache_key == key:
-            self._cache.reset()  # zeroed: masked slots must not hold stale NaN/inf, which 0 weights would not cancel
-        else:
-            self._cache = None  # free the old one first
-            self._cache = StaticCache(config=lm.config, max_cache_len=length)
-            self._cache_key = key
-        self.shapes.add((batch, length))
-        return self._cache
 
     @torch.no_grad()
     def decode(self, lm, inputs: dict, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -93,7 +84,7 @@ class GreedyDecoder:
         length = -(-(prompt + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
         first = next(iter(inputs.values()))
         dtype = inputs["inputs_embeds"].dtype if "inputs_embeds" in inputs else lm.dtype
-        cache = self._static_cache(lm, batch, length, dtype, first.device)
+        cache = self._caches.get(lm.config, batch, length, dtype, first.device)
         # slots past the prompt are marked attended from the start: the causal mask hides those not yet written
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, length - prompt)], dim=1)
         out = lm(**inputs, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,

@@ -5,7 +5,8 @@
 * ``compile_encoder_layers``: the same for LOPA's / IDPG's frozen encoder (opt-in, benchmark only so far).
 * ``make_adamw``: AdamW with the fused CUDA kernel when the parameters live on a GPU.
 * ``static_cache_kwargs``: ``generate`` keyword arguments for a static KV cache, which transformers compiles
-  automatically on a GPU (decoding steps only; prefill, where the soft prompt enters, stays eager).
+  automatically on a GPU (decoding steps only; prefill, where the soft prompt enters, stays eager). A sliding-window
+  model (Phi-3) gets a full-attention static cache from ``StaticCacheSlot`` instead (``full_attention_config``).
 * ``utils.decode_loop.GreedyDecoder`` (``--decode_loop own``, opt-in): greedy decoding that reads the new tokens back
   every few steps instead of every step, its step compiled with CUDA graphs on a GPU.
 * ``selective_logits`` (in ``TunedModel``): the vocabulary projection only where a label is supervised.
@@ -74,6 +75,53 @@ def make_adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
     if fused is None:
         fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
+
+
+def full_attention_config(config, length: int):
+    """``config``, or a copy without its sliding window when the window cannot hide anything in ``length`` positions.
+
+    transformers gives a sliding-window layer (Phi-3's 2,047 tokens) a static cache whose position counter is a Python
+    int, which changes every step: a compiled decoding step then compiles again at every step, until torch's limit
+    turns it eager. With every sequence shorter than the window, full attention is the same computation, and its
+    static cache counts positions in a tensor.
+    """
+    import copy
+
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if window is None or window < length or not kinds <= {"full_attention", "sliding_attention"}:
+        return config
+    plain = copy.deepcopy(config)
+    plain.sliding_window = None
+    if kinds:
+        plain.layer_types = ["full_attention"] * len(plain.layer_types)
+    return plain
+
+
+class StaticCacheSlot:
+    """One static KV cache, reused (zeroed) while the batch shape repeats: a new cache means new addresses, which
+    CUDA graphs must record again. Masked slots must not keep stale values (NaN/inf times a zero weight is NaN)."""
+
+    def __init__(self):
+        self._cache = None
+        self._key = None
+        self.shapes: set[tuple[int, int]] = set()
+        """The (batch, cache length) shapes served so far: one compilation (one CUDA graph) each."""
+        self.allocations = 0
+
+    def get(self, config, batch: int, length: int, dtype: torch.dtype, device) -> "transformers.StaticCache":
+        from transformers import StaticCache
+
+        key = (batch, length, dtype, str(device))
+        if key == self._key:
+            self._cache.reset()
+        else:
+            self._cache = None  # the old one is freed before the new one is allocated
+            self._cache = StaticCache(config=full_attention_config(config, length), max_cache_len=length)
+            self._key = key
+            self.allocations += 1
+        self.shapes.add((batch, length))
+        return self._cache
 
 
 def static_cache_kwargs(compile_mode: str | None = "reduce-overhead", fullgraph: bool = False) -> dict:

@@ -56,6 +56,13 @@ DEEPSEEK_1_3B_ARCH = dict(
     rope_theta=100000.0, rope_scaling={"type": "linear", "factor": 4.0}, hidden_act="silu",
     tie_word_embeddings=False, bos_token_id=32013, eos_token_id=32014,
 )
+PHI3_MINI_4K_ARCH = dict(
+    model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=4096,
+    original_max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=2047,
+    tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, bos_token_id=1,
+    eos_token_id=32000, pad_token_id=32000,
+)
 LLAMA3_8B_ARCH = dict(
     model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -69,7 +76,8 @@ FOUNDATION_MODELS: dict[str, FoundationModelSpec] = {
     s.name: s
     for s in [
         FoundationModelSpec("phi-2", "microsoft/phi-2", ("q_proj", "k_proj", "v_proj"), 2560, PHI2_ARCH),
-        FoundationModelSpec("phi-3", "microsoft/Phi-3-mini-4k-instruct", ("qkv_proj",), 3072, adds_bos=True),
+        FoundationModelSpec("phi-3", "microsoft/Phi-3-mini-4k-instruct", ("qkv_proj",), 3072, PHI3_MINI_4K_ARCH,
+                            adds_bos=True),
         FoundationModelSpec("codegen-350M", "Salesforce/codegen-350M-mono", ("qkv_proj",), 1024),
         FoundationModelSpec("codegen2-3_7B", "Salesforce/codegen2-3_7B", ("qkv_proj",), 4096, fused_qkv_shards=8),
         FoundationModelSpec("deepseek-coder-1.3b-base", "deepseek-ai/deepseek-coder-1.3b-base",
