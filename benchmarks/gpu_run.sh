@@ -17,6 +17,7 @@
 #                  CLI_DIR (default: a fresh temporary directory), so OUT_DIR stays a few files.
 #   Default: all seven. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
 #   *_METHODS) to fit.
+# GEN_BATCHES (default 64,16,1) picks generate_phi2's batch sizes: each new shape compiles once, so fewer save time.
 # Sections run under their own time limits (env *_LIMIT) so one slow section cannot eat the others; every
 # figure streams to OUT_DIR/results.jsonl as it is made, so a cut-off section keeps what it measured.
 set -u
@@ -43,7 +44,8 @@ wanted train_phi2 && section train_phi2 ${TRAIN_LIMIT:-220} $PY -m benchmarks.be
   --methods ${TRAIN_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft,idpg} --steps 8 --warmup 3 --padding \
   --data_path "$DATA" --results "$OUT_DIR/results.jsonl"
 wanted generate_phi2 && section generate_phi2 ${GEN_LIMIT:-390} $PY -m benchmarks.bench_generate --model phi-2 \
-  --methods ${GEN_METHODS:-hf-generate,none,none-own,lopa,lopa-own,pt} --batch_sizes 64,16,1 --data_path "$DATA" \
+  --methods ${GEN_METHODS:-hf-generate,none,none-own,lopa,lopa-own,pt} --batch_sizes ${GEN_BATCHES:-64,16,1} \
+  --data_path "$DATA" \
   --results "$OUT_DIR/results.jsonl"
 wanted generate_phi3 && section generate_phi3 ${PHI3_LIMIT:-150} $PY -m benchmarks.bench_generate --model phi-3 \
   --methods ${PHI3_METHODS:-none,none-own} --batch_sizes 64 --no_check --data_path "$DATA" \
