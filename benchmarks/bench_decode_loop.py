@@ -8,7 +8,7 @@ CPU, a tiny model (``tiny-llama``: 3 layers, width 64), greedy decoding with the
 * ``hf-generate``: ``TunedModel.generate`` with transformers' dynamic cache (``--fast_decoding off``);
 * ``hf-static``: the same with the static cache (``--fast_decoding on``; transformers compiles only on a GPU);
 * ``own-k8`` / ``own-k1``: ``utils.decode_loop.GreedyDecoder`` reading the tokens back every 8 steps / every step;
-* ``own-end``: the same reading back only at the end, the loop with no stop check at all.
+* ``own-end``: the same reading back only at the end, where one stop check judges every step at once.
 
 ``ms_per_step`` leaves the prefill out: (time for ``--new_tokens`` tokens - time for 1) / (``--new_tokens`` - 1),
 fastest of ``--repeats`` each. The model's work is the same in every loop, so the differences between lines are

@@ -183,6 +183,35 @@ def test_sampling_and_logits_processors_are_refused(models, data_paths):
         config.repetition_penalty = 1.0
 
 
+def test_every_logits_processor_generate_applies_under_greedy_is_refused(models, data_paths):
+    """A length penalty in the model's generation config changes generate's greedy picks; the own loop, which takes
+    a plain argmax, used to decode on silently with different predictions. Each such setting is refused."""
+    import copy
+
+    from transformers import WatermarkingConfig
+
+    name, model, tok, enc_tok = models[0]
+    task = get_task("mbpp")
+    records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=2)
+    cfg = resolve_gen_config(task, max_new_tokens=8)
+    plain = generate_predictions(model, tok, enc_tok, task, records, batch_size=2, gen_config=cfg, progress=False)
+    config, saved = model.lm.generation_config, model.lm.generation_config.exponential_decay_length_penalty
+    config.exponential_decay_length_penalty = (2, 5.0)
+    try:
+        penalized = generate_predictions(model, tok, enc_tok, task, records, batch_size=2, gen_config=cfg,
+                                         progress=False)
+    finally:
+        config.exponential_decay_length_penalty = saved
+    assert penalized != plain  # generate applies it under greedy decoding
+    for field, value in (("exponential_decay_length_penalty", (2, 5.0)), ("guidance_scale", 1.5),
+                         ("encoder_repetition_penalty", 1.3), ("remove_invalid_values", True),
+                         ("watermarking_config", WatermarkingConfig())):
+        changed = copy.deepcopy(config)
+        setattr(changed, field, value)
+        with pytest.raises(UserError, match=f"sets {field}="):
+            check_plain_greedy(changed)
+
+
 def test_cli_own_loop_writes_the_files_generate_writes(tmp_path, data_paths, monkeypatch, capsys):
     calls, decode = [], GreedyDecoder.decode
     monkeypatch.setattr(GreedyDecoder, "decode", lambda self, *a, **k: calls.append(1) or decode(self, *a, **k))

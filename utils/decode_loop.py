@@ -31,11 +31,15 @@ later shapes eager: prompts of 64..700 tokens in buckets of 64, times the last b
 CACHE_MULTIPLE = 64
 """Static cache lengths are rounded up to this, so batches of nearby lengths share one compiled shape."""
 
+# every logits processor transformers 5.24 applies without sampling (GenerationMixin._get_logits_processor)
 _PROCESSOR_DEFAULTS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
                        "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
                        "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
                        "forced_eos_token_id": (None,), "sequence_bias": (None,), "min_length": (None, 0),
-                       "min_new_tokens": (None, 0), "renormalize_logits": (None, False)}
+                       "min_new_tokens": (None, 0), "renormalize_logits": (None, False),
+                       "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0),
+                       "encoder_repetition_penalty": (None, 1.0), "remove_invalid_values": (None, False),
+                       "watermarking_config": (None,)}
 
 
 def check_plain_greedy(generation_config) -> None:
