@@ -184,7 +184,7 @@ class TunedModel(nn.Module):
         """Where ``generate`` was asked for a static cache and the model's sliding window covers the whole sequence
         (Phi-3), pass it a full-attention one instead (``utils.fast_paths.full_attention_config``): transformers'
         own would make its compiled step compile again at every step. Other models keep transformers' cache."""
-        from utils.fast_paths import StaticCacheSlot, full_attention_config
+        from utils.fast_paths import StaticCacheSlot, cache_argument, full_attention_config
 
         new = generate_kwargs.get("max_new_tokens")
         if generate_kwargs.get("cache_implementation") != "static" or not new:
@@ -197,7 +197,8 @@ class TunedModel(nn.Module):
             self._static_caches = StaticCacheSlot()
         rows = mask.shape[0] * (generate_kwargs.get("num_return_sequences") or 1)
         del generate_kwargs["cache_implementation"]
-        generate_kwargs["cache"] = self._static_caches.get(config, rows, length, self.lm.dtype, mask.device)
+        cache = self._static_caches.get(config, rows, length, self.lm.dtype, mask.device)
+        generate_kwargs[cache_argument(self.lm)] = cache
 
     def _generate(self, input_ids, attention_mask, enc_input_ids, enc_attention_mask, **generate_kwargs):
         inputs = self._generation_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)

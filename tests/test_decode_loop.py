@@ -81,27 +81,40 @@ def models():
 
 @pytest.mark.parametrize("task_name", ["mbpp", "cruxeval_output_prediction"])
 def test_own_loop_predicts_what_generate_predicts(models, data_paths, task_name):
-    """Real prompts, the task's stop strings, EOS and (CRUXEval) per-row budgets: the same raw completions and new
-    token counts as generate, whether stops are judged every step or every 5."""
+    """Real prompts with the task's stop strings, an EOS that rows emit mid-way and (CRUXEval) budgets that differ
+    per row: the same raw completions and new-token counts as generate, with stops judged every step or every 5."""
     task = get_task(task_name)
     records = load_task_split(task_name, "test", data_paths["mbpp" if task_name == "mbpp" else "cruxeval"], limit=6)
-    cfg = resolve_gen_config(task, max_new_tokens=20)
     for name, model, tok, enc_tok in models:
-        counts = {}
+        dataset = TaskDataset(task, records, tok, enc_tok, num_virtual_tokens=model.num_virtual_tokens, train=False)
+        cfg = resolve_gen_config(task, max_new_tokens=20)
+        if not task.is_mbpp:  # a total cap that leaves the rows different budgets, 20 new tokens at most
+            cfg.max_total_tokens = min(dataset.lengths()) + 12
+            assert len({cfg.budget(n) for n in dataset.lengths()}) > 2
 
-        def run(decoder, **kw):
-            tokens = []
+        def run(decoder):
+            counts = []
             got = generate_predictions(model, tok, enc_tok, task, records, batch_size=3, gen_config=cfg,
-                                       progress=False, decoder=decoder,
-                                       on_batch=lambda fresh, n: tokens.append(n), **kw)
-            counts[len(counts)] = sum(tokens)
-            return got
+                                       progress=False, decoder=decoder, on_batch=lambda fresh, n: counts.append(n))
+            return got, sum(counts)
 
-        want = run(None)
-        assert run(GreedyDecoder(check_every=1)) == want, name
-        assert run(GreedyDecoder(check_every=5)) == want, name
-        assert len(set(counts.values())) == 1, (name, counts)
-        assert counts[0] > 0
+        without_eos = run(None)
+        # make the 3rd new token of the shortest prompt (the largest budget) an EOS: rows that emit it stop there
+        shortest = min(range(len(records)), key=lambda i: dataset.lengths()[i])
+        first = Collator(tok.pad_token_id, getattr(enc_tok, "pad_token_id", None), padding_side="left")(
+            [dataset[shortest]])
+        inputs = {k: first[k] for k in ("input_ids", "attention_mask", "enc_input_ids", "enc_attention_mask")
+                  if k in first}
+        eos = int(model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, 2])
+        config, saved = model.lm.generation_config, model.lm.generation_config.eos_token_id
+        config.eos_token_id = eos
+        try:
+            want = run(None)
+            assert want[1] < without_eos[1], name  # the EOS ended rows early
+            assert run(GreedyDecoder(check_every=1)) == want, name
+            assert run(GreedyDecoder(check_every=5)) == want, name
+        finally:
+            config.eos_token_id = saved
 
 
 def test_the_loop_ends_within_k_steps_of_the_last_stop_and_reuses_its_cache(models, data_paths):
@@ -142,7 +155,7 @@ def test_compiled_step_traces_as_one_graph_and_gives_the_same_tokens(models, dat
             got = generate_predictions(model, tok, enc_tok, task, records, batch_size=2, gen_config=cfg,
                                        progress=False, decoder=decoder, pad_to_multiple_of=64)
             assert got == want, name
-            # one graph per batch shape (3 batches here), none per step
+            # one graph per batch shape (2 batches of 2 prompts here, of different lengths), none per step
             graphs = counters["stats"]["unique_graphs"]
             assert graphs == len(decoder.caches.shapes) > 1, (name, dict(counters["stats"]))
     torch.compiler.reset()

@@ -116,6 +116,24 @@ def test_a_sliding_window_model_compiles_its_decoding_step_once(method, monkeypa
     assert full_attention_config(config, 2048) is config  # longer than the window: the window matters
 
 
+def test_the_cache_keyword_follows_the_installed_transformers():
+    """transformers 5.24 (pinned) takes ``cache``; 5.17 (the GPU machine's image) ``past_key_values`` and would swallow
+    ``cache=`` into its ``**kwargs``, decoding without the cache (seen: other tokens). Checked under both on the CPU."""
+    import inspect
+
+    from utils.fast_paths import cache_argument
+
+    model, _ = build_model("none", "tiny-llama", seed=0)
+    name = cache_argument(model.lm)
+    assert name in inspect.signature(model.lm.forward).parameters
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return input_ids
+
+    assert cache_argument(Older()) == "past_key_values"
+
+
 def test_generate_preds_fast_decoding_writes_the_same_files(tmp_path, data_paths):
     import generate_preds
 

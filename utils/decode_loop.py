@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from utils.errors import UserError
-from utils.fast_paths import StaticCacheSlot
+from utils.fast_paths import StaticCacheSlot, cache_argument
 from utils.stopping import StopOnText
 
 STEP_COMPILE = {"mode": "reduce-overhead", "dynamic": False}
@@ -91,8 +91,9 @@ class GreedyDecoder:
         cache = self._caches.get(lm.config, batch, length, dtype, first.device)
         # slots past the prompt are marked attended from the start: the causal mask hides those not yet written
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, length - prompt)], dim=1)
-        out = lm(**inputs, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
-                 logits_to_keep=1)
+        name = cache_argument(lm)
+        out = lm(**inputs, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                 **{name: cache})
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=first.device)
         tokens[:, 0] = out.logits[:, -1].argmax(-1)
         del out
@@ -108,7 +109,7 @@ class GreedyDecoder:
                     checked = made
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is dead: reuse its memory
                 tokens[:, made] = step(lm, tokens[:, made - 1:made].clone(memory_format=torch.contiguous_format),
-                                       mask, last_position + made, cache)
+                                       mask, last_position + made, cache, name)
                 made += 1
         self._check(tokens, criterion, checked, made)
         return tokens[:, :made]
@@ -119,9 +120,10 @@ class GreedyDecoder:
         return criterion.observe(tokens[:, offset:made].tolist(), offset, checked)  # the one host sync
 
 
-def _step(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+def _step(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache,
+          cache_name: str) -> torch.Tensor:
     """One decoding step: each row's greedy next token. A function of its own, so that its compilations are counted
     apart from those of ``generate``'s compiled forward (torch caps them per function)."""
-    logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                use_cache=True).logits
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                **{cache_name: cache}).logits
     return logits[:, -1].argmax(-1)

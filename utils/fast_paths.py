@@ -77,6 +77,15 @@ def make_adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
 
 
+def cache_argument(lm) -> str:
+    """The keyword a causal LM's ``forward`` and ``generate`` take a KV cache by: ``cache`` in transformers 5.24 (the
+    version requirements.txt pins), ``past_key_values`` in 5.17 (the GPU machine's image), which would swallow an
+    unknown ``cache=`` into its ``**kwargs`` and decode without the cache."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
 def full_attention_config(config, length: int):
     """``config``, or a copy without its sliding window when the window cannot hide anything in ``length`` positions.
 
