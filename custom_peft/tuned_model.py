@@ -160,16 +160,18 @@ class TunedModel(nn.Module):
     @torch.no_grad()
     def decode_greedy(self, decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       enc_input_ids: torch.Tensor | None = None, enc_attention_mask: torch.Tensor | None = None, *,
-                      max_new_tokens: int, criterion, pad_token_id: int = 0) -> torch.Tensor:
+                      max_new_tokens: int, criterion, pad_token_id: int = 0, logits_out: list | None = None
+                      ) -> torch.Tensor:
         """New tokens only, like ``generate`` with greedy decoding, from ``decoder`` (a ``utils.decode_loop``
-        ``GreedyDecoder``); ``criterion`` (``StopOnText``) decides where rows end and ``criterion.trim`` cuts them."""
+        ``GreedyDecoder``); ``criterion`` (``StopOnText``) decides where rows end and ``criterion.trim`` cuts them.
+        ``logits_out`` collects each step's logits (``GreedyDecoder.decode``)."""
         was_training = self.training
         self.eval()
         try:
             inputs = self._generation_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
             mask = inputs.pop("attention_mask")
             return decoder.decode(self.lm, inputs, mask, positions_from_mask(mask), max_new_tokens, criterion,
-                                  pad_token_id)
+                                  pad_token_id, logits_out)
         finally:
             self.train(was_training)
 

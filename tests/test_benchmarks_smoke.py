@@ -59,9 +59,8 @@ def test_bench_generate_smoke(tmp_path, data_paths):
     checks = [line for line in lines if line["bench"] == "generate-check"]
     assert {line["method"] for line in checks} == {"none", "lopa", "none-own", "lopa-own"}
     assert all(line["identical_rows"] == 4 for line in checks)  # fp32 CPU: fast path and own loop == eager path
-    own = [line for line in checks if line["method"].endswith("-own")]
-    assert all(line["identical_rows_vs_fast"] == 4 and line["first_divergence"] == [None] * 4 for line in own)
-    for line in (c for c in checks if c not in own):  # identical rows: no divergence, fp32 noise on the prompt's step
+    assert all(line["identical_rows_vs_fast"] == 4 for line in checks if line["method"].endswith("-own"))
+    for line in checks:  # identical rows: no divergence, and fp32 rounding noise only (the own loop's logits too)
         assert line["first_divergence"] == [None] * 4 and line["divergences_not_near_ties"] == 0
         assert line["first_step_top1_agrees"] == [True] * 4 and max(line["first_step_max_logit_diff"]) < 1e-4
         assert 0 <= line["max_logit_diff_before_divergence"] < 1e-4

@@ -78,10 +78,13 @@ class GreedyDecoder:
 
     @torch.no_grad()
     def decode(self, lm, inputs: dict, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-               max_new_tokens: int, criterion: StopOnText, pad_token_id: int = 0) -> torch.Tensor:
+               max_new_tokens: int, criterion: StopOnText, pad_token_id: int = 0,
+               logits_out: list | None = None) -> torch.Tensor:
         """New tokens ``(B, T)`` with ``T <= max_new_tokens``, for ``inputs`` (``input_ids`` or ``inputs_embeds``)
         with their 2-D ``attention_mask`` and ``position_ids``. ``criterion`` decides, as in ``generate``, where
-        each row ends (``criterion.trim`` cuts the result); the loop ends once it says every row has stopped."""
+        each row ends (``criterion.trim`` cuts the result); the loop ends once it says every row has stopped.
+        ``logits_out``: a list that gets each step's fp32 logits ``(B, V)``, as ``generate``'s ``output_logits``
+        (for checks; a copy per step)."""
         check_plain_greedy(lm.generation_config)
         step = self._forward(lm)
         batch, prompt = attention_mask.shape
@@ -96,6 +99,8 @@ class GreedyDecoder:
                  **{name: cache})
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=first.device)
         tokens[:, 0] = out.logits[:, -1].argmax(-1)
+        if logits_out is not None:
+            logits_out.append(out.logits[:, -1].float())
         del out
         last_position = position_ids[:, -1:]
         checked = 0  # steps judged so far
@@ -108,8 +113,12 @@ class GreedyDecoder:
                         return tokens[:, :made]
                     checked = made
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is dead: reuse its memory
-                tokens[:, made] = step(lm, tokens[:, made - 1:made].clone(memory_format=torch.contiguous_format),
-                                       mask, last_position + made, cache, name)
+                picked, logits = step(lm, tokens[:, made - 1:made].clone(memory_format=torch.contiguous_format),
+                                      mask, last_position + made, cache, name)
+                tokens[:, made] = picked
+                if logits_out is not None:  # copied now: the next CUDA-graph replay overwrites the output
+                    logits_out.append(logits.float().clone())
+                del picked, logits
                 made += 1
         self._check(tokens, criterion, checked, made)
         return tokens[:, :made]
@@ -121,9 +130,10 @@ class GreedyDecoder:
 
 
 def _step(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache,
-          cache_name: str) -> torch.Tensor:
-    """One decoding step: each row's greedy next token. A function of its own, so that its compilations are counted
-    apart from those of ``generate``'s compiled forward (torch caps them per function)."""
+          cache_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step: each row's greedy next token, and the logits it was picked from. A function of its own, so
+    that its compilations are counted apart from those of ``generate``'s compiled forward (torch caps them per
+    function)."""
     logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                **{cache_name: cache}).logits
-    return logits[:, -1].argmax(-1)
+                **{cache_name: cache}).logits[:, -1]
+    return logits.argmax(-1), logits
