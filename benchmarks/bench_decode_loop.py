@@ -23,10 +23,10 @@ import argparse
 
 import torch
 
+from benchmarks.bench_generate import mbpp_test_records
 from benchmarks.common import ResultWriter, Timer
 from custom_peft.build import build_model
 from utils.batching import Collator, encode_example
-from utils.data import default_data_path, load_task_split
 from utils.decode_loop import GreedyDecoder
 from utils.stopping import StopOnText, window_tokens
 from utils.tasks import MBPP_STOP_SEQUENCES, get_task
@@ -37,17 +37,9 @@ NEVER = ("\x00" * (window_tokens(MBPP_STOP_SEQUENCES) - 2),)
 
 def _batch(tok, batch_size: int, data_path: str | None) -> dict:
     task = get_task("mbpp")
-    path = data_path or default_data_path("mbpp")
-    if path is None:
-        import tempfile
-
-        from utils.fixtures import write_fixture_data
-
-        path = write_fixture_data(tempfile.mkdtemp())["mbpp"]
-    records = load_task_split("mbpp", "test", path)
-    records = (records * (batch_size // len(records) + 1))[:batch_size]
     batch = Collator(tok.pad_token_id, padding_side="left")(
-        [encode_example(task, r, tok, tok, num_virtual_tokens=0, train=False) for r in records])
+        [encode_example(task, r, tok, tok, num_virtual_tokens=0, train=False)
+         for r in mbpp_test_records(data_path, batch_size)])
     return {k: batch[k] for k in ("input_ids", "attention_mask")}
 
 

@@ -36,17 +36,23 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prompt_batches(args, batch_size: int, vocab: int) -> dict:
-    task = get_task("mbpp")
-    tok = bench_tokenizer(args.smoke)
-    path = args.data_path or default_data_path("mbpp")
+def mbpp_test_records(data_path: str | None, count: int) -> list[dict]:
+    """The first ``count`` MBPP test records (repeated when there are fewer), from ``data_path``, the default data,
+    or the built-in fixture."""
+    path = data_path or default_data_path("mbpp")
     if path is None:
         from utils.fixtures import write_fixture_data
         import tempfile
 
         path = write_fixture_data(tempfile.mkdtemp())["mbpp"]
     records = load_task_split("mbpp", "test", path)
-    records = (records * (batch_size // len(records) + 1))[:batch_size]
+    return (records * (count // len(records) + 1))[:count]
+
+
+def prompt_batches(args, batch_size: int, vocab: int) -> dict:
+    task = get_task("mbpp")
+    tok = bench_tokenizer(args.smoke)
+    records = mbpp_test_records(args.data_path, batch_size)
     examples = [encode_example(task, r, tok, tok, num_virtual_tokens=args.m, train=False) for r in records]
     batch = Collator(tok.pad_token_id, tok.pad_token_id, padding_side="left", pad_to_multiple_of=args.pad_multiple)(
         examples)

@@ -186,14 +186,14 @@ class TunedModel(nn.Module):
         """Where ``generate`` was asked for a static cache and the model's sliding window covers the whole sequence
         (Phi-3), pass it a full-attention one instead (``utils.fast_paths.full_attention_config``): transformers'
         own would make its compiled step compile again at every step. Other models keep transformers' cache."""
-        from utils.fast_paths import StaticCacheSlot, cache_argument, full_attention_config
+        from utils.fast_paths import StaticCacheSlot, cache_argument, sliding_window_covers, static_cache_length
 
         new = generate_kwargs.get("max_new_tokens")
         if generate_kwargs.get("cache_implementation") != "static" or not new:
             return
-        length = -(-(mask.shape[1] + new) // 64) * 64
+        length = static_cache_length(mask.shape[1] + new)
         config = self.lm.config
-        if getattr(config, "sliding_window", None) is None or full_attention_config(config, length) is config:
+        if not sliding_window_covers(config, length):
             return
         if self._static_caches is None:  # kept between calls, as transformers keeps its own
             self._static_caches = StaticCacheSlot()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from utils.errors import UserError
-from utils.fast_paths import StaticCacheSlot, cache_argument
+from utils.fast_paths import StaticCacheSlot, cache_argument, static_cache_length
 from utils.stopping import StopOnText
 
 STEP_COMPILE = {"mode": "reduce-overhead", "dynamic": False}
@@ -27,9 +27,6 @@ STEP_COMPILE = {"mode": "reduce-overhead", "dynamic": False}
 RECOMPILE_LIMIT = 64
 """Compilations of the step allowed (one per batch shape). torch's default, 8, would silently turn a long run's
 later shapes eager: prompts of 64..700 tokens in buckets of 64, times the last batch's smaller size, exceed it."""
-
-CACHE_MULTIPLE = 64
-"""Static cache lengths are rounded up to this, so batches of nearby lengths share one compiled shape."""
 
 # every logits processor transformers 5.24 applies without sampling (GenerationMixin._get_logits_processor)
 _PROCESSOR_DEFAULTS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
@@ -88,7 +85,7 @@ class GreedyDecoder:
         check_plain_greedy(lm.generation_config)
         step = self._forward(lm)
         batch, prompt = attention_mask.shape
-        length = -(-(prompt + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+        length = static_cache_length(prompt + max_new_tokens)
         first = next(iter(inputs.values()))
         dtype = inputs["inputs_embeds"].dtype if "inputs_embeds" in inputs else lm.dtype
         cache = self._caches.get(lm.config, batch, length, dtype, first.device)

@@ -14,8 +14,13 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import StaticCache
 
 
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
@@ -86,6 +91,23 @@ def cache_argument(lm) -> str:
     return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
+STATIC_CACHE_MULTIPLE = 64
+"""Static cache lengths are rounded up to this, so batches of nearby lengths share one compiled shape."""
+
+
+def static_cache_length(positions: int) -> int:
+    """The static cache length for ``positions`` (prompt, soft prompt and new tokens), rounded up."""
+    return -(-positions // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
+
+
+def sliding_window_covers(config, length: int) -> bool:
+    """Whether ``config`` has a sliding window that cannot hide anything in ``length`` positions (and no layer kinds
+    besides full and sliding attention), so that full attention computes the same."""
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or ())
+    return window is not None and window >= length and kinds <= {"full_attention", "sliding_attention"}
+
+
 def full_attention_config(config, length: int):
     """``config``, or a copy without its sliding window when the window cannot hide anything in ``length`` positions.
 
@@ -96,13 +118,11 @@ def full_attention_config(config, length: int):
     """
     import copy
 
-    window = getattr(config, "sliding_window", None)
-    kinds = set(getattr(config, "layer_types", None) or ())
-    if window is None or window < length or not kinds <= {"full_attention", "sliding_attention"}:
+    if not sliding_window_covers(config, length):
         return config
     plain = copy.deepcopy(config)
     plain.sliding_window = None
-    if kinds:
+    if getattr(plain, "layer_types", None):
         plain.layer_types = ["full_attention"] * len(plain.layer_types)
     return plain
 
@@ -118,7 +138,7 @@ class StaticCacheSlot:
         """The (batch, cache length) shapes served so far: one compilation (one CUDA graph) each."""
         self.allocations = 0
 
-    def get(self, config, batch: int, length: int, dtype: torch.dtype, device) -> "transformers.StaticCache":
+    def get(self, config, batch: int, length: int, dtype: torch.dtype, device) -> StaticCache:
         from transformers import StaticCache
 
         key = (batch, length, dtype, str(device))
