@@ -3,7 +3,8 @@
 Methods: ``none``, ``pt``, ``lopa`` with the project's fast path (static KV cache, compiled decoding, prompts
 padded to a multiple of 64 so shapes repeat), ``<method>-eager`` without it, ``<method>-own`` with the project's
 own greedy loop (``utils/decode_loop.py``: static cache, compiled step, the tokens read back every 8 steps instead
-of every step), and ``hf-generate``: plain ``model.generate`` with the default dynamic cache, the baseline a user
+of every step, attention over the cache positions in use rounded up to 64), ``<method>-own-full`` the same loop
+attending over the whole static cache (the A/B for those buckets), and ``hf-generate``: plain ``model.generate`` with the default dynamic cache, the baseline a user
 would otherwise pick. Real architectures
 with random weights; EOS is disabled so every row makes exactly ``--new_tokens`` tokens. Prompt lengths come
 from the real MBPP test prompts under a 32k code BPE (benchmarks/bench_tokenizer.py).
@@ -25,7 +26,7 @@ from benchmarks.common import ResultWriter, Timer
 from custom_peft.build import MethodConfig, _wrap
 from utils.batching import Collator, encode_example
 from utils.data import default_data_path, load_task_split
-from utils.decode_loop import STEP_COMPILE, GreedyDecoder
+from utils.decode_loop import KV_BUCKET, STEP_COMPILE, GreedyDecoder
 from utils.fast_paths import static_cache_kwargs
 from utils.models import load_foundation_model
 from utils.stopping import StopOnText
@@ -71,9 +72,17 @@ def build_lm(args):
     return lm
 
 
+OWN_SUFFIXES = ("-own", "-own-full")
+"""Methods decoded by the project's loop: bucketed KV view (the default), whole cache."""
+
+
+def own_loop(method: str) -> bool:
+    return method.endswith(OWN_SUFFIXES)
+
+
 def wrap(lm, method: str, args):
     """One base model serves every method, so compiled decoding (and its shapes) is shared between them."""
-    base = method.removesuffix("-eager").removesuffix("-own")
+    base = method.removesuffix("-eager").removesuffix("-own-full").removesuffix("-own")
     base = "none" if base == "hf-generate" else base
     cfg = MethodConfig(base, num_virtual_tokens=args.m, enc_model_type=args.encoder)
     with _device():
@@ -82,7 +91,7 @@ def wrap(lm, method: str, args):
 
 
 def run(model, method: str, batch: dict, new_tokens: int, fast: bool, decoder=None, logits_out=None, **extra):
-    if method.endswith("-own"):  # no stop strings, no EOS: every row runs to new_tokens
+    if own_loop(method):  # no stop strings, no EOS: every row runs to new_tokens
         criterion = StopOnText(None, (), [new_tokens] * batch["input_ids"].shape[0])
         return model.decode_greedy(decoder, **batch, max_new_tokens=new_tokens, criterion=criterion,
                                    logits_out=logits_out)
@@ -122,9 +131,11 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
     failures = []
     vocab = lm.config.vocab_size
     skips = _CudagraphSkips()
-    decoder = own_decoder(args)  # one for all -own methods: they share the base model, hence its compiled step
+    shared = own_decoder(args)  # one for all -own methods: they share the base model, hence its compiled step
     for method in args.methods.split(","):
         fast = not method.endswith("-eager") and method != "hf-generate"
+        # the full view's own decoder (its static cache, its graphs) lives for its method only
+        decoder = own_decoder(args, kv_bucket=None) if method.endswith("-own-full") else shared
         try:
             model = wrap(lm, method, args)
         except Exception as exc:
@@ -142,8 +153,9 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
                     out = run(model, method, batch, args.new_tokens, fast, decoder)
                 made = out.shape[0] * out.shape[1]
                 writer.write("generate", model=args.model, method=method, batch_size=bs, dtype=args.dtype,
-                             fast_path=fast, decode_loop="own" if method.endswith("-own") else "hf",
-                             check_every=decoder.check_every if method.endswith("-own") else None,
+                             fast_path=fast, decode_loop="own" if own_loop(method) else "hf",
+                             check_every=decoder.check_every if own_loop(method) else None,
+                             kv_bucket=decoder.kv_bucket if own_loop(method) else None,
                              new_tokens=args.new_tokens, prompt_len=int(batch["input_ids"].shape[1]),
                              new_tokens_per_s=made / t.seconds, seconds=t.seconds,
                              cudagraph_skips=skips.count() - skipped_before,
@@ -152,14 +164,14 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
                 traceback.print_exc()
                 failures.append(f"{method} bs={bs}: {type(exc).__name__}: {exc}")
                 writer.write("generate", model=args.model, method=method, batch_size=bs, error=failures[-1])
-        del model
+        del model, decoder
         gc.collect()
     return failures
 
 
-def own_decoder(args) -> GreedyDecoder:
+def own_decoder(args, kv_bucket: int | None = KV_BUCKET) -> GreedyDecoder:
     """The project's greedy loop, its step compiled with CUDA graphs on a GPU (eager on the CPU, as generate)."""
-    return GreedyDecoder(check_every=args.check_every,
+    return GreedyDecoder(check_every=args.check_every, kv_bucket=kv_bucket,
                          compile_kwargs=STEP_COMPILE if _device().type == "cuda" else None)
 
 
@@ -232,7 +244,7 @@ def agreement(args, writer: ResultWriter, lm) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="phi-2")
-    p.add_argument("--methods", default="hf-generate,none,none-own,lopa,lopa-own,pt,pt-own")
+    p.add_argument("--methods", default="hf-generate,none,none-own,lopa,lopa-own,pt,pt-own,none-own-full")
     p.add_argument("--encoder", default="codebert-base")
     p.add_argument("--enc_vocab", type=int, default=50265)
     p.add_argument("--batch_sizes", default="1,16,64")

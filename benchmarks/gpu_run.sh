@@ -3,9 +3,11 @@
 #   bash benchmarks/gpu_run.sh OUT_DIR [MBPP_JSONL] [SECTIONS]
 # SECTIONS, a comma list (times as measured on an H100, session 8):
 #   train_phi2     every method at 8 x 512, then the four padding modes (156 s)
-#   generate_phi2  hf-generate, none, none-own, lopa, lopa-own, pt at batch 64/16/1, then the fast-vs-eager check
-#                  (211 s for the four without -own in session 8; each new shape compiles once; the -own methods,
-#                  the project's decoding loop of session 9, are not yet timed: ~1.5 min more estimated)
+#   generate_phi2  hf-generate, none, none-own, lopa, lopa-own, pt, none-own-full at batch 64/16/1, then the
+#                  fast-vs-eager check (211 s for the four without -own in session 8; each new shape compiles once;
+#                  the -own methods, the project's decoding loop of session 9, are not yet timed: ~1.5 min more
+#                  estimated, plus one compilation per KV bucket of 64 positions, 4-5 per shape at 256 new tokens,
+#                  not yet timed; none-own-full attends over the whole static cache: the A/B for those buckets)
 #   generate_phi3  Phi-3-mini's architecture (2,047-token sliding window), none and none-own at batch 64: does
 #                  fast decoding compile once per shape there (session 9 fix; not yet run, ~1.5 min estimated)?
 #   train_deepseek (42 s)    train_llama3 (52 s without its FFT, which needs an H200)
@@ -44,7 +46,7 @@ wanted train_phi2 && section train_phi2 ${TRAIN_LIMIT:-220} $PY -m benchmarks.be
   --methods ${TRAIN_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft,idpg} --steps 8 --warmup 3 --padding \
   --data_path "$DATA" --results "$OUT_DIR/results.jsonl"
 wanted generate_phi2 && section generate_phi2 ${GEN_LIMIT:-390} $PY -m benchmarks.bench_generate --model phi-2 \
-  --methods ${GEN_METHODS:-hf-generate,none,none-own,lopa,lopa-own,pt} --batch_sizes ${GEN_BATCHES:-64,16,1} \
+  --methods ${GEN_METHODS:-hf-generate,none,none-own,lopa,lopa-own,pt,none-own-full} --batch_sizes ${GEN_BATCHES:-64,16,1} \
   --data_path "$DATA" \
   --results "$OUT_DIR/results.jsonl"
 wanted generate_phi3 && section generate_phi3 ${PHI3_LIMIT:-150} $PY -m benchmarks.bench_generate --model phi-3 \

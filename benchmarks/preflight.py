@@ -20,7 +20,7 @@ from utils.registry import get_encoder_spec, get_model_spec
 
 MODELS = ("phi-2", "deepseek-coder-1.3b-base", "Meta-Llama-3-8B")
 TRAIN_METHODS = "peft-pt,pt,lopa,peft-lora,lora,idpg,fft"
-GEN_METHODS = "hf-generate,none,none-own,lopa,lopa-own,pt"  # as gpu_run.sh
+GEN_METHODS = "hf-generate,none,none-own,lopa,lopa-own,pt,none-own-full"  # as gpu_run.sh
 
 
 @contextlib.contextmanager

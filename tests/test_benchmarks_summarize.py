@@ -61,7 +61,8 @@ def test_the_own_decoding_loop_is_judged_beside_generate():
         return {"bench": "generate", "model": model, "method": method, "batch_size": 64, "new_tokens_per_s": tps,
                 "seconds": 256 * 64 / tps, "new_tokens": 256}
 
-    lines = [gen("hf-generate", 1000.0), gen("none", 5800.0), gen("none-own", 9000.0), gen("none", 3000.0, "phi-3"),
+    lines = [gen("hf-generate", 1000.0), gen("none", 5800.0), gen("none-own", 9000.0), gen("none-own-full", 7500.0),
+             gen("none", 3000.0, "phi-3"),
              {"bench": "generate-check", "model": "phi-2", "method": "none-own", "batch_size": 4, "identical_rows": 3,
               "token_agreement": 0.9, "identical_rows_vs_fast": 2}]
     got = _verdicts(lines)
@@ -72,6 +73,9 @@ def test_the_own_decoding_loop_is_judged_beside_generate():
     assert ("* phi-2 none-own: 3 of 4 rows identical, 90.0 % of tokens; 2 rows identical to the fast path's"
             in summarize.markdown(lines))
     assert "| phi-3 | none | 64 | 3,000 |" in summarize.markdown(lines)
+    # the own loop over the whole static cache is the A/B for its KV buckets: shown in the table, never judged
+    assert "| phi-2 | none-own-full | 64 | 7,500 | 8.53 | 7.50× |" in summarize.markdown(lines)
+    assert not [target for target in got if "own-full" in target]
 
 
 def test_errors_are_listed_and_an_unknown_run_is_refused(tmp_path, capsys):

@@ -9,7 +9,7 @@ from custom_peft import build_model
 from tests.test_generation import _perturb, _refused_leaving_the_log_dir_as_it_was
 from utils.batching import Collator, TaskDataset
 from utils.data import load_task_split
-from utils.decode_loop import GreedyDecoder, check_plain_greedy
+from utils.decode_loop import BucketedStaticLayer, GreedyDecoder, check_plain_greedy
 from utils.errors import UserError
 from utils.generation import GenConfig, generate_batch, generate_predictions, resolve_gen_config
 from utils.models import load_tokenizer
@@ -155,9 +155,119 @@ def test_compiled_step_traces_as_one_graph_and_gives_the_same_tokens(models, dat
             got = generate_predictions(model, tok, enc_tok, task, records, batch_size=2, gen_config=cfg,
                                        progress=False, decoder=decoder, pad_to_multiple_of=64)
             assert got == want, name
-            # one graph per batch shape (2 batches of 2 prompts here, of different lengths), none per step
+            # one graph per batch shape and KV bucket (2 batches of 2 prompts here, of different lengths), none per
+            # step
             graphs = counters["stats"]["unique_graphs"]
-            assert graphs == len(decoder.caches.shapes) > 1, (name, dict(counters["stats"]))
+            assert graphs == len(decoder.step_shapes) >= len(decoder.caches.shapes) > 1, (name, dict(counters["stats"]))
+    torch.compiler.reset()
+
+
+def _long_batch(method: str, seed: int = 3) -> dict:
+    """Three left-padded rows of 40 random ids (one unpadded), and the encoder's input for LOPA."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 2000, (3, 40), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :7], mask[1, :30] = 0, 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if method == "lopa":
+        batch.update(enc_input_ids=torch.randint(5, 500, (3, 12), generator=gen),
+                     enc_attention_mask=torch.ones(3, 12, dtype=torch.long))
+    return batch
+
+
+def _decode(model, decoder, batch, new_tokens, logits_out=None):
+    return model.decode_greedy(decoder, **batch, max_new_tokens=new_tokens,
+                               criterion=StopOnText(None, (), [new_tokens] * batch["input_ids"].shape[0]),
+                               logits_out=logits_out)
+
+
+@pytest.mark.parametrize("method, model_type", [("none", "tiny-llama"), ("pt", "tiny-phi-2"), ("lopa", "tiny-phi-2"),
+                                                ("none", "tiny-codegen"), ("pt", "tiny-codegen"),
+                                                ("none", "tiny-phi-3")])
+def test_attending_over_the_used_cache_buckets_gives_the_full_views_tokens_and_logits(method, model_type):
+    """44 positions of prompt (and soft prompt) plus 100 new tokens cross the 64- and 128-position bucket boundaries:
+    the bucketed view gives generate's tokens and the full view's, with its logits to 1e-5 (fp32)."""
+    model, _ = build_model(method, model_type, num_virtual_tokens=4, enc_model_type="tiny-roberta", seed=5)
+    _perturb(model, 11, 0.3)
+    model.eval()
+    model.lm.generation_config.eos_token_id = None  # every row makes all 100 tokens
+    batch = _long_batch(method)
+    want = model.generate(**batch, max_new_tokens=100, do_sample=False)
+    runs = {}
+    for bucket in (64, None):
+        decoder, logits = GreedyDecoder(check_every=7, kv_bucket=bucket), []
+        runs[bucket] = _decode(model, decoder, batch, 100, logits), torch.stack(logits, dim=1), decoder
+    (tokens, logits, decoder), (full_tokens, full_logits, full) = runs[64], runs[None]
+    assert torch.equal(tokens, want) and torch.equal(tokens, full_tokens)
+    assert torch.allclose(logits, full_logits, rtol=0, atol=1e-5), (logits - full_logits).abs().max()
+    assert {s[2] for s in decoder.step_shapes} == {64, 128, 192}  # two boundaries crossed
+    assert {s[2] for s in full.step_shapes} == {192} and decoder.full_view_reason is None  # 144 positions, rounded
+
+
+def test_attention_reads_only_the_bucket_in_use(models, monkeypatch):
+    """The keys attention sees and the 4-D mask's width are the bucket in use (prefill included), not the cache's
+    length: at 40 prompt positions and 60 new tokens, 64 then 128 of 128; with kv_bucket=16, 48 to 112."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        seen.append((key.shape[-2], None if attn_mask is None else attn_mask.shape[-1]))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    for name, model, _, _ in models[:2]:  # llama and phi-2: sdpa attention in transformers 5.24 and 5.17
+        assert model.lm.config._attn_implementation == "sdpa", name
+        batch = _long_batch("none")
+        shift = model.num_virtual_tokens
+        for bucket, widths in ((64, {64, 128}), (16, set(range(48, 113 + shift, 16))), (None, {128})):
+            seen.clear()
+            _decode(model, GreedyDecoder(kv_bucket=bucket), batch, 60)
+            assert {k for k, _ in seen} == widths and {m for _, m in seen} == widths, (name, bucket, set(seen))
+
+
+def test_a_sliding_window_cache_keeps_the_full_view_and_says_why(monkeypatch):
+    """Phi-3 with a window shorter than the sequence keeps transformers' sliding-window cache layers, which cannot
+    be cut to a bucket: the loop attends over the whole cache, as without buckets, and says why."""
+    from utils.registry import get_model_spec
+
+    monkeypatch.setitem(get_model_spec("tiny-phi-3").arch, "sliding_window", 32)
+    model, _ = build_model("none", "tiny-phi-3", seed=5)
+    model.eval()
+    model.lm.generation_config.eos_token_id = None
+    batch = _long_batch("none")
+    decoder = GreedyDecoder(kv_bucket=64)
+    got = _decode(model, decoder, batch, 30)
+    assert decoder.full_view_reason.startswith("StaticSlidingWindowLayer cache layers (a sliding window shorter")
+    assert not any(isinstance(layer, BucketedStaticLayer) for layer in decoder.caches.get(
+        model.lm.config, 3, 128, model.lm.dtype, "cpu").layers)
+    assert decoder.step_shapes == {(3, 128, 128)}
+    assert torch.equal(got, _decode(model, GreedyDecoder(kv_bucket=None), batch, 30))
+    assert GreedyDecoder(kv_bucket=0).kv_bucket is None
+    with pytest.raises(ValueError, match="kv_bucket must be >= 1"):
+        GreedyDecoder(kv_bucket=-64)
+
+
+def test_each_kv_bucket_compiles_once_and_no_step_compiles_again(models):
+    """One graph per (batch shape, bucket), none per step, none again when the same shapes come back: 40 new tokens
+    after prompts of 40 and 16 positions cross 3 buckets of 16 each, so 2 x 2 runs of 40 steps make 6 graphs."""
+    from torch._dynamo.utils import counters
+
+    for name, model, _, _ in models[:1]:  # llama (the test above compiles phi-2 and codegen with their views)
+        torch.compiler.reset()
+        counters.clear()
+        decoder = GreedyDecoder(kv_bucket=16, compile_kwargs={"backend": "eager", "fullgraph": True,
+                                                             "dynamic": False})
+        three, two = _long_batch("none"), {k: v[1:, 24:] for k, v in _long_batch("none").items()}
+        plain = {rows: _decode(model, GreedyDecoder(kv_bucket=None), batch, 40) for rows, batch in ((3, three),
+                                                                                                      (2, two))}
+        for _ in range(2):
+            for rows, batch in ((3, three), (2, two)):
+                assert torch.equal(_decode(model, decoder, batch, 40), plain[rows]), name
+        assert decoder.step_shapes == {(3, 128, 48), (3, 128, 64), (3, 128, 80), (2, 64, 32), (2, 64, 48),
+                                       (2, 64, 64)}, name
+        assert counters["stats"]["unique_graphs"] == 6, (name, dict(counters["stats"]))
     torch.compiler.reset()
 
 

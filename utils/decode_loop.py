@@ -9,13 +9,16 @@ made after stopping, and no row sees another, so greedy decoding gives ``generat
 
 What it does per batch: a static KV cache (``utils.fast_paths.StaticCacheSlot``: reused while the batch shape
 repeats, so compiled CUDA graphs stay valid; full attention when a sliding window covers it), one eager prefill
-over the prompt (and soft prompt), then one forward per new token with the full-length attention mask, compiled
-with ``mode="reduce-overhead"`` when asked. Greedy only: sampling and the model's own logits processors
-(repetition penalty, bad words, ...) are ``generate``'s; ``check_plain_greedy`` refuses them.
+over the prompt (and soft prompt), then one forward per new token, compiled with ``mode="reduce-overhead"`` when
+asked. With ``kv_bucket`` (default 64) attention reads only the cache positions in use, rounded up to a multiple of
+``kv_bucket`` (``BucketedStaticLayer``), instead of the whole cache: one compilation per batch shape and bucket.
+Greedy only: sampling and the model's own logits processors (repetition penalty, bad words, ...) are ``generate``'s;
+``check_plain_greedy`` refuses them.
 """
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import StaticLayer
 
 from utils.errors import UserError
 from utils.fast_paths import StaticCacheSlot, cache_argument, static_cache_length
@@ -24,9 +27,41 @@ from utils.stopping import StopOnText
 STEP_COMPILE = {"mode": "reduce-overhead", "dynamic": False}
 """How the decoding step is compiled on a GPU: CUDA graphs, one per batch shape (as ``generate``'s own)."""
 
-RECOMPILE_LIMIT = 64
-"""Compilations of the step allowed (one per batch shape). torch's default, 8, would silently turn a long run's
-later shapes eager: prompts of 64..700 tokens in buckets of 64, times the last batch's smaller size, exceed it."""
+RECOMPILE_LIMIT = 256
+"""Compilations of the step allowed (one per batch shape and KV bucket). torch's default, 8, would silently turn a
+long run's later shapes eager: prompts of 64..700 tokens in buckets of 64, times the last batch's smaller size, times
+the 4-5 KV buckets 256 new tokens cross, exceed it."""
+
+KV_BUCKET = 64
+"""Attention reads the cache positions in use rounded up to this (``GreedyDecoder(kv_bucket=...)``)."""
+
+
+class BucketedStaticLayer(StaticLayer):
+    """A full-attention static cache layer whose attention (keys, values and the mask's width) covers only its first
+    ``view`` positions, or all of them when ``view`` is None. Writes still go to the whole buffer, at the position the
+    layer counts; the caller must keep every written position inside the view. ``view`` is a Python int, so a
+    compiled step specialises on it (one graph per value)."""
+
+    view: int | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.view is None:
+            return keys, values
+        return keys[:, :, :self.view], values[:, :, :self.view]
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        length, offset = super().get_mask_sizes(query_length, *args, **kwargs)
+        return (length if self.view is None else self.view), offset
+
+
+def kv_view_refusal(cache) -> str | None:
+    """Why ``cache`` cannot give attention a shorter view (None when every layer is a ``BucketedStaticLayer``)."""
+    others = sorted({type(layer).__name__ for layer in cache.layers if not isinstance(layer, BucketedStaticLayer)})
+    if others:
+        return (f"{', '.join(others)} cache layers (a sliding window shorter than the sequence, or another kind than "
+                f"full attention) cannot be cut to a bucket: attending over the whole cache")
+    return None
 
 # every logits processor transformers 5.24 applies without sampling (GenerationMixin._get_logits_processor)
 _PROCESSOR_DEFAULTS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
@@ -53,14 +88,25 @@ class GreedyDecoder:
     step between batches). ``compile_kwargs``: ``torch.compile`` arguments for the decoding step, or None for eager.
     """
 
-    def __init__(self, check_every: int = 8, compile_kwargs: dict | None = None):
+    def __init__(self, check_every: int = 8, compile_kwargs: dict | None = None, kv_bucket: int | None = KV_BUCKET):
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
+        if kv_bucket is not None and kv_bucket < 0:
+            raise ValueError(f"kv_bucket must be >= 1 (or 0/None for the full cache), got {kv_bucket}")
         self.check_every = check_every
         self.compile_kwargs = compile_kwargs
+        self.kv_bucket = kv_bucket or None
         self._step = None
         self._lm = None
-        self._caches = StaticCacheSlot()
+        self._caches = self._new_slot()
+        self.step_shapes: set[tuple[int, int, int]] = set()
+        """(batch, cache length, attended length) of the decoding steps run so far: one compilation (one CUDA graph)
+        each."""
+        self.full_view_reason: str | None = None
+        """Why the last batch attended over the whole cache although ``kv_bucket`` is set (None: it did not)."""
+
+    def _new_slot(self) -> StaticCacheSlot:
+        return StaticCacheSlot(BucketedStaticLayer if self.kv_bucket else None)
 
     @property
     def caches(self) -> StaticCacheSlot:
@@ -69,7 +115,7 @@ class GreedyDecoder:
 
     def _forward(self, lm):
         if self._lm is not lm:
-            self._lm, self._caches = lm, StaticCacheSlot()
+            self._lm, self._caches = lm, self._new_slot()
             self._step = _step if self.compile_kwargs is None else torch.compile(_step, **self.compile_kwargs)
         return self._step
 
@@ -91,8 +137,9 @@ class GreedyDecoder:
         cache = self._caches.get(lm.config, batch, length, dtype, first.device)
         # slots past the prompt are marked attended from the start: the causal mask hides those not yet written
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, length - prompt)], dim=1)
+        view = self._views(cache, mask)
         name = cache_argument(lm)
-        out = lm(**inputs, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+        out = lm(**inputs, attention_mask=view(prompt), position_ids=position_ids, use_cache=True, logits_to_keep=1,
                  **{name: cache})
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=first.device)
         tokens[:, 0] = out.logits[:, -1].argmax(-1)
@@ -109,9 +156,11 @@ class GreedyDecoder:
                     if self._check(tokens, criterion, checked, made):
                         return tokens[:, :made]
                     checked = made
+                step_mask = view(prompt + made)  # the new token goes to cache position prompt + made - 1
+                self.step_shapes.add((batch, length, step_mask.shape[1]))
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is dead: reuse its memory
                 picked, logits = step(lm, tokens[:, made - 1:made].clone(memory_format=torch.contiguous_format),
-                                      mask, last_position + made, cache, name)
+                                      step_mask, last_position + made, cache, name)
                 tokens[:, made] = picked
                 if logits_out is not None:  # copied now: the next CUDA-graph replay overwrites the output
                     logits_out.append(logits.float().clone())
@@ -119,6 +168,27 @@ class GreedyDecoder:
                 made += 1
         self._check(tokens, criterion, checked, made)
         return tokens[:, :made]
+
+    def _views(self, cache, mask: torch.Tensor):
+        """A function of the positions in use that sets the cache layers' view and returns the 2-D mask cut to it
+        (the whole cache when bucketing is off or the cache cannot do it)."""
+        length = mask.shape[1]
+        self.full_view_reason = kv_view_refusal(cache) if self.kv_bucket else None
+        if not self.kv_bucket or self.full_view_reason:
+            return lambda used: mask
+        masks: dict[int, torch.Tensor] = {}  # one contiguous mask per bucket, reused by every step in it
+        layers = cache.layers
+
+        def view(used: int) -> torch.Tensor:
+            width = min(length, -(-used // self.kv_bucket) * self.kv_bucket)
+            if width not in masks:
+                masks[width] = mask[:, :width].contiguous()
+            if layers[0].view != width:
+                for layer in layers:
+                    layer.view = width
+            return masks[width]
+
+        return view
 
     @staticmethod
     def _check(tokens: torch.Tensor, criterion: StopOnText, checked: int, made: int) -> bool:

@@ -8,7 +8,8 @@
   automatically on a GPU (decoding steps only; prefill, where the soft prompt enters, stays eager). A sliding-window
   model (Phi-3) gets a full-attention static cache from ``StaticCacheSlot`` instead (``full_attention_config``).
 * ``utils.decode_loop.GreedyDecoder`` (``--decode_loop own``, opt-in): greedy decoding that reads the new tokens back
-  every few steps instead of every step, its step compiled with CUDA graphs on a GPU.
+  every few steps instead of every step, its step compiled with CUDA graphs on a GPU, its attention over the cache
+  positions in use rounded up to 64 (``kv_bucket``).
 * ``selective_logits`` (in ``TunedModel``): the vocabulary projection only where a label is supervised.
 * ``packing`` (in ``TunedModel``, ``custom_peft/packing.py``): padding-free training rows where they cost less.
 """
@@ -131,7 +132,9 @@ class StaticCacheSlot:
     """One static KV cache, reused (zeroed) while the batch shape repeats: a new cache means new addresses, which
     CUDA graphs must record again. Masked slots must not keep stale values (NaN/inf times a zero weight is NaN)."""
 
-    def __init__(self):
+    def __init__(self, layer_class=None):
+        self._layer_class = layer_class
+        """A ``StaticLayer`` subclass that replaces each of the cache's full-attention layers (None: keep them)."""
         self._cache = None
         self._key = None
         self.shapes: set[tuple[int, int]] = set()
@@ -147,10 +150,19 @@ class StaticCacheSlot:
         else:
             self._cache = None  # the old one is freed before the new one is allocated
             self._cache = StaticCache(config=full_attention_config(config, length), max_cache_len=length)
+            if self._layer_class is not None:
+                self._swap_full_attention_layers()
             self._key = key
             self.allocations += 1
         self.shapes.add((batch, length))
         return self._cache
+
+    def _swap_full_attention_layers(self) -> None:
+        from transformers.cache_utils import StaticLayer
+
+        # only exact StaticLayers: a sliding-window layer (a subclass) keeps its own class
+        self._cache.layers = [self._layer_class(max_cache_len=layer.max_cache_len) if type(layer) is StaticLayer
+                              else layer for layer in self._cache.layers]
 
 
 def static_cache_kwargs(compile_mode: str | None = "reduce-overhead", fullgraph: bool = False) -> dict:
