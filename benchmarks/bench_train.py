@@ -37,6 +37,7 @@ from benchmarks.common import ResultWriter, Timer, peak_flops, train_flops_per_t
 from benchmarks.profile_step import dynamo_counts, dynamo_delta, step_figures
 from custom_peft import build_model, count_trainable
 from custom_peft.packing import attention_width_constant, plan_rows, row_cost
+from utils.batching import HostCopy
 from utils.fast_paths import compile_encoder_layers, compile_layers, make_adamw, release_compiled
 from utils.registry import get_model_spec
 
@@ -107,7 +108,12 @@ def random_batch(args, vocab: int, enc_vocab: int = 50265) -> dict:
     enc = torch.randint(10, enc_vocab, (args.batch_size, min(args.seq_len, 512)), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
              "enc_input_ids": enc, "enc_attention_mask": torch.ones_like(enc)}
-    return {k: v.to(_device()) for k, v in batch.items()}
+    return _on_device({**batch, "host": HostCopy(batch["attention_mask"], labels, enc_padded=False)})
+
+
+def _on_device(batch: dict) -> dict:
+    """The batch's tensors on the benchmark's device; its ``HostCopy`` (what the trainer's collator adds) stays."""
+    return {k: v.to(_device()) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def measure(step, batches, warmup: int, steps: int):
@@ -170,9 +176,9 @@ def bench_padding(args, writer: ResultWriter) -> None:
     shuffled = list(range(len(ds)))
     random.Random(0).shuffle(shuffled)
     multiple = args.pad_multiple if args.pad_multiple > 1 else None
-    dynamic = Collator(tok.pad_token_id, pad_to_multiple_of=multiple)
+    dynamic = Collator(tok.pad_token_id, pad_to_multiple_of=multiple, host_copy=True)
     grouped = list(LengthGroupedSampler(ds.lengths(), args.batch_size, seed=0))
-    modes = {"fixed": (Collator(tok.pad_token_id, pad_to=fixed_len), shuffled, False),
+    modes = {"fixed": (Collator(tok.pad_token_id, pad_to=fixed_len, host_copy=True), shuffled, False),
              "dynamic": (dynamic, shuffled, True), "dynamic-unpacked": (dynamic, shuffled, False),
              "dynamic-grouped": (dynamic, grouped, True)}
     if args.plan_only:  # the layout and FLOP estimate alone: the architecture on the meta device, nothing runs
@@ -193,7 +199,8 @@ def bench_padding(args, writer: ResultWriter) -> None:
             b.pop("task_ids")
             b["input_ids"] = b["input_ids"].clamp(max=vocab - 1)  # the bench tokenizer may outgrow a tiny vocab
             b["labels"] = b["labels"].where(b["labels"] < 0, b["labels"].clamp(max=vocab - 1))
-            batches.append({k: v.to(_device()) for k, v in b.items()})
+            b["host"].labels = b["labels"]
+            batches.append(_on_device(b))
         batches = batches[: args.padding_batches or None]
         if not batches:
             raise ValueError(f"{path}: fewer MBPP train examples than --batch_size {args.batch_size}")

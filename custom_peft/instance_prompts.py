@@ -51,11 +51,12 @@ class _InstancePrompt(nn.Module):
         self.dropout_p = encoder_dropout(cfg)
         self.init_std = getattr(cfg, "initializer_range", None) or 0.02
 
-    def instance_embedding(self, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor) -> torch.Tensor:
+    def instance_embedding(self, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor,
+                           enc_padded: bool | None = None) -> torch.Tensor:
         if enc_input_ids is None:
             raise ValueError(f"{type(self).__name__} needs enc_input_ids / enc_attention_mask in the batch")
         # Heads train in fp32 whatever dtype the frozen encoder runs in.
-        return self.encoder(enc_input_ids, enc_attention_mask).float()
+        return self.encoder(enc_input_ids, enc_attention_mask, enc_padded).float()
 
 
 class LopaPrompt(_InstancePrompt):
@@ -76,9 +77,11 @@ class LopaPrompt(_InstancePrompt):
         v = self.col_head(x).view(-1, self.embed_dim, self.rank)
         return torch.sigmoid(torch.bmm(u, v.transpose(1, 2)))
 
-    def forward(self, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor,
+                enc_padded: bool | None = None) -> torch.Tensor:
+        """``enc_padded``: whether the encoder rows are padded, when known on the host (``PooledEncoder``)."""
         return self.shared_prompt.unsqueeze(0) * self.gate(self.instance_embedding(enc_input_ids,
-                                                                                  enc_attention_mask))
+                                                                                  enc_attention_mask, enc_padded))
 
 
 class IdpgPrompt(_InstancePrompt):
@@ -90,8 +93,9 @@ class IdpgPrompt(_InstancePrompt):
         self.head = PromptHead(self.enc_dim, self.head_dim, num_virtual_tokens * embed_dim, self.dropout_p,
                                self.init_std)
 
-    def forward(self, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self.instance_embedding(enc_input_ids, enc_attention_mask)
+    def forward(self, enc_input_ids: torch.Tensor, enc_attention_mask: torch.Tensor,
+                enc_padded: bool | None = None) -> torch.Tensor:
+        x = self.instance_embedding(enc_input_ids, enc_attention_mask, enc_padded)
         return self.head(x).view(-1, self.num_virtual_tokens, self.embed_dim)
 
 

@@ -1,11 +1,16 @@
-"""Padding-free training batches: the examples of a padded batch laid end to end in fewer, fuller rows.
+"""The layout of a training batch, planned on the host: padding-free rows, and the positions the loss reads.
 
-Each example keeps its own positions (0, 1, … from its first token, virtual tokens included) and attends only to
-itself: transformers builds that block-causal mask from position ids that restart, when no 2-D attention mask is
-given. The loss is the same mean over the same supervised tokens, so a step is the same step, with fewer tokens
-through the decoder. Whether a batch is packed, and how wide its rows are, is chosen per batch by a cost
-estimate: matmul work grows with the tokens in the rows, attention work with tokens × row width, so packing
-everything into one long row is not always cheapest, and a batch without padding is never packed.
+Packing lays the examples of a padded batch end to end in fewer, fuller rows. Each example keeps its own positions
+(0, 1, … from its first token, virtual tokens included) and attends only to itself (``block_causal_mask``, the mask
+transformers builds from position ids that restart). The loss is the same mean over the same supervised tokens, so a
+step is the same step, with fewer tokens through the decoder. Whether a batch is packed, and how wide its rows are,
+is chosen per batch by a cost estimate: matmul work grows with the tokens in the rows, attention work with tokens ×
+row width, so packing everything into one long row is not always cheapest, and a batch without padding is never
+packed.
+
+Everything is worked out from the batch's mask and labels on the CPU (``plan_layout``) and reaches the GPU in one
+asynchronous copy (``to_device``): on a GPU, reading a mask back, or indexing with a boolean mask, would make the host
+wait for all queued work (docs/TRAINING.md).
 """
 from __future__ import annotations
 
@@ -75,47 +80,106 @@ def plan_rows(lengths: list[int], c: float) -> list[list[int]] | None:
 
 
 @dataclass
-class PackedBatch:
-    inputs_embeds: torch.Tensor
-    """R × W × d: the examples' attended positions end to end; zero vectors fill the end of a short row."""
-    position_ids: torch.Tensor
+class Layout:
+    """How one training batch goes through the decoder, planned on the host. CPU tensors, all int64."""
+
+    rows: list[list[int]] | None
+    """Packed rows of example indices, or None: the padded batch as it is."""
+    full: bool
+    """Unpacked and without padding: no mask and no positions needed."""
+    longest: int
+    """The longest example's attended positions (a sliding window at least this long hides nothing)."""
+    index: torch.Tensor | None = None
+    """R·W positions of the padded batch, flattened (B·T), that fill the packed rows; B·T means a zero vector
+    (filler)."""
+    positions: torch.Tensor | None = None
     """R × W: 0, 1, … within each example, so each attends only to itself; 0 at every filler position."""
-    labels: torch.Tensor
-    """R × W: the examples' labels, -100 on the filler and on each example's first position (nothing in the
-    example predicts it: the padded batch never supervises a row's first label either)."""
+    labels: torch.Tensor | None = None
+    """R × W packed labels: -100 on the filler and on each example's first position (nothing in the example
+    predicts it: the padded batch never supervises a row's first label either)."""
+    predictors: torch.Tensor | None = None
+    """Flattened positions of the rows the decoder runs (packed or padded) whose hidden state predicts a supervised
+    token, row by row (the order boolean indexing gives)."""
+    targets: torch.Tensor | None = None
+    """The tokens they predict."""
 
 
-def pack(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, rows: list[list[int]]) -> PackedBatch:
-    """Lay the attended positions of ``embeds`` (B × T × d, with ``mask`` and ``labels`` B × T) into ``rows``."""
+def plan_layout(mask: torch.Tensor, labels: torch.Tensor, width_constant: float | None,
+                selective: bool = True) -> Layout:
+    """The layout of a padded batch (``mask`` and ``labels``: B × T on the CPU, virtual tokens included): packed when
+    ``width_constant`` is given and packing costs less (``plan_rows``), with the supervised positions for a selective
+    loss when ``selective``. No device is involved."""
     keep = mask.bool()
     lengths = keep.sum(1).tolist()
-    starts = [0]
-    for n in lengths[:-1]:
-        starts.append(starts[-1] + n)
-    flat = embeds[keep]
-    filler = len(flat)  # index of the zero vector appended below
+    rows = plan_rows(lengths, width_constant) if width_constant is not None else None
+    layout = Layout(rows=rows, full=rows is None and bool(keep.all()), longest=max(lengths, default=0))
+    if rows is not None:
+        layout.index, layout.positions, layout.labels = pack_rows(mask, labels, rows)
+    if selective:
+        run_labels = labels if rows is None else layout.labels
+        targets = run_labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        row, col = supervised.nonzero(as_tuple=True)
+        layout.predictors = row * run_labels.shape[1] + col
+        layout.targets = targets[supervised]
+    return layout
+
+
+def pack_rows(mask: torch.Tensor, labels: torch.Tensor, rows: list[list[int]]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(index, positions, labels)`` of ``Layout`` for the attended positions of a padded batch (``mask`` and
+    ``labels``: B × T on the CPU) laid into ``rows``."""
+    keep = mask.bool()
+    batch, length = mask.shape
+    lengths = keep.sum(1).tolist()
     width = max(sum(lengths[i] for i in row) for row in rows)
-    index, positions, first = [], [], []
+    index, positions, starts = [], [], []
     for row in rows:
-        r_index, r_pos, r_first = [], [], []
+        r_index, r_pos = [], []
         for i in row:
             if lengths[i]:  # an empty example (all-zero mask) has no first position: past a full row's end
-                r_first.append(len(r_index))
-            r_index.extend(range(starts[i], starts[i] + lengths[i]))
+                starts.append(len(index) * width + len(r_index))
+            r_index.extend((i * length + keep[i].nonzero().squeeze(1)).tolist())
             r_pos.extend(range(lengths[i]))
         gap = width - len(r_index)
-        r_index.extend([filler] * gap)
-        r_pos.extend([0] * gap)  # each filler position its own sequence: no position beyond the longest example
-        index.append(r_index)
-        positions.append(r_pos)
-        first.append(r_first)
-    device = embeds.device
-    index_t = torch.tensor(index, device=device)
-    flat = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])
-    flat_labels = torch.cat([labels[keep], labels.new_full((1,), IGNORE_INDEX)])
-    packed_labels = flat_labels[index_t]
-    starts_mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for r, cols in enumerate(first):
-        starts_mask[r, cols] = True
-    packed_labels = packed_labels.masked_fill(starts_mask.to(device), IGNORE_INDEX)
-    return PackedBatch(flat[index_t], torch.tensor(positions, device=device), packed_labels)
+        index.append(r_index + [batch * length] * gap)
+        positions.append(r_pos + [0] * gap)  # each filler position its own sequence
+    flat_index = torch.tensor(index, dtype=torch.long).reshape(-1)
+    packed = torch.cat([labels.reshape(-1), labels.new_full((1,), IGNORE_INDEX)])[flat_index]
+    packed[starts] = IGNORE_INDEX
+    return flat_index, torch.tensor(positions, dtype=torch.long), packed.view(len(rows), width)
+
+
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Small int64 CPU tensors on ``device`` in one copy. On CUDA the copy is asynchronous from pinned memory: a
+    plain copy from the host waits until the GPU has finished all queued work."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def gather_rows(embeds: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """The packed rows' embeddings (``rows`` × W × d) from the padded batch's (B × T × d), filler as zeros."""
+    flat = torch.cat([embeds.reshape(-1, embeds.shape[-1]), embeds.new_zeros(1, embeds.shape[-1])])
+    return flat.index_select(0, index).view(rows, -1, embeds.shape[-1])
+
+
+def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """The 4-D boolean mask (True: attend) of packed rows: causal, within each example (positions restart at 0).
+    transformers builds the same from the positions, but asks the device first whether anything is packed."""
+    example = (position_ids == 0).cumsum(-1)
+    same = example.unsqueeze(-1) == example.unsqueeze(-2)
+    return (same & _causal(position_ids.shape[-1], position_ids.device)).unsqueeze(1)
+
+
+def padded_causal_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The 4-D boolean mask (True: attend) of right-padded rows: causal, padded keys hidden. transformers builds the
+    same from the 2-D mask, but asks the device first whether the batch has padding."""
+    return (_causal(mask.shape[-1], mask.device) & mask.bool().unsqueeze(1)).unsqueeze(1)
+
+
+def _causal(length: int, device) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from custom_peft.packing import attention_width_constant, pack, plan_rows
-from utils.batching import IGNORE_INDEX
+from custom_peft.packing import (Layout, attention_width_constant, block_causal_mask, gather_rows, padded_causal_mask,
+                                 plan_layout, to_device)
+from utils.batching import IGNORE_INDEX, HostCopy
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -63,17 +64,30 @@ class TunedModel(nn.Module):
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
-    def prompt_embeds(self, batch_size: int, enc_input_ids=None, enc_attention_mask=None) -> torch.Tensor | None:
-        """The B×m×d soft prompt for this batch, or None for methods without one."""
+    def prompt_embeds(self, batch_size: int, enc_input_ids=None, enc_attention_mask=None,
+                      enc_padded: bool | None = None) -> torch.Tensor | None:
+        """The B×m×d soft prompt for this batch, or None for methods without one. ``enc_padded``: whether the
+        encoder rows are padded, when known on the host."""
         if self.method == "pt":
+            self._prompt_ids_beside_prompt()
             return self.backbone.get_prompt(batch_size=batch_size)
         if self.prompt is not None:
-            return self.prompt(enc_input_ids, enc_attention_mask)
+            return self.prompt(enc_input_ids, enc_attention_mask, enc_padded)
         return None
 
-    def _embed_inputs(self, input_ids, attention_mask, enc_input_ids, enc_attention_mask):
+    def _prompt_ids_beside_prompt(self) -> None:
+        """peft keeps PT's virtual-token ids (0..m-1) on the CPU and copies them to the prompt's device in every
+        ``get_prompt``; on a GPU such a copy makes the host wait until the device has finished all queued work. They
+        are moved once, to where the prompt's weights are, so that copy does nothing (same ids, same prompt)."""
+        name = self.backbone.active_adapter
+        ids = self.backbone.prompt_tokens[name]
+        device = self.backbone.prompt_encoder[name].embedding.weight.device
+        if ids.device != device:
+            self.backbone.prompt_tokens[name] = ids.to(device)
+
+    def _embed_inputs(self, input_ids, attention_mask, enc_input_ids, enc_attention_mask, enc_padded=None):
         """``(inputs_embeds, attention_mask)`` with the soft prompt in front, or None when there is none."""
-        prompt = self.prompt_embeds(input_ids.shape[0], enc_input_ids, enc_attention_mask)
+        prompt = self.prompt_embeds(input_ids.shape[0], enc_input_ids, enc_attention_mask, enc_padded)
         if prompt is None:
             return None
         tokens = self.lm.get_input_embeddings()(input_ids)
@@ -84,59 +98,82 @@ class TunedModel(nn.Module):
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 enc_input_ids: torch.Tensor | None = None, enc_attention_mask: torch.Tensor | None = None,
-                **_ignored) -> CausalLMOutputWithPast:
+                host: HostCopy | None = None, **_ignored) -> CausalLMOutputWithPast:
         """Mean cross-entropy over supervised tokens when ``labels`` is given; logits cover the input only
-        when no labels are given (or ``selective_logits`` is off)."""
-        embedded = self._embed_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
+        when no labels are given (or ``selective_logits`` is off). ``host``: the batch's mask and labels on the CPU
+        (the collator's ``HostCopy``), so that a training forward never waits for the device; without it they are
+        read back once."""
+        embedded = self._embed_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask,
+                                      host.enc_padded if host is not None else None)
+        if labels is not None:
+            return self._loss_forward(input_ids, attention_mask, labels, embedded, host)
         if embedded is None:
-            # with packing on, embed here whether or not this batch packs: ZeRO-3 gathers weights in the order
-            # modules run, which must be the same on every process (they pack different batches differently)
-            if labels is not None and self.packing:
-                inputs = {"inputs_embeds": self.lm.get_input_embeddings()(input_ids)}
-            else:
-                inputs = {"input_ids": input_ids}
-            mask = attention_mask
+            inputs, mask = {"input_ids": input_ids}, attention_mask
         else:
-            inputs = {"inputs_embeds": embedded[0]}
-            mask = embedded[1]
-            if labels is not None:
-                pad = labels.new_full((labels.shape[0], mask.shape[1] - labels.shape[1]), IGNORE_INDEX)
-                labels = torch.cat([pad, labels], dim=1)
-        inputs.update(attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
-        packed = labels is not None and self.packing and self._pack(inputs, mask, labels)
-        if packed:
-            inputs, labels = packed
-        if labels is not None and self.selective_logits:
-            hidden = self.lm.base_model(**inputs).last_hidden_state
-            return CausalLMOutputWithPast(loss=self._selective_loss(hidden, labels))
-        out = self.lm(**inputs, labels=labels)
-        if packed:  # logits in the packed layout would match no input row
-            return CausalLMOutputWithPast(loss=out.loss)
+            inputs, mask = {"inputs_embeds": embedded[0]}, embedded[1]
+        out = self.lm(**inputs, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
         if embedded is not None:  # drop the virtual-token positions from the returned logits
             out.logits = out.logits[:, -input_ids.shape[1]:]
         return out
 
-    def _pack(self, inputs: dict, mask: torch.Tensor, labels: torch.Tensor) -> tuple[dict, torch.Tensor] | None:
-        """``(inputs, labels)`` of the batch packed (``custom_peft.packing``), or None when packing would not save
-        work. ``inputs`` / ``labels`` are the padded batch's, virtual tokens included."""
-        if self._attention_width is None:
+    def _loss_forward(self, input_ids, attention_mask, labels, embedded, host) -> CausalLMOutputWithPast:
+        """The training forward: its layout (packed or not, supervised positions) is planned on the host
+        (``custom_peft.packing``), and it builds the attention masks itself where transformers would read the
+        device to decide, so nothing here waits for the GPU."""
+        if host is None or not host.matches(attention_mask):
+            host = HostCopy.read(attention_mask, labels)
+        host_mask, host_labels = host.attention_mask, host.labels
+        if embedded is None:
+            # with packing on, embed here whether or not this batch packs: ZeRO-3 gathers weights in the order
+            # modules run, which must be the same on every process (they pack different batches differently)
+            embeds = self.lm.get_input_embeddings()(input_ids) if self.packing else None
+            mask = attention_mask
+        else:
+            (embeds, mask), m = embedded, self.num_virtual_tokens
+            labels = torch.cat([labels.new_full((labels.shape[0], m), IGNORE_INDEX), labels], dim=1)
+            host_mask = torch.cat([host_mask.new_ones(host_mask.shape[0], m), host_mask], dim=1)
+            host_labels = torch.cat([host_labels.new_full((host_labels.shape[0], m), IGNORE_INDEX), host_labels], 1)
+        if self.packing and self._attention_width is None:
             self._attention_width = attention_width_constant(self.lm)
-        rows = plan_rows(mask.sum(1).tolist(), self._attention_width)
-        if rows is None:
-            return None
-        embeds = inputs.get("inputs_embeds")
-        if embeds is None:
-            embeds = self.lm.get_input_embeddings()(inputs["input_ids"])
-        batch = pack(embeds, mask, labels, rows)
-        # no 2-D mask: transformers reads the examples' bounds from the restarting positions
-        return ({"inputs_embeds": batch.inputs_embeds, "attention_mask": None, "position_ids": batch.position_ids,
-                 "use_cache": False}, batch.labels)
+        layout = plan_layout(host_mask, host_labels, self._attention_width if self.packing else None,
+                             self.selective_logits)
+        own_mask = self._own_masks_exact(layout)
+        sent = [t for t in (layout.index, layout.positions, layout.labels, layout.predictors, layout.targets)
+                if t is not None]
+        on_device = iter(to_device(sent, input_ids.device)) if sent else iter(())
+        inputs: dict = {"use_cache": False}
+        if layout.rows is not None:
+            index, positions, labels = next(on_device), next(on_device), next(on_device)
+            inputs.update(inputs_embeds=gather_rows(embeds, index, len(layout.rows)), position_ids=positions,
+                          attention_mask=block_causal_mask(positions) if own_mask else None)
+        else:
+            inputs.update({"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds})
+            if not layout.full:  # a batch without padding runs causal: no mask, positions 0, 1, …
+                inputs.update(position_ids=positions_from_mask(mask),
+                              attention_mask=padded_causal_mask(mask) if own_mask else mask)
+        if self.selective_logits:
+            predictors, targets = next(on_device), next(on_device)
+            hidden = self.lm.base_model(**inputs).last_hidden_state
+            logits = self.lm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, predictors))
+            return CausalLMOutputWithPast(loss=nn.functional.cross_entropy(logits.float(), targets))
+        out = self.lm(**inputs, labels=labels)
+        if layout.rows is not None:  # logits in the packed layout would match no input row
+            return CausalLMOutputWithPast(loss=out.loss)
+        if embedded is not None:
+            out.logits = out.logits[:, -input_ids.shape[1]:]
+        return out
 
-    def _selective_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
-        return nn.functional.cross_entropy(logits.float(), targets[keep])
+    def _own_masks_exact(self, layout: Layout) -> bool:
+        """Whether the 4-D masks built here are the ones transformers would build: SDPA attention (other kernels take
+        other mask formats), and no sliding window that could hide anything within an example."""
+        from utils.fast_paths import sliding_window_covers
+
+        config = self.lm.config
+        if getattr(config, "_attn_implementation", None) != "sdpa":
+            return False
+        if getattr(config, "sliding_window", None) is None:
+            return set(getattr(config, "layer_types", None) or ()) <= {"full_attention"}
+        return sliding_window_covers(config, layout.longest)
 
     # --------------------------------------------------------------------------------------- generate
     @torch.no_grad()

@@ -440,3 +440,31 @@ def test_frozen_encoder_dropout_follows_the_training_mode_unless_turned_off(meth
     encoder.dropout_in_training = False
     model.train()
     assert not encoder.backbone.training and torch.equal(encoder(*enc), exact)
+
+
+def test_prompt_tuning_copies_nothing_from_the_host_per_forward():
+    """peft copies PT's virtual-token ids from the CPU in every ``get_prompt``; on a GPU that copy waits for all
+    queued work. On the meta device (a stand-in for a GPU here) the second call must take nothing from the CPU, and
+    the prompt is peft's own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, _ = build_model("pt", "tiny-llama", num_virtual_tokens=M, seed=11)
+    want = model.backbone.get_prompt(batch_size=2)
+    assert torch.equal(model.prompt_embeds(2), want)
+
+    class HostCopies(TorchDispatchMode):
+        found: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            on_cpu = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+            if on_cpu and isinstance(out, torch.Tensor) and out.device.type != "cpu":
+                HostCopies.found.append(str(func))
+            return out
+
+    model.to("meta")
+    model.prompt_embeds(2)  # the first call moves the ids
+    with HostCopies():
+        prompt = model.prompt_embeds(2)
+    assert prompt.device.type == "meta" and prompt.shape == want.shape
+    assert HostCopies.found == []

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from custom_peft import build_model
-from custom_peft.packing import pack, plan_rows, row_cost
+from custom_peft.packing import gather_rows, pack_rows, plan_layout, plan_rows, row_cost
 from tests.test_methods import METHODS, batch_of, built, full_logits_forward
 from utils.batching import IGNORE_INDEX
 from utils.models import TINY_MODEL_TYPES
@@ -46,20 +46,45 @@ def test_plan_rows_keeps_rows_short_when_attention_dominates():
     assert all(sum(lengths[i] for i in row) <= 400 for row in rows)
 
 
+def _pack(embeds, mask, labels, rows):
+    """``(inputs_embeds, position_ids, labels)`` of ``rows``, as the forward lays them out."""
+    index, positions, packed = pack_rows(mask, labels, rows)
+    return gather_rows(embeds, index, len(rows)), positions, packed
+
+
 def test_pack_restarts_positions_and_hides_each_examples_first_label():
     embeds = torch.arange(2 * 4, dtype=torch.float).reshape(2, 4, 1).expand(2, 4, 3)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # right padding
     labels = torch.tensor([[5, 6, 7, IGNORE_INDEX], [8, 9, IGNORE_INDEX, IGNORE_INDEX]])
-    out = pack(embeds, mask, labels, [[1, 0]])
-    assert out.position_ids.tolist() == [[0, 1, 0, 1, 2]]
-    assert out.inputs_embeds[0, :, 0].tolist() == [4.0, 5.0, 0.0, 1.0, 2.0]
-    assert out.labels.tolist() == [[IGNORE_INDEX, 9, IGNORE_INDEX, 6, 7]]
-    two_rows = pack(embeds, mask, labels, [[0], [1]])  # the short row ends in zero filler with its own positions
-    assert two_rows.position_ids.tolist() == [[0, 1, 2], [0, 1, 0]]
-    wide = pack(embeds, mask, labels, [[0], [1]] + [[]])  # an empty row: all filler, every position 0
-    assert wide.position_ids.tolist()[2] == [0, 0, 0]
-    assert two_rows.inputs_embeds[1, 2].tolist() == [0.0, 0.0, 0.0]
-    assert two_rows.labels[1].tolist() == [IGNORE_INDEX, 9, IGNORE_INDEX]
+    inputs, positions, packed = _pack(embeds, mask, labels, [[1, 0]])
+    assert positions.tolist() == [[0, 1, 0, 1, 2]]
+    assert inputs[0, :, 0].tolist() == [4.0, 5.0, 0.0, 1.0, 2.0]
+    assert packed.tolist() == [[IGNORE_INDEX, 9, IGNORE_INDEX, 6, 7]]
+    inputs, positions, packed = _pack(embeds, mask, labels, [[0], [1]])  # the short row ends in zero filler
+    assert positions.tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert inputs[1, 2].tolist() == [0.0, 0.0, 0.0]
+    assert packed[1].tolist() == [IGNORE_INDEX, 9, IGNORE_INDEX]
+    _, positions, _ = _pack(embeds, mask, labels, [[0], [1]] + [[]])  # an empty row: all filler, every position 0
+    assert positions.tolist()[2] == [0, 0, 0]
+    left = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]])  # left padding is laid out too
+    inputs, positions, _ = _pack(embeds, left, labels, [[1, 0]])
+    assert inputs[0, :, 0].tolist() == [6.0, 7.0, 0.0, 1.0, 2.0] and positions.tolist() == [[0, 1, 0, 1, 2]]
+
+
+def test_the_planned_supervised_positions_are_those_boolean_indexing_picks():
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])
+    labels = torch.tensor([[IGNORE_INDEX, 2, 3, 4], [IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX],
+                           [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX]])
+    hidden = torch.randn(3, 4, 5)
+    for width_constant in (None, 1e9):  # the padded batch, then one packed row
+        layout = plan_layout(mask, labels, width_constant)
+        run = labels if layout.rows is None else layout.labels
+        rows = hidden if layout.rows is None else gather_rows(hidden, layout.index, len(layout.rows))
+        want = rows[:, :-1][run[:, 1:] != IGNORE_INDEX]
+        assert torch.equal(rows.reshape(-1, 5).index_select(0, layout.predictors), want)
+        assert layout.targets.tolist() == [2, 3, 4, 7, 9] and not layout.full
+    assert plan_layout(mask, labels, 1e9).rows == [[0, 1, 2]]
+    assert plan_layout(torch.ones(2, 3, dtype=torch.long), labels[:2, :3], 1e9).full
 
 
 # ------------------------------------------------------------------------------------------ equivalence
@@ -167,12 +192,12 @@ def test_pack_takes_an_example_with_an_empty_mask():
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]])
     embeds = torch.arange(12, dtype=torch.float).reshape(3, 4, 1)
     labels = torch.tensor([[1, 2, 3, 4], [IGNORE_INDEX] * 4, [5, 6, IGNORE_INDEX, IGNORE_INDEX]])
-    out = pack(embeds, mask, labels, rows)
-    assert out.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
-    assert out.inputs_embeds[0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 8.0, 9.0]
-    assert out.labels.tolist() == [[IGNORE_INDEX, 2, 3, 4, IGNORE_INDEX, 6]]
-    assert pack(embeds, mask, labels, [[0, 1], [2]]).labels.tolist() == [[IGNORE_INDEX, 2, 3, 4],
-                                                                        [IGNORE_INDEX, 6, IGNORE_INDEX, IGNORE_INDEX]]
+    inputs, positions, packed = _pack(embeds, mask, labels, rows)
+    assert positions.tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert inputs[0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 8.0, 9.0]
+    assert packed.tolist() == [[IGNORE_INDEX, 2, 3, 4, IGNORE_INDEX, 6]]
+    assert _pack(embeds, mask, labels, [[0, 1], [2]])[2].tolist() == [[IGNORE_INDEX, 2, 3, 4],
+                                                                     [IGNORE_INDEX, 6, IGNORE_INDEX, IGNORE_INDEX]]
 
 
 @pytest.mark.parametrize("model_type", ["tiny-llama", "tiny-phi-2"])
@@ -186,7 +211,7 @@ def test_a_batch_that_packs_runs_the_modules_in_the_order_of_one_that_does_not(m
     hooks = [module.register_forward_pre_hook(lambda m, args, name=name: order.append(name))
              for name, module in model.lm.named_modules() if name]
     hooks.append(model.lm.base_model.register_forward_pre_hook(
-        lambda m, args, kwargs: rows.append(len(kwargs["position_ids"])), with_kwargs=True))
+        lambda m, args, kwargs: rows.append(len(kwargs["inputs_embeds"])), with_kwargs=True))
     orders = []
     model.packing = True
     try:
@@ -201,3 +226,104 @@ def test_a_batch_that_packs_runs_the_modules_in_the_order_of_one_that_does_not(m
             hook.remove()
     assert rows == [1, 2]  # the padded batch was packed into one row, the other was not packed
     assert orders[0] == orders[1] and orders[0][0].endswith("embed_tokens")
+
+
+# ---------------------------------------------------------------------------------------- host planning
+def _skip_unless_sdpa(model):
+    """The forward builds masks only for SDPA attention; elsewhere (CodeGen under transformers 5.17 runs eager) it
+    leaves them to transformers, which reads the device to build them."""
+    if model.lm.config._attn_implementation != "sdpa":
+        pytest.skip(f"{model.lm.config.model_type} runs {model.lm.config._attn_implementation} attention here")
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("method", ["none", "lora", "pt", "idpg", "lopa"])
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_training_forward_and_backward_read_nothing_from_the_device(model_type, method, packing, monkeypatch):
+    """With the collator's host copy, a training step never waits for a GPU: no value read back (a scalar, a
+    data-dependent shape) and no copy from the host but the one ``to_device`` makes. The model runs on the meta
+    device, which has no data: any read fails there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import custom_peft.tuned_model as tuned_model
+    from utils.batching import HostCopy
+
+    model, tok = build_model(method, model_type, num_virtual_tokens=4, lp_rank=2, enc_model_type="tiny-roberta",
+                             seed=0)
+    _skip_unless_sdpa(model)
+    batch = batch_of(tok, PROMPTS, side="right", targets=TARGETS)
+    model.train()
+    model.packing = packing
+    model._attention_width = 1e9 if packing else None  # pack whenever there is padding
+    model.to("meta")
+    sent, allowed = [], [False]
+
+    def to_device(tensors, device):  # the one sanctioned copy (pinned and asynchronous on a GPU)
+        sent.append(len(tensors))
+        allowed[0] = True
+        try:
+            return [t.to(device) for t in tensors]
+        finally:
+            allowed[0] = False
+
+    monkeypatch.setattr(tuned_model, "to_device", to_device)
+
+    class HostCopies(TorchDispatchMode):
+        found: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            from_host = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() for a in args)
+            if from_host and isinstance(out, torch.Tensor) and out.device.type == "meta" and not allowed[0]:
+                HostCopies.found.append(str(func))
+            return out
+
+    on_meta = {k: v.to("meta") for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    host = HostCopy(batch["attention_mask"], batch["labels"], not batch["enc_attention_mask"].all())
+    model(**on_meta, host=host)  # a first step may settle things once (PT moves its prompt ids)
+    with HostCopies():
+        loss = model(**on_meta, host=host).loss
+        if loss.requires_grad:  # "none" trains nothing
+            loss.backward()
+    assert loss.device.type == "meta" and HostCopies.found == [], HostCopies.found
+    assert sent == [5 if packing else 2] * 2  # one copy a step: the packed layout and the supervised positions
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("method", ["none", "pt", "lopa"])
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_masks_built_here_give_transformers_own_results(model_type, method, packing, monkeypatch):
+    """The 4-D masks the forward builds (to spare transformers' reads of the device) are the ones transformers
+    builds: the same loss and gradients, to the last bit, as with transformers' own masks."""
+    import custom_peft.tuned_model as tuned_model
+
+    model, tok = built(method, model_type)
+    _skip_unless_sdpa(model)
+    batch = batch_of(tok, PROMPTS, side="right", targets=TARGETS)
+    model._attention_width = 1e9 if packing else None
+    results = {}
+    for own in (True, False):
+        monkeypatch.setattr(tuned_model.TunedModel, "_own_masks_exact", lambda self, layout, own=own: own)
+        results[own] = _loss_and_grads(model, batch, packing=packing)
+    model._attention_width = None
+    assert torch.equal(results[True][0], results[False][0])
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, grad in results[True][1].items():
+        assert torch.equal(grad, results[False][1][name]), name
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, ["def a(x): return x", "def b(y): return y"]])
+def test_the_encoder_masks_built_here_give_transformers_own_embeddings(prompts):
+    """The frozen encoder told on the host whether its rows are padded (no mask, or a 4-D one) gives the embeddings
+    transformers gives when it decides that itself, to the last bit."""
+    from utils.models import load_encoder
+
+    encoder, enc_tok = load_encoder("tiny-roberta")
+    assert encoder._builds_sdpa_mask
+    enc = enc_tok(prompts, padding=True, return_tensors="pt")
+    padded = not bool(enc["attention_mask"].all())
+    assert padded == (prompts is PROMPTS)
+    want = encoder(enc["input_ids"], enc["attention_mask"])
+    assert torch.equal(encoder(enc["input_ids"], enc["attention_mask"], padded), want)
+    if padded:  # the check can fail: told wrongly, the padded rows come out otherwise
+        assert not torch.equal(encoder(enc["input_ids"], enc["attention_mask"], False), want)

@@ -18,7 +18,7 @@ import torch
 import tune_fft_baseline
 import tune_foundation_model
 from custom_peft import TunedModel, load_tuned_model
-from custom_peft.packing import pack
+from custom_peft.packing import pack_rows
 from tests.conftest import ROOT
 from utils import fixtures
 from utils.batching import Collator, TaskDataset
@@ -234,11 +234,12 @@ def test_full_logits_plain_adamw_and_padded_rows_train_exactly_like_the_fast_pat
                                                                                      monkeypatch):
     """--selective_logits False / --fused_adamw False / --packing False (the plain paths) give the fast defaults'
     losses and weights. The cost estimate is pinned to "matmuls dominate" so that every batch with padding packs."""
+    import custom_peft.packing as packing
     import custom_peft.tuned_model as tuned_model
 
     packed = []
     monkeypatch.setattr(tuned_model, "attention_width_constant", lambda lm: 1e6)
-    monkeypatch.setattr(tuned_model, "pack", lambda *a: packed.append(a[-1]) or pack(*a))
+    monkeypatch.setattr(packing, "pack_rows", lambda *a: packed.append(a[-1]) or pack_rows(*a))
     runs = {}
     plain = ["--selective_logits", "False", "--fused_adamw", "False", "--packing", "False"]
     for name, extra in (("fast", []), ("plain", plain)):
@@ -294,3 +295,110 @@ def test_a_second_training_run_on_the_same_log_dir_is_refused(tmp_path, data_pat
     assert f"--log_dir {log_dir}: another training run (pid {os.getpid()}) is writing there" in capsys.readouterr().err
     assert sorted(p.name for p in log_dir.iterdir()) == [".lock"]  # it wrote nothing
     assert run_inprocess("peft", argv).global_step == 1  # the lock went with the run that held it
+
+
+def _reads_device(func, args) -> bool:
+    """Whether an aten call makes the host wait for the device on a GPU: a scalar read, or a data-dependent shape."""
+    name = str(func.overloadpacket)
+    if name in ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select"):
+        return True
+    indices = args[1] if name == "aten.index" and len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+
+
+def test_a_training_step_queues_its_forward_passes_before_reading_anything_back(tmp_path, data_paths, monkeypatch):
+    """The step's counts and loss scale stay on the device: on a GPU, a read before the forward would wait for the
+    previous step to finish, so the host could not queue the next step's work (LOPA's eager encoder, the embedding)
+    while the GPU still runs the last backward and optimizer step. Checked with every micro-batch of a gradient
+    accumulation window (the second forward must not wait for the first either). The batches carry their host
+    copy into the model (whose forward reads nothing either: tests/test_packing.py)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from utils import training
+    from utils.training import Trainer, optimizer_step
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += _reads_device(func, args)
+            return func(*args, **(kwargs or {}))
+
+    from utils.batching import HostCopy
+
+    seen, hosts, outside, inside, step, forward = [], [], [], [0], Trainer._queue_step, TunedModel.forward
+
+    def watched_step(self, window):
+        Reads.count = inside[0] = 0
+        with Reads():
+            queued = step(self, window)
+        outside.append(Reads.count - inside[0])
+        return queued
+
+    def watched_forward(self, *args, **kwargs):  # the model's own reads are apart (tests/test_packing.py)
+        seen.append(Reads.count - inside[0])
+        hosts.append(kwargs.get("host"))
+        before = Reads.count
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            inside[0] += Reads.count - before
+
+    def watched_optimizer_step(accelerator, optimizer):  # AdamW reads its step counts, which live on the host
+        before = Reads.count
+        try:
+            return optimizer_step(accelerator, optimizer)
+        finally:
+            inside[0] += Reads.count - before
+
+    monkeypatch.setattr(Trainer, "_queue_step", watched_step)
+    monkeypatch.setattr(TunedModel, "forward", watched_forward)
+    monkeypatch.setattr(training, "optimizer_step", watched_optimizer_step)
+    log_dir = tmp_path / "run"
+    run_inprocess("peft", ["--peft_method", "lopa", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                           "--enc_model_type", "tiny-roberta", "--num_virtual_tokens", "4",
+                           "--data_path", data_paths["mbpp"], "--limit_train_examples", "4",
+                           "--per_gpu_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+                           "--max_train_steps", "2", "--max_length", "32", "--log_dir", str(log_dir)])
+    assert seen == [0, 0, 0, 0] and outside == [0, 0], (seen, outside)  # the step's own reads, before each forward
+    # each batch reached the model with its mask and labels on the host, so the forward need not read them either
+    assert all(isinstance(h, HostCopy) and h.attention_mask.device.type == "cpu" and h.enc_padded is not None
+               for h in hosts), hosts
+    records = read_metrics(log_dir / "metrics.jsonl")
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records), records
+
+
+def test_a_step_with_nothing_supervised_logs_zero_and_leaves_the_weights(tmp_path, data_paths):
+    """Rows cut to their first token supervise nothing: the loss is 0/0 there, counted as 0 (not NaN), and the
+    update is zero (AdamW's weight decay aside, which the soft prompt does not get)."""
+    log_dir = tmp_path / "run"
+    run_inprocess("peft", ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                           "--num_virtual_tokens", "4", "--data_path", data_paths["mbpp"],
+                           "--limit_train_examples", "2", "--per_gpu_train_batch_size", "1",
+                           "--gradient_accumulation_steps", "2", "--max_train_steps", "1", "--max_length", "1",
+                           "--log_dir", str(log_dir)])
+    [record] = read_metrics(log_dir / "metrics.jsonl")
+    assert record["loss"] == 0.0 and record["grad_norm"] == 0.0, record
+
+
+def test_a_steps_numbers_are_read_once_the_next_step_is_queued(tmp_path, data_paths, monkeypatch):
+    """The one wait per step comes after the next step is queued, so the host runs a step ahead of the GPU; an
+    epoch's end, a checkpoint and the run's end read their step at once (they need its numbers), and every step is
+    logged once, in order."""
+    from utils.training import Trainer
+
+    calls, queue, finish = [], Trainer._queue_step, Trainer._finish_step
+    monkeypatch.setattr(Trainer, "_queue_step", lambda self, window: calls.append(("q", self.state.global_step + 1))
+                        or queue(self, window))
+    monkeypatch.setattr(Trainer, "_finish_step", lambda self, step, bar: calls.append(("f", step.step))
+                        or finish(self, step, bar))
+    log_dir = tmp_path / "run"
+    run_inprocess("peft", ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                           "--data_path", data_paths["mbpp"], "--limit_train_examples", "8",
+                           "--per_gpu_train_batch_size", "2", "--num_epochs", "2", "--save_every", "3steps",
+                           "--max_length", "32", "--log_dir", str(log_dir)])
+    # 4 steps an epoch; a checkpoint after step 3 (and 6); epoch ends after steps 4 and 8
+    assert calls == [("q", 1), ("q", 2), ("f", 1), ("q", 3), ("f", 2), ("f", 3), ("q", 4), ("f", 4),
+                     ("q", 5), ("q", 6), ("f", 5), ("f", 6), ("q", 7), ("q", 8), ("f", 7), ("f", 8)], calls
+    assert [r["step"] for r in read_metrics(log_dir / "metrics.jsonl")] == list(range(1, 9))
+    assert sorted(p.name for p in (log_dir / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]

@@ -66,8 +66,8 @@ def test_supervised_tokens_counts_what_the_loss_averages():
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX],
                            [7, IGNORE_INDEX, IGNORE_INDEX, 8, 9]])
     # without a soft prompt the first label has no predictor; with one, the last virtual token predicts it
-    assert supervised_tokens(labels, has_soft_prompt=False) == 4
-    assert supervised_tokens(labels, has_soft_prompt=True) == 5
+    assert int(supervised_tokens(labels, has_soft_prompt=False)) == 4
+    assert int(supervised_tokens(labels, has_soft_prompt=True)) == 5
 
 
 def test_shorten_cuts_the_prompt_from_the_left_and_keeps_the_answer():

@@ -93,6 +93,28 @@ def _mask(rows: list[list[int]], length: int, side: str) -> torch.Tensor:
     return _pad([[1] * len(r) for r in rows], 0, length, side)
 
 
+class HostCopy:
+    """A training batch's attention mask and labels on the CPU, as the collator made them, riding along in the batch
+    (``Collator(host_copy=True)``) so that the forward plans its layout without reading from the device. A plain
+    object: accelerate, DDP and ``pin_memory`` pass it through untouched."""
+
+    __slots__ = ("attention_mask", "labels", "enc_padded")
+
+    def __init__(self, attention_mask: torch.Tensor, labels: torch.Tensor, enc_padded: bool | None = None):
+        self.attention_mask, self.labels = attention_mask, labels
+        self.enc_padded = enc_padded
+        """Whether the encoder's rows are padded (None: no encoder input, or not known)."""
+
+    @classmethod
+    def read(cls, attention_mask: torch.Tensor, labels: torch.Tensor) -> HostCopy:
+        """Both read back from the device in one copy (for a batch that came without one)."""
+        host = torch.stack([attention_mask.to(labels.dtype), labels]).cpu()
+        return cls(host[0], host[1])
+
+    def matches(self, attention_mask: torch.Tensor) -> bool:
+        return self.attention_mask.shape == attention_mask.shape
+
+
 class Collator:
     """Pad a list of examples into tensors.
 
@@ -100,14 +122,17 @@ class Collator:
     length (the original's behaviour; rows longer than it are an error) instead of the longest row.
     ``pad_to_multiple_of``: round the longest row up (few distinct shapes for compiled kernels and static caches).
     The mask is built from positions, not from ids, so an EOS equal to PAD is still attended.
+    ``host_copy``: training batches also carry their mask and labels on the CPU (``"host"``: a
+    ``HostCopy``), so the model plans each step without reading them back from the GPU.
     """
 
     def __init__(self, pad_id: int, enc_pad_id: int | None = None, *, padding_side: str = "right",
-                 pad_to: int | None = None, pad_to_multiple_of: int | None = None):
+                 pad_to: int | None = None, pad_to_multiple_of: int | None = None, host_copy: bool = False):
         if padding_side not in ("left", "right"):
             raise ValueError("padding_side must be 'left' or 'right'")
         self.pad_id, self.enc_pad_id, self.padding_side, self.pad_to = pad_id, enc_pad_id, padding_side, pad_to
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.host_copy = host_copy
 
     def __call__(self, examples: list[dict]) -> dict:
         ids = [e["input_ids"] for e in examples]
@@ -129,6 +154,10 @@ class Collator:
             enc_len = max(len(r) for r in enc)
             batch["enc_input_ids"] = _pad(enc, self.enc_pad_id or 0, enc_len, "right")
             batch["enc_attention_mask"] = _mask(enc, enc_len, "right")
+        if self.host_copy and "labels" in batch:
+            enc_mask = batch.get("enc_attention_mask")
+            batch["host"] = HostCopy(batch["attention_mask"], batch["labels"],
+                                     None if enc_mask is None else not bool(enc_mask.all()))
         return batch
 
 

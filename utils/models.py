@@ -262,6 +262,10 @@ class PooledEncoder(nn.Module):
         self.backbone.requires_grad_(False)
         self.hidden_size = backbone.config.hidden_size
         self.dropout_in_training = True
+        config = backbone.config
+        self._builds_sdpa_mask = (getattr(config, "model_type", None) in ("roberta", "bert")
+                                  and getattr(config, "_attn_implementation", None) == "sdpa")
+        """transformers' BERT / RoBERTa with SDPA: a 4-D boolean mask (True: attend) is taken as it is."""
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -269,8 +273,15 @@ class PooledEncoder(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, padded: bool | None = None
+                ) -> torch.Tensor:
+        """``padded``: whether any row is padded, when the caller knows it on the host; then a transformers
+        backbone gets the mask it would build itself (none, or a 4-D one) and need not read the device to decide."""
+        attend = attention_mask
+        if padded is not None and self._builds_sdpa_mask:
+            rows, width = attention_mask.shape
+            attend = attention_mask.bool()[:, None, None, :].expand(rows, 1, width, width) if padded else None
+        out = self.backbone(input_ids=input_ids, attention_mask=attend)
         if self.pooling == "cls":
             pooled = out.last_hidden_state[:, 0]
         elif self.pooling == "pooler_l2":

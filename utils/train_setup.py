@@ -93,7 +93,8 @@ def _single_process_env() -> None:
 
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import (DataLoaderConfiguration, DeepSpeedPlugin, DistributedDataParallelKwargs,
+                                  ProjectConfiguration)
 
     train = config.train
     env_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -113,6 +114,8 @@ def make_accelerator(config: TrainConfig):
         project_config=ProjectConfiguration(project_dir=config.output.log_dir, logging_dir=config.output.log_dir),
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, by us (not N times per step)
         deepspeed_plugin=plugin,
+        # batches come pinned on a GPU (utils/training.py): their copy need not wait for the GPU's queued work
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 

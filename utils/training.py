@@ -59,10 +59,11 @@ class EpochSampler(Sampler[int]):
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
-def supervised_tokens(labels: torch.Tensor, has_soft_prompt: bool) -> int:
-    """Tokens the loss averages over: every label after the first (whose predictor is a virtual token, if any)."""
-    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return count + (int((labels[:, 0] != IGNORE_INDEX).sum()) if has_soft_prompt else 0)
+def supervised_tokens(labels: torch.Tensor, has_soft_prompt: bool) -> torch.Tensor:
+    """Tokens the loss averages over, as a 0-d tensor on ``labels``' device (read without waiting for it): every
+    label after the first (whose predictor is a virtual token, if any)."""
+    supervised = labels != IGNORE_INDEX
+    return supervised.sum() if has_soft_prompt else supervised[:, 1:].sum()
 
 
 def shorten(example: dict, max_length: int) -> dict:
@@ -78,6 +79,20 @@ def shorten(example: dict, max_length: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+@dataclass
+class _QueuedStep:
+    """An optimizer step queued on the device, its numbers not yet read back."""
+
+    step: int
+    epoch: int
+    lr: float
+    numbers: torch.Tensor
+    """On the device: the summed loss, the supervised and the attended token counts, and the gradient norm if the
+    step measured one as a tensor."""
+    grad_norm: float | None
+    """A gradient norm DeepSpeed gave as a number."""
+
+
 @dataclass
 class TrainResult:
     log_dir: pathlib.Path
@@ -178,9 +193,11 @@ class Trainer:
                         else EpochSampler(len(self.dataset), m.seed))
         pad_to = max_length if t.pad_to_max_length else None
         collator = Collator(self.tokenizer.pad_token_id, enc_tok.pad_token_id if enc_tok else None,
-                            padding_side="right", pad_to=pad_to)
+                            padding_side="right", pad_to=pad_to, host_copy=True)
+        # pinned batches: accelerate copies them to the GPU without waiting for it (make_accelerator's non_blocking)
         loader = DataLoader(self.dataset, batch_size=t.per_gpu_train_batch_size, sampler=self.sampler,
-                            collate_fn=collator, num_workers=0, generator=torch.Generator().manual_seed(m.seed))
+                            collate_fn=collator, num_workers=0, generator=torch.Generator().manual_seed(m.seed),
+                            pin_memory=acc.device.type == "cuda")
         self.dataloader = acc.prepare(loader)
         self.plan = make_plan(t, len(self.dataloader), acc.num_processes)  # after sharding
         ds_config = configure_deepspeed(acc, cfg, model.lm.config.hidden_size) if self.ds else None
@@ -238,6 +255,7 @@ class Trainer:
         bar = ProgressBar(plan.total_steps, self.state.global_step, acc.is_main_process)
         epoch_losses = []
         self._wall = self._rate_clock = (time.perf_counter(), self.state.tokens)
+        pending = None  # the last queued step, read back once the next one is queued behind it
         while self.state.global_step < plan.total_steps:
             batches = iter(self._epoch_loader())
             if rng is not None:  # exactly where the interrupted run stood
@@ -247,17 +265,25 @@ class Trainer:
                 window = list(itertools.islice(batches, cfg.train.gradient_accumulation_steps))
                 if not window:
                     raise RuntimeError("the dataloader ran out before the planned batches")  # a bug, not a user error
-                record = self._step(window)
-                state = self.state
-                state.epoch_loss_sum += record["loss"]
-                state.epoch_steps += 1
+                try:
+                    queued = self._queue_step(window)
+                except BaseException:
+                    with contextlib.suppress(Exception):  # log the step before, if the device still answers
+                        if pending is not None:
+                            self._finish_step(pending, bar)
+                    raise
+                if pending is not None:
+                    self._finish_step(pending, bar)
+                pending = queued
+                state, save = self.state, cfg.output.save_every
                 end_of_epoch = state.batch_in_epoch >= plan.batches_per_epoch
+                if end_of_epoch or save.due(step=state.global_step) or state.global_step >= plan.total_steps:
+                    self._finish_step(pending, bar)  # an epoch's mean and a checkpoint need this step's numbers
+                    pending = None
                 if end_of_epoch:  # closed before a checkpoint is taken, so the next epoch starts from zero
                     epoch_losses.append(state.epoch_loss_sum / state.epoch_steps)
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                     state.epoch_loss_sum, state.epoch_steps = 0.0, 0
-                self._log(record, bar)
-                save = cfg.output.save_every
                 if save.due(step=self.state.global_step) or (end_of_epoch and save.due(epoch=self.state.epoch)):
                     self._save_checkpoint()
                     self._rate_clock = (time.perf_counter(), self.state.tokens)  # tokens/s leaves out saving
@@ -284,25 +310,29 @@ class Trainer:
         self.sampler.set_epoch(self.state.epoch)
         return loader
 
-    def _step(self, window: list[dict]) -> dict:
-        """One optimizer step over ``window`` (this process's micro-batches); returns the metrics record."""
+    def _queue_step(self, window: list[dict]) -> _QueuedStep:
+        """One optimizer step over ``window`` (this process's micro-batches), queued on the device.
+
+        The counts, the loss scale and the loss stay on the device: nothing here waits for the GPU, so the host can
+        prepare and queue the next step (its batch, LOPA's eager encoder, the embedding) while the GPU still runs
+        this one. ``_finish_step`` reads the numbers back, in one copy, once the next step is queued."""
         acc = self.accelerator
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
         sup = [supervised_tokens(b["labels"], self.has_prompt) for b in window]
-        counts = acc.reduce(torch.tensor([sum(sup), sum(int(b["attention_mask"].sum()) for b in window)],
-                                         device=acc.device), reduction="sum")
-        total_sup, total_tokens = int(counts[0]), int(counts[1])
-        # backward divides by GA and DDP/DeepSpeed average over processes: undo both, divide by the true count
-        scale = acc.num_processes * acc.gradient_accumulation_steps / max(total_sup, 1)
+        counts = acc.reduce(torch.stack([sum(sup), sum(b["attention_mask"].sum() for b in window)]).to(acc.device),
+                            reduction="sum")
+        # backward divides by GA and DDP/DeepSpeed average over processes: undo both, divide by the true count;
+        # in float64, as the Python float this once was, so the fp32 factor is the same
+        scale = acc.num_processes * acc.gradient_accumulation_steps / counts[0].clamp(min=1).double()
         loss_sum = torch.zeros((), device=acc.device)
         for i, (batch, n) in enumerate(zip(window, sup)):
             last = i == len(window) - 1
             acc.sync_gradients = last
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                out = self.model(**{k: v for k, v in batch.items() if k != "task_ids"})
+                out = self.model(**{k: v for k, v in batch.items() if k != "task_ids"})  # "host" included
                 # only a micro-batch with nothing supervised (loss 0/0) is zeroed: a diverged run must log NaN
-                micro_loss = out.loss if n else torch.nan_to_num(out.loss)
-                acc.backward(micro_loss * (n * scale))
+                micro_loss = torch.where(n > 0, out.loss, torch.nan_to_num(out.loss))
+                acc.backward(micro_loss * (n * scale).to(micro_loss.dtype))
             loss_sum += micro_loss.detach().float() * n
         grad_norm = None
         if self.config.train.max_grad_norm and not self.ds:
@@ -313,16 +343,28 @@ class Trainer:
         if not skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(acc.reduce(loss_sum, reduction="sum")) / max(total_sup, 1)
-        epoch = self.state.epoch + 1
+        numbers = [acc.reduce(loss_sum, reduction="sum").double(), counts[0].double(), counts[1].double()]
+        if isinstance(grad_norm, torch.Tensor):
+            numbers.append(grad_norm.detach().double().to(acc.device))
         self.state.global_step += 1
         self.state.batch_in_epoch += len(window)
-        self.state.tokens += total_tokens
-        record = {"step": self.state.global_step, "epoch": epoch, "loss": loss, "lr": lr,
-                  "tokens": self.state.tokens}
+        return _QueuedStep(self.state.global_step, self.state.epoch + 1, lr, torch.stack(numbers),
+                           None if isinstance(grad_norm, torch.Tensor) else grad_norm)
+
+    def _finish_step(self, step: _QueuedStep, bar: ProgressBar) -> None:
+        """Read a queued step's numbers back (the one wait for the device per step), count them, log them."""
+        values = step.numbers.tolist()
+        total_sup, total_tokens = int(values[1]), int(values[2])
+        grad_norm = values[3] if len(values) > 3 else step.grad_norm
+        state = self.state
+        state.tokens += total_tokens
+        loss = values[0] / max(total_sup, 1)
+        state.epoch_loss_sum += loss
+        state.epoch_steps += 1
+        record = {"step": step.step, "epoch": step.epoch, "loss": loss, "lr": step.lr, "tokens": state.tokens}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
-        return record
+        self._log(record, bar)
 
     def _log(self, record: dict, bar: ProgressBar) -> None:
         now = time.perf_counter()
