@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -402,3 +403,25 @@ def test_a_steps_numbers_are_read_once_the_next_step_is_queued(tmp_path, data_pa
                      ("q", 5), ("q", 6), ("f", 5), ("f", 6), ("q", 7), ("q", 8), ("f", 7), ("f", 8)], calls
     assert [r["step"] for r in read_metrics(log_dir / "metrics.jsonl")] == list(range(1, 9))
     assert sorted(p.name for p in (log_dir / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
+
+
+def test_a_steps_time_and_rate_are_its_own_when_the_next_steps_numbers_follow_at_once(tmp_path, data_paths,
+                                                                                     monkeypatch):
+    """On the CPU a step's work is done when it is queued, not when it is read back one step later: a step read
+    back right after the one before it (an epoch's end, the last step) used to log ~0 s and millions of tokens/s.
+    Every step here takes at least 0.2 s, so each must log at least that long and no faster a rate."""
+    from utils.training import Trainer
+
+    queue = Trainer._queue_step
+    monkeypatch.setattr(Trainer, "_queue_step", lambda self, window: (time.sleep(0.2), queue(self, window))[1])
+    log_dir = tmp_path / "run"
+    run_inprocess("peft", ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                           "--data_path", data_paths["mbpp"], "--limit_train_examples", "4",
+                           "--per_gpu_train_batch_size", "2", "--num_epochs", "2", "--max_length", "32",
+                           "--log_dir", str(log_dir)])
+    records = read_metrics(log_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    seconds = [b["elapsed"] - a["elapsed"] for a, b in zip([{"elapsed": 0.0}] + records, records)]
+    assert all(s >= 0.19 for s in seconds), seconds
+    previous = [0] + [r["tokens"] for r in records]
+    assert all(r["tokens_per_s"] <= (r["tokens"] - t0) / 0.19 for r, t0 in zip(records, previous)), records

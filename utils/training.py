@@ -91,6 +91,8 @@ class _QueuedStep:
     step measured one as a tensor."""
     grad_norm: float | None
     """A gradient norm DeepSpeed gave as a number."""
+    queued_at: float
+    """``time.perf_counter()`` once queued: on the CPU, where each op runs as it is queued, the step ends there."""
 
 
 @dataclass
@@ -349,11 +351,13 @@ class Trainer:
         self.state.global_step += 1
         self.state.batch_in_epoch += len(window)
         return _QueuedStep(self.state.global_step, self.state.epoch + 1, lr, torch.stack(numbers),
-                           None if isinstance(grad_norm, torch.Tensor) else grad_norm)
+                           None if isinstance(grad_norm, torch.Tensor) else grad_norm, time.perf_counter())
 
     def _finish_step(self, step: _QueuedStep, bar: ProgressBar) -> None:
         """Read a queued step's numbers back (the one wait for the device per step), count them, log them."""
         values = step.numbers.tolist()
+        # a GPU step ends when its numbers come back; read a step late, a CPU step ended long before (tokens/s)
+        done = step.queued_at if step.numbers.device.type == "cpu" else time.perf_counter()
         total_sup, total_tokens = int(values[1]), int(values[2])
         grad_norm = values[3] if len(values) > 3 else step.grad_norm
         state = self.state
@@ -364,10 +368,10 @@ class Trainer:
         record = {"step": step.step, "epoch": step.epoch, "loss": loss, "lr": step.lr, "tokens": state.tokens}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
-        self._log(record, bar)
+        self._log(record, bar, done)
 
-    def _log(self, record: dict, bar: ProgressBar) -> None:
-        now = time.perf_counter()
+    def _log(self, record: dict, bar: ProgressBar, now: float) -> None:
+        """``now``: when the step ended."""
         self.state.elapsed += now - self._wall[0]
         start, tokens0 = self._rate_clock
         record["tokens_per_s"] = (record["tokens"] - tokens0) / max(now - start, 1e-9)
