@@ -62,6 +62,30 @@ def test_two_processes_see_the_global_batches_of_one_process_with_twice_the_batc
     reset_accelerate_state()
 
 
+def test_the_rest_of_a_resumed_epoch_is_copied_to_the_device_without_waiting_too():
+    """accelerate's ``skip_first_batches`` builds its loader without the ``non_blocking`` copy (accelerate #4295):
+    after a resume mid-epoch every batch copy would wait for the GPU until the epoch ends. Same batches, same order."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from utils.training import Trainer
+
+    reset_accelerate_state()
+    acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(non_blocking=True))
+    sampler = EpochSampler(12, seed=5)
+    loader = acc.prepare(DataLoader(list(range(12)), batch_size=2, sampler=sampler))
+    trainer = SimpleNamespace(accelerator=acc, dataloader=loader, sampler=sampler,
+                              state=SimpleNamespace(epoch=1, batch_in_epoch=0))
+    whole = [b.tolist() for b in Trainer._epoch_loader(trainer)]
+    trainer.state.batch_in_epoch = 2
+    rest = Trainer._epoch_loader(trainer)
+    assert loader._non_blocking and rest._non_blocking
+    assert [b.tolist() for b in rest] == whole[2:]
+    reset_accelerate_state()
+
+
 def test_supervised_tokens_counts_what_the_loss_averages():
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX],
                            [7, IGNORE_INDEX, IGNORE_INDEX, 8, 9]])

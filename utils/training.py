@@ -307,7 +307,11 @@ class Trainer:
 
     def _epoch_loader(self):
         acc, skip = self.accelerator, self.state.batch_in_epoch
-        loader = acc.skip_first_batches(self.dataloader, skip) if skip else self.dataloader
+        loader = self.dataloader
+        if skip:
+            loader = acc.skip_first_batches(loader, skip)
+            # accelerate's new loader drops the non-blocking copy (accelerate #4295): each copy would wait for the GPU
+            loader._non_blocking = getattr(self.dataloader, "_non_blocking", False)
         loader.set_epoch(self.state.epoch)  # accelerate re-applies its own epoch counter when iteration starts
         self.sampler.set_epoch(self.state.epoch)
         return loader
