@@ -138,13 +138,12 @@ class TunedModel(nn.Module):
         layout = plan_layout(host_mask, host_labels, self._attention_width if self.packing else None,
                              self.selective_logits)
         own_mask = self._own_masks_exact(layout)
-        sent = [t for t in (layout.index, layout.positions, layout.labels, layout.predictors, layout.targets)
-                if t is not None]
-        on_device = iter(to_device(sent, input_ids.device)) if sent else iter(())
+        names = [n for n in ("index", "positions", "labels", "predictors", "targets") if getattr(layout, n) is not None]
+        sent = dict(zip(names, to_device([getattr(layout, n) for n in names], input_ids.device))) if names else {}
         inputs: dict = {"use_cache": False}
         if layout.rows is not None:
-            index, positions, labels = next(on_device), next(on_device), next(on_device)
-            inputs.update(inputs_embeds=gather_rows(embeds, index, len(layout.rows)), position_ids=positions,
+            positions, labels = sent["positions"], sent["labels"]
+            inputs.update(inputs_embeds=gather_rows(embeds, sent["index"], len(layout.rows)), position_ids=positions,
                           attention_mask=block_causal_mask(positions) if own_mask else None)
         else:
             inputs.update({"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds})
@@ -152,10 +151,10 @@ class TunedModel(nn.Module):
                 inputs.update(position_ids=positions_from_mask(mask),
                               attention_mask=padded_causal_mask(mask) if own_mask else mask)
         if self.selective_logits:
-            predictors, targets = next(on_device), next(on_device)
             hidden = self.lm.base_model(**inputs).last_hidden_state
-            logits = self.lm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, predictors))
-            return CausalLMOutputWithPast(loss=nn.functional.cross_entropy(logits.float(), targets))
+            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, sent["predictors"])
+            logits = self.lm.get_output_embeddings()(picked)
+            return CausalLMOutputWithPast(loss=nn.functional.cross_entropy(logits.float(), sent["targets"]))
         out = self.lm(**inputs, labels=labels)
         if layout.rows is not None:  # logits in the packed layout would match no input row
             return CausalLMOutputWithPast(loss=out.loss)
