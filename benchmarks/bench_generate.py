@@ -4,10 +4,10 @@ Methods: ``none``, ``pt``, ``lopa`` with the project's fast path (static KV cach
 padded to a multiple of 64 so shapes repeat), ``<method>-eager`` without it, ``<method>-own`` with the project's
 own greedy loop (``utils/decode_loop.py``: static cache, compiled step, the tokens read back every 8 steps instead
 of every step, attention over the cache positions in use rounded up to 64), ``<method>-own-full`` the same loop
-attending over the whole static cache (the A/B for those buckets), and ``hf-generate``: plain ``model.generate`` with the default dynamic cache, the baseline a user
-would otherwise pick. Real architectures
-with random weights; EOS is disabled so every row makes exactly ``--new_tokens`` tokens. Prompt lengths come
-from the real MBPP test prompts under a 32k code BPE (benchmarks/bench_tokenizer.py).
+attending over the whole static cache (the A/B for those buckets), and ``hf-generate``: plain ``model.generate``
+with the default dynamic cache, the baseline a user would otherwise pick. Real architectures with random weights;
+EOS is disabled so every row makes exactly ``--new_tokens`` tokens. Prompt lengths come from the real MBPP test
+prompts under a 32k code BPE (benchmarks/bench_tokenizer.py).
 
     python -m benchmarks.bench_generate --model phi-2 --batch_sizes 1,16,64
     python -m benchmarks.bench_generate --smoke

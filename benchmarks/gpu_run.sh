@@ -46,7 +46,8 @@ wanted train_phi2 && section train_phi2 ${TRAIN_LIMIT:-220} $PY -m benchmarks.be
   --methods ${TRAIN_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft,idpg} --steps 8 --warmup 3 --padding \
   --data_path "$DATA" --results "$OUT_DIR/results.jsonl"
 wanted generate_phi2 && section generate_phi2 ${GEN_LIMIT:-390} $PY -m benchmarks.bench_generate --model phi-2 \
-  --methods ${GEN_METHODS:-hf-generate,none,none-own,lopa,lopa-own,pt,none-own-full} --batch_sizes ${GEN_BATCHES:-64,16,1} \
+  --methods ${GEN_METHODS:-hf-generate,none,none-own,lopa,lopa-own,pt,none-own-full} \
+  --batch_sizes ${GEN_BATCHES:-64,16,1} \
   --data_path "$DATA" \
   --results "$OUT_DIR/results.jsonl"
 wanted generate_phi3 && section generate_phi3 ${PHI3_LIMIT:-150} $PY -m benchmarks.bench_generate --model phi-3 \
