@@ -253,8 +253,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no_compile", dest="compile", action="store_false")
-    p.add_argument("--compile_encoder", action="store_true",
-                   help="also compile the frozen encoder's layers for lopa/idpg (an A/B; the trainer does not yet)")
+    p.add_argument("--eager_encoder", dest="compile_encoder", action="store_false",
+                   help="leave lopa/idpg's frozen encoder eager (an A/B: the trainer compiles its layers with the "
+                        "decoder's, --compile_encoder)")
     p.add_argument("--padding", action="store_true", help="also run the dynamic vs fixed padding comparison")
     p.add_argument("--plan_only", action="store_true",
                    help="the --padding layouts and their FLOP estimate only (no model runs, no methods; any machine)")

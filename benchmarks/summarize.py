@@ -24,12 +24,15 @@ def load(path: str | pathlib.Path, runs: list[str] | None) -> list[dict]:
 
 
 def _train(lines):
-    """``{model: {method: line}}`` of the 8 × 512 method lines (padding lines and errors left out); a variant run
-    (``--compile_encoder``) is its own entry, ``lopa+compile_encoder``, so it never stands in for the default."""
+    """``{model: {method: line}}`` of the 8 × 512 method lines (padding lines and errors left out); a compiled
+    run with the encoder left eager (``--eager_encoder``, the A/B of the trainer's default since session 11) is its
+    own entry, ``lopa+eager_encoder``, so it never stands in for the default. Older lines lack the field."""
     out: dict[str, dict[str, dict]] = {}
     for line in lines:
         if line["bench"] == "train" and "padding" not in line and "error" not in line:
-            method = line["method"] + ("+compile_encoder" if line.get("compile_encoder") else "")
+            eager_encoder = line.get("compile_encoder") is False and line.get("compile") \
+                and line["method"] in ("lopa", "idpg")
+            method = line["method"] + ("+eager_encoder" if eager_encoder else "")
             out.setdefault(line["model"], {})[method] = line
     return out
 

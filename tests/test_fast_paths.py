@@ -149,7 +149,7 @@ def test_generate_preds_fast_decoding_writes_the_same_files(tmp_path, data_paths
 
 
 def test_compiled_encoder_layers_pool_like_eager():
-    """bench_train --compile_encoder: every encoder family's layers are found, and compiled they give eager's
+    """The trainer's --compile_encoder: every encoder family's layers are found, and compiled they give eager's
     instance embeddings (eval mode: dropout draws differently once compiled)."""
     from tests.test_codesage import CONFIG as CODESAGE_CONFIG
     from utils.codesage import CodeSageEncoder

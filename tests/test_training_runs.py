@@ -425,3 +425,48 @@ def test_a_steps_time_and_rate_are_its_own_when_the_next_steps_numbers_follow_at
     assert all(s >= 0.19 for s in seconds), seconds
     previous = [0] + [r["tokens"] for r in records]
     assert all(r["tokens_per_s"] <= (r["tokens"] - t0) / 0.19 for r, t0 in zip(records, previous)), records
+
+
+def test_compile_on_compiles_the_encoder_too_and_keeps_every_version_the_layers_need(tmp_path, data_paths,
+                                                                                     monkeypatch):
+    """--compile on (here with a counting backend instead of inductor): the frozen encoder's layers compile with the
+    decoder's, and the run keeps more compiled versions than torch's cap (set to 2 here; 8 by default), which
+    every transformers layer class shares. The losses are eager's. --compile_encoder False leaves the encoder eager."""
+    from utils import fast_paths
+
+    graphs, compiled = [], []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for name in ("compile_layers", "compile_encoder_layers"):
+        def compile_with(module, real=getattr(fast_paths, name), name=name):
+            compiled.append(name)
+            return real(module, backend=counting_backend)
+        monkeypatch.setattr(fast_paths, name, compile_with)
+    runs = {}
+    try:
+        with torch._dynamo.config.patch(recompile_limit=2):
+            for name, extra in (("eager", ["--compile", "off"]), ("both", ["--compile", "on"]),
+                                ("decoder", ["--compile", "on", "--compile_encoder", "False"])):
+                torch.compiler.reset()
+                graphs.clear(), compiled.clear()
+                log_dir = tmp_path / name
+                run_inprocess("peft", ["--peft_method", "lopa", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                                       "--enc_model_type", "tiny-roberta", "--data_path", data_paths["mbpp"],
+                                       "--encoder_dropout", "False", "--limit_train_examples", "6",
+                                       "--per_gpu_train_batch_size", "2", "--num_epochs", "1", "--max_length", "200",
+                                       "--lr", "0.1", "--log_dir", str(log_dir), *extra])
+                runtime = json.loads((log_dir / "config.json").read_text())["runtime"]
+                runs[name] = ([r["loss"] for r in read_metrics(log_dir / "metrics.jsonl")], len(graphs),
+                              list(compiled), (runtime["compiled_layers"], runtime["compiled_encoder_layers"]))
+    finally:
+        torch.compiler.reset()
+    assert runs["eager"][1:] == (0, [], (False, False))
+    assert runs["both"][2:] == (["compile_layers", "compile_encoder_layers"], (True, True))
+    assert runs["decoder"][2:] == (["compile_layers"], (True, False))
+    assert runs["both"][1] > max(2, runs["decoder"][1])  # past the cap of 2, with the encoder's own versions
+    assert len(runs["eager"][0]) == 3
+    for name in ("both", "decoder"):
+        assert runs[name][0] == pytest.approx(runs["eager"][0], rel=1e-5)

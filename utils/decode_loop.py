@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import StaticLayer
 
 from utils.errors import UserError
-from utils.fast_paths import StaticCacheSlot, cache_argument, static_cache_length
+from utils.fast_paths import StaticCacheSlot, cache_argument, recompile_room, static_cache_length
 from utils.stopping import StopOnText
 
 STEP_COMPILE = {"mode": "reduce-overhead", "dynamic": False}
@@ -149,8 +149,7 @@ class GreedyDecoder:
         last_position = position_ids[:, -1:]
         checked = 0  # steps judged so far
         made = 1
-        limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-        with torch._dynamo.config.patch(recompile_limit=limit):
+        with recompile_room(RECOMPILE_LIMIT):
             while made < max_new_tokens:
                 if made - checked >= self.check_every:
                     if self._check(tokens, criterion, checked, made):

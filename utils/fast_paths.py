@@ -2,7 +2,9 @@
 
 * ``compile_layers``: regional ``torch.compile`` of the decoder layers (one compilation serves every layer, so
   compile time stays short; the model body gains ~1.3-1.4x on a GPU in training).
-* ``compile_encoder_layers``: the same for LOPA's / IDPG's frozen encoder (opt-in, benchmark only so far).
+* ``compile_encoder_layers``: the same for LOPA's / IDPG's frozen encoder (the trainer's ``--compile_encoder``):
+  eager, its ~500 small operations per forward cost the host more than the GPU work they launch.
+* ``recompile_room``: lets those compiled layers keep every version they need during a run.
 * ``make_adamw``: AdamW with the fused CUDA kernel when the parameters live on a GPU.
 * ``static_cache_kwargs``: ``generate`` keyword arguments for a static KV cache, which transformers compiles
   automatically on a GPU (decoding steps only; prefill, where the soft prompt enters, stays eager). A sliding-window
@@ -15,6 +17,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,9 +58,24 @@ def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
 
 
 def compile_encoder_layers(backbone: nn.Module, **compile_kwargs) -> int:
-    """Compile each layer of a frozen encoder in place; returns how many. Opt-in (``bench_train
-    --compile_encoder``), not yet a default: whether it pays on a GPU is not measured."""
+    """Compile each layer of a frozen encoder in place; returns how many. The trainer does it with its decoder
+    layers (``--compile_encoder``); what it gains on a GPU is for ``benchmarks/gpu_run.sh encoder_ab`` to show."""
     return _compile_each(encoder_layers(backbone), compile_kwargs)
+
+
+TRAIN_RECOMPILE_LIMIT = 64
+"""Compiled versions a training run may keep of each compiled function. Every transformers layer class, decoder or
+encoder, runs one wrapper's code (``GradientCheckpointingLayer``), and torch caps the versions of one code at 8 by
+default. LOPA with both compiled used all 8 over the MBPP train split (on the CPU, batch 4: the first shape, then
+dynamic ones, one-row batches, with and without a mask, each for the decoder and the encoder under no_grad).
+Past the cap, new versions run eager."""
+
+
+@contextlib.contextmanager
+def recompile_room(limit: int):
+    """Within the block, torch.compile keeps up to ``limit`` versions of each function (never fewer than set)."""
+    with torch._dynamo.config.patch(recompile_limit=max(limit, torch._dynamo.config.recompile_limit)):
+        yield
 
 
 def release_compiled() -> None:

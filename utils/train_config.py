@@ -112,6 +112,8 @@ class TrainArgs:
     model_dtype: str = "fp32"
     gradient_checkpointing: bool = False
     compile: str = "auto"
+    compile_encoder: bool = True
+    """With ``compile``, LOPA's / IDPG's frozen encoder is compiled layer by layer too."""
     selective_logits: bool = True
     fused_adamw: bool = True
     packing: bool = True

@@ -33,6 +33,7 @@ from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDat
 from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, find_checkpoint, load_checkpoint, read_resume_state,
                               resume_hint, save_checkpoint, set_rng_state)
 from utils.data import default_data_path, load_task_split
+from utils.fast_paths import TRAIN_RECOMPILE_LIMIT, recompile_room
 from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, open_file_modes,
                           unfinished_directory)
 from utils.tasks import get_task
@@ -116,7 +117,8 @@ def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training ``config`` describes; writes everything under its log_dir."""
     trainer = Trainer(config)
     try:
-        with naming_full_disk(trainer.log_dir, lambda: resume_hint(trainer.log_dir)):  # the appends, the config
+        with naming_full_disk(trainer.log_dir, lambda: resume_hint(trainer.log_dir)), \
+                recompile_room(TRAIN_RECOMPILE_LIMIT):  # naming_full_disk: the appends, the config
             return trainer.fit()
     finally:
         if trainer._lock is not None:
@@ -186,10 +188,13 @@ class Trainer:
         model.selective_logits = t.selective_logits
         model.packing = t.packing and not t.pad_to_max_length  # fixed-length rows are asked for as the original's
         self.compiled = t.compile == "on" or (t.compile == "auto" and acc.device.type == "cuda" and not self.ds)
+        self.compiled_encoder = self.compiled and m.uses_encoder and t.compile_encoder
         if self.compiled:
-            from utils.fast_paths import compile_layers
+            from utils import fast_paths  # by module, so that tests can swap the compile backend
 
-            compile_layers(model.lm)
+            fast_paths.compile_layers(model.lm)
+            if self.compiled_encoder:
+                fast_paths.compile_encoder_layers(model.prompt.encoder.backbone)
         self.sampler = (LengthGroupedSampler(self.dataset.lengths(), t.per_gpu_train_batch_size * acc.num_processes,
                                              seed=m.seed) if t.group_by_length
                         else EpochSampler(len(self.dataset), m.seed))
@@ -217,6 +222,7 @@ class Trainer:
         runtime = {
             "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
             "mixed_precision": acc.mixed_precision, "device": str(acc.device), "compiled_layers": self.compiled,
+            "compiled_encoder_layers": self.compiled_encoder,
             "packing": self.config.train.packing and not self.config.train.pad_to_max_length,
             "deepspeed_zero_stage": ds_config["zero_optimization"].get("stage") if ds_config else None,
             "optimizer": ("deepspeed " if ds_config and "optimizer" in ds_config else "torch ") + "AdamW",
