@@ -196,8 +196,8 @@ def config_from_namespace(ns: argparse.Namespace, script: str) -> TrainConfig:
         lr_scheduler_type=ns.lr_scheduler_type, num_warmup_steps=ns.num_warmup_steps, warmup_ratio=ns.warmup_ratio,
         max_train_steps=ns.max_train_steps, max_grad_norm=ns.max_grad_norm, mixed_precision=mixed_precision,
         model_dtype=ns.model_dtype, gradient_checkpointing=ns.gradient_checkpointing, compile=ns.compile,
-        compile_encoder=ns.compile_encoder, selective_logits=ns.selective_logits, fused_adamw=ns.fused_adamw, packing=ns.packing,
-        pad_to_max_length=ns.pad_to_max_length, group_by_length=ns.group_by_length,
+        compile_encoder=ns.compile_encoder, selective_logits=ns.selective_logits, fused_adamw=ns.fused_adamw,
+        packing=ns.packing, pad_to_max_length=ns.pad_to_max_length, group_by_length=ns.group_by_length,
         limit_train_examples=ns.limit_train_examples, max_length=ns.max_length, path_to_ds_config=ns.path_to_ds_config)
     output = OutputArgs(
         log_dir=ns.log_dir or _resume_log_dir(ns.resume_from) or default_log_dir(),
