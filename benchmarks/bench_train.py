@@ -77,10 +77,12 @@ def build(method: str, args):
                                    lp_rank=args.r, dtype=args.dtype, random_weights=True, seed=0)
             lm = model.lm
             model.packing = True
+            encoder = getattr(model.prompt, "encoder", None)
+            graphed = bool(args.encoder_graphs and dev.type == "cuda" and encoder is not None and encoder.use_graphs())
             if args.compile:
                 compile_layers(lm)
-                if args.compile_encoder and model.prompt is not None:
-                    compile_encoder_layers(model.prompt.encoder.backbone)
+                if args.compile_encoder and encoder is not None and not graphed:
+                    compile_encoder_layers(encoder.backbone)
             opt = make_adamw(model.parameters(), lr=1e-4)
 
             def forward(batch):
@@ -142,13 +144,33 @@ def bench_method(method: str, args, writer: ResultWriter) -> None:
     tps = tokens / seconds
     fpt = train_flops_per_token(lm, args.seq_len, full_finetune=(method == "fft"))
     peak_fl = peak_flops()
-    encoder_compiled = bool(args.compile and args.compile_encoder and getattr(model, "prompt", None) is not None)
+    encoder = getattr(getattr(model, "prompt", None), "encoder", None)
+    graphed = encoder is not None and encoder.graphs is not None
+    encoder_compiled = bool(args.compile and args.compile_encoder and encoder is not None and not graphed)
     writer.write("train", model=args.model, method=method, batch_size=args.batch_size, seq_len=args.seq_len,
                  dtype=args.dtype, compile=bool(args.compile and method not in BASELINES),
-                 compile_encoder=encoder_compiled, tokens_per_s=tps,
+                 compile_encoder=encoder_compiled, encoder_graphs=graphed,
+                 encoder_graphs_max_diff=graph_check(encoder, batch) if graphed else None, tokens_per_s=tps,
                  mfu=(tps * fpt / peak_fl) if peak_fl else None, peak_gib=peak, trainable_params=trainable,
                  final_loss=loss, steps=args.steps, allocated_before_gib=allocated,
                  ms_per_step=seconds * 1e3 / args.steps, **attribution, **dynamo_delta(compiles))
+
+
+def graph_check(encoder, batch: dict) -> float | None:
+    """The largest difference between the replayed and the eager encoder's embeddings of ``batch``, in eval mode
+    (no dropout), under the benchmark's autocast; None, with the error printed, if the check fails."""
+    training = encoder.training
+    try:
+        encoder.eval()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ids, mask = batch["enc_input_ids"], batch["enc_attention_mask"]
+            graphed, eager = encoder(ids, mask, False), encoder._encode(ids, mask, False)
+        return float((graphed.float() - eager.float()).abs().max())
+    except Exception:
+        traceback.print_exc()
+        return None
+    finally:
+        encoder.train(training)
 
 
 def bench_padding(args, writer: ResultWriter) -> None:
@@ -256,6 +278,9 @@ def main(argv=None) -> None:
     p.add_argument("--eager_encoder", dest="compile_encoder", action="store_false",
                    help="leave lopa/idpg's frozen encoder eager (an A/B: the trainer compiles its layers with the "
                         "decoder's, --compile_encoder)")
+    p.add_argument("--encoder_graphs", action="store_true",
+                   help="replay lopa/idpg's frozen encoder from CUDA graphs (the trainer's --encoder_graphs; CUDA "
+                        "only); the line records the largest difference from the eager encoder in eval mode")
     p.add_argument("--padding", action="store_true", help="also run the dynamic vs fixed padding comparison")
     p.add_argument("--plan_only", action="store_true",
                    help="the --padding layouts and their FLOP estimate only (no model runs, no methods; any machine)")

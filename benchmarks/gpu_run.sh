@@ -11,9 +11,10 @@
 #   generate_phi3  Phi-3-mini's architecture (2,047-token sliding window), none and none-own at batch 64: does
 #                  fast decoding compile once per shape there (session 9 fix; not yet run, ~1.5 min estimated)?
 #   train_deepseek (42 s)    train_llama3 (52 s without its FFT, which needs an H200)
-#   encoder_ab     lopa on deepseek and phi-2 with the frozen encoder left eager (--eager_encoder; the train
-#                  sections compile its layers, as the trainer does since session 11): compare with the same model's
-#                  lopa line of its train section (not yet run; ~1 min estimated); AB_MODELS picks the models
+#   encoder_ab     lopa on deepseek and phi-2 with the frozen encoder left eager (--eager_encoder), then replayed
+#                  from CUDA graphs (--encoder_graphs; its line records the largest difference from eager); the train
+#                  sections compile its layers, as the trainer does since session 11: compare with the same model's
+#                  lopa line there (not yet run; ~40 s per line estimated); AB_MODELS picks the models
 #   cli_tiny       the README's tiny train -> generate -> postprocess -> evaluate through the real CLIs: bf16,
 #                  --compile auto, fast decoding on and off and --decode_loop own (75 s in session 8 without the
 #                  last; over 90 s on a fresh machine). Its runs go to
@@ -64,9 +65,10 @@ wanted train_llama3 && section train_llama3 ${LLAMA_LIMIT:-180} $PY -m benchmark
   --methods ${LLAMA_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft} --steps 5 --warmup 3 \
   --results "$OUT_DIR/results.jsonl"
 AB_MODELS=${AB_MODELS:-deepseek-coder-1.3b-base phi-2}
-wanted encoder_ab && section encoder_ab ${AB_LIMIT:-90} bash -c 'for model in $2; do
-  "$0" -m benchmarks.bench_train --model $model --methods lopa --eager_encoder --steps 6 --warmup 3 --results "$1" \
-    || exit; done' "$PY" "$OUT_DIR/results.jsonl" "$AB_MODELS"
+wanted encoder_ab && section encoder_ab ${AB_LIMIT:-180} bash -c 'for model in $2; do
+  for variant in --eager_encoder --encoder_graphs; do
+    "$0" -m benchmarks.bench_train --model $model --methods lopa $variant --steps 6 --warmup 3 --results "$1" \
+      || exit; done; done' "$PY" "$OUT_DIR/results.jsonl" "$AB_MODELS"
 wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-180} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
 echo "=== done $(date -u +%T)"
 if [ -s "$OUT_DIR/results.jsonl" ]; then $PY -m benchmarks.summarize --results "$OUT_DIR/results.jsonl"; fi

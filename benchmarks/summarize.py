@@ -26,13 +26,17 @@ def load(path: str | pathlib.Path, runs: list[str] | None) -> list[dict]:
 def _train(lines):
     """``{model: {method: line}}`` of the 8 × 512 method lines (padding lines and errors left out); a compiled
     run with the encoder left eager (``--eager_encoder``, the A/B of the trainer's default since session 11) is its
-    own entry, ``lopa+eager_encoder``, so it never stands in for the default. Older lines lack the field."""
+    own entry, ``lopa+eager_encoder``, so it never stands in for the default. Older lines lack the field. So is a
+    run with the encoder replayed from CUDA graphs (``lopa+encoder_graphs``)."""
     out: dict[str, dict[str, dict]] = {}
     for line in lines:
         if line["bench"] == "train" and "padding" not in line and "error" not in line:
-            eager_encoder = line.get("compile_encoder") is False and line.get("compile") \
-                and line["method"] in ("lopa", "idpg")
-            method = line["method"] + ("+eager_encoder" if eager_encoder else "")
+            variant = ""
+            if line.get("encoder_graphs"):
+                variant = "+encoder_graphs"
+            elif line.get("compile_encoder") is False and line.get("compile") and line["method"] in ("lopa", "idpg"):
+                variant = "+eager_encoder"
+            method = line["method"] + variant
             out.setdefault(line["model"], {})[method] = line
     return out
 

@@ -51,9 +51,11 @@ def test_the_lopa_peak_target_is_judged_only_without_leftovers(before, lopa_peak
 def test_an_eager_encoder_variant_is_shown_beside_lopa_and_never_judged_in_its_place():
     variant = dict(_train("lopa", 50.0, 13.2, 0.0), compile=True, compile_encoder=False)
     lopa = dict(_train("lopa", 90.0, 13.2, 0.0), compile=True, compile_encoder=True)
-    lines = [_train("peft-pt", 40.0, 30.0, 0.0), _train("pt", 100.0, 13.0, 0.0), lopa, variant]
+    graphed = dict(_train("lopa", 99.0, 13.2, 0.0), compile=True, compile_encoder=False, encoder_graphs=True)
+    lines = [_train("peft-pt", 40.0, 30.0, 0.0), _train("pt", 100.0, 13.0, 0.0), lopa, variant, graphed]
     assert _verdicts(lines)["m: lopa ≥ 0.95× pt"] == ("0.900×", False)
     assert "| m | lopa+eager_encoder | 50 | 81920.0 | 1.25× | 0.500× |  | 13.20 |" in summarize.markdown(lines)
+    assert "| m | lopa+encoder_graphs | 99 |" in summarize.markdown(lines)
     # lines from before the encoder was compiled by default carry no compile_encoder field: they are the default
     assert _verdicts([*lines[:2], _train("lopa", 96.0, 13.2, 0.0), variant])["m: lopa ≥ 0.95× pt"][1] is True
 

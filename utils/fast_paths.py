@@ -5,6 +5,7 @@
 * ``compile_encoder_layers``: the same for LOPA's / IDPG's frozen encoder (the trainer's ``--compile_encoder``):
   eager, its ~500 small operations per forward cost the host more than the GPU work they launch.
 * ``recompile_room``: lets those compiled layers keep every version they need during a run.
+* ``utils.encoder_graphs`` (``--encoder_graphs``, opt-in): the frozen encoder replayed from CUDA graphs instead.
 * ``make_adamw``: AdamW with the fused CUDA kernel when the parameters live on a GPU.
 * ``static_cache_kwargs``: ``generate`` keyword arguments for a static KV cache, which transformers compiles
   automatically on a GPU (decoding steps only; prefill, where the soft prompt enters, stays eager). A sliding-window

@@ -266,6 +266,19 @@ class PooledEncoder(nn.Module):
         self._builds_sdpa_mask = (getattr(config, "model_type", None) in ("roberta", "bert")
                                   and getattr(config, "_attn_implementation", None) == "sdpa")
         """transformers' BERT / RoBERTa with SDPA: a 4-D boolean mask (True: attend) is taken as it is."""
+        self.graphs = None
+
+    def use_graphs(self, **kwargs) -> bool:
+        """Replay the forward from CUDA graphs (``utils/encoder_graphs.py``; ``kwargs`` go to ``EncoderGraphs``)
+        wherever the caller says on the host whether rows are padded. Only for backbones whose masks are built here
+        (a graph may not read the device); returns whether it applies."""
+        if not self._builds_sdpa_mask:
+            return False
+        from utils.encoder_graphs import EncoderGraphs
+
+        pad = self.backbone.config.pad_token_id
+        self.graphs = EncoderGraphs(self._encode, 0 if pad is None else pad, **kwargs)
+        return True
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -277,6 +290,11 @@ class PooledEncoder(nn.Module):
                 ) -> torch.Tensor:
         """``padded``: whether any row is padded, when the caller knows it on the host; then a transformers
         backbone gets the mask it would build itself (none, or a 4-D one) and need not read the device to decide."""
+        if self.graphs is not None and padded is not None:
+            return self.graphs(input_ids, attention_mask, padded, self.backbone.training)
+        return self._encode(input_ids, attention_mask, padded)
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, padded: bool | None) -> torch.Tensor:
         attend = attention_mask
         if padded is not None and self._builds_sdpa_mask:
             rows, width = attention_mask.shape

@@ -22,7 +22,7 @@ from utils.train_config import (MODEL_DTYPES, PRECISIONS, SCHEDULERS, ModelArgs,
 PAPER_LR = {"pt": 1e-3, "idpg": 1e-3, "lopa": 1e-3, "lora": 1e-4, "fft": 1e-5}
 """Learning rates behind the paper's results (spec §10.5), used when --lr is not given."""
 RESUME_MAY_DIFFER = {"model_path", "enc_model_path", "data_path", "path_to_ds_config", "gradient_checkpointing",
-                     "compile", "compile_encoder", "selective_logits", "fused_adamw", "packing"}
+                     "compile", "compile_encoder", "encoder_graphs", "selective_logits", "fused_adamw", "packing"}
 """Arguments a resumed run may change (they locate files, or trade memory for time); every other model/train
 argument must match."""
 
@@ -73,6 +73,9 @@ def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
                         "see BENCHMARKS.md); auto: on with CUDA without DeepSpeed")
     _bool_flag(g, "compile_encoder", "with --compile, compile the frozen encoder's layers too (lopa/idpg; the same "
                                      "instance embeddings, far fewer kernel launches); False: it runs eager", True)
+    _bool_flag(g, "encoder_graphs", "replay lopa/idpg's frozen encoder from CUDA graphs, one per batch shape (its "
+                                    "widths padded up to a multiple of 64, masked); CUDA without DeepSpeed only; "
+                                    "instead of --compile_encoder; not yet measured on a GPU")
     _bool_flag(g, "selective_logits", "project to the vocabulary only at supervised positions (the same loss, "
                                       "less memory and time); False: full logits, as plain transformers", True)
     _bool_flag(g, "fused_adamw", "the fused CUDA AdamW kernel (the same updates up to rounding); False: torch's "
@@ -196,8 +199,9 @@ def config_from_namespace(ns: argparse.Namespace, script: str) -> TrainConfig:
         lr_scheduler_type=ns.lr_scheduler_type, num_warmup_steps=ns.num_warmup_steps, warmup_ratio=ns.warmup_ratio,
         max_train_steps=ns.max_train_steps, max_grad_norm=ns.max_grad_norm, mixed_precision=mixed_precision,
         model_dtype=ns.model_dtype, gradient_checkpointing=ns.gradient_checkpointing, compile=ns.compile,
-        compile_encoder=ns.compile_encoder, selective_logits=ns.selective_logits, fused_adamw=ns.fused_adamw,
-        packing=ns.packing, pad_to_max_length=ns.pad_to_max_length, group_by_length=ns.group_by_length,
+        compile_encoder=ns.compile_encoder, encoder_graphs=ns.encoder_graphs, selective_logits=ns.selective_logits,
+        fused_adamw=ns.fused_adamw, packing=ns.packing, pad_to_max_length=ns.pad_to_max_length,
+        group_by_length=ns.group_by_length,
         limit_train_examples=ns.limit_train_examples, max_length=ns.max_length, path_to_ds_config=ns.path_to_ds_config)
     output = OutputArgs(
         log_dir=ns.log_dir or _resume_log_dir(ns.resume_from) or default_log_dir(),

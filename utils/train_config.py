@@ -114,6 +114,8 @@ class TrainArgs:
     compile: str = "auto"
     compile_encoder: bool = True
     """With ``compile``, LOPA's / IDPG's frozen encoder is compiled layer by layer too."""
+    encoder_graphs: bool = False
+    """LOPA's / IDPG's frozen encoder replayed from CUDA graphs (``utils/encoder_graphs.py``; CUDA only)."""
     selective_logits: bool = True
     fused_adamw: bool = True
     packing: bool = True

@@ -188,7 +188,9 @@ class Trainer:
         model.selective_logits = t.selective_logits
         model.packing = t.packing and not t.pad_to_max_length  # fixed-length rows are asked for as the original's
         self.compiled = t.compile == "on" or (t.compile == "auto" and acc.device.type == "cuda" and not self.ds)
-        self.compiled_encoder = self.compiled and m.uses_encoder and t.compile_encoder
+        self.encoder_graphs = bool(t.encoder_graphs and m.uses_encoder and acc.device.type == "cuda" and not self.ds
+                                   and model.prompt.encoder.use_graphs())
+        self.compiled_encoder = self.compiled and m.uses_encoder and t.compile_encoder and not self.encoder_graphs
         if self.compiled:
             from utils import fast_paths  # by module, so that tests can swap the compile backend
 
@@ -222,7 +224,7 @@ class Trainer:
         runtime = {
             "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
             "mixed_precision": acc.mixed_precision, "device": str(acc.device), "compiled_layers": self.compiled,
-            "compiled_encoder_layers": self.compiled_encoder,
+            "compiled_encoder_layers": self.compiled_encoder, "encoder_graphs": self.encoder_graphs,
             "packing": self.config.train.packing and not self.config.train.pad_to_max_length,
             "deepspeed_zero_stage": ds_config["zero_optimization"].get("stage") if ds_config else None,
             "optimizer": ("deepspeed " if ds_config and "optimizer" in ds_config else "torch ") + "AdamW",
@@ -259,6 +261,9 @@ class Trainer:
             acc.init_trackers(cfg.output.project_name, config=flatten(self.resolved), init_kwargs={"wandb": {
                 "name": f"{m.task_name}/{m.model_type}/{m.method}", "dir": str(self.log_dir),
                 "id": self.state.wandb_run_id, "resume": "allow"}})
+        if cfg.train.encoder_graphs and not self.encoder_graphs:
+            self.log.warning("--encoder_graphs is not used: it needs lopa or idpg, CUDA without DeepSpeed, and a "
+                             "BERT/RoBERTa encoder on SDPA")
         self.model.train()
         bar = ProgressBar(plan.total_steps, self.state.global_step, acc.is_main_process)
         epoch_losses = []
