@@ -74,7 +74,10 @@ class EncoderGraphs:
             entry.ids = torch.full((rows, target), self.pad_id, dtype=input_ids.dtype, device=input_ids.device)
             entry.mask = torch.zeros((rows, target), dtype=attention_mask.dtype, device=attention_mask.device)
         entry.ids[:, :width].copy_(input_ids)
-        entry.mask[:, :width].copy_(attention_mask)  # the columns past ``width`` stay pad tokens, masked
+        entry.mask[:, :width].copy_(attention_mask)
+        if target > width:  # a wider batch before this one left its tokens there: masked pad tokens again
+            entry.ids[:, width:].fill_(self.pad_id)
+            entry.mask[:, width:].zero_()
         if fresh:  # a capture records the kernels without running them
             entry.graph, entry.out = self.capture(lambda: self.encode(entry.ids, entry.mask, padded), self.pool)
         entry.graph.replay()
