@@ -27,8 +27,8 @@ Encode = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 def cuda_capture(run: Callable[[], torch.Tensor], pool):
     """Capture ``run`` in a CUDA graph after one warm-up call (lazy initialisations stay out of the graph); returns
-    ``(graph, output)``, the output to be computed by a replay. ``thread_local``: the data loader's pinning thread may
-    call CUDA during the capture."""
+    ``(graph, output)``, the output to be computed by a replay. ``thread_local``: other threads (DDP's NCCL watchdog
+    polls its events) may call CUDA during the capture; the trainer's loader pins batches in this thread."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
