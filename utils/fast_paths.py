@@ -66,10 +66,10 @@ def compile_encoder_layers(backbone: nn.Module, **compile_kwargs) -> int:
 
 TRAIN_RECOMPILE_LIMIT = 64
 """Compiled versions a training run may keep of each compiled function. Every transformers layer class, decoder or
-encoder, runs one wrapper's code (``GradientCheckpointingLayer``), and torch caps the versions of one code at 8 by
-default. LOPA with both compiled used all 8 over the MBPP train split (on the CPU, batch 4: the first shape, then
-dynamic ones, one-row batches, with and without a mask, each for the decoder and the encoder under no_grad).
-Past the cap, new versions run eager."""
+encoder, runs one wrapper's code (``GradientCheckpointingLayer``, transformers 5.24; 5.17 compiles each class's
+``forward``), and torch caps the versions of one code at 8 by default. LOPA with both compiled used all 8 over the
+MBPP train split (on the CPU, batch 4: the first shape, then dynamic ones, one-row batches, with and without a mask,
+each for the decoder and the encoder under no_grad). Past the cap, new versions run eager."""
 
 
 @contextlib.contextmanager
