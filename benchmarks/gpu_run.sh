@@ -65,10 +65,10 @@ wanted train_llama3 && section train_llama3 ${LLAMA_LIMIT:-180} $PY -m benchmark
   --methods ${LLAMA_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft} --steps 5 --warmup 3 \
   --results "$OUT_DIR/results.jsonl"
 AB_MODELS=${AB_MODELS:-deepseek-coder-1.3b-base phi-2}
-wanted encoder_ab && section encoder_ab ${AB_LIMIT:-180} bash -c 'for model in $2; do
-  for variant in --eager_encoder --encoder_graphs; do
+wanted encoder_ab && section encoder_ab ${AB_LIMIT:-180} bash -c 'status=0; for model in $2; do
+  for variant in --eager_encoder --encoder_graphs; do  # a failed line must not lose the lines after it
     "$0" -m benchmarks.bench_train --model $model --methods lopa $variant --steps 6 --warmup 3 --results "$1" \
-      || exit; done; done' "$PY" "$OUT_DIR/results.jsonl" "$AB_MODELS"
+      || status=1; done; done; exit $status' "$PY" "$OUT_DIR/results.jsonl" "$AB_MODELS"
 wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-180} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
 echo "=== done $(date -u +%T)"
 if [ -s "$OUT_DIR/results.jsonl" ]; then $PY -m benchmarks.summarize --results "$OUT_DIR/results.jsonl"; fi

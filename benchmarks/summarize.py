@@ -31,14 +31,18 @@ def _train(lines):
     out: dict[str, dict[str, dict]] = {}
     for line in lines:
         if line["bench"] == "train" and "padding" not in line and "error" not in line:
-            variant = ""
-            if line.get("encoder_graphs"):
-                variant = "+encoder_graphs"
-            elif line.get("compile_encoder") is False and line.get("compile") and line["method"] in ("lopa", "idpg"):
-                variant = "+eager_encoder"
-            method = line["method"] + variant
-            out.setdefault(line["model"], {})[method] = line
+            out.setdefault(line["model"], {})[_method(line)] = line
     return out
+
+
+def _method(line: dict) -> str:
+    """A train line's method, named with its encoder variant (``lopa+eager_encoder``, ``lopa+encoder_graphs``)."""
+    method = line.get("method")
+    if method not in ("lopa", "idpg"):
+        return method
+    if line.get("encoder_graphs"):
+        return method + "+encoder_graphs"
+    return method + ("+eager_encoder" if line.get("compile_encoder") is False and line.get("compile") else "")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -152,7 +156,7 @@ def markdown(lines: list[dict]) -> str:
             out += [""] + table
     errors = [line for line in lines if "error" in line]
     if errors:
-        out += ["", "Errors:"] + [f"* {e['bench']} {e.get('model')} {e.get('method')}: {e['error']}" for e in errors]
+        out += ["", "Errors:"] + [f"* {e['bench']} {e.get('model')} {_method(e)}: {e['error']}" for e in errors]
     return "\n".join(out)
 
 

@@ -132,3 +132,24 @@ def test_preflight_names_a_model_without_an_architecture_config(capsys):
             preflight.main(argv)
         assert exit_.value.code == 2 and f"error: {argv[-1]}: no architecture config in utils/registry.py; --models " \
             "takes phi-2, deepseek-coder-1.3b-base, Meta-Llama-3-8B" in capsys.readouterr().err
+
+
+def test_gpu_run_encoder_ab_runs_every_line_when_one_fails(tmp_path):
+    """encoder_ab: the CUDA-graph variant of the first model failing (never yet run on a GPU) must not lose the
+    next model's lines; the section still reports the failure."""
+    import subprocess
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"  # records each benchmark command; the graphs run of model a fails
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n'
+                    '[[ "$*" == *"--model a "*--encoder_graphs* ]] && exit 1\nexit 0\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "benchmarks/gpu_run.sh", str(out), "data.jsonl", "encoder_ab"],
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "AB_MODELS": "a b"},
+                            capture_output=True, text=True, timeout=60)
+    runs = [line.split()[2:4] + line.split()[6:7] for line in calls.read_text().splitlines()
+            if "bench_train" in line]
+    assert runs == [["--model", "a", "--eager_encoder"], ["--model", "a", "--encoder_graphs"],
+                    ["--model", "b", "--eager_encoder"], ["--model", "b", "--encoder_graphs"]], runs
+    assert "=== encoder_ab exit 1" in result.stdout, result.stdout

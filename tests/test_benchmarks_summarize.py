@@ -99,3 +99,21 @@ def test_lines_of_several_machines_are_refused_without_runs(capsys):
         summarize.main(["--results", str(RESULTS)])  # the committed file holds CPU, H200 and H100 runs
     err = capsys.readouterr().err
     assert "several machines" in err and "NVIDIA H100 80GB HBM3: gpu-20261126T181908, gpu-20261126T182538" in err
+
+
+@pytest.mark.parametrize("variant, name", [([], "lopa"), (["--eager_encoder"], "lopa+eager_encoder"),
+                                           (["--encoder_graphs"], "lopa+encoder_graphs")])
+def test_a_failed_encoder_variant_is_listed_under_its_own_name(tmp_path, monkeypatch, variant, name):
+    """A failed bench_train line names the variant asked for, so an error of the CUDA-graph A/B never reads as the
+    default lopa failing."""
+    from benchmarks import bench_train
+
+    def fail(method, args, writer):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(bench_train, "bench_method", fail)
+    out = tmp_path / "results.jsonl"
+    with pytest.raises(SystemExit):
+        bench_train.main(["--model", "m", "--methods", "lopa", "--results", str(out), *variant])
+    text = summarize.markdown(summarize.load(out, None))
+    assert f"* train m {name}: lopa: RuntimeError: capture failed" in text, text

@@ -59,6 +59,16 @@ def test_replayed_embeddings_are_the_eager_ones_for_every_shape_and_never_alias(
     assert [g.graph.replays for g in encoder.graphs.graphs.values()] == [2, 1, 1]  # 9 and 12 share a graph
 
 
+def test_a_narrower_batch_after_a_wider_one_in_the_same_bucket_sees_none_of_its_tokens(encoder):
+    """Rows of 12 tokens then rows of 9 share the graph of width 16: the second call's columns 9..11 must be masked
+    pad tokens again, not the first call's tokens."""
+    for widths, total, padded in (([12, 12, 12], 12, False), ([9, 9, 9], 9, False), ([12, 5, 12], 12, True)):
+        ids, mask = rows(widths, total, total)
+        torch.testing.assert_close(encoder(ids, mask, padded), encoder._encode(ids, mask, padded),
+                                   rtol=1e-5, atol=1e-5)
+    assert len(encoder.graphs.graphs) == 1
+
+
 def test_train_mode_and_row_counts_get_their_own_graphs_and_widths_stop_at_the_cap(encoder):
     ids, mask = rows([10, 10], 10, 0)
     encoder(ids, mask, False)

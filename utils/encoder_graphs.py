@@ -27,8 +27,8 @@ Encode = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 def cuda_capture(run: Callable[[], torch.Tensor], pool):
     """Capture ``run`` in a CUDA graph after one warm-up call (lazy initialisations stay out of the graph); returns
-    ``(graph, output)``, the output to be computed by a replay. ``thread_local``: the data loader's pinning thread may
-    call CUDA during the capture."""
+    ``(graph, output)``, the output to be computed by a replay. ``thread_local``: other threads (DDP's NCCL watchdog
+    polls its events) may call CUDA during the capture; the trainer's loader pins batches in this thread."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -74,7 +74,10 @@ class EncoderGraphs:
             entry.ids = torch.full((rows, target), self.pad_id, dtype=input_ids.dtype, device=input_ids.device)
             entry.mask = torch.zeros((rows, target), dtype=attention_mask.dtype, device=attention_mask.device)
         entry.ids[:, :width].copy_(input_ids)
-        entry.mask[:, :width].copy_(attention_mask)  # the columns past ``width`` stay pad tokens, masked
+        entry.mask[:, :width].copy_(attention_mask)
+        if target > width:  # a wider batch before this one left its tokens there: masked pad tokens again
+            entry.ids[:, width:].fill_(self.pad_id)
+            entry.mask[:, width:].zero_()
         if fresh:  # a capture records the kernels without running them
             entry.graph, entry.out = self.capture(lambda: self.encode(entry.ids, entry.mask, padded), self.pool)
         entry.graph.replay()

@@ -66,10 +66,11 @@ def compile_encoder_layers(backbone: nn.Module, **compile_kwargs) -> int:
 
 TRAIN_RECOMPILE_LIMIT = 64
 """Compiled versions a training run may keep of each compiled function. Every transformers layer class, decoder or
-encoder, runs one wrapper's code (``GradientCheckpointingLayer``), and torch caps the versions of one code at 8 by
-default. Measured on the CPU, LOPA with both compiled kept 7 over the MBPP train split at batch 4 in the trainer, and
-8 once a one-example batch followed: the first shape, then dynamic ones, one-row batches, with and without a mask,
-for the decoder and for the encoder under no_grad. Past the cap, new versions run eager."""
+encoder, runs one wrapper's code (``GradientCheckpointingLayer``, transformers 5.24; 5.17 compiles each class's
+``forward``), and torch caps the versions of one code at 8 by default. Measured on the CPU (5.24), LOPA with both
+compiled kept 7 over the MBPP train split at batch 4 in the trainer, and 8 once a one-example batch followed: the
+first shape, then dynamic ones, one-row batches, with and without a mask, for the decoder and for the encoder under
+no_grad. Past the cap, torch warns and new versions run eager."""
 
 
 @contextlib.contextmanager
