@@ -147,22 +147,24 @@ def bench_method(method: str, args, writer: ResultWriter) -> None:
     encoder = getattr(getattr(model, "prompt", None), "encoder", None)
     graphed = encoder is not None and encoder.graphs is not None
     encoder_compiled = bool(args.compile and args.compile_encoder and encoder is not None and not graphed)
+    graph_diff = graph_check(encoder, batch, args.dtype == "bf16") if graphed else None
     writer.write("train", model=args.model, method=method, batch_size=args.batch_size, seq_len=args.seq_len,
                  dtype=args.dtype, compile=bool(args.compile and method not in BASELINES),
-                 compile_encoder=encoder_compiled, encoder_graphs=graphed,
-                 encoder_graphs_max_diff=graph_check(encoder, batch) if graphed else None, tokens_per_s=tps,
+                 compile_encoder=encoder_compiled, encoder_graphs=graphed, encoder_graphs_max_diff=graph_diff,
+                 tokens_per_s=tps,
                  mfu=(tps * fpt / peak_fl) if peak_fl else None, peak_gib=peak, trainable_params=trainable,
                  final_loss=loss, steps=args.steps, allocated_before_gib=allocated,
                  ms_per_step=seconds * 1e3 / args.steps, **attribution, **dynamo_delta(compiles))
 
 
-def graph_check(encoder, batch: dict) -> float | None:
+def graph_check(encoder, batch: dict, bf16: bool) -> float | None:
     """The largest difference between the replayed and the eager encoder's embeddings of ``batch``, in eval mode
-    (no dropout), under the benchmark's autocast; None, with the error printed, if the check fails."""
+    (no dropout), under the benchmark's autocast (bf16 when ``bf16``); None, with the error printed, if the check
+    fails."""
     training = encoder.training
     try:
         encoder.eval()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             ids, mask = batch["enc_input_ids"], batch["enc_attention_mask"]
             graphed, eager = encoder(ids, mask, False), encoder._encode(ids, mask, False)
         return float((graphed.float() - eager.float()).abs().max())

@@ -141,3 +141,21 @@ def test_the_trainer_says_when_it_cannot_use_encoder_graphs(tmp_path, data_paths
     config = json.loads((log_dir / "config.json").read_text())
     assert config["train"]["encoder_graphs"] is True and config["runtime"]["encoder_graphs"] is False
     assert "--encoder_graphs is not used" in (log_dir / "train.log").read_text()
+
+
+def test_a_failed_capture_leaves_nothing_behind_and_the_next_call_captures_again(encoder):
+    calls = []
+
+    def capture_failing_once(run, pool):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("capture failed")
+        return fake_capture(run, pool)
+
+    encoder.graphs.capture = capture_failing_once
+    ids, mask = rows([7, 9], 9, 0)
+    with pytest.raises(RuntimeError, match="capture failed"):
+        encoder(ids, mask, True)
+    assert not encoder.graphs.graphs
+    torch.testing.assert_close(encoder(ids, mask, True), encoder._encode(ids, mask, True), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2 and len(encoder.graphs.graphs) == 1

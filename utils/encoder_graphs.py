@@ -70,7 +70,7 @@ class EncoderGraphs:
         entry = self.graphs.get(key)
         fresh = entry is None
         if fresh:
-            entry = self.graphs[key] = _Graph()
+            entry = _Graph()
             entry.ids = torch.full((rows, target), self.pad_id, dtype=input_ids.dtype, device=input_ids.device)
             entry.mask = torch.zeros((rows, target), dtype=attention_mask.dtype, device=attention_mask.device)
         entry.ids[:, :width].copy_(input_ids)
@@ -80,5 +80,6 @@ class EncoderGraphs:
             entry.mask[:, width:].zero_()
         if fresh:  # a capture records the kernels without running them
             entry.graph, entry.out = self.capture(lambda: self.encode(entry.ids, entry.mask, padded), self.pool)
+            self.graphs[key] = entry  # only once captured: a failed capture leaves no half-built entry
         entry.graph.replay()
         return entry.out.clone()
