@@ -178,8 +178,12 @@ def test_wandb_offline_run_records_the_metrics(tmp_path, data_paths, monkeypatch
     runs = list((log_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     (data_file,) = runs[0].glob("run-*.wandb")
-    data = data_file.read_bytes()
-    assert b"train/loss" in data and b"train/lr" in data and b"model.method" in data
+    # wandb's service process writes the file behind the run's finish: once (in .ci/run) it held only its header
+    # when read at once, so the test waits for the records, up to a minute
+    markers, deadline = (b"train/loss", b"train/lr", b"model.method"), time.monotonic() + 60
+    while not all(m in (data := data_file.read_bytes()) for m in markers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert all(m in data for m in markers), data[:200]
     assert len(read_metrics(log_dir / "metrics.jsonl")) == 2
 
 
