@@ -153,3 +153,13 @@ def test_gpu_run_encoder_ab_runs_every_line_when_one_fails(tmp_path):
     assert runs == [["--model", "a", "--eager_encoder"], ["--model", "a", "--encoder_graphs"],
                     ["--model", "b", "--eager_encoder"], ["--model", "b", "--encoder_graphs"]], runs
     assert "=== encoder_ab exit 1" in result.stdout, result.stdout
+
+
+def test_count_ops_gives_the_layer_graph_counts_benchmarks_md_quotes():
+    """BENCHMARKS.md's LoRA estimate: per decoder layer of deepseek's structure, 7 matrix products forward and 7
+    backward for pt and lopa, 13 and 19 for lora (r 16 on q, k, v; its first layer compiles apart)."""
+    from benchmarks import count_ops
+
+    rows = {r["method"]: r for r in count_ops.main(["--only", "layer_graphs"])}
+    counts = {m: (r["forward_matmuls"], r["backward_matmuls"], r["graphs"]) for m, r in rows.items()}
+    assert counts == {"pt": (7, 7, 2), "lopa": (7, 7, 2), "lora": (13, 19, 4)}
