@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from utils import fast_paths  # by module: tests swap its compile functions
 from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDataset
 from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, find_checkpoint, load_checkpoint, read_resume_state,
                               resume_hint, save_checkpoint, set_rng_state)
 from utils.data import default_data_path, load_task_split
-from utils.fast_paths import TRAIN_RECOMPILE_LIMIT, recompile_room
 from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, open_file_modes,
                           unfinished_directory)
 from utils.tasks import get_task
@@ -117,8 +117,9 @@ def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training ``config`` describes; writes everything under its log_dir."""
     trainer = Trainer(config)
     try:
+        # naming_full_disk: the appends and the config; recompile_room: the compiled layers keep every version
         with naming_full_disk(trainer.log_dir, lambda: resume_hint(trainer.log_dir)), \
-                recompile_room(TRAIN_RECOMPILE_LIMIT):  # naming_full_disk: the appends, the config
+                fast_paths.recompile_room(fast_paths.TRAIN_RECOMPILE_LIMIT):
             return trainer.fit()
     finally:
         if trainer._lock is not None:
@@ -192,8 +193,6 @@ class Trainer:
                                    and model.prompt.encoder.use_graphs())
         self.compiled_encoder = self.compiled and m.uses_encoder and t.compile_encoder and not self.encoder_graphs
         if self.compiled:
-            from utils import fast_paths  # by module, so that tests can swap the compile backend
-
             fast_paths.compile_layers(model.lm)
             if self.compiled_encoder:
                 fast_paths.compile_encoder_layers(model.prompt.encoder.backbone)
