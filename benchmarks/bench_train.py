@@ -80,7 +80,7 @@ def build(method: str, args):
             encoder = getattr(model.prompt, "encoder", None)
             graphed = bool(args.encoder_graphs and dev.type == "cuda" and encoder is not None and encoder.use_graphs())
             if args.compile:
-                compile_layers(lm)
+                compile_layers(lm, **({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
                 if args.compile_encoder and encoder is not None and not graphed:
                     compile_encoder_layers(encoder.backbone)
             opt = make_adamw(model.parameters(), lr=1e-4)
@@ -91,7 +91,11 @@ def build(method: str, args):
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if args.dtype == "bf16" and dev.type == "cuda" \
         else contextlib.nullcontext()
 
+    graphed_steps = args.compile and args.compile_mode == "reduce-overhead" and method not in BASELINES
+
     def step(batch):
+        if graphed_steps:  # a new training step: the CUDA graphs may reuse the last step's memory
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = forward(batch)
         loss.backward()
@@ -151,6 +155,7 @@ def bench_method(method: str, args, writer: ResultWriter) -> None:
     writer.write("train", model=args.model, method=method, batch_size=args.batch_size, seq_len=args.seq_len,
                  dtype=args.dtype, compile=bool(args.compile and method not in BASELINES),
                  compile_encoder=encoder_compiled, encoder_graphs=graphed, encoder_graphs_max_diff=graph_diff,
+                 compile_mode=args.compile_mode if args.compile and method not in BASELINES else None,
                  tokens_per_s=tps,
                  mfu=(tps * fpt / peak_fl) if peak_fl else None, peak_gib=peak, trainable_params=trainable,
                  final_loss=loss, steps=args.steps, allocated_before_gib=allocated,
@@ -280,6 +285,10 @@ def main(argv=None) -> None:
     p.add_argument("--eager_encoder", dest="compile_encoder", action="store_false",
                    help="leave lopa/idpg's frozen encoder eager (an A/B: the trainer compiles its layers with the "
                         "decoder's, --compile_encoder)")
+    p.add_argument("--compile_mode", default="default", choices=("default", "reduce-overhead"),
+                   help="torch.compile mode of the decoder layers; reduce-overhead (CUDA graphs of each layer's "
+                        "forward and backward) is an A/B of how much the host's launches cost a step, not a trainer "
+                        "option; its line counts cudagraph_skips")
     p.add_argument("--encoder_graphs", action="store_true",
                    help="replay lopa/idpg's frozen encoder from CUDA graphs (the trainer's --encoder_graphs; CUDA "
                         "only); the line records the largest difference from the eager encoder in eval mode")

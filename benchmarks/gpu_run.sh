@@ -15,11 +15,13 @@
 #                  from CUDA graphs (--encoder_graphs; its line records the largest difference from eager); the train
 #                  sections compile its layers, as the trainer does since session 11: compare with the same model's
 #                  lopa line there (not yet run; ~40 s per line estimated); AB_MODELS picks the models
+#   graphs_ab      pt and lora on deepseek with the decoder layers compiled with CUDA graphs (--compile_mode
+#                  reduce-overhead): how much of a step the host's launches cost (not yet run; ~1 min estimated)
 #   cli_tiny       the README's tiny train -> generate -> postprocess -> evaluate through the real CLIs: bf16,
 #                  --compile auto, fast decoding on and off and --decode_loop own (75 s in session 8 without the
 #                  last; over 90 s on a fresh machine). Its runs go to
 #                  CLI_DIR (default: a fresh temporary directory), so OUT_DIR stays a few files.
-#   Default: all seven. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
+#   Default: all eight. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
 #   *_METHODS) to fit.
 # GEN_BATCHES (default 64,16,1) picks generate_phi2's batch sizes: each new shape compiles once, so fewer save time.
 # Sections run under their own time limits (env *_LIMIT) so one slow section cannot eat the others; every
@@ -27,7 +29,7 @@
 set -u
 OUT_DIR=${1:-bench_out}
 DATA=${2:-../shared/data/mbpp/mbpp_release_v1.jsonl}
-SECTIONS=,${3:-train_phi2,generate_phi2,generate_phi3,train_deepseek,train_llama3,encoder_ab,cli_tiny},
+SECTIONS=,${3:-train_phi2,generate_phi2,generate_phi3,train_deepseek,train_llama3,encoder_ab,graphs_ab,cli_tiny},
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export BENCH_RUN_ID=${BENCH_RUN_ID:-gpu-$(date -u +%Y%m%dT%H%M%S)}
@@ -69,6 +71,9 @@ wanted encoder_ab && section encoder_ab ${AB_LIMIT:-180} bash -c 'status=0; for 
   for variant in --eager_encoder --encoder_graphs; do  # a failed line must not lose the lines after it
     "$0" -m benchmarks.bench_train --model $model --methods lopa $variant --steps 6 --warmup 3 --results "$1" \
       || status=1; done; done; exit $status' "$PY" "$OUT_DIR/results.jsonl" "$AB_MODELS"
+wanted graphs_ab && section graphs_ab ${GRAPHS_LIMIT:-150} $PY -m benchmarks.bench_train \
+  --model ${GRAPHS_MODEL:-deepseek-coder-1.3b-base} --methods ${GRAPHS_METHODS:-pt,lora} \
+  --compile_mode reduce-overhead --steps 6 --warmup 3 --results "$OUT_DIR/results.jsonl"
 wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-180} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
 echo "=== done $(date -u +%T)"
 if [ -s "$OUT_DIR/results.jsonl" ]; then $PY -m benchmarks.summarize --results "$OUT_DIR/results.jsonl"; fi

@@ -78,12 +78,14 @@ def step_figures(step, batches, steps: int = PROFILED_STEPS) -> dict:
 def dynamo_counts() -> dict:
     """Running totals of dynamo's counters (never reset): subtract a snapshot for one method's figures.
     ``dynamo_frames_compiled`` counts every compilation of a Python frame: one shared decoder-layer frame with no
-    graph break gives 1; each recompilation (a new shape or guard) and each frame resumed after a break adds 1."""
+    graph break gives 1; each recompilation (a new shape or guard) and each frame resumed after a break adds 1.
+    ``cudagraph_skips``: compiled graphs inductor ran without CUDA graphs under ``mode="reduce-overhead"``."""
     from torch._dynamo.utils import counters
 
     return {"dynamo_frames_compiled": counters["frames"]["total"],
             "dynamo_graph_breaks": sum(counters["graph_break"].values()),
-            "dynamo_unique_graphs": counters["stats"]["unique_graphs"]}
+            "dynamo_unique_graphs": counters["stats"]["unique_graphs"],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
 def dynamo_delta(before: dict) -> dict:

@@ -36,9 +36,13 @@ def _train(lines):
 
 
 def _method(line: dict) -> str:
-    """A train line's method, named with its encoder variant (``lopa+eager_encoder``, ``lopa+encoder_graphs``)."""
+    """A train line's method, named with its variant: the decoder layers' compile mode (``pt+reduce-overhead``), and
+    the encoder's (``lopa+eager_encoder``, ``lopa+encoder_graphs``)."""
     method = line.get("method")
-    if method not in ("lopa", "idpg"):
+    mode = line.get("compile_mode")
+    if mode not in (None, "default"):
+        method += "+" + mode
+    if line.get("method") not in ("lopa", "idpg"):
         return method
     if line.get("encoder_graphs"):
         return method + "+encoder_graphs"

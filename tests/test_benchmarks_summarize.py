@@ -56,6 +56,10 @@ def test_an_eager_encoder_variant_is_shown_beside_lopa_and_never_judged_in_its_p
     assert _verdicts(lines)["m: lopa ≥ 0.95× pt"] == ("0.900×", False)
     assert "| m | lopa+eager_encoder | 50 | 81920.0 | 1.25× | 0.500× |  | 13.20 |" in summarize.markdown(lines)
     assert "| m | lopa+encoder_graphs | 99 |" in summarize.markdown(lines)
+    # CUDA graphs of the decoder layers (bench_train --compile_mode reduce-overhead) never stand in for pt
+    overhead = dict(_train("pt", 200.0, 13.0, 0.0), compile=True, compile_mode="reduce-overhead")
+    assert _verdicts([*lines, overhead])["m: lopa ≥ 0.95× pt"] == ("0.900×", False)
+    assert "| m | pt+reduce-overhead | 200 |" in summarize.markdown([*lines, overhead])
     # lines from before the encoder was compiled by default carry no compile_encoder field: they are the default
     assert _verdicts([*lines[:2], _train("lopa", 96.0, 13.2, 0.0), variant])["m: lopa ≥ 0.95× pt"][1] is True
 
