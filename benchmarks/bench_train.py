@@ -317,9 +317,10 @@ def main(argv=None) -> None:
         except Exception as exc:  # one failing method must not lose the others' figures
             traceback.print_exc()
             failures.append(f"{method}: {type(exc).__name__}: {exc}")
+            compiled = bool(args.compile and method not in BASELINES)
             writer.write("train", model=args.model, method=method, batch_size=args.batch_size, error=failures[-1],
-                         compile=bool(args.compile and method not in BASELINES), compile_encoder=args.compile_encoder,
-                         encoder_graphs=args.encoder_graphs)  # the variant asked for, so summarize names it
+                         compile=compiled, compile_encoder=args.compile_encoder, encoder_graphs=args.encoder_graphs,
+                         compile_mode=args.compile_mode if compiled else None)  # the variant asked for, for summarize
         finally:
             release_compiled()
     if args.padding or args.plan_only:

@@ -27,7 +27,8 @@ def _train(lines):
     """``{model: {method: line}}`` of the 8 × 512 method lines (padding lines and errors left out); a compiled
     run with the encoder left eager (``--eager_encoder``, the A/B of the trainer's default since session 11) is its
     own entry, ``lopa+eager_encoder``, so it never stands in for the default. Older lines lack the field. So is a
-    run with the encoder replayed from CUDA graphs (``lopa+encoder_graphs``)."""
+    run with the encoder replayed from CUDA graphs (``lopa+encoder_graphs``), and one with the decoder layers under
+    CUDA graphs (``pt+reduce-overhead``)."""
     out: dict[str, dict[str, dict]] = {}
     for line in lines:
         if line["bench"] == "train" and "padding" not in line and "error" not in line:

@@ -106,7 +106,8 @@ def test_lines_of_several_machines_are_refused_without_runs(capsys):
 
 
 @pytest.mark.parametrize("variant, name", [([], "lopa"), (["--eager_encoder"], "lopa+eager_encoder"),
-                                           (["--encoder_graphs"], "lopa+encoder_graphs")])
+                                           (["--encoder_graphs"], "lopa+encoder_graphs"),
+                                           (["--compile_mode", "reduce-overhead"], "lopa+reduce-overhead")])
 def test_a_failed_encoder_variant_is_listed_under_its_own_name(tmp_path, monkeypatch, variant, name):
     """A failed bench_train line names the variant asked for, so an error of the CUDA-graph A/B never reads as the
     default lopa failing."""
