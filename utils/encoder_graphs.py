@@ -20,7 +20,8 @@ import torch
 from utils.batching import MAX_ENCODER_TOKENS
 
 WIDTH_BUCKET = 64
-"""Encoder widths are padded up to a multiple of this (MBPP's prompts then need at most 6 graphs per batch size)."""
+"""Encoder widths are padded up to a multiple of this: MBPP's encoder rows (at most 325 - m tokens) then fall in 5
+widths, CRUXEval's (at most 512) in 8, each a graph per batch size and mode."""
 
 Encode = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
