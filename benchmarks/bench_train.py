@@ -38,7 +38,8 @@ from benchmarks.profile_step import dynamo_counts, dynamo_delta, step_figures
 from custom_peft import build_model, count_trainable
 from custom_peft.packing import attention_width_constant, plan_rows, row_cost
 from utils.batching import HostCopy
-from utils.fast_paths import compile_encoder_layers, compile_layers, make_adamw, release_compiled
+from utils.fast_paths import (compile_encoder_layers, compile_layers, compile_prompt_heads, make_adamw,
+                              release_compiled)
 from utils.registry import get_model_spec
 
 OUR_METHODS = ("fft", "lora", "pt", "idpg", "lopa")
@@ -83,6 +84,7 @@ def build(method: str, args):
                 compile_layers(lm, **({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
                 if args.compile_encoder and encoder is not None and not graphed:
                     compile_encoder_layers(encoder.backbone)
+                compile_prompt_heads(model.prompt)  # LOPA's / IDPG's heads, as the trainer's --compile
             opt = make_adamw(model.parameters(), lr=1e-4)
 
             def forward(batch):
@@ -151,10 +153,12 @@ def bench_method(method: str, args, writer: ResultWriter) -> None:
     encoder = getattr(getattr(model, "prompt", None), "encoder", None)
     graphed = encoder is not None and encoder.graphs is not None
     encoder_compiled = bool(args.compile and args.compile_encoder and encoder is not None and not graphed)
+    heads_compiled = bool(getattr(getattr(model, "prompt", None), "heads_compiled", False))
     graph_diff = graph_check(encoder, batch, args.dtype == "bf16") if graphed else None
     writer.write("train", model=args.model, method=method, batch_size=args.batch_size, seq_len=args.seq_len,
                  dtype=args.dtype, compile=bool(args.compile and method not in BASELINES),
-                 compile_encoder=encoder_compiled, encoder_graphs=graphed, encoder_graphs_max_diff=graph_diff,
+                 compile_encoder=encoder_compiled, compile_heads=heads_compiled, encoder_graphs=graphed,
+                 encoder_graphs_max_diff=graph_diff,
                  compile_mode=args.compile_mode if args.compile and method not in BASELINES else None,
                  tokens_per_s=tps,
                  mfu=(tps * fpt / peak_fl) if peak_fl else None, peak_gib=peak, trainable_params=trainable,

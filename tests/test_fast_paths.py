@@ -170,3 +170,40 @@ def test_compiled_encoder_layers_pool_like_eager():
         torch.testing.assert_close(encoder(ids, mask), eager, rtol=1e-5, atol=1e-6)
         assert all(getattr(layer, "_compiled_call_impl", None) is not None
                    for layer in encoder_layers(encoder.backbone)), name
+
+
+@pytest.mark.parametrize("method, backend", [("lopa", "inductor"), ("idpg", "aot_eager")])
+def test_compiled_prompt_heads_give_eager_prompts_and_gradients(method, backend):
+    """The trainer's --compile also compiles LOPA's / IDPG's heads and gate (LOPA through inductor, as on a GPU):
+    the prompts and head gradients of eager, for two batch sizes (eval mode: dropout draws differently once
+    compiled)."""
+    from torch._dynamo.utils import counters
+
+    from utils.fast_paths import compile_prompt_heads
+
+    model = build_model(method, "tiny-llama", enc_model_type="tiny-roberta", lp_rank=2, seed=0)[0].eval()
+    prompt = model.prompt
+    params = [p for p in prompt.parameters() if p.requires_grad]
+    assert compile_prompt_heads(model.backbone) is False  # nothing to compile without heads
+    outputs = {}
+    torch.compiler.reset()
+    counters.clear()
+    for name in ("eager", "compiled"):
+        if name == "compiled":
+            assert compile_prompt_heads(prompt, backend=backend) and prompt.heads_compiled
+        for rows in (3, 5):
+            ids = torch.randint(5, 40, (rows, 7), generator=torch.Generator().manual_seed(rows))
+            z = prompt(ids, torch.ones_like(ids))
+            weights = torch.linspace(-1, 1, z.numel()).view_as(z)
+            outputs[name, rows] = (z.detach(), torch.autograd.grad((z * weights).sum(), params))
+        if name == "eager":
+            assert counters["stats"]["unique_graphs"] == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # the heads ran compiled
+    torch.compiler.reset()
+    for rows in (3, 5):
+        eager, compiled = outputs["eager", rows], outputs["compiled", rows]
+        assert eager[0].shape == (rows, model.num_virtual_tokens, model.lm.config.hidden_size)
+        torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+        for got, want in zip(compiled[1], eager[1]):
+            assert want.abs().sum() > 0
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

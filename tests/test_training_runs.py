@@ -445,7 +445,7 @@ def test_compile_on_compiles_the_encoder_too_and_keeps_every_version_the_layers_
         graphs.append(gm)
         return gm.forward
 
-    for name in ("compile_layers", "compile_encoder_layers"):
+    for name in ("compile_layers", "compile_encoder_layers", "compile_prompt_heads"):
         def compile_with(module, real=getattr(fast_paths, name), name=name):
             compiled.append(name)
             return real(module, backend=counting_backend)
@@ -465,12 +465,14 @@ def test_compile_on_compiles_the_encoder_too_and_keeps_every_version_the_layers_
                                        "--lr", "0.1", "--log_dir", str(log_dir), *extra])
                 runtime = json.loads((log_dir / "config.json").read_text())["runtime"]
                 runs[name] = ([r["loss"] for r in read_metrics(log_dir / "metrics.jsonl")], len(graphs),
-                              list(compiled), (runtime["compiled_layers"], runtime["compiled_encoder_layers"]))
+                              list(compiled), (runtime["compiled_layers"], runtime["compiled_encoder_layers"],
+                                               runtime["compiled_prompt_heads"]))
     finally:
         torch.compiler.reset()
-    assert runs["eager"][1:] == (0, [], (False, False))
-    assert runs["both"][2:] == (["compile_layers", "compile_encoder_layers"], (True, True))
-    assert runs["decoder"][2:] == (["compile_layers"], (True, False))
+    assert runs["eager"][1:] == (0, [], (False, False, False))
+    assert runs["both"][2:] == (["compile_layers", "compile_encoder_layers", "compile_prompt_heads"],
+                                (True, True, True))
+    assert runs["decoder"][2:] == (["compile_layers", "compile_prompt_heads"], (True, False, True))
     assert runs["both"][1] > max(2, runs["decoder"][1])  # past the cap of 2, with the encoder's own versions
     assert len(runs["eager"][0]) == 3
     for name in ("both", "decoder"):

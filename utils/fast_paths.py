@@ -4,6 +4,7 @@
   compile time stays short; the model body gains ~1.3-1.4x on a GPU in training).
 * ``compile_encoder_layers``: the same for LOPA's / IDPG's frozen encoder (the trainer's ``--compile_encoder``):
   eager, its ~500 small operations per forward cost the host more than the GPU work they launch.
+* ``compile_prompt_heads``: the same for LOPA's / IDPG's trained heads and gate (with ``--compile``).
 * ``recompile_room``: lets those compiled layers keep every version they need during a run.
 * ``utils.encoder_graphs`` (``--encoder_graphs``, opt-in): the frozen encoder replayed from CUDA graphs instead.
 * ``make_adamw``: AdamW with the fused CUDA kernel when the parameters live on a GPU.
@@ -62,6 +63,15 @@ def compile_encoder_layers(backbone: nn.Module, **compile_kwargs) -> int:
     """Compile each layer of a frozen encoder in place; returns how many. The trainer does it with its decoder
     layers (``--compile_encoder``); what it gains on a GPU is for ``benchmarks/gpu_run.sh encoder_ab`` to show."""
     return _compile_each(encoder_layers(backbone), compile_kwargs)
+
+
+def compile_prompt_heads(prompt: nn.Module, **compile_kwargs) -> bool:
+    """Compile the trained part of an instance-dependent prompt (LOPA's heads and gate, IDPG's head), the few dozen
+    eager operations per step around the encoder; returns whether ``prompt`` has such a part."""
+    if not hasattr(prompt, "compile_heads"):
+        return False
+    prompt.compile_heads(**compile_kwargs)
+    return True
 
 
 TRAIN_RECOMPILE_LIMIT = 64

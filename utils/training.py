@@ -196,6 +196,7 @@ class Trainer:
             fast_paths.compile_layers(model.lm)
             if self.compiled_encoder:
                 fast_paths.compile_encoder_layers(model.prompt.encoder.backbone)
+        self.compiled_heads = self.compiled and m.uses_encoder and fast_paths.compile_prompt_heads(model.prompt)
         self.sampler = (LengthGroupedSampler(self.dataset.lengths(), t.per_gpu_train_batch_size * acc.num_processes,
                                              seed=m.seed) if t.group_by_length
                         else EpochSampler(len(self.dataset), m.seed))
@@ -223,7 +224,8 @@ class Trainer:
         runtime = {
             "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
             "mixed_precision": acc.mixed_precision, "device": str(acc.device), "compiled_layers": self.compiled,
-            "compiled_encoder_layers": self.compiled_encoder, "encoder_graphs": self.encoder_graphs,
+            "compiled_encoder_layers": self.compiled_encoder, "compiled_prompt_heads": self.compiled_heads,
+            "encoder_graphs": self.encoder_graphs,
             "packing": self.config.train.packing and not self.config.train.pad_to_max_length,
             "deepspeed_zero_stage": ds_config["zero_optimization"].get("stage") if ds_config else None,
             "optimizer": ("deepspeed " if ds_config and "optimizer" in ds_config else "torch ") + "AdamW",
