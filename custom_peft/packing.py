@@ -128,26 +128,33 @@ def plan_layout(mask: torch.Tensor, labels: torch.Tensor, width_constant: float 
 def pack_rows(mask: torch.Tensor, labels: torch.Tensor, rows: list[list[int]]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(index, positions, labels)`` of ``Layout`` for the attended positions of a padded batch (``mask`` and
-    ``labels``: B × T on the CPU) laid into ``rows``."""
+    ``labels``: B × T on the CPU) laid into ``rows``. Tensor operations over the batch's tokens: the host plans every
+    training step, and token-by-token Python cost it milliseconds per step."""
     keep = mask.bool()
     batch, length = mask.shape
     lengths = keep.sum(1).tolist()
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    index, positions, starts = [], [], []
-    for row in rows:
-        r_index, r_pos = [], []
+    row_of, offset = [-1] * batch, [0] * batch  # each example's row and first position in it
+    width = 0
+    for r, row in enumerate(rows):
+        used = 0
         for i in row:
-            if lengths[i]:  # an empty example (all-zero mask) has no first position: past a full row's end
-                starts.append(len(index) * width + len(r_index))
-            r_index.extend((i * length + keep[i].nonzero().squeeze(1)).tolist())
-            r_pos.extend(range(lengths[i]))
-        gap = width - len(r_index)
-        index.append(r_index + [batch * length] * gap)
-        positions.append(r_pos + [0] * gap)  # each filler position its own sequence
-    flat_index = torch.tensor(index, dtype=torch.long).reshape(-1)
+            row_of[i], offset[i] = r, used
+            used += lengths[i]
+        width = max(width, used)
+    kept = keep.reshape(-1).nonzero().squeeze(1)  # the attended positions of B·T, example after example
+    example = kept // length
+    rank = (keep.cumsum(1) - 1).reshape(-1)[kept]  # 0, 1, … within each example
+    row_of_t = torch.tensor(row_of)[example]
+    placed = row_of_t >= 0
+    kept, rank = kept[placed], rank[placed]
+    dest = row_of_t[placed] * width + torch.tensor(offset)[example[placed]] + rank
+    flat_index = torch.full((len(rows) * width,), batch * length, dtype=torch.long)
+    flat_index[dest] = kept
+    positions = torch.zeros(len(rows) * width, dtype=torch.long)  # each filler position its own sequence
+    positions[dest] = rank
     packed = torch.cat([labels.reshape(-1), labels.new_full((1,), IGNORE_INDEX)])[flat_index]
-    packed[starts] = IGNORE_INDEX
-    return flat_index, torch.tensor(positions, dtype=torch.long), packed.view(len(rows), width)
+    packed[dest[rank == 0]] = IGNORE_INDEX  # nothing in an example predicts its first token
+    return flat_index, positions.view(len(rows), width), packed.view(len(rows), width)
 
 
 def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

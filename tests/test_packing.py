@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -198,6 +199,41 @@ def test_pack_takes_an_example_with_an_empty_mask():
     assert packed.tolist() == [[IGNORE_INDEX, 2, 3, 4, IGNORE_INDEX, 6]]
     assert _pack(embeds, mask, labels, [[0, 1], [2]])[2].tolist() == [[IGNORE_INDEX, 2, 3, 4],
                                                                      [IGNORE_INDEX, 6, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def _pack_reference(mask, labels, rows):
+    """``pack_rows`` token by token: each row holds its examples' attended positions in order, then filler."""
+    batch, length = mask.shape
+    width = max(int(mask[row].sum()) if row else 0 for row in rows)
+    index, positions, packed = [], [], []
+    for row in rows:
+        cells = [(i * length + t, p, IGNORE_INDEX if p == 0 else int(labels[i, t]))
+                 for i in row for p, t in enumerate(mask[i].nonzero().squeeze(1).tolist())]
+        cells += [(batch * length, 0, IGNORE_INDEX)] * (width - len(cells))
+        for got, cell in zip((index, positions, packed), zip(*cells)):
+            got.extend(cell)
+    shape = (len(rows), width)
+    return torch.tensor(index, dtype=torch.long), torch.tensor(positions).view(shape), torch.tensor(packed).view(shape)
+
+
+def test_pack_rows_lays_out_any_mask_and_row_plan_as_token_by_token_packing():
+    """Random masks (right, left and scattered padding, empty examples) and row plans (empty rows too)."""
+    rng = random.Random(0)
+    for _ in range(300):
+        batch, length = rng.randint(1, 7), rng.randint(1, 9)
+        mask = (torch.rand(batch, length, generator=torch.Generator().manual_seed(rng.randint(0, 10**6))) < 0.5).long()
+        for i in range(batch):
+            if rng.random() < 0.7:  # most are contiguous, as the collator pads
+                n = rng.randint(0, length)
+                mask[i] = 0
+                (mask[i, :n] if rng.random() < 0.7 else mask[i, length - n:]).fill_(1)
+        labels = torch.randint(0, 50, (batch, length))
+        labels[torch.rand(batch, length) < 0.3] = IGNORE_INDEX
+        order = rng.sample(range(batch), batch)
+        cuts = sorted(rng.sample(range(1, batch), rng.randint(0, batch - 1))) if batch > 1 else []
+        rows = [order[a:b] for a, b in zip([0] + cuts, cuts + [batch])] + ([[]] if rng.random() < 0.2 else [])
+        for got, want in zip(pack_rows(mask, labels, rows), _pack_reference(mask, labels, rows)):
+            assert torch.equal(got, want.view(got.shape)), (mask, rows)
 
 
 @pytest.mark.parametrize("model_type", ["tiny-llama", "tiny-phi-2"])
