@@ -102,7 +102,9 @@ class TunedModel(nn.Module):
         """Mean cross-entropy over supervised tokens when ``labels`` is given; logits cover the input only
         when no labels are given (or ``selective_logits`` is off). ``host``: the batch's mask and labels on the CPU
         (the collator's ``HostCopy``), so that a training forward never waits for the device; without it they are
-        read back once."""
+        read back once. A ``host`` that does not match the batch (``HostCopy.matches``) is not used."""
+        if host is not None and not host.matches(attention_mask, labels, enc_attention_mask):
+            host = None  # another batch's copy, or tensors changed since: its mask, labels, encoder flag would be stale
         embedded = self._embed_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask,
                                       host.enc_padded if host is not None else None)
         if labels is not None:
@@ -120,7 +122,7 @@ class TunedModel(nn.Module):
         """The training forward: its layout (packed or not, supervised positions) is planned on the host
         (``custom_peft.packing``), and it builds the attention masks itself where transformers would read the
         device to decide, so nothing here waits for the GPU."""
-        if host is None or not host.matches(attention_mask):
+        if host is None:
             host = HostCopy.read(attention_mask, labels)
         host_mask, host_labels = host.attention_mask, host.labels
         if embedded is None:

@@ -325,6 +325,31 @@ def test_a_training_forward_and_backward_read_nothing_from_the_device(model_type
     assert sent == [5 if packing else 2] * 2  # one copy a step: the packed layout and the supervised positions
 
 
+def test_a_host_copy_that_does_not_match_its_batch_is_not_used():
+    """A batch's ``host`` copy of another batch, or of tensors changed since collation, used to be trusted whenever
+    the mask's shape matched, and its encoder flag even when not: stale labels, mask or encoder padding, a wrong
+    loss (7.6409 for 7.6613 with one row's labels dropped). On the CPU the values are compared; it falls back."""
+    from utils.batching import HostCopy
+
+    model, tok = built("lopa", "tiny-llama")
+    batch = batch_of(tok, PROMPTS[:3], side="right", targets=TARGETS[:3])
+    assert batch["attention_mask"].sum(1).tolist() == [14, 117, 4] and not batch["enc_attention_mask"].all()
+    host = HostCopy(batch["attention_mask"], batch["labels"], True)
+    no_labels = batch["labels"].clone()
+    no_labels[0] = IGNORE_INDEX
+    shorter = {k: v.clone() for k, v in batch.items()}
+    shorter["attention_mask"][1, -3:] = 0
+    shorter["labels"][1, -3:] = IGNORE_INDEX
+    stale = [({**batch, "labels": no_labels}, host), (shorter, host),
+             (batch, HostCopy(batch["attention_mask"], batch["labels"], False)),  # encoder rows are padded
+             (batch, HostCopy(batch["attention_mask"][:, 1:], batch["labels"][:, 1:], False))]  # another shape
+    with torch.no_grad():
+        assert model(**batch, host=host).loss.item() == model(**batch).loss.item()
+        for case, (stale_batch, stale_host) in enumerate(stale):
+            assert model(**stale_batch, host=stale_host).loss.item() == model(**stale_batch).loss.item(), case
+    assert host.matches(batch["attention_mask"].to("meta"), batch["labels"].to("meta"))  # a device: shapes only
+
+
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 @pytest.mark.parametrize("method", ["none", "pt", "lopa"])
 @pytest.mark.parametrize("packing", [True, False])

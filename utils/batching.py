@@ -111,8 +111,21 @@ class HostCopy:
         host = torch.stack([attention_mask.to(labels.dtype), labels]).cpu()
         return cls(host[0], host[1])
 
-    def matches(self, attention_mask: torch.Tensor) -> bool:
-        return self.attention_mask.shape == attention_mask.shape
+    def matches(self, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                enc_attention_mask: torch.Tensor | None = None) -> bool:
+        """Whether this copy stands for the batch's tensors: the same shapes and, where the batch is on the CPU (read
+        without waiting for a device), the same values and encoder padding. On an accelerator only shapes are
+        compared: comparing values there would wait for the device, which this copy exists to avoid."""
+        if self.attention_mask.shape != attention_mask.shape or (labels is not None
+                                                                 and self.labels.shape != labels.shape):
+            return False
+        if attention_mask.device.type != "cpu":
+            return True
+        same = [(self.attention_mask, attention_mask)] + ([(self.labels, labels)] if labels is not None else [])
+        if not all(mine is theirs or bool((mine == theirs).all()) for mine, theirs in same):
+            return False
+        return (self.enc_padded is None or enc_attention_mask is None
+                or self.enc_padded == (not bool(enc_attention_mask.all())))
 
 
 class Collator:
