@@ -5,7 +5,8 @@ m ones in the attention mask and m -100 labels. Generation passes those embeddin
 base model's own ``generate``: no patched ``prepare_inputs_for_generation``, no decoding state kept on the model
 between calls (only, for a sliding-window model, a static cache buffer to reuse). Position ids are computed from
 the mask (in ``forward``, and passed explicitly to ``generate``, which extends them by one per new token), so left
-padding does not shift them.
+padding does not shift them. In a left-padded batch (generation) the soft prompt goes after the padding, next to its
+row's first token as in training: a sliding window counts cache slots, and padding between them would hide it early.
 """
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, … over attended tokens only; padded slots get 0, as ``generate`` itself does (their value never
     reaches an attended token)."""
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def soft_prompt_after_padding(embeds: torch.Tensor, mask: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(embeds, mask)`` laid out [soft prompt (m), left padding, tokens] rearranged to [padding, soft prompt,
+    tokens] per row, on the device (no host sync). Every token keeps its index; an unpadded row is unchanged."""
+    pads = (mask[:, m:].cumsum(-1) == 0).sum(-1, keepdim=True)
+    j = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    source = torch.where(j < pads, j + m, torch.where(j < pads + m, j - pads, j))
+    return embeds.gather(1, source.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])), mask.gather(1, source)
 
 
 class TunedModel(nn.Module):
@@ -112,7 +122,8 @@ class TunedModel(nn.Module):
         if embedded is None:
             inputs, mask = {"input_ids": input_ids}, attention_mask
         else:
-            inputs, mask = {"inputs_embeds": embedded[0]}, embedded[1]
+            embeds, mask = soft_prompt_after_padding(*embedded, embedded[1].shape[1] - input_ids.shape[1])
+            inputs = {"inputs_embeds": embeds}
         out = self.lm(**inputs, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
         if embedded is not None:  # drop the virtual-token positions from the returned logits
             out.logits = out.logits[:, -input_ids.shape[1]:]
@@ -214,11 +225,13 @@ class TunedModel(nn.Module):
             self.train(was_training)
 
     def _generation_inputs(self, input_ids, attention_mask, enc_input_ids, enc_attention_mask) -> dict:
-        """The base model's inputs: ids and mask, or the embeddings with the soft prompt in front and its mask."""
+        """The base model's inputs: ids and mask, or the embeddings with the soft prompt after the left padding, and
+        its mask."""
         embedded = self._embed_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
         if embedded is None:
             return {"input_ids": input_ids, "attention_mask": attention_mask}
-        return {"inputs_embeds": embedded[0], "attention_mask": embedded[1]}
+        embeds, mask = soft_prompt_after_padding(*embedded, embedded[1].shape[1] - input_ids.shape[1])
+        return {"inputs_embeds": embeds, "attention_mask": mask}
 
     def _full_attention_static_cache(self, mask: torch.Tensor, generate_kwargs: dict) -> None:
         """Where ``generate`` was asked for a static cache and the model's sliding window covers the whole sequence

@@ -353,3 +353,27 @@ def test_cli_own_loop_writes_the_files_generate_writes(tmp_path, data_paths, mon
         tmp_path / "own", ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--peft_method", "none",
                            "--data_path", data_paths["mbpp"], "--decode_loop", "own", "--paper_decoding"]) == 2
     assert "--decode_loop own decodes greedily" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["pt", "lopa"])
+def test_a_sliding_window_sees_the_soft_prompt_of_a_padded_row_as_of_the_row_alone(method, monkeypatch):
+    """A window counts cache slots, not positions: with the soft prompt in front of the left padding, a padded row's
+    window lost the prompt 7 and 30 slots early, and its tokens differed from the row's alone (logits by 0.2). The
+    prompt now sits after the padding: forward, generate and the own loop give each row what it gets alone."""
+    from utils.registry import get_model_spec
+
+    monkeypatch.setitem(get_model_spec("tiny-phi-3").arch, "sliding_window", 32)
+    model, _ = build_model(method, "tiny-phi-3", num_virtual_tokens=4, enc_model_type="tiny-roberta", seed=5)
+    _perturb(model, 11, 0.3)
+    model.eval()
+    model.lm.generation_config.eos_token_id = None
+    batch = _long_batch(method)
+    got, own = model.generate(**batch, max_new_tokens=20, do_sample=False), _decode(model, GreedyDecoder(), batch, 20)
+    with torch.no_grad():
+        last = model(**batch).logits[:, -1]
+    for i, keep in enumerate(batch["attention_mask"].bool()):
+        alone = {k: v[i:i + 1, keep] if k in ("input_ids", "attention_mask") else v[i:i + 1] for k, v in batch.items()}
+        want = model.generate(**alone, max_new_tokens=20, do_sample=False)[0]
+        assert torch.equal(got[i], want) and torch.equal(own[i], want), (method, i)
+        with torch.no_grad():
+            assert torch.allclose(last[i], model(**alone).logits[0, -1], rtol=0, atol=1e-5), (method, i)

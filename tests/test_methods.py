@@ -243,12 +243,12 @@ def test_position_ids_follow_the_mask_in_forward_and_generate(method, model_type
         hook.remove()
     assert len(seen) == 1 + 3
     m = model.num_virtual_tokens
-    # the soft prompt goes in front of the padded row: [virtual tokens; left padding; prompt]
-    mask = torch.cat([torch.ones(len(PROMPTS), m, dtype=torch.long), batch["attention_mask"]], 1).bool()
+    # the soft prompt goes after the left padding, next to its row: [left padding; virtual tokens; prompt]
     lengths = batch["attention_mask"].sum(1).tolist()
     for positions in seen[:2]:  # forward, then generate's first step over the whole prompt
         for i, n in enumerate(lengths):
-            assert positions[i][mask[i]].tolist() == list(range(m + n))
+            assert positions[i][-(m + n):].tolist() == list(range(m + n))
+            assert not positions[i][:-(m + n)].any()  # padding
     for step, positions in enumerate(seen[2:], start=1):
         assert positions[:, -1].tolist() == [m + n + step - 1 for n in lengths]
 
