@@ -69,8 +69,9 @@ def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
                    help="dtype of the frozen foundation model and encoder (trained tensors stay fp32); fft needs fp32")
     _bool_flag(g, "gradient_checkpointing", "recompute activations in the backward pass (less memory)")
     g.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                   help="torch.compile each decoder layer and lopa/idpg's heads (same losses, ~2x the tokens/s of "
-                        "plain peft on a GPU; see BENCHMARKS.md); auto: on with CUDA without DeepSpeed")
+                   help="torch.compile each decoder layer and lopa/idpg's heads (same losses, but dropout draws other "
+                        "masks; ~2x the tokens/s of plain peft on a GPU; see BENCHMARKS.md); auto: on with CUDA "
+                        "without DeepSpeed")
     _bool_flag(g, "compile_encoder", "with --compile, compile the frozen encoder's layers too (lopa/idpg; the same "
                                      "instance embeddings, far fewer kernel launches); False: it runs eager", True)
     _bool_flag(g, "encoder_graphs", "replay lopa/idpg's frozen encoder from CUDA graphs, one per batch shape (its "
