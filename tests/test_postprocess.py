@@ -114,6 +114,9 @@ def test_extract_cruxeval_answer_follows_the_spec():
     ("\nassert f('a) == 2\n[/ANSWER]", "output", "2"),  # does not tokenize: the first "==", as before
     ("\nassert f('a==b')\n[/ANSWER]", "input", "f('a==b')"),  # no top-level "==": nothing is cut
     ("\nassert f(x == 1)\n[/ANSWER]", "input", "f(x == 1)"),
+    # a line starting with a lone \r is a blank line to tokenize: its "==" was missed and nothing was cut
+    ("\rassert f(1) == 2\r[/ANSWER]", "input", "f(1)"),
+    ("\n\rassert f('a==b') == 2\n[/ANSWER]", "output", "2"),
 ])
 def test_extract_cruxeval_answer_splits_at_the_assertions_eq(completion, mode, expected):
     assert extract_cruxeval_answer(completion, mode) == expected

@@ -266,8 +266,9 @@ def _assertion_eq(text: str) -> int:
     for line in io.StringIO(text).readlines():  # the lines tokenize sees (str.splitlines also splits at \x0b)
         starts.append(starts[-1] + len(line))
     depth = 0
+    source = text.replace("\r", " ")  # tokenize takes a line that starts with a lone \r for a blank one
     try:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
             if tok.type != tokenize.OP:
                 continue
             if tok.string in "([{":
