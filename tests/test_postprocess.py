@@ -1,5 +1,6 @@
 """Post-processing: stop strings, MBPP stage 1/2 (spec §6.5), CRUXEval answer extraction (§6.3-6.4), the CLIs."""
 import json
+import pathlib
 
 import pytest
 
@@ -228,6 +229,24 @@ def test_postprocess_cruxeval_cli_writes_output_json(tmp_path, data_paths, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["output.json", "output_raw.json"]  # no temporary left
 
 
+@pytest.mark.parametrize("mode", ["input", "output"])
+def test_generation_and_postprocessing_extract_the_same_cruxeval_answers(tmp_path, data_paths, mode):
+    """output.json from generate_preds (bare completions) equals postprocess_cruxeval_preds.py's: an "[ANSWER]" in
+    the model's answer is not a prompt to cut after (generation cut "f('[ANSWER]')" to "')")."""
+    from utils.prediction_files import write_predictions
+    from utils.tasks import get_task
+
+    task = get_task(f"cruxeval_{mode}_prediction")
+    records = load_task_split(task.name, "test", data_paths["cruxeval"])[:2]
+    raw = {r["id"]: ["\nassert f('[ANSWER]') == '[ANSWER]'\n[/ANSWER]", "\nassert f(1) == 2\n[/ANSWER]"]
+           for r in records}
+    write_predictions(tmp_path, task, records, raw, CRUXEVAL_STOP_SEQUENCES)
+    generated = json.loads((tmp_path / "output.json").read_text())
+    expected = ["f('[ANSWER]')", "f(1)"] if mode == "input" else ["'[ANSWER]'", "2"]
+    assert generated == {r["id"]: expected for r in records}
+    out = postprocess_cruxeval_preds.main(["--path", str(tmp_path / "output_raw.json"), "--mode", mode,
+                                           "--data_path", data_paths["cruxeval"], "--out", str(tmp_path / "pp.json")])
+    assert json.loads(pathlib.Path(out).read_text()) == generated
 @pytest.mark.parametrize("task_name", ["mbpp", "cruxeval_output_prediction"])
 def test_a_fresh_generation_deletes_what_was_derived_from_the_predictions_it_replaces(task_name, tmp_path,
                                                                                         data_paths, capsys):
