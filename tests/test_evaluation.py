@@ -22,7 +22,7 @@ KNOWN_BAD_MBPP = {
     "MBPP/642": "AssertionError",  # expects one iteration order of a set of tuples
     "MBPP/899": "TypeError",  # entry point `check` is shadowed by the test's check()
     "MBPP/927": "NameError: name 'root' is not defined",  # the test uses trees it never builds
-    "MBPP/966": "IndentationError",  # the solution's lines are indented 2 and 3 spaces
+    "MBPP/966": "IndentationError",  # 3-space code under a 1-space prompt (stage 2 re-indents it)
     "MBPP/967": "TypeError",  # entry point `check` is shadowed by the test's check()
 }
 FAST = dict(n_workers=4, progress=False)

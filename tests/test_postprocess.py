@@ -1,5 +1,6 @@
 """Post-processing: stop strings, MBPP stage 1/2 (spec §6.5), CRUXEval answer extraction (§6.3-6.4), the CLIs."""
 import json
+import pathlib
 
 import pytest
 
@@ -15,6 +16,8 @@ from utils.tasks import CRUXEVAL_STOP_SEQUENCES, MBPP_STOP_SEQUENCES, cruxeval_p
 
 # Canonical solutions that use a helper defined after the function: the spec's "\ndef" stop removes it.
 HELPER_AFTER_BODY = {"MBPP/717", "MBPP/940"}
+# Its 3-space code under a 1-space prompt: stage 2 re-indents it (unit from the code, not its 2-space comment).
+REINDENTED_BY_STAGE2 = {"MBPP/966"}
 
 
 def test_cut_at_stop_takes_the_earliest_stop_string():
@@ -74,11 +77,16 @@ def test_stage2_reindents_to_the_prompt_indent_unit():
     assert namespace["f"](5) == 6
     same = '\n\ndef f(a):\n    """doc"""\n'
     assert mbpp_stage2(completion, same) == completion
+    # The unit is the code's, not a leading comment's: a comment at 2 spaces made 4-space code 8 (IndentationError)
+    commented = "  # add two\n    y = a + 2\n    return y"
+    assert mbpp_stage2(commented, same) == commented
+    assert mbpp_stage2(commented, prompt) == "  # add two\n\ty = a + 2\n\treturn y"
 
 
 def test_postprocessing_keeps_canonical_solutions_passing(data_paths):
-    """Stage 1 then 2 on the 487 test-split canonical solutions: only the tasks that already fail, and two whose
-    helper function follows the body (cut by the spec's "\\ndef" stop), fail."""
+    """Stage 1 then 2 on the 487 test-split canonical solutions: only the tasks that already fail (but MBPP/966, which
+    the re-indentation repairs), and two whose helper function follows the body (cut by the spec's "\\ndef" stop),
+    fail."""
     require_real_data(data_paths)
     problems = {p["task_id"]: p for p in load_task_split("mbpp", "test", data_paths["mbpp"])}
     solutions = [{"task_id": t, "completion": mbpp_stage2(mbpp_stage1(p["canonical_solution"]), p["prompt"])}
@@ -87,8 +95,8 @@ def test_postprocessing_keeps_canonical_solutions_passing(data_paths):
     with Sandbox() as sandbox:
         results = run_samples(mbpp_samples(solutions, problems), sandbox, n_workers=4, progress=False)
     failed = {r.task_id for r in results if not r.passed}
-    assert failed == set(KNOWN_BAD_MBPP) | HELPER_AFTER_BODY
-    assert sum(r.passed for r in results) == 487 - 11
+    assert failed == (set(KNOWN_BAD_MBPP) - REINDENTED_BY_STAGE2) | HELPER_AFTER_BODY
+    assert sum(r.passed for r in results) == 487 - 10
 
 
 def test_extract_cruxeval_answer_follows_the_spec():
@@ -114,6 +122,9 @@ def test_extract_cruxeval_answer_follows_the_spec():
     ("\nassert f('a) == 2\n[/ANSWER]", "output", "2"),  # does not tokenize: the first "==", as before
     ("\nassert f('a==b')\n[/ANSWER]", "input", "f('a==b')"),  # no top-level "==": nothing is cut
     ("\nassert f(x == 1)\n[/ANSWER]", "input", "f(x == 1)"),
+    # a line starting with a lone \r is a blank line to tokenize: its "==" was missed and nothing was cut
+    ("\rassert f(1) == 2\r[/ANSWER]", "input", "f(1)"),
+    ("\n\rassert f('a==b') == 2\n[/ANSWER]", "output", "2"),
 ])
 def test_extract_cruxeval_answer_splits_at_the_assertions_eq(completion, mode, expected):
     assert extract_cruxeval_answer(completion, mode) == expected
@@ -218,6 +229,24 @@ def test_postprocess_cruxeval_cli_writes_output_json(tmp_path, data_paths, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["output.json", "output_raw.json"]  # no temporary left
 
 
+@pytest.mark.parametrize("mode", ["input", "output"])
+def test_generation_and_postprocessing_extract_the_same_cruxeval_answers(tmp_path, data_paths, mode):
+    """output.json from generate_preds (bare completions) equals postprocess_cruxeval_preds.py's: an "[ANSWER]" in
+    the model's answer is not a prompt to cut after (generation cut "f('[ANSWER]')" to "')")."""
+    from utils.prediction_files import write_predictions
+    from utils.tasks import get_task
+
+    task = get_task(f"cruxeval_{mode}_prediction")
+    records = load_task_split(task.name, "test", data_paths["cruxeval"])[:2]
+    raw = {r["id"]: ["\nassert f('[ANSWER]') == '[ANSWER]'\n[/ANSWER]", "\nassert f(1) == 2\n[/ANSWER]"]
+           for r in records}
+    write_predictions(tmp_path, task, records, raw, CRUXEVAL_STOP_SEQUENCES)
+    generated = json.loads((tmp_path / "output.json").read_text())
+    expected = ["f('[ANSWER]')", "f(1)"] if mode == "input" else ["'[ANSWER]'", "2"]
+    assert generated == {r["id"]: expected for r in records}
+    out = postprocess_cruxeval_preds.main(["--path", str(tmp_path / "output_raw.json"), "--mode", mode,
+                                           "--data_path", data_paths["cruxeval"], "--out", str(tmp_path / "pp.json")])
+    assert json.loads(pathlib.Path(out).read_text()) == generated
 @pytest.mark.parametrize("task_name", ["mbpp", "cruxeval_output_prediction"])
 def test_a_fresh_generation_deletes_what_was_derived_from_the_predictions_it_replaces(task_name, tmp_path,
                                                                                         data_paths, capsys):

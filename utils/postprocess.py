@@ -161,7 +161,8 @@ def mbpp_stage2(text: str, prompt: str | None = None) -> str:
       it are joined onto it (a trailing backslash removed). Every ``return`` is trimmed to its first
       complete expression (the longest prefix that parses).
     * If ``prompt`` is given and its body indent differs from the completion's (tabs against spaces, 2
-      against 4 spaces), the kept lines are re-indented to the prompt's unit.
+      against 4 spaces; the completion's is that of its first line of code, not of a comment), the kept lines
+      are re-indented to the prompt's unit.
     * Text without a ``return`` keeps its body lines unchanged.
     """
     lines = text.split("\n")
@@ -193,8 +194,11 @@ def mbpp_stage2(text: str, prompt: str | None = None) -> str:
     while kept and not kept[-1].strip():
         kept.pop()
     target = _prompt_indent(prompt) if prompt else ""
-    if target and indent and target != indent:
-        kept = _reindent(kept, indent, target)
+    # the code's unit: a leading comment's indent does not count for Python, so it must not set the unit
+    code = next((line for line in kept if line.strip() and not line.lstrip().startswith("#")), kept[0] if kept else "")
+    unit = _INDENT.match(code).group()
+    if target and unit and target != unit:
+        kept = _reindent(kept, unit, target)
     return "\n".join(lines[:first] + kept)
 
 
@@ -266,8 +270,9 @@ def _assertion_eq(text: str) -> int:
     for line in io.StringIO(text).readlines():  # the lines tokenize sees (str.splitlines also splits at \x0b)
         starts.append(starts[-1] + len(line))
     depth = 0
+    source = text.replace("\r", " ")  # tokenize takes a line that starts with a lone \r for a blank one
     try:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
             if tok.type != tokenize.OP:
                 continue
             if tok.string in "([{":

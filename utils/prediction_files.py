@@ -25,7 +25,7 @@ import pathlib
 from collections.abc import Sequence
 
 from utils.errors import UserError
-from utils.tasks import Task
+from utils.tasks import Task, cruxeval_prompt
 from utils.fileio import atomic_write_text, naming_full_disk, parse_appended_lines
 
 PROGRESS_FILE = "generation_progress.jsonl"
@@ -154,7 +154,9 @@ def write_predictions(log_dir: str | os.PathLike, task: Task, records: Sequence[
             "mbpp_test_problems.jsonl": _jsonl([mbpp_problem(r) for r in records]),
         }
     else:
-        answers = {tid: [extract_cruxeval_answer(text, task.mode) for text in raw[tid]] for tid in ids}
+        # with its prompt, a bare completion is used whole (without, what follows an "[ANSWER]" in it would be)
+        answers = {tid: [extract_cruxeval_answer(text, task.mode, cruxeval_prompt(r, task.mode)) for text in raw[tid]]
+                   for tid, r in zip(ids, records)}
         contents = {
             "output.json": json.dumps(answers, indent=1) + "\n",
             "output_raw.json": json.dumps({tid: raw[tid] for tid in ids}, indent=1) + "\n",
