@@ -490,6 +490,22 @@ def test_cruxeval_files_hold_one_list_per_sample(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(CRUXEVAL_FILES)
 
 
+def test_mbpp_completions_are_cut_at_every_stop_of_the_specs_stage_1(tmp_path):
+    """Spec §6.5 stage 1 cuts at `\\n<|/` too; generation must stop and cut there, or mbxp_solutions.jsonl keeps
+    the marker line (a SyntaxError under mxeval) where the stage-1 file does not."""
+    task = get_task("mbpp")
+    raws = ["    return a + b\n<|/ file ext=.py |>\ndef g():\n    pass", "    return 1\nif x:\n<|/ a"]
+    record = {"task_id": "MBPP/488", "prompt": "", "test": "", "entry_point": "f", "canonical_solution": ""}
+    write_predictions(tmp_path, task, [record], {"MBPP/488": raws}, task.stop_sequences)
+    lines = (tmp_path / "mbxp_solutions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["completion"] for line in lines] == ["    return a + b", "    return 1"]
+    tok = load_tokenizer("tiny-phi-2")
+    row = tok(raws[0])["input_ids"]
+    crit = StopOnText(tok, task.stop_sequences, budgets=[len(row) + 5])
+    stopped = _drive(crit, [row])[0]
+    assert "\n<|/" in tok.decode(row[:stopped]) and "\n<|/" not in tok.decode(row[:stopped - 1])
+
+
 def test_a_state_dict_loses_backbone_prefixes_only_when_every_name_has_one(tmp_path):
     from safetensors.torch import save_file
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from utils.errors import UserError
 from utils.registry import check_task
 
-MBPP_STOP_SEQUENCES = ("\ndef", "\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```")
+# the spec's stage-1 stop strings (§6.5) less its EOS string, which generation stops at as a token
+MBPP_STOP_SEQUENCES = ("\ndef", "\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```")
 CRUXEVAL_STOP_SEQUENCES = ("[/ANSWER]",)
 
 # Length limits of the paper's runs (spec §1.2). MBPP subtracts the m virtual tokens; CRUXEval does not.
