@@ -181,6 +181,39 @@ def test_instance_prompt_is_the_spec_formula_of_the_heads(method):
     assert (want[0] - want[1]).abs().max() > 1e-3  # per-instance prompts
 
 
+def test_initial_weights_and_head_dropout_follow_the_encoder_config():
+    """spec §2.1 / §3.1 / §3.2: Z_S ~ N(0, 1) (LOPA's and peft's PT), head weights N(0, the encoder's
+    initializer_range), out_proj biases 0, dense biases PyTorch's U(±1/√H), head dropout the encoder's
+    hidden_dropout_prob, else 0.1 (CodeSage's config has none). Widths are large enough for 5 % tolerances."""
+    from transformers import RobertaConfig, RobertaModel
+
+    from custom_peft import IdpgPrompt, LopaPrompt
+    from utils.codesage import CodeSageEncoder
+    from utils.models import PooledEncoder
+
+    width = 256
+    roberta = RobertaModel(RobertaConfig(vocab_size=64, hidden_size=width, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=64, initializer_range=0.07, hidden_dropout_prob=0.25),
+                           add_pooling_layer=False)
+    codesage = CodeSageEncoder({"vocab_size": 64, "max_position_embeddings": 8, "hidden_size": width,
+                                "num_hidden_layers": 1, "num_attention_heads": 4, "initializer_range": 0.05})
+    for backbone, pooling, std, p in ((roberta, "cls", 0.07, 0.25), (codesage, "pooler_l2", 0.05, 0.1)):
+        torch.manual_seed(0)
+        encoder = PooledEncoder(backbone, pooling)
+        lopa, idpg = LopaPrompt(encoder, 50, 128, 2), IdpgPrompt(encoder, 50, 128)
+        assert abs(lopa.shared_prompt.mean()) < 0.05 and abs(lopa.shared_prompt.std() - 1) < 0.05
+        for head in (lopa.row_head, lopa.col_head, idpg.head):
+            assert head.dropout.p == p
+            for weight in (head.dense.weight, head.out_proj.weight):
+                assert abs(weight.std() - std) < 0.05 * std and abs(weight.mean()) < 0.05 * std
+            assert torch.count_nonzero(head.out_proj.bias) == 0
+            bound = width ** -0.5
+            assert head.dense.bias.abs().max() <= bound and abs(head.dense.bias.std() / (bound / 3 ** 0.5) - 1) < 0.15
+    pt, _ = build_model("pt", "tiny-llama", num_virtual_tokens=50, seed=0)  # 50 × 64 values
+    z_s = pt.backbone.prompt_encoder["default"].embedding.weight
+    assert abs(z_s.mean()) < 0.05 and abs(z_s.std() - 1) < 0.05
+
+
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_prompt_tuning_forward_equals_peft_forward(model_type):
     """Right padding (peft's positions ignore the mask, so only right padding is comparable)."""
