@@ -221,6 +221,29 @@ def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_
     assert torch.equal(torch.rand(3), expected_draw)
 
 
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pt"])
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_damaged_checkpoint_file_is_one_line_naming_it_and_the_earlier_checkpoints(tmp_path, accelerated, name,
+                                                                                    damage):
+    # a checkpoint cut short after the fact (a copy, a disk error) gave a traceback that named no file
+    acc, model, opt, sched = accelerated
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        _train_step(model, opt, sched)
+        save_checkpoint(acc, model, opt, sched, TrainerState(global_step=step), {}, root)
+    path = root / "step_00000002" / name
+    if damage == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(UserError) as error:
+        load_checkpoint(find_checkpoint(tmp_path), acc, model, opt, sched)
+    assert str(error.value).startswith(f"{path}: ")
+    assert str(error.value).endswith(f"the checkpoint is damaged: pass an earlier one to --resume_from "
+                                     f"({root / 'step_00000001'})")
+    load_checkpoint(root / "step_00000001", acc, model, opt, sched)  # the earlier one still resumes
+
 def test_a_failed_save_never_becomes_latest(tmp_path, accelerated):
     acc, model, opt, sched = accelerated
     root = tmp_path / "checkpoints"
