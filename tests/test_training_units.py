@@ -292,6 +292,19 @@ def test_a_resave_of_the_latest_step_cut_off_mid_swap_leaves_a_resumable_checkpo
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000004"]
 
 
+
+def test_a_kill_between_the_first_checkpoints_rename_and_latest_leaves_it_resumable(tmp_path, accelerated):
+    # step_N/ exists only once complete; the error said "saved no checkpoint" and advised removing the log_dir
+    from utils.train_args import _has_checkpoint
+
+    acc, model, opt, sched = accelerated
+    root = tmp_path / "checkpoints"
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=1), {}, root)
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=2), {}, root)
+    (root / LATEST).unlink()  # as the kill leaves it: renamed into place, `latest` not yet written
+    (root / ".tmp-step_00000003").mkdir()  # an unfinished save is never read
+    assert find_checkpoint(tmp_path) == root / "step_00000002" and _has_checkpoint(tmp_path)
+
 def test_open_file_modes_opens_private_files_and_keeps_execute_bits(tmp_path):
     """A DeepSpeed checkpoint holds zero_to_fp32.py, which DeepSpeed makes executable; opening up the 0600 files
     that mkstemp / safetensors write must not take that bit away."""

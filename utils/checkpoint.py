@@ -100,6 +100,8 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
                 raise UserError(f"{latest} names {name!r} but {checkpoint / STATE_FILE} is missing; pass one of "
                                 f"the step_* directories under {root} to --resume_from")
             return checkpoint
+    if (newest := newest_unnamed_checkpoint(path)) is not None:
+        return newest
     if (path / "metrics.jsonl").is_file() or (path / "train.log").is_file():
         how = "finished (final/) without a checkpoint" if (path / "final").exists() else "stopped before its first one"
         raise UserError(f"--resume_from {path}: this run saved no checkpoint: it {how} (they come every "
@@ -108,6 +110,16 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     raise UserError(f"--resume_from {path}: not a checkpoint (no {STATE_FILE}) and not a log_dir with "
                     f"{CHECKPOINTS_DIR}/{LATEST}")
 
+
+
+def newest_unnamed_checkpoint(log_dir: pathlib.Path) -> pathlib.Path | None:
+    """Without ``latest``, the newest ``step_N/``: a kill between the first checkpoint's rename and ``latest``
+    leaves it complete (a ``step_N/`` exists only once complete, and pruning happens after ``latest``)."""
+    root = pathlib.Path(log_dir) / CHECKPOINTS_DIR
+    if (root / LATEST).is_file() or not root.is_dir():
+        return None
+    found = sorted(p for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / STATE_FILE).is_file())
+    return found[-1] if found else None
 
 def resume_hint(log_dir: pathlib.Path) -> str:
     """How to go on after a full disk stopped the run in ``log_dir``: from its last complete checkpoint, if any."""
