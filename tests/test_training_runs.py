@@ -477,3 +477,29 @@ def test_compile_on_compiles_the_encoder_too_and_keeps_every_version_the_layers_
     assert len(runs["eager"][0]) == 3
     for name in ("both", "decoder"):
         assert runs[name][0] == pytest.approx(runs["eager"][0], rel=1e-5)
+
+
+def test_a_crash_right_after_an_epochs_checkpoint_keeps_that_epochs_mean_in_train_log(tmp_path, data_paths,
+                                                                                      monkeypatch):
+    # the epoch-end checkpoint already counts the epoch as closed: a resume never logs its mean again
+    from utils import checkpoint
+
+    class Crash(BaseException):
+        pass
+
+    def crash_once_committed(name, stage):
+        if (name, stage) == ("step_00000002", "committed"):
+            raise Crash
+    log_dir = tmp_path / "run"
+    argv = ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path",
+            data_paths["mbpp"], "--limit_train_examples", "4", "--per_gpu_train_batch_size", "2", "--num_epochs",
+            "2", "--max_length", "64", "--save_every", "1epochs", "--log_dir", str(log_dir)]
+    monkeypatch.setattr(checkpoint, "_kill_hook", crash_once_committed)
+    with pytest.raises(Crash):
+        run_inprocess("peft", argv)
+    monkeypatch.undo()
+    assert run_inprocess("peft", argv + ["--resume_from", str(log_dir)]).global_step == 4
+    logged = [line.split("INFO ")[1] for line in (log_dir / "train.log").read_text().splitlines()
+              if ": mean loss" in line]
+    assert logged == [f"epoch {i + 1}: mean loss {mean:.4f}" for i, mean in enumerate(epoch_means(log_dir))]
+    assert len(logged) == 2

@@ -221,6 +221,29 @@ def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_
     assert torch.equal(torch.rand(3), expected_draw)
 
 
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pt"])
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_damaged_checkpoint_file_is_one_line_naming_it_and_the_earlier_checkpoints(tmp_path, accelerated, name,
+                                                                                    damage):
+    # a checkpoint cut short after the fact (a copy, a disk error) gave a traceback that named no file
+    acc, model, opt, sched = accelerated
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        _train_step(model, opt, sched)
+        save_checkpoint(acc, model, opt, sched, TrainerState(global_step=step), {}, root)
+    path = root / "step_00000002" / name
+    if damage == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(UserError) as error:
+        load_checkpoint(find_checkpoint(tmp_path), acc, model, opt, sched)
+    assert str(error.value).startswith(f"{path}: ")
+    assert str(error.value).endswith(f"the checkpoint is damaged: pass an earlier one to --resume_from "
+                                     f"({root / 'step_00000001'})")
+    load_checkpoint(root / "step_00000001", acc, model, opt, sched)  # the earlier one still resumes
+
 def test_a_failed_save_never_becomes_latest(tmp_path, accelerated):
     acc, model, opt, sched = accelerated
     root = tmp_path / "checkpoints"
@@ -268,6 +291,19 @@ def test_a_resave_of_the_latest_step_cut_off_mid_swap_leaves_a_resumable_checkpo
     save_checkpoint(acc, model, opt, sched, TrainerState(global_step=4), {}, root, total_limit=1)
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000004"]
 
+
+
+def test_a_kill_between_the_first_checkpoints_rename_and_latest_leaves_it_resumable(tmp_path, accelerated):
+    # step_N/ exists only once complete; the error said "saved no checkpoint" and advised removing the log_dir
+    from utils.train_args import _has_checkpoint
+
+    acc, model, opt, sched = accelerated
+    root = tmp_path / "checkpoints"
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=1), {}, root)
+    save_checkpoint(acc, model, opt, sched, TrainerState(global_step=2), {}, root)
+    (root / LATEST).unlink()  # as the kill leaves it: renamed into place, `latest` not yet written
+    (root / ".tmp-step_00000003").mkdir()  # an unfinished save is never read
+    assert find_checkpoint(tmp_path) == root / "step_00000002" and _has_checkpoint(tmp_path)
 
 def test_open_file_modes_opens_private_files_and_keeps_execute_bits(tmp_path):
     """A DeepSpeed checkpoint holds zero_to_fp32.py, which DeepSpeed makes executable; opening up the 0600 files

@@ -100,6 +100,8 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
                 raise UserError(f"{latest} names {name!r} but {checkpoint / STATE_FILE} is missing; pass one of "
                                 f"the step_* directories under {root} to --resume_from")
             return checkpoint
+    if (newest := newest_unnamed_checkpoint(path)) is not None:
+        return newest
     if (path / "metrics.jsonl").is_file() or (path / "train.log").is_file():
         how = "finished (final/) without a checkpoint" if (path / "final").exists() else "stopped before its first one"
         raise UserError(f"--resume_from {path}: this run saved no checkpoint: it {how} (they come every "
@@ -108,6 +110,16 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     raise UserError(f"--resume_from {path}: not a checkpoint (no {STATE_FILE}) and not a log_dir with "
                     f"{CHECKPOINTS_DIR}/{LATEST}")
 
+
+
+def newest_unnamed_checkpoint(log_dir: pathlib.Path) -> pathlib.Path | None:
+    """Without ``latest``, the newest ``step_N/``: a kill between the first checkpoint's rename and ``latest``
+    leaves it complete (a ``step_N/`` exists only once complete, and pruning happens after ``latest``)."""
+    root = pathlib.Path(log_dir) / CHECKPOINTS_DIR
+    if (root / LATEST).is_file() or not root.is_dir():
+        return None
+    found = sorted(p for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / STATE_FILE).is_file())
+    return found[-1] if found else None
 
 def resume_hint(log_dir: pathlib.Path) -> str:
     """How to go on after a full disk stopped the run in ``log_dir``: from its last complete checkpoint, if any."""
@@ -264,22 +276,38 @@ def load_checkpoint(checkpoint: pathlib.Path, accelerator, model, optimizer, sch
                             f"it without DeepSpeed")
         model.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG, load_module_strict=False)
     else:
-        if not (checkpoint / WEIGHTS_FILE).is_file():
-            raise UserError(f"{checkpoint}: no {WEIGHTS_FILE} (written with DeepSpeed?); resume it with the same "
+        if not (checkpoint / WEIGHTS_FILE).is_file() and (checkpoint / DEEPSPEED_TAG).is_dir():
+            raise UserError(f"{checkpoint}: no {WEIGHTS_FILE} (written with DeepSpeed); resume it with the same "
                             f"accelerate/DeepSpeed configuration")
-        _load_trainable(checkpoint / WEIGHTS_FILE, accelerator.unwrap_model(model))
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+        _load_trainable(_read(checkpoint / WEIGHTS_FILE, lambda p: load_file(str(p))), checkpoint / WEIGHTS_FILE,
+                        accelerator.unwrap_model(model))
+        optimizer.load_state_dict(_read(checkpoint / "optimizer.pt", _torch_load))
         if accelerator.scaler is not None and (checkpoint / "scaler.pt").is_file():
-            accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True))
-    rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pt"
-    if not rng_file.is_file():
-        raise UserError(f"{rng_file}: missing; the checkpoint is incomplete, resume from an earlier one")
-    return state, torch.load(rng_file, weights_only=True)
+            accelerator.scaler.load_state_dict(_read(checkpoint / "scaler.pt", _torch_load))
+    scheduler.load_state_dict(_read(checkpoint / "scheduler.pt", _torch_load))
+    return state, _read(checkpoint / f"rng_state_{accelerator.process_index}.pt", _torch_load)
 
 
-def _load_trainable(path: pathlib.Path, model: torch.nn.Module) -> None:
-    tensors = load_file(str(path))
+def _torch_load(path: pathlib.Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read(path: pathlib.Path, load):
+    """``load(path)``; a missing or damaged file (cut short after the fact: a copy, a disk error) is one line naming
+    it and the checkpoint to resume instead."""
+    try:
+        return load(path)
+    except Exception as exc:  # safetensors and torch raise several types for a damaged file
+        what = "missing" if not path.is_file() else f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        checkpoint = path.parent
+        this = checkpoint.name.removeprefix(".old-")  # resumed from a re-save's aside copy
+        earlier = sorted(p for p in checkpoint.parent.iterdir() if _NAME.fullmatch(p.name) and p.name < this)
+        fix = (f"pass an earlier one to --resume_from ({earlier[-1]})" if earlier
+               else "no earlier one is left: start over without --resume_from")
+        raise UserError(f"{path}: {what}; the checkpoint is damaged: {fix}") from None
+
+
+def _load_trainable(tensors: dict[str, torch.Tensor], path: pathlib.Path, model: torch.nn.Module) -> None:
     params = trainable_parameters(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:

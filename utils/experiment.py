@@ -272,11 +272,11 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str]
     except (OSError, ValueError, AttributeError):
         same = False
     if train_hash is not None and same and not fresh:
-        from utils.checkpoint import CHECKPOINTS_DIR, LATEST
+        from utils.checkpoint import CHECKPOINTS_DIR, LATEST, newest_unnamed_checkpoint
 
         if (train_dir / "final").is_dir():
             commands, training = commands[1:], "reused"
-        elif (train_dir / CHECKPOINTS_DIR / LATEST).is_file():
+        elif (train_dir / CHECKPOINTS_DIR / LATEST).is_file() or newest_unnamed_checkpoint(train_dir) is not None:
             script, argv = commands[0]
             commands[0], training = (script, argv + ["--resume_from", str(train_dir)]), "resumed"
     if cell.directory.exists():

@@ -264,9 +264,10 @@ def check_files(config: TrainConfig) -> None:
 
 def _has_checkpoint(log_dir: pathlib.Path) -> bool:
     """Whether --resume_from log_dir has a `latest` to follow (a broken one gets its own error there)."""
-    from utils.checkpoint import CHECKPOINTS_DIR, LATEST
+    from utils.checkpoint import CHECKPOINTS_DIR, LATEST, newest_unnamed_checkpoint
 
-    return (log_dir / CHECKPOINTS_DIR / LATEST).is_file() or (log_dir / LATEST).is_file()
+    return ((log_dir / CHECKPOINTS_DIR / LATEST).is_file() or (log_dir / LATEST).is_file()
+            or newest_unnamed_checkpoint(log_dir) is not None)
 
 
 def read_json_object(path: str | os.PathLike, what: str) -> dict:

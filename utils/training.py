@@ -298,13 +298,14 @@ class Trainer:
                     epoch_losses.append(state.epoch_loss_sum / state.epoch_steps)
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                     state.epoch_loss_sum, state.epoch_steps = 0.0, 0
+                    # logged before the checkpoint: a resume from it never logs this epoch's mean again
+                    self.log.info("epoch %d: mean loss %.4f", state.epoch, epoch_losses[-1])
+                    if cfg.output.wandb_logging:
+                        acc.log({"epoch/mean_loss": epoch_losses[-1]}, step=state.global_step)
                 if save.due(step=self.state.global_step) or (end_of_epoch and save.due(epoch=self.state.epoch)):
                     self._save_checkpoint()
                     self._rate_clock = (time.perf_counter(), self.state.tokens)  # tokens/s leaves out saving
                 if end_of_epoch:
-                    self.log.info("epoch %d: mean loss %.4f", self.state.epoch, epoch_losses[-1])
-                    if cfg.output.wandb_logging:
-                        acc.log({"epoch/mean_loss": epoch_losses[-1]}, step=self.state.global_step)
                     if next(batches, None) is not None:
                         raise RuntimeError("the dataloader had more batches than planned")
                     break
