@@ -111,7 +111,6 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
                     f"{CHECKPOINTS_DIR}/{LATEST}")
 
 
-
 def newest_unnamed_checkpoint(log_dir: pathlib.Path) -> pathlib.Path | None:
     """Without ``latest``, the newest ``step_N/``: a kill between the first checkpoint's rename and ``latest``
     leaves it complete (a ``step_N/`` exists only once complete, and pruning happens after ``latest``)."""
@@ -120,6 +119,7 @@ def newest_unnamed_checkpoint(log_dir: pathlib.Path) -> pathlib.Path | None:
         return None
     found = sorted(p for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / STATE_FILE).is_file())
     return found[-1] if found else None
+
 
 def resume_hint(log_dir: pathlib.Path) -> str:
     """How to go on after a full disk stopped the run in ``log_dir``: from its last complete checkpoint, if any."""
