@@ -304,6 +304,12 @@ def test_a_kill_between_the_first_checkpoints_rename_and_latest_leaves_it_resuma
     (root / LATEST).unlink()  # as the kill leaves it: renamed into place, `latest` not yet written
     (root / ".tmp-step_00000003").mkdir()  # an unfinished save is never read
     assert find_checkpoint(tmp_path) == root / "step_00000002" and _has_checkpoint(tmp_path)
+    # the full-disk hint agrees: a disk that filled before `latest` leaves the same checkpoint to resume
+    from utils.checkpoint import resume_hint
+
+    assert "--resume_from" in resume_hint(tmp_path) and "step_00000002" in resume_hint(tmp_path)
+    assert "without --resume_from" in resume_hint(tmp_path / "elsewhere")
+
 
 def test_open_file_modes_opens_private_files_and_keeps_execute_bits(tmp_path):
     """A DeepSpeed checkpoint holds zero_to_fp32.py, which DeepSpeed makes executable; opening up the 0600 files

@@ -127,6 +127,9 @@ def resume_hint(log_dir: pathlib.Path) -> str:
     if latest.is_file():
         return (f"free space, then rerun with --resume_from {log_dir}: it continues from {latest.read_text().strip()}, "
                 f"the last complete checkpoint")
+    if (newest := newest_unnamed_checkpoint(log_dir)) is not None:  # complete, but the disk filled before `latest`
+        return (f"free space, then rerun with --resume_from {log_dir}: it continues from {newest.name}, the last "
+                f"complete checkpoint")
     return (f"free space, then rerun without --resume_from (no checkpoint was complete), after removing {log_dir} "
             f"or with another --log_dir")
 
