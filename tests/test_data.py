@@ -290,3 +290,17 @@ def test_the_public_mbpp_file_as_checked_downloads_without_a_warning(tmp_path, m
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(data.load_records("mbpp")) == 974
+
+
+def test_non_utf8_bytes_and_wrong_field_types_are_named(tmp_path):
+    """Undecodable bytes were a UnicodeDecodeError traceback; a list 'test' or a null 'prompt' passed the reader
+    and failed later as a TypeError in the evaluator (or was blamed on generate_preds' own output file)."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"task_id": "MBPP/1"}\n{"task_id": "\xff"}\n')
+    with pytest.raises(UserError, match=r"d\.jsonl:2: not UTF-8 text \(byte 0xff at column 14\); save it as UTF-8"):
+        read_jsonl(path)
+    path.write_text(json.dumps({"task_id": "MBPP/1", "test": ["assert 1"]}) + "\n")
+    with pytest.raises(UserError, match=r"d\.jsonl:1: field 'test' must be a string, got list; fix"):
+        read_jsonl(path, ("task_id", "test"), "fix it")
+    with pytest.raises(UserError, match=f"{tmp_path}: is a directory, not a file; pass the file's path"):
+        read_jsonl(tmp_path)

@@ -269,3 +269,17 @@ def test_bench_evaluate_smoke_writes_the_shared_schema(tmp_path, data_paths):
         assert line["method"] in ("sandbox", "classic") and line["versions"]["python"]
         assert line["passed"] == line["n_samples"] > 0 and line["samples_per_s"] > 0
     assert {line["task"] for line in lines} == {"mbpp", "cruxeval_input_prediction", "cruxeval_output_prediction"}
+
+
+def test_non_utf8_predictions_and_a_mistyped_problem_field_are_one_line(tmp_path):
+    """Both were tracebacks: a UnicodeDecodeError reading the JSON, a TypeError building the program."""
+    preds = tmp_path / "output.json"
+    preds.write_bytes(b'{"sample_450": ["\xff"]}')
+    with pytest.raises(UserError, match=r"output\.json: not UTF-8 text \(byte 0xff at offset 17\); save it as UTF-8"):
+        evaluate_file("cruxeval_output_prediction", preds, sandbox_config=SandboxConfig(mode="none"))
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"task_id": "MBPP/1", "prompt": None, "entry_point": "f", "test": ""}) + "\n")
+    solutions = tmp_path / "sol.jsonl"
+    solutions.write_text(json.dumps({"task_id": "MBPP/1", "completion": "  return 1\n"}) + "\n")
+    with pytest.raises(UserError, match=r"problems\.jsonl:1: field 'prompt' must be a string, got NoneType"):
+        evaluate_file("mbpp", solutions, problem_file=problems, sandbox_config=SandboxConfig(mode="none"))

@@ -41,16 +41,37 @@ def default_data_path(task_name: str) -> str | None:
     return str(path) if path.exists() else None
 
 
-def read_jsonl(path: str | os.PathLike, required_fields=(), hint: str = "") -> list[dict]:
-    """Read a JSONL file; a bad line or a missing field fails with ``file:line`` and the field's name, plus
-    ``hint`` (what the file should be) after a semicolon."""
-    path = pathlib.Path(path)
-    hint = f"; {hint}" if hint else ""
+def check_is_file(path: pathlib.Path) -> None:
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a file; pass the file's path")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
+
+
+def read_text_file(path: pathlib.Path, fix: str = "save it as UTF-8") -> str:
+    """A whole UTF-8 file's text; a missing file or undecodable bytes are one line naming it and ``fix``."""
+    check_is_file(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                        f"{fix}") from None
+
+
+def read_jsonl(path: str | os.PathLike, required_fields=(), hint: str = "") -> list[dict]:
+    """Read a JSONL file; a bad line or a missing field fails with ``file:line`` and the field's name, plus
+    ``hint`` (what the file should be) after a semicolon. Required fields must be strings (every task's are)."""
+    path = pathlib.Path(path)
+    hint = f"; {hint}" if hint else ""
+    check_is_file(path)
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); save it as UTF-8{hint}") from None
             if not line.strip():
                 continue
             try:
@@ -63,6 +84,10 @@ def read_jsonl(path: str | os.PathLike, required_fields=(), hint: str = "") -> l
             missing = [f for f in required_fields if f not in record]
             if missing:
                 raise UserError(f"{path}:{lineno}: record is missing field {missing[0]!r}{hint}")
+            mistyped = [f for f in required_fields if not isinstance(record[f], str)]
+            if mistyped:  # a list 'test' or null 'prompt' was a TypeError deep in generation or the evaluator
+                raise UserError(f"{path}:{lineno}: field {mistyped[0]!r} must be a string, got "
+                                f"{type(record[mistyped[0]]).__name__}{hint}")
             records.append(record)
     return records
 

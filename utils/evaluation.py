@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from utils.data import default_data_path, load_records, load_task_split, read_jsonl
+from utils.data import default_data_path, load_records, load_task_split, read_jsonl, read_text_file
 from utils.errors import UserError
 from utils.fileio import atomic_write_text, check_writable_dir
 from utils.sandbox import Sandbox, SandboxConfig
@@ -168,10 +168,9 @@ CRUXEVAL_FORMAT_HINT = ('CRUXEval predictions are one JSON object {"sample_412":
 
 
 def _read_json(path: pathlib.Path):
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
+    text = read_text_file(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); {CRUXEVAL_FORMAT_HINT}") from None
 
