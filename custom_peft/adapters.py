@@ -18,10 +18,12 @@ import pathlib
 
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from custom_peft.build import LIBRARY_NAME, MethodConfig, _wrap, hidden_size_of
 from custom_peft.tuned_model import TunedModel
+from utils.data import read_text_file
 from utils.errors import UserError
 from utils.fileio import open_file_modes
 from utils.models import load_foundation_model
@@ -73,7 +75,7 @@ def read_adapter_config(directory: str | pathlib.Path) -> dict:
     if path is None:
         raise UserError(_no_adapter_config(directory))
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(read_text_file(path, "re-save the adapter"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc}); re-save the adapter") from exc
     if "method" not in config:
@@ -188,7 +190,11 @@ def _recorded_directory(config: dict, cfg_path: pathlib.Path, field: str, flag: 
 def _load_trained_tensors(model: TunedModel, path: pathlib.Path) -> None:
     if not path.is_file():
         raise UserError(f"{path}: missing; an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:  # a cut copy or another file under this name: the header does not parse
+        raise UserError(f"{path}: not a readable safetensors file ({exc}); it is damaged or cut short: re-save the "
+                        f"adapter (or copy it again)") from None
     expected = {n: t.shape for n, t in trainable_state_dict(model).items()}
     for name, tensor in tensors.items():
         if name not in expected:

@@ -326,3 +326,21 @@ def test_missing_or_foreign_files_fail_clearly(lopa_dir, tmp_path):
     (only_config / "adapter_config.json").write_text((lopa_dir / "adapter_config.json").read_text())
     with pytest.raises(UserError, match="adapter_model.safetensors: missing"):
         load_tuned_model(only_config)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "half", "empty", "config_bytes"])
+def test_a_damaged_adapter_file_is_one_line(lopa_dir, tmp_path, damage):
+    """A cut or overwritten adapter_model.safetensors was a SafetensorError traceback; a config with
+    non-UTF-8 bytes a UnicodeDecodeError."""
+    shutil.copytree(lopa_dir, tmp_path / "a")
+    weights, config = tmp_path / "a" / "adapter_model.safetensors", tmp_path / "a" / "adapter_config.json"
+    if damage == "config_bytes":
+        config.write_bytes(b"\xff" + config.read_bytes())
+        with pytest.raises(UserError, match=r"adapter_config\.json: not UTF-8 text .*; re-save the adapter"):
+            load_tuned_model(tmp_path / "a")
+        return
+    body = weights.read_bytes()
+    weights.write_bytes({"garbage": b"garbage\n", "half": body[:len(body) // 2], "empty": b""}[damage])
+    with pytest.raises(UserError, match=r"adapter_model\.safetensors: not a readable safetensors file \(.+\); "
+                                        r"it is damaged or cut short: re-save the adapter"):
+        load_tuned_model(tmp_path / "a")
