@@ -204,13 +204,29 @@ def run_config(args, method: str, gen_config, num_processes: int, enc_model_type
             "num_processes": num_processes}
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_args(args: argparse.Namespace):
+    """The checks that need no file or model (run_experiment --plan runs them too); returns the GenConfig."""
+    from utils.generation import resolve_gen_config
+    from utils.tasks import get_task
+
     check_model_args(argparse.Namespace(**{**vars(args), "num_virtual_tokens": args.num_virtual_tokens or 1,
                                            "lp_rank": args.lp_rank or 1}))
     if args.num_beams != 1:
         raise UserError(f"--num_beams {args.num_beams}: only 1 is supported (the paper samples one sequence)")
+    gen_config = resolve_gen_config(get_task(args.task_name), paper_decoding=args.paper_decoding,
+                                    do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                                    top_k=args.top_k, num_return_sequences=args.num_return_sequences,
+                                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.decode_loop == "own" and gen_config.do_sample:
+        raise UserError("--decode_loop own decodes greedily; sampling (--paper_decoding, --do_sample, --temperature) "
+                        "needs --decode_loop hf")
+    return gen_config
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    gen_config = check_args(args)
     method = resolve_method(args)
 
     from accelerate import Accelerator
@@ -219,19 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     from utils.data import default_data_path, load_task_split
     from utils.decode_loop import STEP_COMPILE, GreedyDecoder, check_plain_greedy
     from utils.fast_paths import static_cache_kwargs
-    from utils.generation import generate_predictions, resolve_gen_config
+    from utils.generation import generate_predictions
     from utils.prediction_files import (ProgressLog, check_resumable, derived_files, output_files,
                                         validate_prediction_files, write_config, write_predictions)
     from utils.tasks import get_task
 
     task = get_task(args.task_name)
-    gen_config = resolve_gen_config(task, paper_decoding=args.paper_decoding, do_sample=args.do_sample,
-                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                    num_return_sequences=args.num_return_sequences,
-                                    max_new_tokens=args.max_new_tokens, seed=args.seed)
-    if args.decode_loop == "own" and gen_config.do_sample:
-        raise UserError("--decode_loop own decodes greedily; sampling (--paper_decoding, --do_sample, --temperature) "
-                        "needs --decode_loop hf")
     args.data_path = args.data_path or default_data_path(args.task_name)
     records = load_task_split(args.task_name, "test", args.data_path, mbpp_split=args.mbpp_split, limit=args.limit)
     model, tokenizer, enc_tokenizer = load_model(args, method)  # fails on a bad checkpoint before any file is written

@@ -457,3 +457,18 @@ def test_every_in_process_stage_compiles_its_decoder_layers(monkeypatch):
             compiled.append(0)
             experiment._run_stage("tune_foundation_model.py", [])
     assert min(compiled) >= 1, compiled  # without the reset: [1, 1, 0]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("gen.temperature=-1", "--temperature must be a finite number >= 0"),
+    ("gen.max_new_tokens=0", "--max_new_tokens must be >= 1, got 0"),
+    ("gen.top_k=-1", "--top_k must be >= 0 (0 turns it off), got -1"),
+])
+def test_a_bad_generation_value_fails_the_plan(tmp_path, capsys, setting, message):
+    """These passed --plan (and the trainings of a real run) and failed only at each cell's generation."""
+    with pytest.raises(SystemExit) as exc:
+        run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--plan", "--set", setting,
+                             "--set", "gen.temperature=0.2"] if "top_k" in setting else
+                            ["--preset", "smoke", "--out", str(tmp_path), "--plan", "--set", setting])
+    assert exc.value.code == 2
+    assert f"generate_preds.py rejects its arguments ({message}" in capsys.readouterr().err

@@ -197,7 +197,8 @@ def _parse_only(script: str, argv: list[str]) -> None:
         kind = "fft" if script == "tune_fft_baseline.py" else "peft"
         config_from_namespace(build_parser(kind).parse_args(argv), kind)
     elif script == "generate_preds.py":
-        importlib.import_module("generate_preds").build_parser().parse_args(argv)
+        generate_preds = importlib.import_module("generate_preds")
+        generate_preds.check_args(generate_preds.build_parser().parse_args(argv))
     else:
         importlib.import_module(script.removesuffix(".py")).parse_args(argv)
 

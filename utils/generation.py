@@ -98,6 +98,8 @@ def resolve_gen_config(task: Task, *, paper_decoding: bool = False, do_sample: b
         raise UserError(f"--temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:  # it used to turn top-k off silently, as 0 does
+        raise UserError(f"--top_k must be >= 0 (0 turns it off), got {top_k}")
     sample = paper_decoding
     if temperature is not None:
         sample = temperature > 0
@@ -119,7 +121,7 @@ def resolve_gen_config(task: Task, *, paper_decoding: bool = False, do_sample: b
         do_sample=sample,
         temperature=float(temperature) if sample else 1.0,
         top_p=float(top_p) if sample else 1.0,
-        top_k=HF_DEFAULT_TOP_K if top_k is None else max(0, int(top_k)),
+        top_k=HF_DEFAULT_TOP_K if top_k is None else int(top_k),
         num_return_sequences=1 if num_return_sequences is None else num_return_sequences,
         max_new_tokens=max_new_tokens if (max_new_tokens is not None or not task.is_mbpp) else MBPP_MAX_NEW,
         max_total_tokens=None if task.is_mbpp else CRUXEVAL_MAX_LENGTH,
