@@ -9,7 +9,9 @@ region costs one launch per kernel. Where the host sets a step's pace, these cou
   a small width; ``hf-generate``'s per-step time divided by it gives the host's cost per operation);
 * ``layer_graphs``: the operations and matrix products in the forward and backward graphs AOT autograd hands
   inductor for one decoder layer of deepseek-coder-1.3b's structure (small width), per method. Each matrix product
-  stays its own kernel launch after inductor fuses the pointwise work around it.
+  stays its own kernel launch after inductor fuses the pointwise work around it;
+* ``outside_layers``: the operations of one eager training step (forward, backward, optimizer) outside the decoder
+  layers, per method (deepseek's structure at a small width): what LOPA's encoder and heads add to PT's step.
 
     python -m benchmarks.count_ops            # prints one JSON line per count
 """
@@ -114,9 +116,54 @@ def layer_graph_ops(methods=("pt", "lora", "lopa")) -> list[dict]:
     return rows
 
 
+def outside_layer_ops(methods=("pt", "lopa")) -> list[dict]:
+    """Operations of one eager training step (forward, backward, optimizer) outside the decoder layers, per method:
+    a 1-layer model's count minus the per-layer count of a 2-layer one (deepseek's structure at a small width,
+    CodeBERT-base's encoder, batch 2 × 16, after one warm step; CPU AdamW, unfused)."""
+    from benchmarks.bench_train import random_batch
+    from custom_peft import build_model
+    from utils.fast_paths import make_adamw
+
+    name = "deepseek-coder-1.3b-base (small width)"
+    counts = {}
+    try:
+        for layers in (1, 2):
+            registry.FOUNDATION_MODELS[name] = FoundationModelSpec(
+                name, None, ("q_proj", "k_proj", "v_proj"), 64,
+                dict(registry.DEEPSEEK_1_3B_ARCH, **SMALL, num_hidden_layers=layers), tiny=True, adds_bos=True)
+            for method in methods:
+                model, _ = build_model(method, name, enc_model_type="codebert-base", random_weights=True, seed=0)
+                model.packing = True
+                model.train()
+                opt = make_adamw(model.parameters(), lr=1e-4)
+                batch = random_batch(argparse.Namespace(batch_size=2, seq_len=16), 1000, 1000)
+                phases = []
+                for warm in (True, False):
+                    ops = [CountOps() for _ in range(3)]
+                    with ops[0]:
+                        loss = model(**batch).loss
+                    with ops[1]:
+                        loss.backward()
+                    with ops[2]:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    phases = [o.count for o in ops]
+                counts[method, layers] = phases
+    finally:
+        registry.FOUNDATION_MODELS.pop(name, None)
+    rows = []
+    for method in methods:
+        one, two = counts[method, 1], counts[method, 2]
+        outside = [2 * a - b for a, b in zip(one, two)]
+        rows.append({"count": "outside_layers", "model": "deepseek-coder-1.3b-base", "method": method,
+                     "forward_ops": outside[0], "backward_ops": outside[1], "optimizer_ops": outside[2],
+                     "per_layer_forward_ops": two[0] - one[0], "per_layer_backward_ops": two[1] - one[1]})
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("encoder", "decode_step", "layer_graphs"), default=None)
+    p.add_argument("--only", choices=("encoder", "decode_step", "layer_graphs", "outside_layers"), default=None)
     args = p.parse_args(argv)
     rows = []
     if args.only in (None, "encoder"):
@@ -125,6 +172,8 @@ def main(argv=None) -> list[dict]:
         rows.append(decode_step_ops())
     if args.only in (None, "layer_graphs"):
         rows.extend(layer_graph_ops())
+    if args.only in (None, "outside_layers"):
+        rows.extend(outside_layer_ops())
     for row in rows:
         print(json.dumps(row))
     return rows

@@ -163,3 +163,14 @@ def test_count_ops_gives_the_layer_graph_counts_benchmarks_md_quotes():
     rows = {r["method"]: r for r in count_ops.main(["--only", "layer_graphs"])}
     counts = {m: (r["forward_matmuls"], r["backward_matmuls"], r["graphs"]) for m, r in rows.items()}
     assert counts == {"pt": (7, 7, 2), "lopa": (7, 7, 2), "lora": (13, 19, 4)}
+
+
+def test_count_ops_gives_the_outside_layer_counts_benchmarks_md_quotes():
+    """BENCHMARKS.md's LOPA estimate: outside the decoder layers an eager LOPA step dispatches PT's operations plus
+    its frozen encoder's (forward) and its heads' (forward, backward, optimizer)."""
+    from benchmarks import count_ops
+
+    rows = {r["method"]: r for r in count_ops.main(["--only", "outside_layers"])}
+    counts = {m: (r["forward_ops"], r["backward_ops"], r["optimizer_ops"]) for m, r in rows.items()}
+    assert counts == {"pt": (72, 29, 13), "lopa": (962, 79, 85)}
+    assert rows["pt"]["per_layer_forward_ops"] == rows["lopa"]["per_layer_forward_ops"] > 0
