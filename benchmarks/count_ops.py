@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 
 import torch
@@ -74,6 +75,22 @@ def decode_step_ops() -> dict:
             "ops_per_step": (counts[1] - counts[0]) / 8}
 
 
+SMALL_DEEPSEEK = "deepseek-coder-1.3b-base (small width)"
+
+
+@contextlib.contextmanager
+def small_deepseek(layers: int):
+    """Within the block, ``SMALL_DEEPSEEK`` is a registry model type: deepseek-coder-1.3b's structure at a small width
+    with ``layers`` layers (built offline, like the tiny models)."""
+    arch = dict(registry.DEEPSEEK_1_3B_ARCH, **SMALL, num_hidden_layers=layers)
+    registry.FOUNDATION_MODELS[SMALL_DEEPSEEK] = FoundationModelSpec(
+        SMALL_DEEPSEEK, None, ("q_proj", "k_proj", "v_proj"), 64, arch, tiny=True, adds_bos=True)
+    try:
+        yield SMALL_DEEPSEEK
+    finally:
+        registry.FOUNDATION_MODELS.pop(SMALL_DEEPSEEK, None)
+
+
 def layer_graph_ops(methods=("pt", "lora", "lopa")) -> list[dict]:
     from torch._dynamo.backends.common import aot_autograd
 
@@ -81,37 +98,33 @@ def layer_graph_ops(methods=("pt", "lora", "lopa")) -> list[dict]:
     from custom_peft import build_model
     from utils.fast_paths import compile_layers
 
-    arch = dict(registry.DEEPSEEK_1_3B_ARCH, **SMALL, num_hidden_layers=2)
-    name = "deepseek-coder-1.3b-base (small width)"
-    registry.FOUNDATION_MODELS[name] = FoundationModelSpec(name, None, ("q_proj", "k_proj", "v_proj"), 64, arch,
-                                                           tiny=True, adds_bos=True)
     rows = []
     try:
-        for method in methods:
-            torch.compiler.reset()
-            graphs = collections.defaultdict(list)
+        with small_deepseek(layers=2) as name:
+            for method in methods:
+                torch.compiler.reset()
+                graphs = collections.defaultdict(list)
 
-            def counter(kind):
-                def compile_graph(gm, example_inputs):
-                    calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-                    graphs[kind].append((len(calls), sum(c in MATMULS for c in calls)))
-                    return gm.forward
-                return compile_graph
+                def counter(kind):
+                    def compile_graph(gm, example_inputs):
+                        calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+                        graphs[kind].append((len(calls), sum(c in MATMULS for c in calls)))
+                        return gm.forward
+                    return compile_graph
 
-            model, _ = build_model(method, name, enc_model_type="tiny-roberta", num_virtual_tokens=10, seed=0)
-            model.packing = True
-            model.train()
-            compile_layers(model.lm, backend=aot_autograd(fw_compiler=counter("forward"),
-                                                          bw_compiler=counter("backward")))
-            model(**random_batch(argparse.Namespace(batch_size=2, seq_len=32), 2048, 2048)).loss.backward()
-            # the graphs every layer but the first runs: LoRA's first layer has its own (its input needs no
-            # gradient); forward graphs compile in layer order, backward ones in reverse
-            (fw_ops, fw_mm), (bw_ops, bw_mm) = graphs["forward"][-1], graphs["backward"][0]
-            rows.append({"count": "layer_graphs", "model": "deepseek-coder-1.3b-base", "method": method,
-                         "forward_ops": fw_ops, "forward_matmuls": fw_mm, "backward_ops": bw_ops,
-                         "backward_matmuls": bw_mm, "graphs": len(graphs["forward"]) + len(graphs["backward"])})
+                model, _ = build_model(method, name, enc_model_type="tiny-roberta", num_virtual_tokens=10, seed=0)
+                model.packing = True
+                model.train()
+                compile_layers(model.lm, backend=aot_autograd(fw_compiler=counter("forward"),
+                                                              bw_compiler=counter("backward")))
+                model(**random_batch(argparse.Namespace(batch_size=2, seq_len=32), 2048, 2048)).loss.backward()
+                # the graphs every layer but the first runs: LoRA's first layer has its own (its input needs no
+                # gradient); forward graphs compile in layer order, backward ones in reverse
+                (fw_ops, fw_mm), (bw_ops, bw_mm) = graphs["forward"][-1], graphs["backward"][0]
+                rows.append({"count": "layer_graphs", "model": "deepseek-coder-1.3b-base", "method": method,
+                             "forward_ops": fw_ops, "forward_matmuls": fw_mm, "backward_ops": bw_ops,
+                             "backward_matmuls": bw_mm, "graphs": len(graphs["forward"]) + len(graphs["backward"])})
     finally:
-        registry.FOUNDATION_MODELS.pop(name, None)
         torch.compiler.reset()
     return rows
 
@@ -124,21 +137,16 @@ def outside_layer_ops(methods=("pt", "lopa")) -> list[dict]:
     from custom_peft import build_model
     from utils.fast_paths import make_adamw
 
-    name = "deepseek-coder-1.3b-base (small width)"
     counts = {}
-    try:
-        for layers in (1, 2):
-            registry.FOUNDATION_MODELS[name] = FoundationModelSpec(
-                name, None, ("q_proj", "k_proj", "v_proj"), 64,
-                dict(registry.DEEPSEEK_1_3B_ARCH, **SMALL, num_hidden_layers=layers), tiny=True, adds_bos=True)
+    for layers in (1, 2):
+        with small_deepseek(layers) as name:
             for method in methods:
                 model, _ = build_model(method, name, enc_model_type="codebert-base", random_weights=True, seed=0)
                 model.packing = True
                 model.train()
                 opt = make_adamw(model.parameters(), lr=1e-4)
                 batch = random_batch(argparse.Namespace(batch_size=2, seq_len=16), 1000, 1000)
-                phases = []
-                for warm in (True, False):
+                for _ in range(2):  # the second step counts: the first one creates the optimizer's state
                     ops = [CountOps() for _ in range(3)]
                     with ops[0]:
                         loss = model(**batch).loss
@@ -147,10 +155,7 @@ def outside_layer_ops(methods=("pt", "lopa")) -> list[dict]:
                     with ops[2]:
                         opt.step()
                         opt.zero_grad(set_to_none=True)
-                    phases = [o.count for o in ops]
-                counts[method, layers] = phases
-    finally:
-        registry.FOUNDATION_MODELS.pop(name, None)
+                counts[method, layers] = [o.count for o in ops]
     rows = []
     for method in methods:
         one, two = counts[method, 1], counts[method, 2]
