@@ -111,6 +111,13 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
                     f"{CHECKPOINTS_DIR}/{LATEST}")
 
 
+def has_resumable_checkpoint(log_dir: pathlib.Path) -> bool:
+    """Whether ``log_dir`` holds a checkpoint ``--resume_from log_dir`` continues from: the one ``latest`` names, or
+    ``newest_unnamed_checkpoint``."""
+    latest = pathlib.Path(log_dir) / CHECKPOINTS_DIR / LATEST
+    return latest.is_file() or newest_unnamed_checkpoint(log_dir) is not None
+
+
 def newest_unnamed_checkpoint(log_dir: pathlib.Path) -> pathlib.Path | None:
     """Without ``latest``, the newest ``step_N/``: a kill between the first checkpoint's rename and ``latest``
     leaves it complete (a ``step_N/`` exists only once complete, and pruning happens after ``latest``)."""

@@ -273,11 +273,11 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str]
     except (OSError, ValueError, AttributeError):
         same = False
     if train_hash is not None and same and not fresh:
-        from utils.checkpoint import CHECKPOINTS_DIR, LATEST, newest_unnamed_checkpoint
+        from utils.checkpoint import has_resumable_checkpoint
 
         if (train_dir / "final").is_dir():
             commands, training = commands[1:], "reused"
-        elif (train_dir / CHECKPOINTS_DIR / LATEST).is_file() or newest_unnamed_checkpoint(train_dir) is not None:
+        elif has_resumable_checkpoint(train_dir):
             script, argv = commands[0]
             commands[0], training = (script, argv + ["--resume_from", str(train_dir)]), "resumed"
     if cell.directory.exists():

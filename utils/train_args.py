@@ -264,10 +264,9 @@ def check_files(config: TrainConfig) -> None:
 
 def _has_checkpoint(log_dir: pathlib.Path) -> bool:
     """Whether --resume_from log_dir has a `latest` to follow (a broken one gets its own error there)."""
-    from utils.checkpoint import CHECKPOINTS_DIR, LATEST, newest_unnamed_checkpoint
+    from utils.checkpoint import LATEST, has_resumable_checkpoint
 
-    return ((log_dir / CHECKPOINTS_DIR / LATEST).is_file() or (log_dir / LATEST).is_file()
-            or newest_unnamed_checkpoint(log_dir) is not None)
+    return has_resumable_checkpoint(log_dir) or (log_dir / LATEST).is_file()
 
 
 def read_json_object(path: str | os.PathLike, what: str) -> dict:
