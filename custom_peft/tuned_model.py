@@ -122,7 +122,7 @@ class TunedModel(nn.Module):
         if embedded is None:
             inputs, mask = {"input_ids": input_ids}, attention_mask
         else:
-            embeds, mask = soft_prompt_after_padding(*embedded, embedded[1].shape[1] - input_ids.shape[1])
+            embeds, mask = soft_prompt_after_padding(*embedded, self.num_virtual_tokens)
             inputs = {"inputs_embeds": embeds}
         out = self.lm(**inputs, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
         if embedded is not None:  # drop the virtual-token positions from the returned logits
@@ -230,7 +230,7 @@ class TunedModel(nn.Module):
         embedded = self._embed_inputs(input_ids, attention_mask, enc_input_ids, enc_attention_mask)
         if embedded is None:
             return {"input_ids": input_ids, "attention_mask": attention_mask}
-        embeds, mask = soft_prompt_after_padding(*embedded, embedded[1].shape[1] - input_ids.shape[1])
+        embeds, mask = soft_prompt_after_padding(*embedded, self.num_virtual_tokens)
         return {"inputs_embeds": embeds, "attention_mask": mask}
 
     def _full_attention_static_cache(self, mask: torch.Tensor, generate_kwargs: dict) -> None:
