@@ -10,6 +10,7 @@ EOS is disabled so every row makes exactly ``--new_tokens`` tokens. Prompt lengt
 prompts under a 32k code BPE (benchmarks/bench_tokenizer.py).
 
     python -m benchmarks.bench_generate --model phi-2 --batch_sizes 1,16,64
+    python -m benchmarks.bench_generate --model phi-2 --check_only   # fast and own loop vs eager tokens only
     python -m benchmarks.bench_generate --smoke
 """
 from __future__ import annotations
@@ -253,6 +254,8 @@ def main(argv=None) -> None:
     p.add_argument("--check_tokens", type=int, default=32)
     p.add_argument("--check_every", type=int, default=8, help="-own methods: steps between reading tokens back")
     p.add_argument("--no_check", dest="check", action="store_false")
+    p.add_argument("--check_only", action="store_true",
+                   help="only the fast-vs-eager check (generate-check lines, the -own loop's included): no timing")
     p.add_argument("--m", type=int, default=10)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--pad_multiple", type=int, default=64)
@@ -264,9 +267,11 @@ def main(argv=None) -> None:
         args.model, args.encoder, args.enc_vocab, args.dtype, args.m = "tiny-phi-2", "tiny-roberta", 2048, "fp32", 4
         args.batch_sizes, args.new_tokens, args.warmup_tokens, args.check_tokens = "1,3", 6, 2, 6
         args.pad_multiple = 8
+    if args.check_only and not args.check:
+        p.error("--check_only with --no_check leaves nothing to run")
     writer = ResultWriter(args.results)
     lm = build_lm(args)
-    failures = bench(args, writer, lm)
+    failures = [] if args.check_only else bench(args, writer, lm)
     if args.check:
         try:
             agreement(args, writer, lm)

@@ -222,6 +222,7 @@ def bench_padding(args, writer: ResultWriter) -> None:
         step, model = None, None
     else:
         step, lm, _, model = build("pt", args)
+    compile_mode = args.compile_mode if args.compile else None
     vocab = lm.config.vocab_size
     width_constant = attention_width_constant(lm)
     fixed_cost_per_token = None
@@ -250,16 +251,25 @@ def bench_padding(args, writer: ResultWriter) -> None:
             continue
         model.packing = packing
         compiles = dynamo_counts()
-        for b in batches:  # an untimed pass first: every new shape compiles (then one dynamic-shape graph)
-            step(b)
+        for _ in range(untimed_passes(args)):
+            for b in batches:
+                step(b)
         with Timer() as t:
             for b in batches:
                 step(b)
         writer.write("train", model=args.model, method="pt", padding=mode, batch_size=args.batch_size,
-                     dtype=args.dtype, compile=bool(args.compile), pad_multiple=multiple,
+                     dtype=args.dtype, compile=bool(args.compile), compile_mode=compile_mode,
+                     pad_multiple=multiple,
                      useful_tokens_per_s=useful / t.seconds, tokens_per_s=padded / t.seconds, **figures,
                      ms_per_step=t.seconds * 1e3 / len(batches), **step_figures(step, batches),
                      **dynamo_delta(compiles))
+
+
+def untimed_passes(args) -> int:
+    """Untimed passes over a padding mode's batches before the timed one: every new shape compiles in the first
+    (then one dynamic-shape graph serves the rest); under CUDA graphs (``--compile_mode reduce-overhead``) a new
+    shape's first run is a warm-up and its second records the graph, so that mode needs two."""
+    return 2 if args.compile and args.compile_mode == "reduce-overhead" else 1
 
 
 def _decoder_work(batch: dict, m: int, width_constant: float, packing: bool) -> tuple[int, float]:
@@ -310,12 +320,14 @@ def main(argv=None) -> None:
         args.model, args.encoder, args.batch_size, args.seq_len = "tiny-phi-2", "tiny-roberta", 2, 32
         args.steps, args.warmup, args.dtype, args.compile, args.m = 2, 1, "fp32", False, 4
         args.padding_batches = 2
+    if not args.methods.strip(",") and not (args.padding or args.plan_only):
+        p.error('--methods "" runs no method: add --padding (the padding comparison alone) or name methods')
     writer = ResultWriter(args.results)
     failures = []
     # torch caps one function's compiled versions per process (8) and every method's decoder layers run
     # transformers' one wrapper: without a reset between methods, later methods would silently train eager
     release_compiled()
-    for method in [] if args.plan_only else args.methods.split(","):
+    for method in [] if args.plan_only else [m for m in args.methods.split(",") if m]:  # "": --padding alone
         try:
             bench_method(method, args, writer)
         except Exception as exc:  # one failing method must not lose the others' figures
@@ -330,9 +342,12 @@ def main(argv=None) -> None:
     if args.padding or args.plan_only:
         try:
             bench_padding(args, writer)
-        except Exception as exc:
+        except Exception as exc:  # an error line, so that summarize lists it beside the figures
             traceback.print_exc()
             failures.append(f"padding: {type(exc).__name__}: {exc}")
+            writer.write("train", model=args.model, method="pt", padding="all modes", batch_size=args.batch_size,
+                         error=failures[-1], compile=bool(args.compile),
+                         compile_mode=args.compile_mode if args.compile else None)
     if failures:
         raise SystemExit("failed: " + "; ".join(failures))
 

@@ -1,35 +1,46 @@
 #!/usr/bin/env bash
 # Every GPU figure of BENCHMARKS.md, as prepared runs on the device machine (H100 or H200).
 #   bash benchmarks/gpu_run.sh OUT_DIR [MBPP_JSONL] [SECTIONS]
-# SECTIONS, a comma list (times as measured on an H100, session 8):
+# SECTIONS, a comma list, in the order they run (times as measured on an H100, sessions 8 and 13):
 #   train_phi2     every method at 8 x 512, then the four padding modes (156 s)
+#   padding_graphs phi-2's four padding modes, lengths padded to a multiple of 64, twice: with the decoder layers
+#                  under CUDA graphs (--compile_mode reduce-overhead), then compiled as the trainer does: how much of
+#                  the padding modes' ~58 ms floor per step is the host's launches; PADG_BATCHES (default 30) batches
+#                  per mode (not yet run; ~4-5 min estimated). Packed rows are not rounded to the multiple, so the
+#                  packed modes' graphs are recorded per batch and replayed for that batch: a best case
 #   generate_phi2  hf-generate, none, none-own, lopa, lopa-own, pt, none-own-full at batch 64/16/1, then the
-#                  fast-vs-eager check (211 s for the four without -own in session 8; each new shape compiles once;
-#                  the -own methods, the project's decoding loop of session 9, are not yet timed: ~1.5 min more
-#                  estimated, plus one compilation per KV bucket of 64 positions, 4-5 per shape at 256 new tokens,
-#                  not yet timed; none-own-full attends over the whole static cache: the A/B for those buckets)
+#                  fast-vs-eager check (211 s for the four without -own in session 8). Each new shape compiles once,
+#                  and the -own methods once per shape and KV bucket of 64 positions (4-5 at 256 new tokens):
+#                  session 13's hf-generate, none, none-own and lopa-own at batch 64 did not finish in 290 s (their
+#                  decoding ~31 s of it); lopa-own alone took 140 s (none-own-full attends over the whole cache: the
+#                  buckets' A/B). GEN_NO_CHECK=1 leaves out the check.
+#   generate_check only generate_phi2's fast-vs-eager check (bench_generate --check_only): the fast path's and the own
+#                  loop's tokens against eager on 4 prompts, without the timings (not yet run; ~2 min estimated)
 #   generate_phi3  Phi-3-mini's architecture (2,047-token sliding window), none and none-own at batch 64: does
 #                  fast decoding compile once per shape there (session 9 fix; not yet run, ~1.5 min estimated)?
 #   train_deepseek (42 s)    train_llama3 (52 s without its FFT, which needs an H200)
 #   encoder_ab     lopa on deepseek and phi-2 with the frozen encoder left eager (--eager_encoder), then replayed
 #                  from CUDA graphs (--encoder_graphs; its line records the largest difference from eager); the train
 #                  sections compile its layers, as the trainer does since session 11: compare with the same model's
-#                  lopa line there (not yet run; ~40 s per line estimated); AB_MODELS picks the models
+#                  lopa line there (57 s for deepseek's two lines, session 13); AB_MODELS picks the models
 #   graphs_ab      pt and lora on deepseek with the decoder layers compiled with CUDA graphs (--compile_mode
 #                  reduce-overhead): how much of a step the host's launches cost (not yet run; ~1 min estimated)
 #   cli_tiny       the README's tiny train -> generate -> postprocess -> evaluate through the real CLIs: bf16,
 #                  --compile auto, fast decoding on and off and --decode_loop own (75 s in session 8 without the
 #                  last; over 90 s on a fresh machine). Its runs go to
 #                  CLI_DIR (default: a fresh temporary directory), so OUT_DIR stays a few files.
-#   Default: all eight. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
+#   Default: all ten. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
 #   *_METHODS) to fit.
-# GEN_BATCHES (default 64,16,1) picks generate_phi2's batch sizes: each new shape compiles once, so fewer save time.
+# GEN_BATCHES (default 64,16,1) picks generate_phi2's batch sizes: each new shape compiles once, so fewer save time;
+# GEN_NO_CHECK=1 skips its fast-vs-eager check (when generate_check runs it in the same call).
 # Sections run under their own time limits (env *_LIMIT) so one slow section cannot eat the others; every
 # figure streams to OUT_DIR/results.jsonl as it is made, so a cut-off section keeps what it measured.
 set -u
 OUT_DIR=${1:-bench_out}
 DATA=${2:-../shared/data/mbpp/mbpp_release_v1.jsonl}
-SECTIONS=,${3:-train_phi2,generate_phi2,generate_phi3,train_deepseek,train_llama3,encoder_ab,graphs_ab,cli_tiny},
+ALL=train_phi2,padding_graphs,generate_phi2,generate_check,generate_phi3
+ALL+=,train_deepseek,train_llama3,encoder_ab,graphs_ab,cli_tiny
+SECTIONS=,${3:-$ALL},
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export BENCH_RUN_ID=${BENCH_RUN_ID:-gpu-$(date -u +%Y%m%dT%H%M%S)}
@@ -49,11 +60,17 @@ wanted() { [[ $SECTIONS == *,$1,* ]]; }
 wanted train_phi2 && section train_phi2 ${TRAIN_LIMIT:-220} $PY -m benchmarks.bench_train --model phi-2 \
   --methods ${TRAIN_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft,idpg} --steps 8 --warmup 3 --padding \
   --data_path "$DATA" --results "$OUT_DIR/results.jsonl"
+wanted padding_graphs && section padding_graphs ${PADG_LIMIT:-300} bash -c 'status=0; for mode in \
+  reduce-overhead default; do "$0" -m benchmarks.bench_train --model phi-2 --methods "" --padding --pad_multiple 64 \
+  --padding_batches $3 --compile_mode $mode --data_path "$1" --results "$2" || status=1; done; exit $status' \
+  "$PY" "$DATA" "$OUT_DIR/results.jsonl" "${PADG_BATCHES:-30}"
 wanted generate_phi2 && section generate_phi2 ${GEN_LIMIT:-390} $PY -m benchmarks.bench_generate --model phi-2 \
   --methods ${GEN_METHODS:-hf-generate,none,none-own,lopa,lopa-own,pt,none-own-full} \
-  --batch_sizes ${GEN_BATCHES:-64,16,1} \
+  --batch_sizes ${GEN_BATCHES:-64,16,1} ${GEN_NO_CHECK:+--no_check} \
   --data_path "$DATA" \
   --results "$OUT_DIR/results.jsonl"
+wanted generate_check && section generate_check ${CHECK_LIMIT:-180} $PY -m benchmarks.bench_generate --model phi-2 \
+  --check_only --data_path "$DATA" --results "$OUT_DIR/results.jsonl"
 wanted generate_phi3 && section generate_phi3 ${PHI3_LIMIT:-150} $PY -m benchmarks.bench_generate --model phi-3 \
   --methods ${PHI3_METHODS:-none,none-own} --batch_sizes 64 --no_check --data_path "$DATA" \
   --results "$OUT_DIR/results.jsonl"

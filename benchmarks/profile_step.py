@@ -41,28 +41,35 @@ def device_kernels(prof) -> list[tuple[str, float]]:
     return out
 
 
+def spread(batches: list, steps: int) -> list:
+    """``steps`` of ``batches`` spread evenly over the list (its first ones, repeated, when it is shorter): the
+    profiled steps of a padding mode then see short and long batches alike, not only the first few."""
+    return [batches[i * len(batches) // steps] for i in range(steps)]
+
+
 def step_figures(step, batches, steps: int = PROFILED_STEPS) -> dict:
-    """``CUDA_FIGURES`` over ``steps`` more steps (cycling ``batches``): ``host_ms_per_step`` without any
+    """``CUDA_FIGURES`` over ``steps`` more steps (``spread`` over ``batches``): ``host_ms_per_step`` without any
     synchronize (a full launch queue also makes the host wait, so read it beside ``gpu_busy_fraction``), then the
     profiled steps (``profiled_ms_per_step`` beside the timed figure shows the profiler's own overhead).
     All None on the CPU; a figure whose measurement fails is None and the error is printed."""
     out = dict.fromkeys(CUDA_FIGURES)
     if not torch.cuda.is_available():
         return out
+    profiled = spread(batches, steps)
     try:
         torch.cuda.synchronize()
         host = 0.0
-        for i in range(steps):
+        for batch in profiled:
             start = time.perf_counter()
-            step(batches[i % len(batches)])
+            step(batch)
             host += time.perf_counter() - start
         torch.cuda.synchronize()
         out["host_ms_per_step"] = host * 1e3 / steps
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             torch.cuda.synchronize()
             start = time.perf_counter()
-            for i in range(steps):
-                step(batches[i % len(batches)])
+            for batch in profiled:
+                step(batch)
             torch.cuda.synchronize()
             wall = time.perf_counter() - start
         kernels = device_kernels(prof)

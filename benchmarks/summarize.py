@@ -50,6 +50,15 @@ def _method(line: dict) -> str:
     return method + ("+eager_encoder" if line.get("compile_encoder") is False and line.get("compile") else "")
 
 
+def _padding_variant(line: dict) -> str:
+    """What a padding line ran besides its mode: ``+reduce-overhead`` (the decoder layers under CUDA graphs) and
+    ``+pad64`` (lengths rounded up to a multiple of 64; the run's fixed line carries it too, though fixed rows are
+    always the original's length); empty for the trainer's defaults. Only lines of the same variant are compared,
+    and only the defaults' count for the target."""
+    mode, multiple = line.get("compile_mode"), line.get("pad_multiple")
+    return ("" if mode in (None, "default") else "+" + mode) + (f"+pad{multiple}" if multiple else "")
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -79,7 +88,7 @@ def targets(lines: list[dict]) -> list[tuple[str, str, bool | None]]:
                              + (f" ({left:.2f} GiB left by an earlier method)" if left > 0.1 else ""),
                              None if left > 0.1 else extra <= 1.0))
     pad = {(line["model"], line["padding"]): line["useful_tokens_per_s"] for line in lines
-           if line["bench"] == "train" and "useful_tokens_per_s" in line}
+           if line["bench"] == "train" and "useful_tokens_per_s" in line and not _padding_variant(line)}
     for model in sorted({m for m, _ in pad}):
         r = _ratio(pad.get((model, "dynamic")), pad.get((model, "fixed")))
         if r is not None:
@@ -122,12 +131,14 @@ def _train_table(lines: list[dict]) -> list[str]:
 
 def _padding_table(lines: list[dict]) -> list[str]:
     pad = [line for line in lines if line["bench"] == "train" and "useful_tokens_per_s" in line]
-    fixed = {p["model"]: p["useful_tokens_per_s"] for p in pad if p["padding"] == "fixed"}
+    fixed = {(p["model"], _padding_variant(p)): p["useful_tokens_per_s"] for p in pad if p["padding"] == "fixed"}
     out = ["| model | padding | useful tokens/s | all tokens/s | decoder positions without a token | vs fixed |",
            "|---|---|---:|---:|---:|---:|"]
-    out += [_row(p["model"], p["padding"], f"{p['useful_tokens_per_s']:,.0f}", f"{p['tokens_per_s']:,.0f}",
+    out += [_row(p["model"], p["padding"] + _padding_variant(p), f"{p['useful_tokens_per_s']:,.0f}",
+                 f"{p['tokens_per_s']:,.0f}",
                  _fmt(None if p.get("decoder_pad_fraction") is None else 100 * p["decoder_pad_fraction"], ".1f", " %"),
-                 _fmt(_ratio(p["useful_tokens_per_s"], fixed.get(p["model"])), ".2f", "×")) for p in pad]
+                 _fmt(_ratio(p["useful_tokens_per_s"], fixed.get((p["model"], _padding_variant(p)))), ".2f", "×"))
+            for p in pad]
     return out if pad else []
 
 

@@ -70,6 +70,27 @@ def test_bench_generate_smoke(tmp_path, data_paths):
         assert 0 <= line["max_logit_diff_before_divergence"] < 1e-4
 
 
+def test_bench_generate_check_only_writes_the_checks_alone(tmp_path, data_paths):
+    out = tmp_path / "results.jsonl"
+    bench_generate.main(["--smoke", "--check_only", "--results", str(out), "--data_path", data_paths["mbpp"]])
+    lines = _lines(out)
+    assert {line["bench"] for line in lines} == {"generate-check"}
+    assert {line["method"] for line in lines} == {"none", "lopa", "none-own", "lopa-own"}
+    with pytest.raises(SystemExit):  # nothing left to run
+        bench_generate.main(["--smoke", "--check_only", "--no_check", "--results", str(out)])
+
+
+def test_bench_train_padding_alone_records_its_compile_mode(tmp_path, data_paths):
+    """--methods "" runs the padding comparison alone (gpu_run.sh's padding_graphs); its lines name the compile
+    mode, so that summarize tells a CUDA-graph run from the trainer's default."""
+    out = tmp_path / "results.jsonl"
+    bench_train.main(["--smoke", "--methods", "", "--padding", "--results", str(out), "--data_path",
+                      data_paths["mbpp"]])
+    lines = _lines(out)
+    assert [line["padding"] for line in lines] == ["fixed", "dynamic", "dynamic-unpacked", "dynamic-grouped"]
+    assert all(line["compile_mode"] is None and line["compile"] is False for line in lines)  # --smoke: eager
+
+
 def test_bench_decode_loop_smoke(tmp_path, data_paths):
     out = tmp_path / "results.jsonl"
     bench_decode_loop.main(["--smoke", "--results", str(out), "--data_path", data_paths["mbpp"]])
@@ -153,6 +174,55 @@ def test_gpu_run_encoder_ab_runs_every_line_when_one_fails(tmp_path):
     assert runs == [["--model", "a", "--eager_encoder"], ["--model", "a", "--encoder_graphs"],
                     ["--model", "b", "--eager_encoder"], ["--model", "b", "--encoder_graphs"]], runs
     assert "=== encoder_ab exit 1" in result.stdout, result.stdout
+
+
+def test_gpu_run_padding_graphs_and_generate_check_run_what_they_say(tmp_path):
+    """padding_graphs: phi-2's padding modes at a multiple of 64, under CUDA graphs and then compiled as the trainer
+    does, the second run even when the first fails, with an empty --methods (the padding comparison alone);
+    generate_check: the check alone, and GEN_NO_CHECK keeps generate_phi2 from running it a second time."""
+    import subprocess
+
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"  # one line per command, each argument in <> so that an empty one shows
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "<%s>" "$@" >> {calls}\necho >> {calls}\n'
+                    '[[ "$*" == *"--compile_mode reduce-overhead"* ]] && exit 1\nexit 0\n')
+    fake.chmod(0o755)
+    result = subprocess.run(["bash", "benchmarks/gpu_run.sh", str(tmp_path / "out"), "my data.jsonl",
+                             "padding_graphs,generate_phi2,generate_check"],
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "GEN_NO_CHECK": "1"},
+                            capture_output=True, text=True, timeout=60)
+    runs = [line[1:-1].split("><") for line in calls.read_text().splitlines() if line.startswith("<-m><benchmarks.")]
+    assert [run[1] for run in runs] == ["benchmarks.bench_train", "benchmarks.bench_train",
+                                        "benchmarks.bench_generate", "benchmarks.bench_generate"], runs
+    for run, mode in zip(runs, ("reduce-overhead", "default")):
+        assert run[run.index("--methods") + 1] == "" and "--padding" in run
+        assert run[run.index("--pad_multiple") + 1] == "64" and run[run.index("--compile_mode") + 1] == mode
+        assert run[run.index("--data_path") + 1] == "my data.jsonl" and run[run.index("--padding_batches") + 1] == "30"
+    assert "--no_check" in runs[2] and "--check_only" not in runs[2]
+    assert "--check_only" in runs[3] and "--no_check" not in runs[3]
+    assert "=== padding_graphs exit 1" in result.stdout and "=== generate_check exit 0" in result.stdout
+
+
+def test_padding_modes_warm_up_twice_under_cuda_graphs_and_profile_spread_batches():
+    """Under CUDA graphs a new shape's first run is a warm-up and its second records: the timed pass must find every
+    shape recorded. The profiled steps spread over a mode's batches, not its first few."""
+    import argparse
+
+    from benchmarks.profile_step import spread
+
+    def args(compile_, mode):
+        return argparse.Namespace(compile=compile_, compile_mode=mode)
+
+    assert bench_train.untimed_passes(args(True, "reduce-overhead")) == 2
+    assert bench_train.untimed_passes(args(True, "default")) == 1
+    assert bench_train.untimed_passes(args(False, "reduce-overhead")) == 1
+    assert spread(list(range(60)), 3) == [0, 20, 40] and spread(["only"], 3) == ["only"] * 3
+
+
+def test_bench_train_refuses_to_run_nothing(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_train.main(["--methods", ""])
+    assert exit_.value.code == 2 and "runs no method" in capsys.readouterr().err
 
 
 def test_count_ops_gives_the_layer_graph_counts_benchmarks_md_quotes():

@@ -33,6 +33,40 @@ def test_the_h100_runs_targets_as_benchmarks_md_states_them():
     assert "* phi-2 lopa: 2 of 4 rows identical, 68.8 % of tokens" in text
 
 
+def test_the_session_13_h100_runs_targets_as_benchmarks_md_states_them():
+    got = _verdicts(summarize.load(RESULTS, ["gpu-s13-train", "gpu-s13-gen"]))
+    assert got["phi-2: lopa ≥ 0.95× pt"] == ("0.966×", True)
+    assert got["deepseek-coder-1.3b-base: lopa ≥ 0.95× pt"] == ("0.963×", True)
+    assert got["phi-2: lopa peak ≤ pt + 1 GiB"] == ("+0.29 GiB", True)
+    assert got["deepseek-coder-1.3b-base: lopa peak ≤ pt + 1 GiB"] == ("+0.28 GiB", True)
+    assert got["phi-2: useful tokens/s, dynamic (default) ≥ 2× fixed"] == ("1.85×", False)
+    assert got["phi-2: generate none, B = 64: ≥ 6,000 new tokens/s"] == ("5,786", False)
+    assert got["phi-2: generate none-own, B = 64: ≥ 6,000 new tokens/s"] == ("7,796", True)
+    assert got["phi-2: generate lopa-own, B = 64: ≥ 6,000 new tokens/s"] == ("7,715", True)
+    text = summarize.markdown(summarize.load(RESULTS, ["gpu-s13-train", "gpu-s13-gen"]))
+    assert "| deepseek-coder-1.3b-base | lopa+eager_encoder | 72,772 | 56.3 | 1.57× | 0.850× | 39.9 % | 8.02 |" in text
+    assert "| deepseek-coder-1.3b-base | lopa+encoder_graphs | 67,983 | 60.3 | 1.46× | 0.794× | 37.3 % | 8.10 |" in text
+
+
+def test_padding_variants_are_compared_with_their_own_fixed_line_and_never_judged():
+    """bench_train --padding under CUDA graphs or with lengths rounded up to 64 (gpu_run.sh's padding_graphs) is an
+    A/B: shown with its variant in the table, against the fixed line of the same variant; only the trainer's
+    defaults count for the 2× target."""
+    def pad(mode, useful, **variant):
+        return {"bench": "train", "model": "m", "method": "pt", "padding": mode, "batch_size": 8,
+                "useful_tokens_per_s": useful, "tokens_per_s": 2 * useful, "decoder_pad_fraction": 0.1, **variant}
+
+    graphs = dict(compile_mode="reduce-overhead", pad_multiple=64)
+    lines = [pad("fixed", 100.0, compile_mode="default"), pad("dynamic", 185.0, compile_mode="default"),
+             pad("fixed", 120.0, **graphs), pad("dynamic", 300.0, **graphs),
+             pad("dynamic", 150.0, compile_mode="default", pad_multiple=64)]
+    assert _verdicts(lines)["m: useful tokens/s, dynamic (default) ≥ 2× fixed"] == ("1.85×", False)
+    text = summarize.markdown(lines)
+    assert "| m | dynamic+reduce-overhead+pad64 | 300 | 600 | 10.0 % | 2.50× |" in text
+    assert "| m | dynamic+pad64 | 150 | 300 | 10.0 % |  |" in text  # no fixed line of that variant: no ratio
+    assert "| m | dynamic | 185 | 370 | 10.0 % | 1.85× |" in text
+
+
 def _train(method, tps, peak, before, model="m"):
     return {"bench": "train", "model": model, "method": method, "batch_size": 8, "seq_len": 512,
             "tokens_per_s": tps, "mfu": None, "peak_gib": peak, "allocated_before_gib": before}

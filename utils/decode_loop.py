@@ -2,10 +2,11 @@
 
 ``transformers``' ``generate`` waits for the device after every decoding step (it reads whether any row is still
 running, and ``StopOnText`` reads the newest tokens), so its Python work for step t+1 cannot overlap step t's GPU
-work, which may matter on a slow host (not yet measured on a GPU). This loop queues steps without reading back
-and hands the tokens to ``StopOnText.observe`` every ``check_every`` steps, which judges each step exactly as the
-per-step check would. Rows that have stopped keep decoding until the next check; ``StopOnText.trim`` cuts what they
-made after stopping, and no row sees another, so greedy decoding gives ``generate``'s tokens (tested in fp32).
+work, which matters on a slow host (on an H100, this loop took 8.2 ms per step against 11.1 at batch 64, its
+KV buckets included; BENCHMARKS.md). This loop queues steps without reading back and hands the tokens to
+``StopOnText.observe`` every ``check_every`` steps, which judges each step exactly as the per-step check would.
+Rows that have stopped keep decoding until the next check; ``StopOnText.trim`` cuts what they made after stopping,
+and no row sees another, so greedy decoding gives ``generate``'s tokens (tested in fp32).
 
 What it does per batch: a static KV cache (``utils.fast_paths.StaticCacheSlot``: reused while the batch shape
 repeats, so compiled CUDA graphs stay valid; full attention when a sliding window covers it), one eager prefill

@@ -61,7 +61,7 @@ def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
 
 def compile_encoder_layers(backbone: nn.Module, **compile_kwargs) -> int:
     """Compile each layer of a frozen encoder in place; returns how many. The trainer does it with its decoder
-    layers (``--compile_encoder``); what it gains on a GPU is for ``benchmarks/gpu_run.sh encoder_ab`` to show."""
+    layers (``--compile_encoder``); on an H100 it saved LOPA 6.6 ms per step on deepseek-1.3b (BENCHMARKS.md)."""
     return _compile_each(encoder_layers(backbone), compile_kwargs)
 
 

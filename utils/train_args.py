@@ -76,7 +76,7 @@ def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
                                      "instance embeddings, far fewer kernel launches); False: it runs eager", True)
     _bool_flag(g, "encoder_graphs", "replay lopa/idpg's frozen encoder from CUDA graphs, one per batch shape (its "
                                     "widths padded up to a multiple of 64, masked); CUDA without DeepSpeed only; "
-                                    "instead of --compile_encoder; not yet measured on a GPU")
+                                    "instead of --compile_encoder; slower than it on an H100 (BENCHMARKS.md)")
     _bool_flag(g, "selective_logits", "project to the vocabulary only at supervised positions (the same loss, "
                                       "less memory and time); False: full logits, as plain transformers", True)
     _bool_flag(g, "fused_adamw", "the fused CUDA AdamW kernel (the same updates up to rounding); False: torch's "
