@@ -119,6 +119,20 @@ def resolve_method(args: argparse.Namespace) -> str:
     return method
 
 
+def warn_if_tuned_for_another_task(args: argparse.Namespace) -> str | None:
+    """The warning (printed, and returned) when the directory to load is a training run's ``final/`` whose
+    ``training_config.json`` names another task than ``--task_name``: allowed (a transfer experiment), but more
+    often a wrong path. Directories without that file (or not ours to read) say nothing."""
+    directory = args.load_adapter_from or args.load_base_from_path or args.sharded_checkpoint_dir
+    trained_on = _trained_model_field(directory, "task_name")
+    if trained_on is None or trained_on == args.task_name:
+        return None
+    message = (f"warning: {directory} was tuned on {trained_on} (training_config.json), and this run generates for "
+               f"{args.task_name}; if that is not meant, pass the run trained on {args.task_name}")
+    print(message, file=sys.stderr)
+    return message
+
+
 def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
     """``(HF model directory, single state_dict file, sharded directory without config)`` from the FFT flags."""
     hf_dir = state_file = sharded = None
@@ -155,17 +169,24 @@ def _reject_training_checkpoint(path: pathlib.Path) -> None:
                         f"--load_base_from_path {step / 'trainable.safetensors'}")
 
 
+def _trained_model_field(directory: str | None, field: str):
+    """``model.<field>`` of the ``training_config.json`` a training run writes into its final/, or None (no such
+    file, or one that is not ours to judge: the model directory itself is what loads)."""
+    path = pathlib.Path(directory or "") / "training_config.json"
+    if directory is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("model", {}).get(field)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
 def _check_trained_model_type(model_dir: str | None, model_type: str) -> None:
     """A full fine-tuning's final/ names its --model_type in training_config.json: another one would load the
     directory's own architecture and tokenizer anyway, under the wrong name in generate_preds_config.json."""
-    path = pathlib.Path(model_dir or "") / "training_config.json"
-    if model_dir is None or not path.is_file():
-        return
-    try:
-        trained = json.loads(path.read_text()).get("model", {}).get("model_type")
-    except (json.JSONDecodeError, AttributeError):
-        return  # not ours to judge: the model directory itself is what loads
+    trained = _trained_model_field(model_dir, "model_type")
     if trained is not None and trained != model_type:
+        path = pathlib.Path(model_dir) / "training_config.json"
         raise UserError(f"{path}: field 'model.model_type' is {trained!r} but --model_type is {model_type!r}; "
                         f"pass --model_type {trained}")
 
@@ -229,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     gen_config = check_args(args)
     method = resolve_method(args)
+    warn_if_tuned_for_another_task(args)
 
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list

@@ -82,6 +82,49 @@ def _load(method, model_type, task_name, saved_models, data_paths, extra=()):
     return generate_preds.load_model(args, resolved)
 
 
+def test_a_run_tuned_on_another_task_is_named_in_a_warning(tmp_path, capsys):
+    """A training run's final/ holds its resolved config (training_config.json); generating for another task is
+    allowed (a transfer experiment) but warned about, for adapters and FFT models alike. Directories without the
+    file, or with one that is not ours, say nothing."""
+    adapter, fft, bare, odd = (tmp_path / name for name in ("adapter", "fft", "bare", "odd"))
+    for directory in (adapter, fft, bare, odd):
+        directory.mkdir()
+    for directory in (adapter, fft):
+        (directory / "training_config.json").write_text(json.dumps({"model": {"task_name": "mbpp"}}))
+    (odd / "training_config.json").write_text("[1, 2]")
+
+    def warning(task, *flags):
+        args = generate_preds.build_parser().parse_args(["--task_name", task, "--model_type", "tiny-phi-2", *flags])
+        return generate_preds.warn_if_tuned_for_another_task(args)
+
+    message = warning("cruxeval_input_prediction", "--load_adapter_from", str(adapter))
+    assert message == (f"warning: {adapter} was tuned on mbpp (training_config.json), and this run generates for "
+                       f"cruxeval_input_prediction; if that is not meant, pass the run trained on "
+                       f"cruxeval_input_prediction")
+    assert message in capsys.readouterr().err
+    assert "tuned on mbpp" in warning("cruxeval_output_prediction", "--peft_method", "fft", "--load_base_from_path",
+                                      str(fft))
+    capsys.readouterr()
+    assert warning("mbpp", "--load_adapter_from", str(adapter)) is None
+    assert warning("cruxeval_input_prediction", "--load_adapter_from", str(bare)) is None
+    assert warning("cruxeval_input_prediction", "--load_adapter_from", str(odd)) is None
+    assert warning("mbpp") is None and capsys.readouterr().err == ""  # the untuned model
+
+
+def test_the_trainers_final_dir_names_its_task_for_that_warning(tmp_path, data_paths):
+    """What the warning reads is what the trainer writes: final/training_config.json's model.task_name."""
+    import tune_foundation_model
+
+    log_dir = tmp_path / "run"
+    tune_foundation_model.main(["--peft_method", "pt", "--num_virtual_tokens", "2", "--task_name", "mbpp",
+                                "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"],
+                                "--limit_train_examples", "2", "--per_gpu_train_batch_size", "2", "--num_epochs", "1",
+                                "--max_length", "32", "--log_dir", str(log_dir)])
+    args = generate_preds.build_parser().parse_args(["--task_name", "cruxeval_output_prediction", "--model_type",
+                                                     "tiny-phi-2", "--load_adapter_from", str(log_dir / "final")])
+    assert "was tuned on mbpp" in generate_preds.warn_if_tuned_for_another_task(args)
+
+
 # ------------------------------------------------------------------------------------ every method
 @pytest.mark.parametrize("method, model_type, task_name", CASES)
 def test_greedy_predictions_do_not_depend_on_batch_size_or_run(method, model_type, task_name, saved_models,
