@@ -64,8 +64,8 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--decode_loop", default="hf", choices=("hf", "own"),
                    help="hf: transformers' generate; own: greedy decoding in the project's loop, which reads the "
                         "new tokens back every 8 steps instead of every step (same tokens; greedy only; on an H100 "
-                        "1.35x the default's new tokens/s at batch 64, but it compiles once per KV bucket; see "
-                        "docs/GENERATION.md)")
+                        "1.35x the default's new tokens/s at batch 64; not yet checked token for token on a GPU; "
+                        "see docs/GENERATION.md)")
     d.add_argument("--max_new_tokens", type=int, default=None,
                    help="new-token cap per sample (default MBPP 256; CRUXEval 512 minus the prompt length, which "
                         "stays a cap when this is given)")

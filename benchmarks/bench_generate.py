@@ -3,8 +3,10 @@
 Methods: ``none``, ``pt``, ``lopa`` with the project's fast path (static KV cache, compiled decoding, prompts
 padded to a multiple of 64 so shapes repeat), ``<method>-eager`` without it, ``<method>-own`` with the project's
 own greedy loop (``utils/decode_loop.py``: static cache, compiled step, the tokens read back every 8 steps instead
-of every step, attention over the cache positions in use rounded up to 64), ``<method>-own-full`` the same loop
-attending over the whole static cache (the A/B for those buckets), and ``hf-generate``: plain ``model.generate``
+of every step, attention over the cache positions in use rounded up to 64, one compilation for every shape),
+``<method>-own-full`` the same loop attending over the whole static cache (the A/B for those buckets),
+``<method>-own-static`` the same loop compiled once per shape and bucket (the A/B for the symbolic shapes' cost
+per step), and ``hf-generate``: plain ``model.generate``
 with the default dynamic cache, the baseline a user would otherwise pick. Real architectures with random weights;
 EOS is disabled so every row makes exactly ``--new_tokens`` tokens. Prompt lengths come from the real MBPP test
 prompts under a 32k code BPE (benchmarks/bench_tokenizer.py).
@@ -73,8 +75,9 @@ def build_lm(args):
     return lm
 
 
-OWN_SUFFIXES = ("-own", "-own-full")
-"""Methods decoded by the project's loop: bucketed KV view (the default), whole cache."""
+OWN_SUFFIXES = ("-own", "-own-full", "-own-static")
+"""Methods decoded by the project's loop: bucketed KV view and symbolic shapes (the default), whole cache, one
+compilation per shape and bucket."""
 
 
 def own_loop(method: str) -> bool:
@@ -83,7 +86,9 @@ def own_loop(method: str) -> bool:
 
 def wrap(lm, method: str, args):
     """One base model serves every method, so compiled decoding (and its shapes) is shared between them."""
-    base = method.removesuffix("-eager").removesuffix("-own-full").removesuffix("-own")
+    base = method.removesuffix("-eager")
+    for suffix in OWN_SUFFIXES[1:] + OWN_SUFFIXES[:1]:  # the longer suffixes first
+        base = base.removesuffix(suffix)
     base = "none" if base == "hf-generate" else base
     cfg = MethodConfig(base, num_virtual_tokens=args.m, enc_model_type=args.encoder)
     with _device():
@@ -135,8 +140,9 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
     shared = own_decoder(args)  # one for all -own methods: they share the base model, hence its compiled step
     for method in args.methods.split(","):
         fast = not method.endswith("-eager") and method != "hf-generate"
-        # the full view's own decoder (its static cache, its graphs) lives for its method only
-        decoder = own_decoder(args, kv_bucket=None) if method.endswith("-own-full") else shared
+        # the A/Bs' own decoders (their static caches, their graphs) live for their method only
+        decoder = (own_decoder(args, kv_bucket=None) if method.endswith("-own-full") else
+                   own_decoder(args, dynamic_shapes=False) if method.endswith("-own-static") else shared)
         try:
             model = wrap(lm, method, args)
         except Exception as exc:
@@ -149,7 +155,8 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
                 skipped_before, reasons_before = skips.count(), len(skips.reasons)
                 # Warm up this shape; the fast path warms up at full length, since a longer static cache than
                 # any before it means a new compilation.
-                run(model, method, batch, args.new_tokens if fast else args.warmup_tokens, fast, decoder)
+                with Timer() as warmup:
+                    run(model, method, batch, args.new_tokens if fast else args.warmup_tokens, fast, decoder)
                 with Timer() as t:
                     out = run(model, method, batch, args.new_tokens, fast, decoder)
                 made = out.shape[0] * out.shape[1]
@@ -157,7 +164,9 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
                              fast_path=fast, decode_loop="own" if own_loop(method) else "hf",
                              check_every=decoder.check_every if own_loop(method) else None,
                              kv_bucket=decoder.kv_bucket if own_loop(method) else None,
-                             new_tokens=args.new_tokens, prompt_len=int(batch["input_ids"].shape[1]),
+                             dynamic_shapes=decoder.dynamic_shapes if own_loop(method) else None,
+                             warmup_seconds=warmup.seconds, new_tokens=args.new_tokens,
+                             prompt_len=int(batch["input_ids"].shape[1]),
                              new_tokens_per_s=made / t.seconds, seconds=t.seconds,
                              cudagraph_skips=skips.count() - skipped_before,
                              cudagraph_skip_reasons=sorted(set(skips.reasons[reasons_before:]))[:5])
@@ -170,9 +179,9 @@ def bench(args, writer: ResultWriter, lm) -> list[str]:
     return failures
 
 
-def own_decoder(args, kv_bucket: int | None = KV_BUCKET) -> GreedyDecoder:
+def own_decoder(args, kv_bucket: int | None = KV_BUCKET, dynamic_shapes: bool = True) -> GreedyDecoder:
     """The project's greedy loop, its step compiled with CUDA graphs on a GPU (eager on the CPU, as generate)."""
-    return GreedyDecoder(check_every=args.check_every, kv_bucket=kv_bucket,
+    return GreedyDecoder(check_every=args.check_every, kv_bucket=kv_bucket, dynamic_shapes=dynamic_shapes,
                          compile_kwargs=STEP_COMPILE if _device().type == "cuda" else None)
 
 
@@ -245,7 +254,8 @@ def agreement(args, writer: ResultWriter, lm) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="phi-2")
-    p.add_argument("--methods", default="hf-generate,none,none-own,lopa,lopa-own,pt,pt-own,none-own-full")
+    p.add_argument("--methods",
+                   default="hf-generate,none,none-own,lopa,lopa-own,pt,pt-own,none-own-full,none-own-static")
     p.add_argument("--encoder", default="codebert-base")
     p.add_argument("--enc_vocab", type=int, default=50265)
     p.add_argument("--batch_sizes", default="1,16,64")

@@ -9,11 +9,13 @@
 #                  per mode (not yet run; ~4-5 min estimated). Packed rows are not rounded to the multiple, so the
 #                  packed modes' graphs are recorded per batch and replayed for that batch: a best case
 #   generate_phi2  hf-generate, none, none-own, lopa, lopa-own, pt, none-own-full at batch 64/16/1, then the
-#                  fast-vs-eager check (211 s for the four without -own in session 8). Each new shape compiles once,
-#                  and the -own methods once per shape and KV bucket of 64 positions (4-5 at 256 new tokens):
-#                  session 13's hf-generate, none, none-own and lopa-own at batch 64 did not finish in 290 s (their
-#                  decoding ~31 s of it); lopa-own alone took 140 s (none-own-full attends over the whole cache: the
-#                  buckets' A/B). GEN_NO_CHECK=1 leaves out the check.
+#                  fast-vs-eager check (211 s for the four without -own in session 8). Each new shape compiles once;
+#                  the -own methods share one compilation for all their shapes since session 14 (in session 13 they
+#                  compiled once per shape and KV bucket: hf-generate, none, none-own and lopa-own at batch 64 did
+#                  not finish in 290 s, and lopa-own alone took 140 s). none-own-full attends over the whole cache
+#                  (the buckets' A/B); none-own-static (not in the default list) compiles per shape and bucket (the
+#                  symbolic shapes' A/B). Each line's warmup_seconds includes its compilation. GEN_NO_CHECK=1 leaves
+#                  out the check.
 #   generate_check only generate_phi2's fast-vs-eager check (bench_generate --check_only): the fast path's and the own
 #                  loop's tokens against eager on 4 prompts, without the timings (not yet run; ~2 min estimated)
 #   generate_phi3  Phi-3-mini's architecture (2,047-token sliding window), none and none-own at batch 64: does

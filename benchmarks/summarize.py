@@ -145,12 +145,14 @@ def _padding_table(lines: list[dict]) -> list[str]:
 def _generate_table(lines: list[dict]) -> list[str]:
     gen = [line for line in lines if line["bench"] == "generate" and "new_tokens_per_s" in line]
     hf = {(g["model"], g["batch_size"]): g["new_tokens_per_s"] for g in gen if g["method"] == "hf-generate"}
-    out = ["| model | method | batch | new tokens/s | ms/step | vs hf-generate |", "|---|---|---:|---:|---:|---:|"]
+    out = ["| model | method | batch | new tokens/s | ms/step | vs hf-generate | warm-up s, compiling included |",
+           "|---|---|---:|---:|---:|---:|---:|"]
     for g in gen:
         baseline = hf.get((g["model"], g["batch_size"]))
         r = None if g["method"] == "hf-generate" else _ratio(g["new_tokens_per_s"], baseline)
         out.append(_row(g["model"], g["method"], g["batch_size"], f"{g['new_tokens_per_s']:,.0f}",
-                        f"{g['seconds'] / g['new_tokens'] * 1e3:.2f}", _fmt(r, ".2f", "×")))
+                        f"{g['seconds'] / g['new_tokens'] * 1e3:.2f}", _fmt(r, ".2f", "×"),
+                        _fmt(g.get("warmup_seconds"), ".1f")))
     checks = [line for line in lines if line["bench"] == "generate-check"]
     if checks:
         out += ["", "Fast vs eager (generate-check):"]

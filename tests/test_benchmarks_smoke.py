@@ -53,13 +53,16 @@ def test_bench_generate_smoke(tmp_path, data_paths):
     lines = _lines(out)
     gen = [line for line in lines if line["bench"] == "generate"]
     assert {line["method"] for line in gen} == {"hf-generate", "none", "pt", "lopa", "none-own", "pt-own",
-                                                "lopa-own", "none-own-full"}
+                                                "lopa-own", "none-own-full", "none-own-static"}
     assert all(line["new_tokens_per_s"] > 0 and "error" not in line for line in gen)
     own = {line["method"]: line for line in gen if "-own" in line["method"]}
     assert {line["decode_loop"] for line in own.values()} == {"own"}
-    # -own: attention over the cache positions in use, in buckets of 64; -own-full: over the whole static cache
+    # -own: attention over the cache positions in use, in buckets of 64; -own-full: over the whole static cache;
+    # -own-static: compiled (on a GPU) once per shape and bucket, where the others compile once
     assert {m: line["kv_bucket"] for m, line in own.items()} == {"none-own": 64, "pt-own": 64, "lopa-own": 64,
-                                                                  "none-own-full": None}
+                                                                  "none-own-full": None, "none-own-static": 64}
+    assert {m for m, line in own.items() if not line["dynamic_shapes"]} == {"none-own-static"}
+    assert all(line["warmup_seconds"] > 0 for line in gen)
     checks = [line for line in lines if line["bench"] == "generate-check"]
     assert {line["method"] for line in checks} == {"none", "lopa", "none-own", "lopa-own"}
     assert all(line["identical_rows"] == 4 for line in checks)  # fp32 CPU: fast path and own loop == eager path

@@ -104,7 +104,7 @@ def test_the_own_decoding_loop_is_judged_beside_generate():
                 "seconds": 256 * 64 / tps, "new_tokens": 256}
 
     lines = [gen("hf-generate", 1000.0), gen("none", 5800.0), gen("none-own", 9000.0), gen("none-own-full", 7500.0),
-             gen("none", 3000.0, "phi-3"),
+             gen("none", 3000.0, "phi-3"), {**gen("none-own-static", 9100.0), "warmup_seconds": 81.25},
              {"bench": "generate-check", "model": "phi-2", "method": "none-own", "batch_size": 4, "identical_rows": 3,
               "token_agreement": 0.9, "identical_rows_vs_fast": 2}]
     got = _verdicts(lines)
@@ -118,6 +118,9 @@ def test_the_own_decoding_loop_is_judged_beside_generate():
     # the own loop over the whole static cache is the A/B for its KV buckets: shown in the table, never judged
     assert "| phi-2 | none-own-full | 64 | 7,500 | 8.53 | 7.50× |" in summarize.markdown(lines)
     assert not [target for target in got if "own-full" in target]
+    # so is the own loop compiled once per shape and bucket, the A/B for symbolic shapes; its warm-up is shown
+    assert "| phi-2 | none-own-static | 64 | 9,100 | 7.03 | 9.10× | 81.2 |" in summarize.markdown(lines)
+    assert not [target for target in got if "own-static" in target]
 
 
 def test_errors_are_listed_and_an_unknown_run_is_refused(tmp_path, capsys):

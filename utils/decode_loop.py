@@ -12,7 +12,10 @@ What it does per batch: a static KV cache (``utils.fast_paths.StaticCacheSlot``:
 repeats, so compiled CUDA graphs stay valid; full attention when a sliding window covers it), one eager prefill
 over the prompt (and soft prompt), then one forward per new token, compiled with ``mode="reduce-overhead"`` when
 asked. With ``kv_bucket`` (default 64) attention reads only the cache positions in use, rounded up to a multiple of
-``kv_bucket`` (``BucketedStaticLayer``), instead of the whole cache: one compilation per batch shape and bucket.
+``kv_bucket`` (``BucketedStaticLayer``), instead of the whole cache. The step's batch size, cache length and
+attended width are symbolic (``dynamic_shapes``): it compiles once for a whole run (once more for one-row batches;
+measured on the CPU), and a GPU records a CUDA graph per batch shape and bucket (that recording's cost is not yet
+measured).
 Greedy only: sampling and the model's own logits processors (repetition penalty, bad words, ...) are ``generate``'s;
 ``check_plain_greedy`` refuses them.
 """
@@ -26,34 +29,43 @@ from utils.fast_paths import StaticCacheSlot, cache_argument, recompile_room, st
 from utils.stopping import StopOnText
 
 STEP_COMPILE = {"mode": "reduce-overhead", "dynamic": False}
-"""How the decoding step is compiled on a GPU: CUDA graphs, one per batch shape (as ``generate``'s own)."""
+"""How the decoding step is compiled on a GPU: CUDA graphs; ``dynamic=False`` keeps every size static but those
+``GreedyDecoder`` marks symbolic."""
 
 RECOMPILE_LIMIT = 256
-"""Compilations of the step allowed (one per batch shape and KV bucket). torch's default, 8, would silently turn a
-long run's later shapes eager: prompts of 64..700 tokens in buckets of 64, times the last batch's smaller size, times
-the 4-5 KV buckets 256 new tokens cross, exceed it."""
+"""Compilations of the step allowed. With symbolic shapes a run needs two; without (``dynamic_shapes=False``) one
+per batch shape and KV bucket, where torch's default, 8, would silently turn a long run's later shapes eager:
+prompts of 64..700 tokens in buckets of 64, times the last batch's smaller size, times the 4-5 KV buckets 256 new
+tokens cross, exceed it."""
 
 KV_BUCKET = 64
 """Attention reads the cache positions in use rounded up to this (``GreedyDecoder(kv_bucket=...)``)."""
 
 
 class BucketedStaticLayer(StaticLayer):
-    """A full-attention static cache layer whose attention (keys, values and the mask's width) covers only its first
-    ``view`` positions, or all of them when ``view`` is None. Writes still go to the whole buffer, at the position the
-    layer counts; the caller must keep every written position inside the view. ``view`` is a Python int, so a
-    compiled step specialises on it (one graph per value)."""
+    """A full-attention static cache layer whose attention (keys, values and the mask's width) covers only the width
+    of ``view_mask``, the 2-D mask of the step in progress, or all ``positions`` when it is None. Writes still go to
+    the whole buffer, at the position the layer counts; the caller must keep every written position inside the view.
 
-    view: int | None = None
+    The buffer holds one spare position past ``positions``, never written nor attended: a view of a whole buffer is
+    contiguous and a view of part of it is not, so a compiled step would specialise on which of the two it got,
+    that is on the last bucket. With the spare, no view is the whole buffer, and the view's width can stay symbolic:
+    one compilation serves every bucket (``GreedyDecoder(dynamic_shapes=True)``)."""
+
+    view_mask: torch.Tensor | None = None
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__(max_cache_len + 1, **kwargs)
+        self.positions = max_cache_len
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.view is None:
-            return keys, values
-        return keys[:, :, :self.view], values[:, :, :self.view]
+        width = self.positions if self.view_mask is None else self.view_mask.shape[1]
+        return keys[:, :, :width], values[:, :, :width]
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        length, offset = super().get_mask_sizes(query_length, *args, **kwargs)
-        return (length if self.view is None else self.view), offset
+        _, offset = super().get_mask_sizes(query_length, *args, **kwargs)
+        return (self.positions if self.view_mask is None else self.view_mask.shape[1]), offset
 
 
 def kv_view_refusal(cache) -> str | None:
@@ -89,7 +101,8 @@ class GreedyDecoder:
     step between batches). ``compile_kwargs``: ``torch.compile`` arguments for the decoding step, or None for eager.
     """
 
-    def __init__(self, check_every: int = 8, compile_kwargs: dict | None = None, kv_bucket: int | None = KV_BUCKET):
+    def __init__(self, check_every: int = 8, compile_kwargs: dict | None = None, kv_bucket: int | None = KV_BUCKET,
+                 dynamic_shapes: bool = True):
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         if kv_bucket is not None and kv_bucket < 0:
@@ -97,12 +110,16 @@ class GreedyDecoder:
         self.check_every = check_every
         self.compile_kwargs = compile_kwargs
         self.kv_bucket = kv_bucket or None
+        self.dynamic_shapes = dynamic_shapes
+        """Whether the compiled step's batch size, cache length and attended width are symbolic: one compilation
+        serves them all (one more for one-row batches, which torch specialises), CUDA graphs are still recorded per
+        shape. False: one compilation per shape, as ``compile_kwargs``' ``dynamic=False`` alone gives."""
         self._step = None
         self._lm = None
         self._caches = self._new_slot()
         self.step_shapes: set[tuple[int, int, int]] = set()
-        """(batch, cache length, attended length) of the decoding steps run so far: one compilation (one CUDA graph)
-        each."""
+        """(batch, cache length, attended length) of the decoding steps run so far: one CUDA graph each (and one
+        compilation each without ``dynamic_shapes``)."""
         self.full_view_reason: str | None = None
         """Why the last batch attended over the whole cache although ``kv_bucket`` is set (None: it did not)."""
 
@@ -111,7 +128,7 @@ class GreedyDecoder:
 
     @property
     def caches(self) -> StaticCacheSlot:
-        """The static cache in use, with the shapes decoded so far (one compilation, one CUDA graph each)."""
+        """The static cache in use, with the (batch, cache length) shapes decoded so far."""
         return self._caches
 
     def _forward(self, lm):
@@ -142,6 +159,11 @@ class GreedyDecoder:
         name = cache_argument(lm)
         out = lm(**inputs, attention_mask=view(prompt), position_ids=position_ids, use_cache=True, logits_to_keep=1,
                  **{name: cache})
+        mark = _mark_dynamic if self.dynamic_shapes else _keep_static
+        for layer in cache.layers:  # the buffers exist once the prefill has written to them
+            for buffer in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(buffer, torch.Tensor):
+                    mark(buffer, 0, 2)
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=first.device)
         tokens[:, 0] = out.logits[:, -1].argmax(-1)
         if logits_out is not None:
@@ -150,7 +172,7 @@ class GreedyDecoder:
         last_position = position_ids[:, -1:]
         checked = 0  # steps judged so far
         made = 1
-        with recompile_room(RECOMPILE_LIMIT):
+        with recompile_room(RECOMPILE_LIMIT), _one_graph_per_shape_expected():
             while made < max_new_tokens:
                 if made - checked >= self.check_every:
                     if self._check(tokens, criterion, checked, made):
@@ -159,8 +181,8 @@ class GreedyDecoder:
                 step_mask = view(prompt + made)  # the new token goes to cache position prompt + made - 1
                 self.step_shapes.add((batch, length, step_mask.shape[1]))
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is dead: reuse its memory
-                picked, logits = step(lm, tokens[:, made - 1:made].clone(memory_format=torch.contiguous_format),
-                                      step_mask, last_position + made, cache, name)
+                step_ids = mark(tokens[:, made - 1:made].clone(memory_format=torch.contiguous_format), 0)
+                picked, logits = step(lm, step_ids, mark(step_mask, 0, 1), mark(last_position + made, 0), cache, name)
                 tokens[:, made] = picked
                 if logits_out is not None:  # copied now: the next CUDA-graph replay overwrites the output
                     logits_out.append(logits.float().clone())
@@ -183,9 +205,9 @@ class GreedyDecoder:
             width = min(length, -(-used // self.kv_bucket) * self.kv_bucket)
             if width not in masks:
                 masks[width] = mask[:, :width].contiguous()
-            if layers[0].view != width:
+            if layers[0].view_mask is not masks[width]:
                 for layer in layers:
-                    layer.view = width
+                    layer.view_mask = masks[width]
             return masks[width]
 
         return view
@@ -194,6 +216,26 @@ class GreedyDecoder:
     def _check(tokens: torch.Tensor, criterion: StopOnText, checked: int, made: int) -> bool:
         offset = max(0, checked + 1 - criterion.window)
         return criterion.observe(tokens[:, offset:made].tolist(), offset, checked)  # the one host sync
+
+
+def _one_graph_per_shape_expected():
+    """Within the block, torch records a CUDA graph for each new shape of a step compiled with symbolic shapes without
+    warning past 8 (as it otherwise does): one per batch shape and KV bucket is this loop's design."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch({"triton.cudagraph_dynamic_shape_warn_limit": None})
+
+
+def _mark_dynamic(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
+    """``tensor``, its ``dims`` marked for a compiled step to treat as symbolic where the step allows (no error where
+    it specialises one, as it does a size of 1)."""
+    for dim in dims:
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return tensor
+
+
+def _keep_static(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
+    return tensor
 
 
 def _step(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache,
