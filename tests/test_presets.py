@@ -170,3 +170,30 @@ def test_set_wins_over_the_presets_per_task_values(tmp_path):
     for overrides in (["lopa.lp_rank=2"], ["lp_rank=2"]):
         assert set(values("paper-Meta-Llama-3-8B", overrides, "lopa", "--lp_rank").values()) == {"2"}
     assert values("paper-Meta-Llama-3-8B", ["pt.lp_rank=2"], "lopa", "--lp_rank")["mbpp"] == "4"
+
+
+def test_set_refuses_the_flags_each_cell_gets_and_sets_the_experiments_seed(tmp_path):
+    """--set train.task_name=... came after the cell's own --task_name and won: the MBPP cells trained on
+    CRUXEval. The flags the runner sets per cell are refused, naming the option to use; seed=N is the experiment's
+    seed, for training and generation alike."""
+    import pytest
+
+    from utils.errors import UserError
+    from utils.experiment import plan_cells
+    from utils.presets import PRESETS, apply_overrides
+
+    for item, hint in (("train.task_name=cruxeval_output_prediction", "--tasks"), ("model_type=tiny-llama", "--models"),
+                       ("gen.data_path=x.jsonl", "--mbpp_data"), ("lopa.peft_method=pt", "--methods"),
+                       ("gen.load_adapter_from=elsewhere", "")):
+        with pytest.raises(UserError, match=f"sets --{item.split('=')[0].split('.')[-1]} for each cell itself.*{hint}"):
+            apply_overrides(PRESETS["smoke"](), [item])
+    for item in ("train.seed=3", "gen.seed=3", "seed=three"):
+        with pytest.raises(UserError, match="the seed is the experiment's"):
+            apply_overrides(PRESETS["smoke"](), [item])
+    preset = apply_overrides(PRESETS["smoke"](), ["seed=3"])
+    assert preset.seed == 3 and PRESETS["smoke"]().seed == 9876
+    for cell in plan_cells(preset, tmp_path):
+        for script, argv in cell.commands:
+            if script in ("tune_foundation_model.py", "tune_fft_baseline.py", "generate_preds.py"):
+                assert argv.count("--seed") == 1 and argv[argv.index("--seed") + 1] == "3", (cell.key, script)
+                assert argv.count("--task_name") == 1, (cell.key, script)

@@ -80,15 +80,33 @@ PRESET_GROUPS = {"paper": [f"paper-{m}" for m in PAPER_MODELS]}
 whole code-task table. Their cells are the member presets' own, so a group and its members share stored results."""
 
 
+CELL_FLAGS = {"task_name": "--tasks", "model_type": "--models", "peft_method": "--methods",
+              "data_path": "--mbpp_data / --cruxeval_data", "log_dir": "--out", "load_adapter_from": None,
+              "load_base_from_path": None, "resume_from": None, "path": None}
+"""Stage flags the runner sets for each cell (what --set should use instead, where there is something). A --set
+of one would come after the cell's own value and win, so that, for example, the MBPP cell trained on CRUXEval."""
+
+
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
     """``section.flag=value`` (section: train, gen, eval, or a method name for its training) or ``flag=value``
-    (training, every method). A training override also replaces the preset's per-task values of that flag."""
+    (training, every method). A training override also replaces the preset's per-task values of that flag.
+    ``seed=N`` sets the experiment's seed (training and generation); ``CELL_FLAGS`` are refused."""
     preset = copy.deepcopy(preset)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. lopa.lp_rank=2 or train.lr=1e-3")
         section, _, flag = key.rpartition(".")
+        if flag in CELL_FLAGS:
+            instead = CELL_FLAGS[flag]
+            raise UserError(f"--set {item!r}: run_experiment sets --{flag} for each cell itself"
+                            + (f"; choose with run_experiment's {instead}" if instead else ""))
+        if flag == "seed":
+            if section or not value.isdigit():
+                raise UserError(f"--set {item!r}: the seed is the experiment's, for training and generation "
+                                f"alike: --set seed=N, N a whole number")
+            preset.seed = int(value)
+            continue
         parsed: object = {"true": True, "false": False}.get(value.lower(), value)
         if section in ("", "train"):
             preset.train[flag] = parsed
