@@ -15,6 +15,7 @@ earlier method left behind; ``peak_gib`` includes it);
 ``gpu_busy_fraction``: kernel + memcpy/memset device time over the wall time of 3 profiled steps run after the
 timed ones (near 1: GPU-bound; well below: the GPU waits on the host);
 ``top_kernels``: the 5 kernels with the most device time, ``[name, ms per step]``;
+``kernels_per_step``: kernels, memcpys and memsets a profiled step launched;
 ``host_ms_per_step``: the host's time to issue one step, without synchronising (near ``ms_per_step``: the
 step is host-bound or synchronises inside);
 ``profiled_ms_per_step``: the wall time of one profiled step (above ``ms_per_step``: the profiler's overhead);

@@ -10,20 +10,22 @@ import torch
 
 PROFILED_STEPS = 3
 TOP_KERNELS = 5
-CUDA_FIGURES = ("gpu_busy_fraction", "top_kernels", "host_ms_per_step", "profiled_ms_per_step")
+CUDA_FIGURES = ("gpu_busy_fraction", "top_kernels", "kernels_per_step", "host_ms_per_step", "profiled_ms_per_step")
 
 
 def kernel_summary(kernels, wall_seconds: float, steps: int, top: int = TOP_KERNELS) -> dict:
     """``kernels``: ``(name, device µs)`` of every kernel, memcpy and memset of ``steps`` steps that took
     ``wall_seconds``. ``gpu_busy_fraction``: their summed device time over the wall time (work overlapping on
     two streams counts twice); ``top_kernels``: ``[name cut to 60 characters, ms per step]`` for the ``top``
-    names with the most device time."""
+    names with the most device time; ``kernels_per_step``: how many device events a step launched (each one is
+    host work: ``host_ms_per_step`` over it is the host's time per launch where the host sets the pace)."""
     per_name: dict[str, float] = defaultdict(float)
     for name, us in kernels:
         per_name[name] += us
     ranked = sorted(per_name.items(), key=lambda kv: kv[1], reverse=True)[:top]
     return {"gpu_busy_fraction": sum(per_name.values()) / 1e6 / wall_seconds,
-            "top_kernels": [[name[:60], us / 1e3 / steps] for name, us in ranked]}
+            "top_kernels": [[name[:60], us / 1e3 / steps] for name, us in ranked],
+            "kernels_per_step": len(kernels) / steps}
 
 
 def device_kernels(prof) -> list[tuple[str, float]]:

@@ -19,6 +19,7 @@ def test_kernel_summary_gives_busy_fraction_and_per_step_top_kernels():
     assert out["gpu_busy_fraction"] == pytest.approx(7410 / 20000)
     assert out["top_kernels"] == [[long_name[:60], pytest.approx(3.0)], ["softmax", pytest.approx(0.5)],
                                   ["Memcpy HtoD", pytest.approx(0.125)]]
+    assert out["kernels_per_step"] == 4.0  # 8 device events over 2 steps
 
 
 def test_device_kernels_counts_device_events_but_not_host_ops_or_annotation_ranges():
