@@ -3,7 +3,8 @@
 Methods: ``none``, ``pt``, ``lopa`` with the project's fast path (static KV cache, compiled decoding, prompts
 padded to a multiple of 64 so shapes repeat), ``<method>-eager`` without it, ``<method>-own`` with the project's
 own greedy loop (``utils/decode_loop.py``: static cache, compiled step, the tokens read back every 8 steps instead
-of every step, attention over the cache positions in use rounded up to 64, one compilation for every shape),
+of every step, attention over the cache positions in use rounded up to 64, its step compiled once for every
+shape),
 ``<method>-own-full`` the same loop attending over the whole static cache (the A/B for those buckets),
 ``<method>-own-static`` the same loop compiled once per shape and bucket (the A/B for the symbolic shapes' cost
 per step), and ``hf-generate``: plain ``model.generate``
@@ -229,12 +230,13 @@ def agreement(args, writer: ResultWriter, lm) -> None:
     decoder = own_decoder(args)
     for method in ("none", "lopa"):
         model = wrap(lm, method, args)
-        batch = prompt_batches(args, 4, lm.config.vocab_size)
+        batch = prompt_batches(args, args.check_rows, lm.config.vocab_size)
         traced = dict(return_dict_in_generate=True, output_logits=True)
         eager = run(model, method, batch, args.check_tokens, fast=False, **traced)
         fast = run(model, method, batch, args.check_tokens, fast=True, **traced)
         same = eager.sequences == fast.sequences
-        writer.write("generate-check", model=args.model, method=method, batch_size=4, tokens=args.check_tokens,
+        writer.write("generate-check", model=args.model, method=method, batch_size=args.check_rows,
+                     tokens=args.check_tokens,
                      dtype=args.dtype, identical_rows=int(same.all(dim=1).sum()),
                      token_agreement=float(same.float().mean()),
                      **divergence_report(eager.sequences, fast.sequences, torch.stack(eager.logits, dim=1),
@@ -243,7 +245,7 @@ def agreement(args, writer: ResultWriter, lm) -> None:
         own = run(model, f"{method}-own", batch, args.check_tokens, fast=True, decoder=decoder,
                   logits_out=own_logits)
         same = eager.sequences == own
-        writer.write("generate-check", model=args.model, method=f"{method}-own", batch_size=4,
+        writer.write("generate-check", model=args.model, method=f"{method}-own", batch_size=args.check_rows,
                      tokens=args.check_tokens, dtype=args.dtype, identical_rows=int(same.all(dim=1).sum()),
                      token_agreement=float(same.float().mean()),
                      identical_rows_vs_fast=int((fast.sequences == own).all(dim=1).sum()),
@@ -262,6 +264,7 @@ def main(argv=None) -> None:
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--warmup_tokens", type=int, default=8)
     p.add_argument("--check_tokens", type=int, default=32)
+    p.add_argument("--check_rows", type=int, default=4, help="prompts in the fast-vs-eager check")
     p.add_argument("--check_every", type=int, default=8, help="-own methods: steps between reading tokens back")
     p.add_argument("--no_check", dest="check", action="store_false")
     p.add_argument("--check_only", action="store_true",

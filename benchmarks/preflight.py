@@ -50,7 +50,7 @@ def runs(args, results: str):
                 "--warmup", "1", "--no_compile", *small, *(padding if model == "phi-2" else [])])
         yield (f"generate {model}", bench_generate.main,
                ["--model", model, "--methods", args.gen_methods, "--batch_sizes", "2", "--new_tokens", "6",
-                "--warmup_tokens", "2", "--check_tokens", "4", "--pad_multiple", "8", *small,
+                "--warmup_tokens", "2", "--check_tokens", "4", "--check_rows", "2", "--pad_multiple", "8", *small,
                 *(["--data_path", args.data_path] if args.data_path else [])])
 
 

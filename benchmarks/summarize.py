@@ -145,8 +145,8 @@ def _padding_table(lines: list[dict]) -> list[str]:
 def _generate_table(lines: list[dict]) -> list[str]:
     gen = [line for line in lines if line["bench"] == "generate" and "new_tokens_per_s" in line]
     hf = {(g["model"], g["batch_size"]): g["new_tokens_per_s"] for g in gen if g["method"] == "hf-generate"}
-    out = ["| model | method | batch | new tokens/s | ms/step | vs hf-generate | warm-up s, compiling included |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+    out = ["| model | method | batch | new tokens/s | ms/step | vs hf-generate | warm-up s, with the compilations "
+           "it caused |", "|---|---|---:|---:|---:|---:|---:|"]
     for g in gen:
         baseline = hf.get((g["model"], g["batch_size"]))
         r = None if g["method"] == "hf-generate" else _ratio(g["new_tokens_per_s"], baseline)

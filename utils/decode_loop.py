@@ -13,8 +13,9 @@ repeats, so compiled CUDA graphs stay valid; full attention when a sliding windo
 over the prompt (and soft prompt), then one forward per new token, compiled with ``mode="reduce-overhead"`` when
 asked. With ``kv_bucket`` (default 64) attention reads only the cache positions in use, rounded up to a multiple of
 ``kv_bucket`` (``BucketedStaticLayer``), instead of the whole cache. The step's batch size, cache length and
-attended width are symbolic (``dynamic_shapes``): it compiles once for a whole run (once more for one-row batches;
-measured on the CPU), and a GPU records a CUDA graph per batch shape and bucket (that recording's cost is not yet
+attended width are symbolic (``dynamic_shapes``): it compiles once for a whole run, once more for one-row batches
+(counted on the CPU; a cache with sliding-window layers, Phi-3 past its window, still compiles at every step, as
+``generate``'s does), and a GPU records a CUDA graph per batch shape and bucket (that recording's cost is not yet
 measured).
 Greedy only: sampling and the model's own logits processors (repetition penalty, bad words, ...) are ``generate``'s;
 ``check_plain_greedy`` refuses them.
@@ -33,8 +34,9 @@ STEP_COMPILE = {"mode": "reduce-overhead", "dynamic": False}
 ``GreedyDecoder`` marks symbolic."""
 
 RECOMPILE_LIMIT = 256
-"""Compilations of the step allowed. With symbolic shapes a run needs two; without (``dynamic_shapes=False``) one
-per batch shape and KV bucket, where torch's default, 8, would silently turn a long run's later shapes eager:
+"""Compilations of the step allowed. With symbolic shapes a run needs two (but for sliding-window caches); without
+(``dynamic_shapes=False``) one per batch shape and KV bucket, where torch's default, 8, would silently turn a long
+run's later shapes eager:
 prompts of 64..700 tokens in buckets of 64, times the last batch's smaller size, times the 4-5 KV buckets 256 new
 tokens cross, exceed it."""
 
@@ -66,6 +68,9 @@ class BucketedStaticLayer(StaticLayer):
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         _, offset = super().get_mask_sizes(query_length, *args, **kwargs)
         return (self.positions if self.view_mask is None else self.view_mask.shape[1]), offset
+
+    def get_max_length(self) -> int:
+        return self.positions
 
 
 def kv_view_refusal(cache) -> str | None:
@@ -123,8 +128,9 @@ class GreedyDecoder:
         self.full_view_reason: str | None = None
         """Why the last batch attended over the whole cache although ``kv_bucket`` is set (None: it did not)."""
 
-    def _new_slot(self) -> StaticCacheSlot:
-        return StaticCacheSlot(BucketedStaticLayer if self.kv_bucket else None)
+    @staticmethod
+    def _new_slot() -> StaticCacheSlot:
+        return StaticCacheSlot(BucketedStaticLayer)
 
     @property
     def caches(self) -> StaticCacheSlot:
@@ -134,7 +140,8 @@ class GreedyDecoder:
     def _forward(self, lm):
         if self._lm is not lm:
             self._lm, self._caches = lm, self._new_slot()
-            self._step = _step if self.compile_kwargs is None else torch.compile(_step, **self.compile_kwargs)
+            code = _step if self.dynamic_shapes else _step_per_shape  # torch keeps graphs per code object
+            self._step = code if self.compile_kwargs is None else torch.compile(code, **self.compile_kwargs)
         return self._step
 
     @torch.no_grad()
@@ -195,14 +202,16 @@ class GreedyDecoder:
         """A function of the positions in use that sets the cache layers' view and returns the 2-D mask cut to it
         (the whole cache when bucketing is off or the cache cannot do it)."""
         length = mask.shape[1]
-        self.full_view_reason = kv_view_refusal(cache) if self.kv_bucket else None
-        if not self.kv_bucket or self.full_view_reason:
+        refusal = kv_view_refusal(cache)
+        self.full_view_reason = refusal if self.kv_bucket else None
+        if refusal:
             return lambda used: mask
         masks: dict[int, torch.Tensor] = {}  # one contiguous mask per bucket, reused by every step in it
         layers = cache.layers
+        bucket = self.kv_bucket or length  # no bucketing: one view, the whole cache, still of a symbolic width
 
         def view(used: int) -> torch.Tensor:
-            width = min(length, -(-used // self.kv_bucket) * self.kv_bucket)
+            width = min(length, -(-used // bucket) * bucket)
             if width not in masks:
                 masks[width] = mask[:, :width].contiguous()
             if layers[0].view_mask is not masks[width]:
@@ -224,6 +233,14 @@ def _one_graph_per_shape_expected():
     import torch._inductor.config
 
     return torch._inductor.config.patch({"triton.cudagraph_dynamic_shape_warn_limit": None})
+
+
+def _step_per_shape(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache,
+                    cache_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_step`` for ``dynamic_shapes=False``, under a code object of its own: torch keeps compiled graphs per code
+    object and lets a graph serve any call its guards accept, so the two would otherwise serve each other's calls
+    (a symbolic graph taking the per-shape decoder's)."""
+    return _step(lm, input_ids, attention_mask, position_ids, cache, cache_name)
 
 
 def _mark_dynamic(tensor: torch.Tensor, *dims: int) -> torch.Tensor:

@@ -168,7 +168,7 @@ class StaticCacheSlot:
         self._cache = None
         self._key = None
         self.shapes: set[tuple[int, int]] = set()
-        """The (batch, cache length) shapes served so far: one compilation (one CUDA graph) each."""
+        """The (batch, cache length) shapes served so far."""
         self.allocations = 0
 
     def get(self, config, batch: int, length: int, dtype: torch.dtype, device) -> StaticCache:
