@@ -200,9 +200,11 @@ def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict, li
                                         "log": str(exc.log)}
                     print(f"{tag}: FAILED in {exc.script}: {exc.reason}\n  command: {exc.command}\n  log: {exc.log}",
                           file=sys.stderr, flush=True)
+                if cell.key in failed:
+                    # A failed stage's frames held its models until the exception was handled, after the stage's
+                    # own release; a failed cell (an OOM) must not starve the next. A finished one was released.
+                    _release_memory()
                     continue
-                finally:
-                    _release_memory()  # each cell loads its own models; a failed one (an OOM) must not starve the next
             ran.append(cell.key)
             print(f"{tag}: pass@1 {100 * results[cell.key]['pass@1']:.2f} ({results[cell.key]['seconds']} s)",
                   flush=True)

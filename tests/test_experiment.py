@@ -184,6 +184,49 @@ def test_a_failed_cell_is_reported_the_others_run_and_the_next_run_redoes_only_i
     assert "**The cells come from 2 different commits**" in text
 
 
+def test_a_failed_cells_model_is_freed_before_the_next_cell_and_only_model_stages_collect(tmp_path, monkeypatch):
+    """A full collection costs ~0.3 s with torch loaded, so the runner makes one after each stage that builds a
+    model, and one after a failed cell: its stage's frames, which held the model (here in a reference cycle, as
+    compiled layers are), outlive that stage's own release until the failure is handled. Post-processing and
+    evaluation collect nothing."""
+    import gc
+    import weakref
+
+    from utils import experiment
+
+    collect = gc.collect
+    _fake_stages(monkeypatch)
+    collections = []
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(1) or collect(*args))
+    models, seen = [], []
+
+    class Model:
+        def __init__(self):
+            self.me = self  # freed only by a collection
+
+    def make(script):
+        def main(argv):
+            path = argv[argv.index("--log_dir") + 1] if "--log_dir" in argv else argv[argv.index("--path") + 1]
+            method = path.split("/cells/")[1].split("/")[2]
+            seen.append((method, script, [ref() is None for ref in models]))
+            if method == "lora":
+                model = Model()
+                models.append(weakref.ref(model))
+                raise RuntimeError("CUDA out of memory")
+            if script == "evaluate_preds.py":
+                return {"pass@1": 0.5, "n_tasks": 4, "results_path": path + ".results"}
+        return main
+
+    monkeypatch.setattr(experiment, "_script_main", make)
+    run = run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "lora,pt"])
+    assert list(run["failed"]) == ["tiny-phi-2/mbpp/lora"] and run["ran"] == ["tiny-phi-2/mbpp/pt"]
+    assert seen[0][:2] == ("lora", "tune_foundation_model.py") and seen[1][:2] == ("pt", "tune_foundation_model.py")
+    assert seen[1][2] == [True]  # freed before the next cell's first stage
+    assert [s for _, s, _ in seen[1:]] == ["tune_foundation_model.py", "generate_preds.py", "postprocess_mbpp_preds.py",
+                                           "evaluate_preds.py", "evaluate_preds.py"]
+    assert len(collections) == 4  # lora's training and its failure; pt's training and generation
+
+
 def test_a_stage_that_exits_with_an_error_line_fails_its_cell_with_that_line(tmp_path, monkeypatch):
     """The usual run-time failure of a real stage: a UserError that ``cli_entry`` turns into one line and exit 2."""
     from utils import experiment
