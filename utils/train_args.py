@@ -274,9 +274,12 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     if not path.is_file():
         raise UserError(f"{what} {path}: no such file")
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{exc.start}); is it the right file?") from None
     if not isinstance(value, dict):
         raise UserError(f"{what} {path}: expected a JSON object")
     return value
