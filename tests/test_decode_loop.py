@@ -298,24 +298,24 @@ def test_the_per_shape_and_whole_cache_decoders_beside_the_default_one(models):
     torch.compiler.reset()
 
 
-def test_more_batch_shapes_than_torchs_default_recompile_limit_all_stay_compiled(models, monkeypatch):
+def test_more_batch_shapes_than_torchs_default_recompile_limit_all_stay_compiled(models):
     """torch compiles a function for at most 8 shapes by default and runs the rest eager, silently; a run over
     MBPP's test set without dynamic shapes meets more (prompt buckets times the last batch's size). With torch's
     limit set to 2 here (8 shapes would take 8 slow compilations), four shapes: four graphs; with dynamic shapes,
     two (one row, more rows)."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     name, model, tok, _ = models[0]
     for dynamic, graphs in ((False, 4), (True, 2)):
         torch.compiler.reset()
         counters.clear()
         decoder = GreedyDecoder(compile_kwargs={"backend": "eager", "fullgraph": True, "dynamic": False},
                                 dynamic_shapes=dynamic)
-        for rows in range(1, 5):
-            ids = torch.arange(5, 5 + 4 * rows).view(rows, 4)
-            model.decode_greedy(decoder, ids, torch.ones_like(ids), max_new_tokens=2,
-                                criterion=StopOnText(tok, (), [2] * rows))
+        with torch._dynamo.config.patch(recompile_limit=2):  # (pytest's monkeypatch breaks torch's config module)
+            for rows in range(1, 5):
+                ids = torch.arange(5, 5 + 4 * rows).view(rows, 4)
+                model.decode_greedy(decoder, ids, torch.ones_like(ids), max_new_tokens=2,
+                                    criterion=StopOnText(tok, (), [2] * rows))
         assert len(decoder.caches.shapes) == 4, dynamic
         assert counters["stats"]["unique_graphs"] == graphs, (dynamic, dict(counters["stats"]))
     torch.compiler.reset()
