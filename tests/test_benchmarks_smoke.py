@@ -62,7 +62,6 @@ def test_bench_generate_smoke(tmp_path, data_paths):
     assert {m: line["kv_bucket"] for m, line in own.items()} == {"none-own": 64, "pt-own": 64, "lopa-own": 64,
                                                                   "none-own-full": None, "none-own-static": 64}
     assert {m for m, line in own.items() if not line["dynamic_shapes"]} == {"none-own-static"}
-    assert all(line["warmup_seconds"] > 0 for line in gen)
     checks = [line for line in lines if line["bench"] == "generate-check"]
     assert {line["method"] for line in checks} == {"none", "lopa", "none-own", "lopa-own"}
     assert all(line["identical_rows"] == 4 for line in checks)  # fp32 CPU: fast path and own loop == eager path

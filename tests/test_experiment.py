@@ -80,8 +80,8 @@ def _fake_stages(monkeypatch, fail=None):
 
     from utils import experiment
 
-    # No-op stages leave nothing to free, and the full collections the runner makes after every stage and cell
-    # cost ~0.1 s each with torch loaded: about 8 s per 18-cell run.
+    # No-op stages leave nothing to free, and the full collections the runner makes after each stage that builds a
+    # model cost ~0.1-0.3 s each with torch loaded.
     monkeypatch.setattr(gc, "collect", lambda *args: 0)
 
     def make(script):

@@ -184,10 +184,12 @@ def test_set_refuses_the_flags_each_cell_gets_and_sets_the_experiments_seed(tmp_
 
     for item, hint in (("train.task_name=cruxeval_output_prediction", "--tasks"), ("model_type=tiny-llama", "--models"),
                        ("gen.data_path=x.jsonl", "--mbpp_data"), ("lopa.peft_method=pt", "--methods"),
-                       ("gen.load_adapter_from=elsewhere", "")):
-        with pytest.raises(UserError, match=f"sets --{item.split('=')[0].split('.')[-1]} for each cell itself.*{hint}"):
+                       ("gen.load_adapter_from=elsewhere", ""), ("gen.path_to_data=x.jsonl", "--mbpp_data"),
+                       ("train.task=mbpp", "--tasks")):  # an alias, and an abbreviation argparse would take
+        flag = item.split("=")[0].split(".")[-1]
+        with pytest.raises(UserError, match=f"sets --{flag}[a-z_]* for each cell itself.*{hint}"):
             apply_overrides(PRESETS["smoke"](), [item])
-    for item in ("train.seed=3", "gen.seed=3", "seed=three"):
+    for item in ("train.seed=3", "gen.seed=3", "seed=three", "see=3", "seed=²"):
         with pytest.raises(UserError, match="the seed is the experiment's"):
             apply_overrides(PRESETS["smoke"](), [item])
     preset = apply_overrides(PRESETS["smoke"](), ["seed=3"])

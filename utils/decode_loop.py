@@ -14,9 +14,9 @@ over the prompt (and soft prompt), then one forward per new token, compiled with
 asked. With ``kv_bucket`` (default 64) attention reads only the cache positions in use, rounded up to a multiple of
 ``kv_bucket`` (``BucketedStaticLayer``), instead of the whole cache. The step's batch size, cache length and
 attended width are symbolic (``dynamic_shapes``): it compiles once for a whole run, once more for one-row batches
-(counted on the CPU; a cache with sliding-window layers, Phi-3 past its window, still compiles at every step, as
-``generate``'s does), and a GPU records a CUDA graph per batch shape and bucket (that recording's cost is not yet
-measured).
+(counted on the CPU; a cache with sliding-window layers, Phi-3 past its window, compiled at every step in a
+one-off CPU check, as ``generate``'s does), and a GPU records a CUDA graph per batch shape and bucket (that
+recording's cost is not yet measured).
 Greedy only: sampling and the model's own logits processors (repetition penalty, bad words, ...) are ``generate``'s;
 ``check_plain_greedy`` refuses them.
 """

@@ -81,10 +81,12 @@ whole code-task table. Their cells are the member presets' own, so a group and i
 
 
 CELL_FLAGS = {"task_name": "--tasks", "model_type": "--models", "peft_method": "--methods",
-              "data_path": "--mbpp_data / --cruxeval_data", "log_dir": "--out", "load_adapter_from": None,
-              "load_base_from_path": None, "resume_from": None, "path": None}
-"""Stage flags the runner sets for each cell (what --set should use instead, where there is something). A --set
-of one would come after the cell's own value and win, so that, for example, the MBPP cell trained on CRUXEval."""
+              "data_path": "--mbpp_data / --cruxeval_data", "path_to_data": "--mbpp_data / --cruxeval_data",
+              "log_dir": "--out", "load_adapter_from": None, "load_base_from_path": None, "resume_from": None,
+              "path": None}
+"""Stage flags the runner sets for each cell (what --set should use instead, where there is something), aliases
+included. A --set of one would come after the cell's own value and win, so that, for example, the MBPP cell
+trained on CRUXEval. Their abbreviations, which argparse would accept, are refused too."""
 
 
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
@@ -97,12 +99,13 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. lopa.lp_rank=2 or train.lr=1e-3")
         section, _, flag = key.rpartition(".")
-        if flag in CELL_FLAGS:
-            instead = CELL_FLAGS[flag]
-            raise UserError(f"--set {item!r}: run_experiment sets --{flag} for each cell itself"
+        cell_flag = next((name for name in CELL_FLAGS if flag and name.startswith(flag)), None)
+        if cell_flag:
+            instead = CELL_FLAGS[cell_flag]
+            raise UserError(f"--set {item!r}: run_experiment sets --{cell_flag} for each cell itself"
                             + (f"; choose with run_experiment's {instead}" if instead else ""))
-        if flag == "seed":
-            if section or not value.isdigit():
+        if flag and "seed".startswith(flag):
+            if section or flag != "seed" or not value.isdecimal():
                 raise UserError(f"--set {item!r}: the seed is the experiment's, for training and generation "
                                 f"alike: --set seed=N, N a whole number")
             preset.seed = int(value)
