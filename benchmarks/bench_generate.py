@@ -4,8 +4,7 @@ Methods: ``none``, ``pt``, ``lopa`` with the project's fast path (static KV cach
 padded to a multiple of 64 so shapes repeat), ``<method>-eager`` without it, ``<method>-own`` with the project's
 own greedy loop (``utils/decode_loop.py``: static cache, compiled step, the tokens read back every 8 steps instead
 of every step, attention over the cache positions in use rounded up to 64, its step compiled once for every
-shape),
-``<method>-own-full`` the same loop attending over the whole static cache (the A/B for those buckets),
+shape), ``<method>-own-full`` the same loop attending over the whole static cache (the A/B for those buckets),
 ``<method>-own-static`` the same loop compiled once per shape and bucket (the A/B for the symbolic shapes' cost
 per step), and ``hf-generate``: plain ``model.generate``
 with the default dynamic cache, the baseline a user would otherwise pick. Real architectures with random weights;
@@ -87,9 +86,7 @@ def own_loop(method: str) -> bool:
 
 def wrap(lm, method: str, args):
     """One base model serves every method, so compiled decoding (and its shapes) is shared between them."""
-    base = method.removesuffix("-eager")
-    for suffix in OWN_SUFFIXES[1:] + OWN_SUFFIXES[:1]:  # the longer suffixes first
-        base = base.removesuffix(suffix)
+    base = method.split("-own")[0].removesuffix("-eager")
     base = "none" if base == "hf-generate" else base
     cfg = MethodConfig(base, num_virtual_tokens=args.m, enc_model_type=args.encoder)
     with _device():

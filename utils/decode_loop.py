@@ -36,9 +36,8 @@ STEP_COMPILE = {"mode": "reduce-overhead", "dynamic": False}
 RECOMPILE_LIMIT = 256
 """Compilations of the step allowed. With symbolic shapes a run needs two (but for sliding-window caches); without
 (``dynamic_shapes=False``) one per batch shape and KV bucket, where torch's default, 8, would silently turn a long
-run's later shapes eager:
-prompts of 64..700 tokens in buckets of 64, times the last batch's smaller size, times the 4-5 KV buckets 256 new
-tokens cross, exceed it."""
+run's later shapes eager: prompts of 64..700 tokens in buckets of 64, times the last batch's smaller size, times the
+4-5 KV buckets 256 new tokens cross, exceed it."""
 
 KV_BUCKET = 64
 """Attention reads the cache positions in use rounded up to this (``GreedyDecoder(kv_bucket=...)``)."""

@@ -13,7 +13,7 @@ import os
 import pathlib
 
 from utils.cli import ArgumentParser, add_model_args, check_log_dir, default_log_dir, str2bool
-from utils.data import default_data_path, load_task_split
+from utils.data import default_data_path, load_task_split, read_text_file
 from utils.errors import UserError
 from utils.registry import PEFT_METHODS, get_encoder_spec
 from utils.train_config import (MODEL_DTYPES, PRECISIONS, SCHEDULERS, ModelArgs, OutputArgs, SaveEvery, TrainArgs,
@@ -274,12 +274,9 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     if not path.is_file():
         raise UserError(f"{what} {path}: no such file")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(read_text_file(path, fix=f"{what} takes a JSON file"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{what} {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                        f"{exc.start}); is it the right file?") from None
     if not isinstance(value, dict):
         raise UserError(f"{what} {path}: expected a JSON object")
     return value
