@@ -18,3 +18,17 @@ python3 -m venv "$VENV"
 # deepspeed is an sdist: build it without compiled ops (they JIT-build on first use).
 DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -r requirements.txt
 "$VENV/bin/python" -c "import torch, transformers, peft, accelerate; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+# DeepSpeed's CPU ops (Adam for ZeRO offload, shared-memory collectives) JIT-build on their first use, about two
+# minutes on 2 cores: on a machine without CUDA (CPU runs, and the test suite's ZeRO runs), build them now into
+# torch's extension cache, so that no run waits for them. Best effort: they still build on first use otherwise.
+"$VENV/bin/python" - <<'PY' > "${TMPDIR:-/tmp}/lopa-ds-ops.log" 2>&1 \
+  || echo "install: DeepSpeed's CPU ops not built now (see ${TMPDIR:-/tmp}/lopa-ds-ops.log); they build on first use"
+import torch
+
+if not torch.cuda.is_available():
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    for builder in (CPUAdamBuilder(), ShareMemCommBuilder()):
+        builder.load(verbose=False)
+PY
