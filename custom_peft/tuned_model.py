@@ -236,7 +236,8 @@ class TunedModel(nn.Module):
     def _full_attention_static_cache(self, mask: torch.Tensor, generate_kwargs: dict) -> None:
         """Where ``generate`` was asked for a static cache and the model's sliding window covers the whole sequence
         (Phi-3), pass it a full-attention one instead (``utils.fast_paths.full_attention_config``): transformers'
-        own would make its compiled step compile again at every step. Other models keep transformers' cache."""
+        own would make its compiled step compile again at every step. Where the sequence outgrows the window, keep
+        transformers' cache but decode eager, for that reason. Other models keep transformers' cache."""
         from utils.fast_paths import StaticCacheSlot, cache_argument, sliding_window_covers, static_cache_length
 
         new = generate_kwargs.get("max_new_tokens")
@@ -245,6 +246,9 @@ class TunedModel(nn.Module):
         length = static_cache_length(mask.shape[1] + new)
         config = self.lm.config
         if not sliding_window_covers(config, length):
+            if getattr(config, "sliding_window", None) is not None:
+                generate_kwargs.pop("compile_config", None)
+                generate_kwargs["disable_compile"] = True
             return
         if self._static_caches is None:  # kept between calls, as transformers keeps its own
             self._static_caches = StaticCacheSlot()

@@ -226,12 +226,17 @@ def test_attention_reads_only_the_bucket_in_use(models, monkeypatch):
             assert {k for k, _ in seen} == widths and {m for _, m in seen} == widths, (name, bucket, set(seen))
 
 
-def test_a_sliding_window_cache_keeps_the_full_view_and_says_why(monkeypatch):
+def test_a_sliding_window_cache_keeps_the_full_view_and_an_eager_step_and_says_why(monkeypatch):
     """Phi-3 with a window shorter than the sequence keeps transformers' sliding-window cache layers, which cannot
-    be cut to a bucket: the loop attends over the whole cache, as without buckets, and says why."""
+    be cut to a bucket: the loop attends over the whole cache, as without buckets, and says why. Their position
+    counter is a Python int, which would compile the step again at every step (29 graphs for the 30 new tokens of
+    the 3 x 40 batch below, seen before the fix): the step runs eager for such a batch, and compiled again for the
+    next batch that fits the window."""
+    from torch._dynamo.utils import counters
+
     from utils.registry import get_model_spec
 
-    monkeypatch.setitem(get_model_spec("tiny-phi-3").arch, "sliding_window", 32)
+    monkeypatch.setitem(get_model_spec("tiny-phi-3").arch, "sliding_window", 64)
     model, _ = build_model("none", "tiny-phi-3", seed=5)
     model.eval()
     model.lm.generation_config.eos_token_id = None
@@ -243,6 +248,16 @@ def test_a_sliding_window_cache_keeps_the_full_view_and_says_why(monkeypatch):
         model.lm.config, 3, 128, model.lm.dtype, "cpu").layers)
     assert decoder.step_shapes == {(3, 128, 128)}
     assert torch.equal(got, _decode(model, GreedyDecoder(kv_bucket=None), batch, 30))
+    torch.compiler.reset()
+    counters.clear()
+    compiled = GreedyDecoder(kv_bucket=64, compile_kwargs={"backend": "eager", "fullgraph": True, "dynamic": False})
+    assert torch.equal(_decode(model, compiled, batch, 30), got)
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+    assert compiled.eager_reason.startswith("StaticSlidingWindowLayer cache layers")
+    short = {k: v[:, 30:] for k, v in batch.items()}  # 10 positions and 12 new tokens: a cache of 64, the window
+    assert torch.equal(_decode(model, compiled, short, 12), _decode(model, GreedyDecoder(), short, 12))
+    assert counters["stats"]["unique_graphs"] == 1 and compiled.eager_reason is None, dict(counters["stats"])
+    torch.compiler.reset()
     assert GreedyDecoder(kv_bucket=0).kv_bucket is None
     with pytest.raises(ValueError, match="kv_bucket must be >= 1"):
         GreedyDecoder(kv_bucket=-64)

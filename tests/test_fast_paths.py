@@ -116,6 +116,30 @@ def test_a_sliding_window_model_compiles_its_decoding_step_once(method, monkeypa
     assert full_attention_config(config, 2048) is config  # longer than the window: the window matters
 
 
+def test_a_sliding_window_the_sequence_outgrows_keeps_generate_eager(monkeypatch):
+    """Past the window (16 here), transformers' sliding-window cache layers count positions in a Python int and a
+    compiled step would compile again at every step (8 graphs, then torch's limit turns it eager): generate's
+    static cache then runs eager from the start, with the plain path's tokens."""
+    from torch._dynamo.utils import counters
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from utils.registry import get_model_spec
+
+    monkeypatch.setitem(get_model_spec("tiny-phi-3").arch, "sliding_window", 16)
+    model, tok = build_model("pt", "tiny-phi-3", num_virtual_tokens=4, seed=5)
+    model.lm.generation_config.eos_token_id = None
+    plain = model.generate(**_batch(tok, "left"), max_new_tokens=12, do_sample=False)
+    compile_config = CompileConfig(backend="eager", dynamic=False)
+    compile_config._compile_all_devices = True
+    torch.compiler.reset()
+    counters.clear()
+    fast = model.generate(**_batch(tok, "left", multiple=16), max_new_tokens=12, do_sample=False,
+                          cache_implementation="static", compile_config=compile_config)
+    assert torch.equal(plain, fast)
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+    torch.compiler.reset()
+
+
 def test_the_cache_keyword_follows_the_installed_transformers():
     """transformers 5.24 (pinned) takes ``cache``; 5.17 (the GPU machine's image) ``past_key_values`` and would swallow
     ``cache=`` into its ``**kwargs``, decoding without the cache (seen: other tokens). Checked under both on the CPU."""

@@ -14,9 +14,10 @@ over the prompt (and soft prompt), then one forward per new token, compiled with
 asked. With ``kv_bucket`` (default 64) attention reads only the cache positions in use, rounded up to a multiple of
 ``kv_bucket`` (``BucketedStaticLayer``), instead of the whole cache. The step's batch size, cache length and
 attended width are symbolic (``dynamic_shapes``): it compiles once for a whole run, once more for one-row batches
-(counted on the CPU; a cache with sliding-window layers, Phi-3 past its window, compiled at every step in a
-one-off CPU check, as ``generate``'s does), and a GPU records a CUDA graph per batch shape and bucket (that
-recording's cost is not yet measured).
+(counted on the CPU), and a GPU records a CUDA graph per batch shape and bucket (that recording's cost is not yet
+measured). A batch that outgrows a sliding window (Phi-3 past 2,047 positions) keeps transformers' sliding-window
+cache layers, whose Python-int position counter would compile the step again at every step: its steps run eager
+(``eager_reason``).
 Greedy only: sampling and the model's own logits processors (repetition penalty, bad words, ...) are ``generate``'s;
 ``check_plain_greedy`` refuses them.
 """
@@ -34,7 +35,7 @@ STEP_COMPILE = {"mode": "reduce-overhead", "dynamic": False}
 ``GreedyDecoder`` marks symbolic."""
 
 RECOMPILE_LIMIT = 256
-"""Compilations of the step allowed. With symbolic shapes a run needs two (but for sliding-window caches); without
+"""Compilations of the step allowed. With symbolic shapes a run needs two; without
 (``dynamic_shapes=False``) one per batch shape and KV bucket, where torch's default, 8, would silently turn a long
 run's later shapes eager: prompts of 64..700 tokens in buckets of 64, times the last batch's smaller size, times the
 4-5 KV buckets 256 new tokens cross, exceed it."""
@@ -126,6 +127,10 @@ class GreedyDecoder:
         compilation each without ``dynamic_shapes``)."""
         self.full_view_reason: str | None = None
         """Why the last batch attended over the whole cache although ``kv_bucket`` is set (None: it did not)."""
+        self.eager_reason: str | None = None
+        """Why the last batch's steps ran eager although ``compile_kwargs`` is set (None: they did not). A cache
+        layer other than ``BucketedStaticLayer`` (a sliding window the sequence outgrows) counts positions in a
+        Python int, which would compile the step again at every step."""
 
     @staticmethod
     def _new_slot() -> StaticCacheSlot:
@@ -161,7 +166,13 @@ class GreedyDecoder:
         cache = self._caches.get(lm.config, batch, length, dtype, first.device)
         # slots past the prompt are marked attended from the start: the causal mask hides those not yet written
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, length - prompt)], dim=1)
-        view = self._views(cache, mask)
+        refusal = kv_view_refusal(cache)
+        self.full_view_reason = refusal if self.kv_bucket else None
+        self.eager_reason = refusal if self.compile_kwargs is not None else None
+        if refusal:
+            step, view = _step, lambda used: mask
+        else:
+            view = self._views(cache, mask)
         name = cache_argument(lm)
         out = lm(**inputs, attention_mask=view(prompt), position_ids=position_ids, use_cache=True, logits_to_keep=1,
                  **{name: cache})
@@ -198,13 +209,9 @@ class GreedyDecoder:
         return tokens[:, :made]
 
     def _views(self, cache, mask: torch.Tensor):
-        """A function of the positions in use that sets the cache layers' view and returns the 2-D mask cut to it
-        (the whole cache when bucketing is off or the cache cannot do it)."""
+        """A function of the positions in use that sets the cache layers' view (every one a ``BucketedStaticLayer``)
+        and returns the 2-D mask cut to it (the whole cache when bucketing is off)."""
         length = mask.shape[1]
-        refusal = kv_view_refusal(cache)
-        self.full_view_reason = refusal if self.kv_bucket else None
-        if refusal:
-            return lambda used: mask
         masks: dict[int, torch.Tensor] = {}  # one contiguous mask per bucket, reused by every step in it
         layers = cache.layers
         bucket = self.kv_bucket or length  # no bucketing: one view, the whole cache, still of a symbolic width

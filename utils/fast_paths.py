@@ -10,7 +10,8 @@
 * ``make_adamw``: AdamW with the fused CUDA kernel when the parameters live on a GPU.
 * ``static_cache_kwargs``: ``generate`` keyword arguments for a static KV cache, which transformers compiles
   automatically on a GPU (decoding steps only; prefill, where the soft prompt enters, stays eager). A sliding-window
-  model (Phi-3) gets a full-attention static cache from ``StaticCacheSlot`` instead (``full_attention_config``).
+  model (Phi-3) gets a full-attention static cache from ``StaticCacheSlot`` instead (``full_attention_config``), or,
+  where the sequence outgrows the window, decodes eager (``TunedModel._full_attention_static_cache``).
 * ``utils.decode_loop.GreedyDecoder`` (``--decode_loop own``, opt-in): greedy decoding that reads the new tokens back
   every few steps instead of every step, its step compiled with CUDA graphs on a GPU, its attention over the cache
   positions in use rounded up to 64 (``kv_bucket``).
