@@ -1,5 +1,6 @@
 """run_experiment.py --preset smoke: all 18 cells through the real scripts, caching, provenance."""
 import json
+import pathlib
 import re
 import shutil
 
@@ -515,3 +516,23 @@ def test_a_bad_generation_value_fails_the_plan(tmp_path, capsys, setting, messag
                             ["--preset", "smoke", "--out", str(tmp_path), "--plan", "--set", setting])
     assert exc.value.code == 2
     assert f"generate_preds.py rejects its arguments ({message}" in capsys.readouterr().err
+
+
+def test_a_data_file_the_stages_cannot_read_fails_the_plan_once(tmp_path, capsys, data_paths):
+    """A malformed line, or a file without the test split, failed every cell in turn, each after loading its model;
+    the check before any cell reads each split the stages will read and names the file and line."""
+    good = pathlib.Path(data_paths["mbpp"]).read_text().splitlines()
+    cases = {"broken line": (good[:5] + ["{not json"] + good[5:], "bad.jsonl:6: not valid JSON"),
+             "no test split": ([line for line in good if json.loads(line)["task_id"] not in
+                                {f"MBPP/{n}" for n in range(488, 975)}],  # the paper's test ids
+                               "the test split is empty")}
+    for label, (lines, message) in cases.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(SystemExit) as exc:
+            run_experiment.main(["--preset", "smoke", "--out", str(tmp_path / "out"), "--plan", "--tasks", "mbpp",
+                                 "--mbpp_data", str(path)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "cannot read its data" in err, (label, err)
+        assert err.count("\n") == 1, err  # one line, not one per cell
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 
-from utils.data import default_data_path
+from utils.data import default_data_path, load_task_split
 from utils.errors import UserError
 from utils.fileio import atomic_write_text, naming_full_disk
 from utils.presets import Preset
@@ -194,36 +194,50 @@ def _run_stage(script: str, argv: list[str]):
             release_compiled()
 
 
-def _parse_only(script: str, argv: list[str]) -> None:
-    """Parse (and type-check) a stage's arguments as its script does, running nothing."""
+def _parse_only(script: str, argv: list[str]) -> tuple | None:
+    """Parse (and type-check) a stage's arguments as its script does, running nothing. Returns the data split the
+    stage reads, as ``load_task_split``'s arguments (None for a stage that reads none, or the public source)."""
     import importlib
 
     if script in ("tune_foundation_model.py", "tune_fft_baseline.py"):
         from utils.train_args import build_parser, config_from_namespace
 
         kind = "fft" if script == "tune_fft_baseline.py" else "peft"
-        config_from_namespace(build_parser(kind).parse_args(argv), kind)
-    elif script == "generate_preds.py":
+        config = config_from_namespace(build_parser(kind).parse_args(argv), kind)
+        model = config.model
+        return model.task_name, "train", model.data_path, model.mbpp_split, config.train.limit_train_examples
+    if script == "generate_preds.py":
         generate_preds = importlib.import_module("generate_preds")
-        generate_preds.check_args(generate_preds.build_parser().parse_args(argv))
-    else:
-        importlib.import_module(script.removesuffix(".py")).parse_args(argv)
+        args = generate_preds.build_parser().parse_args(argv)
+        generate_preds.check_args(args)
+        return args.task_name, "test", args.data_path, args.mbpp_split, args.limit
+    importlib.import_module(script.removesuffix(".py")).parse_args(argv)
+    return None
 
 
 def check_commands(cells: list[Cell]) -> None:
     """Reject a bad preset or --set before any cell runs: a typo would otherwise surface only after hours of
-    training, in every cell."""
+    training, in every cell. Then read each local data split the stages will read, once: a malformed file or an
+    empty split would otherwise fail every cell in turn, each after loading its model."""
+    splits: dict[tuple, str] = {}
     for cell in cells:
         for script, argv in cell.commands:
             captured = io.StringIO()
             try:
                 with contextlib.redirect_stderr(captured):
-                    _parse_only(script, argv)
+                    split = _parse_only(script, argv)
             except (SystemExit, UserError) as exc:
                 lines = captured.getvalue().strip().splitlines()
                 message = str(exc) if isinstance(exc, UserError) else (lines[-1] if lines else f"exit {exc.code}")
                 raise UserError(f"{cell.key}: {script} rejects its arguments ({message.removeprefix('error: ')}); "
                                 f"fix the preset or --set") from None
+            if split is not None and split[2] is not None:
+                splits.setdefault(split, f"{cell.key}: {script}")
+    for (task, split, path, mbpp_split, limit), reader in splits.items():
+        try:
+            load_task_split(task, split, path, mbpp_split=mbpp_split, limit=limit)
+        except UserError as exc:
+            raise UserError(f"{reader} cannot read its data: {exc}") from None
 
 
 class CellFailed(Exception):
