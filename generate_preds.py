@@ -40,7 +40,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--load_base_from_path", default=None,
                    help="fft: a Hugging Face model directory, or a single state_dict file (.bin/.pt/.safetensors, "
                         "'module.' and 'backbone.' prefixes allowed) loaded into --model_type")
-    g.add_argument("--sharded_checkpoint_dir", default=None, help="fft: a sharded Hugging Face checkpoint directory")
+    g.add_argument("--sharded_checkpoint_dir", default=None,
+                   help="fft: a sharded checkpoint directory (an index and its shards: save_pretrained's, or "
+                        "zero_to_fp32.py's), the same prefixes allowed")
     g.add_argument("--path_to_data", dest="data_path", default=None, help="the original's name for --data_path")
     g.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights and compute dtype")
     d = parser.add_argument_group("decoding (default: greedy, reproducible)")

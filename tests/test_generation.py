@@ -427,6 +427,15 @@ def test_fft_checkpoints_load_from_state_dict_files_and_sharded_dirs(saved_model
          str(tmp_path / "pytorch_model.bin")])
     with pytest.raises(UserError, match="pytorch_model.bin.*does not fit"):
         generate_preds.load_model(bad, "fft")
+    from utils.generation import load_fft_weights
+
+    lost = sorted((tmp_path / "sharded").glob("*.safetensors"))[-1]
+    lost.rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(UserError, match=f"lists 1 shard files that are not there, e.g. {lost.name}"):
+        load_fft_weights(trained, sharded_dir=str(tmp_path / "sharded"))
+    (tmp_path / "sharded" / "model.safetensors.index.json").unlink()
+    with pytest.raises(UserError, match="no model.safetensors.index.json or pytorch_model.bin.index.json"):
+        load_fft_weights(trained, sharded_dir=str(tmp_path / "sharded"))
 
 
 def _free_port() -> int:

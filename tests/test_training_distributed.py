@@ -164,6 +164,26 @@ def test_deepspeed_zero3_fft_single_process_matches_the_plain_run(tmp_path, data
     run_inprocess("fft", [*args, "--per_gpu_train_batch_size", "4", "--log_dir", str(tmp_path / "plain")])
     ds_config = assert_zero3_run_matches_the_plain_one(tmp_path / "ds", tmp_path / "plain", initial)
     assert ds_config["num_processes"] == 1
+    # docs/TRAINING.md's conversion of the last checkpoint, in shards (as zero_to_fp32.py's 5 GB default cuts any
+    # paper model), whose names carry the wrapper's "backbone.": generation loads them as the final weights
+    step = sorted((tmp_path / "ds" / "checkpoints").glob("step_*"))[-1]
+    converted = tmp_path / "fp32"
+    proc = subprocess.run([sys.executable, str(step / "zero_to_fp32.py"), str(step), str(converted), "--tag",
+                           "deepspeed", "--safe_serialization", "--max_shard_size", "300KB"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(converted.glob("model-*.safetensors"))) > 1
+    import generate_preds
+
+    args = generate_preds.build_parser().parse_args(["--task_name", "mbpp", "--model_type", "tiny-llama",
+                                                     "--model_path", str(tmp_path / "base"),
+                                                     "--sharded_checkpoint_dir", str(converted)])
+    model = generate_preds.load_model(args, "fft")[0]
+    final = load_file(str(tmp_path / "ds" / "final" / "model.safetensors"))
+    state = model.lm.state_dict()
+    assert final.keys() <= state.keys()
+    for name, tensor in final.items():
+        assert torch.equal(state[name], tensor), name
 
 
 @pytest.mark.slow

@@ -12,7 +12,9 @@ not.
 """
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -265,10 +267,19 @@ def read_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """A single-file state_dict (.safetensors, or a torch .bin/.pt), with DDP/DeepSpeed ``module.`` prefixes and
     the training wrapper's ``backbone.`` (an FFT checkpoint's trainable.safetensors, zero_to_fp32.py's output;
     only when every name carries it) removed."""
+    state = _read_tensors(path)
+    rename = _checkpoint_names(state)
+    return {rename(k): v for k, v in state.items()}
+
+
+def _read_tensors(path) -> dict[str, torch.Tensor]:
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except Exception as exc:  # safetensors raises its own error types for a file that is not one
+            raise UserError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -276,10 +287,42 @@ def read_state_dict_file(path: str) -> dict[str, torch.Tensor]:
             raise UserError(f"{path}: not a readable state_dict ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: expected a state_dict (a dict of tensor names to tensors)")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if state and all(k.startswith("backbone.") for k in state):  # the whole file is the wrapper's: unwrap it
-        state = {k.removeprefix("backbone."): v for k, v in state.items()}
     return state
+
+
+def _checkpoint_names(names) -> Callable[[str], str]:
+    """How a checkpoint whose tensors are ``names`` names them in the model: without DDP/DeepSpeed's ``module.``,
+    and without the training wrapper's ``backbone.`` when every name carries it (the whole file is the wrapper's)."""
+    plain = [name.removeprefix("module.") for name in names]
+    wrapped = bool(plain) and all(name.startswith("backbone.") for name in plain)
+
+    def rename(name: str) -> str:
+        name = name.removeprefix("module.")
+        return name.removeprefix("backbone.") if wrapped else name
+
+    return rename
+
+
+_SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _shards(directory: str) -> tuple[list[pathlib.Path], Callable[[str], str]]:
+    """The shard files of a sharded checkpoint directory (its index's ``weight_map``), and how to rename their
+    tensors (``_checkpoint_names`` over the whole index)."""
+    root = pathlib.Path(directory)
+    index = next((root / name for name in _SHARD_INDEXES if (root / name).is_file()), None)
+    if index is None:
+        raise UserError(f"--sharded_checkpoint_dir {directory}: no {' or '.join(_SHARD_INDEXES)} (a single file "
+                        f"goes to --load_base_from_path)")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted({root / name for name in weight_map.values()})
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{index}: not a shard index with a weight_map ({type(exc).__name__}: {exc})") from None
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise UserError(f"{index}: lists {len(absent)} shard files that are not there, e.g. {absent[0]}")
+    return files, _checkpoint_names(weight_map)
 
 
 def _shared_with_loaded(lm, state: dict) -> set[str]:
@@ -292,23 +335,29 @@ def _shared_with_loaded(lm, state: dict) -> set[str]:
 
 
 def load_fft_weights(lm, *, state_dict_file: str | None = None, sharded_dir: str | None = None) -> None:
-    """Load a fully fine-tuned checkpoint into ``lm`` (strictly: every weight, no stray names)."""
+    """Load a fully fine-tuned checkpoint into ``lm`` (strictly: every weight, no stray names): a single state_dict
+    file, or a sharded checkpoint directory (its index and shards, one shard in memory at a time), both named as
+    ``read_state_dict_file`` names them (zero_to_fp32.py's shards of a DeepSpeed checkpoint too)."""
     if state_dict_file:
-        state = read_state_dict_file(state_dict_file)
+        label, parts = state_dict_file, [read_state_dict_file(state_dict_file)]
+    elif sharded_dir:
+        files, rename = _shards(sharded_dir)
+        label = f"--sharded_checkpoint_dir {sharded_dir}"
+        parts = ({rename(k): v for k, v in _read_tensors(f).items()} for f in files)
+    else:
+        return
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for state in parts:
         try:
-            missing, unexpected = lm.load_state_dict(state, strict=False)
+            unexpected += lm.load_state_dict(state, strict=False).unexpected_keys
         except RuntimeError as exc:  # same names, other shapes
-            raise UserError(f"{state_dict_file}: does not fit --model_type ({str(exc).splitlines()[-1].strip()}); "
+            raise UserError(f"{label}: does not fit --model_type ({str(exc).splitlines()[-1].strip()}); "
                             f"pass the --model_type it was trained from") from exc
-        missing = [k for k in missing if k not in _shared_with_loaded(lm, state)]
-        if missing or unexpected:
-            raise UserError(f"{state_dict_file}: does not fit --model_type ({len(missing)} missing weights, e.g. "
-                            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); pass the "
-                            f"--model_type it was trained from")
-    if sharded_dir:
-        from transformers.trainer_utils import load_sharded_checkpoint
-
-        try:
-            load_sharded_checkpoint(lm, sharded_dir, strict=True)
-        except (ValueError, RuntimeError) as exc:
-            raise UserError(f"--sharded_checkpoint_dir {sharded_dir}: {str(exc).splitlines()[0]}") from exc
+        loaded.update(state)
+    shared = _shared_with_loaded(lm, loaded)
+    missing = [k for k in lm.state_dict() if k not in loaded and k not in shared]
+    if missing or unexpected:
+        raise UserError(f"{label}: does not fit --model_type ({len(missing)} missing weights, e.g. {missing[:2]}; "
+                        f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); pass the --model_type it was trained "
+                        f"from")
