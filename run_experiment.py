@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a stage argument: train.lr=1e-3, lopa.lp_rank=2, gen.batch_size=8, eval.timeout=5")
     p.add_argument("--plan", action="store_true",
                    help="list the selected cells (stored, or to run) and their commands after checking every stage's "
-                        "arguments and data files; run nothing and write no cell or report (smoke may write its fixture data)")
+                        "arguments and data files; run nothing and write no cell or report (smoke may write its "
+                        "fixture data)")
     p.add_argument("--force", action="store_true",
                    help="redo the selected cells even if they have a result (needed after a code change: the "
                         "cache compares commands and data, not code)")

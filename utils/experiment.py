@@ -196,7 +196,8 @@ def _run_stage(script: str, argv: list[str]):
 
 def _parse_only(script: str, argv: list[str]) -> tuple | None:
     """Parse (and type-check) a stage's arguments as its script does, running nothing. Returns the data split the
-    stage reads, as ``load_task_split``'s arguments (None for a stage that reads none, or the public source)."""
+    stage reads, as ``load_task_split``'s arguments (None for a stage that reads none; a path of None is the public
+    source)."""
     import importlib
 
     if script in ("tune_foundation_model.py", "tune_fft_baseline.py"):
