@@ -388,3 +388,39 @@ def test_an_fp16_overflow_step_counts_as_skipped_with_the_fused_adamw_too(fused)
             optimizer.zero_grad()
     finally:
         reset_accelerate_state()
+
+
+def test_bf16_or_fp16_from_a_launcher_config_is_checked_as_the_flag_is(monkeypatch, tmp_path):
+    """The shipped single/multi-GPU YAMLs set mixed_precision: bf16 for the launcher, and the original's
+    zero_stage2_config.json has fp16.enabled: true; with --mixed_precision auto both went unchecked: emulated bf16
+    on a V100, a traceback from DeepSpeed for fp16 on the CPU. Each is one line naming where it was asked."""
+    import json
+
+    from utils import train_setup
+
+    ds = {"fp16": {"enabled": True}, "bf16": {"enabled": "auto"}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"the DeepSpeed config's fp16.enabled: true: fp16 needs a CUDA GPU"):
+        train_setup._resolve_mixed_precision("auto", deepspeed=True, ds_config=ds)
+    assert train_setup._resolve_mixed_precision("auto", True, {"fp16": {"enabled": "auto"}}) is None
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert train_setup._resolve_mixed_precision("auto", deepspeed=False) is None  # the CPU has bf16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    with pytest.raises(UserError, match=r"the accelerate config's mixed_precision: bf16: this GPU \(Tesla T4\) has "
+                                        r"no native bfloat16"):
+        train_setup._resolve_mixed_precision("auto", deepspeed=False)
+    assert train_setup._resolve_mixed_precision("no", deepspeed=False) == "no"  # the flag overrides the launcher
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**json.loads((ROOT / "config_files/zero_stage2_config.json").read_text())}))
+    argv = ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--path_to_ds_config",
+            str(path), "--log_dir", str(tmp_path / "run")]
+    from utils.train_args import build_parser, config_from_namespace
+
+    config = config_from_namespace(build_parser("peft").parse_args(argv), "peft")
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        train_setup.make_accelerator(config)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from utils.errors import UserError
+from utils.train_args import read_json_object
 from utils.train_config import TrainArgs, TrainConfig
 
 
@@ -66,17 +67,30 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def _resolve_mixed_precision(choice: str, deepspeed: bool) -> str | None:
-    """None lets accelerate read the launcher's setting (or the DeepSpeed JSON decide)."""
+def _resolve_mixed_precision(choice: str, deepspeed: bool, ds_config: dict | None = None) -> str | None:
+    """None lets accelerate read the launcher's setting (or the DeepSpeed JSON decide). ``ds_config``: the DeepSpeed
+    JSON in use, whose literal ``fp16``/``bf16`` ``enabled: true`` is checked as the command line's would be."""
     # V100/T4 answer True by default: torch emulates bf16 arithmetic there, in fp32 and slowly
     native_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    if choice == "bf16" and torch.cuda.is_available() and not native_bf16:
-        raise UserError(f"--mixed_precision bf16: this GPU ({torch.cuda.get_device_name()}) has no native bfloat16 "
-                        f"(torch would only emulate it); pass --mixed_precision fp16 or no (run_experiment.py: "
-                        f"--set mixed_precision=no)")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    enabled = {kind for kind in ("fp16", "bf16")
+               if isinstance((ds_config or {}).get(kind), dict) and ds_config[kind].get("enabled") is True}
+    asked = [(f"--mixed_precision {choice}", choice)] if choice != "auto" else []
+    if choice == "auto" and launcher in ("fp16", "bf16"):
+        asked.append((f"the accelerate config's mixed_precision: {launcher}", launcher))
+    asked += [(f"the DeepSpeed config's {kind}.enabled: true", kind) for kind in sorted(enabled)]
+    for source, kind in asked:
+        if kind == "bf16" and torch.cuda.is_available() and not native_bf16:
+            raise UserError(f"{source}: this GPU ({torch.cuda.get_device_name()}) has no native bfloat16 (torch "
+                            f"would only emulate it); pass --mixed_precision fp16 or no (run_experiment.py: "
+                            f"--set mixed_precision=no), or use a config without bf16")
+        if kind == "fp16" and not torch.cuda.is_available():
+            raise UserError(f"{source}: fp16 needs a CUDA GPU; on the CPU use --mixed_precision bf16 or no, and a "
+                            f"DeepSpeed config whose fp16.enabled is \"auto\" or false "
+                            f"(config_files/zero_stage2_nofp16_config.json)")
     if choice != "auto":
         return choice
-    if os.environ.get("ACCELERATE_MIXED_PRECISION") or deepspeed:
+    if launcher or deepspeed:
         return None
     return "bf16" if native_bf16 else "no"
 
@@ -102,6 +116,10 @@ def make_accelerator(config: TrainConfig):
     if env_ds and env_ds_file and env_ds_file != "none" and not os.path.isfile(env_ds_file):
         raise UserError(f"the accelerate config names deepspeed_config_file {env_ds_file}, which does not exist "
                         f"(relative paths are read from {os.getcwd()}); run from the project root or fix the YAML")
+    ds_file = train.path_to_ds_config or (env_ds_file if env_ds and env_ds_file != "none" else None)
+    ds_config = read_json_object(ds_file, "the DeepSpeed config") if ds_file else None
+    mixed_precision = _resolve_mixed_precision(train.mixed_precision, bool(train.path_to_ds_config) or env_ds,
+                                               ds_config)
     plugin = None
     if train.path_to_ds_config:
         _single_process_env()
@@ -109,7 +127,7 @@ def make_accelerator(config: TrainConfig):
         plugin = DeepSpeedPlugin(hf_ds_config=train.path_to_ds_config, zero3_init_flag=False)
     return Accelerator(
         gradient_accumulation_steps=train.gradient_accumulation_steps,
-        mixed_precision=_resolve_mixed_precision(train.mixed_precision, plugin is not None or env_ds),
+        mixed_precision=mixed_precision,
         log_with="wandb" if config.output.wandb_logging else None,
         project_config=ProjectConfiguration(project_dir=config.output.log_dir, logging_dir=config.output.log_dir),
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, by us (not N times per step)
