@@ -1,6 +1,6 @@
 # CUDA PyTorch image for training, generation and evaluation on GPUs.
 #   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t lopa-peft .
-#   docker run --gpus all --rm lopa-peft                      # runs the test suite (the default command)
+#   docker run --rm lopa-peft                                # runs the test suite on the CPU (the default command)
 #   docker run --gpus all --rm -e HF_TOKEN -v $PWD/logging:/workspace/lopa-peft/logging lopa-peft \
 #       python tune_foundation_model.py --peft_method lopa --task_name mbpp --model_type phi-2
 # The base image carries torch 2.13.0 built for CUDA; requirements.txt pins the same version, so pip keeps it.

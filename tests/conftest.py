@@ -10,6 +10,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite compares runs on the CPU, in fp32, to 1e-6 or bitwise: on a GPU machine (a researcher's node, the Docker
+# image run with --gpus all) a run would otherwise pick the GPU and bf16 where its reference, forced to the CPU, does
+# not. Hidden from this process and every process it launches.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
