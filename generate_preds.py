@@ -101,6 +101,10 @@ def resolve_method(args: argparse.Namespace) -> str:
         raise UserError(f"--peft_method {method} needs --load_adapter_from DIR (the adapter directory training wrote)")
     if method not in PEFT_METHODS and args.load_adapter_from:
         raise UserError(f"--load_adapter_from is for lora/pt/idpg/lopa, not --peft_method {method}")
+    if method in PEFT_METHODS and checkpoint:  # it was ignored, and recorded in the config as if used
+        flag = "--load_base_from_path" if args.load_base_from_path else "--sharded_checkpoint_dir"
+        raise UserError(f"{flag} is for --peft_method fft: a {method} adapter goes on the base model, which "
+                        f"--model_path (a Hugging Face model directory) names; drop {flag}")
     if method == "none" and checkpoint:
         raise UserError("--peft_method none loads the untuned model; for a tuned checkpoint pass --peft_method fft")
     if method == "fft" and not (checkpoint or args.model_path):
@@ -159,7 +163,21 @@ def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str |
 
 
 def _reject_training_checkpoint(path: pathlib.Path) -> None:
-    """A training checkpoint (``checkpoints/step_N``, or a file in it) named as the model: point at what loads."""
+    """A training checkpoint (``checkpoints/step_N``, or a file in it) or a training log_dir named as the model:
+    point at what loads."""
+    if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()):
+        if (path / "final").is_dir():
+            raise UserError(f"--load_base_from_path {path}: a training log_dir; pass its model, "
+                            f"--load_base_from_path {path / 'final'}")
+        steps = sorted(path.glob("checkpoints/step_*/trainer_state.json"))
+        hint = ""
+        if steps and (steps[-1].parent / "adapter").is_dir():  # a PEFT run
+            hint = f", or pass a checkpoint's adapter (the latest: --load_adapter_from {steps[-1].parent / 'adapter'})"
+        elif steps:
+            hint = (f", or pass a checkpoint's weights (the latest: --load_base_from_path "
+                    f"{steps[-1].parent / 'trainable.safetensors'})")
+        raise UserError(f"--load_base_from_path {path}: a training log_dir without final/ (the run did not finish); "
+                        f"resume it (--resume_from {path}){hint}")
     step = path if path.is_dir() else path.parent
     if not (step / "trainer_state.json").is_file():
         return
@@ -261,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     from utils.decode_loop import STEP_COMPILE, GreedyDecoder, check_plain_greedy
     from utils.fast_paths import static_cache_kwargs
     from utils.generation import generate_predictions
-    from utils.prediction_files import (ProgressLog, check_resumable, derived_files, output_files,
-                                        validate_prediction_files, write_config, write_predictions)
+    from utils.prediction_files import (ProgressLog, check_resumable, stale_files, validate_prediction_files,
+                                        write_config, write_predictions)
     from utils.tasks import get_task
 
     task = get_task(args.task_name)
@@ -290,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress.repair()
             else:  # a fresh start: no stale results from an earlier run may survive a crash of this one
                 progress.reset()
-                for name in (*output_files(task), *derived_files(task)):
+                for name in stale_files():  # every task's: another task's would look current beside these
                     (log_dir / name).unlink(missing_ok=True)
             write_config(log_dir, config)
         accelerator.wait_for_everyone()

@@ -355,6 +355,13 @@ def test_cli_rejects_flags_the_method_does_not_read_and_directories_of_another_k
     shutil.copytree(saved_models["lopa"], step / "adapter")
     (step / "trainer_state.json").write_text("{}")
     (step / "trainable.safetensors").write_bytes(b"")
+    run = tmp_path / "run"  # the PEFT run's log_dir, stopped before final/
+    (run / "config.json").write_text("{}")
+    (run / "checkpoints" / "step_00000001").mkdir()
+    (run / "checkpoints" / "step_00000001" / "trainer_state.json").write_text("{}")
+    fft_run = tmp_path / "fft_run"  # a finished full fine-tuning's log_dir
+    shutil.copytree(fft_dir, fft_run / "final")
+    (fft_run / "metrics.jsonl").write_text("")
     base = ["--task_name", "mbpp", "--data_path", data_paths["mbpp"], "--log_dir", str(tmp_path / "never")]
     cases = [(["--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]), "--enc_model_type",
                "tiny-roberta"], "a pt adapter has no field 'enc_model_type', but --enc_model_type tiny-roberta"),
@@ -367,7 +374,19 @@ def test_cli_rejects_flags_the_method_does_not_read_and_directories_of_another_k
              (["--model_type", "tiny-phi-2", "--load_base_from_path", str(step / "trainable.safetensors")],
               f"a checkpoint of a PEFT run, not a fully fine-tuned model; pass --load_adapter_from {step / 'adapter'}"),
              (["--model_type", "tiny-phi-2", "--load_adapter_from", str(step)],
-              f"this is a training checkpoint: pass {step / 'adapter'}")]
+              f"this is a training checkpoint: pass {step / 'adapter'}"),
+             (["--model_type", "tiny-phi-2", "--load_adapter_from", str(run)],  # its config.json is the run's
+              f"this is a training log_dir without final/ (the run did not finish): resume it (--resume_from {run}), "
+              f"or pass a checkpoint's adapter directory (the latest: {step / 'adapter'})"),
+             (["--model_type", "tiny-phi-2", "--peft_method", "fft", "--load_base_from_path", str(run)],
+              f"a training log_dir without final/ (the run did not finish); resume it (--resume_from {run}), or pass "
+              f"a checkpoint's adapter (the latest: --load_adapter_from {step / 'adapter'})"),
+             (["--model_type", "tiny-phi-2", "--load_base_from_path", str(fft_run)],
+              f"a training log_dir; pass its model, --load_base_from_path {fft_run / 'final'}"),
+             (["--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]), "--load_base_from_path",
+               str(fft_dir)], "--load_base_from_path is for --peft_method fft: a pt adapter goes on the base model"),
+             (["--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]),
+               "--sharded_checkpoint_dir", str(fft_dir)], "drop --sharded_checkpoint_dir")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             generate_preds.main(base + argv)
