@@ -254,7 +254,7 @@ def test_a_fresh_generation_deletes_what_was_derived_from_the_predictions_it_rep
     the user forgot to score again); derived_files names exactly what post-processing and evaluation write."""
     import evaluate_preds
     import generate_preds
-    from utils.prediction_files import derived_files
+    from utils.prediction_files import derived_files, output_files
     from utils.tasks import get_task
 
     data = data_paths["mbpp" if task_name == "mbpp" else "cruxeval"]
@@ -281,6 +281,15 @@ def test_a_fresh_generation_deletes_what_was_derived_from_the_predictions_it_rep
         + (2 * len(scored) if task_name == "mbpp" else 0)
     assert generate_preds.main(generate) == 0
     assert {p.name for p in tmp_path.iterdir()} == generated
+    # a fresh run for the other task family removes this one's files too: they would look current beside it
+    for name in derived:
+        (tmp_path / name).write_text("{}\n")
+    other = "cruxeval_output_prediction" if task_name == "mbpp" else "mbpp"
+    other_data = data_paths["mbpp" if other == "mbpp" else "cruxeval"]
+    assert generate_preds.main(["--task_name", other, "--model_type", "tiny-phi-2", "--data_path", other_data,
+                                *generate[6:]]) == 0
+    first = set(output_files(get_task(task_name))) | derived
+    assert first and not first & {p.name for p in tmp_path.iterdir()}
 
 
 def test_postprocess_cruxeval_cli_writes_the_file_the_official_script_reads(tmp_path, data_paths, capsys):
@@ -307,3 +316,40 @@ def test_postprocess_cruxeval_cli_writes_the_file_the_official_script_reads(tmp_
             postprocess_cruxeval_preds.main([*base, "--mode", mode, "--official_out", str(tmp_path / name)])
         assert exc.value.code == 2 and need in capsys.readouterr().err
         assert not (tmp_path / "output.json").exists() and not (tmp_path / name).exists()  # refused before writing
+
+
+def test_the_other_cruxeval_mode_a_raw_file_or_no_predictions_are_refused(tmp_path, data_paths, capsys):
+    """Input-prediction answers scored as output prediction (or extracted in the other mode, overwriting the good
+    output.json) scored 0 with exit 0; so did the raw file and an empty one. generate_preds_config.json beside the
+    file names the task it was generated for."""
+    import evaluate_preds
+    import generate_preds
+
+    assert generate_preds.main(["--task_name", "cruxeval_input_prediction", "--model_type", "tiny-phi-2",
+                                "--data_path", data_paths["cruxeval"], "--limit", "2", "--max_new_tokens", "4",
+                                "--no_progress", "--log_dir", str(tmp_path)]) == 0
+    answers = (tmp_path / "output.json").read_text()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "empty.json").write_text("{}")
+    score = ["--data_path", data_paths["cruxeval"], "--n_workers", "1", "--no_progress"]
+    cases = [(postprocess_cruxeval_preds.main, ["--path", str(tmp_path / "output_raw.json"), "--mode", "output",
+                                                "--data_path", data_paths["cruxeval"]],
+              "generated for cruxeval_input_prediction (" + str(tmp_path / "generate_preds_config.json") +
+              "), not cruxeval_output_prediction; pass --mode input"),
+             (evaluate_preds.main, ["--task_name", "cruxeval_output_prediction", "--path",
+                                    str(tmp_path / "output.json"), *score],
+              "not cruxeval_output_prediction; score it with --task_name cruxeval_input_prediction"),
+             (evaluate_preds.main, ["--task_name", "cruxeval_input_prediction", "--path",
+                                    str(tmp_path / "output_raw.json"), *score],
+              "output_raw.json: raw completions, not answers; extract them first (python postprocess_cruxeval_preds.py"
+              " --path " + str(tmp_path / "output_raw.json") + " --mode input)"),
+             (evaluate_preds.main, ["--task_name", "cruxeval_input_prediction", "--path",
+                                    str(tmp_path / "elsewhere" / "empty.json"), *score], "empty.json: no predictions")]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, message
+    assert (tmp_path / "output.json").read_text() == answers  # not overwritten by the refused extraction
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file() and "result" in p.name) == []
+    evaluate_preds.main(["--task_name", "cruxeval_input_prediction", "--path", str(tmp_path / "output.json"), *score])
+    assert "2 samples of 2 tasks" in capsys.readouterr().out

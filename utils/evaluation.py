@@ -31,6 +31,7 @@ from tqdm import tqdm
 from utils.data import default_data_path, load_records, load_task_split, read_jsonl, read_text_file
 from utils.errors import UserError
 from utils.fileio import atomic_write_text, check_writable_dir
+from utils.prediction_files import check_generated_for
 from utils.sandbox import Sandbox, SandboxConfig
 
 CRUX_TASKS = {"cruxeval_input_prediction": "input", "cruxeval_output_prediction": "output"}
@@ -253,6 +254,7 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     if task_name not in TASK_NAMES:
         raise UserError(f"unknown task {task_name!r}; choose one of: {', '.join(TASK_NAMES)}")
     path = pathlib.Path(path)
+    check_generated_for(path, task_name, lambda recorded: f"score it with --task_name {recorded}")
     timeout = timeout or DEFAULT_TIMEOUT[task_name]
     config = dataclasses.replace(sandbox_config or SandboxConfig(), timeout=timeout)
     if task_name == "mbpp":
@@ -263,7 +265,14 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
                             f"{missing[0]}); pass --allow_missing to score only the tasks present")
         samples = mbpp_samples(solutions, problems)
     else:
+        mode = CRUX_TASKS[task_name]
+        if path.name.endswith("_raw.json"):
+            raise UserError(f"{path}: raw completions, not answers; extract them first (python "
+                            f"postprocess_cruxeval_preds.py --path {path} --mode {mode}) and score the output.json "
+                            f"it writes")
         predictions = read_cruxeval_predictions(path)
+        if not predictions:
+            raise UserError(f"{path}: no predictions; {CRUXEVAL_FORMAT_HINT}")
         records = load_cruxeval_records(task_name, problem_file, data_path)
         check_cruxeval_ids(path, predictions, records)
         samples = cruxeval_samples(predictions, records, CRUX_TASKS[task_name])

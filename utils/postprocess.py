@@ -333,12 +333,14 @@ def postprocess_cruxeval_file(path, mode: str, data_path=None, out=None, officia
     texts that still hold the prompt lose exactly that prompt. ``official_out``: also write the answers as the
     official CRUXEval script reads them (``official_cruxeval_generations``).
     """
-    from utils.evaluation import check_cruxeval_ids, load_cruxeval_records, read_cruxeval_predictions
+    from utils.evaluation import CRUX_TASKS, check_cruxeval_ids, load_cruxeval_records, read_cruxeval_predictions
+    from utils.prediction_files import check_generated_for
     from utils.tasks import cruxeval_prompt
 
     path = pathlib.Path(path)
-    raw = read_cruxeval_predictions(path)
     task = f"cruxeval_{mode}_prediction"
+    check_generated_for(path, task, lambda recorded: f"pass --mode {CRUX_TASKS.get(recorded, mode)}")
+    raw = read_cruxeval_predictions(path)
     records = load_cruxeval_records(task, None, data_path)
     check_cruxeval_ids(path, raw, records)
     answers = {rid: [extract_cruxeval_answer(text, mode, cruxeval_prompt(records[rid], mode)) for text in texts]

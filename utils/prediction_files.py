@@ -8,7 +8,8 @@ CRUXEval (read as is by the LOPA repository's copy of CRUXEval's ``evaluate_gene
 needs every id and the mode in the file name: docs/EVALUATION.md):
   ``output.json``              {"sample_412": [answer, …]} — answers extracted after ``[ANSWER]``
   ``output_raw.json``          {"sample_412": [raw completion, …]}
-A fresh start (no ``--resume``) deletes these and the files derived from them (``derived_files``).
+A fresh start (no ``--resume``) deletes these and the files derived from them (``derived_files``), for every task:
+an earlier run for another task would otherwise leave its results beside the new ones (``stale_files``).
 Both: ``generation_progress.jsonl`` (one line per finished batch, appended and fsynced; ``--resume`` reads it
 back) and ``generate_preds_config.json`` (the resolved settings).
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from utils.errors import UserError
 from utils.tasks import Task, cruxeval_prompt
@@ -53,6 +54,28 @@ def derived_files(task: Task) -> tuple[str, ...]:
     scored = [MBPP_FILES[0], *stages]
     mxeval = [f"{name}{suffix}" for name in scored for suffix in ("_results.jsonl", "_passatk.json")]
     return (*stages, *(p.name for name in scored for p in output_paths(name)), *mxeval)
+
+
+def check_generated_for(path, task_name: str, fix: Callable[[str], str]) -> None:
+    """Refuse a predictions file whose directory's ``generate_preds_config.json`` says it was generated for another
+    task (above all the other CRUXEval mode, whose answers score 0 without any other sign). ``fix(recorded task)``:
+    what to do instead. A directory without that file, or with one that is not ours, is not judged."""
+    config = pathlib.Path(path).parent / CONFIG_FILE
+    try:
+        recorded = json.loads(config.read_text(encoding="utf-8")).get("task_name")
+    except (OSError, ValueError, AttributeError):  # absent, unreadable or not a JSON object
+        return
+    if isinstance(recorded, str) and recorded != task_name:
+        raise UserError(f"{path}: generated for {recorded} ({config}), not {task_name}; {fix(recorded)}")
+
+
+def stale_files() -> tuple[str, ...]:
+    """What a fresh generation run deletes from its directory: every task's outputs and their derived files."""
+    from utils.registry import TASKS
+    from utils.tasks import get_task
+
+    tasks = [get_task(name) for name in TASKS]
+    return tuple(dict.fromkeys(name for task in tasks for name in (*output_files(task), *derived_files(task))))
 
 
 def _jsonl(rows: Sequence[dict]) -> str:
