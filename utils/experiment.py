@@ -238,7 +238,9 @@ def check_commands(cells: list[Cell]) -> None:
         try:
             load_task_split(task, split, path, mbpp_split=mbpp_split, limit=limit)
         except UserError as exc:
-            raise UserError(f"{reader} cannot read its data: {exc}") from None
+            option = "--mbpp_data" if task == "mbpp" else "--cruxeval_data"
+            raise UserError(f"{reader} cannot read its data: {exc} (run_experiment.py gives that file with {option})"
+                            ) from None
 
 
 class CellFailed(Exception):
