@@ -56,7 +56,9 @@ def paper_preset(model: str) -> Preset:
     """The paper's settings (spec §10.5) for one foundation model, for one GPU: effective batch 8 through gradient
     accumulation (the paper ran 4 GPUs × 2); m = 10, CodeSage-small, 10 epochs, lr 1e-3 (PT/IDPG/LOPA), 1e-4
     (LoRA), 1e-5 (FFT; 4 epochs on CRUXEval); LOPA r = 1, r = 4 on MBPP for DeepSeek-7B and Llama-3-8B; the
-    paper's sampling at generation. The paper has FFT numbers for phi-2 only, so the other presets leave FFT out
+    paper's sampling at generation. One departure: bf16 mixed precision (fp32 master weights), where the paper
+    trained PEFT methods in fp32 and FFT in fp16 (``--set mixed_precision=no``: fp32). The paper has FFT numbers
+    for phi-2 only, so the other presets leave FFT out
     (``--methods ...,fft`` adds it; a 7B/8B model's full fine-tuning does not fit one GPU without DeepSpeed)."""
     per_task = {"cruxeval_input_prediction": {"fft": {"num_epochs": 4}},
                 "cruxeval_output_prediction": {"fft": {"num_epochs": 4}}}
