@@ -190,6 +190,9 @@ def test_evaluate_rejects_bad_input_with_a_one_line_error(tmp_path, data_paths, 
     crux.write_text(json.dumps({"sample_400": [1, 2]}))
     with pytest.raises(UserError, match="must be a list of strings"):
         evaluate_file("cruxeval_output_prediction", crux, data_path=data_paths["cruxeval"], progress=False)
+    crux.write_text(json.dumps({"sample_400": [], "sample_401": ["1"]}))  # scoring dropped the id, raising the score
+    with pytest.raises(UserError, match="'sample_400' has no predictions .an empty list."):
+        evaluate_file("cruxeval_output_prediction", crux, data_path=data_paths["cruxeval"], progress=False)
     with pytest.raises(UserError, match="output.json:1: record is missing field .task_id.; MBPP predictions are JSONL"):
         evaluate_file("mbpp", crux, problem_file=problem_file, progress=False)  # one task's file, another's name
     with pytest.raises(UserError, match="preds.jsonl: 2 ids are not in the CRUXEval data .*'sample_412'"):

@@ -154,9 +154,19 @@ def test_paper_preset_dry_run_with_a_tiny_stand_in_runs_every_stage(tmp_path, da
 
 
 def test_a_failed_cell_is_reported_the_others_run_and_the_next_run_redoes_only_it(tmp_path, monkeypatch, capsys):
+    from utils import experiment_report
+
     key = "tiny-phi-2/mbpp/lora"
     _fake_stages(monkeypatch, fail=(key, "generate_preds.py", RuntimeError("CUDA out of memory")))
+    save, figures = experiment_report._save, {}
+
+    def keep(fig, path, dpi):
+        figures[path.name] = [t.get_text() for ax in fig.axes for t in ax.texts]
+        save(fig, path, dpi)
+
+    monkeypatch.setattr(experiment_report, "_save", keep)
     first = run_experiment.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert figures["results.png"] == ["n/a"]  # the failed cell's bar, which looked like a score of 0
     assert list(first["failed"]) == [key] and len(first["ran"]) == 17
     failure = first["failed"][key]
     assert failure["script"] == "generate_preds.py" and failure["reason"] == "RuntimeError: CUDA out of memory"
@@ -339,9 +349,14 @@ def test_outside_a_checkout_the_commit_comes_from_the_image(tmp_path, monkeypatc
     assert experiment.git_commit() == "unknown"
 
 
-def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_path):
-    """A cell redone after a crash keeps what its training did (same configuration); --force starts afresh."""
+def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_path, monkeypatch):
+    """A cell redone after a crash keeps what its training did (same configuration); --force starts afresh. A
+    reused training keeps the commit that trained it, and results.md shows it."""
     from safetensors.torch import load_file
+
+    from utils import experiment
+
+    monkeypatch.setattr(experiment, "git_commit", lambda: "a" * 7)
 
     key = "tiny-phi-2/mbpp/pt"
     argv = ["--preset", "smoke", "--out", str(tmp_path), "--methods", "pt", "--tasks", "mbpp",
@@ -359,7 +374,12 @@ def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_
     assert (cell / "train" / "checkpoints" / "step_00000003").is_dir()
 
     (cell / "result.json").unlink()  # died after training (say, in generation)
-    assert run()["training"] == "reused"
+    monkeypatch.setattr(experiment, "git_commit", lambda: "b" * 7)  # and the code changed before the rerun
+    reused = run()
+    assert (reused["training"], reused["training_commit"], reused["git_commit"]) == ("reused", "a" * 7, "b" * 7)
+    report = (tmp_path / "results.md").read_text()
+    assert "commit `bbbbbbb`; training reused from an earlier attempt (commit `aaaaaaa`)" in report
+    assert "**The cells come from 2 different commits** (`aaaaaaa`, `bbbbbbb`)" in report
     assert "=== attempt started" in (cell / "cell.log").read_text() and "training: reused" in (
         cell / "cell.log").read_text()
 
@@ -367,7 +387,7 @@ def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_
     shutil.rmtree(cell / "train" / "final")
     shutil.rmtree(cell / "gen")
     result = run()
-    assert result["training"] == "resumed"
+    assert (result["training"], result["training_commit"]) == ("resumed", "b" * 7)
     assert f"--resume_from {cell / 'train'}" in (cell / "cell.log").read_text()
     assert result["commands"] == json.loads((cell / "result.json").read_text())["commands"]
     assert not any("--resume_from" in c for c in result["commands"])  # the cell's identity is unchanged
@@ -516,6 +536,16 @@ def test_a_bad_generation_value_fails_the_plan(tmp_path, capsys, setting, messag
                             ["--preset", "smoke", "--out", str(tmp_path), "--plan", "--set", setting])
     assert exc.value.code == 2
     assert f"generate_preds.py rejects its arguments ({message}" in capsys.readouterr().err
+
+
+def test_an_eval_k_without_1_fails_the_plan(tmp_path, capsys):
+    """The table reports pass@1: without k = 1 the first cell crashed after its scoring (KeyError), and the run
+    with it, before any results.md."""
+    with pytest.raises(SystemExit) as exc:
+        run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--plan", "--set", "eval.k=2"])
+    assert exc.value.code == 2
+    assert "evaluate_preds.py rejects its arguments (--k 2: the results table reports pass@1, so k must include 1 " \
+           "(--set eval.k=1,2))" in capsys.readouterr().err
 
 
 def test_a_data_file_the_stages_cannot_read_fails_the_plan_once(tmp_path, capsys, data_paths):

@@ -187,6 +187,9 @@ def read_cruxeval_predictions(path) -> dict[str, list[str]]:
         preds = [preds] if isinstance(preds, str) else preds
         if not isinstance(preds, list) or not all(isinstance(p, str) for p in preds):
             raise UserError(f"{path}: value of {rid!r} must be a list of strings")
+        if not preds:  # scoring would drop the id and raise the score
+            raise UserError(f"{path}: {rid!r} has no predictions (an empty list); give it at least one, or leave "
+                            f"the id out")
         out[rid] = preds
     return out
 

@@ -212,7 +212,10 @@ def _parse_only(script: str, argv: list[str]) -> tuple | None:
         args = generate_preds.build_parser().parse_args(argv)
         generate_preds.check_args(args)
         return args.task_name, "test", args.data_path, args.mbpp_split, args.limit
-    importlib.import_module(script.removesuffix(".py")).parse_args(argv)
+    args = importlib.import_module(script.removesuffix(".py")).parse_args(argv)
+    if script == "evaluate_preds.py" and 1 not in args.k:  # run_cell reads pass@1 from its summary
+        raise UserError(f"--k {','.join(map(str, args.k))}: the results table reports pass@1, so k must include 1 "
+                        f"(--set eval.k=1,{','.join(map(str, args.k))})")
     return None
 
 
@@ -285,22 +288,26 @@ ATTEMPT_FILE = "attempt.json"
 """Written when a cell starts: the training hash its ``train/`` directory belongs to."""
 
 
-def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str]:
-    """Clear the cell's directory for a run and return ``(commands to run, training)``. ``training`` is ``"reused"``
-    when an earlier attempt with the same training settings finished its training (that stage is skipped),
-    ``"resumed"`` when it left a checkpoint (the stage gets ``--resume_from``), else ``"fresh"``."""
+def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str, str | None]:
+    """Clear the cell's directory for a run and return ``(commands to run, training, training commit)``.
+    ``training`` is ``"reused"`` when an earlier attempt with the same training settings finished its training
+    (that stage is skipped; the commit is the one that attempt recorded), ``"resumed"`` when it left a checkpoint
+    (the stage gets ``--resume_from``), else ``"fresh"``. The commit is None for a cell without training."""
     commands, training = list(cell.commands), "fresh"
     train_dir, attempt = cell.directory / "train", cell.directory / ATTEMPT_FILE
     train_hash = cell.training_hash()
     try:
-        same = json.loads(attempt.read_text()).get("training_hash") == train_hash
+        previous = json.loads(attempt.read_text())
+        same = previous.get("training_hash") == train_hash
     except (OSError, ValueError, AttributeError):
-        same = False
+        previous, same = {}, False
+    training_commit = git_commit() if train_hash is not None else None
     if train_hash is not None and same and not fresh:
         from utils.checkpoint import has_resumable_checkpoint
 
         if (train_dir / "final").is_dir():
             commands, training = commands[1:], "reused"
+            training_commit = previous.get("training_commit", "unrecorded")  # the code that trained the weights
         elif has_resumable_checkpoint(train_dir):
             script, argv = commands[0]
             commands[0], training = (script, argv + ["--resume_from", str(train_dir)]), "resumed"
@@ -314,8 +321,8 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str]
             else:
                 child.unlink()
     cell.directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(attempt, json.dumps({"training_hash": train_hash}) + "\n")
-    return commands, training
+    atomic_write_text(attempt, json.dumps({"training_hash": train_hash, "training_commit": training_commit}) + "\n")
+    return commands, training, training_commit
 
 
 def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
@@ -323,7 +330,7 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
     ``<cell>/cell.log``; return its result record. An earlier attempt's training is reused or resumed unless
     ``fresh`` (see ``_prepare``). Raises CellFailed naming the stage; KeyboardInterrupt passes through. Either way
     no result.json is written."""
-    commands, training = _prepare(cell, fresh)
+    commands, training, training_commit = _prepare(cell, fresh)
     start = time.perf_counter()
     summaries = []
     with naming_full_disk(cell.directory / "cell.log", "the cell has no result.json, so the next run redoes it: free "
@@ -346,11 +353,14 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
             if script == "evaluate_preds.py":
                 summaries.append(value)
     main_summary = summaries[0]
+    if "pass@1" not in main_summary:
+        raise CellFailed(cell, "evaluate_preds.py", cell.commands[-1][1], "its summary has no pass@1 (--k without 1)")
     result = {
         "model": cell.model, "task": cell.task, "method": cell.method, "pass@1": main_summary["pass@1"],
         "n_tasks": main_summary["n_tasks"], "scored_file": pathlib.Path(main_summary["results_path"]).name,
         "commands": [" ".join(["python", script] + argv) for script, argv in cell.commands],
         "seed": seed, "git_commit": git_commit(), "config_hash": cell.config_hash(), "training": training,
+        "training_commit": training_commit,
         "seconds": round(time.perf_counter() - start, 1),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -23,7 +23,9 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
              "the first stop string); stage 2 (function body, final `return` trimmed) is in the second table. "
              "Each cell's commands, seed and git commit are listed below the tables; a cell kept from an earlier "
              "run was not redone after code changes (the cache compares commands and data only).", ""]
-    commits = sorted({r["git_commit"] for k, r in results.items() if any(c.key == k for c in cells)})
+    shown = [r for k, r in results.items() if any(c.key == k for c in cells)]
+    commits = sorted({r["git_commit"] for r in shown} | {r["training_commit"] for r in shown
+                                                          if r.get("training_commit") not in (None, "unrecorded")})
     if len(commits) > 1:
         lines += [f"**The cells come from {len(commits)} different commits** ({', '.join(f'`{c}`' for c in commits)}); "
                   "rerun with --force for a table from one code version.", ""]
@@ -57,8 +59,11 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
         if not r:
             lines.append(f"- `{cell.key}`: no result")
             continue
+        trained = ""
+        if r.get("training") == "reused":  # the weights come from an earlier attempt, maybe another code version
+            trained = f"; training reused from an earlier attempt (commit `{r.get('training_commit', 'unrecorded')}`)"
         lines.append(f"- `{cell.key}`: pass@1 {_fmt(r['pass@1'])} on {r['n_tasks']} tasks; seed {r['seed']}; "
-                     f"commit `{r['git_commit']}`; {r['seconds']} s; finished {r['finished']}")
+                     f"commit `{r['git_commit']}`{trained}; {r['seconds']} s; finished {r['finished']}")
         lines += [f"  - `{c}`" for c in r["commands"]]
     path = out_dir / "results.md"
     atomic_write_text(path, "\n".join(lines) + "\n")  # runs sharing --out each write it when they end
@@ -132,9 +137,11 @@ def plot_table(out_dir: pathlib.Path, cells: list[Cell], results: dict[str, dict
         methods = _methods(cells, model)
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
-            values = [100 * (results.get(f"{model}/{t}/{method}", {}).get("pass@1") or 0) for t in tasks]
-            ax.bar([j + i * width for j in range(len(tasks))], values, width, label=ROW_NAMES[method],
-                   color=_colour(method))
+            scores = [results.get(f"{model}/{t}/{method}", {}).get("pass@1") for t in tasks]
+            xs = [j + i * width for j in range(len(tasks))]
+            ax.bar(xs, [100 * (v or 0) for v in scores], width, label=ROW_NAMES[method], color=_colour(method))
+            for x in (x for x, v in zip(xs, scores) if v is None):  # failed or not run: not a score of 0
+                ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize="x-small", color="grey")
             paper = [(j + i * width, v) for j, t in enumerate(tasks)
                      if (v := paper_pass_at_1(model, t, method)) is not None]
             if paper:  # the paper's value as a black bar-wide tick over ours
