@@ -1,4 +1,5 @@
 """run_experiment.py --preset smoke: all 18 cells through the real scripts, caching, provenance."""
+import hashlib
 import json
 import pathlib
 import re
@@ -377,6 +378,8 @@ def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_
     monkeypatch.setattr(experiment, "git_commit", lambda: "b" * 7)  # and the code changed before the rerun
     reused = run()
     assert (reused["training"], reused["training_commit"], reused["git_commit"]) == ("reused", "a" * 7, "b" * 7)
+    data = pathlib.Path(reused["data_file"])
+    assert reused["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     report = (tmp_path / "results.md").read_text()
     assert "commit `bbbbbbb`; training reused from an earlier attempt (commit `aaaaaaa`)" in report
     assert "**The cells come from 2 different commits** (`aaaaaaa`, `bbbbbbb`)" in report

@@ -79,13 +79,13 @@ class Cell:
         return self._digest(self.commands[:1]) if trains else None
 
     @functools.cached_property
-    def _data_digest(self) -> str | None:
+    def data_digest(self) -> str | None:
         """The data file's content hash, read once per cell (its config and training hashes both use it)."""
         return hashlib.sha256(pathlib.Path(self.data_path).read_bytes()).hexdigest() if self.data_path else None
 
     def _digest(self, commands) -> str:
         payload = {"commands": [(s, [a for a in argv if str(self.directory) not in a]) for s, argv in commands],
-                   "data": self._data_digest}
+                   "data": self.data_digest}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -360,7 +360,7 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
         "n_tasks": main_summary["n_tasks"], "scored_file": pathlib.Path(main_summary["results_path"]).name,
         "commands": [" ".join(["python", script] + argv) for script, argv in cell.commands],
         "seed": seed, "git_commit": git_commit(), "config_hash": cell.config_hash(), "training": training,
-        "training_commit": training_commit,
+        "training_commit": training_commit, "data_file": cell.data_path, "data_sha256": cell.data_digest,
         "seconds": round(time.perf_counter() - start, 1),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
