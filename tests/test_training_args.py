@@ -50,7 +50,8 @@ def test_paper_defaults(tmp_path):
         assert (cfg.train.num_epochs, cfg.train.per_gpu_train_batch_size, cfg.train.num_warmup_steps) == (10, 2, 0)
         assert (cfg.train.weight_decay, cfg.train.warmup_ratio, cfg.train.lr_scheduler_type) == (0.0, 0.0, "linear")
         assert cfg.model.enc_model_type == ("codesage-small" if method in ("lopa", "idpg") else None)
-        assert cfg.output.save_every == SaveEvery(0) and cfg.output.wandb_logging is False
+        assert (cfg.output.save_every, cfg.output.save_total_limit) == (SaveEvery(1), 1)  # a crash loses an epoch
+        assert cfg.output.wandb_logging is False
     assert _parse(["--peft_method", "lora", "--lr", "3e-4"] + BASE, tmp_path=tmp_path).train.lr == 3e-4
 
 
@@ -65,6 +66,7 @@ def test_seed_readme_fft_command_parses_with_real_booleans(tmp_path):
     assert (cfg.model.method, cfg.model.task_name, cfg.model.model_type) == ("fft", "mbpp", "phi-2")
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_ratio) == (1e-5, 0.05, 0.1)
     assert cfg.train.lr_scheduler_type == "linear" and cfg.train.gradient_accumulation_steps == 2
+    assert (cfg.output.save_every, cfg.output.save_total_limit) == (SaveEvery(0), None)  # a whole model each
     assert cfg.train.mixed_precision == "auto"  # "False" is false, not a truthy string
     ns = build_parser("fft").parse_args(["--fp16", "True", "--log_dir", str(tmp_path / "x")])
     assert config_from_namespace(ns, "fft").train.mixed_precision == "fp16"
@@ -180,7 +182,7 @@ def test_a_used_log_dir_needs_resume_and_one_without_a_checkpoint_needs_a_fresh_
     with pytest.raises(UserError, match="saved no checkpoint: it stopped before its first one.*start over without "
                                         "--resume_from"):
         _parse(["--peft_method", "pt"] + BASE + ["--resume_from", str(run)], tmp_path=tmp_path)
-    (run / "final").mkdir()  # finished with the default --save_every 0: nothing to continue either
+    (run / "final").mkdir()  # finished with --save_every 0: nothing to continue either
     with pytest.raises(UserError, match="a run .* that finished \\(final/\\) without a checkpoint, so it cannot be "
                                         "resumed; remove"):
         _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)

@@ -100,11 +100,13 @@ def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
 
 def _add_output_args(parser: ArgumentParser) -> None:
     g = parser.add_argument_group("checkpoints and logging")
-    g.add_argument("--save_every", default="0", metavar="N[epochs|steps]",
-                   help="checkpoint every N epochs (2, 2epochs) or N optimizer steps (50steps); "
-                        "0 or -1: only final/")
+    g.add_argument("--save_every", default=None, metavar="N[epochs|steps]",
+                   help="checkpoint every N epochs (2, 2epochs) or N optimizer steps (50steps); 0 or -1: only "
+                        "final/ (default: 1 epoch for lora/pt/idpg/lopa, keeping the newest; 0 for full "
+                        "fine-tuning, whose checkpoint holds the whole model and its AdamW states)")
     g.add_argument("--save_total_limit", type=int, default=None,
-                   help="keep only the newest N checkpoints; None keeps all")
+                   help="keep only the newest N checkpoints (default: all, but 1 under the PEFT default "
+                        "--save_every)")
     g.add_argument("--resume_from", default=None, metavar="DIR",
                    help="a checkpoint directory, or a log_dir (resumes its latest checkpoint)")
     _bool_flag(g, "wandb_logging", "log to Weights & Biases (WANDB_MODE=offline works)")
@@ -204,9 +206,14 @@ def config_from_namespace(ns: argparse.Namespace, script: str) -> TrainConfig:
         fused_adamw=ns.fused_adamw, packing=ns.packing, pad_to_max_length=ns.pad_to_max_length,
         group_by_length=ns.group_by_length,
         limit_train_examples=ns.limit_train_examples, max_length=ns.max_length, path_to_ds_config=ns.path_to_ds_config)
+    save_every, save_total_limit = ns.save_every, ns.save_total_limit
+    if save_every is None:  # a crash of a PEFT run loses at most an epoch; its checkpoint is small
+        save_every = "0" if method == "fft" else "1"
+        if method != "fft" and save_total_limit is None:
+            save_total_limit = 1
     output = OutputArgs(
         log_dir=ns.log_dir or _resume_log_dir(ns.resume_from) or default_log_dir(),
-        save_every=SaveEvery.parse(ns.save_every), save_total_limit=ns.save_total_limit,
+        save_every=SaveEvery.parse(save_every), save_total_limit=save_total_limit,
         resume_from=ns.resume_from, wandb_logging=ns.wandb_logging, project_name=ns.project_name,
         log_every=ns.log_every)
     return TrainConfig(script=script, model=model, train=train, output=output)
