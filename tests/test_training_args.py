@@ -191,6 +191,9 @@ def test_a_used_log_dir_needs_resume_and_one_without_a_checkpoint_needs_a_fresh_
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
     (run / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("{}")
     (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    with pytest.raises(UserError, match=f"already holds a finished run \\({run / 'final'}\\); choose another"):
+        _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)  # with checkpoints, as PEFT runs now keep
+    (run / "final").rmdir()
     with pytest.raises(UserError, match=f"already holds a run .*; pass --resume_from {run} to continue it"):
         _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
 

@@ -260,6 +260,9 @@ def check_files(config: TrainConfig) -> None:
                            else "stopped before its first checkpoint")
                     raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}) that {how}, so "
                                     f"it cannot be resumed; remove {log_dir} or choose another --log_dir")
+                if (log_dir / "final").exists():  # finished, with checkpoints (the PEFT default saves them)
+                    raise UserError(f"--log_dir {log_dir} already holds a finished run ({log_dir / 'final'}); "
+                                    f"choose another --log_dir (or remove it)")
                 raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}); pass "
                                 f"--resume_from {log_dir} to continue it, or choose another --log_dir")
         return
