@@ -159,25 +159,42 @@ def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str |
             hf_dir = args.sharded_checkpoint_dir
         else:
             sharded = args.sharded_checkpoint_dir
+    if hf_dir is not None and _wrapped_names(pathlib.Path(hf_dir)):
+        # zero_to_fp32.py's output with a config.json copied in: from_pretrained would find none of its names
+        # (all under "backbone.") and leave every weight random, with a warning only
+        single = pathlib.Path(hf_dir) / "model.safetensors"
+        hf_dir, state_file, sharded = None, (str(single) if single.is_file() else None), \
+            (None if single.is_file() else hf_dir)
     return hf_dir, state_file, sharded
+
+
+def _wrapped_names(directory: pathlib.Path) -> bool:
+    """Whether the weights in ``directory`` (a shard index's names, or model.safetensors') all carry the training
+    wrapper's ``backbone.`` or DDP's ``module.`` prefix, which only our own loading removes."""
+    index = next((directory / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if (directory / n).is_file()), None)
+    try:
+        if index is not None:
+            names = list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        elif (directory / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(directory / "model.safetensors"), "pt") as f:
+                names = list(f.keys())
+        else:
+            return False
+    except Exception:  # an unreadable index or file: from_pretrained's own error says more
+        return False
+    return bool(names) and all(n.startswith(("backbone.", "module.")) for n in names)
 
 
 def _reject_training_checkpoint(path: pathlib.Path) -> None:
     """A training checkpoint (``checkpoints/step_N``, or a file in it) or a training log_dir named as the model:
     point at what loads."""
-    if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()):
-        if (path / "final").is_dir():
-            raise UserError(f"--load_base_from_path {path}: a training log_dir; pass its model, "
-                            f"--load_base_from_path {path / 'final'}")
-        steps = sorted(path.glob("checkpoints/step_*/trainer_state.json"))
-        hint = ""
-        if steps and (steps[-1].parent / "adapter").is_dir():  # a PEFT run
-            hint = f", or pass a checkpoint's adapter (the latest: --load_adapter_from {steps[-1].parent / 'adapter'})"
-        elif steps:
-            hint = (f", or pass a checkpoint's weights (the latest: --load_base_from_path "
-                    f"{steps[-1].parent / 'trainable.safetensors'})")
-        raise UserError(f"--load_base_from_path {path}: a training log_dir without final/ (the run did not finish); "
-                        f"resume it (--resume_from {path}){hint}")
+    from utils.checkpoint import training_log_dir_hint
+
+    if path.is_dir() and (hint := training_log_dir_hint(path)) is not None:
+        raise UserError(f"--load_base_from_path {path}: {hint}")
     step = path if path.is_dir() else path.parent
     if not (step / "trainer_state.json").is_file():
         return
@@ -279,11 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     from utils.decode_loop import STEP_COMPILE, GreedyDecoder, check_plain_greedy
     from utils.fast_paths import static_cache_kwargs
     from utils.generation import generate_predictions
-    from utils.prediction_files import (ProgressLog, check_resumable, stale_files, validate_prediction_files,
-                                        write_config, write_predictions)
+    from utils.prediction_files import (ProgressLog, check_no_other_task_files, check_resumable, derived_files,
+                                        output_files, validate_prediction_files, write_config, write_predictions)
     from utils.tasks import get_task
 
     task = get_task(args.task_name)
+    if args.log_dir and not args.resume:  # every process: a refusal on the main one alone would hang the others
+        check_no_other_task_files(pathlib.Path(args.log_dir), task)
     args.data_path = args.data_path or default_data_path(args.task_name)
     records = load_task_split(args.task_name, "test", args.data_path, mbpp_split=args.mbpp_split, limit=args.limit)
     model, tokenizer, enc_tokenizer = load_model(args, method)  # fails on a bad checkpoint before any file is written
@@ -308,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress.repair()
             else:  # a fresh start: no stale results from an earlier run may survive a crash of this one
                 progress.reset()
-                for name in stale_files():  # every task's: another task's would look current beside these
+                for name in (*output_files(task), *derived_files(task)):  # (another task's were refused above)
                     (log_dir / name).unlink(missing_ok=True)
             write_config(log_dir, config)
         accelerator.wait_for_everyone()

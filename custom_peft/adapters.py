@@ -92,11 +92,10 @@ def _no_adapter_config(directory: pathlib.Path) -> str:
         return f"{directory}: no {ADAPTER_CONFIG}; this is a training log_dir: pass {directory / 'final'}"
     if (directory / "adapter" / ADAPTER_CONFIG).is_file():
         return f"{directory}: no {ADAPTER_CONFIG}; this is a training checkpoint: pass {directory / 'adapter'}"
-    if (directory / "checkpoints").is_dir() or (directory / "metrics.jsonl").is_file():  # its config.json is ours
-        steps = sorted(directory.glob(f"checkpoints/step_*/adapter/{ADAPTER_CONFIG}"))
-        latest = f" (the latest: {steps[-1].parent})" if steps else ""
-        return (f"{directory}: no {ADAPTER_CONFIG}; this is a training log_dir without final/ (the run did not "
-                f"finish): resume it (--resume_from {directory}), or pass a checkpoint's adapter directory{latest}")
+    from utils.checkpoint import training_log_dir_hint
+
+    if (hint := training_log_dir_hint(directory)) is not None:  # its config.json is the run's, not a model's
+        return f"{directory}: no {ADAPTER_CONFIG}; this is {hint}"
     if (directory / "config.json").is_file():
         return (f"{directory}: no {ADAPTER_CONFIG}; this is a whole model directory (full fine-tuning): pass it as "
                 f"--load_base_from_path instead")

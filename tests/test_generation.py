@@ -2,6 +2,7 @@
 two-process sharding, output formats, and resume after a crash."""
 import json
 import os
+import pathlib
 import random
 import shutil
 import socket
@@ -356,12 +357,21 @@ def test_cli_rejects_flags_the_method_does_not_read_and_directories_of_another_k
     (step / "trainer_state.json").write_text("{}")
     (step / "trainable.safetensors").write_bytes(b"")
     run = tmp_path / "run"  # the PEFT run's log_dir, stopped before final/
-    (run / "config.json").write_text("{}")
     (run / "checkpoints" / "step_00000001").mkdir()
     (run / "checkpoints" / "step_00000001" / "trainer_state.json").write_text("{}")
     fft_run = tmp_path / "fft_run"  # a finished full fine-tuning's log_dir
     shutil.copytree(fft_dir, fft_run / "final")
-    (fft_run / "metrics.jsonl").write_text("")
+    peft_run = tmp_path / "peft_run"  # a finished PEFT run's
+    shutil.copytree(saved_models["pt"], peft_run / "final")
+    ds_run = tmp_path / "ds_run" / "checkpoints" / "step_00000004"  # an unfinished DeepSpeed FFT run's
+    (ds_run / "deepspeed").mkdir(parents=True)
+    (ds_run / "trainer_state.json").write_text("{}")
+    (ds_run.parent / "latest").write_text("step_00000004\n")
+    early = tmp_path / "early"  # killed before its first checkpoint
+    for log_dir in (run, fft_run, peft_run, ds_run.parents[1], early):
+        log_dir.mkdir(exist_ok=True)
+        for name in ("config.json", "train.log", "metrics.jsonl"):
+            (log_dir / name).write_text("{}" if name == "config.json" else "")
     base = ["--task_name", "mbpp", "--data_path", data_paths["mbpp"], "--log_dir", str(tmp_path / "never")]
     cases = [(["--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]), "--enc_model_type",
                "tiny-roberta"], "a pt adapter has no field 'enc_model_type', but --enc_model_type tiny-roberta"),
@@ -377,12 +387,20 @@ def test_cli_rejects_flags_the_method_does_not_read_and_directories_of_another_k
               f"this is a training checkpoint: pass {step / 'adapter'}"),
              (["--model_type", "tiny-phi-2", "--load_adapter_from", str(run)],  # its config.json is the run's
               f"this is a training log_dir without final/ (the run did not finish): resume it (--resume_from {run}), "
-              f"or pass a checkpoint's adapter directory (the latest: {step / 'adapter'})"),
+              f"or pass a checkpoint's adapter (the latest: --load_adapter_from {step / 'adapter'})"),
              (["--model_type", "tiny-phi-2", "--peft_method", "fft", "--load_base_from_path", str(run)],
-              f"a training log_dir without final/ (the run did not finish); resume it (--resume_from {run}), or pass "
-              f"a checkpoint's adapter (the latest: --load_adapter_from {step / 'adapter'})"),
+              f"{run}: a training log_dir without final/ (the run did not finish): resume it (--resume_from {run}), or "
+              f"pass a checkpoint's adapter (the latest: --load_adapter_from {step / 'adapter'})"),
              (["--model_type", "tiny-phi-2", "--load_base_from_path", str(fft_run)],
               f"a training log_dir; pass its model, --load_base_from_path {fft_run / 'final'}"),
+             (["--model_type", "tiny-phi-2", "--peft_method", "fft", "--load_base_from_path", str(peft_run)],
+              f"a training log_dir; pass its model, --load_adapter_from {peft_run / 'final'}"),
+             (["--model_type", "tiny-phi-2", "--peft_method", "fft", "--load_base_from_path", str(ds_run.parents[1])],
+              f"or pass the weights zero_to_fp32.py converts from the latest checkpoint (python "
+              f"{ds_run}/zero_to_fp32.py {ds_run} OUT --tag deepspeed --safe_serialization; then "
+              f"--sharded_checkpoint_dir OUT)"),
+             (["--model_type", "tiny-phi-2", "--load_adapter_from", str(early)],
+              "this is a training log_dir whose run stopped before its first checkpoint and final/: it left no model"),
              (["--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]), "--load_base_from_path",
                str(fft_dir)], "--load_base_from_path is for --peft_method fft: a pt adapter goes on the base model"),
              (["--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]),
@@ -432,9 +450,26 @@ def test_fft_checkpoints_load_from_state_dict_files_and_sharded_dirs(saved_model
     trained.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     (tmp_path / "sharded" / "config.json").unlink()  # only the shards and their index, as the original expects
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    # zero_to_fp32.py's output (names under "backbone.") with a config.json copied in, whole and in two shards:
+    # from_pretrained found none of its names and left every weight random, with a warning only
+    wrapped = {f"backbone.{k}": v.contiguous() for k, v in trained.state_dict().items()}
+    names = sorted(wrapped)
+    for name, parts in (("wrapped", [names]), ("wrapped_shards", [names[:5], names[5:]])):
+        (tmp_path / name).mkdir()
+        shutil.copy(pathlib.Path(saved_models["fft"]) / "config.json", tmp_path / name)
+        if len(parts) == 1:
+            save_file(wrapped, str(tmp_path / name / "model.safetensors"))
+            continue
+        files = [f"model-0000{i + 1}-of-00002.safetensors" for i in range(2)]
+        for file, part in zip(files, parts):
+            save_file({k: wrapped[k] for k in part}, str(tmp_path / name / file))
+        (tmp_path / name / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: file for file, part in zip(files, parts) for k in part}}))
     for flag, path in (("--load_base_from_path", tmp_path / "pytorch_model.bin"),
                        ("--load_base_from_path", tmp_path / "trainable.safetensors"),
-                       ("--sharded_checkpoint_dir", tmp_path / "sharded")):
+                       ("--sharded_checkpoint_dir", tmp_path / "sharded"),
+                       ("--load_base_from_path", tmp_path / "wrapped"),
+                       ("--sharded_checkpoint_dir", tmp_path / "wrapped_shards")):
         args = generate_preds.build_parser().parse_args(
             ["--task_name", "mbpp", "--model_type", "tiny-phi-2", flag, str(path)])
         assert generate_preds.resolve_method(args) == "fft"

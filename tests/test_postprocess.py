@@ -281,15 +281,18 @@ def test_a_fresh_generation_deletes_what_was_derived_from_the_predictions_it_rep
         + (2 * len(scored) if task_name == "mbpp" else 0)
     assert generate_preds.main(generate) == 0
     assert {p.name for p in tmp_path.iterdir()} == generated
-    # a fresh run for the other task family removes this one's files too: they would look current beside it
-    for name in derived:
-        (tmp_path / name).write_text("{}\n")
+    # a fresh run for the other task family is refused: this one's files would look current beside its config,
+    # and deleting them could lose hours of predictions
     other = "cruxeval_output_prediction" if task_name == "mbpp" else "mbpp"
     other_data = data_paths["mbpp" if other == "mbpp" else "cruxeval"]
-    assert generate_preds.main(["--task_name", other, "--model_type", "tiny-phi-2", "--data_path", other_data,
-                                *generate[6:]]) == 0
-    first = set(output_files(get_task(task_name))) | derived
-    assert first and not first & {p.name for p in tmp_path.iterdir()}
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        generate_preds.main(["--task_name", other, "--model_type", "tiny-phi-2", "--data_path", other_data,
+                             *generate[6:]])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"--log_dir {tmp_path} holds another task's predictions or scores (" in err
+    assert output_files(get_task(task_name))[0] in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_postprocess_cruxeval_cli_writes_the_file_the_official_script_reads(tmp_path, data_paths, capsys):

@@ -270,9 +270,11 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     else:
         mode = CRUX_TASKS[task_name]
         if path.name.endswith("_raw.json"):
+            from utils.postprocess import cruxeval_answers_path
+
             raise UserError(f"{path}: raw completions, not answers; extract them first (python "
-                            f"postprocess_cruxeval_preds.py --path {path} --mode {mode}) and score the output.json "
-                            f"it writes")
+                            f"postprocess_cruxeval_preds.py --path {path} --mode {mode}) and score the "
+                            f"{cruxeval_answers_path(path).name} it writes")
         predictions = read_cruxeval_predictions(path)
         if not predictions:
             raise UserError(f"{path}: no predictions; {CRUXEVAL_FORMAT_HINT}")

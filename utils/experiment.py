@@ -354,7 +354,8 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
                 summaries.append(value)
     main_summary = summaries[0]
     if "pass@1" not in main_summary:
-        raise CellFailed(cell, "evaluate_preds.py", cell.commands[-1][1], "its summary has no pass@1 (--k without 1)")
+        scored = next(argv for script, argv in cell.commands if script == "evaluate_preds.py")
+        raise CellFailed(cell, "evaluate_preds.py", scored, "its summary has no pass@1 (--k without 1)")
     result = {
         "model": cell.model, "task": cell.task, "method": cell.method, "pass@1": main_summary["pass@1"],
         "n_tasks": main_summary["n_tasks"], "scored_file": pathlib.Path(main_summary["results_path"]).name,

@@ -355,6 +355,7 @@ def load_fft_weights(lm, *, state_dict_file: str | None = None, sharded_dir: str
             raise UserError(f"{label}: does not fit --model_type ({str(exc).splitlines()[-1].strip()}); "
                             f"pass the --model_type it was trained from") from exc
         loaded.update(state)
+        del state  # before the next shard is read: one in memory at a time
     shared = _shared_with_loaded(lm, loaded)
     missing = [k for k in lm.state_dict() if k not in loaded and k not in shared]
     if missing or unexpected:

@@ -201,7 +201,7 @@ def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32",
             raise UserError(f"--model_path {model_path}: not a directory")
         try:
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, KeyError) as exc:  # KeyError: a shard index without its "metadata"
             raise UserError(f"{model_path}: not a loadable Hugging Face model directory ({exc}); pass a directory "
                             f"written by save_pretrained") from exc
     elif spec.tiny:

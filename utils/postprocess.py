@@ -339,7 +339,8 @@ def postprocess_cruxeval_file(path, mode: str, data_path=None, out=None, officia
 
     path = pathlib.Path(path)
     task = f"cruxeval_{mode}_prediction"
-    check_generated_for(path, task, lambda recorded: f"pass --mode {CRUX_TASKS.get(recorded, mode)}")
+    check_generated_for(path, task, lambda recorded: f"pass --mode {CRUX_TASKS[recorded]}" if recorded in CRUX_TASKS
+                        else "post-process MBPP predictions with postprocess_mbpp_preds.py")
     raw = read_cruxeval_predictions(path)
     records = load_cruxeval_records(task, None, data_path)
     check_cruxeval_ids(path, raw, records)

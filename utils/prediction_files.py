@@ -8,8 +8,8 @@ CRUXEval (read as is by the LOPA repository's copy of CRUXEval's ``evaluate_gene
 needs every id and the mode in the file name: docs/EVALUATION.md):
   ``output.json``              {"sample_412": [answer, …]} — answers extracted after ``[ANSWER]``
   ``output_raw.json``          {"sample_412": [raw completion, …]}
-A fresh start (no ``--resume``) deletes these and the files derived from them (``derived_files``), for every task:
-an earlier run for another task would otherwise leave its results beside the new ones (``stale_files``).
+A fresh start (no ``--resume``) deletes these and the files derived from them (``derived_files``); it refuses a
+directory that holds another task family's (``check_no_other_task_files``).
 Both: ``generation_progress.jsonl`` (one line per finished batch, appended and fsynced; ``--resume`` reads it
 back) and ``generate_preds_config.json`` (the resolved settings).
 
@@ -69,13 +69,19 @@ def check_generated_for(path, task_name: str, fix: Callable[[str], str]) -> None
         raise UserError(f"{path}: generated for {recorded} ({config}), not {task_name}; {fix(recorded)}")
 
 
-def stale_files() -> tuple[str, ...]:
-    """What a fresh generation run deletes from its directory: every task's outputs and their derived files."""
+def check_no_other_task_files(log_dir: pathlib.Path, task: Task) -> None:
+    """Refuse a fresh run into a directory that holds another task family's predictions or scores (MBPP's beside
+    CRUXEval's): they would look current beside the new run's config, and deleting them could lose hours of work."""
     from utils.registry import TASKS
     from utils.tasks import get_task
 
-    tasks = [get_task(name) for name in TASKS]
-    return tuple(dict.fromkeys(name for task in tasks for name in (*output_files(task), *derived_files(task))))
+    own = {*output_files(task), *derived_files(task)}
+    others = dict.fromkeys(name for other in map(get_task, TASKS) for name in (*output_files(other),
+                                                                                *derived_files(other))
+                           if name not in own and (log_dir / name).exists())
+    if others:
+        raise UserError(f"--log_dir {log_dir} holds another task's predictions or scores ({', '.join(list(others)[:3])}"
+                        f"); choose another --log_dir (or move them)")
 
 
 def _jsonl(rows: Sequence[dict]) -> str:
