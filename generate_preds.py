@@ -162,9 +162,12 @@ def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str |
     if hf_dir is not None and _wrapped_names(pathlib.Path(hf_dir)):
         # zero_to_fp32.py's output with a config.json copied in: from_pretrained would find none of its names
         # (all under "backbone.") and leave every weight random, with a warning only
-        single = pathlib.Path(hf_dir) / "model.safetensors"
-        hf_dir, state_file, sharded = None, (str(single) if single.is_file() else None), \
-            (None if single.is_file() else hf_dir)
+        single = next((pathlib.Path(hf_dir) / n for n in ("model.safetensors", "pytorch_model.bin")
+                       if (pathlib.Path(hf_dir) / n).is_file()), None)
+        if any((pathlib.Path(hf_dir) / n).is_file() for n in ("model.safetensors.index.json",
+                                                               "pytorch_model.bin.index.json")):
+            single = None
+        hf_dir, state_file, sharded = None, (str(single) if single else None), (None if single else hf_dir)
     return hf_dir, state_file, sharded
 
 
@@ -181,6 +184,11 @@ def _wrapped_names(directory: pathlib.Path) -> bool:
 
             with safe_open(str(directory / "model.safetensors"), "pt") as f:
                 names = list(f.keys())
+        elif (directory / "pytorch_model.bin").is_file():  # zero_to_fp32.py without --safe_serialization
+            import torch
+
+            names = list(torch.load(directory / "pytorch_model.bin", map_location="cpu", mmap=True,
+                                    weights_only=True))
         else:
             return False
     except Exception:  # an unreadable index or file: from_pretrained's own error says more

@@ -377,11 +377,11 @@ def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_
     (cell / "result.json").unlink()  # died after training (say, in generation)
     monkeypatch.setattr(experiment, "git_commit", lambda: "b" * 7)  # and the code changed before the rerun
     reused = run()
-    assert (reused["training"], reused["training_commit"], reused["git_commit"]) == ("reused", "a" * 7, "b" * 7)
+    assert (reused["training"], reused["training_commits"], reused["git_commit"]) == ("reused", ["a" * 7], "b" * 7)
     data = pathlib.Path(reused["data_file"])
     assert reused["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     report = (tmp_path / "results.md").read_text()
-    assert "commit `bbbbbbb`; training reused from an earlier attempt (commit `aaaaaaa`)" in report
+    assert "commit `bbbbbbb`; training reused from an earlier attempt (commits `aaaaaaa`)" in report
     assert "**The cells come from 2 different commits** (`aaaaaaa`, `bbbbbbb`)" in report
     assert "=== attempt started" in (cell / "cell.log").read_text() and "training: reused" in (
         cell / "cell.log").read_text()
@@ -390,7 +390,8 @@ def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_
     shutil.rmtree(cell / "train" / "final")
     shutil.rmtree(cell / "gen")
     result = run()
-    assert (result["training"], result["training_commit"]) == ("resumed", "b" * 7)
+    assert (result["training"], result["training_commits"]) == ("resumed", ["a" * 7, "b" * 7])  # steps from both
+    assert "training resumed (commits `aaaaaaa`, `bbbbbbb`)" in (tmp_path / "results.md").read_text()
     assert f"--resume_from {cell / 'train'}" in (cell / "cell.log").read_text()
     assert result["commands"] == json.loads((cell / "result.json").read_text())["commands"]
     assert not any("--resume_from" in c for c in result["commands"])  # the cell's identity is unchanged

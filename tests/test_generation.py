@@ -367,10 +367,10 @@ def test_cli_rejects_flags_the_method_does_not_read_and_directories_of_another_k
     (ds_run / "deepspeed").mkdir(parents=True)
     (ds_run / "trainer_state.json").write_text("{}")
     (ds_run.parent / "latest").write_text("step_00000004\n")
-    early = tmp_path / "early"  # killed before its first checkpoint
+    early = tmp_path / "early"  # killed in its first step: no metrics.jsonl yet
     for log_dir in (run, fft_run, peft_run, ds_run.parents[1], early):
         log_dir.mkdir(exist_ok=True)
-        for name in ("config.json", "train.log", "metrics.jsonl"):
+        for name in ("config.json", "train.log", "metrics.jsonl")[:2 if log_dir == early else 3]:
             (log_dir / name).write_text("{}" if name == "config.json" else "")
     base = ["--task_name", "mbpp", "--data_path", data_paths["mbpp"], "--log_dir", str(tmp_path / "never")]
     cases = [(["--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]), "--enc_model_type",
@@ -398,7 +398,7 @@ def test_cli_rejects_flags_the_method_does_not_read_and_directories_of_another_k
              (["--model_type", "tiny-phi-2", "--peft_method", "fft", "--load_base_from_path", str(ds_run.parents[1])],
               f"or pass the weights zero_to_fp32.py converts from the latest checkpoint (python "
               f"{ds_run}/zero_to_fp32.py {ds_run} OUT --tag deepspeed --safe_serialization; then "
-              f"--sharded_checkpoint_dir OUT)"),
+              f"--sharded_checkpoint_dir OUT, or --load_base_from_path OUT/model.safetensors for a model under 5 GB)"),
              (["--model_type", "tiny-phi-2", "--load_adapter_from", str(early)],
               "this is a training log_dir whose run stopped before its first checkpoint and final/: it left no model"),
              (["--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]), "--load_base_from_path",
@@ -454,9 +454,12 @@ def test_fft_checkpoints_load_from_state_dict_files_and_sharded_dirs(saved_model
     # from_pretrained found none of its names and left every weight random, with a warning only
     wrapped = {f"backbone.{k}": v.contiguous() for k, v in trained.state_dict().items()}
     names = sorted(wrapped)
-    for name, parts in (("wrapped", [names]), ("wrapped_shards", [names[:5], names[5:]])):
+    for name, parts in (("wrapped", [names]), ("wrapped_bin", [names]), ("wrapped_shards", [names[:5], names[5:]])):
         (tmp_path / name).mkdir()
         shutil.copy(pathlib.Path(saved_models["fft"]) / "config.json", tmp_path / name)
+        if name == "wrapped_bin":  # zero_to_fp32.py without --safe_serialization
+            torch.save(wrapped, tmp_path / name / "pytorch_model.bin")
+            continue
         if len(parts) == 1:
             save_file(wrapped, str(tmp_path / name / "model.safetensors"))
             continue
@@ -469,6 +472,7 @@ def test_fft_checkpoints_load_from_state_dict_files_and_sharded_dirs(saved_model
                        ("--load_base_from_path", tmp_path / "trainable.safetensors"),
                        ("--sharded_checkpoint_dir", tmp_path / "sharded"),
                        ("--load_base_from_path", tmp_path / "wrapped"),
+                       ("--load_base_from_path", tmp_path / "wrapped_bin"),
                        ("--sharded_checkpoint_dir", tmp_path / "wrapped_shards")):
         args = generate_preds.build_parser().parse_args(
             ["--task_name", "mbpp", "--model_type", "tiny-phi-2", flag, str(path)])

@@ -51,6 +51,7 @@ def test_paper_defaults(tmp_path):
         assert (cfg.train.weight_decay, cfg.train.warmup_ratio, cfg.train.lr_scheduler_type) == (0.0, 0.0, "linear")
         assert cfg.model.enc_model_type == ("codesage-small" if method in ("lopa", "idpg") else None)
         assert (cfg.output.save_every, cfg.output.save_total_limit) == (SaveEvery(1), 1)  # a crash loses an epoch
+        assert cfg.output.keep_checkpoints is False  # removed once final/ exists
         assert cfg.output.wandb_logging is False
     assert _parse(["--peft_method", "lora", "--lr", "3e-4"] + BASE, tmp_path=tmp_path).train.lr == 3e-4
 
@@ -280,3 +281,25 @@ def test_compile_switch_is_validated_and_auto_by_default():
     off = parse_args(["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--compile", "off"],
                      script="peft")
     assert off.train.compile == "off"
+
+
+def test_a_resumed_run_keeps_the_checkpointing_it_was_started_with(tmp_path):
+    """A run started with --save_every 2steps (or before PEFT's per-epoch default) and resumed without the flag
+    kept checkpointing under today's default, pruning its earlier checkpoints to one."""
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    (step / "config.json").write_text(json.dumps({"output": {"save_every": "2steps", "save_total_limit": None}}))
+    resume = ["--peft_method", "pt", *BASE, "--resume_from", str(run)]
+    cfg = config_from_namespace(build_parser("peft").parse_args(resume), "peft")
+    assert (cfg.output.save_every, cfg.output.save_total_limit, cfg.output.keep_checkpoints) == \
+        (SaveEvery(2, "steps"), None, True)
+    cfg = config_from_namespace(build_parser("peft").parse_args(
+        [*resume, "--save_every", "1", "--save_total_limit", "3"]), "peft")  # the command line wins
+    assert (cfg.output.save_every, cfg.output.save_total_limit, cfg.output.keep_checkpoints) == (SaveEvery(1), 3, True)
+    (step / "config.json").write_text(json.dumps({"output": {"save_every": "1epochs", "save_total_limit": 1,
+                                                             "keep_checkpoints": False}}))
+    cfg = config_from_namespace(build_parser("peft").parse_args(resume), "peft")
+    assert (cfg.output.save_every, cfg.output.save_total_limit, cfg.output.keep_checkpoints) == (SaveEvery(1), 1, False)

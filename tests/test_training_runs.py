@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -503,3 +504,16 @@ def test_a_crash_right_after_an_epochs_checkpoint_keeps_that_epochs_mean_in_trai
               if ": mean loss" in line]
     assert logged == [f"epoch {i + 1}: mean loss {mean:.4f}" for i, mean in enumerate(epoch_means(log_dir))]
     assert len(logged) == 2
+
+
+def test_the_default_peft_checkpoints_protect_the_run_and_go_once_final_is_written(tmp_path, data_paths):
+    """PEFT's default: one checkpoint per epoch, the newest kept, none for the last step (final/ follows at once),
+    and checkpoints/ removed once final/ is in place, so a finished run takes no more disk than before."""
+    log_dir = tmp_path / "run"
+    run_inprocess("pt", ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path",
+                         records_file(data_paths, tmp_path, "mbpp", 4), "--limit_train_examples", "4",
+                         "--per_gpu_train_batch_size", "2", "--num_epochs", "3", "--max_length", "48",
+                         "--num_virtual_tokens", "2", "--log_dir", str(log_dir)])
+    saved = re.findall(r"checkpoint (\S+)", (log_dir / "train.log").read_text())
+    assert [pathlib.Path(p).name for p in saved] == ["step_00000002", "step_00000004"]  # epochs 1 and 2, not 3
+    assert (log_dir / "final" / "adapter_config.json").is_file() and not (log_dir / "checkpoints").exists()

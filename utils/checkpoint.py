@@ -145,16 +145,15 @@ def training_log_dir_hint(directory: pathlib.Path) -> str | None:
     """What to load instead, when ``directory`` is a training run's log_dir given as the model to generate from
     (None when it is not one: our runs write ``train.log`` and ``metrics.jsonl``)."""
     directory = pathlib.Path(directory)
-    if not ((directory / "train.log").is_file() and (directory / "metrics.jsonl").is_file()):
+    if not (directory / "train.log").is_file():  # written at the start (metrics.jsonl only at the first step)
         return None
     final = directory / "final"
     if final.is_dir():
         flag = "--load_adapter_from" if (final / "adapter_config.json").is_file() else "--load_base_from_path"
         return f"a training log_dir; pass its model, {flag} {final}"
-    latest = directory / CHECKPOINTS_DIR / LATEST
-    step = directory / CHECKPOINTS_DIR / latest.read_text().strip() if latest.is_file() else \
-        newest_unnamed_checkpoint(directory)
-    if step is None or not (step / STATE_FILE).is_file():
+    try:
+        step = find_checkpoint(directory)  # what --resume_from would continue from
+    except UserError:
         return ("a training log_dir whose run stopped before its first checkpoint and final/: it left no model; "
                 "train again")
     if (step / "adapter" / "adapter_config.json").is_file():
@@ -163,7 +162,8 @@ def training_log_dir_hint(directory: pathlib.Path) -> str | None:
         instead = f"a checkpoint's weights (the latest: --load_base_from_path {step / 'trainable.safetensors'})"
     else:  # a DeepSpeed checkpoint: its weights are in ZeRO's shards
         instead = (f"the weights zero_to_fp32.py converts from the latest checkpoint (python {step}/zero_to_fp32.py "
-                   f"{step} OUT --tag deepspeed --safe_serialization; then --sharded_checkpoint_dir OUT)")
+                   f"{step} OUT --tag deepspeed --safe_serialization; then --sharded_checkpoint_dir OUT, or "
+                   f"--load_base_from_path OUT/model.safetensors for a model under 5 GB)")
     return (f"a training log_dir without final/ (the run did not finish): resume it (--resume_from {directory}), or "
             f"pass {instead}")
 

@@ -288,11 +288,12 @@ ATTEMPT_FILE = "attempt.json"
 """Written when a cell starts: the training hash its ``train/`` directory belongs to."""
 
 
-def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str, str | None]:
-    """Clear the cell's directory for a run and return ``(commands to run, training, training commit)``.
+def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str, list[str]]:
+    """Clear the cell's directory for a run and return ``(commands to run, training, training commits)``.
     ``training`` is ``"reused"`` when an earlier attempt with the same training settings finished its training
-    (that stage is skipped; the commit is the one that attempt recorded), ``"resumed"`` when it left a checkpoint
-    (the stage gets ``--resume_from``), else ``"fresh"``. The commit is None for a cell without training."""
+    (that stage is skipped; the commits are those the attempt recorded), ``"resumed"`` when it left a checkpoint
+    (the stage gets ``--resume_from``; the earlier attempt's commits, then this one), else ``"fresh"`` (this
+    commit). No commit for a cell without training; "unrecorded" for an attempt from before they were kept."""
     commands, training = list(cell.commands), "fresh"
     train_dir, attempt = cell.directory / "train", cell.directory / ATTEMPT_FILE
     train_hash = cell.training_hash()
@@ -301,16 +302,19 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str,
         same = previous.get("training_hash") == train_hash
     except (OSError, ValueError, AttributeError):
         previous, same = {}, False
-    training_commit = git_commit() if train_hash is not None else None
+    training_commits = [git_commit()] if train_hash is not None else []
+    earlier = previous.get("training_commits")
+    earlier = [str(c) for c in earlier] if isinstance(earlier, list) and earlier else ["unrecorded"]
     if train_hash is not None and same and not fresh:
         from utils.checkpoint import has_resumable_checkpoint
 
         if (train_dir / "final").is_dir():
             commands, training = commands[1:], "reused"
-            training_commit = previous.get("training_commit", "unrecorded")  # the code that trained the weights
+            training_commits = earlier  # the code that trained the weights
         elif has_resumable_checkpoint(train_dir):
             script, argv = commands[0]
             commands[0], training = (script, argv + ["--resume_from", str(train_dir)]), "resumed"
+            training_commits = list(dict.fromkeys(earlier + training_commits))  # its steps came from both
     if cell.directory.exists():
         (cell.directory / "result.json").unlink(missing_ok=True)  # first: a kill mid-clean-up must not leave it
         for child in cell.directory.iterdir():
@@ -321,8 +325,8 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str,
             else:
                 child.unlink()
     cell.directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(attempt, json.dumps({"training_hash": train_hash, "training_commit": training_commit}) + "\n")
-    return commands, training, training_commit
+    atomic_write_text(attempt, json.dumps({"training_hash": train_hash, "training_commits": training_commits}) + "\n")
+    return commands, training, training_commits
 
 
 def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
@@ -330,7 +334,7 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
     ``<cell>/cell.log``; return its result record. An earlier attempt's training is reused or resumed unless
     ``fresh`` (see ``_prepare``). Raises CellFailed naming the stage; KeyboardInterrupt passes through. Either way
     no result.json is written."""
-    commands, training, training_commit = _prepare(cell, fresh)
+    commands, training, training_commits = _prepare(cell, fresh)
     start = time.perf_counter()
     summaries = []
     with naming_full_disk(cell.directory / "cell.log", "the cell has no result.json, so the next run redoes it: free "
@@ -361,7 +365,7 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
         "n_tasks": main_summary["n_tasks"], "scored_file": pathlib.Path(main_summary["results_path"]).name,
         "commands": [" ".join(["python", script] + argv) for script, argv in cell.commands],
         "seed": seed, "git_commit": git_commit(), "config_hash": cell.config_hash(), "training": training,
-        "training_commit": training_commit, "data_file": cell.data_path, "data_sha256": cell.data_digest,
+        "training_commits": training_commits, "data_file": cell.data_path, "data_sha256": cell.data_digest,
         "seconds": round(time.perf_counter() - start, 1),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -24,8 +24,8 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
              "Each cell's commands, seed and git commit are listed below the tables; a cell kept from an earlier "
              "run was not redone after code changes (the cache compares commands and data only).", ""]
     shown = [r for k, r in results.items() if any(c.key == k for c in cells)]
-    commits = sorted({r["git_commit"] for r in shown} | {r["training_commit"] for r in shown
-                                                          if r.get("training_commit") not in (None, "unrecorded")})
+    commits = sorted({r["git_commit"] for r in shown} | {c for r in shown for c in r.get("training_commits") or []
+                                                          if c != "unrecorded"})
     if len(commits) > 1:
         lines += [f"**The cells come from {len(commits)} different commits** ({', '.join(f'`{c}`' for c in commits)}); "
                   "rerun with --force for a table from one code version.", ""]
@@ -59,9 +59,10 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
         if not r:
             lines.append(f"- `{cell.key}`: no result")
             continue
-        trained = ""
-        if r.get("training") == "reused":  # the weights come from an earlier attempt, maybe another code version
-            trained = f"; training reused from an earlier attempt (commit `{r.get('training_commit', 'unrecorded')}`)"
+        trained, by = "", r.get("training_commits") or []
+        if by and by != [r["git_commit"]]:  # weights from an earlier attempt, maybe another code version
+            how = "reused from an earlier attempt" if r.get("training") == "reused" else "resumed"
+            trained = f"; training {how} (commits {', '.join(f'`{c}`' for c in by)})"
         lines.append(f"- `{cell.key}`: pass@1 {_fmt(r['pass@1'])} on {r['n_tasks']} tasks; seed {r['seed']}; "
                      f"commit `{r['git_commit']}`{trained}; {r['seconds']} s; finished {r['finished']}")
         lines += [f"  - `{c}`" for c in r["commands"]]

@@ -206,17 +206,34 @@ def config_from_namespace(ns: argparse.Namespace, script: str) -> TrainConfig:
         fused_adamw=ns.fused_adamw, packing=ns.packing, pad_to_max_length=ns.pad_to_max_length,
         group_by_length=ns.group_by_length,
         limit_train_examples=ns.limit_train_examples, max_length=ns.max_length, path_to_ds_config=ns.path_to_ds_config)
-    save_every, save_total_limit = ns.save_every, ns.save_total_limit
-    if save_every is None:  # a crash of a PEFT run loses at most an epoch; its checkpoint is small
-        save_every = "0" if method == "fft" else "1"
+    save_every, save_total_limit, keep = ns.save_every, ns.save_total_limit, True
+    if save_every is None and ns.resume_from is not None:  # the resumed run's own choice, not today's default
+        save_every, save_total_limit, keep = _saved_checkpointing(ns.resume_from, save_total_limit)
+    if save_every is None:  # a crash of a PEFT run loses at most an epoch; the checkpoint goes once final/ exists
+        save_every, keep = ("0", True) if method == "fft" else ("1", False)
         if method != "fft" and save_total_limit is None:
             save_total_limit = 1
     output = OutputArgs(
         log_dir=ns.log_dir or _resume_log_dir(ns.resume_from) or default_log_dir(),
-        save_every=SaveEvery.parse(save_every), save_total_limit=save_total_limit,
+        save_every=SaveEvery.parse(save_every), save_total_limit=save_total_limit, keep_checkpoints=keep,
         resume_from=ns.resume_from, wandb_logging=ns.wandb_logging, project_name=ns.project_name,
         log_every=ns.log_every)
     return TrainConfig(script=script, model=model, train=train, output=output)
+
+
+def _saved_checkpointing(resume_from: str, save_total_limit: int | None) -> tuple[str | None, int | None, bool]:
+    """``(save_every, save_total_limit, keep_checkpoints)`` the run being resumed was started with (its checkpoint's
+    config.json), where the command line does not say: a run started before the PEFT default changed (or with
+    --save_every 50steps) keeps checkpointing as it did. ``(None, ...)`` when it cannot be read (checked later)."""
+    from utils.checkpoint import find_checkpoint
+
+    try:
+        output = json.loads((find_checkpoint(resume_from) / "config.json").read_text(encoding="utf-8"))["output"]
+        save_every = str(output["save_every"])
+    except (UserError, OSError, ValueError, KeyError, TypeError):
+        return None, save_total_limit, True
+    limit = save_total_limit if save_total_limit is not None else output.get("save_total_limit")
+    return save_every, limit, bool(output.get("keep_checkpoints", True))
 
 
 def _resume_log_dir(resume_from: str | None) -> str | None:

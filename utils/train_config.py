@@ -158,6 +158,9 @@ class OutputArgs:
     log_dir: str
     save_every: SaveEvery = field(default_factory=SaveEvery)
     save_total_limit: int | None = None
+    keep_checkpoints: bool = True
+    """False (PEFT's default --save_every): the checkpoints only protect the run against a crash; the last step's
+    is not written (final/ follows at once) and checkpoints/ is removed once final/ is in place."""
     resume_from: str | None = None
     wandb_logging: bool = False
     project_name: str = "PromptTuningModel"

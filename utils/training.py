@@ -302,7 +302,8 @@ class Trainer:
                     self.log.info("epoch %d: mean loss %.4f", state.epoch, epoch_losses[-1])
                     if cfg.output.wandb_logging:
                         acc.log({"epoch/mean_loss": epoch_losses[-1]}, step=state.global_step)
-                if save.due(step=self.state.global_step) or (end_of_epoch and save.due(epoch=self.state.epoch)):
+                last = state.global_step >= plan.total_steps and not cfg.output.keep_checkpoints  # final/ is next
+                if not last and (save.due(step=state.global_step) or (end_of_epoch and save.due(epoch=state.epoch))):
                     self._save_checkpoint()
                     self._rate_clock = (time.perf_counter(), self.state.tokens)  # tokens/s leaves out saving
                 if end_of_epoch:
@@ -311,6 +312,8 @@ class Trainer:
                     break
         bar.close()
         final = self._save_final()
+        if not cfg.output.keep_checkpoints and acc.is_main_process:  # they protected the run; final/ replaces them
+            shutil.rmtree(self.log_dir / CHECKPOINTS_DIR, ignore_errors=True)
         if acc.is_main_process:
             plot_loss(self.metrics.path, self.log_dir / LOSS_PLOT,
                       f"{cfg.model.method} {cfg.model.task_name} {cfg.model.model_type}")
