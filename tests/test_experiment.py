@@ -402,6 +402,20 @@ def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_
     assert run("--set", "gen.max_new_tokens=16")["training"] == "reused"
     assert run("--force")["training"] == "fresh"
 
+    # records of the version before training_commits: attempt.json's single commit is kept, and so is result.json's
+    attempt = cell / "attempt.json"
+    attempt.write_text(json.dumps({"training_hash": json.loads(attempt.read_text())["training_hash"],
+                                   "training_commit": "d" * 7}))
+    (cell / "result.json").unlink()
+    assert run()["training_commits"] == ["d" * 7]
+    stored = json.loads((cell / "result.json").read_text())
+    del stored["training_commits"]
+    (cell / "result.json").write_text(json.dumps({**stored, "training_commit": "c" * 7}))
+    assert run_experiment.main(argv)["ran"] == []  # kept: the report is written from the stored record
+    report = (tmp_path / "results.md").read_text()
+    assert "training reused from an earlier attempt (commits `ccccccc`)" in report
+    assert "**The cells come from 2 different commits** (`bbbbbbb`, `ccccccc`)" in report
+
 
 def test_results_md_keeps_the_cells_outside_the_selection(tmp_path, monkeypatch):
     _fake_stages(monkeypatch)

@@ -371,7 +371,8 @@ def test_cli_rejects_flags_the_method_does_not_read_and_directories_of_another_k
     for log_dir in (run, fft_run, peft_run, ds_run.parents[1], early):
         log_dir.mkdir(exist_ok=True)
         for name in ("config.json", "train.log", "metrics.jsonl")[:2 if log_dir == early else 3]:
-            (log_dir / name).write_text("{}" if name == "config.json" else "")
+            (log_dir / name).write_text('{"script": "peft", "runtime": {}}' if name == "config.json" else "")
+    (fft_dir / "train.log").write_text("")  # a model directory a shell redirect wrote a log into: not a log_dir
     base = ["--task_name", "mbpp", "--data_path", data_paths["mbpp"], "--log_dir", str(tmp_path / "never")]
     cases = [(["--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]), "--enc_model_type",
                "tiny-roberta"], "a pt adapter has no field 'enc_model_type', but --enc_model_type tiny-roberta"),

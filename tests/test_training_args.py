@@ -183,17 +183,18 @@ def test_a_used_log_dir_needs_resume_and_one_without_a_checkpoint_needs_a_fresh_
     with pytest.raises(UserError, match="saved no checkpoint: it stopped before its first one.*start over without "
                                         "--resume_from"):
         _parse(["--peft_method", "pt"] + BASE + ["--resume_from", str(run)], tmp_path=tmp_path)
-    (run / "final").mkdir()  # finished with --save_every 0: nothing to continue either
-    with pytest.raises(UserError, match="a run .* that finished \\(final/\\) without a checkpoint, so it cannot be "
-                                        "resumed; remove"):
+    (run / "final").mkdir()  # finished, its checkpoints removed (PEFT's default) or never written: not to be removed
+    finished = f"already holds a finished run \\(its model: {run / 'final'}\\); choose another --log_dir$"
+    with pytest.raises(UserError, match=finished):
         _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
-    with pytest.raises(UserError, match="saved no checkpoint: it finished \\(final/\\) without a checkpoint"):
+    with pytest.raises(UserError, match=f"this run finished \\(its model: {run / 'final'}\\) and keeps no "
+                                        f"checkpoint .*: there is nothing to resume$"):
         _parse(["--peft_method", "pt"] + BASE + ["--resume_from", str(run)], tmp_path=tmp_path)
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
     (run / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("{}")
     (run / "checkpoints" / "latest").write_text("step_00000002\n")
-    with pytest.raises(UserError, match=f"already holds a finished run \\({run / 'final'}\\); choose another"):
-        _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)  # with checkpoints, as PEFT runs now keep
+    with pytest.raises(UserError, match=finished):
+        _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)  # finished, its checkpoints kept (--save_every)
     (run / "final").rmdir()
     with pytest.raises(UserError, match=f"already holds a run .*; pass --resume_from {run} to continue it"):
         _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)

@@ -102,11 +102,14 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
             return checkpoint
     if (newest := newest_unnamed_checkpoint(path)) is not None:
         return newest
+    if (path / "final").is_dir() and ((path / "metrics.jsonl").is_file() or (path / "train.log").is_file()):
+        raise UserError(f"--resume_from {path}: this run finished (its model: {path / 'final'}) and keeps no "
+                        f"checkpoint (PEFT's default removes them once final/ is written; --save_every 0 writes "
+                        f"none): there is nothing to resume")
     if (path / "metrics.jsonl").is_file() or (path / "train.log").is_file():
-        how = "finished (final/) without a checkpoint" if (path / "final").exists() else "stopped before its first one"
-        raise UserError(f"--resume_from {path}: this run saved no checkpoint: it {how} (they come every "
-                        f"--save_every; 0 saves only final/), so there is nothing to resume; start over without "
-                        f"--resume_from, after removing {path} or with another --log_dir")
+        raise UserError(f"--resume_from {path}: this run saved no checkpoint: it stopped before its first one (they "
+                        f"come every --save_every; 0 saves only final/), so there is nothing to resume; start over "
+                        f"without --resume_from, after removing {path} or with another --log_dir")
     raise UserError(f"--resume_from {path}: not a checkpoint (no {STATE_FILE}) and not a log_dir with "
                     f"{CHECKPOINTS_DIR}/{LATEST}")
 
@@ -145,7 +148,12 @@ def training_log_dir_hint(directory: pathlib.Path) -> str | None:
     """What to load instead, when ``directory`` is a training run's log_dir given as the model to generate from
     (None when it is not one: our runs write ``train.log`` and ``metrics.jsonl``)."""
     directory = pathlib.Path(directory)
-    if not (directory / "train.log").is_file():  # written at the start (metrics.jsonl only at the first step)
+    try:  # ours: train.log and a config.json with the run's script and runtime, both written at the start
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        ours = (directory / "train.log").is_file() and {"script", "runtime"} <= config.keys()
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
         return None
     final = directory / "final"
     if final.is_dir():

@@ -303,8 +303,7 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str,
     except (OSError, ValueError, AttributeError):
         previous, same = {}, False
     training_commits = [git_commit()] if train_hash is not None else []
-    earlier = previous.get("training_commits")
-    earlier = [str(c) for c in earlier] if isinstance(earlier, list) and earlier else ["unrecorded"]
+    earlier = recorded_training_commits(previous)
     if train_hash is not None and same and not fresh:
         from utils.checkpoint import has_resumable_checkpoint
 
@@ -327,6 +326,16 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str,
     cell.directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(attempt, json.dumps({"training_hash": train_hash, "training_commits": training_commits}) + "\n")
     return commands, training, training_commits
+
+
+def recorded_training_commits(record: dict) -> list[str]:
+    """The commits an attempt.json or result.json says trained the cell: ``training_commits``, or the single
+    ``training_commit`` records of an earlier version held; ``["unrecorded"]`` when neither is there."""
+    commits = record.get("training_commits")
+    if isinstance(commits, list) and commits:
+        return [str(c) for c in commits]
+    single = record.get("training_commit")
+    return [single] if isinstance(single, str) and single else ["unrecorded"]
 
 
 def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:

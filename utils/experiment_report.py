@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from utils.experiment import COLUMN_NAMES, ROW_NAMES, Cell
+from utils.experiment import COLUMN_NAMES, ROW_NAMES, Cell, recorded_training_commits
 from utils.fileio import atomic_write_text
 from utils.paper_results import CONFIRMED, paper_pass_at_1
 from utils.train_logging import read_metrics
@@ -24,8 +24,8 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
              "Each cell's commands, seed and git commit are listed below the tables; a cell kept from an earlier "
              "run was not redone after code changes (the cache compares commands and data only).", ""]
     shown = [r for k, r in results.items() if any(c.key == k for c in cells)]
-    commits = sorted({r["git_commit"] for r in shown} | {c for r in shown for c in r.get("training_commits") or []
-                                                          if c != "unrecorded"})
+    commits = sorted({r["git_commit"] for r in shown} | {c for r in shown if r.get("training") != "fresh"
+                                                          for c in recorded_training_commits(r) if c != "unrecorded"})
     if len(commits) > 1:
         lines += [f"**The cells come from {len(commits)} different commits** ({', '.join(f'`{c}`' for c in commits)}); "
                   "rerun with --force for a table from one code version.", ""]
@@ -59,10 +59,10 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
         if not r:
             lines.append(f"- `{cell.key}`: no result")
             continue
-        trained, by = "", r.get("training_commits") or []
-        if by and by != [r["git_commit"]]:  # weights from an earlier attempt, maybe another code version
-            how = "reused from an earlier attempt" if r.get("training") == "reused" else "resumed"
-            trained = f"; training {how} (commits {', '.join(f'`{c}`' for c in by)})"
+        trained = ""
+        if r.get("training") in ("reused", "resumed"):  # weights (partly) from an earlier attempt's code
+            how = "reused from an earlier attempt" if r["training"] == "reused" else "resumed"
+            trained = f"; training {how} (commits {', '.join(f'`{c}`' for c in recorded_training_commits(r))})"
         lines.append(f"- `{cell.key}`: pass@1 {_fmt(r['pass@1'])} on {r['n_tasks']} tasks; seed {r['seed']}; "
                      f"commit `{r['git_commit']}`{trained}; {r['seconds']} s; finished {r['finished']}")
         lines += [f"  - `{c}`" for c in r["commands"]]

@@ -120,8 +120,8 @@ Tune a foundation model with a PEFT method (lora, pt, idpg, lopa) on MBPP or CRU
   python tune_foundation_model.py --peft_method lopa --task_name mbpp --model_type phi-2
   accelerate launch --config_file config_files/config_ds_zero_stage2_no_fp16.yaml tune_foundation_model.py ...
 
-Writes to --log_dir: config.json, metrics.jsonl, train.log, loss.png, checkpoints/ and the adapter in final/.
-See docs/TRAINING.md."""
+Writes to --log_dir: config.json, metrics.jsonl, train.log, loss.png, checkpoints/ (by default one per epoch, removed
+once final/ is written) and the adapter in final/. See docs/TRAINING.md."""
 
 FFT_DESCRIPTION = """\
 Full fine-tuning baseline: every weight of the foundation model trains; final/ is a Hugging Face model
@@ -272,14 +272,13 @@ def check_files(config: TrainConfig) -> None:
     if out.resume_from is None:
         for taken in ("metrics.jsonl", "checkpoints", "final"):
             if (log_dir / taken).exists():
+                if (log_dir / "final").exists():  # finished (the PEFT default then keeps no checkpoint)
+                    raise UserError(f"--log_dir {log_dir} already holds a finished run (its model: "
+                                    f"{log_dir / 'final'}); choose another --log_dir")
                 if not _has_checkpoint(log_dir):
-                    how = ("finished (final/) without a checkpoint" if (log_dir / "final").exists()
-                           else "stopped before its first checkpoint")
-                    raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}) that {how}, so "
-                                    f"it cannot be resumed; remove {log_dir} or choose another --log_dir")
-                if (log_dir / "final").exists():  # finished, with checkpoints (the PEFT default saves them)
-                    raise UserError(f"--log_dir {log_dir} already holds a finished run ({log_dir / 'final'}); "
-                                    f"choose another --log_dir (or remove it)")
+                    raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}) that stopped "
+                                    f"before its first checkpoint, so it cannot be resumed; remove {log_dir} or "
+                                    f"choose another --log_dir")
                 raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}); pass "
                                 f"--resume_from {log_dir} to continue it, or choose another --log_dir")
         return
