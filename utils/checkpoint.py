@@ -146,7 +146,8 @@ def resume_hint(log_dir: pathlib.Path) -> str:
 
 def training_log_dir_hint(directory: pathlib.Path) -> str | None:
     """What to load instead, when ``directory`` is a training run's log_dir given as the model to generate from
-    (None when it is not one: our runs write ``train.log`` and ``metrics.jsonl``)."""
+    (None when it is not one of our runs: those write ``train.log`` and a ``config.json`` with ``script`` and
+    ``runtime`` at their start)."""
     directory = pathlib.Path(directory)
     try:  # ours: train.log and a config.json with the run's script and runtime, both written at the start
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))

@@ -285,7 +285,8 @@ class _Tee(io.TextIOBase):
 
 
 ATTEMPT_FILE = "attempt.json"
-"""Written when a cell starts: the training hash its ``train/`` directory belongs to."""
+"""Written when a cell starts: the training hash its ``train/`` directory belongs to, and the commits that trained
+it (``_prepare``)."""
 
 
 def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str, list[str]]:
