@@ -141,6 +141,8 @@ def warn_if_tuned_for_another_task(args: argparse.Namespace) -> str | None:
 
 def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
     """``(HF model directory, single state_dict file, sharded directory without config)`` from the FFT flags."""
+    from utils.generation import wrapped_checkpoint
+
     hf_dir = state_file = sharded = None
     base = args.load_base_from_path
     if base:
@@ -159,41 +161,11 @@ def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str |
             hf_dir = args.sharded_checkpoint_dir
         else:
             sharded = args.sharded_checkpoint_dir
-    if hf_dir is not None and _wrapped_names(pathlib.Path(hf_dir)):
+    if hf_dir is not None and (routed := wrapped_checkpoint(hf_dir)) is not None:
         # zero_to_fp32.py's output with a config.json copied in: from_pretrained would find none of its names
         # (all under "backbone.") and leave every weight random, with a warning only
-        single = next((pathlib.Path(hf_dir) / n for n in ("model.safetensors", "pytorch_model.bin")
-                       if (pathlib.Path(hf_dir) / n).is_file()), None)
-        if any((pathlib.Path(hf_dir) / n).is_file() for n in ("model.safetensors.index.json",
-                                                               "pytorch_model.bin.index.json")):
-            single = None
-        hf_dir, state_file, sharded = None, (str(single) if single else None), (None if single else hf_dir)
+        hf_dir, (state_file, sharded) = None, routed
     return hf_dir, state_file, sharded
-
-
-def _wrapped_names(directory: pathlib.Path) -> bool:
-    """Whether the weights in ``directory`` (a shard index's names, or model.safetensors') all carry the training
-    wrapper's ``backbone.`` or DDP's ``module.`` prefix, which only our own loading removes."""
-    index = next((directory / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-                  if (directory / n).is_file()), None)
-    try:
-        if index is not None:
-            names = list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-        elif (directory / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(directory / "model.safetensors"), "pt") as f:
-                names = list(f.keys())
-        elif (directory / "pytorch_model.bin").is_file():  # zero_to_fp32.py without --safe_serialization
-            import torch
-
-            names = list(torch.load(directory / "pytorch_model.bin", map_location="cpu", mmap=True,
-                                    weights_only=True))
-        else:
-            return False
-    except Exception:  # an unreadable index or file: from_pretrained's own error says more
-        return False
-    return bool(names) and all(n.startswith(("backbone.", "module.")) for n in names)
 
 
 def _reject_training_checkpoint(path: pathlib.Path) -> None:

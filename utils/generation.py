@@ -306,6 +306,34 @@ def _checkpoint_names(names) -> Callable[[str], str]:
 _SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
+def wrapped_checkpoint(directory) -> tuple[str | None, str | None] | None:
+    """``(state_dict file, sharded directory)`` to load ``directory``'s weights with ``load_fft_weights`` when their
+    names all carry DDP's ``module.`` or the training wrapper's ``backbone.`` (zero_to_fp32.py's output with a
+    config.json copied beside it), which ``from_pretrained`` would match none of, leaving every weight random.
+    None otherwise, or when the files cannot be read (``from_pretrained``'s own error says more)."""
+    root = pathlib.Path(directory)
+    index = next((root / name for name in _SHARD_INDEXES if (root / name).is_file()), None)
+    single = None if index else next((root / name for name in ("model.safetensors", "pytorch_model.bin")
+                                      if (root / name).is_file()), None)
+    try:
+        if index is not None:
+            names = list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        elif single is not None and single.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(single), "pt") as f:
+                names = list(f.keys())
+        elif single is not None:  # zero_to_fp32.py without --safe_serialization
+            names = list(torch.load(single, map_location="cpu", mmap=True, weights_only=True))
+        else:
+            return None
+    except Exception:  # an unreadable index or file, whatever the library raises
+        return None
+    if not names or not all(name.startswith(("backbone.", "module.")) for name in names):
+        return None
+    return (None, str(root)) if index is not None else (str(single), None)
+
+
 def _shards(directory: str) -> tuple[list[pathlib.Path], Callable[[str], str]]:
     """The shard files of a sharded checkpoint directory (its index's ``weight_map``), and how to rename their
     tensors (``_checkpoint_names`` over the whole index)."""
