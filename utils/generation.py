@@ -306,13 +306,18 @@ def _checkpoint_names(names) -> Callable[[str], str]:
 _SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
+def _shard_index(root: pathlib.Path) -> pathlib.Path | None:
+    """The shard index of a checkpoint directory (safetensors' first), or None."""
+    return next((root / name for name in _SHARD_INDEXES if (root / name).is_file()), None)
+
+
 def wrapped_checkpoint(directory) -> tuple[str | None, str | None] | None:
     """``(state_dict file, sharded directory)`` to load ``directory``'s weights with ``load_fft_weights`` when their
     names all carry DDP's ``module.`` or the training wrapper's ``backbone.`` (zero_to_fp32.py's output with a
     config.json copied beside it), which ``from_pretrained`` would match none of, leaving every weight random.
     None otherwise, or when the files cannot be read (``from_pretrained``'s own error says more)."""
     root = pathlib.Path(directory)
-    index = next((root / name for name in _SHARD_INDEXES if (root / name).is_file()), None)
+    index = _shard_index(root)
     single = None if index else next((root / name for name in ("model.safetensors", "pytorch_model.bin")
                                       if (root / name).is_file()), None)
     try:
@@ -338,7 +343,7 @@ def _shards(directory: str) -> tuple[list[pathlib.Path], Callable[[str], str]]:
     """The shard files of a sharded checkpoint directory (its index's ``weight_map``), and how to rename their
     tensors (``_checkpoint_names`` over the whole index)."""
     root = pathlib.Path(directory)
-    index = next((root / name for name in _SHARD_INDEXES if (root / name).is_file()), None)
+    index = _shard_index(root)
     if index is None:
         raise UserError(f"--sharded_checkpoint_dir {directory}: no {' or '.join(_SHARD_INDEXES)} (a single file "
                         f"goes to --load_base_from_path)")
