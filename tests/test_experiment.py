@@ -148,7 +148,8 @@ def test_paper_preset_dry_run_with_a_tiny_stand_in_runs_every_stage(tmp_path, da
         cell = tmp_path / "cells/tiny-phi-2/mbpp" / method
         config = json.loads((cell / "train/config.json").read_text())
         assert config["train"]["gradient_accumulation_steps"] == 4 and config["runtime"]["mixed_precision"] == "bf16"
-        assert (cell / "train/checkpoints/latest").is_file()  # save_every 1: an epoch checkpoint
+        assert config["output"]["save_every"] == "1epochs" and config["output"]["keep_checkpoints"] is False
+        assert not (cell / "train/checkpoints").exists()  # removed once final/ exists (phi-2 FFT's: ~33 GB)
         gen = json.loads((cell / "gen/generate_preds_config.json").read_text())
         assert gen["generation"]["do_sample"] is True and gen["generation"]["temperature"] == 0.6
         assert json.loads((cell / "result.json").read_text())["pass@1"] is not None

@@ -70,6 +70,30 @@ def test_paper_preset_checkpoints_can_be_turned_off_per_method(tmp_path):
     assert (fft.output.save_every.every, lopa.output.save_every.every) == (0, 1)
 
 
+def test_paper_preset_removes_checkpoints_once_final_exists_without_changing_its_cells_hashes(tmp_path):
+    """Its per-epoch checkpoints protect a cell against a crash; kept beside final/, phi-2 FFT's is ~33 GB. What
+    happens to them does not change a result, so --keep_checkpoints stays out of the hashes of stored cells (which
+    were made before the preset set it), whichever value it has."""
+    import dataclasses
+
+    from utils.experiment import plan_cells
+    from utils.presets import apply_overrides, paper_preset
+
+    preset = paper_preset("phi-2")
+    before = dataclasses.replace(preset, train={k: v for k, v in preset.train.items() if k != "keep_checkpoints"})
+    kept = apply_overrides(preset, ["keep_checkpoints=true"])
+    hashes = [[(c.config_hash(), c.training_hash()) for c in plan_cells(p, tmp_path)] for p in (preset, before, kept)]
+    assert hashes[0] == hashes[1] == hashes[2]
+    cells = plan_cells(preset, tmp_path)
+    for method in ("fft", "lopa"):
+        assert _train_config(next(c for c in cells if c.method == method)).output.keep_checkpoints is False
+    assert _train_config(next(c for c in plan_cells(kept, tmp_path) if c.method == "fft")).output.keep_checkpoints
+    def fft_hash(p):
+        return next(c.training_hash() for c in plan_cells(p, tmp_path) if c.method == "fft")
+
+    assert fft_hash(apply_overrides(preset, ["fft.save_every=2"])) != fft_hash(preset)  # other flags still count
+
+
 def test_set_false_turns_off_a_training_switch_that_defaults_on(tmp_path):
     """--set train.packing=false (or selective_logits / fused_adamw, also on by default) must reach the trainer:
     left out, the flag keeps its default True, and the cell's hash does not change either."""

@@ -56,6 +56,15 @@ def test_paper_defaults(tmp_path):
     assert _parse(["--peft_method", "lora", "--lr", "3e-4"] + BASE, tmp_path=tmp_path).train.lr == 3e-4
 
 
+def test_keep_checkpoints_follows_save_every_unless_given(tmp_path):
+    def keep(*flags, method="pt"):
+        return _parse(["--peft_method", method, *flags] + BASE, tmp_path=tmp_path).output.keep_checkpoints
+
+    assert (keep(), keep("--save_every", "2"), keep("--save_every", "2", "--keep_checkpoints", "false")) == \
+        (False, True, False)
+    assert (keep("--keep_checkpoints"), keep("--keep_checkpoints", "True")) == (True, True)
+
+
 def test_default_log_dir_is_a_timestamp_under_logging():
     cfg = parse_args(["--peft_method", "pt"] + BASE, "peft")
     assert re.fullmatch(r"logging/\d{8}-\d{6}", cfg.output.log_dir)

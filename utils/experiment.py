@@ -84,9 +84,26 @@ class Cell:
         return hashlib.sha256(pathlib.Path(self.data_path).read_bytes()).hexdigest() if self.data_path else None
 
     def _digest(self, commands) -> str:
-        payload = {"commands": [(s, [a for a in argv if str(self.directory) not in a]) for s, argv in commands],
+        payload = {"commands": [(s, _identity_args(argv, self.directory)) for s, argv in commands],
                    "data": self.data_digest}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+NOT_IN_HASH = ("--keep_checkpoints",)
+"""Flags (with their value) that leave a cell's result as it is: what happens to checkpoints once final/ exists."""
+
+
+def _identity_args(argv: list[str], directory: pathlib.Path) -> list[str]:
+    """The arguments a cell's hash covers: not its own paths, not ``NOT_IN_HASH``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip and not arg.startswith("--"):  # the value of a NOT_IN_HASH flag
+            skip = False
+            continue
+        skip = arg in NOT_IN_HASH
+        if not skip and str(directory) not in arg:
+            out.append(arg)
+    return out
 
 
 def plan_cells(preset: Preset, out_dir: pathlib.Path) -> list[Cell]:

@@ -69,7 +69,8 @@ def paper_preset(model: str) -> Preset:
         methods=[m for m in METHODS if model == "phi-2" or m != "fft"],
         train={"num_virtual_tokens": 10, "lp_rank": 1, "num_epochs": 10, "per_gpu_train_batch_size": 2,
                "gradient_accumulation_steps": 4, "mixed_precision": "bf16",
-               "save_every": 1, "save_total_limit": 1},  # an interrupted cell resumes from its last epoch
+               "save_every": 1, "save_total_limit": 1,  # an interrupted cell resumes from its last epoch
+               "keep_checkpoints": False},  # final/ replaces them (phi-2 FFT's is ~33 GB)
         per_task=per_task,
         gen={"paper_decoding": True, "batch_size": 16},  # progress bar on: generation takes minutes
         eval={"k": "1", "no_progress": True},

@@ -107,6 +107,8 @@ def _add_output_args(parser: ArgumentParser) -> None:
     g.add_argument("--save_total_limit", type=int, default=None,
                    help="keep only the newest N checkpoints (default: all, but 1 under the PEFT default "
                         "--save_every)")
+    _bool_flag(g, "keep_checkpoints", "keep checkpoints/ once final/ is written (default: yes when --save_every is "
+               "given, no under the PEFT default)", default=None)
     g.add_argument("--resume_from", default=None, metavar="DIR",
                    help="a checkpoint directory, or a log_dir (resumes its latest checkpoint)")
     _bool_flag(g, "wandb_logging", "log to Weights & Biases (WANDB_MODE=offline works)")
@@ -213,6 +215,8 @@ def config_from_namespace(ns: argparse.Namespace, script: str) -> TrainConfig:
         save_every, keep = ("0", True) if method == "fft" else ("1", False)
         if method != "fft" and save_total_limit is None:
             save_total_limit = 1
+    if ns.keep_checkpoints is not None:
+        keep = ns.keep_checkpoints
     output = OutputArgs(
         log_dir=ns.log_dir or _resume_log_dir(ns.resume_from) or default_log_dir(),
         save_every=SaveEvery.parse(save_every), save_total_limit=save_total_limit, keep_checkpoints=keep,
