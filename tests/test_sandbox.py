@@ -3,10 +3,12 @@ evaluator still scores every other sample right. Also: the fallback modes and gr
 import ast
 import json
 import os
+import pathlib
 import shutil
 import socket
 import stat
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -292,7 +294,8 @@ def test_program_sees_a_scrubbed_environment_and_no_host_files(arena):
     if sandbox.features["mount_namespace"]:
         uid, cwd, home = probe.stdout.split(" ", 2)
         # the interpreter and site-packages stay visible (read-only): a venv under /tmp shows its first directory
-        kept = {os.path.realpath(p).split("/")[2] for p in [sys.base_prefix, sys.base_exec_prefix, *sys.path]
+        python = [sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(sys.executable)]
+        kept = {os.path.realpath(p).split("/")[2] for p in python + sys.path
                 if p and os.path.realpath(p).startswith("/tmp/")}
         assert int(uid) != 0 and cwd == "/tmp" and set(ast.literal_eval(home.strip())) <= kept, (home, kept)
 
@@ -570,3 +573,103 @@ def test_a_sample_cannot_find_earlier_samples_programs_in_its_memory():
         result = sandbox.run(scan)
     assert result.status == "passed", result.reason
     assert result.stdout.strip() == "[]", result.stdout
+
+
+_MAIN_PROGRAM = textwrap.dedent("""
+    import multiprocessing, pickle
+
+    def square(x):
+        return x * x
+
+    class Point:
+        def __init__(self, x):
+            self.x = x
+
+    assert pickle.loads(pickle.dumps(Point(3))).x == 3
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        assert pool.map(square, [1, 2, 3]) == [1, 4, 9]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # re-runs no __main__ file (as in `python -c`)
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+""")
+_FORKED_CHILDREN = {  # a child's end is its own: the program's process decides the result, as under `python`
+    "children_exit_and_raise_parent_passes": ("passed", textwrap.dedent("""
+        import os, sys
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        pid = os.fork()
+        if pid == 0:
+            raise ValueError("the child fails; its parent copes")
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 1
+    """)),
+    "child_ends_parent_fails": ("failed", textwrap.dedent("""
+        import os
+        if os.fork() != 0:
+            os.wait()
+            assert False, "the parent fails"
+    """)),
+}
+
+
+@pytest.mark.parametrize("start", ["forkserver", "exec"])
+def test_the_program_is_main_and_its_forked_children_do_not_decide_its_result(start):
+    """Under ``python program.py`` pickle and multiprocessing find the program's names in __main__ (they once
+    failed, and a spawn Pool waited out the timeout: __main__ was the sandbox's own hidden file). A child made with
+    os.fork() that ended first once wrote the sample's result."""
+    with Sandbox(SandboxConfig(timeout=10.0, start=start)) as sandbox:
+        main = sandbox.run(_MAIN_PROGRAM)
+        forked = {name: sandbox.run(program) for name, (_, program) in _FORKED_CHILDREN.items()}
+    assert main.status == "passed", (main.reason, main.stderr)
+    assert {name: r.status for name, r in forked.items()} == {n: s for n, (s, _) in _FORKED_CHILDREN.items()}, \
+        {name: r.reason for name, r in forked.items()}
+    assert "ValueError: the child fails" in forked["children_exit_and_raise_parent_passes"].stderr
+    assert forked["child_ends_parent_fails"].reason.startswith("AssertionError: the parent fails")
+
+
+def test_the_predictions_and_problems_directories_are_hidden_wherever_they_are(tmp_path, monkeypatch):
+    """They hold every sample and every task's tests; outside the caller's home, working directory and the project
+    (and the private /tmp) they were readable, e.g. predictions under /srv or /data."""
+    from utils import sandbox as sandbox_module
+
+    parent = next((d for d in ("/srv", "/opt", "/mnt", "/var/lib") if os.access(d, os.W_OK)), None)
+    if parent is None:
+        pytest.skip("no writable directory outside /tmp, home and the project")
+    run = pathlib.Path(tempfile.mkdtemp(prefix="lopa_hidden_test_", dir=parent))
+    try:
+        os.chmod(run, 0o755)
+        programs = {"peek": f"import os\nprint(sorted(os.listdir({str(run)!r})))\n"}
+        preds, problems = _as_mbpp(run, programs)
+        os.chmod(preds, 0o644)
+        summary = evaluate_file("mbpp", preds, problem_file=problems, n_workers=1, timeout=TIMEOUT, progress=False)
+        if not summary["sandbox"]["mount_namespace"]:
+            pytest.skip("no mount namespace here: nothing is hidden (documented)")
+        assert str(run) in summary["sandbox"]["hidden_dirs"]
+        assert sandbox_module._hidden_dirs(["/usr/lib", "/", str(run)]) == sandbox_module._hidden_dirs([str(run)])
+        with Sandbox(SandboxConfig(timeout=TIMEOUT, hide=(str(run),))) as sandbox:
+            seen = sandbox.run(programs["peek"])
+        assert seen.status == "passed" and seen.stdout == "[]\n", (seen.reason, seen.stdout)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_slot_uids_are_a_random_block_no_running_process_uses(monkeypatch):
+    """They were 200,000 + (pid % 10,000) * 256: two evaluations whose pids matched shared RLIMIT_NPROC (and mode
+    uid's sweep killed the other's programs), and sssd's default ID mapping hands out uids from 200,000."""
+    from utils import sandbox as sandbox_module
+
+    first = sandbox_module.UID_RANGE[0] // 256
+    draws = iter([first, first + 1])
+
+    class Draw:
+        def randrange(self, lo, hi):
+            assert (lo, hi) == (first, sandbox_module.UID_RANGE[1] // 256)
+            return next(draws)
+
+    monkeypatch.setattr(sandbox_module.random, "SystemRandom", Draw)
+    monkeypatch.setattr(sandbox_module, "process_uids", lambda: {0: 3, first * 256 + 7: 1})
+    assert sandbox_module._random_uid_base() == (first + 1) * 256  # the first block had a process
+    monkeypatch.undo()
+    bases = {sandbox_module._random_uid_base() for _ in range(5)}
+    assert len(bases) > 1 and all(b % 256 == 0 and sandbox_module.UID_RANGE[0] <= b < b + 255 <
+                                  sandbox_module.UID_RANGE[1] for b in bases)

@@ -259,7 +259,11 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     path = pathlib.Path(path)
     check_generated_for(path, task_name, lambda recorded: f"score it with --task_name {recorded}")
     timeout = timeout or DEFAULT_TIMEOUT[task_name]
-    config = dataclasses.replace(sandbox_config or SandboxConfig(), timeout=timeout)
+    config = sandbox_config or SandboxConfig()
+    # the programs must not read the other samples or any task's tests
+    shown = [pathlib.Path(f) for f in (path, problem_file, data_path) if f and pathlib.Path(f).exists()]
+    config = dataclasses.replace(config, timeout=timeout,
+                                 hide=(*config.hide, *sorted({str(f.resolve().parent) for f in shown})))
     if task_name == "mbpp":
         solutions, problems = read_mbpp_solutions_and_problems(path, problem_file, data_path, mbpp_split)
         missing = sorted(problems.keys() - {s["task_id"] for s in solutions})

@@ -23,8 +23,9 @@ Where the OS allows it (mode ``namespaces``; chosen automatically by probing; as
 * a new **PID namespace** whose PID 1 is the sample's supervisor: when it ends or is killed, the kernel kills
   every process the program left behind (daemonised grandchildren included);
 * a new **mount namespace** with private tmpfs mounts over /tmp (the program's work dir), /var/tmp, /dev/shm
-  and /run/lock, and empty tmpfs mounts over /root, /home, the caller's home and working directory and the
-  project (the Python installation is bind-mounted back read-only when it lives under one of them);
+  and /run/lock, and empty tmpfs mounts over /root, /home, the caller's home and working directory, the
+  project and ``SandboxConfig.hide`` (evaluate_file: the predictions' and the problems' directories); the Python
+  installation is bind-mounted back read-only when it lives under one of them;
 * an **unprivileged uid/gid** per worker slot (as root): the program cannot write root-owned files, cannot
   signal the evaluator, and RLIMIT_NPROC (which root ignores) caps a fork bomb.
 
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -67,7 +69,7 @@ import weakref
 
 from utils.errors import UserError
 from utils.sandbox_process import (ForkServer, RunResult, ServerGone, close_servers, exec_sample, interpret,
-                                   same_interpreter, site_packages, user_process_count)
+                                   process_uids, same_interpreter, site_packages)
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("auto", "namespaces", "uid", "none")
@@ -100,7 +102,11 @@ class SandboxConfig:
     python: str = sys.executable
     """The interpreter that runs the programs (Python 3.11+; only its standard library is used)."""
     uid_base: int | None = None
-    """First uid of the worker slots (uid_base + slot); by default derived from the caller's pid."""
+    """First uid of the worker slots (uid_base + slot); by default a random block of ``UID_RANGE`` that no running
+    process uses."""
+    hide: tuple[str, ...] = ()
+    """More directories to hide (mode namespaces), beside the caller's home, working directory and the project:
+    evaluate_file hides the predictions' and the problems' (they hold every sample and every task's tests)."""
     site_packages: bool = True
     """Let programs import the packages installed for the evaluator (numpy, ...), read-only, as in the classic
     harnesses, which run programs in the evaluator's own environment. Only when ``python`` is the evaluator's
@@ -115,9 +121,32 @@ class SandboxConfig:
             raise ValueError("sandbox timeout and memory_mb must be positive")
 
 
-def _hidden_dirs() -> list[str]:
+UID_RANGE = (2_000_200_192, 2_147_352_576)
+"""Where the slot uids are drawn from, in blocks of 256: above sssd's default ID mapping (to 2,000,200,000) and the
+ranges of real users and container subuids, below systemd's foreign-uid range (0x7FFE0000) and 2**31 (which some
+tools read as negative)."""
+_SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/dev", "/proc", "/sys")
+
+
+def _random_uid_base() -> int:
+    """A block of ``UID_RANGE`` that no visible process runs as (two evaluations at once, or a real user, would
+    share RLIMIT_NPROC, and mode uid's sweep would kill the other's processes)."""
+    in_use, draw = process_uids(), random.SystemRandom()
+    while True:
+        base = draw.randrange(UID_RANGE[0] // 256, UID_RANGE[1] // 256) * 256
+        if not any(base <= uid < base + 256 for uid in in_use):
+            return base
+
+
+def _hidden_dirs(extra=()) -> list[str]:
+    """``extra`` in or above a system directory stays visible: the programs need /usr, /lib, ..."""
     dirs = {"/root", "/home", os.path.expanduser("~"), os.getcwd(), PROJECT_ROOT}
+    dirs |= {d for d in map(os.path.realpath, extra) if not any(_under(s, d) or _under(d, s) for s in _SYSTEM_DIRS)}
     return sorted({os.path.realpath(d) for d in dirs if d} - {"/"})
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def _evaluator_venv() -> list[str]:
@@ -137,7 +166,7 @@ class Sandbox:
     def __init__(self, config: SandboxConfig | None = None):
         self.config = config or SandboxConfig()
         self._is_root = os.geteuid() == 0
-        self._uid_base = self.config.uid_base or 200_000 + (os.getpid() % 10_000) * 256
+        self._uid_base = self.config.uid_base or _random_uid_base()
         self._unshare = shutil.which("unshare")
         self._free_slots: list[int] = []
         self._n_slots = 0
@@ -180,8 +209,8 @@ class Sandbox:
         return out
 
     def _choose(self) -> tuple[str, str, dict]:
-        key = (self.config.python, self.config.mode, self.config.start, self._is_root, self._uid_base,
-               self._unshare)
+        key = (self.config.python, self.config.mode, self.config.start, self._is_root, self._unshare,
+               self.config.hide)
         with self._probe_lock:
             if key not in self._probe_cache:
                 tried = {}
@@ -210,7 +239,7 @@ class Sandbox:
             "rlimits": {"as_mb": self.config.memory_mb, "fsize_mb": self.config.file_size_mb,
                         "nofile": self.config.nofile, "nproc": self.config.nproc, "cpu_s": "timeout + 2"},
             "network_namespace": ns, "pid_namespace": ns, "mount_namespace": ns, "private_tmp": ns,
-            "hidden_dirs": _hidden_dirs() if ns else [], "unprivileged_uid": uid,
+            "hidden_dirs": _hidden_dirs(self.config.hide) if ns else [], "unprivileged_uid": uid,
             "nproc_limit_binding": uid or not self._is_root, "modes_that_failed": tried,
         }
         return mode, start, features
@@ -264,7 +293,7 @@ class Sandbox:
         cfg, ns = self.config, self.mode == "namespaces"
         drop = self.mode in ("namespaces", "uid") and self._is_root
         uid = self._uid_base + slot if drop else -1
-        nproc = cfg.nproc if drop else (-1 if self._is_root else user_process_count(os.geteuid()) + cfg.nproc)
+        nproc = cfg.nproc if drop else (-1 if self._is_root else process_uids()[os.geteuid()] + cfg.nproc)
         # With namespaces and the fork server nothing of a sample outlives it (its PID namespace ends first), so
         # a slot's files are reused. Otherwise a leftover process could write into a reused file: every sample
         # gets a fresh directory, removed afterwards.
@@ -274,7 +303,8 @@ class Sandbox:
             paths = {name: os.path.join(tmp, name) for name in ("program", "stdout", "stderr", "status")}
             home = "/tmp" if ns else os.path.join(tmp, "work")
             req = {"stdout": paths["stdout"], "stderr": paths["stderr"], "status": paths["status"], "workdir": home,
-                   "uid": uid, "ns": ns, "env": self._env(home), "hide": _hidden_dirs(), "tmpfs_mb": cfg.tmpfs_mb,
+                   "uid": uid, "ns": ns, "env": self._env(home), "hide": _hidden_dirs(cfg.hide),
+                   "tmpfs_mb": cfg.tmpfs_mb,
                    "import_paths": self._import_paths, "readonly": _evaluator_venv(),
                    "timeout": timeout, "limits": {"as": cfg.memory_mb << 20, "fsize": cfg.file_size_mb << 20,
                                                   "nofile": cfg.nofile, "nproc": nproc, "cpu": int(timeout) + 2}}

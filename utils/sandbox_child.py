@@ -67,7 +67,10 @@ def isolate(hide, tmpfs_mb, readonly=()):
     """In a new mount namespace: private tmpfs over the scratch dirs, empty tmpfs over ``hide``; ``readonly``
     paths that stay visible become read-only."""
     os.chdir("/")
-    keep = {os.path.realpath(p) for p in [sys.base_prefix, sys.base_exec_prefix] + sys.path if p}
+    # the interpreter (a venv's bin/python and pyvenv.cfg too: multiprocessing's spawn and the resource tracker
+    # start sys.executable) and its import paths
+    keep = {os.path.realpath(p) for p in [sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix,
+                                          os.path.dirname(sys.executable)] + sys.path if p}
     keep = sorted(p for p in keep if os.path.isdir(p))
     keep = [p for p in keep if not any(q != p and under(p, q) for q in keep)]
     plan = [(d, mb, "1777") for d, mb in [("/tmp", tmpfs_mb), ("/var/tmp", 1), ("/dev/shm", 1), ("/run/lock", 1)]]
@@ -173,18 +176,43 @@ def run_program(req, src, fd):
     except OSError as exc:
         report(fd, "E sandbox setup: %s" % exc)
         _exit(3)
+    # The program is __main__, as under `python program.py`: pickle and multiprocessing look its names up there
+    main = type(sys)("__main__")
+    main.__builtins__ = __builtins__
+    sys.modules["__main__"] = main
+    own, error = os.getpid(), None
     try:
-        exec(compile(src, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        exec(compile(src, "program.py", "exec"), main.__dict__)
         status, code = "P", 0
     except BaseException as exc:
-        status, code = "F " + describe(exc), 1
+        status, code, error = "F " + describe(exc), 1, exc
+    if os.getpid() != own:  # a child the program made with os.fork(): its end is not the program's result
+        code = forked_child_code(error)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except BaseException:
             pass
-    report(fd, status)
+    if os.getpid() == own:
+        report(fd, status)
     _exit(code)
+
+
+def forked_child_code(error):
+    """The exit status Python gives a process that ends with ``error`` (None: at the end of the program), the
+    message or traceback printed as Python prints them."""
+    if error is None:
+        return 0
+    if isinstance(error, SystemExit):
+        if error.code is None or isinstance(error.code, int):
+            return (error.code or 0) & 0xFF
+        print(error.code, file=sys.stderr)
+        return 1
+    try:
+        sys.excepthook(type(error), error, error.__traceback__)
+    except BaseException:
+        pass
+    return 1
 
 
 def sweep(uid):

@@ -3,6 +3,7 @@ child side): the fork-server client, the exec start, the uid sweep, and reading 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -50,12 +51,13 @@ def read_tail(path: str, n: int) -> str:
         return fh.read().decode("utf-8", "replace")
 
 
-def user_process_count(uid: int) -> int:
-    count = 0
+def process_uids() -> collections.Counter:
+    """How many visible processes run as each uid."""
+    count = collections.Counter()
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
-                count += os.stat(f"/proc/{name}").st_uid == uid
+                count[os.stat(f"/proc/{name}").st_uid] += 1
             except OSError:
                 pass
     return count
