@@ -111,8 +111,11 @@ def _check_fit(config: dict, path: pathlib.Path, *, method, model_type, model_pa
 
     if method is not None and config["method"] != method:
         raise mismatch("method", method, "pass the --peft_method it was trained with")
-    if model_type is not None and model_path is None and config.get("hidden_size") is not None:
-        width = get_model_spec(model_type).hidden_size  # the registry knows it: fail before any download
+    from_hub = config.get("base_model_name_or_path") in (None, get_model_spec(model_type).hf_id) if model_type else False
+    if from_hub and model_path is None and config.get("hidden_size") is not None:
+        # the registry knows the hub model's width: fail before any download (a recorded local base is checked
+        # once it is loaded)
+        width = get_model_spec(model_type).hidden_size
         if width != config["hidden_size"]:
             raise UserError(f"{path}: field 'hidden_size' is {config['hidden_size']} but --model_type {model_type} "
                             f"has width {width}; pass the --model_type the adapter was trained on "

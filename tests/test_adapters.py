@@ -119,6 +119,26 @@ def test_an_adapter_trained_on_a_local_base_loads_that_base(tmp_path):
         load_tuned_model(tmp_path / "adapter")
 
 
+def test_an_adapter_on_a_local_base_of_another_width_loads_with_its_model_type(tmp_path):
+    """A smaller local variant: --model_type alone (the docs' way) used to be refused, the registry's width against
+    the adapter's, with advice to pass the --model_type that was given."""
+    import transformers
+
+    base, tok = build_model("none", "tiny-phi-2", seed=3)
+    config = transformers.PhiConfig(**{**base.lm.config.to_dict(), "hidden_size": 32, "intermediate_size": 64})
+    transformers.PhiForCausalLM(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model, _ = build_model("pt", "tiny-phi-2", num_virtual_tokens=M, model_path=str(tmp_path / "base"), seed=3)
+    save_adapter(model, tmp_path / "adapter")
+    loaded, _ = load_tuned_model(tmp_path / "adapter", "tiny-phi-2", method="pt")
+    assert loaded.lm.config.hidden_size == 32
+    assert_same_model(model.eval(), loaded, left_batch(tok))
+    base.lm.save_pretrained(tmp_path / "wide")  # another base given: checked once loaded
+    tok.save_pretrained(tmp_path / "wide")
+    with pytest.raises(UserError, match="field 'hidden_size' is 32 but the base model 'tiny-phi-2' has width 64"):
+        load_tuned_model(tmp_path / "adapter", "tiny-phi-2", model_path=str(tmp_path / "wide"))
+
+
 def test_a_relative_local_base_and_encoder_are_recorded_absolute(tmp_path, monkeypatch):
     """--model_path base --enc_model_path enc given relative to the training directory: generation run from
     another directory must still find both (a relative record resolved against the wrong cwd)."""
