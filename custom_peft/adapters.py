@@ -111,7 +111,8 @@ def _check_fit(config: dict, path: pathlib.Path, *, method, model_type, model_pa
 
     if method is not None and config["method"] != method:
         raise mismatch("method", method, "pass the --peft_method it was trained with")
-    from_hub = config.get("base_model_name_or_path") in (None, get_model_spec(model_type).hf_id) if model_type else False
+    recorded = config.get("base_model_name_or_path")
+    from_hub = model_type is not None and recorded in (None, get_model_spec(model_type).hf_id)
     if from_hub and model_path is None and config.get("hidden_size") is not None:
         # the registry knows the hub model's width: fail before any download (a recorded local base is checked
         # once it is loaded)
