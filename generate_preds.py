@@ -75,6 +75,9 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--limit", type=positive_int, default=None, help="first N test tasks only (smoke runs)")
     r.add_argument("--resume", action="store_true",
                    help="keep the tasks already in --log_dir/generation_progress.jsonl and generate the rest")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --log_dir that holds an earlier run's progress, predictions or scores "
+                        "(deleted); without it (or --resume) such a directory is refused")
     r.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -250,6 +253,8 @@ def check_args(args: argparse.Namespace):
 
     check_model_args(argparse.Namespace(**{**vars(args), "num_virtual_tokens": args.num_virtual_tokens or 1,
                                            "lp_rank": args.lp_rank or 1}))
+    if args.resume and args.overwrite:
+        raise UserError("--resume keeps an earlier run's work and --overwrite deletes it: give one of them")
     if args.num_beams != 1:
         raise UserError(f"--num_beams {args.num_beams}: only 1 is supported (the paper samples one sequence)")
     gen_config = resolve_gen_config(get_task(args.task_name), paper_decoding=args.paper_decoding,
@@ -276,13 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     from utils.decode_loop import STEP_COMPILE, GreedyDecoder, check_plain_greedy
     from utils.fast_paths import static_cache_kwargs
     from utils.generation import generate_predictions
-    from utils.prediction_files import (ProgressLog, check_no_other_task_files, check_resumable, derived_files,
-                                        output_files, validate_prediction_files, write_config, write_predictions)
+    from utils.prediction_files import (ProgressLog, check_fresh_start, check_no_other_task_files, check_resumable,
+                                        derived_files, output_files, validate_prediction_files, write_config,
+                                        write_predictions)
     from utils.tasks import get_task
 
     task = get_task(args.task_name)
     if args.log_dir and not args.resume:  # every process: a refusal on the main one alone would hang the others
         check_no_other_task_files(pathlib.Path(args.log_dir), task)
+        if not args.overwrite:
+            check_fresh_start(pathlib.Path(args.log_dir), task)
     args.data_path = args.data_path or default_data_path(args.task_name)
     records = load_task_split(args.task_name, "test", args.data_path, mbpp_split=args.mbpp_split, limit=args.limit)
     model, tokenizer, enc_tokenizer = load_model(args, method)  # fails on a bad checkpoint before any file is written

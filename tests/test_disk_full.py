@@ -146,6 +146,21 @@ def test_read_metrics_skips_the_line_a_full_disk_cut_off_and_resume_rewrites_wit
         read_metrics(path)
 
 
+def test_a_resume_that_cannot_rewrite_metrics_keeps_the_old_file_whole(tmp_path, monkeypatch):
+    """resume_at rewrote metrics.jsonl in place: a kill or a full disk between the truncation and the write left
+    it empty, and the steps before the checkpoint were gone from it (and from loss.png) for good."""
+    import os
+
+    path = tmp_path / "metrics.jsonl"
+    full = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3))
+    path.write_text(full)
+    monkeypatch.setattr(os, "fsync", raising(enospc()))  # the new content never reaches the disk
+    with pytest.raises(UserError, match="no space left on device"):
+        MetricsFile(tmp_path, enabled=True).resume_at(2)
+    assert path.read_text() == full  # the next resume drops step 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+
+
 def test_final_cut_off_by_a_full_disk_is_one_line_then_the_resumed_run_finishes_without_its_plot(
         tmp_path, data_paths, monkeypatch, capsys):
     from utils.training import Trainer

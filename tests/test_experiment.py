@@ -24,7 +24,7 @@ def test_smoke_fills_all_18_cells_with_evaluator_results(smoke_run):
     assert len(first["ran"]) == 18
     text = (out / "results.md").read_text()
     rows = re.findall(r"^\| (None|FFT|LoRA|PT|IDPG|LOPA) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
-    assert [r[0] for r in rows] == ["None", "FFT", "LoRA", "PT", "IDPG", "LOPA"]
+    assert [r[0] for r in rows] == ["None", "FFT", "LoRA", "PT", "IDPG", "LOPA"] * 2  # the main and MBPP tables
     for key, result in first["results"].items():
         assert 0.0 <= result["pass@1"] <= 1.0 and result["n_tasks"] == EXPECTED_TASKS
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", result["git_commit"])
@@ -390,6 +390,29 @@ def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_
     assert "**The cells come from 2 different commits** (`aaaaaaa`, `bbbbbbb`)" in report
     assert "=== attempt started" in (cell / "cell.log").read_text() and "training: reused" in (
         cell / "cell.log").read_text()
+
+    # died in generation: the same commands on the reused training go on from its finished batches
+    predictions, progress = cell / "gen" / "mbxp_solutions.jsonl", cell / "gen" / "generation_progress.jsonl"
+    generated, batches = predictions.read_bytes(), progress.read_text().splitlines(keepends=True)
+    progress.write_text(batches[0])
+    predictions.unlink()
+    (cell / "result.json").unlink()
+    assert run()["training"] == "reused"
+    attempt_log = (cell / "cell.log").read_text().split("=== attempt started")[-1]
+    generate = next(line for line in attempt_log.splitlines() if line.startswith("$ python generate_preds.py"))
+    assert generate.endswith(" --resume") and predictions.read_bytes() == generated
+    kept = len(json.loads(batches[0])["predictions"])
+    assert re.search(rf"\b\d+ tasks \({kept} resumed, \d+ generated", attempt_log), attempt_log
+
+    # killed once the cell was cleared, before its new attempt.json: the old one is kept, and with it the training
+    def killed(path, text):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(experiment, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment.main(argv + ["--set", "gen.max_new_tokens=16"])
+    monkeypatch.undo()
+    monkeypatch.setattr(experiment, "git_commit", lambda: "b" * 7)
+    assert (cell / "train" / "final").is_dir() and run()["training"] == "reused"
 
     (cell / "result.json").unlink()  # died after the last checkpoint, before final/
     shutil.rmtree(cell / "train" / "final")

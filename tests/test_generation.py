@@ -669,7 +669,7 @@ def test_an_adapter_whose_m_leaves_mbpp_no_prompt_is_refused_before_the_fresh_st
     save_adapter(build_model("pt", "tiny-phi-2", num_virtual_tokens=330)[0], tmp_path / "adapter")
     (tmp_path / "log").mkdir()
     argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--limit", "2",
-            "--peft_method", "pt", "--load_adapter_from", str(tmp_path / "adapter")]
+            "--peft_method", "pt", "--load_adapter_from", str(tmp_path / "adapter"), "--overwrite"]
     assert _refused_leaving_the_log_dir_as_it_was(tmp_path / "log", argv) == 2
     assert f"error: {tmp_path / 'adapter'}: --num_virtual_tokens 330: MBPP's prompt budget" in capsys.readouterr().err
 
@@ -691,4 +691,4 @@ def test_a_second_run_on_the_same_log_dir_is_refused_and_the_lock_dies_with_the_
         capsys.readouterr().err
     assert sorted(p.name for p in log_dir.iterdir()) == [".lock"]  # it wrote nothing
     assert generate_preds.main(argv) == 0  # the lock went with the run that held it
-    assert generate_preds.main(argv) == 0  # and a finished run releases its own
+    assert generate_preds.main([*argv, "--overwrite"]) == 0  # and a finished run releases its own

@@ -279,7 +279,14 @@ def test_a_fresh_generation_deletes_what_was_derived_from_the_predictions_it_rep
         derived |= mxeval
     assert derived == set(derived_files(get_task(task_name))) and len(derived) == 2 * len(scored) + len(scored) - 1 \
         + (2 * len(scored) if task_name == "mbpp" else 0)
-    assert generate_preds.main(generate) == 0
+    # rerunning the command (after a crash, say) is refused: it would delete them; --overwrite says it is meant
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        generate_preds.main(generate)
+    assert exc.value.code == 2 and "holds an earlier run's work (2 finished tasks in generation_progress.jsonl); " \
+        "pass --resume to continue it (same settings), --overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == kept
+    assert generate_preds.main([*generate, "--overwrite"]) == 0
     assert {p.name for p in tmp_path.iterdir()} == generated
     # a fresh run for the other task family is refused: this one's files would look current beside its config,
     # and deleting them could lose hours of predictions

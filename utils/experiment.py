@@ -302,8 +302,8 @@ class _Tee(io.TextIOBase):
 
 
 ATTEMPT_FILE = "attempt.json"
-"""Written when a cell starts: the training hash its ``train/`` directory belongs to, and the commits that trained
-it (``_prepare``)."""
+"""Written when a cell starts: the training hash its ``train/`` directory belongs to, the commits that trained it,
+and the cell's hash, which lets a rerun resume a generation the attempt left unfinished (``_prepare``)."""
 
 
 def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str, list[str]]:
@@ -332,17 +332,30 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str,
             script, argv = commands[0]
             commands[0], training = (script, argv + ["--resume_from", str(train_dir)]), "resumed"
             training_commits = list(dict.fromkeys(earlier + training_commits))  # its steps came from both
+    from utils.prediction_files import CONFIG_FILE as GEN_CONFIG_FILE
+
+    gen_dir = cell.directory / "gen"
+    # generation killed part-way, in an attempt of the very same commands on the training it will use: go on
+    resume_gen = (previous.get("config_hash") == cell.config_hash() and not fresh
+                  and (train_hash is None or training == "reused") and (gen_dir / GEN_CONFIG_FILE).is_file())
+    if resume_gen:
+        commands = [(script, argv + ["--resume"] if script == "generate_preds.py" else argv)
+                    for script, argv in commands]
     if cell.directory.exists():
         (cell.directory / "result.json").unlink(missing_ok=True)  # first: a kill mid-clean-up must not leave it
         for child in cell.directory.iterdir():
-            if (child == train_dir and training != "fresh") or child.name in ("cell.log", ".lock"):
+            # attempt.json is replaced below, atomically: deleted first, a kill here would make the next run
+            # take a finished training for another one and delete it
+            if ((child == train_dir and training != "fresh") or (child == gen_dir and resume_gen)
+                    or child.name in ("cell.log", ".lock", ATTEMPT_FILE)):
                 continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
                 child.unlink()
     cell.directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(attempt, json.dumps({"training_hash": train_hash, "training_commits": training_commits}) + "\n")
+    atomic_write_text(attempt, json.dumps({"training_hash": train_hash, "training_commits": training_commits,
+                                           "config_hash": cell.config_hash()}) + "\n")
     return commands, training, training_commits
 
 

@@ -8,7 +8,8 @@ CRUXEval (read as is by the LOPA repository's copy of CRUXEval's ``evaluate_gene
 needs every id and the mode in the file name: docs/EVALUATION.md):
   ``output.json``              {"sample_412": [answer, …]} — answers extracted after ``[ANSWER]``
   ``output_raw.json``          {"sample_412": [raw completion, …]}
-A fresh start (no ``--resume``) deletes these and the files derived from them (``derived_files``); it refuses a
+A fresh start (no ``--resume``) refuses a directory that holds them, or progress, unless ``--overwrite``
+(``check_fresh_start``), and then deletes them and the files derived from them (``derived_files``); it refuses a
 directory that holds another task family's (``check_no_other_task_files``).
 Both: ``generation_progress.jsonl`` (one line per finished batch, appended and fsynced; ``--resume`` reads it
 back) and ``generate_preds_config.json`` (the resolved settings).
@@ -84,6 +85,18 @@ def check_no_other_task_files(log_dir: pathlib.Path, task: Task) -> None:
                         f"); choose another --log_dir (or move them)")
 
 
+def check_fresh_start(log_dir: pathlib.Path, task: Task) -> None:
+    """Refuse a fresh run into a directory that holds an earlier run's progress, predictions or scores of this
+    task: rerunning the same command after a crash would delete them (``--overwrite`` says it is meant)."""
+    names = (PROGRESS_FILE, *output_files(task), *derived_files(task))
+    found = [name for name in names if (log_dir / name).is_file() and (log_dir / name).stat().st_size]
+    if found:
+        done = ProgressLog(log_dir).tasks_done() if PROGRESS_FILE in found else 0
+        what = f"{done} finished tasks in {PROGRESS_FILE}" if done else ", ".join(found[:3])
+        raise UserError(f"--log_dir {log_dir} holds an earlier run's work ({what}); pass --resume to continue it "
+                        f"(same settings), --overwrite to delete it and start afresh, or another --log_dir")
+
+
 def _jsonl(rows: Sequence[dict]) -> str:
     # ASCII (non-ASCII as \u escapes): mxeval and CRUXEval open files in the locale's encoding, not always UTF-8
     return "".join(json.dumps(r) + "\n" for r in rows)
@@ -114,6 +127,13 @@ class ProgressLog:
         for batch in batches:
             done.update(batch)
         return done
+
+    def tasks_done(self) -> int:
+        """How many tasks the file holds (0 when it cannot be read)."""
+        try:
+            return len(self.read())
+        except (UserError, OSError):
+            return 0
 
     def reset(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -147,8 +167,8 @@ def check_resumable(log_dir: str | os.PathLike, config: dict, ignore: Sequence[s
             continue
         if saved.get(key) != config.get(key):
             raise UserError(f"{path}: field {key!r} is {saved.get(key)!r} but this run has {config.get(key)!r}; "
-                            f"rerun with the same settings, or without --resume (or another --log_dir) to start "
-                            f"over")
+                            f"rerun with the same settings, or with --overwrite instead of --resume (or another "
+                            f"--log_dir) to start over")
 
 
 def write_config(log_dir: str | os.PathLike, config: dict) -> None:

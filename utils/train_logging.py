@@ -13,7 +13,7 @@ import pathlib
 import sys
 
 from utils.errors import is_disk_full
-from utils.fileio import parse_appended_lines
+from utils.fileio import atomic_write_text, parse_appended_lines
 
 LOGGER_NAME = "lopa.train"
 METRICS_FILE = "metrics.jsonl"
@@ -65,7 +65,8 @@ class MetricsFile:
         if not self.enabled or not self.path.is_file():
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # atomic: a kill (or a full disk) mid-rewrite keeps the old file, whose later lines the next resume drops
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
