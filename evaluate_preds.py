@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", default="1,5,10", help="comma-separated k of pass@k (reported where every task has n >= k)")
     p.add_argument("--memory_mb", type=int, default=SandboxConfig.memory_mb, help="address-space limit per sample")
     p.add_argument("--sandbox_mode", default="auto", choices=MODES, help="auto picks the strongest mode that works")
-    p.add_argument("--allow_missing", action="store_true", help="MBPP: score only the tasks that have samples")
+    p.add_argument("--allow_missing", action="store_true", help="score only the tasks that have samples (a file that lacks some test tasks is refused "
+                        "otherwise, unless a --limit generation wrote it)")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     try:

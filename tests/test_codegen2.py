@@ -79,5 +79,6 @@ def test_another_architecture_given_as_codegen2_is_refused(tmp_path):
     model, tok = load_foundation_model("tiny-llama")
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    with pytest.raises(UserError, match=f"{tmp_path}: a 'llama' model, not CodeGen"):
+    with pytest.raises(UserError, match=f"{tmp_path}: a 'llama' model \\(config.json\\), but --model_type "
+                                        f"codegen2-3_7B is a 'codegen' one"):
         load_foundation_model("codegen2-3_7B", model_path=str(tmp_path))

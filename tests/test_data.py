@@ -210,6 +210,18 @@ def test_missing_field_and_empty_split_are_named(tmp_path):
         load_task_split("humaneval", "test", str(path))
 
 
+def test_a_partial_split_is_named_once(tmp_path, capsys):
+    """A cut data file (the first 500 lines of MBPP) scored 13 tasks as if they were the test split, silently."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text("".join(json.dumps({"id": f"sample_{i}", "code": "def f(x):\n    return x", "input": "1",
+                                        "output": "1"}) + "\n" for i in range(395, 410)))
+    assert len(load_task_split("cruxeval_output_prediction", "test", str(path))) == 10
+    assert capsys.readouterr().err == (f"warning: {path}: the test split has 10 of its 400 ids (400-799); a partial "
+                                       f"file trains on, or scores, only those\n")
+    load_task_split("cruxeval_output_prediction", "test", str(path), limit=3)
+    assert capsys.readouterr().err == ""  # said once
+
+
 def test_a_record_id_twice_is_named_before_generation_keys_predictions_by_it(tmp_path):
     record = {"id": "sample_401", "code": "def f(x):\n    return x", "input": "1", "output": "1"}
     path = tmp_path / "crux.jsonl"

@@ -144,12 +144,38 @@ def test_cruxeval_ground_truth_scores_100_and_wrong_answers_0(tmp_path, data_pat
     assert "pass@5" not in summary  # n = 2 < 5
 
 
+def test_a_partial_or_mixed_cruxeval_file_is_refused_unless_asked_for(tmp_path, data_paths):
+    """A 10-id file scored "100% of 10 tasks" with tasks_without_samples 0, and a train id beside the test ids was
+    scored with them; MBPP refused the same without --allow_missing."""
+    test = load_task_split("cruxeval_output_prediction", "test", data_paths["cruxeval"])
+    train = load_task_split("cruxeval_output_prediction", "train", data_paths["cruxeval"])
+    path = tmp_path / "output.json"
+
+    def score(predictions, **kwargs):
+        path.write_text(json.dumps({r["id"]: [r["output"]] for r in predictions}))
+        return evaluate_file("cruxeval_output_prediction", path, data_path=data_paths["cruxeval"], **FAST, **kwargs)
+
+    with pytest.raises(UserError, match=rf"no predictions for {len(test) - 2} of the test split's {len(test)} ids "
+                                        rf"\(first: {test[2]['id']}\); pass --allow_missing"):
+        score(test[:2])
+    summary = score(test[:2], allow_missing=True)
+    assert (summary["pass@1"], summary["tasks_without_samples"]) == (1.0, len(test) - 2)
+    with pytest.raises(UserError, match=rf"1 ids from outside the test split \(first: '{train[0]['id']}'\) beside 2 "
+                                        rf"test ids; score one split at a time"):
+        score(test[:2] + train[:1], allow_missing=True)
+    assert score(train[:3])["tasks_without_samples"] == 0  # the train split, scored on purpose
+    (tmp_path / "generate_preds_config.json").write_text(json.dumps({"task_name": "cruxeval_output_prediction",
+                                                                     "limit": 2}))
+    assert score(test[:2])["tasks_without_samples"] == len(test) - 2  # a --limit generation's file
+
+
 def test_malformed_cruxeval_predictions_count_as_failures(tmp_path, data_paths):
     records = load_task_split("cruxeval_input_prediction", "test", data_paths["cruxeval"])[:2]
     r0, r1 = records
     path = tmp_path / "output.json"
     path.write_text(json.dumps({r0["id"]: [r0["input"], f"f({r0['input']})"], r1["id"]: ""}))
-    summary = evaluate_file("cruxeval_input_prediction", path, data_path=data_paths["cruxeval"], k=(1, 2), **FAST)
+    summary = evaluate_file("cruxeval_input_prediction", path, data_path=data_paths["cruxeval"], k=(1, 2),
+                            allow_missing=True, **FAST)
     results = read_jsonl(tmp_path / "output_results.jsonl")
     assert [(r["task_id"], r["status"]) for r in results] == [(r0["id"], "failed"), (r0["id"], "passed"),
                                                               (r1["id"], "failed")]

@@ -166,3 +166,30 @@ def test_a_model_path_with_broken_tokenizer_files_is_a_one_line_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut off mid-write
     with pytest.raises(UserError, match=rf"^{tmp_path}: its tokenizer files do not load \(.*save_pretrained"):
         load_tokenizer("phi-2", model_path=str(tmp_path))
+
+
+def test_a_local_model_of_another_architecture_is_refused_before_it_loads_and_another_width_warned(tmp_path, caplog):
+    """--model_path was trusted: a Llama directory under --model_type phi-2 was tuned and reported as phi-2, with
+    phi-2's BOS rule and LoRA targets."""
+    import json
+
+    from utils.models import check_local_model_fits
+
+    llama, tok = load_foundation_model("tiny-llama")
+    llama.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    with pytest.raises(UserError, match=r"a 'llama' model \(config.json\), but --model_type tiny-phi-2 is a 'phi' "
+                                        r"one; pass the --model_type of this model"):
+        load_foundation_model("tiny-phi-2", model_path=str(tmp_path / "llama"))
+    assert load_foundation_model("tiny-llama", model_path=str(tmp_path / "llama"))[0].config.model_type == "llama"
+    for name, config in {"small-phi": {"model_type": "phi", "hidden_size": 64},
+                         "codegen": {"model_type": "codegen", "n_embd": 1024}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    check_local_model_fits(str(tmp_path / "small-phi"), get_model_spec("phi-2"))  # a smaller variant, say
+    assert "small-phi: width 64 (config.json), but phi-2 has width 2560: not the model of that name" in caplog.text
+    caplog.clear()
+    check_local_model_fits(str(tmp_path / "codegen"), get_model_spec("codegen-350M"))  # fits
+    assert caplog.text == ""
+    with pytest.raises(UserError, match="a 'codegen' model"):
+        check_local_model_fits(str(tmp_path / "codegen"), get_model_spec("deepseek-coder-7b-base"))

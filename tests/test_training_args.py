@@ -113,7 +113,9 @@ def test_save_every_units():
     (["--peft_method", "pt", "--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1)"),
     (["--peft_method", "pt", "--num_virtual_tokens", "0"], "--num_virtual_tokens must be >= 1"),
     (["--peft_method", "pt", "--lr_scheduler_type", "constant", "--num_warmup_steps", "5"], "constant_with_warmup"),
-    (["--peft_method", "pt", "--mixed_precision", "fp16"], "fp16 needs a CUDA GPU"),
+    (["--peft_method", "pt", "--mixed_precision", "fp16"], "--mixed_precision fp16 needs a CUDA GPU"),
+    (["--peft_method", "pt", "--model_dtype", "fp16"], "--model_dtype fp16 needs a CUDA GPU; on the CPU use "
+                                                       "--model_dtype bf16, or fp32"),
     (["--peft_method", "pt", "--path_to_ds_config", "missing.json"], "missing.json: no such file"),
     (["--peft_method", "pt", "--resume_from", "nowhere"], "--resume_from nowhere: not a checkpoint"),
     (["--peft_method", "lora", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
@@ -207,6 +209,28 @@ def test_a_used_log_dir_needs_resume_and_one_without_a_checkpoint_needs_a_fresh_
     (run / "final").rmdir()
     with pytest.raises(UserError, match=f"already holds a run .*; pass --resume_from {run} to continue it"):
         _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
+
+
+def test_a_log_dir_holding_a_model_or_other_files_is_refused(tmp_path):
+    """A model directory given as --log_dir (--model_path and --log_dir swapped) had its config.json overwritten
+    by the run's, and no longer loaded; the project's root was written into too."""
+    run = tmp_path / "run"
+    run.mkdir()
+    model_config = '{"model_type": "phi", "hidden_size": 64}'
+    (run / "config.json").write_text(model_config)
+    with pytest.raises(UserError, match=r"holds files no training run wrote \(config.json \(a model's\)\); a run "
+                                        r"writes its config.json and final/ there: choose a new or empty --log_dir"):
+        _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
+    (run / "config.json").unlink()
+    (run / "README.md").write_text("notes")
+    with pytest.raises(UserError, match=r"holds files no training run wrote \(README.md\)"):
+        _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
+    (run / "README.md").unlink()
+    # what a run killed while starting leaves is no obstacle: its log, its config, a temporary file
+    (run / "train.log").write_text("")
+    (run / "config.json").write_text(json.dumps({"script": "tune_foundation_model.py", "runtime": {}}))
+    (run / ".config.json.abc.tmp").write_text("")
+    assert _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path).output.log_dir == str(run)
 
 
 def test_resume_rejects_changed_arguments(tmp_path):

@@ -144,17 +144,21 @@ def resume_hint(log_dir: pathlib.Path) -> str:
             f"or with another --log_dir")
 
 
+def is_training_config(path: pathlib.Path) -> bool:
+    """Whether ``path`` is the config.json a training run of ours writes at its start (with ``script`` and
+    ``runtime``), not a model's."""
+    try:
+        return {"script", "runtime"} <= json.loads(pathlib.Path(path).read_text(encoding="utf-8")).keys()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def training_log_dir_hint(directory: pathlib.Path) -> str | None:
     """What to load instead, when ``directory`` is a training run's log_dir given as the model to generate from
     (None when it is not one of our runs: those write ``train.log`` and a ``config.json`` with ``script`` and
     ``runtime`` at their start)."""
     directory = pathlib.Path(directory)
-    try:  # ours: train.log and a config.json with the run's script and runtime, both written at the start
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        ours = (directory / "train.log").is_file() and {"script", "runtime"} <= config.keys()
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
+    if not (directory / "train.log").is_file() or not is_training_config(directory / "config.json"):
         return None
     final = directory / "final"
     if final.is_dir():

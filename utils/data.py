@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import re
+import sys
 import warnings
 
 from utils.errors import UserError
@@ -184,7 +185,14 @@ def split_records(task_name: str, records: list[dict], split: str, *, mbpp_split
     if not chosen:
         raise UserError(f"{data_path or task_name}: the {split} split is empty (ids {lo}-{hi}); "
                         f"check --data_path and --task_name")
+    if len(chosen) < hi - lo + 1 and (data_path, split, lo) not in _WARNED_PARTIAL:
+        _WARNED_PARTIAL.add((data_path, split, lo))  # once per file and split: several stages read it
+        print(f"warning: {data_path or task_name}: the {split} split has {len(chosen)} of its {hi - lo + 1} ids "
+              f"({lo}-{hi}); a partial file trains on, or scores, only those", file=sys.stderr)
     return chosen
+
+
+_WARNED_PARTIAL: set = set()
 
 
 def load_task_split(task_name: str, split: str, data_path: str | None = None, mbpp_split: str = "paper",

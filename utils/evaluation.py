@@ -23,12 +23,13 @@ import json
 import math
 import os
 import pathlib
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from utils.data import default_data_path, load_records, load_task_split, read_jsonl, read_text_file
+from utils.data import CRUXEVAL_SPLITS, default_data_path, load_records, load_task_split, read_jsonl, read_text_file
 from utils.errors import UserError
 from utils.fileio import atomic_write_text, check_writable_dir
 from utils.prediction_files import check_generated_for
@@ -201,6 +202,28 @@ def check_cruxeval_ids(path, predictions: dict, records: dict) -> None:
                         f"like 'sample_412': check that this is a CRUXEval predictions file, and --data_path")
 
 
+def missing_cruxeval_test_ids(path, predictions: dict, records: dict) -> list[str]:
+    """The test-split ids (of ``records``) a test-split predictions file lacks; a file of train-split ids (scored
+    on purpose) lacks none. Both splits in one file are refused: the score would be neither's."""
+    lo, hi = CRUXEVAL_SPLITS["test"]
+    test = {rid for rid in records if re.fullmatch(r"sample_\d+", rid) and lo <= int(rid[7:]) <= hi}
+    inside, outside = predictions.keys() & test, sorted(predictions.keys() - test)
+    if inside and outside:
+        raise UserError(f"{path}: {len(outside)} ids from outside the test split (first: {outside[0]!r}) beside "
+                        f"{len(inside)} test ids; score one split at a time")
+    return [] if outside else sorted(test - inside, key=lambda rid: int(rid[7:]))
+
+
+def _generated_limit(path) -> int | None:
+    """``--limit`` of the generation that wrote ``path`` (its generate_preds_config.json), if any."""
+    from utils.prediction_files import CONFIG_FILE
+
+    try:
+        return json.loads((pathlib.Path(path).parent / CONFIG_FILE).read_text(encoding="utf-8")).get("limit")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def read_mbpp_solutions(path) -> list[dict]:
     solutions = read_jsonl(path, ("task_id", "completion"), MBPP_FORMAT_HINT)
     for i, sol in enumerate(solutions, 1):
@@ -284,8 +307,12 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
             raise UserError(f"{path}: no predictions; {CRUXEVAL_FORMAT_HINT}")
         records = load_cruxeval_records(task_name, problem_file, data_path)
         check_cruxeval_ids(path, predictions, records)
+        missing = missing_cruxeval_test_ids(path, predictions, records)
+        if missing and not allow_missing and _generated_limit(path) is None:
+            raise UserError(f"{path}: no predictions for {len(missing)} of the test split's "
+                            f"{len(missing) + len(predictions)} ids (first: {missing[0]}); pass --allow_missing to "
+                            f"score only the ids present")
         samples = cruxeval_samples(predictions, records, CRUX_TASKS[task_name])
-        missing = []
     check_writable_dir(path.parent, "--path")  # the results go beside it: fail now, not after the sandbox ran
     workers = max(1, n_workers or default_workers())
     start = time.monotonic()

@@ -6,6 +6,7 @@ missing from the local cache fails at once with a message naming the model and t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pathlib
@@ -179,6 +180,26 @@ def random_causal_lm(spec: FoundationModelSpec, *, dtype=torch.float32, seed: in
     return model
 
 
+def check_local_model_fits(model_path: str, spec) -> None:
+    """A local model directory must be of ``spec``'s architecture: another one would be tuned and reported under
+    the wrong name, with the wrong BOS rule and LoRA targets. Another width (a smaller variant of the family) is a
+    warning."""
+    try:
+        config = json.loads((pathlib.Path(model_path) / "config.json").read_text(encoding="utf-8"))
+        found = config.get("model_type")
+        width = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(config.get(k), int)),
+                     None)
+    except (OSError, ValueError, AttributeError):
+        return  # no readable config: from_pretrained says what is wrong
+    if found is not None and spec.family is not None and found != spec.family:
+        raise UserError(f"{model_path}: a {found!r} model (config.json), but --model_type {spec.name} is a "
+                        f"{spec.family!r} one; pass the --model_type of this model, or the model of this type")
+    if not spec.tiny and width is not None and width != spec.hidden_size:  # a smaller variant may be meant
+        logging.getLogger(LOGGER_NAME).warning(
+            "%s: width %d (config.json), but %s has width %d: not the model of that name (results and records "
+            "will carry its name)", model_path, width, spec.name, spec.hidden_size)
+
+
 def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32", model_path: str | None = None,
                           seed: int = 0, random_weights: bool = False):
     """Return ``(model, tokenizer)`` for a registry model type.
@@ -195,10 +216,12 @@ def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32",
         model = random_causal_lm(spec, dtype=torch_dtype, seed=seed)
         model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer
-    tokenizer = load_tokenizer(model_type, model_path)
     if model_path is not None:
         if not pathlib.Path(model_path).is_dir():
             raise UserError(f"--model_path {model_path}: not a directory")
+        check_local_model_fits(model_path, spec)
+    tokenizer = load_tokenizer(model_type, model_path)
+    if model_path is not None:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
         except (OSError, ValueError, KeyError) as exc:  # KeyError: a shard index without its "metadata"

@@ -28,6 +28,13 @@ class FoundationModelSpec:
     fused_qkv_shards: int | None = None
     """CodeGen checkpoints whose fused ``qkv_proj`` rows are interleaved across another number of model-parallel
     shards than transformers' CodeGen reads (4): that number (CodeGen2: 8); loading reorders them (utils/codegen2.py)."""
+    config_model_type: str | None = None
+    """The ``model_type`` of its config.json, where ``arch`` does not give it (what a ``--model_path`` copy must
+    have)."""
+
+    @property
+    def family(self) -> str | None:
+        return self.config_model_type or self.arch.get("model_type")
 
 
 @dataclass(frozen=True)
@@ -78,12 +85,14 @@ FOUNDATION_MODELS: dict[str, FoundationModelSpec] = {
         FoundationModelSpec("phi-2", "microsoft/phi-2", ("q_proj", "k_proj", "v_proj"), 2560, PHI2_ARCH),
         FoundationModelSpec("phi-3", "microsoft/Phi-3-mini-4k-instruct", ("qkv_proj",), 3072, PHI3_MINI_4K_ARCH,
                             adds_bos=True),
-        FoundationModelSpec("codegen-350M", "Salesforce/codegen-350M-mono", ("qkv_proj",), 1024),
-        FoundationModelSpec("codegen2-3_7B", "Salesforce/codegen2-3_7B", ("qkv_proj",), 4096, fused_qkv_shards=8),
+        FoundationModelSpec("codegen-350M", "Salesforce/codegen-350M-mono", ("qkv_proj",), 1024,
+                            config_model_type="codegen"),
+        FoundationModelSpec("codegen2-3_7B", "Salesforce/codegen2-3_7B", ("qkv_proj",), 4096, fused_qkv_shards=8,
+                            config_model_type="codegen"),
         FoundationModelSpec("deepseek-coder-1.3b-base", "deepseek-ai/deepseek-coder-1.3b-base",
                             ("q_proj", "k_proj", "v_proj"), 2048, DEEPSEEK_1_3B_ARCH, adds_bos=True),
         FoundationModelSpec("deepseek-coder-7b-base", "deepseek-ai/deepseek-coder-7b-base-v1.5",
-                            ("q_proj", "k_proj", "v_proj"), 4096, adds_bos=True),
+                            ("q_proj", "k_proj", "v_proj"), 4096, adds_bos=True, config_model_type="llama"),
         FoundationModelSpec("Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B", ("q_proj", "k_proj", "v_proj"),
                             4096, LLAMA3_8B_ARCH, adds_bos=True),
         # Random-init miniatures of the same families: 2-4 layers, small width, the project's own tokenizer.

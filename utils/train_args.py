@@ -261,7 +261,9 @@ def check_files(config: TrainConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError("fp16 needs a CUDA GPU; on the CPU use --mixed_precision bf16 or no")
+            flag = "--mixed_precision" if train.mixed_precision == "fp16" else "--model_dtype"
+            raise UserError(f"{flag} fp16 needs a CUDA GPU; on the CPU use {flag} bf16, or "
+                            f"{'no' if flag == '--mixed_precision' else 'fp32'}")
     if out.wandb_logging:
         import importlib.util
 
@@ -274,6 +276,7 @@ def check_files(config: TrainConfig) -> None:
                         limit=train.limit_train_examples)
     log_dir = pathlib.Path(out.log_dir)
     if out.resume_from is None:
+        _check_not_foreign(log_dir)
         for taken in ("metrics.jsonl", "checkpoints", "final"):
             if (log_dir / taken).exists():
                 if (log_dir / "final").exists():  # finished (the PEFT default then keeps no checkpoint)
@@ -290,6 +293,28 @@ def check_files(config: TrainConfig) -> None:
 
     saved_path = find_checkpoint(out.resume_from) / "config.json"
     check_resume_compatible(config, read_json_object(saved_path, "checkpoint config"), saved_path)
+
+
+RUN_ENTRIES = frozenset({"train.log", "config.json", ".lock", "metrics.jsonl", "loss.png", "checkpoints", "final",
+                         ".tmp-final", "wandb"})
+"""What a training run writes into its log_dir."""
+
+
+def _check_not_foreign(log_dir: pathlib.Path) -> None:
+    """A log_dir holding anything else (a model directory given by mistake, the project's root) is refused: the run
+    would write its config.json over a model's and its final/ among other files."""
+    from utils.checkpoint import is_training_config
+
+    if not log_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in log_dir.iterdir()
+                     if p.name not in RUN_ENTRIES and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if (log_dir / "config.json").is_file() and not is_training_config(log_dir / "config.json"):
+        foreign.insert(0, "config.json (a model's)")
+    if foreign:
+        raise UserError(f"--log_dir {log_dir} holds files no training run wrote ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); a run writes its config.json and final/ there: "
+                        f"choose a new or empty --log_dir")
 
 
 def _has_checkpoint(log_dir: pathlib.Path) -> bool:
