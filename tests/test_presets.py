@@ -94,6 +94,22 @@ def test_paper_preset_removes_checkpoints_once_final_exists_without_changing_its
     assert fft_hash(apply_overrides(preset, ["fft.save_every=2"])) != fft_hash(preset)  # other flags still count
 
 
+def test_set_model_path_reaches_every_stage_the_untuned_cells_too(tmp_path):
+    """--set model_path=DIR used to reach the training commands only: the none cells' generation (and every cell's)
+    loaded the hub's model, so the table compared tunings of a local model with the hub's baseline."""
+    from utils.experiment import plan_cells
+    from utils.presets import apply_overrides, paper_preset
+
+    local = str(tmp_path / "phi-2-earlier")
+    for overrides, where in ((["model_path=" + local], {"train", "gen"}), (["train.model_path=" + local], {"train"}),
+                             (["gen.model_path=" + local], {"gen"})):
+        for cell in plan_cells(apply_overrides(paper_preset("phi-2"), overrides), tmp_path):
+            stages = {"gen" if script == "generate_preds.py" else "train" for script, argv in cell.commands
+                      if script != "evaluate_preds.py" and local in argv}
+            expected = where & ({"gen"} if cell.method == "none" else {"train", "gen"})
+            assert stages == expected, (overrides, cell.key, stages)
+
+
 def test_set_false_turns_off_a_training_switch_that_defaults_on(tmp_path):
     """--set train.packing=false (or selective_logits / fused_adamw, also on by default) must reach the trainer:
     left out, the flag keeps its default True, and the cell's hash does not change either."""

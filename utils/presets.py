@@ -95,7 +95,8 @@ trained on CRUXEval. Their abbreviations, which argparse would accept, are refus
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
     """``section.flag=value`` (section: train, gen, eval, or a method name for its training) or ``flag=value``
     (training, every method). A training override also replaces the preset's per-task values of that flag.
-    ``seed=N`` sets the experiment's seed (training and generation); ``CELL_FLAGS`` are refused."""
+    ``seed=N`` sets the experiment's seed (training and generation), and ``model_path=DIR`` the base model of both
+    (``train.model_path`` / ``gen.model_path``: one stage's); ``CELL_FLAGS`` are refused."""
     preset = copy.deepcopy(preset)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -117,6 +118,8 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         if section in ("", "train"):
             preset.train[flag] = parsed
             _drop_per_task(preset, flag, METHODS)
+            if section == "" and flag == "model_path":  # the base for every stage: the untuned cells' too
+                preset.gen[flag] = parsed
         elif section in ("gen", "eval"):
             getattr(preset, section)[flag] = parsed
         elif section in METHODS:
