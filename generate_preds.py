@@ -16,7 +16,7 @@ import sys
 import time
 
 from utils.cli import ArgumentParser, add_model_args, check_model_args, default_log_dir, positive_int, str2bool
-from utils.errors import UserError, cli_entry
+from utils.errors import UserError, cli_entry, on_interrupt
 from utils.fileio import lock_directory
 from utils.registry import METHOD_FLAGS, METHODS, PEFT_METHODS
 
@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         check_plain_greedy(model.lm.generation_config)
     accelerator = Accelerator()
     log_dir = pathlib.Path(args.log_dir or broadcast_object_list([default_log_dir()])[0])  # one timestamp for all
+    if accelerator.is_main_process:
+        on_interrupt(f"rerun the same command with --resume (and --log_dir {log_dir}): it keeps the finished "
+                     f"batches and generates the rest")
     config = run_config(args, method, gen_config, accelerator.num_processes, model.meta.get("enc_model_type"))
     progress = ProgressLog(log_dir)
     lock = None

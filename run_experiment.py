@@ -22,7 +22,7 @@ import pathlib
 import sys
 import time
 
-from utils.errors import UserError, cli_entry
+from utils.errors import UserError, cli_entry, on_interrupt
 from utils.fileio import check_writable_dir
 from utils.registry import METHODS, TASKS
 
@@ -172,6 +172,8 @@ def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict, li
             f"; from commit {stored['git_commit'][:12]}, the code is now {commit[:12]}: --force to redo")
         print(f"{tag}: kept (pass@1 {100 * stored['pass@1']:.2f}{other})", flush=True)
 
+    on_interrupt("rerun the same command: stored cells are kept, and the interrupted one goes on from its "
+                 "training's last checkpoint (or its finished training) and its finished generation batches")
     with interruptible():
         for i, cell in enumerate(cells, 1):
             if stop_requested():  # a Ctrl-C that Python swallowed inside a finalizer

@@ -316,3 +316,41 @@ def test_non_utf8_bytes_and_wrong_field_types_are_named(tmp_path):
         read_jsonl(path, ("task_id", "test"), "fix it")
     with pytest.raises(UserError, match=f"{tmp_path}: is a directory, not a file; pass the file's path"):
         read_jsonl(tmp_path)
+
+
+def test_cruxeval_bos_appears_once_for_a_tokenizer_that_adds_it(data_paths):
+    """CRUXEval forces a BOS first: not a second one where the tokenizer (Llama's, DeepSeek's) adds its own."""
+    from utils.batching import encode_example
+    from utils.data import load_task_split
+    from utils.models import load_tokenizer
+    from utils.tasks import get_task
+    task, tok = get_task("cruxeval_output_prediction"), load_tokenizer("tiny-llama")
+    rec = load_task_split(task.name, "train", data_paths["cruxeval"], limit=1)[0]
+    for train in (True, False):
+        ids = encode_example(task, rec, tok, train=train)["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+
+
+def test_an_over_long_cruxeval_example_keeps_its_whole_answer_and_eos():
+    """CRUXEval keeps the right end of a row over 512 tokens: the answer and EOS, not the start of the code."""
+    from utils.batching import IGNORE_INDEX, encode_example
+    from utils.models import load_tokenizer
+    from utils.tasks import get_task
+    task, tok = get_task("cruxeval_output_prediction"), load_tokenizer("tiny-phi-2")
+    rec = {"id": "sample_1", "code": "def f(x):\n" + "    x = x + 1\n" * 300 + "    return x",
+           "input": "1", "output": "301"}
+    ex = encode_example(task, rec, tok)
+    assert len(ex["input_ids"]) == 512 and ex["input_ids"][-1] == tok.eos_token_id
+    supervised = [t for t, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX]
+    assert supervised == tok(task.target(rec), add_special_tokens=False)["input_ids"]
+
+
+def test_length_grouped_batches_are_not_longest_first():
+    from utils.batching import LengthGroupedSampler
+    """The sampler's batches within a mega-batch are shuffled, "so long rows do not all come first"."""
+    lengths = list(range(400))
+    for seed in range(5):
+        order = list(LengthGroupedSampler(lengths, batch_size=4, seed=seed, group=50))
+        batches = [order[i:i + 4] for i in range(0, 400, 4)]
+        means = [sum(lengths[i] for i in b) for b in batches[:50]]
+        assert means != sorted(means, reverse=True)  # batches of a mega-batch are shuffled, not longest first

@@ -46,6 +46,40 @@ def test_cli_entry_prints_a_full_disk_as_one_line_and_lets_other_errors_through(
             cli_entry(raising(exc))()
 
 
+def test_an_interrupted_run_says_how_to_go_on_below_the_traceback(monkeypatch, capsys, tmp_path, data_paths):
+    """Ctrl-C printed Python's traceback and nothing else: not that --resume (or --resume_from) goes on."""
+    import sys
+
+    import generate_preds
+    from utils import generation
+    from utils.errors import on_interrupt
+
+    def interrupted(hint):
+        def run():
+            if hint is not None:
+                on_interrupt(hint)
+            raise KeyboardInterrupt
+        return run
+
+    for hint, shown in (("say this", "interrupted: say this\n"), (lambda: "made then", "interrupted: made then\n"),
+                        (None, "")):  # cli_entry forgets an earlier run's hint
+        monkeypatch.setattr(sys, "excepthook", lambda *exc: print("Traceback ...", file=sys.stderr))
+        with pytest.raises(KeyboardInterrupt) as info:  # still raised: the exit status stays Python's
+            cli_entry(interrupted(hint))()
+        sys.excepthook(KeyboardInterrupt, info.value, None)
+        assert capsys.readouterr().err == "Traceback ...\n" + shown
+    monkeypatch.setattr(sys, "excepthook", lambda *exc: print("Traceback ...", file=sys.stderr))
+    monkeypatch.setattr(generation, "generate_predictions", raising(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt) as info:
+        generate_preds.main(["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"],
+                             "--limit", "2", "--no_progress", "--log_dir", str(tmp_path / "gen")])
+    capsys.readouterr()
+    sys.excepthook(KeyboardInterrupt, info.value, None)
+    assert capsys.readouterr().err.endswith(f"interrupted: rerun the same command with --resume (and --log_dir "
+                                            f"{tmp_path / 'gen'}): it keeps the finished batches and generates the "
+                                            f"rest\n")
+
+
 def test_a_full_disk_elsewhere_is_named_beside_the_output_it_stopped(tmp_path, monkeypatch):
     """A run wrapped as a whole names its log_dir; when the file the OS names lies elsewhere (a cache in /tmp),
     that one is named too, else the user frees space on the wrong file system."""

@@ -692,3 +692,14 @@ def test_a_second_run_on_the_same_log_dir_is_refused_and_the_lock_dies_with_the_
     assert sorted(p.name for p in log_dir.iterdir()) == [".lock"]  # it wrote nothing
     assert generate_preds.main(argv) == 0  # the lock went with the run that held it
     assert generate_preds.main([*argv, "--overwrite"]) == 0  # and a finished run releases its own
+
+
+def test_empty_stop_string_is_ignored():
+    """"" is in every text: kept, it would stop every row after one token."""
+    import torch
+    from utils.models import tiny_tokenizer
+    from utils.stopping import StopOnText
+    tok = tiny_tokenizer()
+    crit = StopOnText(tok, ("", "\ndef"), budgets=[10], prompt_len=2)
+    ids = torch.tensor([[5, 6] + tok("x = 1", add_special_tokens=False)["input_ids"][:1]])
+    assert not bool(crit(ids)[0])

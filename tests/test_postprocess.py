@@ -363,3 +363,14 @@ def test_the_other_cruxeval_mode_a_raw_file_or_no_predictions_are_refused(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file() and "result" in p.name) == []
     evaluate_preds.main(["--task_name", "cruxeval_input_prediction", "--path", str(tmp_path / "output.json"), *score])
     assert "2 samples of 2 tasks" in capsys.readouterr().out
+
+
+def test_cut_at_stop_takes_the_earliest_stop_whatever_the_list_order():
+    """Several stops in the text (the later-listed one first), and overlapping stops."""
+    from utils.postprocess import cut_at_stop, mbpp_stage1
+    assert cut_at_stop("x\ndef f\nclass C", ("\ndef", "\nclass")) == "x"
+    assert cut_at_stop("x\nclass C\ndef f", ("\ndef", "\nclass")) == "x"
+    assert mbpp_stage1("    return 1\nprint(2)\ndef g(): pass") == "    return 1"
+    # a stop that starts before the cut so far but ends after it (overlapping stops)
+    assert cut_at_stop("ab\n\nx", ("\nx", "\n\n")) == "ab"
+    assert cut_at_stop("ab[/ANSWER]", ("ANSWER]", "[/ANSWER]")) == "ab"

@@ -517,3 +517,24 @@ def test_the_default_peft_checkpoints_protect_the_run_and_go_once_final_is_writt
     saved = re.findall(r"checkpoint (\S+)", (log_dir / "train.log").read_text())
     assert [pathlib.Path(p).name for p in saved] == ["step_00000002", "step_00000004"]  # epochs 1 and 2, not 3
     assert (log_dir / "final" / "adapter_config.json").is_file() and not (log_dir / "checkpoints").exists()
+
+
+def test_a_skipped_fp16_step_does_not_advance_the_lr_schedule(tmp_path, data_paths, monkeypatch):
+    """fp16's loss scaler skips the steps whose gradients overflow (often the first few): the schedule must not
+    move on those, or warmup and decay shift and the run reaches lr 0 early."""
+    import utils.training as training
+    real, calls = training.optimizer_step, []
+
+    def first_skipped(acc, opt):
+        calls.append(1)
+        real(acc, opt)
+        return len(calls) == 1  # as an fp16 overflow on the first step
+
+    monkeypatch.setattr(training, "optimizer_step", first_skipped)
+    log_dir = tmp_path / "run"
+    run_inprocess("peft", ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                           "--data_path", data_paths["mbpp"], "--limit_train_examples", "6",
+                           "--per_gpu_train_batch_size", "2", "--max_train_steps", "3", "--max_length", "32",
+                           "--lr", "0.1", "--log_dir", str(log_dir)])
+    lrs = [r["lr"] for r in read_metrics(log_dir / "metrics.jsonl")]
+    assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.1), lrs  # linear: 0.1, 0.1, 0.0667

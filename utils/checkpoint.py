@@ -133,15 +133,19 @@ def newest_unnamed_checkpoint(log_dir: pathlib.Path) -> pathlib.Path | None:
 
 def resume_hint(log_dir: pathlib.Path) -> str:
     """How to go on after a full disk stopped the run in ``log_dir``: from its last complete checkpoint, if any."""
+    return f"free space, then {continue_hint(log_dir)}"
+
+
+def continue_hint(log_dir: pathlib.Path) -> str:
+    """How to go on with the run in ``log_dir`` after it stopped: from its last complete checkpoint, if any."""
     latest = log_dir / CHECKPOINTS_DIR / LATEST
     if latest.is_file():
-        return (f"free space, then rerun with --resume_from {log_dir}: it continues from {latest.read_text().strip()}, "
-                f"the last complete checkpoint")
-    if (newest := newest_unnamed_checkpoint(log_dir)) is not None:  # complete, but the disk filled before `latest`
-        return (f"free space, then rerun with --resume_from {log_dir}: it continues from {newest.name}, the last "
+        return (f"rerun with --resume_from {log_dir}: it continues from {latest.read_text().strip()}, the last "
                 f"complete checkpoint")
-    return (f"free space, then rerun without --resume_from (no checkpoint was complete), after removing {log_dir} "
-            f"or with another --log_dir")
+    if (newest := newest_unnamed_checkpoint(log_dir)) is not None:  # complete, but the disk filled before `latest`
+        return f"rerun with --resume_from {log_dir}: it continues from {newest.name}, the last complete checkpoint"
+    return (f"rerun without --resume_from (no checkpoint was complete), after removing {log_dir} or with another "
+            f"--log_dir")
 
 
 def is_training_config(path: pathlib.Path) -> bool:
@@ -352,8 +356,10 @@ def _read(path: pathlib.Path, load):
         checkpoint = path.parent
         this = checkpoint.name.removeprefix(".old-")  # resumed from a re-save's aside copy
         earlier = sorted(p for p in checkpoint.parent.iterdir() if _NAME.fullmatch(p.name) and p.name < this)
+        log_dir = checkpoint.parent.parent
         fix = (f"pass an earlier one to --resume_from ({earlier[-1]})" if earlier
-               else "no earlier one is left: start over without --resume_from")
+               else f"no earlier one is left: start over without --resume_from, after removing {log_dir} or with "
+                    f"another --log_dir") + " (a run_experiment cell: rerun it with --force)"
         raise UserError(f"{path}: {what}; the checkpoint is damaged: {fix}") from None
 
 

@@ -30,13 +30,28 @@ def disk_full_message(exc: BaseException) -> str:
     return "no space left on device writing the output; free space on its file system (or write elsewhere) and rerun"
 
 
+_INTERRUPT_HINT: list = [None]
+
+
+def on_interrupt(hint) -> None:
+    """What to tell the user when Ctrl-C (or SIGTERM turned into one) ends this run: a string, or a callable that
+    makes it then; the latest call wins. ``cli_entry`` prints it after Python's traceback."""
+    _INTERRUPT_HINT[0] = hint
+
+
 def cli_entry(main):
-    """Wrap a script's ``main`` so that a UserError (or a full disk) prints one line and exits with status 2."""
+    """Wrap a script's ``main`` so that a UserError (or a full disk) prints one line and exits with status 2, and
+    an interrupted run says how to go on (``on_interrupt``)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        _INTERRUPT_HINT[0] = None
         try:
             return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            if (hint := _INTERRUPT_HINT[0]) is not None:
+                _after_the_traceback(f"interrupted: {hint() if callable(hint) else hint}")
+            raise
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
@@ -47,6 +62,18 @@ def cli_entry(main):
             sys.exit(2)
 
     return wrapper
+
+
+def _after_the_traceback(line: str) -> None:
+    """Print ``line`` once Python has printed the uncaught exception's traceback (the traceback still shows where a
+    run stopped; the line below it is what to do)."""
+    previous = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        previous(kind, value, tb)
+        print(line, file=sys.stderr)
+
+    sys.excepthook = excepthook
 
 
 def unknown_choice(kind: str, value: str, choices) -> UserError:

@@ -38,7 +38,7 @@ def cut_at_stop(text: str, stop_sequences) -> str:
     cut = len(text)
     for stop in stop_sequences:
         if stop:
-            pos = text.find(stop, 0, cut)
+            pos = text.find(stop, 0, cut + len(stop) - 1)  # one that starts before the cut may end after it
             if pos != -1:
                 cut = pos
     return text[:cut]

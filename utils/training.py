@@ -31,9 +31,10 @@ from torch.utils.data import DataLoader, Sampler
 
 from utils import fast_paths  # by module: tests swap its compile functions
 from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDataset
-from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, find_checkpoint, load_checkpoint, read_resume_state,
-                              resume_hint, save_checkpoint, set_rng_state)
+from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, continue_hint, find_checkpoint, load_checkpoint,
+                              read_resume_state, resume_hint, save_checkpoint, set_rng_state)
 from utils.data import default_data_path, load_task_split
+from utils.errors import on_interrupt
 from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, open_file_modes,
                           unfinished_directory)
 from utils.tasks import get_task
@@ -116,6 +117,8 @@ def _broadcast_str(accelerator, value: str) -> str:
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training ``config`` describes; writes everything under its log_dir."""
     trainer = Trainer(config)
+    if trainer.accelerator.is_main_process:
+        on_interrupt(lambda: continue_hint(trainer.log_dir))
     try:
         # naming_full_disk: the appends and the config; recompile_room: the compiled layers keep every version
         with naming_full_disk(trainer.log_dir, lambda: resume_hint(trainer.log_dir)), \
