@@ -38,16 +38,18 @@ REL = 1e-4  # summation order (thread count, library version) moves fp32 losses 
 def run_case(name: str, directory: pathlib.Path) -> dict:
     from tests.test_training_runs import run_inprocess
     from utils import fixtures
+    from utils.registry import METHOD_FLAGS
     from utils.train_logging import read_metrics
 
     task, model_type, extra = CASES[name]
     data = fixtures.write_fixture_data(directory / "data")["mbpp" if task == "mbpp" else "cruxeval"]
     log_dir = directory / name
-    argv = ["--task_name", task, "--model_type", model_type, "--data_path", data, "--enc_model_type",
-            "tiny-roberta", "--num_virtual_tokens", "4", "--limit_train_examples", "6",
+    method = extra[1] if extra[0] == "--peft_method" else "fft"
+    argv = ["--task_name", task, "--model_type", model_type, "--data_path", data, "--limit_train_examples", "6",
             "--per_gpu_train_batch_size", "2", "--num_epochs", "2", "--max_length", "96", "--log_dir", str(log_dir)]
-    if name == "fft":
-        argv = [a for a in argv if a not in ("--enc_model_type", "tiny-roberta", "--num_virtual_tokens", "4")]
+    for flag, value in (("enc_model_type", "tiny-roberta"), ("num_virtual_tokens", "4")):
+        if method in METHOD_FLAGS[flag]:  # the trainers refuse another method's flags
+            argv += [f"--{flag}", value]
     run_inprocess("fft" if name == "fft" else "peft", argv + extra)
     records = read_metrics(log_dir / "metrics.jsonl")
     return {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records]}

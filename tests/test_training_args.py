@@ -106,7 +106,10 @@ def test_save_every_units():
 
 @pytest.mark.parametrize("argv, message", [
     (["--peft_method", "lopa", "--enc_model_type", "bert-huge"], "unknown encoder type 'bert-huge'"),
-    (["--peft_method", "lora", "--enc_model_type", "bert-huge"], "unknown encoder type 'bert-huge'"),
+    (["--peft_method", "lora", "--enc_model_type", "codebert-base"], "--enc_model_type is for idpg/lopa, not lora; "
+                                                                     "drop it"),
+    (["--peft_method", "pt", "--lp_rank", "4"], "--lp_rank is for lopa, not pt; drop it"),
+    (["--peft_method", "lopa", "--lora_dim", "8"], "--lora_dim is for lora, not lopa; drop it"),
     (["--peft_method", "pt", "--lr", "0"], "--lr must be > 0"),
     (["--peft_method", "pt", "--num_epochs", "0"], "--num_epochs must be >= 1"),
     (["--peft_method", "pt", "--per_gpu_train_batch_size", "0"], "--per_gpu_train_batch_size must be >= 1"),
@@ -272,9 +275,10 @@ def test_resuming_a_checkpoint_from_before_encoder_dropout_keeps_its_eval_mode_e
         (ckpt / "config.json").write_text(json.dumps(cfg))
         (run / "checkpoints" / "latest").write_text("step_00000002\n")
         argv = ["--peft_method", method] + BASE + extra + ["--resume_from", str(run)]
-        if method == "pt":  # no encoder: nothing recorded, and the flag changes nothing either way
+        if method == "pt":  # no encoder: nothing recorded, and the flag is not pt's
             assert parse_args(argv, "peft").model.encoder_dropout is None
-            assert parse_args(argv + ["--encoder_dropout", "False"], "peft").model.encoder_dropout is None
+            with pytest.raises(UserError, match="--encoder_dropout is for idpg/lopa, not pt; drop it"):
+                parse_args(argv + ["--encoder_dropout", "False"], "peft")
             continue
         with pytest.raises(UserError, match=r"no field 'model.encoder_dropout' \(written before it existed, when "
                                             r"the frozen encoder always ran in eval mode\) but this run has True; pass "

@@ -27,6 +27,7 @@ from utils.batching import Collator, TaskDataset
 from utils.data import load_task_split, read_jsonl
 from utils.fileio import current_umask
 from utils.models import load_encoder_tokenizer, load_foundation_model, load_tokenizer
+from utils.registry import METHOD_FLAGS
 from utils.tasks import get_task
 from utils.train_logging import read_metrics
 from utils.train_setup import reset_accelerate_state
@@ -114,8 +115,9 @@ def test_each_method_overfits_a_small_real_subset(tmp_path, data_paths, sharp_ba
             "--max_length", "40", "--lr", str(LR[method]), "--save_every", "10", "--save_total_limit", "2",
             "--log_dir", str(log_dir)]
     if method != "fft":
-        argv = ["--peft_method", method, "--num_virtual_tokens", "20", "--enc_model_type", "tiny-roberta",
-                "--model_path", str(sharp_bases[model_type])] + argv
+        own = {"num_virtual_tokens": "20", "enc_model_type": "tiny-roberta"}  # the trainers refuse another method's
+        argv = ["--peft_method", method, "--model_path", str(sharp_bases[model_type])] + argv + [
+            x for flag, value in own.items() if method in METHOD_FLAGS[flag] for x in (f"--{flag}", value)]
     result = run_inprocess(method if method == "fft" else "peft", argv)
 
     means = epoch_means(log_dir)
