@@ -292,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.overwrite:
             check_fresh_start(pathlib.Path(args.log_dir), task)
     args.data_path = args.data_path or default_data_path(args.task_name)
+    ignore = ("batch_size", "num_processes") if not gen_config.do_sample else ()
+    if args.log_dir and args.resume:  # what the arguments alone decide, before the model loads (the rest after)
+        check_resumable(args.log_dir, run_config(args, method, gen_config, 0, None),
+                        (*ignore, "num_processes", "enc_model_type"))
     records = load_task_split(args.task_name, "test", args.data_path, mbpp_split=args.mbpp_split, limit=args.limit)
     model, tokenizer, enc_tokenizer = load_model(args, method)  # fails on a bad checkpoint before any file is written
     try:  # an adapter's m can leave MBPP no prompt budget: say so before the fresh start below clears --log_dir
@@ -313,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
             log_dir.mkdir(parents=True, exist_ok=True)
             lock = lock_directory(log_dir, "--log_dir", "generate_preds.py")  # held until this function returns
             if args.resume:
-                ignore = ("batch_size", "num_processes") if not gen_config.do_sample else ()
                 check_resumable(log_dir, config, ignore)
                 progress.repair()
             else:  # a fresh start: no stale results from an earlier run may survive a crash of this one

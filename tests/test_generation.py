@@ -584,8 +584,21 @@ def test_resume_refuses_other_settings(cli_runs):
     check_resumable(root / "two", {**saved, "batch_size": 64, "num_processes": 1},
                     ignore=("batch_size", "num_processes"))
     changed = {**saved, "generation": {**saved["generation"], "temperature": 0.5, "do_sample": True}}
-    with pytest.raises(UserError, match="generate_preds_config.json: field 'generation'"):
+    with pytest.raises(UserError, match="generate_preds_config.json: fields 'generation.do_sample' is False but "
+                                        "this run has True; 'generation.temperature'"):
         check_resumable(root / "two", changed)
+    # the arguments' part is compared before the model loads (it took a model load to learn of it), every field
+    saved_files = {p.name: p.read_bytes() for p in (root / "two").iterdir() if p.is_file()}
+    argv = ["--task_name", saved["task_name"], "--model_type", "tiny-llama", "--data_path", saved["data_path"],
+            "--limit", str(saved["limit"]), "--max_new_tokens", "3", "--resume", "--log_dir", str(root / "two")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generate_preds, "load_model", lambda *a: pytest.fail("the model loaded first"))
+        with pytest.raises(UserError, match=r"fields 'generation.max_new_tokens' is 8 but this run has 3; "
+                                            r"'load_adapter_from' is .*; 'model_type' is 'tiny-phi-2' but this run "
+                                            r"has 'tiny-llama'; 'peft_method' is 'lopa' but this run has 'none'; "
+                                            r"rerun with the same settings"):
+            generate_preds.main.__wrapped__(argv)  # unwrapped: the UserError itself
+    assert {p.name: p.read_bytes() for p in (root / "two").iterdir() if p.is_file()} == saved_files
 
 
 def test_cruxeval_files_hold_one_list_per_sample(tmp_path):

@@ -162,13 +162,20 @@ def check_resumable(log_dir: str | os.PathLike, config: dict, ignore: Sequence[s
         return
     saved = json.loads(path.read_text(encoding="utf-8"))
     config = json.loads(json.dumps(config))  # tuples become lists, as in the saved file
+    differ = []
     for key in sorted(set(saved) | set(config)):
-        if key in ignore:
+        old, new = saved.get(key), config.get(key)
+        if key in ignore or old == new:
             continue
-        if saved.get(key) != config.get(key):
-            raise UserError(f"{path}: field {key!r} is {saved.get(key)!r} but this run has {config.get(key)!r}; "
-                            f"rerun with the same settings, or with --overwrite instead of --resume (or another "
-                            f"--log_dir) to start over")
+        if isinstance(old, dict) and isinstance(new, dict):  # the decoding settings: name the ones that differ
+            differ += [(f"{key}.{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                       if old.get(k) != new.get(k)]
+        else:
+            differ.append((key, old, new))
+    if differ:
+        fields = "; ".join(f"{key!r} is {old!r} but this run has {new!r}" for key, old, new in differ)
+        raise UserError(f"{path}: {'field' if len(differ) == 1 else 'fields'} {fields}; rerun with the same "
+                        f"settings, or with --overwrite instead of --resume (or another --log_dir) to start over")
 
 
 def write_config(log_dir: str | os.PathLike, config: dict) -> None:
