@@ -10,21 +10,23 @@ import math
 import os
 import sys
 
+from utils.cli import ArgumentParser
 from utils.errors import UserError, cli_entry
 from utils.evaluation import DEFAULT_TIMEOUT, TASK_NAMES, evaluate_file
 from utils.sandbox import MODES, SandboxConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task_name", required=True, choices=TASK_NAMES)
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--task_name", required=True, choices=TASK_NAMES, help="the task the predictions are for")
     p.add_argument("--path", required=True, help="MBPP: JSONL of {task_id, completion}; CRUXEval: JSON {id: [answer]}")
     p.add_argument("--problem_file", default=None,
                    help="MBPP: problems JSONL (default: the test split of --data_path when given, else "
                         "mbpp_test_problems.jsonl beside --path, else the test split); CRUXEval: the dataset JSONL")
     p.add_argument("--data_path", default=None,
                    help="the task's dataset JSONL (MBPP: its --mbpp_split test split is used)")
-    p.add_argument("--mbpp_split", default="paper", choices=("paper", "standard"))
+    p.add_argument("--mbpp_split", default="paper", choices=("paper", "standard"),
+                   help="MBPP: the split the test tasks come from (paper: MBPP/488-974; standard: 11-510)")
     p.add_argument("--n_workers", type=int, default=None, help="parallel samples (default: the usable CPU count)")
     p.add_argument("--timeout", type=float, default=None,
                    help=f"wall-clock seconds per sample (default: {DEFAULT_TIMEOUT['mbpp']:g} for MBPP, "
@@ -34,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sandbox_mode", default="auto", choices=MODES, help="auto picks the strongest mode that works")
     p.add_argument("--allow_missing", action="store_true", help="score only the tasks that have samples (a file that lacks some test tasks is refused "
                         "otherwise, unless a --limit generation wrote it)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         args.k = tuple(int(k) for k in args.k.split(",") if k.strip())

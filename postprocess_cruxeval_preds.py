@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 
+from utils.cli import ArgumentParser
 from utils.errors import cli_entry
 from utils.postprocess import postprocess_cruxeval_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--path", required=True, help="JSON {id: [raw completion, ...]}")
     p.add_argument("--mode", required=True, choices=("input", "output"))
     p.add_argument("--data_path", default=None, help="the CRUXEval JSONL (to rebuild the prompts)")

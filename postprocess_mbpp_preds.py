@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import argparse
 
+from utils.cli import ArgumentParser
 from utils.errors import cli_entry
 from utils.postprocess import postprocess_mbpp_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--path", required=True, help="JSONL of {task_id, completion, ...}")
     p.add_argument("--problem_file", default=None, help="problems JSONL with task_id and prompt")
     p.add_argument("--data_path", default=None, help="the MBPP dataset JSONL (its test split is used)")
-    p.add_argument("--mbpp_split", default="paper", choices=("paper", "standard"))
+    p.add_argument("--mbpp_split", default="paper", choices=("paper", "standard"),
+                   help="the split the prompts come from when --data_path is read (paper: MBPP/488-974; standard: "
+                        "11-510)")
     return p.parse_args(argv)
 
 

@@ -22,6 +22,7 @@ import pathlib
 import sys
 import time
 
+from utils.cli import ArgumentParser
 from utils.errors import UserError, cli_entry, on_interrupt
 from utils.fileio import check_writable_dir
 from utils.registry import METHODS, TASKS
@@ -30,7 +31,7 @@ from utils.registry import METHODS, TASKS
 def parse_args(argv=None) -> argparse.Namespace:
     from utils.presets import PRESET_GROUPS, PRESETS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--preset", required=True, choices=sorted(PRESETS) + sorted(PRESET_GROUPS),
                    help="a preset, or a group of them (paper: every paper-<model>, one results.md)")
     p.add_argument("--out", default=None, help="experiment directory (default: runs/<preset>)")

@@ -28,9 +28,11 @@ def test_help_lists_every_argument_with_its_default(script):
                for m in re.finditer(r"^  (--\w+)(.*?)(?=^  -|^\S|\Z)", help_text, re.M | re.S)}
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert len(options) >= (37 if script == "peft" else 34)
-    for action in options:
+    for action in options:  # None (not given) and False (a switch that is off) have nothing to show
         flag = action.option_strings[0]
-        assert "(default:" in entries[flag], f"{flag} shows no default"
+        if action.default is not None and action.default is not False:
+            assert "default" in entries[flag], f"{flag} shows no default"
+        assert "(default: None)" not in entries[flag], f"{flag}: a bare None where the help says what it means"
     text = " ".join(help_text.split())
     for flag in ("--peft_method", "--num_virtual_tokens", "--lp_rank", "--num_epochs", "--per_gpu_train_batch_size",
                  "--lr", "--log_dir", "--wandb_logging", "--data_path", "--gradient_accumulation_steps", "--seed",

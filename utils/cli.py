@@ -34,7 +34,13 @@ def positive_int(value: str) -> int:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every argument's default in --help."""
+    """Shows every argument's default in --help, unless its help says it in words (a default that depends), or
+    there is none to show (None: not given; False: a switch that is off)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
