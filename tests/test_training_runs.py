@@ -483,7 +483,7 @@ def test_compile_on_compiles_the_encoder_too_and_keeps_every_version_the_layers_
 
 
 def test_a_crash_right_after_an_epochs_checkpoint_keeps_that_epochs_mean_in_train_log(tmp_path, data_paths,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, capsys):
     # the epoch-end checkpoint already counts the epoch as closed: a resume never logs its mean again
     from utils import checkpoint
 
@@ -501,6 +501,15 @@ def test_a_crash_right_after_an_epochs_checkpoint_keeps_that_epochs_mean_in_trai
     with pytest.raises(Crash):
         run_inprocess("peft", argv)
     monkeypatch.undo()
+    # other data under the same flags (an edited or replaced file) would change the run half-way: refused
+    edited = read_jsonl(data_paths["mbpp"])
+    first = min(range(len(edited)), key=lambda i: int(edited[i]["task_id"].split("/")[1]))
+    edited[first] = {**edited[first], "canonical_solution": edited[first]["canonical_solution"] + "  # edited"}
+    other = fixtures.write_jsonl(tmp_path / "edited.jsonl", edited)
+    with pytest.raises(SystemExit) as exit_info:
+        run_inprocess("peft", [a if a != data_paths["mbpp"] else other for a in argv] + ["--resume_from", str(log_dir)])
+    assert exit_info.value.code == 2
+    assert "the run trained on other data than --data_path" in capsys.readouterr().err
     assert run_inprocess("peft", argv + ["--resume_from", str(log_dir)]).global_step == 4
     logged = [line.split("INFO ")[1] for line in (log_dir / "train.log").read_text().splitlines()
               if ": mean loss" in line]

@@ -195,6 +195,11 @@ def split_records(task_name: str, records: list[dict], split: str, *, mbpp_split
 _WARNED_PARTIAL: set = set()
 
 
+def records_digest(records: list[dict]) -> str:
+    """A content hash of a split's records (what a training trained on: a resumed run must read the same)."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+
+
 def load_task_split(task_name: str, split: str, data_path: str | None = None, mbpp_split: str = "paper",
                     limit: int | None = None) -> list[dict]:
     """Records of one split, in id order; ``limit`` keeps the first n (smoke runs)."""

@@ -13,7 +13,7 @@ import os
 import pathlib
 
 from utils.cli import ArgumentParser, add_model_args, check_log_dir, default_log_dir, str2bool
-from utils.data import default_data_path, load_task_split, read_text_file
+from utils.data import default_data_path, load_task_split, read_text_file, records_digest
 from utils.errors import UserError
 from utils.registry import PEFT_METHODS, get_encoder_spec
 from utils.train_config import (MODEL_DTYPES, PRECISIONS, SCHEDULERS, ModelArgs, OutputArgs, SaveEvery, TrainArgs,
@@ -271,9 +271,10 @@ def check_files(config: TrainConfig) -> None:
             raise UserError("--wandb_logging needs the wandb package (pip install wandb)")
     check_log_dir(out.log_dir)
     data_path = config.model.data_path or default_data_path(config.model.task_name)
+    records = None
     if data_path is not None:  # a local file: a wrong one fails here, before a model loads or log_dir exists
-        load_task_split(config.model.task_name, "train", data_path, config.model.mbpp_split,
-                        limit=train.limit_train_examples)
+        records = load_task_split(config.model.task_name, "train", data_path, config.model.mbpp_split,
+                                  limit=train.limit_train_examples)
     log_dir = pathlib.Path(out.log_dir)
     if out.resume_from is None:
         _check_not_foreign(log_dir)
@@ -292,7 +293,12 @@ def check_files(config: TrainConfig) -> None:
     from utils.checkpoint import find_checkpoint  # only resumed runs pay for this import
 
     saved_path = find_checkpoint(out.resume_from) / "config.json"
-    check_resume_compatible(config, read_json_object(saved_path, "checkpoint config"), saved_path)
+    saved = read_json_object(saved_path, "checkpoint config")
+    check_resume_compatible(config, saved, saved_path)
+    recorded = saved.get("runtime", {}).get("train_data_sha256")  # absent: a checkpoint from before it was kept
+    if records is not None and recorded is not None and records_digest(records) != recorded:
+        raise UserError(f"{saved_path}: the run trained on other data than --data_path {data_path} holds (its "
+                        f"train split's records differ); pass the file it was trained on to resume")
 
 
 RUN_ENTRIES = frozenset({"train.log", "config.json", ".lock", "metrics.jsonl", "loss.png", "checkpoints", "final",

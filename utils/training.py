@@ -33,7 +33,7 @@ from utils import fast_paths  # by module: tests swap its compile functions
 from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDataset
 from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, continue_hint, find_checkpoint, load_checkpoint,
                               read_resume_state, resume_hint, save_checkpoint, set_rng_state)
-from utils.data import default_data_path, load_task_split
+from utils.data import default_data_path, load_task_split, records_digest
 from utils.errors import on_interrupt
 from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, open_file_modes,
                           unfinished_directory)
@@ -179,6 +179,7 @@ class Trainer:
             records = load_task_split(m.task_name, "train", m.data_path or default_data_path(m.task_name),
                                       m.mbpp_split, limit=t.limit_train_examples)
         enc_tok = model.enc_tokenizer
+        self.records = records
         self.dataset = TaskDataset(task, records, self.tokenizer, enc_tok,
                                    num_virtual_tokens=m.num_virtual_tokens if self.has_prompt else 0)
         max_length = task.max_lengths(m.num_virtual_tokens if self.has_prompt else 0)[1]
@@ -232,7 +233,8 @@ class Trainer:
             "packing": self.config.train.packing and not self.config.train.pad_to_max_length,
             "deepspeed_zero_stage": ds_config["zero_optimization"].get("stage") if ds_config else None,
             "optimizer": ("deepspeed " if ds_config and "optimizer" in ds_config else "torch ") + "AdamW",
-            "lr_schedule": self.schedule_name, "train_examples": len(self.dataset), **asdict(plan),
+            "lr_schedule": self.schedule_name, "train_examples": len(self.dataset),
+            "train_data_sha256": records_digest(self.records), **asdict(plan),
             "trainable_params": self.trainable, "total_params": self.total_params, "command": sys.argv,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "accelerate": accelerate.__version__}}
