@@ -76,6 +76,8 @@ def main(argv=None) -> dict:
         raise UserError(f"--preset {args.preset}: no member preset has the selected models, methods and tasks "
                         f"together; a single preset runs what it does not list (--preset paper-phi-3 --methods fft)")
     out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
+    if out.exists() and not out.is_dir():  # (--plan too: its checks of each cell would blame the preset)
+        raise UserError(f"--out {out}: a file, not a directory; pass a directory")
     if not args.plan:
         check_writable_dir(out, "--out")
         out.mkdir(parents=True, exist_ok=True)

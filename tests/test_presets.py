@@ -1,4 +1,5 @@
 """Presets and --set overrides (utils/presets.py): the commands each cell gets, checked without running a stage."""
+import pytest
 
 
 def _train_config(cell):
@@ -239,3 +240,14 @@ def test_set_refuses_the_flags_each_cell_gets_and_sets_the_experiments_seed(tmp_
             if script in ("tune_foundation_model.py", "tune_fft_baseline.py", "generate_preds.py"):
                 assert argv.count("--seed") == 1 and argv[argv.index("--seed") + 1] == "3", (cell.key, script)
                 assert argv.count("--task_name") == 1, (cell.key, script)
+
+
+def test_an_out_that_is_a_file_is_named_not_blamed_on_the_preset(tmp_path, capsys):
+    import run_experiment
+
+    (tmp_path / "notes.md").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        run_experiment.main(["--preset", "smoke", "--out", str(tmp_path / "notes.md"), "--plan"])
+    assert exit_info.value.code == 2
+    notes = tmp_path / "notes.md"
+    assert capsys.readouterr().err == f"error: --out {notes}: a file, not a directory; pass a directory\n"

@@ -108,9 +108,9 @@ def _bos_as_registered(tok: PreTrainedTokenizerBase, spec: FoundationModelSpec, 
                         f"unlike {spec.name}'s in the original runs, and cannot be changed here; pass the model's "
                         f"own tokenizer files")
     logging.getLogger(LOGGER_NAME).warning(
-        "%s: the tokenizer files %s a BOS token; %s's tokenizer %s one in the original runs, so this run does too",
-        source, "do not prepend" if spec.adds_bos else "prepend", spec.name,
-        "prepended" if spec.adds_bos else "did not prepend")
+        "%s: the tokenizer files %s a BOS token; %s's tokenizer %s one in the original runs, and this run follows "
+        "them: it %s one", source, "do not prepend" if spec.adds_bos else "prepend", spec.name,
+        "prepended" if spec.adds_bos else "did not prepend", "prepends" if spec.adds_bos else "prepends no")
     tok.add_eos_token = appends_eos  # the rebuilt post-processor keeps an EOS that the files append
     tok.add_bos_token = spec.adds_bos  # rebuilds the post-processor
     return tok
