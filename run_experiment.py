@@ -106,7 +106,7 @@ def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
     import dataclasses
 
     from utils import fixtures
-    from utils.experiment import check_commands, plan_cells, stored_result
+    from utils.experiment import check_commands, plan_cells, stored_result, uncached_hub_models
     from utils.experiment_report import plot_loss_curves, plot_table, write_results_md
 
     if len({p.seed for p in presets}) > 1:
@@ -122,6 +122,8 @@ def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
                 preset.data.update(fixtures.write_fixture_data(out / "fixture_data"))
     cells = [cell for preset in presets for cell in plan_cells(preset, out)]
     check_commands(cells)
+    for line in uncached_hub_models(cells):  # a warning: the plan and --set may be what is being prepared
+        print(f"warning: {line}", file=sys.stderr)
     if args.plan:
         return _print_plan(cells, args.force)
     results, ran, failed, busy = _run_cells(cells, presets[0].seed, args.force)

@@ -251,3 +251,26 @@ def test_an_out_that_is_a_file_is_named_not_blamed_on_the_preset(tmp_path, capsy
     assert exit_info.value.code == 2
     notes = tmp_path / "notes.md"
     assert capsys.readouterr().err == f"error: --out {notes}: a file, not a directory; pass a directory\n"
+
+
+def test_offline_runs_are_told_up_front_which_hub_models_are_not_cached(tmp_path, monkeypatch):
+    """Offline without a cached copy, every cell of the model failed in turn, each with the same error."""
+    import huggingface_hub
+
+    from utils.experiment import plan_cells, uncached_hub_models
+    from utils.presets import apply_overrides, paper_preset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = {}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: cached.get(repo))
+    cells = plan_cells(paper_preset("phi-2"), tmp_path)
+    assert uncached_hub_models(cells) == [
+        "phi-2 (microsoft/phi-2) is not in the local cache and HF_HUB_OFFLINE is set: its cells will fail; --set "
+        "model_path=DIR gives a local copy",
+        "codesage-small (codesage/codesage-small) is not in the local cache and HF_HUB_OFFLINE is set: its cells "
+        "will fail; --set enc_model_path=DIR gives a local copy"]
+    cached["codesage/codesage-small"] = "/cache/config.json"
+    local = plan_cells(apply_overrides(paper_preset("phi-2"), [f"model_path={tmp_path}"]), tmp_path)
+    assert uncached_hub_models(local) == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert uncached_hub_models(cells) == []  # online: they download

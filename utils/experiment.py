@@ -263,6 +263,34 @@ def check_commands(cells: list[Cell]) -> None:
                             ) from None
 
 
+def uncached_hub_models(cells: list[Cell]) -> list[str]:
+    """With HF_HUB_OFFLINE set, the hub models and encoders the cells would download (no --model_path or
+    --enc_model_path) that are not in the local cache: every cell of them would fail, one after another. One line
+    each, naming the --set that gives a local copy."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
+        return []
+    from huggingface_hub import try_to_load_from_cache
+
+    from utils.registry import get_encoder_spec, get_model_spec
+
+    wanted = {}
+    for cell in cells:
+        argv = cell.commands[0][1]
+
+        def value(flag, default=None):
+            return argv[argv.index(flag) + 1] if flag in argv else default
+
+        if "--model_path" not in argv and (spec := get_model_spec(value("--model_type"))).hf_id:
+            wanted.setdefault((spec.hf_id, "model_path"), cell.model)
+        if cell.method in ("idpg", "lopa") and "--enc_model_path" not in argv:
+            encoder = get_encoder_spec(value("--enc_model_type", "codesage-small"))
+            if encoder.hf_id:
+                wanted.setdefault((encoder.hf_id, "enc_model_path"), encoder.name)
+    return [f"{name} ({hf_id}) is not in the local cache and HF_HUB_OFFLINE is set: its cells will fail; "
+            f"--set {flag}=DIR gives a local copy" for (hf_id, flag), name in wanted.items()
+            if not isinstance(try_to_load_from_cache(hf_id, "config.json"), str)]
+
+
 class CellFailed(Exception):
     """A stage of a cell raised or exited non-zero; the cell has no result.json, so the next run redoes it."""
 
