@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator()
     log_dir = pathlib.Path(args.log_dir or broadcast_object_list([default_log_dir()])[0])  # one timestamp for all
     if accelerator.is_main_process:
-        on_interrupt(f"rerun the same command with --resume (and --log_dir {log_dir}): it keeps the finished "
+        resume = "--resume instead of --overwrite" if args.overwrite else "--resume"
+        on_interrupt(f"rerun the same command with {resume} (and --log_dir {log_dir}): it keeps the finished "
                      f"batches and generates the rest")
     config = run_config(args, method, gen_config, accelerator.num_processes, model.meta.get("enc_model_type"))
     progress = ProgressLog(log_dir)

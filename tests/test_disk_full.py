@@ -68,6 +68,14 @@ def test_an_interrupted_run_says_how_to_go_on_below_the_traceback(monkeypatch, c
             cli_entry(interrupted(hint))()
         sys.excepthook(KeyboardInterrupt, info.value, None)
         assert capsys.readouterr().err == "Traceback ...\n" + shown
+    # run_experiment runs each stage's main inside its own: the outer advice is the one printed, once
+    inner = cli_entry(interrupted("a stage's"))
+    outer = cli_entry(lambda: (on_interrupt("the runner's"), inner()))
+    monkeypatch.setattr(sys, "excepthook", lambda *exc: print("Traceback ...", file=sys.stderr))
+    with pytest.raises(KeyboardInterrupt) as info:
+        outer()
+    sys.excepthook(KeyboardInterrupt, info.value, None)
+    assert capsys.readouterr().err == "Traceback ...\ninterrupted: the runner's\n"
     monkeypatch.setattr(sys, "excepthook", lambda *exc: print("Traceback ...", file=sys.stderr))
     monkeypatch.setattr(generation, "generate_predictions", raising(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt) as info:

@@ -1,6 +1,7 @@
 """Scoring: pass@k against the closed form, harness semantics on the real test splits, result files, the CLI."""
 import json
 import math
+import pathlib
 from types import SimpleNamespace
 
 import pytest
@@ -312,3 +313,19 @@ def test_non_utf8_predictions_and_a_mistyped_problem_field_are_one_line(tmp_path
     solutions.write_text(json.dumps({"task_id": "MBPP/1", "completion": "  return 1\n"}) + "\n")
     with pytest.raises(UserError, match=r"problems\.jsonl:1: field 'prompt' must be a string, got NoneType"):
         evaluate_file("mbpp", solutions, problem_file=problems, sandbox_config=SandboxConfig(mode="none"))
+
+
+def test_the_default_data_files_directory_is_hidden_from_the_programs(tmp_path, data_paths):
+    """Without --data_path the CRUXEval rows come from ../shared/data, and a program could read each answer
+    there (eval of the matching row's output passed every sample)."""
+    from utils.data import default_data_path
+
+    default = default_data_path("cruxeval_output_prediction")
+    if default is None:
+        pytest.skip("no ../shared/data: the data would come from the hub cache, under the (hidden) home")
+    records = load_task_split("cruxeval_output_prediction", "test", default)[:2]
+    path = tmp_path / "output.json"
+    path.write_text(json.dumps({r["id"]: [r["output"]] for r in records}))
+    summary = evaluate_file("cruxeval_output_prediction", path, allow_missing=True, **FAST)
+    if summary["sandbox"]["mount_namespace"]:
+        assert str(pathlib.Path(default).resolve().parent) in summary["sandbox"]["hidden_dirs"]

@@ -196,6 +196,7 @@ def test_every_model_of_the_papers_table_has_a_preset_with_its_settings():
 def test_set_wins_over_the_presets_per_task_values(tmp_path):
     """--set has no per-task section: the README's dry run (--set fft.num_epochs=1) must reach CRUXEval's FFT cells,
     and lopa.lp_rank the r = 4 MBPP cell of Llama-3, as lp_rank alone does every LOPA cell."""
+    from utils.errors import UserError
     from utils.experiment import plan_cells
     from utils.presets import PRESETS, apply_overrides
 
@@ -210,7 +211,8 @@ def test_set_wins_over_the_presets_per_task_values(tmp_path):
         assert set(values("paper-phi-2", overrides, "fft", "--num_epochs").values()) == {"1"}
     for overrides in (["lopa.lp_rank=2"], ["lp_rank=2"]):
         assert set(values("paper-Meta-Llama-3-8B", overrides, "lopa", "--lp_rank").values()) == {"2"}
-    assert values("paper-Meta-Llama-3-8B", ["pt.lp_rank=2"], "lopa", "--lp_rank")["mbpp"] == "4"
+    with pytest.raises(UserError, match="pt does not read --lp_rank"):  # not another method's value either
+        values("paper-Meta-Llama-3-8B", ["pt.lp_rank=2"], "lopa", "--lp_rank")
 
 
 def test_set_refuses_the_flags_each_cell_gets_and_sets_the_experiments_seed(tmp_path):
@@ -274,3 +276,13 @@ def test_offline_runs_are_told_up_front_which_hub_models_are_not_cached(tmp_path
     assert uncached_hub_models(local) == []
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert uncached_hub_models(cells) == []  # online: they download
+
+
+def test_a_set_of_a_flag_the_method_does_not_read_is_refused_at_once():
+    """--set lora.lp_rank=2 passed the plan's checks and failed in the lora cells, one after another."""
+    from utils.errors import UserError
+    from utils.presets import apply_overrides, paper_preset
+
+    with pytest.raises(UserError, match=r"--set 'lora.lp_rank=2': lora does not read --lp_rank \(only lopa do\)"):
+        apply_overrides(paper_preset("phi-2"), ["lora.lp_rank=2"])
+    assert apply_overrides(paper_preset("phi-2"), ["lopa.lp_rank=2"]).per_method["lopa"]["lp_rank"] == "2"

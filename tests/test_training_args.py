@@ -264,6 +264,24 @@ def test_resume_rejects_changed_arguments(tmp_path):
 
 
 
+def test_a_run_that_recorded_another_methods_flag_still_resumes(tmp_path):
+    """Before such flags were refused, a pt run given --lp_rank 4 recorded it; resuming it now met two errors that
+    each asked for the other's fix."""
+    run = tmp_path / "run"
+    cfg = parse_args(["--peft_method", "pt"] + BASE + ["--log_dir", str(run)], "peft").to_dict()
+    cfg["model"]["lp_rank"] = 4
+    ckpt = run / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    assert parse_args(["--peft_method", "pt"] + BASE + ["--resume_from", str(run)], "peft").model.lp_rank == 1
+    cfg["model"]["num_virtual_tokens"] = 20  # a flag pt reads must still match
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="field 'model.num_virtual_tokens' is 20 but this run has 10"):
+        parse_args(["--peft_method", "pt"] + BASE + ["--resume_from", str(run)], "peft")
+
+
 def test_resuming_a_checkpoint_from_before_encoder_dropout_keeps_its_eval_mode_encoder(tmp_path):
     """Its config.json has no 'encoder_dropout': that run's encoder ran in eval mode, so the new default (True)
     would change the training half-way; pt never had an encoder, so the missing field does not matter there."""

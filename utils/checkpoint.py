@@ -359,7 +359,7 @@ def _read(path: pathlib.Path, load):
         log_dir = checkpoint.parent.parent
         fix = (f"pass an earlier one to --resume_from ({earlier[-1]})" if earlier
                else f"no earlier one is left: start over without --resume_from, after removing {log_dir} or with "
-                    f"another --log_dir") + " (a run_experiment cell: rerun it with --force)"
+                    f"another --log_dir") + f" (a run_experiment cell: remove {log_dir} and rerun; it trains afresh)"
         raise UserError(f"{path}: {what}; the checkpoint is damaged: {fix}") from None
 
 

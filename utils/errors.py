@@ -31,12 +31,15 @@ def disk_full_message(exc: BaseException) -> str:
 
 
 _INTERRUPT_HINT: list = [None]
+_DEPTH = [0]  # cli_entry mains running: run_experiment runs each stage's main inside its own
 
 
 def on_interrupt(hint) -> None:
     """What to tell the user when Ctrl-C (or SIGTERM turned into one) ends this run: a string, or a callable that
-    makes it then; the latest call wins. ``cli_entry`` prints it after Python's traceback."""
-    _INTERRUPT_HINT[0] = hint
+    makes it then; the latest call wins. ``cli_entry`` prints it after Python's traceback. A stage that
+    run_experiment runs in its own process says nothing: the outer script's advice is the one to follow."""
+    if _DEPTH[0] <= 1:
+        _INTERRUPT_HINT[0] = hint
 
 
 def cli_entry(main):
@@ -45,11 +48,14 @@ def cli_entry(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        _INTERRUPT_HINT[0] = None
+        outermost = _DEPTH[0] == 0
+        if outermost:
+            _INTERRUPT_HINT[0] = None
+        _DEPTH[0] += 1
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:
-            if (hint := _INTERRUPT_HINT[0]) is not None:
+            if outermost and (hint := _INTERRUPT_HINT[0]) is not None:
                 _after_the_traceback(f"interrupted: {hint() if callable(hint) else hint}")
             raise
         except UserError as exc:
@@ -60,6 +66,8 @@ def cli_entry(main):
                 raise
             print(f"error: {disk_full_message(exc)}", file=sys.stderr)
             sys.exit(2)
+        finally:
+            _DEPTH[0] -= 1
 
     return wrapper
 

@@ -284,7 +284,8 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     timeout = timeout or DEFAULT_TIMEOUT[task_name]
     config = sandbox_config or SandboxConfig()
     # the programs must not read the other samples or any task's tests
-    shown = [pathlib.Path(f) for f in (path, problem_file, data_path) if f and pathlib.Path(f).exists()]
+    read = (path, problem_file, data_path or (None if problem_file else default_data_path(task_name)))
+    shown = [pathlib.Path(f) for f in read if f and pathlib.Path(f).exists()]
     config = dataclasses.replace(config, timeout=timeout,
                                  hide=(*config.hide, *sorted({str(f.resolve().parent) for f in shown})))
     if task_name == "mbpp":

@@ -9,7 +9,7 @@ import dataclasses
 import functools
 
 from utils.errors import UserError
-from utils.registry import METHODS, TASKS
+from utils.registry import METHOD_FLAGS, METHODS, TASKS
 
 
 @dataclasses.dataclass
@@ -123,6 +123,9 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         elif section in ("gen", "eval"):
             getattr(preset, section)[flag] = parsed
         elif section in METHODS:
+            if section not in METHOD_FLAGS.get(flag, (section,)):
+                readers = "/".join(METHOD_FLAGS[flag])
+                raise UserError(f"--set {item!r}: {section} does not read --{flag} (only {readers} do)")
             preset.per_method.setdefault(section, {})[flag] = parsed
             _drop_per_task(preset, flag, (section,))
         else:

@@ -349,10 +349,13 @@ def check_resume_compatible(config: TrainConfig, saved: dict, saved_path) -> Non
         scripts = {"peft": "tune_foundation_model.py", "fft": "tune_fft_baseline.py"}
         raise UserError(f"{saved_path}: field 'script' is {saved.get('script')!r}; resume it with "
                         f"{scripts.get(saved.get('script'), saved.get('script'))} (this is {scripts[config.script]})")
+    from utils.registry import METHOD_FLAGS
+
     current = config.to_dict()
     for section in ("model", "train"):
         for name, value in current[section].items():
-            if name in RESUME_MAY_DIFFER:
+            # another method's flag did nothing (older runs recorded what the command line gave them)
+            if name in RESUME_MAY_DIFFER or config.model.method not in METHOD_FLAGS.get(name, (config.model.method,)):
                 continue
             if name not in saved.get(section, {}):
                 _check_unrecorded(config, section, name, value, saved_path)
