@@ -241,7 +241,8 @@ def test_a_damaged_checkpoint_file_is_one_line_naming_it_and_the_earlier_checkpo
         load_checkpoint(find_checkpoint(tmp_path), acc, model, opt, sched)
     assert str(error.value).startswith(f"{path}: ")
     assert str(error.value).endswith(f"the checkpoint is damaged: pass an earlier one to --resume_from "
-                                     f"({root / 'step_00000001'})")
+                                     f"({root / 'step_00000001'}) (a run_experiment cell: remove {tmp_path} and "
+                                     f"rerun; it trains afresh)")
     load_checkpoint(root / "step_00000001", acc, model, opt, sched)  # the earlier one still resumes
 
 def test_a_failed_save_never_becomes_latest(tmp_path, accelerated):
