@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory_mb", type=int, default=SandboxConfig.memory_mb, help="address-space limit per sample")
     p.add_argument("--sandbox_mode", default="auto", choices=MODES, help="auto picks the strongest mode that works")
     p.add_argument("--allow_missing", action="store_true", help="score only the tasks that have samples (a file that lacks some test tasks is refused "
-                        "otherwise, unless a --limit generation wrote it)")
+                        "otherwise, unless a --limit generation wrote it: its generate_preds_config.json says so)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:

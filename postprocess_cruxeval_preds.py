@@ -18,7 +18,7 @@ from utils.postprocess import postprocess_cruxeval_file
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--path", required=True, help="JSON {id: [raw completion, ...]}")
-    p.add_argument("--mode", required=True, choices=("input", "output"))
+    p.add_argument("--mode", required=True, choices=("input", "output"), help="the CRUXEval task the file is for")
     p.add_argument("--data_path", default=None, help="the CRUXEval JSONL (to rebuild the prompts)")
     p.add_argument("--out", default=None, help="output file (default: output.json beside --path)")
     p.add_argument("--official_out", default=None,

@@ -40,8 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=None, help="comma-separated model types (default: the preset's)")
     p.add_argument("--mbpp_data", default=None, help="MBPP JSONL (default: ../shared/data copy, else public source)")
     p.add_argument("--cruxeval_data", default=None, help="CRUXEval JSONL (default: as --mbpp_data)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a stage argument: train.lr=1e-3, lopa.lp_rank=2, gen.batch_size=8, eval.timeout=5")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="override a stage argument: train.lr=1e-3, lopa.lp_rank=2, gen.batch_size=8, eval.timeout=5; "
+                        "seed=N (training and generation), model_path=DIR (every stage's base model)")
     p.add_argument("--plan", action="store_true",
                    help="list the selected cells (stored, or to run) and their commands after checking every stage's "
                         "arguments and data files; run nothing and write no cell or report (smoke may write its "
@@ -67,7 +68,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from utils.presets import PRESET_GROUPS, PRESETS, apply_overrides
 
-    presets = [apply_overrides(PRESETS[name](), args.set) for name in PRESET_GROUPS.get(args.preset, [args.preset])]
+    presets = [apply_overrides(PRESETS[name](), args.set or [])
+               for name in PRESET_GROUPS.get(args.preset, [args.preset])]
     if len(presets) > 1:  # a group's --models names its members' models
         members = [m for p in presets for m in p.models]
         _subset(args.models, members, members, "models")

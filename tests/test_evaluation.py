@@ -210,6 +210,9 @@ def test_evaluate_rejects_bad_input_with_a_one_line_error(tmp_path, data_paths, 
         evaluate_file("mbpp", path, problem_file=problem_file, progress=False)
     assert evaluate_file("mbpp", path, problem_file=problem_file, allow_missing=True,
                          progress=False)["tasks_without_samples"] == 1
+    (tmp_path / "generate_preds_config.json").write_text(json.dumps({"task_name": "mbpp", "limit": 1}))
+    assert evaluate_file("mbpp", path, problem_file=problem_file, progress=False)["tasks_without_samples"] == 1
+    (tmp_path / "generate_preds_config.json").unlink()  # a --limit generation's file needs no flag
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"task_id": "MBPP/99999", "completion": ""}])
     with pytest.raises(UserError, match="not in the problem set"):
         evaluate_file("mbpp", bad, problem_file=problem_file, progress=False)

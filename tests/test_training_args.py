@@ -235,7 +235,13 @@ def test_a_log_dir_holding_a_model_or_other_files_is_refused(tmp_path):
     (run / "train.log").write_text("")
     (run / "config.json").write_text(json.dumps({"script": "tune_foundation_model.py", "runtime": {}}))
     (run / ".config.json.abc.tmp").write_text("")
+    (run / "preds").mkdir()  # predictions generate_preds.py wrote there (README's layout)
+    (run / "preds" / "generate_preds_config.json").write_text("{}")
     assert _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path).output.log_dir == str(run)
+    (run / "final").mkdir()  # finished: said so, whatever else is there
+    (run / "notes.txt").write_text("")
+    with pytest.raises(UserError, match="already holds a finished run"):
+        _parse(["--peft_method", "pt"] + BASE, tmp_path=tmp_path)
 
 
 def test_resume_rejects_changed_arguments(tmp_path):

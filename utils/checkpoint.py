@@ -104,8 +104,8 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path:
         return newest
     if (path / "final").is_dir() and ((path / "metrics.jsonl").is_file() or (path / "train.log").is_file()):
         raise UserError(f"--resume_from {path}: this run finished (its model: {path / 'final'}) and keeps no "
-                        f"checkpoint (PEFT's default removes them once final/ is written; --save_every 0 writes "
-                        f"none): there is nothing to resume")
+                        f"checkpoint (PEFT's default, or --keep_checkpoints false, removes them once final/ is "
+                        f"written; --save_every 0 writes none): there is nothing to resume")
     if (path / "metrics.jsonl").is_file() or (path / "train.log").is_file():
         raise UserError(f"--resume_from {path}: this run saved no checkpoint: it stopped before its first one (they "
                         f"come every --save_every; 0 saves only final/), so there is nothing to resume; start over "

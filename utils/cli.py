@@ -38,7 +38,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     there is none to show (None: not given; False: a switch that is off)."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default is None or action.default is False:
+        if "(default" in (action.help or "") or action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
 

@@ -3,12 +3,14 @@
 Semantics follow the public harnesses (spec §7):
 
 * MBPP (mxeval): the program is ``prompt + completion + "\\n" + test + "\\n" + "check(<entry_point>)"``;
-  every task of the problem file must have samples; default timeout 15 s.
+  every task of the problem file must have samples (``allow_missing``, or a ``--limit`` generation's file, scores
+  the ones present); default timeout 15 s.
 * CRUXEval: the program is ``code + "\\nassert " + output + " == " + prediction``. In input mode a prediction
   without ``f(`` fails without running; in output mode one that contains ``f(<input>)`` fails (it would
-  let the program compute the answer). Only the ids present are scored; default timeout 10 s.
-  Such predictions count as failures, so n is always the number of generations, as in the official CRUXEval
-  script (the LOPA repository's copy drops them from n: a bias when n > 1).
+  let the program compute the answer). Such predictions count as failures, so n is always the number of
+  generations, as in the official CRUXEval script (the LOPA repository's copy drops them from n: a bias when
+  n > 1). A file of test ids must have every test id, as MBPP's; one that mixes the splits is refused; default
+  timeout 10 s.
 * pass@k is the unbiased estimator ``1 - C(n-c, k) / C(n, k)`` averaged over tasks, reported for each k that
   every task's n reaches.
 
@@ -291,7 +293,7 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     if task_name == "mbpp":
         solutions, problems = read_mbpp_solutions_and_problems(path, problem_file, data_path, mbpp_split)
         missing = sorted(problems.keys() - {s["task_id"] for s in solutions})
-        if missing and not allow_missing:
+        if missing and not allow_missing and _generated_limit(path) is None:
             raise UserError(f"{path}: no samples for {len(missing)} of {len(problems)} problems (first: "
                             f"{missing[0]}); pass --allow_missing to score only the tasks present")
         samples = mbpp_samples(solutions, problems)

@@ -277,7 +277,6 @@ def check_files(config: TrainConfig) -> None:
                                   limit=train.limit_train_examples)
     log_dir = pathlib.Path(out.log_dir)
     if out.resume_from is None:
-        _check_not_foreign(log_dir)
         for taken in ("metrics.jsonl", "checkpoints", "final"):
             if (log_dir / taken).exists():
                 if (log_dir / "final").exists():  # finished (the PEFT default then keeps no checkpoint)
@@ -289,6 +288,7 @@ def check_files(config: TrainConfig) -> None:
                                     f"choose another --log_dir")
                 raise UserError(f"--log_dir {log_dir} already holds a run ({log_dir / taken}); pass "
                                 f"--resume_from {log_dir} to continue it, or choose another --log_dir")
+        _check_not_foreign(log_dir)
         return
     from utils.checkpoint import find_checkpoint  # only resumed runs pay for this import
 
@@ -313,8 +313,11 @@ def _check_not_foreign(log_dir: pathlib.Path) -> None:
 
     if not log_dir.is_dir():
         return
+    from utils.prediction_files import CONFIG_FILE
+
     foreign = sorted(p.name for p in log_dir.iterdir()
-                     if p.name not in RUN_ENTRIES and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+                     if p.name not in RUN_ENTRIES and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+                     and not (p / CONFIG_FILE).is_file())  # predictions generate_preds.py wrote (README's preds/)
     if (log_dir / "config.json").is_file() and not is_training_config(log_dir / "config.json"):
         foreign.insert(0, "config.json (a model's)")
     if foreign:
