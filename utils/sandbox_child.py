@@ -19,6 +19,9 @@ import time
 
 _write, _exit, _fork, _waitpid, _kill = os.write, os._exit, os.fork, os.waitpid, os.kill
 libc = ctypes.CDLL(None, use_errno=True)
+REAL_EXECUTABLE = os.path.realpath(sys.executable)
+"""The interpreter's file, resolved while the host's paths are in view: a venv linked from a hidden or private
+directory (/tmp) is not at sys.executable for the program, and multiprocessing's spawn starts sys.executable."""
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 NEWNS, NEWUTS, NEWIPC, NEWPID, NEWNET = 0x20000, 0x4000000, 0x8000000, 0x20000000, 0x40000000
@@ -176,6 +179,8 @@ def run_program(req, src, fd):
     except OSError as exc:
         report(fd, "E sandbox setup: %s" % exc)
         _exit(3)
+    if not os.path.exists(sys.executable):
+        sys.executable = REAL_EXECUTABLE
     # The program is __main__, as under `python program.py`: pickle and multiprocessing look its names up there
     main = type(sys)("__main__")
     main.__builtins__ = __builtins__
