@@ -310,11 +310,10 @@ def _check_not_foreign(log_dir: pathlib.Path) -> None:
     """A log_dir holding anything else (a model directory given by mistake, the project's root) is refused: the run
     would write its config.json over a model's and its final/ among other files."""
     from utils.checkpoint import is_training_config
+    from utils.prediction_files import CONFIG_FILE
 
     if not log_dir.is_dir():
         return
-    from utils.prediction_files import CONFIG_FILE
-
     foreign = sorted(p.name for p in log_dir.iterdir()
                      if p.name not in RUN_ENTRIES and not (p.name.startswith(".") and p.name.endswith(".tmp"))
                      and not (p / CONFIG_FILE).is_file())  # predictions generate_preds.py wrote (README's preds/)
