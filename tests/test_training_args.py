@@ -67,6 +67,28 @@ def test_keep_checkpoints_follows_save_every_unless_given(tmp_path):
     assert (keep("--keep_checkpoints"), keep("--keep_checkpoints", "True")) == (True, True)
 
 
+def test_a_default_log_dir_taken_in_the_same_second_gets_a_suffix(tmp_path, monkeypatch):
+    """Two runs started in the same second without --log_dir picked the same directory; the second was refused
+    ("pass another --log_dir"), though it had been given none."""
+    import datetime
+    import types
+
+    from utils import cli
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 11, 27, 12, 14, 48)
+
+    monkeypatch.setattr(cli, "datetime", types.SimpleNamespace(datetime=Frozen))  # cli's name only
+    monkeypatch.chdir(tmp_path)
+    assert cli.default_log_dir() == "logging/20261127-121448"
+    (tmp_path / "logging" / "20261127-121448").mkdir(parents=True)
+    assert cli.default_log_dir() == "logging/20261127-121448-2"
+    (tmp_path / "logging" / "20261127-121448-2").mkdir()
+    assert cli.default_log_dir() == "logging/20261127-121448-3"
+
+
 def test_default_log_dir_is_a_timestamp_under_logging():
     cfg = parse_args(["--peft_method", "pt"] + BASE, "peft")
     assert re.fullmatch(r"logging/\d{8}-\d{6}", cfg.output.log_dir)

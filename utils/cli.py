@@ -109,4 +109,10 @@ def check_log_dir(log_dir: str | None) -> None:
 
 
 def default_log_dir() -> str:
-    return os.path.join("logging", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    """``logging/<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``, ... when a run started in the same second has it."""
+    base = os.path.join("logging", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
