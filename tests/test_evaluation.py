@@ -168,6 +168,8 @@ def test_a_partial_or_mixed_cruxeval_file_is_refused_unless_asked_for(tmp_path, 
     (tmp_path / "generate_preds_config.json").write_text(json.dumps({"task_name": "cruxeval_output_prediction",
                                                                      "limit": 2}))
     assert score(test[:2])["tasks_without_samples"] == len(test) - 2  # a --limit generation's file
+    with pytest.raises(UserError, match="pass --allow_missing"):  # but not one cut short of its limit
+        score(test[:1])
 
 
 def test_malformed_cruxeval_predictions_count_as_failures(tmp_path, data_paths):

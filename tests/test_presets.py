@@ -278,7 +278,7 @@ def test_offline_runs_are_told_up_front_which_hub_models_are_not_cached(tmp_path
     assert uncached_hub_models(cells) == []  # online: they download
 
 
-def test_a_set_of_a_flag_the_method_does_not_read_is_refused_at_once():
+def test_a_set_of_a_flag_the_method_does_not_read_is_refused_at_once(tmp_path):
     """--set lora.lp_rank=2 passed the plan's checks and failed in the lora cells, one after another."""
     from utils.errors import UserError
     from utils.presets import apply_overrides, paper_preset
@@ -286,3 +286,9 @@ def test_a_set_of_a_flag_the_method_does_not_read_is_refused_at_once():
     with pytest.raises(UserError, match=r"--set 'lora.lp_rank=2': lora does not read --lp_rank \(only lopa do\)"):
         apply_overrides(paper_preset("phi-2"), ["lora.lp_rank=2"])
     assert apply_overrides(paper_preset("phi-2"), ["lopa.lp_rank=2"]).per_method["lopa"]["lp_rank"] == "2"
+    # an abbreviation (argparse reads --lp_r as --lp_rank) is caught by the plan's checks
+    from utils.experiment import check_commands, plan_cells
+
+    with pytest.raises(UserError, match=r"phi-2/mbpp/lora: tune_foundation_model.py rejects its arguments \(--lp_rank "
+                                        r"is for lopa, not lora; drop it\)"):
+        check_commands(plan_cells(apply_overrides(paper_preset("phi-2"), ["lora.lp_r=2"]), tmp_path))

@@ -216,14 +216,16 @@ def missing_cruxeval_test_ids(path, predictions: dict, records: dict) -> list[st
     return [] if outside else sorted(test - inside, key=lambda rid: int(rid[7:]))
 
 
-def _generated_limit(path) -> int | None:
-    """``--limit`` of the generation that wrote ``path`` (its generate_preds_config.json), if any."""
+def _limited_generation(path, present: int, total: int) -> bool:
+    """Whether ``path`` is a ``--limit`` generation's whole output: its generate_preds_config.json has a limit, and
+    the file holds that many of the ``total`` tasks (a cut or mixed file does not pass for one)."""
     from utils.prediction_files import CONFIG_FILE
 
     try:
-        return json.loads((pathlib.Path(path).parent / CONFIG_FILE).read_text(encoding="utf-8")).get("limit")
+        limit = json.loads((pathlib.Path(path).parent / CONFIG_FILE).read_text(encoding="utf-8")).get("limit")
     except (OSError, ValueError, AttributeError):
-        return None
+        return False
+    return isinstance(limit, int) and present == min(limit, total)
 
 
 def read_mbpp_solutions(path) -> list[dict]:
@@ -293,7 +295,8 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     if task_name == "mbpp":
         solutions, problems = read_mbpp_solutions_and_problems(path, problem_file, data_path, mbpp_split)
         missing = sorted(problems.keys() - {s["task_id"] for s in solutions})
-        if missing and not allow_missing and _generated_limit(path) is None:
+        present = len(problems) - len(missing)
+        if missing and not allow_missing and not _limited_generation(path, present, len(problems)):
             raise UserError(f"{path}: no samples for {len(missing)} of {len(problems)} problems (first: "
                             f"{missing[0]}); pass --allow_missing to score only the tasks present")
         samples = mbpp_samples(solutions, problems)
@@ -311,7 +314,8 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
         records = load_cruxeval_records(task_name, problem_file, data_path)
         check_cruxeval_ids(path, predictions, records)
         missing = missing_cruxeval_test_ids(path, predictions, records)
-        if missing and not allow_missing and _generated_limit(path) is None:
+        if missing and not allow_missing and not _limited_generation(path, len(predictions),
+                                                                     len(missing) + len(predictions)):
             raise UserError(f"{path}: no predictions for {len(missing)} of the test split's "
                             f"{len(missing) + len(predictions)} ids (first: {missing[0]}); pass --allow_missing to "
                             f"score only the ids present")

@@ -218,10 +218,12 @@ def _parse_only(script: str, argv: list[str]) -> tuple | None:
     import importlib
 
     if script in ("tune_foundation_model.py", "tune_fft_baseline.py"):
-        from utils.train_args import build_parser, config_from_namespace
+        from utils.train_args import build_parser, config_from_namespace, refuse_other_methods_flags
 
         kind = "fft" if script == "tune_fft_baseline.py" else "peft"
-        config = config_from_namespace(build_parser(kind).parse_args(argv), kind)
+        ns = build_parser(kind).parse_args(argv)
+        refuse_other_methods_flags(argv, kind, ns.peft_method if kind == "peft" else "fft")  # abbreviations too
+        config = config_from_namespace(ns, kind)
         model = config.model
         return model.task_name, "train", model.data_path, model.mbpp_split, config.train.limit_train_examples
     if script == "generate_preds.py":

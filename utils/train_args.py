@@ -384,13 +384,13 @@ def _flag(name: str) -> str:
 def parse_args(argv: list[str] | None, script: str) -> TrainConfig:
     """Parse and validate. Writes nothing; raises UserError (or exits 2 from argparse) on a bad value."""
     ns = build_parser(script).parse_args(argv)
-    _refuse_other_methods_flags(argv, script, ns.peft_method if script == "peft" else "fft")
+    refuse_other_methods_flags(argv, script, ns.peft_method if script == "peft" else "fft")
     config = config_from_namespace(ns, script)
     check_files(config)
     return config
 
 
-def _refuse_other_methods_flags(argv: list[str] | None, script: str, method: str) -> None:
+def refuse_other_methods_flags(argv: list[str] | None, script: str, method: str) -> None:
     """A flag only other methods read (--lp_rank for lora, say) did nothing, yet config.json recorded it as the
     run's; generate_preds.py refuses the same flags."""
     from utils.registry import METHOD_FLAGS
