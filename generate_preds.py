@@ -63,11 +63,12 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--fast_decoding", default="auto", choices=("auto", "on", "off"),
                    help="a static KV cache with compiled decoding steps and prompts padded to a multiple of 64 "
                         "(same tokens, several times faster on a GPU; see BENCHMARKS.md); auto: on with CUDA")
-    d.add_argument("--decode_loop", default="hf", choices=("hf", "own"),
-                   help="hf: transformers' generate; own: greedy decoding in the project's loop, which reads the "
-                        "new tokens back every 8 steps instead of every step (same tokens; greedy only; on an H100 "
-                        "1.35x the default's new tokens/s at batch 64; not yet checked token for token on a GPU; "
-                        "see docs/GENERATION.md)")
+    d.add_argument("--decode_loop", default="auto", choices=("auto", "hf", "own"),
+                   help="own: greedy decoding in the project's loop, which reads the new tokens back every 8 steps "
+                        "instead of every step (greedy only; on an H100 1.35x generate's new tokens/s at batch 64, "
+                        "the same tokens as generate's fast path; see docs/GENERATION.md); hf: transformers' "
+                        "generate; auto: own with fast decoding on a GPU for greedy decoding, when the model's "
+                        "generation config sets no logits processor, else hf")
     d.add_argument("--max_new_tokens", type=int, default=None,
                    help="new-token cap per sample (default MBPP 256; CRUXEval 512 minus the prompt length, which "
                         "stays a cap when this is given)")
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import broadcast_object_list
 
     from utils.data import default_data_path, load_task_split
-    from utils.decode_loop import STEP_COMPILE, GreedyDecoder, check_plain_greedy
+    from utils.decode_loop import STEP_COMPILE, GreedyDecoder, check_plain_greedy, own_loop_chosen
     from utils.fast_paths import static_cache_kwargs
     from utils.generation import generate_predictions
     from utils.prediction_files import (ProgressLog, check_fresh_start, check_no_other_task_files, check_resumable,
@@ -338,11 +339,12 @@ def main(argv: list[str] | None = None) -> int:
             if exit_after and written[0] >= exit_after:
                 os._exit(3)
 
-        fast = args.fast_decoding == "on" or (args.fast_decoding == "auto" and accelerator.device.type == "cuda")
+        cuda = accelerator.device.type == "cuda"
+        fast = args.fast_decoding == "on" or (args.fast_decoding == "auto" and cuda)
         decoder = None
-        if args.decode_loop == "own":  # compiled only on a GPU, as generate does
-            decoder = GreedyDecoder(compile_kwargs=STEP_COMPILE if fast and accelerator.device.type == "cuda"
-                                    else None)
+        if own_loop_chosen(args.decode_loop, fast=fast, device_type=accelerator.device.type,
+                           do_sample=gen_config.do_sample, generation_config=model.lm.generation_config):
+            decoder = GreedyDecoder(compile_kwargs=STEP_COMPILE if fast and cuda else None)  # compiled on a GPU only
         start = time.perf_counter()
         fresh = generate_predictions(model, tokenizer, enc_tokenizer, task, todo, batch_size=args.batch_size,
                                      gen_config=gen_config, accelerator=accelerator, progress=not args.no_progress,
@@ -353,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
             paths = write_predictions(log_dir, task, records, raw, gen_config.stop_sequences)
             validate_prediction_files(log_dir, task, [task.record_id(r) for r in records],
                                       gen_config.num_return_sequences)
+            how = ("the own decoding loop" if decoder else "generate") + (", fast decoding" if fast else "")
             print(f"{len(records)} tasks ({len(done)} resumed, {len(fresh)} generated in "
-                  f"{time.perf_counter() - start:.1f} s) -> {', '.join(str(p) for p in paths)}")
+                  f"{time.perf_counter() - start:.1f} s by {how}) -> {', '.join(str(p) for p in paths)}")
         accelerator.wait_for_everyone()
         accelerator.end_training()
     finally:

@@ -10,15 +10,17 @@
 #                  packed modes' graphs are recorded per batch and replayed for that batch: a best case
 #   generate_phi2  hf-generate, none, none-own, lopa, lopa-own, pt, none-own-full at batch 64/16/1, then the
 #                  fast-vs-eager check (211 s for the four without -own in session 8). Each new shape compiles once;
-#                  the -own methods share one compilation for all their shapes since session 14 (counted on the CPU,
-#                  not yet seen on a GPU; in session 13 they compiled once per shape and KV bucket: hf-generate,
-#                  none, none-own and lopa-own at batch 64 did not finish in 290 s, and lopa-own alone took 140 s).
+#                  the -own methods share one compilation for all their shapes since session 14 (seen on the H100 in
+#                  session 17: 28-31 s of warm-up for the first, 2.8 s for the next; in session 13 they compiled
+#                  once per shape and KV bucket: hf-generate, none, none-own and lopa-own at batch 64 did not
+#                  finish in 290 s, and lopa-own alone took 140 s).
 #                  none-own-full attends over the whole cache (the buckets' A/B); none-own-static (not in this
 #                  section's default GEN_METHODS) compiles per shape and bucket (the symbolic shapes' A/B). A line's
 #                  warmup_seconds includes the compilations its warm-up caused: the first -own line's compilation,
 #                  CUDA-graph recordings in later ones. GEN_NO_CHECK=1 leaves out the check.
 #   generate_check only generate_phi2's fast-vs-eager check (bench_generate --check_only): the fast path's and the own
-#                  loop's tokens against eager on 4 prompts, without the timings (not yet run; ~2 min estimated)
+#                  loop's tokens against eager on 4 prompts, without the timings (on a freshly started H100 in
+#                  session 17 it needed more than 165 s: compilations are slow until the machine's caches are warm)
 #   generate_phi3  Phi-3-mini's architecture (2,047-token sliding window), none and none-own at batch 64: does
 #                  fast decoding compile once per shape there (session 9 fix; not yet run, ~1.5 min estimated)?
 #   train_deepseek (42 s)    train_llama3 (52 s without its FFT, which needs an H200)

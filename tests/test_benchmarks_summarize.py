@@ -48,6 +48,21 @@ def test_the_session_13_h100_runs_targets_as_benchmarks_md_states_them():
     assert "| deepseek-coder-1.3b-base | lopa+encoder_graphs | 67,983 | 60.3 | 1.46× | 0.794× | 37.3 % | 8.10 |" in text
 
 
+def test_the_session_17_h100_runs_figures_as_benchmarks_md_states_them():
+    lines = summarize.load(RESULTS, ["gpu-s17-gen"])
+    got = _verdicts(lines)
+    assert got["phi-2: generate none-own, B = 64: ≥ 6,000 new tokens/s"] == ("7,587", True)  # the last line counts
+    assert got["phi-2: generate none-own, B = 64: ≥ 2.2× hf-generate"] == ("12.08×", True)
+    assert got["phi-2: generate lopa-own, B = 64: ≥ 2.2× hf-generate"] == ("12.04×", True)
+    text = summarize.markdown(lines)
+    assert "| phi-2 | hf-generate | 64 | 628 | 101.94 |  | 4.0 |" in text
+    assert "| phi-2 | none-own | 64 | 7,660 | 8.35 | 12.20× | 28.2 |" in text
+    for method in ("none-own", "lopa-own"):  # the check that made the own loop the default on a GPU
+        line, = [x for x in text.splitlines() if x.startswith(f"* phi-2 {method}: ")]
+        assert line.endswith("1 of 4 rows identical, " + ("65.6" if method == "none-own" else "71.9") +
+                             " % of tokens, 0 divergences not near ties; 4 rows identical to the fast path's"), line
+
+
 def test_padding_variants_are_compared_with_their_own_fixed_line_and_never_judged():
     """bench_train --padding under CUDA graphs or with lengths rounded up to 64 (gpu_run.sh's padding_graphs) is an
     A/B: shown with its variant in the table, against the fixed line of the same variant; only the trainer's

@@ -9,7 +9,7 @@ from custom_peft import build_model
 from tests.test_generation import _perturb, _refused_leaving_the_log_dir_as_it_was
 from utils.batching import Collator, TaskDataset
 from utils.data import load_task_split
-from utils.decode_loop import BucketedStaticLayer, GreedyDecoder, check_plain_greedy
+from utils.decode_loop import BucketedStaticLayer, GreedyDecoder, check_plain_greedy, own_loop_chosen
 from utils.errors import UserError
 from utils.generation import GenConfig, generate_batch, generate_predictions, resolve_gen_config
 from utils.models import load_tokenizer
@@ -67,7 +67,7 @@ def _models():
     """(name, model, tokenizer, encoder tokenizer), trainable weights moved off their init."""
     out = []
     for method, model_type in (("none", "tiny-llama"), ("pt", "tiny-phi-2"), ("lopa", "tiny-phi-2"),
-                               ("lora", "tiny-codegen")):
+                               ("lora", "tiny-codegen"), ("idpg", "tiny-llama")):
         model, tok = build_model(method, model_type, num_virtual_tokens=4, enc_model_type="tiny-roberta", seed=5)
         _perturb(model, 11, 0.3)
         out.append((f"{method}-{model_type}", model.eval(), tok, model.enc_tokenizer))
@@ -145,8 +145,8 @@ def test_compiled_step_traces_as_one_graph_and_gives_the_same_tokens(models, dat
     records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=4)
     cfg = resolve_gen_config(task, max_new_tokens=12)
     for name, model, tok, enc_tok in models:
-        if name.startswith("lopa"):
-            continue  # same architecture as pt: the encoder runs before the loop
+        if name.startswith(("lopa", "idpg")):
+            continue  # the architectures of pt and none: the encoder runs before the loop
         want = generate_predictions(model, tok, enc_tok, task, records, batch_size=2, gen_config=cfg, progress=False)
         torch.compiler.reset()
         counters.clear()
@@ -383,19 +383,32 @@ def test_every_logits_processor_generate_applies_under_greedy_is_refused(models,
             check_plain_greedy(changed)
 
 
+def test_auto_picks_the_own_loop_for_fast_greedy_decoding_on_a_gpu_only():
+    from transformers import GenerationConfig
+
+    plain, penalized = GenerationConfig(), GenerationConfig(repetition_penalty=1.3)
+    gpu = dict(fast=True, device_type="cuda", do_sample=False, generation_config=plain)
+    assert own_loop_chosen("auto", **gpu)
+    for change in (dict(fast=False), dict(device_type="cpu"), dict(do_sample=True),
+                   dict(generation_config=penalized)):
+        assert not own_loop_chosen("auto", **{**gpu, **change}), change
+        assert own_loop_chosen("own", **{**gpu, **change}) and not own_loop_chosen("hf", **gpu)
+
+
 def test_cli_own_loop_writes_the_files_generate_writes(tmp_path, data_paths, monkeypatch, capsys):
     calls, decode = [], GreedyDecoder.decode
     monkeypatch.setattr(GreedyDecoder, "decode", lambda self, *a, **k: calls.append(1) or decode(self, *a, **k))
     files = {}
-    for loop in ("hf", "own"):
-        log_dir = tmp_path / loop
+    for loop in ("hf", "own", None):  # None: the default, auto, which on a CPU is generate's loop
+        log_dir = tmp_path / str(loop)
+        calls.clear()
         assert generate_preds.main(["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--peft_method", "none",
                                     "--data_path", data_paths["mbpp"], "--limit", "5", "--batch_size", "2",
-                                    "--max_new_tokens", "12", "--no_progress", "--decode_loop", loop,
-                                    "--log_dir", str(log_dir)]) == 0
+                                    "--max_new_tokens", "12", "--no_progress", "--log_dir", str(log_dir),
+                                    *(["--decode_loop", loop] if loop else [])]) == 0
         files[loop] = {p.name: p.read_bytes() for p in sorted(log_dir.glob("mbxp*.jsonl"))}
         assert len(calls) == (3 if loop == "own" else 0)  # 5 tasks in batches of 2
-    assert files["own"] == files["hf"] and len(files["hf"]) == 2
+    assert files["own"] == files["hf"] == files[None] and len(files["hf"]) == 2
     # sampling is refused before anything in the log dir is touched
     assert _refused_leaving_the_log_dir_as_it_was(
         tmp_path / "own", ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--peft_method", "none",

@@ -92,10 +92,25 @@ _PROCESSOR_DEFAULTS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size"
                        "watermarking_config": (None,)}
 
 
+def greedy_changes(generation_config) -> list[str]:
+    """The settings (``name=value``) of a generation config that make ``generate``'s greedy picks differ from a
+    plain argmax; empty when there are none."""
+    return [f"{k}={getattr(generation_config, k, None)!r}" for k, ok in _PROCESSOR_DEFAULTS.items()
+            if getattr(generation_config, k, None) not in ok]
+
+
+def own_loop_chosen(choice: str, *, fast: bool, device_type: str, do_sample: bool, generation_config) -> bool:
+    """Whether ``generate_preds.py --decode_loop choice`` decodes in this loop. ``auto`` picks it where it was
+    checked against ``generate`` and gains: greedy decoding with fast decoding on a GPU (on an H100 it gave the fast
+    path's tokens, BENCHMARKS.md), for a model whose generation config sets no logits processor."""
+    if choice != "auto":
+        return choice == "own"
+    return fast and device_type == "cuda" and not do_sample and not greedy_changes(generation_config)
+
+
 def check_plain_greedy(generation_config) -> None:
     """Refuse a model whose generation config would make ``generate``'s greedy picks differ from a plain argmax."""
-    changed = [f"{k}={getattr(generation_config, k, None)!r}" for k, ok in _PROCESSOR_DEFAULTS.items()
-               if getattr(generation_config, k, None) not in ok]
+    changed = greedy_changes(generation_config)
     if changed:
         raise UserError(f"--decode_loop own decodes with a plain argmax, but this model's generation config sets "
                         f"{', '.join(changed)}; use --decode_loop hf")

@@ -12,7 +12,8 @@
   automatically on a GPU (decoding steps only; prefill, where the soft prompt enters, stays eager). A sliding-window
   model (Phi-3) gets a full-attention static cache from ``StaticCacheSlot`` instead (``full_attention_config``), or,
   where the sequence outgrows the window, decodes eager (``TunedModel._full_attention_static_cache``).
-* ``utils.decode_loop.GreedyDecoder`` (``--decode_loop own``, opt-in): greedy decoding that reads the new tokens back
+* ``utils.decode_loop.GreedyDecoder`` (``--decode_loop``, on a GPU the default for greedy decoding since session
+  17's check, BENCHMARKS.md; ``hf`` turns it off): greedy decoding that reads the new tokens back
   every few steps instead of every step, its step compiled with CUDA graphs on a GPU, its attention over the cache
   positions in use rounded up to 64 (``kv_bucket``).
 * ``selective_logits`` (in ``TunedModel``): the vocabulary projection only where a label is supervised.
