@@ -518,8 +518,8 @@ def _files(log_dir, names) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def cli_runs(saved_models, data_paths, tmp_path_factory):
-    """The expected files (one process, in this one, batch 3), a two-process CLI run, and a CLI run killed after
-    2 batches then resumed."""
+    """The expected files (one process, in this one, batch 3, generate's loop), a two-process CLI run, and a CLI run
+    killed after 2 batches then resumed."""
     root = tmp_path_factory.mktemp("cli")
     model, tok, enc_tok = _load("lopa", "tiny-phi-2", "mbpp", saved_models, data_paths)
     task, records = get_task("mbpp"), load_task_split("mbpp", "test", data_paths["mbpp"], limit=7)
@@ -531,8 +531,10 @@ def cli_runs(saved_models, data_paths, tmp_path_factory):
     accelerate = [os.path.join(os.path.dirname(PY), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                   "--main_process_port", str(_free_port())]
-    runs["two"] = _cli(saved_models, data_paths, root / "two", launcher=accelerate, env={"ACCELERATE_USE_CPU": "1"})
-    runs["killed"] = _cli(saved_models, data_paths, root / "resumed",
+    # the own decoding loop (the default on a GPU) in two processes and in a killed run; generate's loop resumes it
+    runs["two"] = _cli(saved_models, data_paths, root / "two", "--decode_loop", "own", launcher=accelerate,
+                       env={"ACCELERATE_USE_CPU": "1"})
+    runs["killed"] = _cli(saved_models, data_paths, root / "resumed", "--decode_loop", "own",
                           env={generate_preds.EXIT_AFTER_BATCHES_ENV: "2"})
     runs["left_after_kill"] = sorted(p.name for p in (root / "resumed").iterdir())
     runs["lines_after_kill"] = len((root / "resumed" / PROGRESS_FILE).read_text().splitlines())
@@ -565,6 +567,7 @@ def test_two_processes_give_every_task_once_and_the_same_predictions(cli_runs):
     lines = (root / "two" / "mbxp_solutions.jsonl").read_text().splitlines()
     assert len(lines) == 7 and len({json.loads(line)["task_id"] for line in lines}) == 7
     assert _files(root / "two", MBPP_FILES) == _files(root / "expected", MBPP_FILES)
+    assert "generated in" in runs["two"].stdout and "s by the own decoding loop) ->" in runs["two"].stdout
 
 
 def test_a_killed_and_resumed_run_writes_the_same_files(cli_runs):
@@ -574,7 +577,7 @@ def test_a_killed_and_resumed_run_writes_the_same_files(cli_runs):
     assert runs["lines_after_kill"] == 2  # one line per batch
     assert len((root / "resumed" / PROGRESS_FILE).read_text().splitlines()) == 4  # torn line dropped, 2 added
     assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-3000:]
-    assert "7 tasks (4 resumed, 3 generated" in runs["resumed"].stdout
+    assert "7 tasks (4 resumed, 3 generated" in runs["resumed"].stdout and "s by generate) ->" in runs["resumed"].stdout
     assert _files(root / "resumed", MBPP_FILES) == _files(root / "expected", MBPP_FILES)
 
 
