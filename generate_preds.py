@@ -66,9 +66,9 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--decode_loop", default="auto", choices=("auto", "hf", "own"),
                    help="own: greedy decoding in the project's loop, which reads the new tokens back every 8 steps "
                         "instead of every step (greedy only; on an H100 1.35x generate's new tokens/s at batch 64, "
-                        "the same tokens as generate's fast path; see docs/GENERATION.md); hf: transformers' "
-                        "generate; auto: own with fast decoding on a GPU for greedy decoding, when the model's "
-                        "generation config sets no logits processor, else hf")
+                        "the same tokens as generate's fast path in a check on phi-2; see docs/GENERATION.md); "
+                        "hf: transformers' generate; auto: own with fast decoding on a GPU for greedy decoding, when "
+                        "the model's generation config sets no logits processor, else hf")
     d.add_argument("--max_new_tokens", type=int, default=None,
                    help="new-token cap per sample (default MBPP 256; CRUXEval 512 minus the prompt length, which "
                         "stays a cap when this is given)")
@@ -268,6 +268,19 @@ def check_args(args: argparse.Namespace):
     return gen_config
 
 
+def decoding_path(args: argparse.Namespace, device_type: str, gen_config, generation_config) -> tuple[bool, object]:
+    """``(fast, decoder)``: whether fast decoding is on (``--fast_decoding``), and the ``GreedyDecoder`` to decode
+    with (``--decode_loop``; None: ``generate``), on ``device_type`` for the model's ``generation_config``."""
+    from utils.decode_loop import STEP_COMPILE, GreedyDecoder, own_loop_chosen
+
+    cuda = device_type == "cuda"
+    fast = args.fast_decoding == "on" or (args.fast_decoding == "auto" and cuda)
+    if not own_loop_chosen(args.decode_loop, fast=fast, device_type=device_type, do_sample=gen_config.do_sample,
+                           generation_config=generation_config):
+        return fast, None
+    return fast, GreedyDecoder(compile_kwargs=STEP_COMPILE if fast and cuda else None)  # compiled on a GPU only
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -279,12 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import broadcast_object_list
 
     from utils.data import default_data_path, load_task_split
-    from utils.decode_loop import STEP_COMPILE, GreedyDecoder, check_plain_greedy, own_loop_chosen
+    from utils.decode_loop import check_plain_greedy
     from utils.fast_paths import static_cache_kwargs
     from utils.generation import generate_predictions
-    from utils.prediction_files import (ProgressLog, check_fresh_start, check_no_other_task_files, check_resumable,
-                                        derived_files, output_files, validate_prediction_files, write_config,
-                                        write_predictions)
+    from utils.prediction_files import (DECODED_BY, ProgressLog, check_fresh_start, check_no_other_task_files,
+                                        check_resumable, decoded_by, derived_files, output_files,
+                                        validate_prediction_files, write_config, write_predictions)
     from utils.tasks import get_task
 
     task = get_task(args.task_name)
@@ -311,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         resume = "--resume instead of --overwrite" if args.overwrite else "--resume"
         on_interrupt(f"rerun the same command with {resume} (and --log_dir {log_dir}): it keeps the finished "
                      f"batches and generates the rest")
+    fast, decoder = decoding_path(args, accelerator.device.type, gen_config, model.lm.generation_config)
+    how = ("the own decoding loop" if decoder else "generate") + (", fast decoding" if fast else "")
     config = run_config(args, method, gen_config, accelerator.num_processes, model.meta.get("enc_model_type"))
     progress = ProgressLog(log_dir)
     lock = None
@@ -321,10 +336,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.resume:
                 check_resumable(log_dir, config, ignore)
                 progress.repair()
+                config[DECODED_BY] = decoded_by(log_dir, how)
             else:  # a fresh start: no stale results from an earlier run may survive a crash of this one
                 progress.reset()
                 for name in (*output_files(task), *derived_files(task)):  # (another task's were refused above)
                     (log_dir / name).unlink(missing_ok=True)
+                config[DECODED_BY] = [how]
             write_config(log_dir, config)
         accelerator.wait_for_everyone()
         done = progress.read() if args.resume else {}
@@ -339,12 +356,6 @@ def main(argv: list[str] | None = None) -> int:
             if exit_after and written[0] >= exit_after:
                 os._exit(3)
 
-        cuda = accelerator.device.type == "cuda"
-        fast = args.fast_decoding == "on" or (args.fast_decoding == "auto" and cuda)
-        decoder = None
-        if own_loop_chosen(args.decode_loop, fast=fast, device_type=accelerator.device.type,
-                           do_sample=gen_config.do_sample, generation_config=model.lm.generation_config):
-            decoder = GreedyDecoder(compile_kwargs=STEP_COMPILE if fast and cuda else None)  # compiled on a GPU only
         start = time.perf_counter()
         fresh = generate_predictions(model, tokenizer, enc_tokenizer, task, todo, batch_size=args.batch_size,
                                      gen_config=gen_config, accelerator=accelerator, progress=not args.no_progress,
@@ -355,7 +366,6 @@ def main(argv: list[str] | None = None) -> int:
             paths = write_predictions(log_dir, task, records, raw, gen_config.stop_sequences)
             validate_prediction_files(log_dir, task, [task.record_id(r) for r in records],
                                       gen_config.num_return_sequences)
-            how = ("the own decoding loop" if decoder else "generate") + (", fast decoding" if fast else "")
             print(f"{len(records)} tasks ({len(done)} resumed, {len(fresh)} generated in "
                   f"{time.perf_counter() - start:.1f} s by {how}) -> {', '.join(str(p) for p in paths)}")
         accelerator.wait_for_everyone()

@@ -31,8 +31,9 @@
 #   graphs_ab      pt and lora on deepseek with the decoder layers compiled with CUDA graphs (--compile_mode
 #                  reduce-overhead): how much of a step the host's launches cost (not yet run; ~1 min estimated)
 #   cli_tiny       the README's tiny train -> generate -> postprocess -> evaluate through the real CLIs: bf16,
-#                  --compile auto, fast decoding on and off and --decode_loop own (75 s in session 8 without the
-#                  last; over 90 s on a fresh machine). Its runs go to
+#                  --compile auto, fast decoding on and off, --decode_loop own and the default (auto) (75 s in
+#                  session 8 with the first two; not done in 170 s on a fresh machine in session 17, whose training
+#                  compiled for about a minute; each own-loop pass compiles again). Its runs go to
 #                  CLI_DIR (default: a fresh temporary directory), so OUT_DIR stays a few files.
 #   Default: all ten. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
 #   *_METHODS) to fit.
@@ -96,6 +97,6 @@ wanted encoder_ab && section encoder_ab ${AB_LIMIT:-180} bash -c 'status=0; for 
 wanted graphs_ab && section graphs_ab ${GRAPHS_LIMIT:-150} $PY -m benchmarks.bench_train \
   --model ${GRAPHS_MODEL:-deepseek-coder-1.3b-base} --methods ${GRAPHS_METHODS:-pt,lora} \
   --compile_mode reduce-overhead --steps 6 --warmup 3 --results "$OUT_DIR/results.jsonl"
-wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-180} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
+wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-240} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
 echo "=== done $(date -u +%T)"
 if [ -s "$OUT_DIR/results.jsonl" ]; then $PY -m benchmarks.summarize --results "$OUT_DIR/results.jsonl"; fi

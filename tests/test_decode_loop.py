@@ -383,6 +383,25 @@ def test_every_logits_processor_generate_applies_under_greedy_is_refused(models,
             check_plain_greedy(changed)
 
 
+def test_a_model_config_asking_for_beams_or_more_sequences_decodes_greedily_in_both_loops(models, data_paths):
+    """A model whose own generation config sets num_beams (or num_return_sequences) used to make generate search
+    beams and fail on the stop check's row count, where the own loop decoded greedily: both now decode greedily."""
+    name, model, tok, enc_tok = models[0]
+    task = get_task("mbpp")
+    records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=3)
+    cfg = resolve_gen_config(task, max_new_tokens=8)
+    want = generate_predictions(model, tok, enc_tok, task, records, batch_size=3, gen_config=cfg, progress=False)
+    config = model.lm.generation_config
+    saved = config.num_beams, config.num_return_sequences
+    config.num_beams, config.num_return_sequences = 2, 2
+    try:
+        for decoder in (None, GreedyDecoder()):
+            assert generate_predictions(model, tok, enc_tok, task, records, batch_size=3, gen_config=cfg,
+                                        progress=False, decoder=decoder) == want, decoder
+    finally:
+        config.num_beams, config.num_return_sequences = saved
+
+
 def test_auto_picks_the_own_loop_for_fast_greedy_decoding_on_a_gpu_only():
     from transformers import GenerationConfig
 
@@ -393,6 +412,33 @@ def test_auto_picks_the_own_loop_for_fast_greedy_decoding_on_a_gpu_only():
                    dict(generation_config=penalized)):
         assert not own_loop_chosen("auto", **{**gpu, **change}), change
         assert own_loop_chosen("own", **{**gpu, **change}) and not own_loop_chosen("hf", **gpu)
+
+
+def test_generate_preds_decodes_with_the_own_loop_for_greedy_fast_decoding_on_a_gpu(data_paths):
+    """The CLI's wiring of --decode_loop, --fast_decoding, sampling and the model's generation config (no GPU needed:
+    the decoder compiles only when it first decodes). ``(fast decoding, the loop)``."""
+    from transformers import GenerationConfig
+
+    from utils.decode_loop import STEP_COMPILE
+
+    def path(*flags, device="cuda", config=GenerationConfig()):
+        args = generate_preds.build_parser().parse_args(["--task_name", "mbpp", "--model_type", "tiny-phi-2",
+                                                         "--data_path", data_paths["mbpp"], *flags])
+        fast, decoder = generate_preds.decoding_path(args, device, generate_preds.check_args(args), config)
+        if decoder is None:
+            return fast, "generate"
+        assert decoder.compile_kwargs in (None, STEP_COMPILE)
+        return fast, "own, compiled" if decoder.compile_kwargs else "own, eager"
+
+    assert path() == (True, "own, compiled")  # the default on a GPU
+    assert path("--decode_loop", "hf") == (True, "generate")
+    assert path("--paper_decoding") == (True, "generate")  # sampling
+    assert path(config=GenerationConfig(repetition_penalty=1.2)) == (True, "generate")
+    assert path("--fast_decoding", "off") == (False, "generate")
+    assert path("--fast_decoding", "off", "--decode_loop", "own") == (False, "own, eager")
+    assert path(device="cpu") == (False, "generate")  # the default on a CPU
+    assert path("--fast_decoding", "on", device="cpu") == (True, "generate")
+    assert path("--fast_decoding", "on", "--decode_loop", "own", device="cpu") == (True, "own, eager")
 
 
 def test_cli_own_loop_writes_the_files_generate_writes(tmp_path, data_paths, monkeypatch, capsys):

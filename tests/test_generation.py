@@ -568,6 +568,8 @@ def test_two_processes_give_every_task_once_and_the_same_predictions(cli_runs):
     assert len(lines) == 7 and len({json.loads(line)["task_id"] for line in lines}) == 7
     assert _files(root / "two", MBPP_FILES) == _files(root / "expected", MBPP_FILES)
     assert "generated in" in runs["two"].stdout and "s by the own decoding loop) ->" in runs["two"].stdout
+    config = json.loads((root / "two" / "generate_preds_config.json").read_text())
+    assert config["decoded_by"] == ["the own decoding loop"]
 
 
 def test_a_killed_and_resumed_run_writes_the_same_files(cli_runs):
@@ -578,6 +580,8 @@ def test_a_killed_and_resumed_run_writes_the_same_files(cli_runs):
     assert len((root / "resumed" / PROGRESS_FILE).read_text().splitlines()) == 4  # torn line dropped, 2 added
     assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-3000:]
     assert "7 tasks (4 resumed, 3 generated" in runs["resumed"].stdout and "s by generate) ->" in runs["resumed"].stdout
+    config = json.loads((root / "resumed" / "generate_preds_config.json").read_text())
+    assert config["decoded_by"] == ["the own decoding loop", "generate"]  # the killed run's loop, then the resumed
     assert _files(root / "resumed", MBPP_FILES) == _files(root / "expected", MBPP_FILES)
 
 

@@ -73,11 +73,14 @@ class GenConfig:
         return max(1, min(caps))
 
     def hf_kwargs(self) -> dict:
-        """Sampling keyword arguments for ``generate`` (stopping and lengths are added per batch)."""
+        """Sampling keyword arguments for ``generate`` (stopping and lengths are added per batch). One beam always,
+        and one sequence per prompt under greedy decoding, whatever the model's own generation config says: a
+        ``num_beams`` there made ``generate`` search beams (and fail on the stop check's row count)."""
         if not self.do_sample:
-            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "num_beams": 1,
+                    "num_return_sequences": 1}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "num_return_sequences": self.num_return_sequences}
+                "num_beams": 1, "num_return_sequences": self.num_return_sequences}
 
     def to_dict(self) -> dict:
         return asdict(self)

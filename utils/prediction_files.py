@@ -155,8 +155,22 @@ class ProgressLog:
             os.fsync(fh.fileno())
 
 
+DECODED_BY = "decoded_by"
+"""``generate_preds_config.json``'s record of the decoding paths that made the predictions, in the order they ran
+("the own decoding loop, fast decoding", "generate", ...): a resumed run adds its own when it differs. In bf16 the
+paths can differ at near ties. Never compared by ``check_resumable``."""
+
+
+def decoded_by(log_dir: str | os.PathLike, now: str) -> list[str]:
+    """The saved config's ``DECODED_BY`` list with ``now`` added at the end if it is new (``[now]`` without one)."""
+    path = pathlib.Path(log_dir) / CONFIG_FILE
+    saved = json.loads(path.read_text(encoding="utf-8")).get(DECODED_BY, []) if path.is_file() else []
+    return saved if now in saved else [*saved, now]
+
+
 def check_resumable(log_dir: str | os.PathLike, config: dict, ignore: Sequence[str] = ()) -> None:
-    """Refuse to resume into a directory whose saved settings differ (other than the ``ignore`` keys)."""
+    """Refuse to resume into a directory whose saved settings differ (other than the ``ignore`` keys and
+    ``DECODED_BY``)."""
     path = pathlib.Path(log_dir) / CONFIG_FILE
     if not path.is_file():
         return
@@ -165,7 +179,7 @@ def check_resumable(log_dir: str | os.PathLike, config: dict, ignore: Sequence[s
     differ = []
     for key in sorted(set(saved) | set(config)):
         old, new = saved.get(key), config.get(key)
-        if key in ignore or old == new:
+        if key in ignore or key == DECODED_BY or old == new:
             continue
         if isinstance(old, dict) and isinstance(new, dict):  # the decoding settings: name the ones that differ
             differ += [(f"{key}.{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
