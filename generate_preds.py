@@ -15,7 +15,8 @@ import pathlib
 import sys
 import time
 
-from utils.cli import ArgumentParser, add_model_args, check_model_args, default_log_dir, positive_int, str2bool
+from utils.cli import (ArgumentParser, add_model_args, check_model_args, default_log_dir, make_log_dir, positive_int,
+                       str2bool)
 from utils.errors import UserError, cli_entry, on_interrupt
 from utils.fileio import lock_directory
 from utils.registry import METHOD_FLAGS, METHODS, PEFT_METHODS
@@ -319,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_loop == "own":
         check_plain_greedy(model.lm.generation_config)
     accelerator = Accelerator()
-    log_dir = pathlib.Path(args.log_dir or broadcast_object_list([default_log_dir()])[0])  # one timestamp for all
+    # rank 0 creates it (another -N when a run started in the same second took the default name) and names it to all
+    made = str(make_log_dir(args.log_dir or default_log_dir())) if accelerator.is_main_process else None
+    log_dir = pathlib.Path(broadcast_object_list([made])[0])
     if accelerator.is_main_process:
         resume = "--resume instead of --overwrite" if args.overwrite else "--resume"
         on_interrupt(f"rerun the same command with {resume} (and --log_dir {log_dir}): it keeps the finished "
@@ -331,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     lock = None
     try:
         if accelerator.is_main_process:
-            log_dir.mkdir(parents=True, exist_ok=True)
             lock = lock_directory(log_dir, "--log_dir", "generate_preds.py")  # held until this function returns
             if args.resume:
                 check_resumable(log_dir, config, ignore)

@@ -714,6 +714,24 @@ def test_a_second_run_on_the_same_log_dir_is_refused_and_the_lock_dies_with_the_
     assert generate_preds.main([*argv, "--overwrite"]) == 0  # and a finished run releases its own
 
 
+def test_a_run_whose_default_log_dir_another_run_started_in_the_same_second_takes_the_next(saved_models, data_paths,
+                                                                                           tmp_path, monkeypatch,
+                                                                                           capsys):
+    from utils import cli
+    from utils.fileio import lock_directory
+
+    monkeypatch.chdir(tmp_path)
+    name = cli.default_log_dir()
+    monkeypatch.setattr(generate_preds, "default_log_dir", lambda: name)  # picked before the other run made it
+    os.makedirs(name)
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["pt"]),
+            "--data_path", data_paths["mbpp"], "--limit", "2", "--max_new_tokens", "4", "--no_progress"]
+    with lock_directory(name, "--log_dir", "generate_preds.py"):  # the other run, still loading its model
+        assert generate_preds.main(argv) == 0
+    assert f"-> {name}-2{os.sep}mbxp_solutions.jsonl" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / name).iterdir()) == [".lock"]
+
+
 def test_empty_stop_string_is_ignored():
     """"" is in every text: kept, it would stop every row after one token."""
     import torch

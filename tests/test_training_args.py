@@ -1,5 +1,7 @@
 """Arguments of the training scripts: defaults, help, validation before anything loads, shipped configs."""
 import json
+import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -87,6 +89,21 @@ def test_a_default_log_dir_taken_in_the_same_second_gets_a_suffix(tmp_path, monk
     assert cli.default_log_dir() == "logging/20261127-121448-2"
     (tmp_path / "logging" / "20261127-121448-2").mkdir()
     assert cli.default_log_dir() == "logging/20261127-121448-3"
+
+
+def test_two_runs_that_picked_the_same_default_log_dir_make_two_directories(tmp_path, monkeypatch):
+    """Runs started in the same second (a shell loop with &) pick the name before either creates it: the one that
+    creates it second takes the next -N. A --log_dir given by the user is created as it is, or used as it is."""
+    from utils import cli
+
+    monkeypatch.chdir(tmp_path)
+    first, second = cli.default_log_dir(), cli.default_log_dir()
+    assert first == second and not os.path.exists(first)
+    assert cli.make_log_dir(first) == pathlib.Path(first)
+    assert cli.make_log_dir(second) == pathlib.Path(f"{first}-2") and os.path.isdir(f"{first}-2")
+    assert cli.make_log_dir(first) == pathlib.Path(f"{first}-3")  # a third such run
+    given = tmp_path / "given" / "run"
+    assert cli.make_log_dir(given) == given and cli.make_log_dir(given) == given
 
 
 def test_default_log_dir_is_a_timestamp_under_logging():

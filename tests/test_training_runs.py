@@ -305,6 +305,28 @@ def test_a_second_training_run_on_the_same_log_dir_is_refused(tmp_path, data_pat
     assert run_inprocess("peft", argv).global_step == 1  # the lock went with the run that held it
 
 
+def test_a_run_whose_default_log_dir_another_run_started_in_the_same_second_takes_the_next(tmp_path, data_paths,
+                                                                                           monkeypatch):
+    """Both picked the name before either created it (a shell loop with &); the lock used to refuse the second
+    ("pass another --log_dir", though it had been given none)."""
+    from utils import cli, train_args
+    from utils.fileio import lock_directory
+
+    monkeypatch.chdir(tmp_path)
+    name = cli.default_log_dir()
+    monkeypatch.setattr(train_args, "default_log_dir", lambda: name)  # the same second's name
+    argv = ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path",
+            data_paths["mbpp"], "--limit_train_examples", "2", "--per_gpu_train_batch_size", "2",
+            "--max_train_steps", "1", "--max_length", "64"]
+    os.mkdir(tmp_path / "logging")
+    os.mkdir(name)
+    with lock_directory(name, "--log_dir", "training run"):  # the other run, still loading its model
+        result = run_inprocess("peft", argv)
+    assert result.global_step == 1 and pathlib.Path(result.log_dir) == pathlib.Path(f"{name}-2")
+    assert json.loads((tmp_path / f"{name}-2" / "config.json").read_text())["output"]["log_dir"] == f"{name}-2"
+    assert sorted(p.name for p in (tmp_path / name).iterdir()) == [".lock"]
+
+
 def _reads_device(func, args) -> bool:
     """Whether an aten call makes the host wait for the device on a GPU: a scalar read, or a data-dependent shape."""
     name = str(func.overloadpacket)

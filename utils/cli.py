@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import pathlib
 
 from utils.errors import UserError
 from utils.fileio import check_writable_dir
@@ -108,11 +109,36 @@ def check_log_dir(log_dir: str | None) -> None:
         check_writable_dir(log_dir, "--log_dir")
 
 
+_DEFAULT_LOG_DIRS: dict[str, tuple[str, int]] = {}
+"""The names ``default_log_dir`` gave in this process: ``{path: (timestamp path, suffix number)}``."""
+
+
 def default_log_dir() -> str:
-    """``logging/<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``, ... when a run started in the same second has it."""
+    """``logging/<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``, ... when a run started in the same second has it. The
+    name is not taken until ``make_log_dir`` creates it."""
     base = os.path.join("logging", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     path, n = base, 1
     while os.path.exists(path):
         n += 1
         path = f"{base}-{n}"
+    _DEFAULT_LOG_DIRS[path] = (base, n)
     return path
+
+
+def make_log_dir(path: str | os.PathLike) -> pathlib.Path:
+    """Create the log directory ``path`` (and its parents) and return it. A name ``default_log_dir`` picked that
+    another run has created since (runs started in the same second, as a shell loop with ``&`` starts them) is
+    not shared: this run takes the next free ``-N`` instead, and returns that."""
+    path = pathlib.Path(path)
+    if str(path) not in _DEFAULT_LOG_DIRS:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    base, n = _DEFAULT_LOG_DIRS[str(path)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            path.mkdir()  # atomic: of two runs, one creates it and the other moves on
+            return path
+        except FileExistsError:
+            n += 1
+            path = pathlib.Path(f"{base}-{n}")

@@ -33,6 +33,7 @@ from utils import fast_paths  # by module: tests swap its compile functions
 from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDataset
 from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, continue_hint, find_checkpoint, load_checkpoint,
                               read_resume_state, resume_hint, save_checkpoint, set_rng_state)
+from utils.cli import make_log_dir
 from utils.data import default_data_path, load_task_split, records_digest
 from utils.errors import on_interrupt
 from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, open_file_modes,
@@ -153,8 +154,10 @@ class Trainer:
         self._build()  # before the log_dir exists: a model or data that fails to load leaves nothing behind
         self._lock = None
         if acc.is_main_process:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.log_dir = make_log_dir(self.log_dir)  # another -N when a run started in the same second took it
             self._lock = lock_directory(self.log_dir, "--log_dir", "training run")  # held until the process ends
+        self.log_dir = pathlib.Path(_broadcast_str(acc, str(self.log_dir)))
+        self.resolved["output"]["log_dir"] = str(self.log_dir)
         acc.wait_for_everyone()
         self.log = setup_logging(self.log_dir, acc.is_main_process)
         self.metrics = MetricsFile(self.log_dir, acc.is_main_process)
