@@ -57,7 +57,7 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--temperature", type=float, default=None, help="> 0 turns sampling on; 0 means greedy")
     d.add_argument("--top_p", type=float, default=None, help="nucleus sampling (default 1.0; 0.95 with "
                                                              "--paper_decoding)")
-    d.add_argument("--top_k", type=int, default=None, help="top-k sampling; <= 0 turns it off (default 50, "
+    d.add_argument("--top_k", type=int, default=None, help="top-k sampling; 0 turns it off (default 50, "
                                                            "transformers' default, which the original used)")
     d.add_argument("--num_return_sequences", type=int, default=None, help="samples per task (needs sampling)")
     d.add_argument("--num_beams", type=int, default=1, help="accepted for the original's commands; only 1")
@@ -100,8 +100,8 @@ def resolve_method(args: argparse.Namespace) -> str:
         from custom_peft import read_adapter_config
 
         method = read_adapter_config(args.load_adapter_from)["method"]
-    else:
-        method = "fft" if checkpoint else "none"
+    else:  # a full fine-tuning's final/ given as --model_path says so in its training_config.json
+        method = "fft" if checkpoint or _trained_model_field(args.model_path, "method") == "fft" else "none"
     if method in PEFT_METHODS and not args.load_adapter_from:
         raise UserError(f"--peft_method {method} needs --load_adapter_from DIR (the adapter directory training wrote)")
     if method not in PEFT_METHODS and args.load_adapter_from:
@@ -134,7 +134,7 @@ def warn_if_tuned_for_another_task(args: argparse.Namespace) -> str | None:
     """The warning (printed, and returned) when the directory to load is a training run's ``final/`` whose
     ``training_config.json`` names another task than ``--task_name``: allowed (a transfer experiment), but more
     often a wrong path. Directories without that file (or not ours to read) say nothing."""
-    directory = args.load_adapter_from or args.load_base_from_path or args.sharded_checkpoint_dir
+    directory = args.load_adapter_from or args.load_base_from_path or args.sharded_checkpoint_dir or args.model_path
     trained_on = _trained_model_field(directory, "task_name")
     if trained_on is None or trained_on == args.task_name:
         return None
@@ -142,6 +142,25 @@ def warn_if_tuned_for_another_task(args: argparse.Namespace) -> str | None:
                f"{args.task_name}; if that is not meant, pass the run trained on {args.task_name}")
     print(message, file=sys.stderr)
     return message
+
+
+def check_trained_on_this_mbpp_split(args: argparse.Namespace) -> None:
+    """Refuse MBPP test predictions from a run trained on the other MBPP split (``training_config.json``'s
+    ``model.mbpp_split``): each split's train tasks overlap the other's test tasks, so the score would count tasks
+    the model was tuned on."""
+    from utils.data import MBPP_SPLITS
+
+    directory = args.load_adapter_from or args.load_base_from_path or args.sharded_checkpoint_dir or args.model_path
+    if args.task_name != "mbpp" or _trained_model_field(directory, "task_name") != "mbpp":
+        return
+    trained = _trained_model_field(directory, "mbpp_split") or "paper"  # the default when it was trained
+    if trained == args.mbpp_split or trained not in MBPP_SPLITS:
+        return
+    (lo, hi), (test_lo, test_hi) = MBPP_SPLITS[trained]["train"], MBPP_SPLITS[args.mbpp_split]["test"]
+    seen = max(0, min(hi, test_hi) - max(lo, test_lo) + 1)
+    raise UserError(f"{directory} was tuned on the {trained} MBPP split's train tasks ({lo}-{hi}; "
+                    f"training_config.json), {seen} of which are in the {args.mbpp_split} split's test tasks "
+                    f"({test_lo}-{test_hi}) this run would score; pass --mbpp_split {trained}")
 
 
 def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
@@ -288,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     gen_config = check_args(args)
     method = resolve_method(args)
     warn_if_tuned_for_another_task(args)
+    check_trained_on_this_mbpp_split(args)
 
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list

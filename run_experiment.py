@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cruxeval_data", default=None, help="CRUXEval JSONL (default: as --mbpp_data)")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                    help="override a stage argument: train.lr=1e-3, lopa.lp_rank=2, gen.batch_size=8, eval.timeout=5; "
-                        "seed=N (training and generation), model_path=DIR (every stage's base model)")
+                        "seed=N (training and generation), model_path=DIR (every stage's base model), "
+                        "mbpp_split=NAME (every stage's)")
     p.add_argument("--plan", action="store_true",
                    help="list the selected cells (stored, or to run) and their commands after checking every stage's "
                         "arguments and data files; run nothing and write no cell or report (smoke may write its "
@@ -151,15 +152,30 @@ def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
 
 
 def _print_plan(cells, force: bool) -> dict:
-    from utils.experiment import stored_result
+    from utils.experiment import planned_training, replaced_results, stored_result
 
     stored = [] if force else [c.key for c in cells if stored_result(c) is not None]
+    trainings = {"fresh": 0, "resumed": 0, "reused": 0, "none": 0}
+    replacing = 0
     for i, cell in enumerate(cells, 1):
-        print(f"[{i}/{len(cells)}] {cell.key}: {'stored, kept' if cell.key in stored else 'to run'}")
+        status = "stored, kept"
+        if cell.key not in stored:
+            training = planned_training(cell) if not force else "none" if cell.training_hash() is None else "fresh"
+            trainings[training] += 1
+            replaced = None if force else replaced_results(cell)
+            replacing += replaced is not None
+            status = "to run" + (f"; {replaced}" if replaced else {
+                "reused": ", its finished training reused", "resumed": ", its training resumed"}.get(training, ""))
+        print(f"[{i}/{len(cells)}] {cell.key}: {status}")
         for script, argv in cell.commands:
             print(f"    python {script} {' '.join(argv)}")
-    trainings = sum(c.commands[0][0] != "generate_preds.py" for c in cells if c.key not in stored)
-    print(f"{len(cells)} cells: {len(stored)} stored, {len(cells) - len(stored)} to run ({trainings} with a training)")
+    to_train = trainings["fresh"] + trainings["resumed"]
+    reuse = f", {trainings['reused']} reusing a finished one" if trainings["reused"] else ""
+    print(f"{len(cells)} cells: {len(stored)} stored, {len(cells) - len(stored)} to run ({to_train} with a training "
+          f"to run{reuse})")
+    if replacing:
+        print(f"{replacing} of them replace a stored result of other settings (a cell directory holds one): to keep "
+              f"those, pass another --out")
     return {"planned": [c.key for c in cells], "stored": stored, "ran": [], "failed": {}, "results": {}}
 
 
@@ -167,7 +183,8 @@ def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict, li
     """Run the cells that have no stored result (all of them with ``force``), each under ``<cell>/.lock``: a cell
     that another run (sharing --out, say on another GPU) holds is left to it, and one it finished meanwhile is
     kept, also under ``force``. Returns results, the keys run here, failures and the keys left to other runs."""
-    from utils.experiment import CellFailed, git_commit, interruptible, run_cell, stop_requested, stored_result
+    from utils.experiment import (CellFailed, git_commit, interruptible, replaced_results, run_cell, stop_requested,
+                                  stored_result)
     from utils.fileio import try_lock
 
     results, ran, failed, busy = {}, [], {}, []
@@ -202,7 +219,8 @@ def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict, li
                 if stored is not None and (not force or result_file.stat().st_mtime >= started):
                     keep(cell, tag, stored)
                     continue
-                print(f"{tag}: running", flush=True)
+                replaced = None if force else replaced_results(cell)
+                print(f"{tag}: running" + (f" ({replaced})" if replaced else ""), flush=True)
                 try:
                     results[cell.key] = run_cell(cell, seed, fresh=force)
                 except CellFailed as exc:  # the other cells still run; this one is redone next time

@@ -71,8 +71,8 @@ def _score(task, method, stage="stage1"):
     return value / 2 if stage == "stage2" else value
 
 
-DRY_RUN = ["enc_model_type=tiny-roberta", "num_epochs=1", "limit_train_examples=8", "gen.limit=4",
-           "gen.max_new_tokens=16", "fft.num_epochs=1"]
+DRY_RUN = ["enc_model_type=tiny-roberta", "num_epochs=2", "limit_train_examples=8", "gen.limit=4",
+           "gen.max_new_tokens=16", "fft.num_epochs=2"]
 """--set flags of the README's dry run of paper-phi-2 with --models tiny-phi-2."""
 
 
@@ -153,6 +153,7 @@ def test_paper_preset_dry_run_with_a_tiny_stand_in_runs_every_stage(tmp_path, da
         config = json.loads((cell / "train/config.json").read_text())
         assert config["train"]["gradient_accumulation_steps"] == 4 and config["runtime"]["mixed_precision"] == "bf16"
         assert config["output"]["save_every"] == "1epochs" and config["output"]["keep_checkpoints"] is False
+        assert "INFO checkpoint " in (cell / "train/train.log").read_text()  # the first epoch's
         assert not (cell / "train/checkpoints").exists()  # removed once final/ exists (phi-2 FFT's: ~33 GB)
         gen = json.loads((cell / "gen/generate_preds_config.json").read_text())
         assert gen["generation"]["do_sample"] is True and gen["generation"]["temperature"] == 0.6
@@ -531,8 +532,25 @@ def test_plan_lists_stored_and_pending_cells_and_runs_nothing(tmp_path, monkeypa
     printed = capsys.readouterr().out
     assert "[1/2] tiny-phi-2/mbpp/pt: stored, kept" in printed and "[2/2] tiny-phi-2/mbpp/lopa: to run" in printed
     assert "python tune_foundation_model.py --peft_method lopa" in printed
-    assert printed.rstrip().endswith("2 cells: 1 stored, 1 to run (1 with a training)")
+    assert printed.rstrip().endswith("2 cells: 1 stored, 1 to run (1 with a training to run)")
     assert (tmp_path / "results.md").read_text() == report and not (tmp_path / "cells/tiny-phi-2/mbpp/lopa").exists()
+    # other settings: the plan says what the run would throw away of the stored cell, and what it reuses
+    (tmp_path / "cells/tiny-phi-2/mbpp/pt/train/final").mkdir(parents=True)
+    score = f"pass@1 {100 * _score('mbpp', 'pt', 'stage1'):.2f}"
+    for flag, status, count in (
+            ("gen.max_new_tokens=20", f"to run; replaces its stored result of other settings, {score}; its training "
+                                      f"is reused", "(0 with a training to run, 1 reusing a finished one)"),
+            ("pt.lr=0.01", f"to run; replaces its stored result of other settings, {score}; its training (other "
+                           f"settings) is deleted", "(1 with a training to run)")):
+        run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "pt",
+                             "--set", flag, "--plan"])
+        printed = capsys.readouterr().out
+        assert f"[1/1] tiny-phi-2/mbpp/pt: {status}\n" in printed, printed
+        assert f"1 cells: 0 stored, 1 to run {count}\n1 of them replace a stored result of other settings" in printed
+    run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "pt",
+                         "--set", "pt.lr=0.01"])  # and the run says so as it starts the cell
+    assert (f"[1/1] tiny-phi-2/mbpp/pt: running (replaces its stored result of other settings, {score}; its "
+            f"training (other settings) is deleted)\n") in capsys.readouterr().out
     fresh = tmp_path / "never"
     assert run_experiment.main(["--preset", "paper", "--out", str(fresh), "--plan"])["stored"] == []
     assert not fresh.exists()

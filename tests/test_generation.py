@@ -112,6 +112,54 @@ def test_a_run_tuned_on_another_task_is_named_in_a_warning(tmp_path, capsys):
     assert warning("mbpp") is None and capsys.readouterr().err == ""  # the untuned model
 
 
+def test_a_full_fine_tunings_final_dir_given_as_model_path_is_fft_not_the_untuned_model(tmp_path):
+    """docs/TRAINING.md offers --model_path for an FFT final/: without --peft_method the run was recorded as the
+    untuned model ("none"), and the wrong-task warning kept quiet."""
+    fft, plain = tmp_path / "fft", tmp_path / "plain"
+    for directory in (fft, plain):
+        directory.mkdir()
+    (fft / "training_config.json").write_text(json.dumps({"model": {"method": "fft", "task_name": "mbpp"}}))
+
+    def method(directory, *flags):
+        args = generate_preds.build_parser().parse_args(["--task_name", "cruxeval_input_prediction", "--model_type",
+                                                         "tiny-phi-2", "--model_path", str(directory), *flags])
+        return generate_preds.resolve_method(args)
+
+    assert method(fft) == "fft" and method(plain) == "none" and method(fft, "--peft_method", "none") == "none"
+    args = generate_preds.build_parser().parse_args(["--task_name", "cruxeval_input_prediction", "--model_type",
+                                                     "tiny-phi-2", "--model_path", str(fft)])
+    assert "was tuned on mbpp" in generate_preds.warn_if_tuned_for_another_task(args)
+
+
+def test_predictions_from_a_run_tuned_on_the_other_mbpp_split_are_refused(tmp_path):
+    """Each MBPP split's train tasks overlap the other's test tasks: scoring such a run counts tasks it was tuned
+    on. A run recorded before the split was (no mbpp_split) trained on the paper split, the default."""
+    standard, paper, older, crux = (tmp_path / name for name in ("standard", "paper", "older", "crux"))
+    for directory, model in ((standard, {"task_name": "mbpp", "mbpp_split": "standard"}),
+                             (paper, {"task_name": "mbpp", "mbpp_split": "paper"}), (older, {"task_name": "mbpp"}),
+                             (crux, {"task_name": "cruxeval_input_prediction", "mbpp_split": "standard"})):
+        directory.mkdir()
+        (directory / "training_config.json").write_text(json.dumps({"model": model}))
+
+    def check(directory, *flags, task="mbpp"):
+        args = generate_preds.build_parser().parse_args(["--task_name", task, "--model_type", "tiny-phi-2",
+                                                         "--load_adapter_from", str(directory), *flags])
+        generate_preds.check_trained_on_this_mbpp_split(args)
+
+    with pytest.raises(UserError, match=r"tuned on the standard MBPP split's train tasks \(601-974; "
+                                        r"training_config.json\), 374 of which are in the paper split's test tasks "
+                                        r"\(488-974\) this run would score; pass --mbpp_split standard"):
+        check(standard)
+    with pytest.raises(UserError, match=r"paper MBPP split's train tasks \(1-487; training_config.json\), 477 of "
+                                        r"which are in the standard split's test tasks \(11-510\)"):
+        check(older, "--mbpp_split", "standard")
+    check(standard, "--mbpp_split", "standard")
+    check(paper)
+    check(older)
+    check(crux, task="cruxeval_input_prediction")  # no MBPP split there
+    check(standard, task="cruxeval_output_prediction")  # another task: warned about, not this check's
+
+
 def test_the_trainers_final_dir_names_its_task_for_that_warning(tmp_path, data_paths):
     """What the warning reads is what the trainer writes: final/training_config.json's model.task_name."""
     import tune_foundation_model

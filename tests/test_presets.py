@@ -111,6 +111,27 @@ def test_set_model_path_reaches_every_stage_the_untuned_cells_too(tmp_path):
             assert stages == expected, (overrides, cell.key, stages)
 
 
+def test_set_mbpp_split_reaches_both_stages_of_the_mbpp_cells_only(tmp_path):
+    """--set mbpp_split=standard used to reach the training only: the cells trained on the standard split's train
+    tasks and were scored on the paper split's test tasks, 374 of which they had been tuned on."""
+    from utils.errors import UserError
+    from utils.experiment import plan_cells
+    from utils.presets import PRESETS, apply_overrides
+
+    before = {c.key: c.config_hash() for c in plan_cells(PRESETS["smoke"](), tmp_path)}
+    for cell in plan_cells(apply_overrides(PRESETS["smoke"](), ["mbpp_split=standard"]), tmp_path):
+        stages = {script for script, argv in cell.commands if "--mbpp_split" in argv
+                  and argv[argv.index("--mbpp_split") + 1] == "standard"}
+        if cell.task == "mbpp":
+            trainer = "tune_fft_baseline.py" if cell.method == "fft" else "tune_foundation_model.py"
+            assert stages == {"generate_preds.py"} | ({trainer} if cell.method != "none" else set()), cell.key
+        else:  # no MBPP there: the CRUXEval cells stay as they were
+            assert not stages and cell.config_hash() == before[cell.key], cell.key
+    for item in ("train.mbpp_split=standard", "gen.mbpp_split=standard", "lopa.mbpp_split=standard", "mbpp_s=standard"):
+        with pytest.raises(UserError, match="the MBPP split is the experiment's"):
+            apply_overrides(PRESETS["smoke"](), [item])
+
+
 def test_set_false_turns_off_a_training_switch_that_defaults_on(tmp_path):
     """--set train.packing=false (or selective_logits / fused_adamw, also on by default) must reach the trainer:
     left out, the flag keeps its default True, and the cell's hash does not change either."""
@@ -194,7 +215,7 @@ def test_every_model_of_the_papers_table_has_a_preset_with_its_settings():
 
 
 def test_set_wins_over_the_presets_per_task_values(tmp_path):
-    """--set has no per-task section: the README's dry run (--set fft.num_epochs=1) must reach CRUXEval's FFT cells,
+    """--set has no per-task section: the README's dry run (--set fft.num_epochs=2) must reach CRUXEval's FFT cells,
     and lopa.lp_rank the r = 4 MBPP cell of Llama-3, as lp_rank alone does every LOPA cell."""
     from utils.errors import UserError
     from utils.experiment import plan_cells

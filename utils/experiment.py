@@ -128,7 +128,8 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
     commands = []
     if method != "none":
         # a flag another method reads stays out of this cell's commands, hence out of its hash
-        train = {k: v for k, v in preset.train.items() if method in METHOD_FLAGS.get(k, (method,))}
+        train = {k: v for k, v in preset.train.items() if method in METHOD_FLAGS.get(k, (method,))
+                 and (k != "mbpp_split" or task == "mbpp")}  # a CRUXEval cell's hash stays as it was
         if method in ("idpg", "lopa"):
             train.setdefault("enc_model_type", preset.encoder)  # --set enc_model_type=... wins
         train.update(preset.per_method.get(method, {}))
@@ -136,7 +137,8 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
         argv = (["--peft_method", method] if method != "fft" else []) + base + _flags(train, keep_false=True)
         commands.append(("tune_fft_baseline.py" if method == "fft" else "tune_foundation_model.py",
                          argv + ["--log_dir", str(train_dir)]))
-    gen_flags = {k: v for k, v in preset.gen.items() if method in METHOD_FLAGS.get(k, (method,))}
+    gen_flags = {k: v for k, v in preset.gen.items() if method in METHOD_FLAGS.get(k, (method,))
+                 and (k != "mbpp_split" or task == "mbpp")}
     gen = (base + ["--peft_method", method] + _flags(gen_flags, keep_false=_valued_switches("generate_preds.py"))
            + ["--log_dir", str(gen_dir)])
     if method == "fft":
@@ -336,32 +338,70 @@ ATTEMPT_FILE = "attempt.json"
 and the cell's hash, which lets a rerun resume a generation the attempt left unfinished (``_prepare``)."""
 
 
+def _previous_attempt(cell: Cell) -> dict:
+    try:
+        previous = json.loads((cell.directory / ATTEMPT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return previous if isinstance(previous, dict) else {}
+
+
+def planned_training(cell: Cell, previous: dict | None = None) -> str:
+    """What running ``cell`` (without ``--force``) does about its training: ``"reused"`` (an earlier attempt with
+    the same training settings finished it), ``"resumed"`` (it left a checkpoint), ``"fresh"``, or ``"none"`` (an
+    untuned cell). ``previous``: the cell's attempt.json (read when not given)."""
+    train_hash = cell.training_hash()
+    if train_hash is None:
+        return "none"
+    previous = _previous_attempt(cell) if previous is None else previous
+    if previous.get("training_hash") != train_hash:
+        return "fresh"
+    from utils.checkpoint import has_resumable_checkpoint
+
+    train_dir = cell.directory / "train"
+    if (train_dir / "final").is_dir():
+        return "reused"
+    return "resumed" if has_resumable_checkpoint(train_dir) else "fresh"
+
+
+def replaced_results(cell: Cell) -> str | None:
+    """What running ``cell`` throws away of a stored result of other settings (one cell directory holds one set):
+    a phrase for the plan and the run's log, or None when there is no such result."""
+    path = cell.directory / "result.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(old, dict) or old.get("config_hash") == cell.config_hash():
+        return None
+    score = f", pass@1 {100 * old['pass@1']:.2f}" if isinstance(old.get("pass@1"), (int, float)) else ""
+    training = {"reused": "; its training is reused", "resumed": "; its training is resumed",
+                "fresh": "; its training (other settings) is deleted", "none": ""}[planned_training(cell)]
+    if training.endswith("deleted") and not (cell.directory / "train").exists():
+        training = ""
+    return f"replaces its stored result of other settings{score}{training}"
+
+
 def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str, list[str]]:
     """Clear the cell's directory for a run and return ``(commands to run, training, training commits)``.
     ``training`` is ``"reused"`` when an earlier attempt with the same training settings finished its training
     (that stage is skipped; the commits are those the attempt recorded), ``"resumed"`` when it left a checkpoint
     (the stage gets ``--resume_from``; the earlier attempt's commits, then this one), else ``"fresh"`` (this
     commit). No commit for a cell without training; "unrecorded" for an attempt from before they were kept."""
-    commands, training = list(cell.commands), "fresh"
-    train_dir, attempt = cell.directory / "train", cell.directory / ATTEMPT_FILE
+    commands = list(cell.commands)
+    train_dir = cell.directory / "train"
     train_hash = cell.training_hash()
-    try:
-        previous = json.loads(attempt.read_text())
-        same = previous.get("training_hash") == train_hash
-    except (OSError, ValueError, AttributeError):
-        previous, same = {}, False
+    previous = _previous_attempt(cell)
+    training = "fresh" if fresh else planned_training(cell, previous).replace("none", "fresh")  # as recorded before
     training_commits = [git_commit()] if train_hash is not None else []
     earlier = recorded_training_commits(previous)
-    if train_hash is not None and same and not fresh:
-        from utils.checkpoint import has_resumable_checkpoint
-
-        if (train_dir / "final").is_dir():
-            commands, training = commands[1:], "reused"
-            training_commits = earlier  # the code that trained the weights
-        elif has_resumable_checkpoint(train_dir):
-            script, argv = commands[0]
-            commands[0], training = (script, argv + ["--resume_from", str(train_dir)]), "resumed"
-            training_commits = list(dict.fromkeys(earlier + training_commits))  # its steps came from both
+    if training == "reused":
+        commands = commands[1:]
+        training_commits = earlier  # the code that trained the weights
+    elif training == "resumed":
+        script, argv = commands[0]
+        commands[0] = (script, argv + ["--resume_from", str(train_dir)])
+        training_commits = list(dict.fromkeys(earlier + training_commits))  # its steps came from both
     from utils.prediction_files import CONFIG_FILE as GEN_CONFIG_FILE
 
     gen_dir = cell.directory / "gen"
@@ -384,8 +424,8 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str,
             else:
                 child.unlink()
     cell.directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(attempt, json.dumps({"training_hash": train_hash, "training_commits": training_commits,
-                                           "config_hash": cell.config_hash()}) + "\n")
+    atomic_write_text(cell.directory / ATTEMPT_FILE, json.dumps({
+        "training_hash": train_hash, "training_commits": training_commits, "config_hash": cell.config_hash()}) + "\n")
     return commands, training, training_commits
 
 

@@ -95,8 +95,9 @@ trained on CRUXEval. Their abbreviations, which argparse would accept, are refus
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
     """``section.flag=value`` (section: train, gen, eval, or a method name for its training) or ``flag=value``
     (training, every method). A training override also replaces the preset's per-task values of that flag.
-    ``seed=N`` sets the experiment's seed (training and generation), and ``model_path=DIR`` the base model of both
-    (``train.model_path`` / ``gen.model_path``: one stage's); ``CELL_FLAGS`` are refused."""
+    ``seed=N`` sets the experiment's seed (training and generation), ``model_path=DIR`` the base model of both
+    (``train.model_path`` / ``gen.model_path``: one stage's), and ``mbpp_split=NAME`` the MBPP split of both (never
+    one stage's); ``CELL_FLAGS`` are refused."""
     preset = copy.deepcopy(preset)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -114,11 +115,14 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
                                 f"alike: --set seed=N, N a whole number")
             preset.seed = int(value)
             continue
+        if flag.startswith("mbpp") and "mbpp_split".startswith(flag) and (section or flag != "mbpp_split"):
+            raise UserError(f"--set {item!r}: the MBPP split is the experiment's, for training and generation "
+                            f"alike (each split's train tasks overlap the other's test tasks): --set mbpp_split=NAME")
         parsed: object = {"true": True, "false": False}.get(value.lower(), value)
         if section in ("", "train"):
             preset.train[flag] = parsed
             _drop_per_task(preset, flag, METHODS)
-            if section == "" and flag == "model_path":  # the base for every stage: the untuned cells' too
+            if section == "" and flag in ("model_path", "mbpp_split"):  # every stage's: the untuned cells' too
                 preset.gen[flag] = parsed
         elif section in ("gen", "eval"):
             getattr(preset, section)[flag] = parsed

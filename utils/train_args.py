@@ -174,6 +174,10 @@ def build_parser(script: str) -> ArgumentParser:
     if fft:
         _bool_flag(parser.add_argument_group("compatibility"), "fp16",
                    "the original's switch: True means --mixed_precision fp16")
+        for action in parser._actions:  # still parsed, to be refused by name, or (the encoder's) to do nothing
+            if action.dest in ("enc_model_type", "enc_model_path", "num_virtual_tokens", "lp_rank",
+                               "compile_encoder", "encoder_graphs"):
+                action.help = argparse.SUPPRESS
     return parser
 
 
