@@ -376,7 +376,7 @@ def test_every_logits_processor_generate_applies_under_greedy_is_refused(models,
     assert penalized != plain  # generate applies it under greedy decoding
     for field, value in (("exponential_decay_length_penalty", (2, 5.0)), ("guidance_scale", 1.5),
                          ("encoder_repetition_penalty", 1.3), ("remove_invalid_values", True),
-                         ("watermarking_config", WatermarkingConfig())):
+                         ("watermarking_config", WatermarkingConfig()), ("min_new_tokens", 3), ("min_length", 40)):
         changed = copy.deepcopy(config)
         setattr(changed, field, value)
         with pytest.raises(UserError, match=f"sets {field}="):
@@ -402,16 +402,80 @@ def test_a_model_config_asking_for_beams_or_more_sequences_decodes_greedily_in_b
         config.num_beams, config.num_return_sequences = saved
 
 
+@pytest.mark.parametrize("new_tokens", [54, 55, 56, 57])
+def test_the_last_new_token_is_exact_when_the_sequence_ends_at_a_cache_boundary(new_tokens):
+    """10 prompt tokens + 54..57 new ones: the last token fed back sits at cache positions 62..65, around the
+    64-slot boundary of the cache length and of the KV buckets (a cache one slot short wrote the last step into the
+    spare slot, outside the view, and its logits moved by ~1e-3)."""
+    model, _ = build_model("none", "tiny-llama", seed=5)
+    _perturb(model, 11, 0.3)
+    model.eval()
+    config, saved = model.lm.generation_config, model.lm.generation_config.eos_token_id
+    config.eos_token_id = None
+    try:
+        ids = torch.arange(100, 110).view(1, 10)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        want = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+        logits = []
+        got = model.decode_greedy(GreedyDecoder(check_every=4), **batch, max_new_tokens=new_tokens,
+                                  criterion=StopOnText(None, (), [new_tokens]), logits_out=logits)
+    finally:
+        config.eos_token_id = saved
+    assert torch.equal(got, want.sequences)
+    assert torch.allclose(torch.stack(logits, 1), torch.stack(want.logits, 1).float(), rtol=0, atol=1e-5)
+
+
+def test_an_eos_on_the_budgets_last_step_is_not_part_of_the_completion():
+    """Judged every step or every 3: a row whose EOS comes on its last allowed step ends before it, like one whose
+    EOS comes earlier (the budget was judged first, and kept the EOS)."""
+    tok = load_tokenizer("tiny-llama")
+    eos = tok.eos_token_id
+    rows = [[101, 102, eos], [101, eos, 103]]
+    for every in (1, 3):
+        crit = StopOnText(tok, ("\ndef",), [3, 3], [eos])
+        if every == 3:
+            crit.observe(rows, 0, 0)
+        else:
+            for n in (1, 2, 3):
+                crit.observe([r[:n] for r in rows], 0, n - 1)
+        assert crit.lengths == [2, 1], every
+        assert crit.trim(torch.tensor(rows)) == [[101, 102], [101]]
+
+
+def test_decode_greedy_runs_in_eval_mode_and_restores_the_mode():
+    """As generate does: a model left in training mode (dropout on) decodes as in eval mode, and stays in training
+    mode afterwards."""
+    model, _ = build_model("none", "tiny-llama", seed=5)
+    _perturb(model, 11, 0.3)
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    config, saved = model.lm.generation_config, model.lm.generation_config.eos_token_id
+    config.eos_token_id = None
+    try:
+        batch = _long_batch("none")
+        want = _decode(model.eval(), GreedyDecoder(), batch, 12)
+        model.train()
+        torch.manual_seed(0)
+        got = _decode(model, GreedyDecoder(), batch, 12)
+    finally:
+        config.eos_token_id = saved
+    assert model.training and torch.equal(got, want)
+
+
 def test_auto_picks_the_own_loop_for_fast_greedy_decoding_on_a_gpu_only():
     from transformers import GenerationConfig
 
     plain, penalized = GenerationConfig(), GenerationConfig(repetition_penalty=1.3)
     gpu = dict(fast=True, device_type="cuda", do_sample=False, generation_config=plain)
     assert own_loop_chosen("auto", **gpu)
-    for change in (dict(fast=False), dict(device_type="cpu"), dict(do_sample=True),
-                   dict(generation_config=penalized)):
+    for change in (dict(fast=False), dict(device_type="cpu"), dict(device_type="mps"), dict(device_type="xpu"),
+                   dict(do_sample=True), dict(generation_config=penalized)):  # never checked on mps or xpu
         assert not own_loop_chosen("auto", **{**gpu, **change}), change
         assert own_loop_chosen("own", **{**gpu, **change}) and not own_loop_chosen("hf", **gpu)
+    with pytest.raises(ValueError, match="check_every must be >= 1"):
+        GreedyDecoder(check_every=0)
 
 
 def test_generate_preds_decodes_with_the_own_loop_for_greedy_fast_decoding_on_a_gpu(data_paths):
