@@ -157,7 +157,8 @@ class Trainer:
             self.log_dir = make_log_dir(self.log_dir)  # another -N when a run started in the same second took it
             self._lock = lock_directory(self.log_dir, "--log_dir", "training run")  # held until the process ends
         self.log_dir = pathlib.Path(_broadcast_str(acc, str(self.log_dir)))
-        self.resolved["output"]["log_dir"] = str(self.log_dir)
+        if self.log_dir != pathlib.Path(config.output.log_dir):  # config.json records the directory it is in
+            self.resolved["output"]["log_dir"] = str(self.log_dir)
         acc.wait_for_everyone()
         self.log = setup_logging(self.log_dir, acc.is_main_process)
         self.metrics = MetricsFile(self.log_dir, acc.is_main_process)
