@@ -33,7 +33,7 @@ def build_parser() -> ArgumentParser:
     g = parser.add_argument_group("what to load")
     g.add_argument("--peft_method", choices=METHODS, default=None,
                    help="default: read from the adapter's adapter_config.json; fft when only a checkpoint is "
-                        "given; none otherwise")
+                        "given, or a --model_path whose training_config.json says fft; none otherwise")
     g.add_argument("--load_adapter_from", default=None, help="adapter directory (lora, pt, idpg, lopa)")
     g.add_argument("--clf_predictor_path", default=None,
                    help="accepted for the original's commands: the LOPA/IDPG heads live in the adapter directory; "

@@ -633,11 +633,36 @@ def test_a_killed_and_resumed_run_writes_the_same_files(cli_runs):
     assert _files(root / "resumed", MBPP_FILES) == _files(root / "expected", MBPP_FILES)
 
 
+def test_decoded_by_lists_the_paths_that_made_a_resumed_runs_predictions(tmp_path):
+    from utils.prediction_files import CONFIG_FILE, decoded_by
+
+    def saved(**fields):
+        (tmp_path / CONFIG_FILE).write_text(json.dumps({"task_name": "mbpp", **fields}))
+
+    saved()  # written before the field existed: what made its batches is not known
+    assert decoded_by(tmp_path, "generate") == ["unrecorded", "generate"]
+    saved(decoded_by=["the own decoding loop"])
+    assert decoded_by(tmp_path, "the own decoding loop") == ["the own decoding loop"]
+    saved(decoded_by=["the own decoding loop", "generate"])
+    assert decoded_by(tmp_path, "the own decoding loop") == ["the own decoding loop", "generate",
+                                                             "the own decoding loop"]
+
+
 def test_resume_refuses_other_settings(cli_runs):
     root, _ = cli_runs
     saved = json.loads((root / "two" / "generate_preds_config.json").read_text())
     check_resumable(root / "two", {**saved, "batch_size": 64, "num_processes": 1},
                     ignore=("batch_size", "num_processes"))
+    # an FFT final/ given as --model_path was the untuned model ("none") before it was read as fft
+    config_file = root / "two" / "generate_preds_config.json"
+    on_disk = config_file.read_bytes()
+    config_file.write_text(json.dumps({**saved, "peft_method": "none"}))
+    try:
+        with pytest.raises(UserError, match=r"'peft_method' is 'none' but this run has 'fft' \(--peft_method none "
+                                            r"resumes it as it began\)"):
+            check_resumable(root / "two", {**saved, "peft_method": "fft"})
+    finally:
+        config_file.write_bytes(on_disk)
     changed = {**saved, "generation": {**saved["generation"], "temperature": 0.5, "do_sample": True}}
     with pytest.raises(UserError, match="generate_preds_config.json: fields 'generation.do_sample' is False but "
                                         "this run has True; 'generation.temperature'"):

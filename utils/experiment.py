@@ -128,8 +128,7 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
     commands = []
     if method != "none":
         # a flag another method reads stays out of this cell's commands, hence out of its hash
-        train = {k: v for k, v in preset.train.items() if method in METHOD_FLAGS.get(k, (method,))
-                 and (k != "mbpp_split" or task == "mbpp")}  # a CRUXEval cell's hash stays as it was
+        train = {k: v for k, v in preset.train.items() if method in METHOD_FLAGS.get(k, (method,))}
         if method in ("idpg", "lopa"):
             train.setdefault("enc_model_type", preset.encoder)  # --set enc_model_type=... wins
         train.update(preset.per_method.get(method, {}))
@@ -138,7 +137,7 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
         commands.append(("tune_fft_baseline.py" if method == "fft" else "tune_foundation_model.py",
                          argv + ["--log_dir", str(train_dir)]))
     gen_flags = {k: v for k, v in preset.gen.items() if method in METHOD_FLAGS.get(k, (method,))
-                 and (k != "mbpp_split" or task == "mbpp")}
+                 and (k != "mbpp_split" or task == "mbpp")}  # (a CRUXEval training has it, as before: same hash)
     gen = (base + ["--peft_method", method] + _flags(gen_flags, keep_false=_valued_switches("generate_preds.py"))
            + ["--log_dir", str(gen_dir)])
     if method == "fft":

@@ -162,10 +162,11 @@ paths can differ at near ties. Never compared by ``check_resumable``."""
 
 
 def decoded_by(log_dir: str | os.PathLike, now: str) -> list[str]:
-    """The saved config's ``DECODED_BY`` list with ``now`` added at the end if it is new (``[now]`` without one)."""
+    """For a resumed run: the saved config's ``DECODED_BY`` list with ``now`` added when it differs from the last
+    entry (a config from before the field starts the list with ``"unrecorded"``)."""
     path = pathlib.Path(log_dir) / CONFIG_FILE
-    saved = json.loads(path.read_text(encoding="utf-8")).get(DECODED_BY, []) if path.is_file() else []
-    return saved if now in saved else [*saved, now]
+    saved = json.loads(path.read_text(encoding="utf-8")).get(DECODED_BY, ["unrecorded"]) if path.is_file() else []
+    return saved if saved[-1:] == [now] else [*saved, now]
 
 
 def check_resumable(log_dir: str | os.PathLike, config: dict, ignore: Sequence[str] = ()) -> None:
@@ -187,7 +188,10 @@ def check_resumable(log_dir: str | os.PathLike, config: dict, ignore: Sequence[s
         else:
             differ.append((key, old, new))
     if differ:
-        fields = "; ".join(f"{key!r} is {old!r} but this run has {new!r}" for key, old, new in differ)
+        fields = "; ".join(f"{key!r} is {old!r} but this run has {new!r}" + (
+            f" (--peft_method {old} resumes it as it began)" if key == "peft_method" and {old, new} == {"none", "fft"}
+            else "")  # a full fine-tuning's final/ as --model_path: none before it was read as fft
+            for key, old, new in differ)
         raise UserError(f"{path}: {'field' if len(differ) == 1 else 'fields'} {fields}; rerun with the same "
                         f"settings, or with --overwrite instead of --resume (or another --log_dir) to start over")
 

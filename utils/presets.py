@@ -115,9 +115,13 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
                                 f"alike: --set seed=N, N a whole number")
             preset.seed = int(value)
             continue
-        if flag.startswith("mbpp") and "mbpp_split".startswith(flag) and (section or flag != "mbpp_split"):
-            raise UserError(f"--set {item!r}: the MBPP split is the experiment's, for training and generation "
-                            f"alike (each split's train tasks overlap the other's test tasks): --set mbpp_split=NAME")
+        if flag.startswith("mbpp") and "mbpp_split".startswith(flag):
+            from utils.data import MBPP_SPLITS
+
+            if section or flag != "mbpp_split" or value not in MBPP_SPLITS:
+                raise UserError(f"--set {item!r}: the MBPP split is the experiment's, for training and generation "
+                                f"alike (each split's train tasks overlap the other's test tasks): --set "
+                                f"mbpp_split=NAME, NAME one of: {', '.join(MBPP_SPLITS)}")
         parsed: object = {"true": True, "false": False}.get(value.lower(), value)
         if section in ("", "train"):
             preset.train[flag] = parsed
