@@ -130,11 +130,17 @@ def resolve_method(args: argparse.Namespace) -> str:
     return method
 
 
+def _tuned_directory(args: argparse.Namespace) -> str | None:
+    """The directory whose ``training_config.json`` says how the model to load was tuned (the adapter, else the FFT
+    checkpoint, else a ``--model_path`` that may be an FFT ``final/``)."""
+    return args.load_adapter_from or args.load_base_from_path or args.sharded_checkpoint_dir or args.model_path
+
+
 def warn_if_tuned_for_another_task(args: argparse.Namespace) -> str | None:
     """The warning (printed, and returned) when the directory to load is a training run's ``final/`` whose
     ``training_config.json`` names another task than ``--task_name``: allowed (a transfer experiment), but more
     often a wrong path. Directories without that file (or not ours to read) say nothing."""
-    directory = args.load_adapter_from or args.load_base_from_path or args.sharded_checkpoint_dir or args.model_path
+    directory = _tuned_directory(args)
     trained_on = _trained_model_field(directory, "task_name")
     if trained_on is None or trained_on == args.task_name:
         return None
@@ -150,7 +156,7 @@ def check_trained_on_this_mbpp_split(args: argparse.Namespace) -> None:
     the model was tuned on."""
     from utils.data import MBPP_SPLITS
 
-    directory = args.load_adapter_from or args.load_base_from_path or args.sharded_checkpoint_dir or args.model_path
+    directory = _tuned_directory(args)
     if args.task_name != "mbpp" or _trained_model_field(directory, "task_name") != "mbpp":
         return
     trained = _trained_model_field(directory, "mbpp_split") or "paper"  # the default when it was trained

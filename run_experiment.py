@@ -162,7 +162,7 @@ def _print_plan(cells, force: bool) -> dict:
         if cell.key not in stored:
             training = planned_training(cell) if not force else "none" if cell.training_hash() is None else "fresh"
             trainings[training] += 1
-            replaced = None if force else replaced_results(cell)
+            replaced = None if force else replaced_results(cell, training)
             replacing += replaced is not None
             status = "to run" + (f"; {replaced}" if replaced else {
                 "reused": ", its finished training reused", "resumed": ", its training resumed"}.get(training, ""))

@@ -363,9 +363,10 @@ def planned_training(cell: Cell, previous: dict | None = None) -> str:
     return "resumed" if has_resumable_checkpoint(train_dir) else "fresh"
 
 
-def replaced_results(cell: Cell) -> str | None:
+def replaced_results(cell: Cell, training: str | None = None) -> str | None:
     """What running ``cell`` throws away of a stored result of other settings (one cell directory holds one set):
-    a phrase for the plan and the run's log, or None when there is no such result."""
+    a phrase for the plan and the run's log, or None when there is no such result. ``training``: the cell's
+    ``planned_training`` (found when not given)."""
     path = cell.directory / "result.json"
     try:
         old = json.loads(path.read_text())
@@ -375,7 +376,7 @@ def replaced_results(cell: Cell) -> str | None:
         return None
     score = f", pass@1 {100 * old['pass@1']:.2f}" if isinstance(old.get("pass@1"), (int, float)) else ""
     training = {"reused": "; its training is reused", "resumed": "; its training is resumed",
-                "fresh": "; its training (other settings) is deleted", "none": ""}[planned_training(cell)]
+                "fresh": "; its training (other settings) is deleted", "none": ""}[training or planned_training(cell)]
     if training.endswith("deleted") and not (cell.directory / "train").exists():
         training = ""
     return f"replaces its stored result of other settings{score}{training}"
