@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.data import default_data_path, load_task_split
     from utils.decode_loop import check_plain_greedy
     from utils.fast_paths import static_cache_kwargs
+    from utils.models import check_fits_context
     from utils.generation import generate_predictions
     from utils.prediction_files import (DECODED_BY, ProgressLog, check_fresh_start, check_no_other_task_files,
                                         check_resumable, decoded_by, derived_files, output_files,
@@ -340,9 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     records = load_task_split(args.task_name, "test", args.data_path, mbpp_split=args.mbpp_split, limit=args.limit)
     model, tokenizer, enc_tokenizer = load_model(args, method)  # fails on a bad checkpoint before any file is written
     try:  # an adapter's m can leave MBPP no prompt budget: say so before the fresh start below clears --log_dir
-        task.max_lengths(model.num_virtual_tokens)
+        max_prompt = task.max_lengths(model.num_virtual_tokens)[0]
     except UserError as exc:
         raise UserError(f"{args.load_adapter_from}: {exc}") from None
+    m, longest = model.num_virtual_tokens, max_prompt + gen_config.budget(max_prompt)
+    check_fits_context(m + longest, model.lm.config, (f"{m} virtual tokens before " if m else "")
+                       + f"prompts and generations of up to {longest} tokens",
+                       # MBPP's prompt budget shrinks by m, so only the new tokens can overflow; CRUXEval's total is
+                       # fixed without the virtual tokens
+                       "lower --max_new_tokens" if task.is_mbpp else "use an adapter with fewer virtual tokens")
     if args.decode_loop == "own":
         check_plain_greedy(model.lm.generation_config)
     accelerator = Accelerator()

@@ -571,3 +571,19 @@ def test_a_skipped_fp16_step_does_not_advance_the_lr_schedule(tmp_path, data_pat
                            "--lr", "0.1", "--log_dir", str(log_dir)])
     lrs = [r["lr"] for r in read_metrics(log_dir / "metrics.jsonl")]
     assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.1), lrs  # linear: 0.1, 0.1, 0.0667
+
+
+def test_virtual_tokens_beyond_the_models_context_are_refused_before_the_log_dir(tmp_path, data_paths, capsys):
+    """CRUXEval's examples take up to 512 positions after the m virtual tokens; tiny-llama has 1,024. A rotary
+    model would train on positions it never saw, without an error."""
+    argv = ["--peft_method", "pt", "--task_name", "cruxeval_output_prediction", "--model_type", "tiny-llama",
+            "--data_path", data_paths["cruxeval"], "--limit_train_examples", "2", "--per_gpu_train_batch_size", "2",
+            "--max_train_steps", "1", "--log_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exc:
+        run_inprocess("peft", [*argv, "--num_virtual_tokens", "600"])
+    assert exc.value.code == 2
+    assert ("--num_virtual_tokens 600 before cruxeval_output_prediction examples of up to 512 tokens: up to 1112 "
+            "positions, more than the model's context of 1024; use a smaller --num_virtual_tokens, or cut the "
+            "examples shorter with --max_length") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert run_inprocess("peft", [*argv, "--num_virtual_tokens", "600", "--max_length", "424"]).global_step == 1

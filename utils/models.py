@@ -243,6 +243,23 @@ def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32",
     return model, tokenizer
 
 
+def context_length(config) -> int | None:
+    """The most positions ``config``'s model was built for (None when the config names no limit)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_fits_context(positions: int, config, what: str, remedy: str) -> None:
+    """Refuse sequences longer than the model's context: rotary models would run on, at positions they were never
+    trained on, and give garbage without an error."""
+    limit = context_length(config)
+    if limit is not None and positions > limit:
+        raise UserError(f"{what}: up to {positions} positions, more than the model's context of {limit}; {remedy}")
+
+
 def numel(p: torch.Tensor) -> int:
     """Elements of a parameter, also when DeepSpeed ZeRO-3 has partitioned it away (its local shard is empty)."""
     return getattr(p, "ds_numel", p.numel())

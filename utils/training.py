@@ -168,7 +168,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from custom_peft import build_model
-        from utils.models import enable_activation_checkpointing, numel
+        from utils.models import check_fits_context, enable_activation_checkpointing, numel
 
         acc, cfg, m, t = self.accelerator, self.config, self.config.model, self.config.train
         set_seed(m.seed)  # python, numpy, torch: dropout draws from here (the model's init has its own seed)
@@ -190,6 +190,11 @@ class Trainer:
         if t.max_length is not None:
             max_length = min(max_length, t.max_length)
             self.dataset.examples = [shorten(e, max_length) for e in self.dataset.examples]
+        if self.has_prompt:
+            check_fits_context(m.num_virtual_tokens + max_length, model.lm.config,
+                               f"--num_virtual_tokens {m.num_virtual_tokens} before {m.task_name} examples of up to "
+                               f"{max_length} tokens", "use a smaller --num_virtual_tokens, or cut the examples "
+                               "shorter with --max_length")
         if m.uses_encoder:
             model.prompt.encoder.dropout_in_training = m.encoder_dropout
         if t.gradient_checkpointing:
