@@ -169,11 +169,13 @@ def check_trained_on_this_mbpp_split(args: argparse.Namespace) -> None:
                     f"({test_lo}-{test_hi}) this run would score; pass --mbpp_split {trained}")
 
 
-def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
-    """``(HF model directory, single state_dict file, sharded directory without config)`` from the FFT flags."""
+def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str | None, str | None]:
+    """``(HF model directory, single state_dict file, sharded directory, directory of the weights' config.json)``
+    from the FFT flags; the last is set only for a checkpoint directory with a config.json whose weights
+    ``from_pretrained`` cannot read (``wrapped_checkpoint``)."""
     from utils.generation import wrapped_checkpoint
 
-    hf_dir = state_file = sharded = None
+    hf_dir = state_file = sharded = config_dir = None
     base = args.load_base_from_path
     if base:
         _reject_training_checkpoint(pathlib.Path(base))
@@ -194,8 +196,8 @@ def fft_sources(args: argparse.Namespace) -> tuple[str | None, str | None, str |
     if hf_dir is not None and (routed := wrapped_checkpoint(hf_dir)) is not None:
         # zero_to_fp32.py's output with a config.json copied in: from_pretrained would find none of its names
         # (all under "backbone.") and leave every weight random, with a warning only
-        hf_dir, (state_file, sharded) = None, routed
-    return hf_dir, state_file, sharded
+        hf_dir, config_dir, (state_file, sharded) = None, hf_dir, routed
+    return hf_dir, state_file, sharded, config_dir
 
 
 def _reject_training_checkpoint(path: pathlib.Path) -> None:
@@ -249,10 +251,11 @@ def load_model(args: argparse.Namespace, method: str):
             lp_rank=args.lp_rank, enc_model_type=args.enc_model_type, dtype=args.dtype, model_path=args.model_path,
             enc_model_path=args.enc_model_path)
     else:
-        hf_dir, state_file, sharded = fft_sources(args)
+        hf_dir, state_file, sharded, config_dir = fft_sources(args)
         _check_trained_model_type(hf_dir or args.model_path, args.model_type)
+        # a checkpoint file or shards supply every weight: the base's are not read (nor downloaded) first
         model, tokenizer = build_model(method, args.model_type, dtype=args.dtype, model_path=hf_dir or args.model_path,
-                                       seed=args.seed)
+                                       seed=args.seed, empty_weights=bool(state_file or sharded), config_dir=config_dir)
         load_fft_weights(model.lm, state_dict_file=state_file, sharded_dir=sharded)
         model.requires_grad_(False)
     model.eval()

@@ -107,10 +107,13 @@ def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_pat
 def build_model(method: str, model_type: str, *, num_virtual_tokens: int = 10, lp_rank: int = 1,
                 enc_model_type: str | None = "codesage-small", head_dim: int | None = None, dtype="fp32",
                 model_path: str | None = None, enc_model_path: str | None = None, seed: int = 9876,
-                lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.1, random_weights: bool = False):
+                lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.1, random_weights: bool = False,
+                empty_weights: bool = False, config_dir: str | None = None):
     """Return ``(TunedModel, tokenizer)``: the foundation model wrapped for ``method`` with fresh trainables.
 
     ``random_weights``: the real architecture with random weights and no download (benchmarks only).
+    ``empty_weights``, ``config_dir``: the base's weights are not read, for a checkpoint that supplies them all
+    (``utils.models.load_foundation_model``).
 
     Only what the method trains has ``requires_grad``: LoRA matrices; PT's Z_S; LOPA's Z_S and heads; IDPG's
     head; every weight for ``fft``; nothing for ``none``.
@@ -118,7 +121,8 @@ def build_model(method: str, model_type: str, *, num_virtual_tokens: int = 10, l
     cfg = MethodConfig(method, num_virtual_tokens, lp_rank, enc_model_type, head_dim, lora_r, lora_alpha,
                        lora_dropout)
     lm, tokenizer = load_foundation_model(model_type, dtype=dtype, model_path=model_path, seed=seed,
-                                          random_weights=random_weights)
+                                          random_weights=random_weights, empty_weights=empty_weights,
+                                          config_dir=config_dir)
     return _wrap(cfg, model_type, lm, dtype=dtype, enc_model_path=enc_model_path, seed=seed,
                  model_path=model_path, random_weights=random_weights), tokenizer
 

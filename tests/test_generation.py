@@ -545,6 +545,29 @@ def test_fft_checkpoints_load_from_state_dict_files_and_sharded_dirs(saved_model
         load_fft_weights(trained, sharded_dir=str(tmp_path / "sharded"))
 
 
+
+def test_a_converted_deepspeed_checkpoint_with_a_config_builds_from_that_config_without_reading_the_base(
+        saved_models, tmp_path, monkeypatch):
+    """zero_to_fp32.py's output with a config.json copied in: the architecture comes from that copy (it used to
+    come from --model_type's hub files or --model_path), and no base weights are read before the checkpoint's."""
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(saved_models["fft"])
+    (tmp_path / "converted").mkdir()
+    config = json.loads((pathlib.Path(saved_models["fft"]) / "config.json").read_text())
+    (tmp_path / "converted" / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-3}))
+    save_file({f"backbone.{k}": v.contiguous() for k, v in trained.state_dict().items()},
+              str(tmp_path / "converted" / "model.safetensors"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("a base was read"))
+    args = generate_preds.build_parser().parse_args(
+        ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--load_base_from_path", str(tmp_path / "converted")])
+    model, _, _ = generate_preds.load_model(args, "fft")
+    assert model.lm.config.layer_norm_eps == 1e-3
+    assert all(torch.equal(model.lm.state_dict()[k], v) for k, v in trained.state_dict().items())
+    (tmp_path / "converted" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(UserError, match=r"converted: a 'llama' model \(config.json\), but --model_type tiny-phi-2"):
+        generate_preds.load_model(args, "fft")
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

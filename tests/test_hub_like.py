@@ -175,3 +175,35 @@ def test_a_tokenizer_that_splits_otherwise_than_its_tokenizer_json_is_warned_abo
         assert f"{path}: transformers" in caplog.text and "tokenizes otherwise than this checkpoint's" in caplog.text
     finally:
         logger.removeHandler(caplog.handler)
+
+
+@pytest.mark.parametrize("model_type", list(hub_like.FOUNDATION_BUILDERS))
+def test_a_full_checkpoint_loads_into_the_bare_architecture_as_into_the_loaded_base(hub, model_type, tmp_path,
+                                                                                   monkeypatch, one_thread):
+    """generate_preds' FFT state files and shards supply every weight: the base's are not read (for a 7-8B model,
+    15 GB read, or downloaded on a machine without them, then overwritten). Built from config.json alone, the model
+    must compute what the loaded one does: buffers such as rotary frequencies (deepseek's linear scaling, Phi-3's
+    window) come from the config, and the generation config is the hub's."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from utils.generation import load_fft_weights
+
+    loaded, tok = load_foundation_model(model_type, model_path=hub[model_type], dtype="fp32")
+    with torch.random.fork_rng():  # weights unlike the hub copy's, so that a base read by mistake shows
+        torch.manual_seed(1)
+        trained = {k: v + 0.01 * torch.randn_like(v) for k, v in loaded.state_dict().items()}
+    save_file({f"backbone.{k}": v.contiguous() for k, v in trained.items()}, str(tmp_path / "trainable.safetensors"))
+    loaded.load_state_dict(trained)
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the base's weights were read")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", unread)
+    bare, _ = load_foundation_model(model_type, model_path=hub[model_type], dtype="fp32", empty_weights=True)
+    load_fft_weights(bare, state_dict_file=str(tmp_path / "trainable.safetensors"))
+    assert bare.config.to_dict() == loaded.config.to_dict()
+    assert bare.generation_config.to_dict() == loaded.generation_config.to_dict()
+    batch = tok([PROMPT, "import os\n"], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        assert torch.equal(bare.eval()(**batch).logits, loaded.eval()(**batch).logits)

@@ -200,14 +200,59 @@ def check_local_model_fits(model_path: str, spec) -> None:
             "will carry its name)", model_path, width, spec.name, spec.hidden_size)
 
 
+def _allocate_parameters(model: nn.Module) -> None:
+    """Give every parameter left on the meta device CPU memory, uninitialised (tied ones stay one tensor)."""
+    made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (meta parameter, kept alive; its new tensor)
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                if id(param) not in made:
+                    made[id(param)] = (param, nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                           requires_grad=param.requires_grad))
+                module._parameters[name] = made[id(param)][1]
+
+
+def _empty_causal_lm(spec: FoundationModelSpec, source: str | None, generation_sources: list[str], dtype,
+                     tokenizer):
+    """The architecture of ``source``'s config.json (the registry's values for a tiny type when None), its weights
+    allocated and not initialised, its buffers (rotary frequencies) computed as usual; its generation config is the
+    first of ``generation_sources`` that has one, as ``from_pretrained`` reads it."""
+    from accelerate import init_empty_weights
+    from transformers import GenerationConfig
+
+    token = None if source is None or os.path.isdir(source) else os.environ.get("HF_TOKEN")
+    try:
+        config = model_config(spec, tokenizer) if source is None else AutoConfig.from_pretrained(source, token=token)
+    except (OSError, ValueError) as exc:
+        if os.path.isdir(source):
+            raise UserError(f"{source}: its config.json does not load ({type(exc).__name__}: {exc})") from exc
+        raise _hub_error("config of model", spec.hf_id, "--model_path", exc) from exc
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _allocate_parameters(model)
+    for where in generation_sources:
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(
+                where, token=None if os.path.isdir(where) else os.environ.get("HF_TOKEN"))
+            break
+        except OSError:  # none there: from_config's, made from the model config, as from_pretrained falls back to
+            continue
+    return model
+
+
 def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32", model_path: str | None = None,
-                          seed: int = 0, random_weights: bool = False):
+                          seed: int = 0, random_weights: bool = False, empty_weights: bool = False,
+                          config_dir: str | None = None):
     """Return ``(model, tokenizer)`` for a registry model type.
 
     ``model_path``: a local Hugging Face model directory (a downloaded copy, or an FFT output) used instead of
     the hub id; for tiny types it loads saved weights instead of building random ones.
     ``random_weights``: build the real architecture from the registry's config values with random weights and the
     project's small tokenizer (benchmarks: speed does not depend on weight values; nothing is downloaded).
+    ``empty_weights``: the architecture alone, its weights allocated but neither downloaded, read nor initialised,
+    for a checkpoint that supplies every one next (``utils.generation.load_fft_weights`` refuses one that does
+    not). Its config.json is ``config_dir``'s when given (a checkpoint directory with a copy of it), else
+    ``model_path``'s or the hub's (the registry's values for tiny types).
     """
     spec = get_model_spec(model_type)
     torch_dtype = resolve_dtype(dtype)
@@ -220,8 +265,14 @@ def load_foundation_model(model_type: str, *, dtype: str | torch.dtype = "fp32",
         if not pathlib.Path(model_path).is_dir():
             raise UserError(f"--model_path {model_path}: not a directory")
         check_local_model_fits(model_path, spec)
+    if config_dir is not None:
+        check_local_model_fits(config_dir, spec)
     tokenizer = load_tokenizer(model_type, model_path)
-    if model_path is not None:
+    if empty_weights:
+        base = model_path or (None if spec.tiny else spec.hf_id)
+        model = _empty_causal_lm(spec, config_dir or base, [d for d in (config_dir, base) if d is not None],
+                                 torch_dtype, tokenizer)
+    elif model_path is not None:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
         except (OSError, ValueError, KeyError) as exc:  # KeyError: a shard index without its "metadata"
