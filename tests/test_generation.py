@@ -758,6 +758,13 @@ def test_a_state_dict_without_the_head_loads_only_into_a_model_that_ties_it(tmp_
     tied.lm_head.weight = tied.model.embed_tokens.weight  # the head is the embedding, loaded under its other name
     load_fft_weights(tied, state_dict_file=str(path))
     assert torch.equal(tied.lm_head.weight, trained.model.embed_tokens.weight)
+    # the bare architecture generate_preds builds for such a file ties its head as the config says, too
+    trained.config.tie_word_embeddings = True
+    trained.save_pretrained(tmp_path / "tied")
+    bare, _ = load_foundation_model("tiny-llama", model_path=str(tmp_path / "tied"), empty_weights=True)
+    load_fft_weights(bare, state_dict_file=str(path))
+    assert bare.lm_head.weight is bare.model.embed_tokens.weight
+    assert torch.equal(bare.lm_head.weight, trained.model.embed_tokens.weight)
 
 
 

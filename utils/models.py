@@ -230,6 +230,7 @@ def _empty_causal_lm(spec: FoundationModelSpec, source: str | None, generation_s
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _allocate_parameters(model)
+    model.tie_weights()  # not done on the meta device: a tied lm_head would be a tensor of its own, never loaded
     for where in generation_sources:
         try:
             model.generation_config = GenerationConfig.from_pretrained(
