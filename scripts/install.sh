@@ -20,11 +20,19 @@ DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -r requirements.txt
 "$VENV/bin/python" -c "import torch, transformers, peft, accelerate; print('installed: torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
 # DeepSpeed's CPU ops (Adam for ZeRO offload, shared-memory collectives) JIT-build on their first use, about two
 # minutes on 2 cores: on a machine without CUDA (CPU runs, and the test suite's ZeRO runs), build them now into
-# torch's extension cache, so that no run waits for them. Best effort: they still build on first use otherwise.
-"$VENV/bin/python" - <<'PY' > "${TMPDIR:-/tmp}/lopa-ds-ops.log" 2>&1 \
+# the venv's extension cache with the venv's ninja, where every run looks (utils/train_setup.py's
+# venv_extension_cache), so that no run waits for them. Best effort: they still build on first use otherwise.
+LOPA_ROOT="$(cd "$(dirname "$0")/.." && pwd)" "$VENV/bin/python" - <<'PY' > "${TMPDIR:-/tmp}/lopa-ds-ops.log" 2>&1 \
   || echo "install: DeepSpeed's CPU ops not built now (see ${TMPDIR:-/tmp}/lopa-ds-ops.log); they build on first use"
+import os
+import sys
+
 import torch
 
+sys.path.insert(0, os.environ["LOPA_ROOT"])
+from utils.train_setup import venv_extension_cache
+
+venv_extension_cache()
 if not torch.cuda.is_available():
     from deepspeed.ops.op_builder import CPUAdamBuilder
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder

@@ -2,6 +2,7 @@
 atomic checkpoints."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from utils.checkpoint import (LATEST, TrainerState, find_checkpoint, load_checkp
                               save_checkpoint)
 from utils.errors import UserError
 from utils.train_config import TrainArgs
-from utils.train_setup import make_plan, param_groups, reset_accelerate_state
+from utils.train_setup import make_plan, param_groups, reset_accelerate_state, venv_extension_cache
 from utils.training import EpochSampler, shorten, supervised_tokens
 
 
@@ -425,3 +426,48 @@ def test_bf16_or_fp16_from_a_launcher_config_is_checked_as_the_flag_is(monkeypat
     config = config_from_namespace(build_parser("peft").parse_args(argv), "peft")
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         train_setup.make_accelerator(config)
+
+
+def test_deepspeeds_ops_are_built_once_by_the_venvs_ninja_in_the_venvs_own_cache(tmp_path, monkeypatch):
+    """The system's ninja and the venv's read each other's build log as changed, and one ~/.cache directory served
+    every venv: each switch rebuilt DeepSpeed's CPU ops (3-7 minutes on 2 cores), `make install`'s build included."""
+    import sys
+
+    venv, base = tmp_path / "venv", tmp_path / "python"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "ninja").write_text("")
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", str(base))
+    monkeypatch.setattr(sys, "executable", str(venv / "bin" / "python"))
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", str(venv / "bin")]))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    venv_extension_cache()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(venv / "torch_extensions")
+    assert os.environ["PATH"].split(os.pathsep) == [str(venv / "bin"), "/usr/bin", str(venv / "bin")]
+    venv_extension_cache()  # once first, it stays as it is
+    assert os.environ["PATH"].split(os.pathsep) == [str(venv / "bin"), "/usr/bin", str(venv / "bin")]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/where/the/user/said")
+    venv_extension_cache()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/where/the/user/said"
+    for name, value in (("base_prefix", str(venv)),  # no venv (a Docker image's Python): torch's defaults
+                        ("prefix", "/a/venv/this/user/cannot/write/to")):
+        with monkeypatch.context() as other:
+            other.setattr(sys, name, value)
+            other.delenv("TORCH_EXTENSIONS_DIR")
+            other.setenv("PATH", "/usr/bin")
+            venv_extension_cache()
+            assert "TORCH_EXTENSIONS_DIR" not in os.environ and os.environ["PATH"] == "/usr/bin"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    from utils import train_setup
+    from utils.train_args import build_parser, config_from_namespace
+
+    path = tmp_path / "ds.json"  # refused before any Accelerator is made, after the cache is chosen
+    path.write_text(json.dumps({"fp16": {"enabled": True}}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    config = config_from_namespace(build_parser("peft").parse_args(
+        ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--path_to_ds_config", str(path),
+         "--log_dir", str(tmp_path / "run")]), "peft")
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        train_setup.make_accelerator(config)
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(venv / "torch_extensions")

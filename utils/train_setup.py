@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -105,11 +106,34 @@ def _single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def venv_extension_cache() -> None:
+    """Let torch's JIT extensions (DeepSpeed's CPU Adam and shared-memory collectives) built once, by ``make install``,
+    be found by every later run instead of rebuilt (3-7 minutes on 2 cores each time). Inside a venv:
+
+    * its own ``ninja`` (pip's, which deepspeed requires) comes first on PATH. torch runs the first ``ninja`` on PATH,
+      and two versions (here the venv's 1.13 and the system's 1.11) do not read each other's build log alike: each
+      switch rebuilt everything ("command line changed"). ``make install`` and ``make test`` run the venv's Python
+      without activating it; launchers and activated shells had the venv's ninja.
+    * the build cache is in the venv, unless ``TORCH_EXTENSIONS_DIR`` says where: torch's default, one ``~/.cache``
+      directory for every venv, got each other venv's builds (their flags name its own paths), and a build killed
+      in one left a lock that stalled the others.
+
+    Outside a venv (a Docker image's Python), or in one that is not writable, torch's defaults stay."""
+    if sys.prefix == sys.base_prefix or not os.access(sys.prefix, os.W_OK):
+        return
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *path])
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import (DataLoaderConfiguration, DeepSpeedPlugin, DistributedDataParallelKwargs,
                                   ProjectConfiguration)
 
+    venv_extension_cache()  # before DeepSpeed loads any op
     train = config.train
     env_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     env_ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
