@@ -374,3 +374,10 @@ def test_cut_at_stop_takes_the_earliest_stop_whatever_the_list_order():
     # a stop that starts before the cut so far but ends after it (overlapping stops)
     assert cut_at_stop("ab\n\nx", ("\nx", "\n\n")) == "ab"
     assert cut_at_stop("ab[/ANSWER]", ("ANSWER]", "[/ANSWER]")) == "ab"
+
+
+def test_an_output_answer_is_not_taken_from_an_assertion_past_the_answers_end():
+    """Text that ran on past [/ANSWER] (a raw file from another generator): its == is not the answer's."""
+    assert extract_cruxeval_answer(" 2\n[/ANSWER]\n[PYTHON]\nassert g(1) == 3", "output") == "2"
+    assert extract_cruxeval_answer("assert f(1) == 2\n[/ANSWER]\nassert g(1) == 3", "output") == "2"
+    assert extract_cruxeval_answer("f(1)\n[/ANSWER]\nassert g(1) == 3", "input") == "f(1)"

@@ -231,7 +231,8 @@ def extract_cruxeval_answer(completion: str, mode: str, prompt: str | None = Non
     The ``==`` is the first one outside brackets and strings (``_assertion_eq``).
     Raw text that still holds the prompt is accepted: pass ``prompt`` to remove it exactly, or leave it None
     to keep what follows the last ``[ANSWER]`` (the generator stops at ``[/ANSWER]``, so that is the model's).
-    Input mode also cuts at ``[/ANSWER]`` first, so ``f(1)\\n[/ANSWER]`` without ``==`` gives ``f(1)``.
+    Both modes cut at ``[/ANSWER]`` first, so ``f(1)\\n[/ANSWER]`` without ``==`` gives ``f(1)``, and an ``==`` after
+    it (``2\\n[/ANSWER]\\nassert g(1) == 3``, text a decoder ran on past the stop) is not the answer's.
     """
     if mode not in ("input", "output"):
         raise ValueError(f"mode must be 'input' or 'output', not {mode!r}")
@@ -240,16 +241,14 @@ def extract_cruxeval_answer(completion: str, mode: str, prompt: str | None = Non
         text = strip_prompt(text, prompt)
     elif "[ANSWER]" in text:
         text = text.rsplit("[ANSWER]", 1)[1]
+    if "[/ANSWER]" in text:  # what follows the answer's end is not the answer, whatever its == say
+        text = text.split("[/ANSWER]", 1)[0]
     eq = _assertion_eq(text)
     if mode == "output":
         if eq != -1:
             text = text[eq + 2:]
-        if "[/ANSWER]" in text:
-            text = text.split("[/ANSWER]", 1)[0]
     else:
-        if "[/ANSWER]" in text:
-            text = text.split("[/ANSWER]", 1)[0]
-        if eq != -1 and eq < len(text):
+        if eq != -1:
             text = text[:eq]
         if "assert f" in text:
             text = "f" + text.split("assert f", 1)[1]
