@@ -334,3 +334,60 @@ def test_the_default_data_files_directory_is_hidden_from_the_programs(tmp_path, 
     summary = evaluate_file("cruxeval_output_prediction", path, allow_missing=True, **FAST)
     if summary["sandbox"]["mount_namespace"]:
         assert str(pathlib.Path(default).resolve().parent) in summary["sandbox"]["hidden_dirs"]
+
+
+def test_an_output_prediction_that_calls_f_on_the_input_anywhere_is_rejected():
+    """As the official CRUXEval script: ``f(<input>)`` anywhere in the prediction (not only as all of it) would let
+    the program compute its own answer."""
+    record = {"code": "def f(x):\n    return x", "input": "'a'", "output": "'a'"}
+    for cheat in ("f('a') + ''", "(f('a'))", "[f('a')][0]"):
+        program, reason = cruxeval_program(record, cheat, "output")
+        assert program is None and reason.startswith("malformed output prediction"), cheat
+
+
+def test_summary_counts_sandbox_errors_and_the_largest_n():
+    results = [SampleResult("a", 0, "passed", "", 0.0, ""),
+               SampleResult("b", 0, "failed", "sandbox error: OSError: no fork", 0.0, ""),
+               SampleResult("b", 1, "failed", "AssertionError", 0.0, "")]
+    s = summarize(results, ks=(1, 2))
+    assert s["counts"] == {"passed": 1, "failed": 2, "timed out": 0, "sandbox_errors": 1}
+    assert s["samples_per_task"] == {"min": 1, "max": 2} and "pass@2" not in s
+    assert s["pass@1"] == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_a_sandbox_failure_is_a_failed_sample_counted_as_a_sandbox_error(tmp_path, monkeypatch):
+    """One sample whose sandbox broke (not its program) fails, the others are scored, and the summary counts it."""
+    from utils import sandbox as sandbox_module
+
+    problems = [{"task_id": f"T/{i}", "prompt": "def inc(a):\n", "entry_point": "inc",
+                 "test": "def check(candidate):\n    assert candidate(1) == 2\n"} for i in range(2)]
+    problem_file = _write_jsonl(tmp_path / "problems.jsonl", problems)
+    path = _write_jsonl(tmp_path / "sols.jsonl", [{"task_id": p["task_id"], "completion": f"    return a + 1  # {i}"}
+                                                  for i, p in enumerate(problems)])
+    real = sandbox_module.interpret
+
+    def broken_for_sample_1(paths, *args):
+        with open(paths["program"]) as fh:
+            if "return a + 1  # 1" in fh.read():
+                raise OSError("status file vanished")
+        return real(paths, *args)
+
+    monkeypatch.setattr(sandbox_module, "interpret", broken_for_sample_1)
+    summary = evaluate_file("mbpp", path, problem_file=problem_file, timeout=5, n_workers=1, progress=False)
+    results = {r["task_id"]: r for r in read_jsonl(summary["results_path"])}
+    assert results["T/0"]["status"] == "passed"
+    assert results["T/1"]["status"] == "failed"
+    assert results["T/1"]["reason"] == "sandbox error: OSError: status file vanished"
+    assert summary["counts"]["sandbox_errors"] == 1 and summary["pass@1"] == 0.5
+
+
+def test_a_timed_out_sample_scores_as_a_failure(tmp_path):
+    problems = [{"task_id": f"T/{i}", "prompt": "def inc(a):\n", "entry_point": "inc",
+                 "test": "def check(candidate):\n    assert candidate(1) == 2\n"} for i in range(2)]
+    problem_file = _write_jsonl(tmp_path / "problems.jsonl", problems)
+    path = _write_jsonl(tmp_path / "sols.jsonl", [{"task_id": "T/0", "completion": "    return a + 1"},
+                                                  {"task_id": "T/1", "completion": "    while True:\n        pass"}])
+    summary = evaluate_file("mbpp", path, problem_file=problem_file, timeout=3.0, n_workers=2, progress=False)
+    rows = {r["task_id"]: r for r in read_jsonl(summary["results_path"])}
+    assert (rows["T/1"]["status"], rows["T/1"]["passed"]) == ("timed out", False)
+    assert summary["pass@1"] == 0.5 and summary["counts"]["timed out"] == 1 and summary["counts"]["passed"] == 1

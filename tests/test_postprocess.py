@@ -376,6 +376,35 @@ def test_cut_at_stop_takes_the_earliest_stop_whatever_the_list_order():
     assert cut_at_stop("ab[/ANSWER]", ("ANSWER]", "[/ANSWER]")) == "ab"
 
 
+@pytest.mark.parametrize("eos", ["<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>",
+                                 "<|end|>"])
+def test_stage1_cuts_at_every_supported_tokenizers_eos_string(eos):
+    """An EOS string the decoder left in the text ends the completion (what follows it is not the model's answer)."""
+    assert mbpp_stage1(f"    return 1{eos}    return 2") == "    return 1"
+
+
+def test_stage1_removes_the_deepseek_bos_string_anywhere():
+    # as in the original: DeepSeek's BOS is removed everywhere, not only where it leads the text
+    assert mbpp_stage1(f"    x = 1\n{DEEPSEEK_BOS}    return x") == "    x = 1\n    return x"
+
+
+def test_stage2_keeps_leading_blank_lines_and_reindents_tab_against_one_space():
+    assert mbpp_stage2("\n    return 1") == "\n    return 1"
+    # a 1-space prompt and tab-indented code: same width, different unit (mixing them is a TabError)
+    one_space = '\n\ndef f(a):\n """doc"""\n'
+    fixed = mbpp_stage2("\ty = a\n\treturn y", one_space)
+    assert fixed == " y = a\n return y"
+    namespace = {}
+    exec(one_space + fixed, namespace)
+    assert namespace["f"](3) == 3
+
+
+def test_strip_prompt_keeps_a_text_that_shares_less_than_half_the_prompt():
+    prompt = "x" * 40 + "[ANSWER]"
+    assert strip_prompt(prompt[:24] + "junk", prompt) == "junk"  # 24 of 48: half, so the prompt is cut
+    assert strip_prompt(prompt[:20] + "junk", prompt) == prompt[:20] + "junk"  # 20 of 48: a bare completion
+
+
 def test_an_output_answer_is_not_taken_from_an_assertion_past_the_answers_end():
     """Text that ran on past [/ANSWER] (a raw file from another generator): its == is not the answer's."""
     assert extract_cruxeval_answer(" 2\n[/ANSWER]\n[PYTHON]\nassert g(1) == 3", "output") == "2"

@@ -673,3 +673,43 @@ def test_slot_uids_are_a_random_block_no_running_process_uses(monkeypatch):
     bases = {sandbox_module._random_uid_base() for _ in range(5)}
     assert len(bases) > 1 and all(b % 256 == 0 and sandbox_module.UID_RANGE[0] <= b < b + 255 <
                                   sandbox_module.UID_RANGE[1] for b in bases)
+
+
+def test_a_signal_that_kills_the_program_is_its_reason():
+    """The results file names the signal (a segfault, the CPU limit, a kill), not an os._exit-like early exit."""
+    with Sandbox(SandboxConfig(timeout=TIMEOUT)) as sandbox:
+        killed = sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+        ok = sandbox.run("print('after')")
+    assert (killed.status, killed.reason) == ("failed", "killed by SIGKILL")
+    assert (ok.status, ok.stdout) == ("passed", "after\n")
+
+
+def test_a_long_exception_message_reaches_the_reason_whole():
+    """The reason keeps the first 300 characters of the message (an assertion's compared values, say)."""
+    with Sandbox(SandboxConfig(timeout=TIMEOUT)) as sandbox:
+        result = sandbox.run("raise ValueError('ab' * 100 + '\\n' + 'c' * 200)\n")
+    assert result.status == "failed"
+    assert result.reason == "ValueError: " + "ab" * 100 + " " + "c" * 99 + " (line 1)"
+
+
+@pytest.mark.parametrize("status_lines, expected", [
+    ("E sandbox setup: cannot read the program: gone\nX 3\n",
+     ("failed", "sandbox error: sandbox setup: cannot read the program: gone", True)),
+    ("F MemoryError\nX 1\n", ("failed", "MemoryError (memory limit 256 MiB)", False)),
+    ("F ValueError: bad (line 2)\nX 1\n", ("failed", "ValueError: bad (line 2)", False)),
+    ("P\nX 0\n", ("passed", "", False)),
+    ("X 0\n", ("failed", "exited with code 0 before the program finished (os._exit or similar)", False)),
+    ("P\nX -9\n", ("failed", "killed by SIGKILL", False)),
+    ("", ("failed", "sandbox supervisor ended without a result", True)),
+])
+def test_interpret_reads_the_status_file_into_a_verdict(tmp_path, status_lines, expected):
+    from utils.sandbox_process import interpret
+
+    paths = {name: str(tmp_path / name) for name in ("stdout", "stderr", "status")}
+    for name in ("stdout", "stderr"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "status").write_text(status_lines)
+    result = interpret(paths, False, 3.0, 100, 256)
+    assert (result.status, result.reason, result.sandbox_error) == expected
+    timed_out = interpret(paths, True, 3.0, 100, 256)  # the wall-clock limit wins over whatever was written
+    assert (timed_out.status, timed_out.reason) == ("timed out", "exceeded the 3 s wall-clock limit")
