@@ -347,9 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         max_prompt = task.max_lengths(model.num_virtual_tokens)[0]
     except UserError as exc:
         raise UserError(f"{args.load_adapter_from}: {exc}") from None
-    m, longest = model.num_virtual_tokens, max_prompt + gen_config.budget(max_prompt)
-    check_fits_context(m + longest, model.lm.config, (f"{m} virtual tokens before " if m else "")
-                       + f"prompts and generations of up to {longest} tokens",
+    m, budget = model.num_virtual_tokens, gen_config.budget(max_prompt)
+    check_fits_context(m + max_prompt + budget, model.lm.config, (f"{m} virtual tokens before " if m else "")
+                       + (f"prompts of up to {max_prompt} tokens and {budget} new ones" if task.is_mbpp else
+                          f"prompts and generations of up to {max_prompt + budget} tokens"),
                        # MBPP's prompt budget shrinks by m, so only the new tokens can overflow; CRUXEval's total is
                        # fixed without the virtual tokens
                        "lower --max_new_tokens" if task.is_mbpp else "use an adapter with fewer virtual tokens")

@@ -805,8 +805,8 @@ def test_generations_beyond_the_models_context_are_refused_before_the_fresh_star
     mbpp = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--limit", "2",
             "--overwrite"]
     assert _refused_leaving_the_log_dir_as_it_was(tmp_path / "log", [*mbpp, "--max_new_tokens", "700"]) == 2
-    assert ("error: prompts and generations of up to 1025 tokens: up to 1025 positions, more than the model's "
-            "context of 1024; lower --max_new_tokens") in capsys.readouterr().err
+    assert ("error: prompts of up to 325 tokens and 700 new ones: 1025 tokens, more than the model's context of "
+            "1024; lower --max_new_tokens") in capsys.readouterr().err
     save_adapter(build_model("pt", "tiny-phi-2", num_virtual_tokens=600)[0], tmp_path / "adapter")
     crux = ["--task_name", "cruxeval_output_prediction", "--model_type", "tiny-phi-2", "--data_path",
             data_paths["cruxeval"], "--limit", "2", "--peft_method", "pt", "--load_adapter_from",
@@ -814,8 +814,8 @@ def test_generations_beyond_the_models_context_are_refused_before_the_fresh_star
     with pytest.raises(SystemExit) as exit_:
         generate_preds.main(crux)
     assert exit_.value.code == 2 and not (tmp_path / "crux").exists()
-    assert ("error: 600 virtual tokens before prompts and generations of up to 512 tokens: up to 1112 positions, "
-            "more than the model's context of 1024; use an adapter with fewer virtual tokens"
+    assert ("error: 600 virtual tokens before prompts and generations of up to 512 tokens: 1112 tokens, more than "
+            "the model's context of 1024; use an adapter with fewer virtual tokens"
             ) in capsys.readouterr().err
 
 def test_a_second_run_on_the_same_log_dir_is_refused_and_the_lock_dies_with_the_run(saved_models, data_paths,

@@ -193,3 +193,30 @@ def test_a_local_model_of_another_architecture_is_refused_before_it_loads_and_an
     assert caplog.text == ""
     with pytest.raises(UserError, match="a 'codegen' model"):
         check_local_model_fits(str(tmp_path / "codegen"), get_model_spec("deepseek-coder-7b-base"))
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_the_bare_architecture_for_a_full_checkpoint_is_the_loaded_models(model_type, dtype, tmp_path):
+    """generate_preds builds the bare architecture for an FFT state file or shards (the base's weights unread):
+    buffers, dtypes, config and outputs must be from_pretrained's. Built under a bf16 default dtype, CodeGen's
+    rotary table came out rounded, and other greedy completions with it."""
+    from safetensors.torch import save_file
+
+    from utils.generation import load_fft_weights
+
+    model, tok = load_foundation_model(model_type, seed=3)
+    model.save_pretrained(tmp_path / "model")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "full.safetensors"))
+    loaded, _ = load_foundation_model(model_type, model_path=str(tmp_path / "model"), dtype=dtype)
+    bare, _ = load_foundation_model(model_type, model_path=str(tmp_path / "model"), dtype=dtype, empty_weights=True)
+    load_fft_weights(bare, state_dict_file=str(tmp_path / "full.safetensors"))
+    want, got = dict(loaded.named_buffers()), dict(bare.named_buffers())
+    assert want.keys() == got.keys()
+    for name, buffer in want.items():
+        assert buffer.dtype == got[name].dtype and torch.equal(buffer, got[name]), name
+    assert {k: p.dtype for k, p in loaded.named_parameters()} == {k: p.dtype for k, p in bare.named_parameters()}
+    assert bare.config.to_dict() == loaded.config.to_dict()
+    ids = torch.tensor([tok("def f(x):\n    return x + 1\n")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(bare.eval()(ids).logits, loaded.eval()(ids).logits)

@@ -582,8 +582,8 @@ def test_virtual_tokens_beyond_the_models_context_are_refused_before_the_log_dir
     with pytest.raises(SystemExit) as exc:
         run_inprocess("peft", [*argv, "--num_virtual_tokens", "600"])
     assert exc.value.code == 2
-    assert ("--num_virtual_tokens 600 before cruxeval_output_prediction examples of up to 512 tokens: up to 1112 "
-            "positions, more than the model's context of 1024; use a smaller --num_virtual_tokens, or cut the "
-            "examples shorter with --max_length") in capsys.readouterr().err
+    assert ("--num_virtual_tokens 600 before cruxeval_output_prediction examples of up to 512 tokens: 1112 tokens, "
+            "more than the model's context of 1024; use a smaller --num_virtual_tokens, or cut the examples shorter "
+            "with --max_length") in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     assert run_inprocess("peft", [*argv, "--num_virtual_tokens", "600", "--max_length", "424"]).global_step == 1

@@ -200,14 +200,16 @@ def check_local_model_fits(model_path: str, spec) -> None:
             "will carry its name)", model_path, width, spec.name, spec.hidden_size)
 
 
-def _allocate_parameters(model: nn.Module) -> None:
-    """Give every parameter left on the meta device CPU memory, uninitialised (tied ones stay one tensor)."""
+def _allocate_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give every floating-point parameter left on the meta device CPU memory of ``dtype``, uninitialised (tied
+    ones stay one tensor)."""
     made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (meta parameter, kept alive; its new tensor)
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.is_meta:
                 if id(param) not in made:
-                    made[id(param)] = (param, nn.Parameter(torch.empty_like(param, device="cpu"),
+                    kind = dtype if param.is_floating_point() else param.dtype
+                    made[id(param)] = (param, nn.Parameter(torch.empty_like(param, device="cpu", dtype=kind),
                                                            requires_grad=param.requires_grad))
                 module._parameters[name] = made[id(param)][1]
 
@@ -227,9 +229,12 @@ def _empty_causal_lm(spec: FoundationModelSpec, source: str | None, generation_s
         if os.path.isdir(source):
             raise UserError(f"{source}: its config.json does not load ({type(exc).__name__}: {exc})") from exc
         raise _hub_error("config of model", spec.hf_id, "--model_path", exc) from exc
+    # built in fp32, as from_pretrained builds its buffers: under a bf16 default dtype CodeGen's rotary table came
+    # out rounded (0.1 off within MBPP's 581 positions, and other greedy completions); only the weights take dtype
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    _allocate_parameters(model)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _allocate_parameters(model, dtype)
+    model.config.dtype = dtype
     model.tie_weights()  # not done on the meta device: a tied lm_head would be a tensor of its own, never loaded
     for where in generation_sources:
         try:
@@ -309,7 +314,7 @@ def check_fits_context(positions: int, config, what: str, remedy: str) -> None:
     trained on, and give garbage without an error."""
     limit = context_length(config)
     if limit is not None and positions > limit:
-        raise UserError(f"{what}: up to {positions} positions, more than the model's context of {limit}; {remedy}")
+        raise UserError(f"{what}: {positions} tokens, more than the model's context of {limit}; {remedy}")
 
 
 def numel(p: torch.Tensor) -> int:
