@@ -364,3 +364,41 @@ def test_a_damaged_adapter_file_is_one_line(lopa_dir, tmp_path, damage):
     with pytest.raises(UserError, match=r"adapter_model\.safetensors: not a readable safetensors file \(.+\); "
                                         r"it is damaged or cut short: re-save the adapter"):
         load_tuned_model(tmp_path / "a")
+
+
+@pytest.mark.parametrize("method", ("lopa", "idpg"))
+def test_a_head_dim_other_than_the_encoder_width_builds_saves_and_loads(method, tmp_path):
+    """``head_dim`` (h, the paper's GLUE setting h = 256 < H): heads dense(H, h) → out_proj(h, ·), the formula's count,
+    and an adapter that loads back to the same model (the loader reads ``head_dim`` from the config)."""
+    h = 16
+    model, tok = build_model(method, "tiny-llama", num_virtual_tokens=M, lp_rank=R, enc_model_type="tiny-roberta",
+                             head_dim=h, seed=7)
+    heads = (model.prompt.row_head, model.prompt.col_head) if method == "lopa" else (model.prompt.head,)
+    for hd in heads:
+        assert (hd.dense.in_features, hd.dense.out_features, hd.out_proj.in_features) == (ENC_DIM, h, h)
+    want = lopa_trainable_count(D, ENC_DIM, h, M, R) if method == "lopa" else idpg_trainable_count(D, ENC_DIM, h, M)
+    assert count_trainable(model) == want
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    save_adapter(model.eval(), tmp_path)
+    assert read_adapter_config(tmp_path)["head_dim"] == h
+    loaded, _ = load_tuned_model(tmp_path)
+    assert count_trainable(loaded) == want
+    assert_same_model(model, loaded, left_batch(tok))
+
+
+def test_an_adapter_file_without_one_of_its_tensors_is_refused(tmp_path):
+    """A file that lost a tensor (cut short by hand, or written by another version) would leave that tensor at its
+    random init and load without a word; it is a UserError naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = trained("lopa")
+    save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["col_head.out_proj.bias"]
+    save_file(tensors, str(path))
+    with pytest.raises(UserError, match=r"missing tensor 'col_head.out_proj.bias' \(1 in all\)"):
+        load_tuned_model(tmp_path)

@@ -2,6 +2,7 @@ import json
 import pathlib
 
 import pytest
+import torch
 
 from tests.conftest import require_real_data
 from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDataset, encode_example
@@ -354,3 +355,37 @@ def test_length_grouped_batches_are_not_longest_first():
         batches = [order[i:i + 4] for i in range(0, 400, 4)]
         means = [sum(lengths[i] for i in b) for b in batches[:50]]
         assert means != sorted(means, reverse=True)  # batches of a mega-batch are shuffled, not longest first
+
+
+def test_the_collators_host_copy_tells_the_encoder_whether_its_rows_are_padded():
+    """On a GPU the forward trusts ``batch["host"]`` (only shapes are compared there): its ``enc_padded`` flag decides
+    whether the frozen encoder masks padding at all. A wrong flag gives other instance prompts for padded rows (on
+    the CPU ``HostCopy.matches`` catches it and falls back, so the flag itself has to be right)."""
+    from custom_peft import build_model
+
+    model, tok = build_model("lopa", "tiny-llama", num_virtual_tokens=4, lp_rank=2, enc_model_type="tiny-roberta",
+                             seed=3)
+    model.eval()
+    enc_tok = tiny_tokenizer("roberta")
+    collate = Collator(tok.pad_token_id, enc_tok.pad_token_id, host_copy=True)
+    for texts, padded in ((["def f(x):\n    return x * 2", "import os"], True), (["a = 1", "b = 2"], False)):
+        examples = [{"task_id": str(i), "input_ids": tok(t)["input_ids"] + [tok.eos_token_id],
+                     "labels": [IGNORE_INDEX] * len(tok(t)["input_ids"]) + [tok.eos_token_id],
+                     "enc_input_ids": enc_tok(t)["input_ids"]} for i, t in enumerate(texts)]
+        batch = collate(examples)
+        enc_ids, enc_mask = batch["enc_input_ids"], batch["enc_attention_mask"]
+        assert bool((enc_mask == 0).any()) == padded and batch["host"].enc_padded is padded
+        assert batch["host"].matches(batch["attention_mask"].to("meta"), batch["labels"].to("meta"))  # trusted there
+        with torch.no_grad():
+            told = model.prompt(enc_ids, enc_mask, batch["host"].enc_padded)
+            assert torch.equal(told, model.prompt(enc_ids, enc_mask))
+
+
+def test_pad_to_multiple_of_rounds_up_only_past_a_multiple():
+    """Buckets of ``pad_to_multiple_of`` (static caches, compiled shapes): a longest row already on a multiple is not
+    padded a further bucket (wasted positions in every decoding step)."""
+    collate = Collator(0, padding_side="left", pad_to_multiple_of=8)
+    rows = lambda *lengths: [{"task_id": str(n), "input_ids": [5] * n} for n in lengths]  # noqa: E731
+    assert [collate(rows(*ls))["input_ids"].shape[1] for ls in ((8, 3), (9, 2), (1,), (16,))] == [8, 16, 8, 16]
+    batch = collate(rows(8, 3))
+    assert batch["attention_mask"].sum(1).tolist() == [8, 3] and batch["attention_mask"][:, -1].all()

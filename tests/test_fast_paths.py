@@ -231,3 +231,26 @@ def test_compiled_prompt_heads_give_eager_prompts_and_gradients(method, backend)
         for got, want in zip(compiled[1], eager[1]):
             assert want.abs().sum() > 0
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_full_attention_static_cache_holds_every_return_sequence_and_new_token(monkeypatch):
+    """Phi-3 (window 2,047 here) decodes into the project's own static cache, kept between calls: it must hold
+    B·num_return_sequences rows and prompt + m + new positions. A sampled call (3 sequences a row), then a greedy
+    one on the same batch (a cache sized by rows alone was reused, 9 rows for 3: an error), then one past the first
+    64-position bucket, give the plain path's tokens."""
+    from utils.registry import get_model_spec
+
+    monkeypatch.setitem(get_model_spec("tiny-phi-3").arch, "sliding_window", 2047)
+    model, tok = build_model("pt", "tiny-phi-3", num_virtual_tokens=4, seed=5)
+    model.lm.generation_config.eos_token_id = None
+    batch = _batch(tok, "left", multiple=16)
+    assert batch["input_ids"].shape[1] + 4 <= 64 < batch["input_ids"].shape[1] + 4 + 50
+    for kwargs in (dict(num_return_sequences=3, do_sample=True, top_k=0, temperature=2.0, max_new_tokens=6),
+                   dict(do_sample=False, max_new_tokens=6), dict(do_sample=False, max_new_tokens=50)):
+        torch.manual_seed(0)
+        plain = model.generate(**batch, **kwargs)
+        torch.manual_seed(0)
+        fast = model.generate(**batch, cache_implementation="static", disable_compile=True, **kwargs)
+        assert torch.equal(plain, fast) and plain.shape == (3 * kwargs.get("num_return_sequences", 1),
+                                                             kwargs["max_new_tokens"])
+    assert model._static_caches.shapes == {(9, 64), (3, 64), (3, 128)}

@@ -501,3 +501,58 @@ def test_prompt_tuning_copies_nothing_from_the_host_per_forward():
         prompt = model.prompt_embeds(2)
     assert prompt.device.type == "meta" and prompt.shape == want.shape
     assert HostCopies.found == []
+
+
+@pytest.mark.parametrize("method", ("lopa", "idpg"))
+def test_head_dropout_drops_the_instance_embedding_in_training_only(method):
+    """spec §2.1 / §3.1: each head is dropout → dense → tanh → out_proj, the dropout acting on the encoder's embedding
+    x in train mode (scaled by 1/(1-p)) and not at all in eval mode."""
+    model, _ = build_model(method, "tiny-llama", num_virtual_tokens=M, lp_rank=R, enc_model_type="tiny-roberta",
+                           seed=5)
+    heads = (model.prompt.row_head, model.prompt.col_head) if method == "lopa" else (model.prompt.head,)
+    x = torch.randn(3, ENC_DIM, generator=torch.Generator().manual_seed(0))
+
+    def by_hand(h, inputs):
+        return torch.tanh(inputs @ h.dense.weight.T + h.dense.bias) @ h.out_proj.weight.T + h.out_proj.bias
+
+    with torch.no_grad():
+        model.eval()
+        exact = model.prompt.prompt_from(x)
+        for h in heads:
+            assert h.dropout.p == 0.1
+            torch.testing.assert_close(h(x), by_hand(h, x))
+            h.dropout.p = 0.5
+        model.train()
+        for h in heads:
+            torch.manual_seed(3)
+            got = h(x)
+            torch.manual_seed(3)
+            dropped = torch.nn.functional.dropout(x, 0.5, training=True)  # the same draws
+            assert 0 < int((dropped == 0).sum()) < x.numel()
+            torch.testing.assert_close(got, by_hand(h, dropped))
+            assert (got - by_hand(h, x)).abs().max() > 1e-3
+        noisy = model.prompt.prompt_from(x)
+        assert (noisy - exact).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ("lora", "lopa"))
+def test_generate_on_a_model_in_train_mode_runs_without_dropout_and_stays_in_train_mode(method):
+    """``generate`` switches to eval mode (no LoRA / head / encoder dropout) and back: called in the middle of
+    training it gives the eval-mode tokens and scores, and training goes on in train mode."""
+    model, tok = build_model(method, "tiny-llama", num_virtual_tokens=M, lp_rank=R, enc_model_type="tiny-roberta",
+                             seed=5)
+    with torch.no_grad():  # off the init (LoRA's B starts at zero)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    batch = batch_of(tok, PROMPTS)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    model.eval()
+    want = model.generate(**batch, **kwargs)
+    model.train()
+    torch.manual_seed(0)
+    got = model.generate(**batch, **kwargs)
+    assert model.training and all(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        assert torch.equal(a, b)

@@ -388,3 +388,43 @@ def test_the_encoder_masks_built_here_give_transformers_own_embeddings(prompts):
     assert torch.equal(encoder(enc["input_ids"], enc["attention_mask"], padded), want)
     if padded:  # the check can fail: told wrongly, the padded rows come out otherwise
         assert not torch.equal(encoder(enc["input_ids"], enc["attention_mask"], False), want)
+
+
+def test_the_width_constant_is_where_attention_costs_as_much_as_the_matmuls():
+    """Per token 2N FLOPs of matmuls and 4·d·L·W of attention over a row of W: equal at W = N / (2·d·L), about 17,000
+    positions for phi-2 (2.78 B parameters, d = 2,560, L = 32). The plans the forward picks depend on it: there, the
+    mixed-length batch packs into 3 rows of the longest example's width, not one row of all its tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from custom_peft.packing import attention_width_constant
+    from utils.models import model_config
+    from utils.registry import get_model_spec
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(model_config(get_model_spec("phi-2")))
+    n = sum(p.numel() for p in lm.parameters())
+    assert 2.77e9 < n < 2.79e9
+    c = attention_width_constant(lm)
+    assert c == n / (2 * 2560 * 32) and 16_900 < c < 17_000
+    lengths = [480, 120, 90, 200, 60, 171, 33, 250]
+    assert len(plan_rows(lengths, c)) == 3
+    tiny, _ = built("none", "tiny-codegen")  # GPT-style config names: n_embd, n_layer
+    cfg = tiny.lm.config
+    assert attention_width_constant(tiny.lm) == sum(p.numel() for p in tiny.lm.parameters()) / (
+        2 * cfg.n_embd * cfg.n_layer)
+
+
+def test_packing_gives_transformers_eager_attention_the_padded_loss():
+    """Outside SDPA (CodeGen runs eager under transformers 5.17; any model loaded with attn_implementation="eager")
+    the boolean 4-D masks built here are not what the kernel takes (eager adds its mask to the scores): the forward
+    leaves the masks to transformers, and the loss is SDPA's, padded and packed."""
+    model, tok = build_model("pt", "tiny-llama", num_virtual_tokens=4, seed=11)
+    model.eval()
+    batch = batch_of(tok, PROMPTS, side="right", targets=TARGETS)
+    sdpa_loss, _ = _loss_and_grads(model, batch, packing=False)
+    model.lm.set_attn_implementation("eager")
+    assert model.lm.config._attn_implementation == "eager"
+    model._attention_width = 1e9  # pack whenever there is padding
+    for packing in (False, True):
+        loss, _ = _loss_and_grads(model, batch, packing=packing)
+        assert abs(loss.item() - sdpa_loss.item()) < 1e-5, packing
