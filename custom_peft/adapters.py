@@ -210,8 +210,8 @@ def _load_trained_tensors(model: TunedModel, path: pathlib.Path) -> None:
                             f"trained tensors; check 'method' in {ADAPTER_CONFIG})")
         if expected[name] != tensor.shape:
             raise UserError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                            f"{tuple(expected[name])}; check 'num_virtual_tokens', 'lp_rank' and 'hidden_size' "
-                            f"in {ADAPTER_CONFIG}")
+                            f"{tuple(expected[name])}; check 'num_virtual_tokens', 'lp_rank', 'hidden_size' and "
+                            f"'head_dim' in {ADAPTER_CONFIG}")
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise UserError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} in all); re-save the adapter")
