@@ -389,3 +389,17 @@ def test_pad_to_multiple_of_rounds_up_only_past_a_multiple():
     assert [collate(rows(*ls))["input_ids"].shape[1] for ls in ((8, 3), (9, 2), (1,), (16,))] == [8, 16, 8, 16]
     batch = collate(rows(8, 3))
     assert batch["attention_mask"].sum(1).tolist() == [8, 3] and batch["attention_mask"][:, -1].all()
+
+
+def test_a_shuffled_file_gives_the_split_in_id_order_and_limit_takes_the_lowest_ids(tmp_path, capsys):
+    """--limit and the files' order go by task number, not by the file's line order (or the ids as strings)."""
+    path = tmp_path / "shuffled.jsonl"
+    path.write_text("".join(json.dumps({"task_id": f"MBPP/{i}", "prompt": "p", "canonical_solution": "s",
+                                        "entry_point": "f", "test": "t"}) + "\n" for i in (100, 12, 510, 11, 9, 511)))
+    assert [r["task_id"] for r in load_task_split("mbpp", "test", str(path), mbpp_split="standard")] == [
+        "MBPP/11", "MBPP/12", "MBPP/100", "MBPP/510"]
+    assert [r["task_id"] for r in load_task_split("mbpp", "test", str(path), mbpp_split="standard", limit=2)] == [
+        "MBPP/11", "MBPP/12"]
+    with pytest.raises(UserError, match=r"id '400' is not of the form sample_<n>"):
+        path.write_text(json.dumps({"id": "400", "code": "", "input": "", "output": ""}) + "\n")
+        load_task_split("cruxeval_input_prediction", "test", str(path))

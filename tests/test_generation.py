@@ -649,6 +649,7 @@ def test_a_killed_and_resumed_run_writes_the_same_files(cli_runs):
     assert runs["left_after_kill"] == [".lock", "generate_preds_config.json", PROGRESS_FILE]  # no half-made results
     assert runs["lines_after_kill"] == 2  # one line per batch
     assert len((root / "resumed" / PROGRESS_FILE).read_text().splitlines()) == 4  # torn line dropped, 2 added
+    assert len(ProgressLog(root / "resumed").read()) == 7  # readable whole: a second kill could resume again
     assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-3000:]
     assert "7 tasks (4 resumed, 3 generated" in runs["resumed"].stdout and "s by generate) ->" in runs["resumed"].stdout
     config = json.loads((root / "resumed" / "generate_preds_config.json").read_text())
@@ -865,3 +866,209 @@ def test_empty_stop_string_is_ignored():
     crit = StopOnText(tok, ("", "\ndef"), budgets=[10], prompt_len=2)
     ids = torch.tensor([[5, 6] + tok("x = 1", add_special_tokens=False)["input_ids"][:1]])
     assert not bool(crit(ids)[0])
+
+
+# ------------------------------------------------------------------ generation bookkeeping (mutation review)
+def test_cruxeval_keeps_its_512_token_total_when_max_new_tokens_is_given():
+    cfg = resolve_gen_config(get_task("cruxeval_output_prediction"), max_new_tokens=8)
+    assert (cfg.max_new_tokens, cfg.max_total_tokens) == (8, 512)
+    assert [cfg.budget(n) for n in (300, 504, 508, 511, 600)] == [8, 8, 4, 1, 1]  # at least 1, always
+
+
+def test_the_sampling_flags_given_are_what_generate_gets():
+    cfg = resolve_gen_config(get_task("mbpp"), temperature=0.7, top_p=0.5, top_k=7, num_return_sequences=3)
+    assert cfg.hf_kwargs() == {"do_sample": True, "temperature": 0.7, "top_p": 0.5, "top_k": 7, "num_beams": 1,
+                               "num_return_sequences": 3}
+    assert resolve_gen_config(get_task("mbpp"), do_sample=True).hf_kwargs() == {
+        "do_sample": True, "temperature": 0.6, "top_p": 1.0, "top_k": 50, "num_beams": 1, "num_return_sequences": 1}
+    assert resolve_gen_config(get_task("mbpp"), stop_sequences=()).stop_sequences == ()  # none asked, none used
+
+
+@pytest.mark.parametrize("n, batch_size, world, steps", [(5, 2, 2, 2), (5, 1, 2, 3), (3, 4, 2, 1), (9, 2, 4, 2)])
+def test_every_process_runs_every_gather_when_shards_get_unequal_batch_counts(n, batch_size, world, steps):
+    """A process with fewer batches must still join the last gathers (else the others wait forever), and the
+    plans together hold every task once, in batches of at most batch_size."""
+    plans = [shard_batches([7] * n, batch_size, rank, world) for rank in range(world)]
+    assert {s for _, s in plans} == {steps} and max(len(batches) for batches, _ in plans) == steps
+    assert sorted(i for batches, _ in plans for b in batches for i in b) == list(range(n))
+    assert all(0 < len(b) <= batch_size for batches, _ in plans for b in batches)
+
+
+def test_each_progress_record_holds_its_own_batch_longest_prompts_first(data_paths):
+    task = get_task("mbpp")
+    model, tok = build_model("none", "tiny-phi-2", seed=3)
+    records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=5)
+    seen = []
+    raw = generate_predictions(model, tok, None, task, records, batch_size=2, progress=False,
+                               gen_config=resolve_gen_config(task, max_new_tokens=2),
+                               on_batch=lambda fresh, _new: seen.append(dict(fresh)))
+    lengths = TaskDataset(task, records, tok, None, train=False).lengths()
+    by_length = [task.record_id(records[i]) for i in sorted(range(5), key=lambda i: (-lengths[i], i))]
+    assert [list(batch) for batch in seen] == [by_length[:2], by_length[2:4], by_length[4:]]
+    assert {k: v for batch in seen for k, v in batch.items()} == raw
+
+
+def test_each_tasks_samples_come_from_its_own_row(data_paths):
+    """With top-k 1 every sample is the greedy text: a batch's n samples per task must stay with their task."""
+    task = get_task("mbpp")
+    model, tok = build_model("none", "tiny-phi-2", seed=3)
+    records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=3)
+    greedy = generate_predictions(model, tok, None, task, records, batch_size=3, progress=False,
+                                  gen_config=resolve_gen_config(task, max_new_tokens=6))
+    assert len({v[0] for v in greedy.values()}) == 3
+    cfg = resolve_gen_config(task, temperature=1.0, top_k=1, num_return_sequences=2, max_new_tokens=6)
+    sampled = generate_predictions(model, tok, None, task, records, batch_size=3, gen_config=cfg, progress=False)
+    assert sampled == {tid: v * 2 for tid, v in greedy.items()}
+
+
+def test_batches_of_one_run_draw_different_samples(data_paths):
+    """Two tasks with the same prompt in different batches: a seed that ignored the batch gave them the same
+    samples (every batch of a run drew the same random numbers)."""
+    task = get_task("mbpp")
+    model, tok = build_model("none", "tiny-phi-2", seed=3)
+    record = load_task_split("mbpp", "test", data_paths["mbpp"], limit=1)[0]
+    twins = [record, {**record, "task_id": "MBPP/974"}]
+    cfg = resolve_gen_config(task, temperature=1.5, max_new_tokens=8, stop_sequences=())
+    raw = generate_predictions(model, tok, None, task, twins, batch_size=1, gen_config=cfg, progress=False)
+    assert raw[record["task_id"]] != raw["MBPP/974"]
+
+
+def test_module_and_backbone_prefixes_are_removed_together(tmp_path):
+    """DDP's state_dict of the training wrapper: every name is module.backbone.<name>."""
+    from utils.generation import read_state_dict_file
+
+    save_file({"module.backbone.a.weight": torch.zeros(2), "module.backbone.b.weight": torch.ones(2)},
+              str(tmp_path / "ddp.safetensors"))
+    assert sorted(read_state_dict_file(str(tmp_path / "ddp.safetensors"))) == ["a.weight", "b.weight"]
+
+
+def test_a_checkpoint_with_a_stray_tensor_is_refused_in_any_shard(tmp_path):
+    from safetensors.torch import load_file
+
+    from utils.generation import load_fft_weights
+    from utils.models import load_foundation_model
+
+    trained, _ = load_foundation_model("tiny-llama", seed=1)
+    trained.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1
+    first = load_file(str(shards[0]))
+    save_file({**first, "value_head.weight": torch.zeros(2)}, str(shards[0]))
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["value_head.weight"] = shards[0].name
+    index.write_text(json.dumps(data))
+    model, _ = load_foundation_model("tiny-llama", seed=2)
+    with pytest.raises(UserError, match=r"0 missing weights, e.g. \[\]; 1 unexpected, e.g. \['value_head.weight'\]"):
+        load_fft_weights(model, sharded_dir=str(tmp_path / "sharded"))
+    save_file({**trained.state_dict(), "value_head.weight": torch.zeros(2)}, str(tmp_path / "one.safetensors"))
+    with pytest.raises(UserError, match=r"1 unexpected, e.g. \['value_head.weight'\]"):
+        load_fft_weights(model, state_dict_file=str(tmp_path / "one.safetensors"))
+
+
+def test_validation_refuses_files_out_of_task_order_or_with_another_sample_count(tmp_path):
+    mbpp = get_task("mbpp")
+    records = [{"task_id": f"MBPP/{i}", "prompt": "", "test": "", "entry_point": "f", "canonical_solution": ""}
+               for i in (488, 489)]
+    write_predictions(tmp_path, mbpp, records, {"MBPP/488": ["    return 1"], "MBPP/489": ["    return 2"]}, ())
+    ids = ["MBPP/488", "MBPP/489"]
+    validate_prediction_files(tmp_path, mbpp, ids)
+    with pytest.raises(UserError, match="in task order"):
+        validate_prediction_files(tmp_path, mbpp, ids[::-1])
+    crux = get_task("cruxeval_output_prediction")
+    records = [{"id": f"sample_{i}", "code": "", "input": "", "output": ""} for i in (400, 401)]
+    write_predictions(tmp_path, crux, records, {"sample_400": ["1"], "sample_401": ["2"]}, ())
+    validate_prediction_files(tmp_path, crux, ["sample_400", "sample_401"])
+    with pytest.raises(UserError, match="keys must be exactly the test ids in order"):
+        validate_prediction_files(tmp_path, crux, ["sample_401", "sample_400"])
+    with pytest.raises(UserError, match="must be a list of 2 strings"):
+        validate_prediction_files(tmp_path, crux, ["sample_400", "sample_401"], num_samples=2)
+
+
+@pytest.mark.parametrize("flag, value, field", [
+    ("--dtype", "bf16", "'dtype'"), ("--limit", "3", "'limit'"), ("--mbpp_split", "standard", "'mbpp_split'"),
+    ("--data_path", "other.jsonl", "'data_path'"), ("--max_new_tokens", "9", "'generation.max_new_tokens'"),
+    ("--model_type", "tiny-llama", "'model_type'"), ("--temperature", "0.5", "'generation.temperature'")])
+def test_resume_refuses_any_setting_that_changes_the_predictions(flag, value, field, tmp_path, monkeypatch):
+    from utils.prediction_files import write_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("data.jsonl", "other.jsonl"):
+        (tmp_path / name).write_text("")
+
+    def config(*extra):
+        args = generate_preds.build_parser().parse_args(
+            ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", "data.jsonl", "--limit", "5",
+             "--max_new_tokens", "8", *extra])
+        return generate_preds.run_config(args, "none", generate_preds.check_args(args), 1, None)
+
+    write_config(tmp_path, config())
+    check_resumable(tmp_path, config("--batch_size", "4"), ignore=("batch_size", "num_processes"))
+    with pytest.raises(UserError, match=f"{field} is "):
+        check_resumable(tmp_path, config(flag, value), ignore=("batch_size", "num_processes"))
+
+
+def test_a_sampled_run_resumes_only_with_its_batch_size_and_process_count(data_paths, tmp_path):
+    """Sampling draws per batch: another batch size or process count regroups the rest and draws other samples."""
+    from utils.prediction_files import CONFIG_FILE
+
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--limit", "3",
+            "--max_new_tokens", "2", "--temperature", "1.0", "--batch_size", "2", "--no_progress",
+            "--log_dir", str(tmp_path)]
+    assert generate_preds.main(argv) == 0
+    with pytest.raises(UserError, match="'batch_size' is 2 but this run has 1"):
+        generate_preds.main.__wrapped__([*argv, "--batch_size", "1", "--resume"])
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, "num_processes": 2}))  # as accelerate launch wrote it
+    with pytest.raises(UserError, match="'num_processes' is 2 but this run has 1"):
+        generate_preds.main.__wrapped__([*argv, "--resume"])
+
+
+def test_overwrite_starts_the_progress_file_afresh(data_paths, tmp_path):
+    """A stale batch left in the progress file would come back into the files at the next --resume."""
+    log = ProgressLog(tmp_path)
+    log.append({"MBPP/490": ["an earlier run's"]})
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--limit", "3",
+            "--max_new_tokens", "2", "--batch_size", "2", "--no_progress", "--log_dir", str(tmp_path)]
+    assert generate_preds.main([*argv, "--overwrite"]) == 0
+    assert "an earlier run's" not in log.path.read_text() and len(log.path.read_text().splitlines()) == 2
+
+
+def test_a_fresh_start_refuses_a_log_dir_holding_only_a_killed_runs_progress(data_paths, tmp_path, capsys):
+    """What a run killed mid-generation leaves (its config and progress, no final files) is kept."""
+    ProgressLog(tmp_path).append({"MBPP/488": ["kept"]})
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--limit", "2",
+            "--no_progress", "--log_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        generate_preds.main(argv)
+    assert exit_.value.code == 2 and "(1 finished tasks in generation_progress.jsonl)" in capsys.readouterr().err
+    assert ProgressLog(tmp_path).read() == {"MBPP/488": ["kept"]}
+
+
+def test_resume_and_overwrite_together_are_refused_before_anything_is_touched(data_paths, tmp_path, capsys):
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--limit", "2",
+            "--resume", "--overwrite"]
+    assert _refused_leaving_the_log_dir_as_it_was(tmp_path, argv) == 2
+    err = capsys.readouterr().err
+    assert "--resume keeps an earlier run's work and --overwrite deletes it: give one of them" in err
+
+
+@pytest.mark.parametrize("loop", ["hf", "own"])
+def test_a_row_ends_at_the_models_eos_in_either_decoding_loop(data_paths, loop):
+    """The own loop has no EOS check of its own: it ends a row only through the stop criterion's EOS ids. Here a
+    token the model makes mid-row is its generation config's EOS."""
+    from utils.decode_loop import GreedyDecoder
+
+    task = get_task("mbpp")
+    model, tok = build_model("none", "tiny-phi-2", seed=3)
+    records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=2)
+    batch = Collator(tok.pad_token_id, padding_side="left")(list(TaskDataset(task, records, tok, train=False)))
+    cfg = resolve_gen_config(task, max_new_tokens=10, stop_sequences=())
+    decoder = GreedyDecoder(check_every=4) if loop == "own" else None
+    free = model.generate(batch["input_ids"], batch["attention_mask"], **cfg.hf_kwargs(), max_new_tokens=10,
+                          pad_token_id=tok.pad_token_id, eos_token_id=[])[0].tolist()
+    eos = next(t for t in free[3:] if t not in free[:3] and t not in tok.all_special_ids)
+    model.lm.generation_config.eos_token_id = [tok.eos_token_id, eos]
+    texts, new_tokens = generate_batch(model, tok, batch, cfg, "cpu", decoder=decoder)
+    assert texts[0] == tok.decode(free[:free.index(eos)], skip_special_tokens=True)
+
