@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     from utils.models import check_fits_context
     from utils.generation import generate_predictions
     from utils.prediction_files import (DECODED_BY, ProgressLog, check_fresh_start, check_no_other_task_files,
-                                        check_resumable, decoded_by, derived_files, output_files,
+                                        check_resumable, check_something_to_resume, decoded_by, derived_files,
+                                        output_files,
                                         validate_prediction_files, write_config, write_predictions)
     from utils.tasks import get_task
 
@@ -338,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             check_fresh_start(pathlib.Path(args.log_dir), task)
     args.data_path = args.data_path or default_data_path(args.task_name)
     ignore = ("batch_size", "num_processes") if not gen_config.do_sample else ()
-    if args.log_dir and args.resume:  # what the arguments alone decide, before the model loads (the rest after)
+    if args.resume:  # what the arguments alone decide, before the model loads (the rest after)
+        check_something_to_resume(args.log_dir)
         check_resumable(args.log_dir, run_config(args, method, gen_config, 0, None),
                         (*ignore, "num_processes", "enc_model_type"))
     records = load_task_split(args.task_name, "test", args.data_path, mbpp_split=args.mbpp_split, limit=args.limit)

@@ -1072,3 +1072,18 @@ def test_a_row_ends_at_the_models_eos_in_either_decoding_loop(data_paths, loop):
     texts, new_tokens = generate_batch(model, tok, batch, cfg, "cpu", decoder=decoder)
     assert texts[0] == tok.decode(free[:free.index(eos)], skip_special_tokens=True)
 
+
+def test_resume_without_the_runs_log_dir_is_refused_instead_of_starting_afresh(data_paths, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Rerun "with --resume" but without the --log_dir the interrupted run named (or with a mistyped one): it used
+    to start a new run in a new default directory and generate everything again, without a word."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--limit", "1",
+            "--max_new_tokens", "1", "--no_progress", "--resume"]
+    for extra, message in (([], "--resume needs --log_dir: the directory of the run to go on with"),
+                           (["--log_dir", "typo"], "--resume: typo holds no earlier generation (no "
+                                                   "generate_preds_config.json or generation_progress.jsonl)")):
+        with pytest.raises(SystemExit) as exit_:
+            generate_preds.main([*argv, *extra])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

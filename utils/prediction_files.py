@@ -169,6 +169,18 @@ def decoded_by(log_dir: str | os.PathLike, now: str) -> list[str]:
     return saved if saved[-1:] == [now] else [*saved, now]
 
 
+def check_something_to_resume(log_dir: str | os.PathLike | None) -> None:
+    """``--resume`` needs the directory of the run it goes on with. Without ``--log_dir`` (or with a directory
+    holding no such run: a typo) it used to start a new run and quietly generate everything again."""
+    if not log_dir:
+        raise UserError("--resume needs --log_dir: the directory of the run to go on with (the interrupted run "
+                        "named it)")
+    root = pathlib.Path(log_dir)
+    if not (root / CONFIG_FILE).is_file() and not (root / PROGRESS_FILE).is_file():
+        raise UserError(f"--resume: {log_dir} holds no earlier generation (no {CONFIG_FILE} or {PROGRESS_FILE}); "
+                        f"check the path, or run without --resume to start one")
+
+
 def check_resumable(log_dir: str | os.PathLike, config: dict, ignore: Sequence[str] = ()) -> None:
     """Refuse to resume into a directory whose saved settings differ (other than the ``ignore`` keys and
     ``DECODED_BY``)."""
