@@ -7,6 +7,7 @@ lr 0.1 with one warmup step then linear decay.
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -283,3 +284,26 @@ def test_full_fine_tuning_resumed_from_an_epoch_checkpoint_ends_bitwise_identica
     assert [r["lr"] for r in ref] == pytest.approx([0.0, 0.01, 0.008, 0.006, 0.004, 0.002])  # 1 warmup step
     initial = load_file(str(checkpoint / "trainable.safetensors"))
     assert max((full[n] - initial["backbone." + n]).abs().max().item() for n in full) > 1e-3  # it did train on
+
+
+def test_a_resume_in_the_middle_of_a_later_epoch_continues_that_epochs_order(tmp_path, data_paths):
+    # 6 records, 3 batches of 2 an epoch; checkpoint every 2 steps: step 4 is one batch into the second epoch, whose
+    # permutation (seed, epoch 1) the fresh process must draw again before skipping the batch it consumed
+    args = ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path",
+            records_file(data_paths, tmp_path, "mbpp", 6), "--limit_train_examples", "6", "--num_epochs", "2",
+            "--per_gpu_train_batch_size", "2", "--lr", "0.1", "--max_length", "64", "--num_virtual_tokens", "4",
+            "--save_every", "2steps"]
+    full = run_inprocess("peft", args + ["--log_dir", str(tmp_path / "full")])
+    checkpoint = tmp_path / "full" / "checkpoints" / "step_00000004"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 1)
+    assert re.fullmatch(r"[0-9a-f]{12}", state["wandb_run_id"])  # a resumed wandb run goes on under this id
+    resumed = run_inprocess("peft", args + ["--log_dir", str(tmp_path / "resumed"), "--resume_from", str(checkpoint)])
+    ours, ref = read_metrics(tmp_path / "resumed" / "metrics.jsonl"), read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [(r["step"], r["loss"], r["lr"], r["tokens"]) for r in ours] == [
+        (r["step"], r["loss"], r["lr"], r["tokens"]) for r in ref[4:]]
+    assert resumed.epoch_losses == full.epoch_losses[1:]
+    a, b = adapter(tmp_path / "full"), adapter(tmp_path / "resumed")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    last = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert last["wandb_run_id"] == state["wandb_run_id"]

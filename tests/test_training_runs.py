@@ -587,3 +587,18 @@ def test_virtual_tokens_beyond_the_models_context_are_refused_before_the_log_dir
             "with --max_length") in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     assert run_inprocess("peft", [*argv, "--num_virtual_tokens", "600", "--max_length", "424"]).global_step == 1
+
+
+def test_idpgs_virtual_tokens_count_against_the_context_as_pts_do(tmp_path, data_paths, capsys):
+    # IDPG prepends m generated tokens like PT and LOPA: its rows take m more positions, and its first label is
+    # predicted from a virtual token (counted in the loss's mean)
+    argv = ["--peft_method", "idpg", "--enc_model_type", "tiny-roberta", "--task_name", "cruxeval_output_prediction",
+            "--model_type", "tiny-llama", "--data_path", data_paths["cruxeval"], "--limit_train_examples", "2",
+            "--per_gpu_train_batch_size", "2", "--max_train_steps", "1", "--num_virtual_tokens", "600",
+            "--log_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exc:
+        run_inprocess("peft", argv)
+    assert exc.value.code == 2
+    assert "--num_virtual_tokens 600 before cruxeval_output_prediction examples of up to 512 tokens" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
