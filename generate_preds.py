@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     from utils.data import default_data_path, load_task_split
     from utils.decode_loop import check_plain_greedy
     from utils.fast_paths import static_cache_kwargs
-    from utils.models import check_fits_context
     from utils.generation import generate_predictions
+    from utils.models import check_fits_context
     from utils.prediction_files import (DECODED_BY, ProgressLog, check_fresh_start, check_no_other_task_files,
                                         check_resumable, check_something_to_resume, decoded_by, derived_files,
                                         output_files,

@@ -214,6 +214,11 @@ def _allocate_parameters(model: nn.Module, dtype: torch.dtype) -> None:
                 module._parameters[name] = made[id(param)][1]
 
 
+def _hub_token(source: str) -> str | None:
+    """``HF_TOKEN`` for a hub id, none for a local directory."""
+    return None if os.path.isdir(source) else os.environ.get("HF_TOKEN")
+
+
 def _empty_causal_lm(spec: FoundationModelSpec, source: str | None, generation_sources: list[str], dtype,
                      tokenizer):
     """The architecture of ``source``'s config.json (the registry's values for a tiny type when None), its weights
@@ -222,9 +227,9 @@ def _empty_causal_lm(spec: FoundationModelSpec, source: str | None, generation_s
     from accelerate import init_empty_weights
     from transformers import GenerationConfig
 
-    token = None if source is None or os.path.isdir(source) else os.environ.get("HF_TOKEN")
     try:
-        config = model_config(spec, tokenizer) if source is None else AutoConfig.from_pretrained(source, token=token)
+        config = (model_config(spec, tokenizer) if source is None
+                  else AutoConfig.from_pretrained(source, token=_hub_token(source)))
     except (OSError, ValueError) as exc:
         if os.path.isdir(source):
             raise UserError(f"{source}: its config.json does not load ({type(exc).__name__}: {exc})") from exc
@@ -238,8 +243,7 @@ def _empty_causal_lm(spec: FoundationModelSpec, source: str | None, generation_s
     model.tie_weights()  # not done on the meta device: a tied lm_head would be a tensor of its own, never loaded
     for where in generation_sources:
         try:
-            model.generation_config = GenerationConfig.from_pretrained(
-                where, token=None if os.path.isdir(where) else os.environ.get("HF_TOKEN"))
+            model.generation_config = GenerationConfig.from_pretrained(where, token=_hub_token(where))
             break
         except OSError:  # none there: from_config's, made from the model config, as from_pretrained falls back to
             continue
@@ -309,12 +313,12 @@ def context_length(config) -> int | None:
     return None
 
 
-def check_fits_context(positions: int, config, what: str, remedy: str) -> None:
+def check_fits_context(tokens: int, config, what: str, remedy: str) -> None:
     """Refuse sequences longer than the model's context: rotary models would run on, at positions they were never
     trained on, and give garbage without an error."""
     limit = context_length(config)
-    if limit is not None and positions > limit:
-        raise UserError(f"{what}: {positions} tokens, more than the model's context of {limit}; {remedy}")
+    if limit is not None and tokens > limit:
+        raise UserError(f"{what}: {tokens} tokens, more than the model's context of {limit}; {remedy}")
 
 
 def numel(p: torch.Tensor) -> int:
