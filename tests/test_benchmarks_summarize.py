@@ -63,6 +63,30 @@ def test_the_session_17_h100_runs_figures_as_benchmarks_md_states_them():
                              " % of tokens, 0 divergences not near ties; 4 rows identical to the fast path's"), line
 
 
+
+def test_the_session_19_h100_runs_figures_as_benchmarks_md_states_them():
+    lines = summarize.load(RESULTS, ["gpu-s19-train", "gpu-s19-cli", "gpu-s19-ab"])
+    got = _verdicts(lines)
+    assert not any("useful tokens/s" in target for target in got)  # only variants ran: nothing judged
+    assert not any("peft-lora" in target for target in got)  # its baseline was not run
+    text = summarize.markdown(lines)
+    for row in ("| phi-2 | fixed+reduce-overhead+pad64 | 12,157 | 42,430 | 70.1 % | 1.00× |",
+                "| phi-2 | dynamic+reduce-overhead+pad64 | 29,646 | 55,088 | 0.1 % | 2.44× |",
+                "| phi-2 | dynamic-unpacked+reduce-overhead+pad64 | 22,894 | 42,541 | 44.7 % | 1.88× |",
+                "| phi-2 | dynamic-grouped+reduce-overhead+pad64 | 34,679 | 41,242 | 14.7 % | 2.85× |",
+                "| phi-2 | dynamic+pad64 | 20,549 | 38,185 | 0.1 % | 1.69× |",
+                "| phi-2 | dynamic-grouped+pad64 | 19,846 | 23,601 | 14.7 % | 1.63× |",
+                "| deepseek-coder-1.3b-base | lora | 57,082 | 71.8 |  | 0.621× | 31.4 % | 9.41 |",
+                "| deepseek-coder-1.3b-base | lora+reduce-overhead | 79,542 | 51.5 |  | 0.865× | 43.8 % | 3.43 |",
+                "| phi-2 | lopa+eager_encoder | 42,869 | 95.5 |  |  | 48.1 % | 13.16 |",
+                "| phi-2 | lopa+encoder_graphs | 40,629 | 100.8 |  |  | 45.6 % | 13.23 |",
+                "| phi-3 | none | 64 | 5,107 | 12.53 |  | 33.0 |",
+                "| phi-3 | none-own | 64 | 6,495 | 9.85 |  | 65.3 |"):
+        assert row in text, row
+    graphed = [x for x in lines if x.get("compile_mode") == "reduce-overhead"]
+    assert len(graphed) == 6 and all(x["cudagraph_skips"] == 0 for x in graphed)
+    assert {x["device"] for x in lines} == {"NVIDIA H100 80GB HBM3"}
+
 def test_padding_variants_are_compared_with_their_own_fixed_line_and_never_judged():
     """bench_train --padding under CUDA graphs or with lengths rounded up to 64 (gpu_run.sh's padding_graphs) is an
     A/B: shown with its variant in the table, against the fixed line of the same variant; only the trainer's

@@ -127,11 +127,13 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_bitwise_identical(tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, 2])
-def test_deepspeed_zero2_matches_the_plain_run_and_resumes(tmp_path, data_paths, reference, processes):
-    """The shipped ZeRO-2 config through accelerate on the CPU (the first run JIT-builds a DeepSpeed op): one
-    process × batch 4, or two × batch 2 (gloo, tests/deepspeed_gloo.py), each end with the plain run's adapter.
-    Two processes also resume from a checkpoint (an optimizer partition each; one launch less for one process)."""
+def test_deepspeed_zero2_matches_the_plain_run_and_resumes(tmp_path, data_paths, reference):
+    """The shipped ZeRO-2 config through accelerate on the CPU (the first run JIT-builds a DeepSpeed op): two
+    processes × batch 2 (gloo, tests/deepspeed_gloo.py) end with the plain run's adapter (batch 4), then resume from
+    a checkpoint (an optimizer partition each). One process under DeepSpeed is the ZeRO-3 tests' case: a one-process
+    ZeRO-2 variant of this test (23 s) was dropped to keep the suite near 10 minutes."""
+    processes = 2
+
     def launch(log_dir, *extra):
         launch_deepspeed("config_files/config_ds_zero_stage2_no_fp16.yaml", processes, "tune_foundation_model.py",
                          [*pt_args(data_paths, log_dir, batch=4 // processes), "--save_every", "1", *extra])
@@ -146,9 +148,6 @@ def test_deepspeed_zero2_matches_the_plain_run_and_resumes(tmp_path, data_paths,
         assert (checkpoint / "deepspeed" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
     assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
     assert_same_run(tmp_path / "ds", reference, atol=1e-6)
-    if processes == 1:
-        return
-
     launch(tmp_path / "ds_resumed", "--resume_from", str(checkpoint))
     resumed, ds = adapter(tmp_path / "ds_resumed"), adapter(tmp_path / "ds")
     assert torch.equal(resumed["prompt_embeddings"], ds["prompt_embeddings"])
