@@ -14,10 +14,12 @@ import subprocess
 import sys
 
 UNSHARE_FLAGS = ["--net", "--ipc", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount"]
-PYTHON_FLAGS = ["-s", "-S", "-B"] + (["-P"] if sys.version_info >= (3, 11) else [])
+PYTHON_FLAGS = ["-s", "-S", "-B", "-u"] + (["-P"] if sys.version_info >= (3, 11) else [])
+"""``-u``: unbuffered stdout and stderr, so what a program printed before it was killed (a timeout) is in its
+files; buffered, a killed program's last output (up to 8 KiB of stdout) was lost."""
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
-"""The child-side script (stdlib only), run with ``python -s -S -B -P``."""
+"""The child-side script (stdlib only), run with ``python -s -S -B -u -P``."""
 
 
 @dataclasses.dataclass
