@@ -37,7 +37,7 @@ import torch
 from benchmarks.common import ResultWriter, Timer, peak_flops, train_flops_per_token
 from benchmarks.profile_step import dynamo_counts, dynamo_delta, step_figures
 from custom_peft import build_model, count_trainable
-from custom_peft.packing import attention_width_constant, plan_rows, row_cost
+from custom_peft.packing import attention_width_constant, plan_rows, round_up, row_cost
 from utils.batching import HostCopy
 from utils.fast_paths import (compile_encoder_layers, compile_layers, compile_prompt_heads, make_adamw,
                               release_compiled)
@@ -79,6 +79,7 @@ def build(method: str, args):
                                    lp_rank=args.r, dtype=args.dtype, random_weights=True, seed=0)
             lm = model.lm
             model.packing = True
+            model.packed_width_multiple = _multiple(args)  # packed rows rounded as the trainer's --pad_to_multiple_of
             encoder = getattr(model.prompt, "encoder", None)
             graphed = bool(args.encoder_graphs and dev.type == "cuda" and encoder is not None and encoder.use_graphs())
             if args.compile:
@@ -209,7 +210,7 @@ def bench_padding(args, writer: ResultWriter) -> None:
     fixed_len = task.max_lengths(args.m)[1]
     shuffled = list(range(len(ds)))
     random.Random(0).shuffle(shuffled)
-    multiple = args.pad_multiple if args.pad_multiple > 1 else None
+    multiple = _multiple(args)
     dynamic = Collator(tok.pad_token_id, pad_to_multiple_of=multiple, host_copy=True)
     grouped = list(LengthGroupedSampler(ds.lengths(), args.batch_size, seed=0))
     modes = {"fixed": (Collator(tok.pad_token_id, pad_to=fixed_len, host_copy=True), shuffled, False),
@@ -241,7 +242,8 @@ def bench_padding(args, writer: ResultWriter) -> None:
             raise ValueError(f"{path}: fewer MBPP train examples than --batch_size {args.batch_size}")
         useful = sum(int(b["attention_mask"].sum()) for b in batches)
         padded = sum(b["input_ids"].numel() for b in batches)
-        through, cost = (sum(x) for x in zip(*(_decoder_work(b, args.m, width_constant, packing) for b in batches)))
+        through, cost = (sum(x) for x in zip(*(_decoder_work(b, args.m, width_constant, packing, multiple)
+                                                for b in batches)))
         fixed_cost_per_token = fixed_cost_per_token or cost / useful  # orders drop different remainders
         figures = dict(pad_fraction=1 - useful / padded, packing=packing, batches=len(batches),
                        decoder_pad_fraction=1 - (useful + args.m * sum(len(b["input_ids"]) for b in batches)) / through,
@@ -273,14 +275,22 @@ def untimed_passes(args) -> int:
     return 2 if args.compile and args.compile_mode == "reduce-overhead" else 1
 
 
-def _decoder_work(batch: dict, m: int, width_constant: float, packing: bool) -> tuple[int, float]:
-    """``(positions the decoder runs, their relative FLOPs)`` for ``batch`` with ``m`` virtual tokens per row."""
+def _multiple(args) -> int | None:
+    """``--pad_multiple`` as the collator's ``pad_to_multiple_of`` and the model's ``packed_width_multiple``."""
+    return args.pad_multiple if args.pad_multiple > 1 else None
+
+
+def _decoder_work(batch: dict, m: int, width_constant: float, packing: bool,
+                  multiple: int | None = None) -> tuple[int, float]:
+    """``(positions the decoder runs, their relative FLOPs)`` for ``batch`` with ``m`` virtual tokens per row, its
+    packed rows rounded up to ``multiple`` as the model lays them out (``TunedModel.packed_width_multiple``)."""
     lengths = (batch["attention_mask"].sum(1) + m).tolist()
-    rows = plan_rows(lengths, width_constant) if packing else None
+    padded_width = batch["input_ids"].shape[1] + m
+    rows = plan_rows(lengths, width_constant, multiple, padded_width) if packing else None
     if rows is None:
-        num_rows, width = len(lengths), batch["input_ids"].shape[1] + m
+        num_rows, width = len(lengths), padded_width
     else:
-        num_rows, width = len(rows), max(sum(lengths[i] for i in row) for row in rows)
+        num_rows, width = len(rows), round_up(max(sum(lengths[i] for i in row) for row in rows), multiple)
     return num_rows * width, row_cost(num_rows, width, width_constant)
 
 
@@ -301,9 +311,9 @@ def main(argv=None) -> None:
                    help="leave lopa/idpg's frozen encoder eager (an A/B: the trainer compiles its layers with the "
                         "decoder's, --compile_encoder)")
     p.add_argument("--compile_mode", default="default", choices=("default", "reduce-overhead"),
-                   help="torch.compile mode of the decoder layers; reduce-overhead (CUDA graphs of each layer's "
-                        "forward and backward) is an A/B of how much the host's launches cost a step, not a trainer "
-                        "option; its line counts cudagraph_skips")
+                   help="torch.compile mode of the decoder layers (the trainer's --compile_mode); reduce-overhead: "
+                        "CUDA graphs of each layer's forward and backward, a step marked before each; its line "
+                        "counts cudagraph_skips")
     p.add_argument("--encoder_graphs", action="store_true",
                    help="replay lopa/idpg's frozen encoder from CUDA graphs (the trainer's --encoder_graphs; CUDA "
                         "only); the line records the largest difference from the eager encoder in eval mode")
@@ -312,7 +322,8 @@ def main(argv=None) -> None:
                    help="the --padding layouts and their FLOP estimate only (no model runs, no methods; any machine)")
     p.add_argument("--padding_batches", type=int, default=0, help="batches per padding mode (0: the whole split)")
     p.add_argument("--pad_multiple", type=int, default=1,
-                   help="round padded lengths up to a multiple of this (1: to the longest row, as training does)")
+                   help="round padded lengths, and packed rows, up to a multiple of this, as the trainer's "
+                        "--pad_to_multiple_of (1: to the longest row, the trainer's default)")
     p.add_argument("--data_path", default=None)
     p.add_argument("--results", default=None, help="JSONL to append to (default benchmarks/results.jsonl)")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU-sized shapes (CI)")

@@ -6,7 +6,9 @@ transformers builds from position ids that restart). The loss is the same mean o
 step is the same step, with fewer tokens through the decoder. Whether a batch is packed, and how wide its rows are,
 is chosen per batch by a cost estimate: matmul work grows with the tokens in the rows, attention work with tokens ×
 row width, so packing everything into one long row is not always cheapest, and a batch without padding is never
-packed.
+packed. A width multiple (``TunedModel.packed_width_multiple``, the trainer's ``--pad_to_multiple_of``) rounds the
+packed rows up, with filler, so that packed batches take few shapes, as the collator's rounded padded ones do (CUDA
+graphs record one graph per shape).
 
 Everything is worked out from the batch's mask and labels on the CPU (``plan_layout``) and reaches the GPU in one
 asynchronous copy (``to_device``): on a GPU, reading a mask back, or indexing with a boolean mask, would make the host
@@ -56,21 +58,31 @@ def row_cost(num_rows: int, width: int, c: float) -> float:
     return num_rows * width * (c + width)
 
 
-def plan_rows(lengths: list[int], c: float) -> list[list[int]] | None:
+def round_up(width: int, multiple: int | None) -> int:
+    """``width`` rounded up to a multiple of ``multiple`` (None, 0 or 1: ``width`` itself)."""
+    return -(-width // multiple) * multiple if multiple and multiple > 1 else width
+
+
+def plan_rows(lengths: list[int], c: float, multiple: int | None = None,
+              padded_width: int | None = None) -> list[list[int]] | None:
     """Rows of example indices that cost less than the padded batch, or None when nothing is cheaper.
 
     Capacities tried: the longest example, then doubling up to everything in one row; each is filled first-fit,
-    longest example first.
+    longest example first. ``multiple``: the packed rows will be as wide as their fullest row rounded up to it
+    (``pack_rows``), and each plan is costed at that rounded width; ``padded_width``: the padded batch's own width
+    (default: the longest example), which the collator may have rounded too. Rounded widths are what the decoder
+    runs: costing plans unrounded would compare packed rows up to ``multiple`` - 1 positions narrower than they
+    run with a padded batch costed at its real width. Without a multiple both are the unrounded widths.
     """
     if len(lengths) < 2:
         return None
     longest, total = max(lengths), sum(lengths)
-    best_cost, best = row_cost(len(lengths), longest, c), None
+    best_cost, best = row_cost(len(lengths), longest if padded_width is None else padded_width, c), None
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     capacity = longest
     while True:
         rows = _first_fit(order, lengths, capacity)
-        width = max(sum(lengths[i] for i in row) for row in rows)
+        width = round_up(max(sum(lengths[i] for i in row) for row in rows), multiple)
         cost = row_cost(len(rows), width, c)
         if cost < best_cost:
             best_cost, best = cost, rows
@@ -105,16 +117,18 @@ class Layout:
 
 
 def plan_layout(mask: torch.Tensor, labels: torch.Tensor, width_constant: float | None,
-                selective: bool = True) -> Layout:
+                selective: bool = True, width_multiple: int | None = None) -> Layout:
     """The layout of a padded batch (``mask`` and ``labels``: B × T on the CPU, virtual tokens included): packed when
     ``width_constant`` is given and packing costs less (``plan_rows``), with the supervised positions for a selective
-    loss when ``selective``. No device is involved."""
+    loss when ``selective``. ``width_multiple``: packed rows are rounded up to a multiple of it (few shapes for CUDA
+    graphs). No device is involved."""
     keep = mask.bool()
     lengths = keep.sum(1).tolist()
-    rows = plan_rows(lengths, width_constant) if width_constant is not None else None
+    rows = (plan_rows(lengths, width_constant, width_multiple, mask.shape[1]) if width_constant is not None
+            else None)
     layout = Layout(rows=rows, full=rows is None and bool(keep.all()), longest=max(lengths, default=0))
     if rows is not None:
-        layout.index, layout.positions, layout.labels = pack_rows(mask, labels, rows)
+        layout.index, layout.positions, layout.labels = pack_rows(mask, labels, rows, width_multiple)
     if selective:
         run_labels = labels if rows is None else layout.labels
         targets = run_labels[:, 1:]
@@ -125,11 +139,12 @@ def plan_layout(mask: torch.Tensor, labels: torch.Tensor, width_constant: float 
     return layout
 
 
-def pack_rows(mask: torch.Tensor, labels: torch.Tensor, rows: list[list[int]]
+def pack_rows(mask: torch.Tensor, labels: torch.Tensor, rows: list[list[int]], multiple: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(index, positions, labels)`` of ``Layout`` for the attended positions of a padded batch (``mask`` and
-    ``labels``: B × T on the CPU) laid into ``rows``. Tensor operations over the batch's tokens: the host plans every
-    training step, and token-by-token Python cost it milliseconds per step."""
+    ``labels``: B × T on the CPU) laid into ``rows``, as wide as the fullest row rounded up to ``multiple``. Tensor
+    operations over the batch's tokens: the host plans every training step, and token-by-token Python cost it
+    milliseconds per step."""
     keep = mask.bool()
     batch, length = mask.shape
     lengths = keep.sum(1).tolist()
@@ -141,6 +156,7 @@ def pack_rows(mask: torch.Tensor, labels: torch.Tensor, rows: list[list[int]]
             row_of[i], offset[i] = r, used
             used += lengths[i]
         width = max(width, used)
+    width = round_up(width, multiple)  # the rest of each row is filler, as after a short row's last example
     kept = keep.reshape(-1).nonzero().squeeze(1)  # the attended positions of B·T, example after example
     example = kept // length
     rank = (keep.cumsum(1) - 1).reshape(-1)[kept]  # 0, 1, … within each example

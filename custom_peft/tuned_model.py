@@ -56,6 +56,10 @@ class TunedModel(nn.Module):
         self.packing = False
         """With labels, lay a padded batch's examples end to end in fewer rows when that costs less
         (``custom_peft.packing``; same loss). The trainer turns it on."""
+        self.packed_width_multiple: int | None = None
+        """Packed rows as wide as their fullest row rounded up to a multiple of this (None: not rounded), so that
+        packed batches take few shapes, as padded ones do with the collator's ``pad_to_multiple_of``: CUDA graphs
+        record one graph per shape. The trainer sets it from ``--pad_to_multiple_of``."""
         self._attention_width: float | None = None
         self._static_caches = None
         """``utils.fast_paths.StaticCacheSlot`` for a sliding-window model's fast decoding, made on first use."""
@@ -149,7 +153,7 @@ class TunedModel(nn.Module):
         if self.packing and self._attention_width is None:
             self._attention_width = attention_width_constant(self.lm)
         layout = plan_layout(host_mask, host_labels, self._attention_width if self.packing else None,
-                             self.selective_logits)
+                             self.selective_logits, self.packed_width_multiple)
         own_mask = self._own_masks_exact(layout)
         names = [n for n in ("index", "positions", "labels", "predictors", "targets") if getattr(layout, n) is not None]
         sent = dict(zip(names, to_device([getattr(layout, n) for n in names], input_ids.device))) if names else {}

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks import bench_decode_loop, bench_generate, bench_train
 
@@ -91,6 +92,26 @@ def test_bench_train_padding_alone_records_its_compile_mode(tmp_path, data_paths
     lines = _lines(out)
     assert [line["padding"] for line in lines] == ["fixed", "dynamic", "dynamic-unpacked", "dynamic-grouped"]
     assert all(line["compile_mode"] is None and line["compile"] is False for line in lines)  # --smoke: eager
+
+
+def test_bench_train_pad_multiple_rounds_packed_rows_as_the_trainer_does(tmp_path, data_paths, monkeypatch):
+    """--pad_multiple sets the model's ``packed_width_multiple``, as the trainer's --pad_to_multiple_of does: the
+    packed rows the model runs are multiples of it wide, like the collator's padded rows (the CUDA-graph runs of
+    gpu_run.sh then measure the trainer's shapes)."""
+    import custom_peft.packing as packing
+
+    real, widths = packing.pack_rows, []
+    monkeypatch.setattr(packing, "pack_rows", lambda *a: widths.append(real(*a)[1].shape[1]) or real(*a))
+    out = tmp_path / "results.jsonl"
+    bench_train.main(["--smoke", "--methods", "", "--padding", "--pad_multiple", "8", "--results", str(out),
+                      "--data_path", data_paths["mbpp"]])
+    lines = {line["padding"]: line for line in _lines(out)}
+    assert all(line["pad_multiple"] == 8 for line in lines.values())
+    assert widths and all(width % 8 == 0 for width in widths), widths
+    assert lines["dynamic"]["decoder_pad_fraction"] > 0  # the FLOP estimate counts the rounded rows too
+    batch = {"attention_mask": torch.tensor([[1] + [0] * 7, [1] * 8]), "input_ids": torch.zeros(2, 8)}  # m = 2
+    assert bench_train._decoder_work(batch, 2, 1e9, True) == (13, 13 * (1e9 + 13))  # one row of 3 + 10
+    assert bench_train._decoder_work(batch, 2, 1e9, True, 8) == (16, 16 * (1e9 + 16))  # rounded up to 16
 
 
 def test_bench_decode_loop_smoke(tmp_path, data_paths):

@@ -47,6 +47,16 @@ def test_plan_rows_keeps_rows_short_when_attention_dominates():
     assert all(sum(lengths[i] for i in row) <= 400 for row in rows)
 
 
+def test_plan_rows_costs_rows_at_the_width_they_are_rounded_to():
+    """With a width multiple the packed rows run rounded up (``pack_rows``), and the padded batch at the collator's
+    rounded width: a plan is costed so. Unrounded, 72 positions in one row would beat two rows of 64; rounded, that
+    row is 128 wide and costs the same as the padded batch, so it is not packed."""
+    assert plan_rows([64, 8], c=1e9) == [[0, 1]]
+    assert plan_rows([64, 8], c=1e9, multiple=64, padded_width=64) is None
+    assert plan_rows([70, 60], c=1e9, multiple=64, padded_width=128) == [[0, 1]]  # 192 positions beat 256
+    assert plan_rows([40, 40], c=1e9, multiple=64, padded_width=64) is None  # a row of 80 would run 128 wide
+
+
 def _pack(embeds, mask, labels, rows):
     """``(inputs_embeds, position_ids, labels)`` of ``rows``, as the forward lays them out."""
     index, positions, packed = pack_rows(mask, labels, rows)
@@ -140,6 +150,39 @@ def test_packed_rows_give_the_padded_batchs_loss_and_gradients(method, model_typ
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("method", ["pt", "lora"])
+def test_packed_rows_rounded_to_a_multiple_give_the_unrounded_and_the_padded_loss_and_gradients(method):
+    """``packed_width_multiple`` (the trainer's --pad_to_multiple_of): the packed row runs as wide as its tokens
+    rounded up to the multiple, the rest filler that is its own sequence with no label. The loss and the gradients
+    are those of the unrounded packed row and of the padded batch; with full logits too."""
+    model, tok = built(method, "tiny-llama")
+    batch = batch_of(tok, PROMPTS, side="right", targets=TARGETS)
+    widths = []
+    hook = model.lm.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["position_ids"].shape), with_kwargs=True)
+    model._attention_width = 1e9  # matmuls dominate: the whole batch goes into one row
+    try:
+        padded = _loss_and_grads(model, batch, packing=False)
+        packed = _loss_and_grads(model, batch, packing=True)
+        model.packed_width_multiple = 64
+        rounded = _loss_and_grads(model, batch, packing=True)
+        model.packing = True
+        with torch.no_grad():
+            rounded_full = full_logits_forward(model, batch).loss
+    finally:
+        model.packing, model.packed_width_multiple, model._attention_width = False, None, None
+        hook.remove()
+    tokens = int(batch["attention_mask"].sum()) + 5 * model.num_virtual_tokens
+    assert widths[1:] == [(1, tokens), (1, 64 * -(-tokens // 64)), (1, 64 * -(-tokens // 64))]
+    assert tokens % 64  # the rounding added filler
+    for loss in (rounded[0], rounded_full):
+        assert abs(loss.item() - packed[0].item()) < 1e-6 and abs(loss.item() - padded[0].item()) < 1e-5
+    assert rounded[1].keys() == packed[1].keys() == padded[1].keys() and rounded[1]
+    for name, grad in rounded[1].items():
+        torch.testing.assert_close(grad, packed[1][name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grad, padded[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_packing_leaves_a_batch_without_padding_and_the_logits_path_alone():
     model, tok = built("lopa", "tiny-llama")
     same_length = batch_of(tok, ["def a(x): return x", "def b(y): return y"], side="right",
@@ -201,10 +244,13 @@ def test_pack_takes_an_example_with_an_empty_mask():
                                                                      [IGNORE_INDEX, 6, IGNORE_INDEX, IGNORE_INDEX]]
 
 
-def _pack_reference(mask, labels, rows):
-    """``pack_rows`` token by token: each row holds its examples' attended positions in order, then filler."""
+def _pack_reference(mask, labels, rows, multiple=None):
+    """``pack_rows`` token by token: each row holds its examples' attended positions in order, then filler, as wide
+    as the fullest row rounded up to ``multiple``."""
     batch, length = mask.shape
     width = max(int(mask[row].sum()) if row else 0 for row in rows)
+    if multiple:
+        width = -(-width // multiple) * multiple
     index, positions, packed = [], [], []
     for row in rows:
         cells = [(i * length + t, p, IGNORE_INDEX if p == 0 else int(labels[i, t]))
@@ -232,8 +278,11 @@ def test_pack_rows_lays_out_any_mask_and_row_plan_as_token_by_token_packing():
         order = rng.sample(range(batch), batch)
         cuts = sorted(rng.sample(range(1, batch), rng.randint(0, batch - 1))) if batch > 1 else []
         rows = [order[a:b] for a, b in zip([0] + cuts, cuts + [batch])] + ([[]] if rng.random() < 0.2 else [])
-        for got, want in zip(pack_rows(mask, labels, rows), _pack_reference(mask, labels, rows)):
-            assert torch.equal(got, want.view(got.shape)), (mask, rows)
+        multiple = rng.choice([None, None, 1, 4, 8])  # --pad_to_multiple_of's rounding of the rows
+        got_all = pack_rows(mask, labels, rows, multiple)
+        for got, want in zip(got_all, _pack_reference(mask, labels, rows, multiple)):
+            assert torch.equal(got, want.view(got.shape)), (mask, rows, multiple)
+        assert got_all[1].shape[1] % (multiple or 1) == 0
 
 
 @pytest.mark.parametrize("model_type", ["tiny-llama", "tiny-phi-2"])

@@ -174,6 +174,14 @@ def test_save_every_units():
     (["--peft_method", "pt", "--max_grad_norm", "nan"], "--max_grad_norm must be >= 0, got nan"),
     (["--peft_method", "pt", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
     (["--peft_method", "pt", "--seed", str(2**32)], "--seed must be in [0, 2**32)"),
+    (["--peft_method", "pt", "--compile", "off", "--compile_mode", "reduce-overhead"],
+     "--compile_mode reduce-overhead is a mode of compiling the decoder layers, which --compile off turns off"),
+    (["--peft_method", "pt", "--compile_mode", "reduce-overhead", "--path_to_ds_config",
+      "config_files/zero_stage2_nofp16_config.json"],
+     "--compile_mode reduce-overhead is not supported under DeepSpeed (--path_to_ds_config)"),
+    (["--peft_method", "pt", "--pad_to_multiple_of", "-1"], "--pad_to_multiple_of must be >= 0, got -1"),
+    (["--peft_method", "pt", "--pad_to_max_length", "--pad_to_multiple_of", "64"],
+     "--pad_to_multiple_of 64 does nothing under --pad_to_max_length"),
 ])
 def test_bad_values_fail_in_parsing(tmp_path, argv, message):
     if "fp16" in argv and __import__("torch").cuda.is_available():
@@ -300,6 +308,9 @@ def test_resume_rejects_changed_arguments(tmp_path):
     for where in (tmp_path / "run" / "checkpoints", ckpt):  # find_checkpoint accepts both; the log_dir is the run's
         again = parse_args(["--peft_method", "pt"] + BASE + ["--resume_from", str(where)], "peft")
         assert again.output.log_dir == str(tmp_path / "run")
+    # a resume may change --compile_mode and --pad_to_multiple_of (the layout, not the data order or what is trained)
+    parse_args(["--peft_method", "pt"] + BASE + ["--compile_mode", "reduce-overhead", "--pad_to_multiple_of", "32",
+                                                  "--resume_from", str(ckpt)], "peft")
     with pytest.raises(UserError, match=r"field 'train.max_train_steps' is None but this run has 5; drop "
                                         r"--max_train_steps to resume"):
         parse_args(["--peft_method", "pt"] + BASE + ["--max_train_steps", "5", "--resume_from", str(ckpt)], "peft")
@@ -389,6 +400,30 @@ def test_compile_switch_is_validated_and_auto_by_default():
     off = parse_args(["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--compile", "off"],
                      script="peft")
     assert off.train.compile == "off"
+
+
+def test_compile_mode_and_the_width_multiple_default_to_what_ran_before(monkeypatch):
+    """Both opt-in: the default mode and no multiple; the multiple is 64 where the layers compile with reduce-overhead
+    (CUDA graphs, one per batch shape), off with 0 or 1, and off under --pad_to_max_length (one length already)."""
+    from utils.train_config import TrainArgs
+    from utils.train_setup import make_accelerator
+    from utils.training import pad_multiple
+
+    config = parse_args(["--peft_method", "pt"] + BASE, script="peft")
+    assert (config.train.compile_mode, config.train.pad_to_multiple_of) == ("default", None)
+    assert parse_args(["--peft_method", "pt", "--pad_to_max_length", "--pad_to_multiple_of", "1"] + BASE,
+                      "peft").train.pad_to_multiple_of == 1  # off: nothing to contradict
+    cases = [({}, "reduce-overhead", 64), ({}, "default", None), ({}, None, None),
+             ({"pad_to_multiple_of": 0}, "reduce-overhead", None), ({"pad_to_multiple_of": 1}, None, None),
+             ({"pad_to_multiple_of": 32}, None, 32), ({"pad_to_max_length": True}, "reduce-overhead", None)]
+    for fields, mode, want in cases:
+        assert pad_multiple(TrainArgs(**fields), mode) == want, (fields, mode)
+    # accelerate launch with a DeepSpeed YAML: refused before the Accelerator (and DeepSpeed) is built
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "config_files/zero_stage2_nofp16_config.json")
+    graphs = parse_args(["--peft_method", "pt", "--compile_mode", "reduce-overhead"] + BASE, "peft")
+    with pytest.raises(UserError, match=r"not supported under DeepSpeed \(the accelerate config's distributed_type"):
+        make_accelerator(graphs)
 
 
 def test_a_resumed_run_keeps_the_checkpointing_it_was_started_with(tmp_path):

@@ -247,7 +247,7 @@ def test_full_logits_plain_adamw_and_padded_rows_train_exactly_like_the_fast_pat
 
     packed = []
     monkeypatch.setattr(tuned_model, "attention_width_constant", lambda lm: 1e6)
-    monkeypatch.setattr(packing, "pack_rows", lambda *a: packed.append(a[-1]) or pack_rows(*a))
+    monkeypatch.setattr(packing, "pack_rows", lambda *a: packed.append(a[2]) or pack_rows(*a))
     runs = {}
     plain = ["--selective_logits", "False", "--fused_adamw", "False", "--packing", "False"]
     for name, extra in (("fast", []), ("plain", plain)):
@@ -502,6 +502,100 @@ def test_compile_on_compiles_the_encoder_too_and_keeps_every_version_the_layers_
     assert len(runs["eager"][0]) == 3
     for name in ("both", "decoder"):
         assert runs[name][0] == pytest.approx(runs["eager"][0], rel=1e-5)
+
+
+def _pt_run(log_dir, data, *extra) -> tuple[list[float], dict, str]:
+    """A short PT run (6 MBPP examples, batch 2): its per-step losses, config.json and train.log."""
+    run_inprocess("peft", ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path",
+                           data, "--limit_train_examples", "6", "--per_gpu_train_batch_size", "2", "--num_epochs", "1",
+                           "--max_length", "200", "--lr", "0.1", "--log_dir", str(log_dir), *extra])
+    return ([r["loss"] for r in read_metrics(log_dir / "metrics.jsonl")],
+            json.loads((log_dir / "config.json").read_text()), (log_dir / "train.log").read_text())
+
+
+def test_batch_widths_rounded_to_a_multiple_train_exactly_like_unrounded_ones(tmp_path, data_paths, monkeypatch):
+    """--pad_to_multiple_of 64: the collator's padded rows and the packed rows are multiples of 64 wide, and the
+    per-step losses are those of the run without it (pad positions and filler carry no label), packed or not. The
+    cost estimate is pinned to "matmuls dominate" so that every batch with padding packs."""
+    import custom_peft.packing as packing
+    import custom_peft.tuned_model as tuned_model
+
+    collated, packed = [], []
+    collate = Collator.__call__
+    monkeypatch.setattr(Collator, "__call__", lambda self, ex: collated.append(self.pad_to_multiple_of) or
+                        collate(self, ex))
+    monkeypatch.setattr(tuned_model, "attention_width_constant", lambda lm: 1e6)
+    monkeypatch.setattr(packing, "pack_rows", lambda *a: packed.append(pack_rows(*a)[1].shape) or pack_rows(*a))
+    widths = []
+    forward = TunedModel.forward
+    monkeypatch.setattr(TunedModel, "forward", lambda self, input_ids, *a, **k: widths.append(input_ids.shape[1])
+                        or forward(self, input_ids, *a, **k))
+    runs = {}
+    for name, extra in (("plain", []), ("rounded", ["--pad_to_multiple_of", "64"]),
+                        ("unpacked", ["--pad_to_multiple_of", "64", "--packing", "False"])):
+        collated.clear(), packed.clear(), widths.clear()
+        runs[name] = _pt_run(tmp_path / name, data_paths["mbpp"], *extra)
+        multiple = None if name == "plain" else 64
+        assert set(collated) == {multiple}
+        assert (runs[name][1]["train"]["pad_to_multiple_of"], runs[name][1]["runtime"]["pad_to_multiple_of"]) == (
+            multiple, multiple)
+        assert all(w % 64 == 0 for w in widths) == (name != "plain"), widths
+        if name == "unpacked":
+            assert not packed
+        else:  # packed rows hold 2 examples and m = 10 virtual tokens each: no multiple of 64 unless rounded
+            assert packed and all(rows == 1 and (width % 64 == 0) == (name == "rounded") for rows, width in packed)
+    assert len(runs["plain"][0]) == 3
+    for name in ("rounded", "unpacked"):
+        assert runs[name][0] == pytest.approx(runs["plain"][0], rel=1e-5), name
+        assert runs[name][1]["runtime"]["compile_mode"] is None  # rounding alone compiles nothing
+
+
+def test_compile_mode_reduce_overhead_marks_a_step_before_each_micro_batch(tmp_path, data_paths, monkeypatch):
+    """--compile on --compile_mode reduce-overhead (here with a counting backend instead of inductor, whose CUDA
+    graphs the CPU skips anyway): the decoder layers compile in that mode, each micro-batch's forward starts a new
+    CUDA-graph step, batch widths are rounded to 64 by default, and with accumulation the gradients stay allocated
+    between steps (outside the graphs' memory). The losses are eager's. Under --compile auto on the CPU nothing
+    compiles, and the log and config.json say that the mode is not used."""
+    from utils import fast_paths
+
+    modes, marks, set_to_none_calls = [], [], []
+    real_compile = fast_paths.compile_layers
+
+    def compile_layers(lm, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return real_compile(lm, backend=lambda gm, example_inputs: gm.forward)
+
+    def zero_grad(self, set_to_none=True, real=torch.optim.Optimizer.zero_grad):
+        set_to_none_calls.append(set_to_none)
+        return real(self, set_to_none)
+
+    monkeypatch.setattr(fast_paths, "compile_layers", compile_layers)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(torch.optim.Optimizer, "zero_grad", zero_grad)
+    accumulate = ["--per_gpu_train_batch_size", "1", "--gradient_accumulation_steps", "2"]
+    runs = {}
+    try:
+        for name, extra in (("eager", ["--compile", "off"]), ("graphs", ["--compile", "on", "--compile_mode",
+                                                                          "reduce-overhead"]),
+                            ("auto", ["--compile_mode", "reduce-overhead"])):
+            torch.compiler.reset()
+            modes.clear(), marks.clear(), set_to_none_calls.clear()
+            losses, config, log = _pt_run(tmp_path / name, data_paths["mbpp"], *extra, *accumulate)
+            runs[name] = (losses, list(modes), len(marks), set(set_to_none_calls), config["train"]["compile_mode"],
+                          {k: config["runtime"][k] for k in ("compile_mode", "cuda_graphs", "pad_to_multiple_of")})
+            assert ("records no CUDA graphs" in log, "reduce-overhead is not used" in log) == (
+                name == "graphs", name == "auto")
+    finally:
+        torch.compiler.reset()
+    assert runs["eager"][1:] == ([], 0, {True}, "default",
+                                 {"compile_mode": None, "cuda_graphs": False, "pad_to_multiple_of": None})
+    assert runs["graphs"][1:] == (["reduce-overhead"], 6, {False}, "reduce-overhead",  # 3 steps x 2 micro-batches
+                                  {"compile_mode": "reduce-overhead", "cuda_graphs": False, "pad_to_multiple_of": 64})
+    assert runs["auto"][1:] == ([], 0, {True}, "reduce-overhead",
+                                {"compile_mode": None, "cuda_graphs": False, "pad_to_multiple_of": None})
+    assert len(runs["eager"][0]) == 3
+    for name in ("graphs", "auto"):
+        assert runs[name][0] == pytest.approx(runs["eager"][0], rel=1e-5), name
 
 
 def test_a_crash_right_after_an_epochs_checkpoint_keeps_that_epochs_mean_in_train_log(tmp_path, data_paths,

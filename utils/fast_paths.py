@@ -1,7 +1,9 @@
 """Fast hot paths, each behind a switch, each tested to give the plain path's results.
 
 * ``compile_layers``: regional ``torch.compile`` of the decoder layers (one compilation serves every layer, so
-  compile time stays short; the model body gains ~1.3-1.4x on a GPU in training).
+  compile time stays short; the model body gains ~1.3-1.4x on a GPU in training). The trainer's ``--compile_mode
+  reduce-overhead`` (opt-in) passes ``mode="reduce-overhead"``: the layers replay from CUDA graphs, one per batch
+  shape, which ``--pad_to_multiple_of`` keeps few.
 * ``compile_encoder_layers``: the same for LOPA's / IDPG's frozen encoder (the trainer's ``--compile_encoder``):
   eager, its ~500 small operations per forward cost the host more than the GPU work they launch.
 * ``compile_prompt_heads``: the same for LOPA's / IDPG's trained heads and gate (with ``--compile``).

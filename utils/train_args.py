@@ -16,13 +16,14 @@ from utils.cli import ArgumentParser, add_model_args, check_log_dir, default_log
 from utils.data import default_data_path, load_task_split, read_text_file, records_digest
 from utils.errors import UserError
 from utils.registry import PEFT_METHODS, get_encoder_spec
-from utils.train_config import (MODEL_DTYPES, PRECISIONS, SCHEDULERS, ModelArgs, OutputArgs, SaveEvery, TrainArgs,
-                                TrainConfig)
+from utils.train_config import (COMPILE_MODES, GRAPHS_PAD_MULTIPLE, MODEL_DTYPES, PRECISIONS, SCHEDULERS, ModelArgs,
+                                OutputArgs, SaveEvery, TrainArgs, TrainConfig)
 
 PAPER_LR = {"pt": 1e-3, "idpg": 1e-3, "lopa": 1e-3, "lora": 1e-4, "fft": 1e-5}
 """Learning rates behind the paper's results (spec §10.5), used when --lr is not given."""
 RESUME_MAY_DIFFER = {"model_path", "enc_model_path", "data_path", "path_to_ds_config", "gradient_checkpointing",
-                     "compile", "compile_encoder", "encoder_graphs", "selective_logits", "fused_adamw", "packing"}
+                     "compile", "compile_mode", "compile_encoder", "encoder_graphs", "selective_logits", "fused_adamw",
+                     "packing", "pad_to_multiple_of"}
 """Arguments a resumed run may change (they locate files, or trade memory for time); every other model/train
 argument must match."""
 
@@ -72,6 +73,10 @@ def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
                    help="torch.compile each decoder layer and lopa/idpg's heads (same losses, but dropout draws other "
                         "masks; ~2x the tokens/s of plain peft on a GPU; see BENCHMARKS.md); auto: on with CUDA "
                         "without DeepSpeed")
+    g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the decoder layers; reduce-overhead replays them from CUDA graphs, one "
+                        "per batch shape (fewer host launches: LoRA on deepseek-1.3b 1.39x the tokens/s in "
+                        "bench_train on an H100); refused with --compile off and under DeepSpeed")
     _bool_flag(g, "compile_encoder", "with --compile, compile the frozen encoder's layers too (lopa/idpg; the same "
                                      "instance embeddings, far fewer kernel launches); False: it runs eager", True)
     _bool_flag(g, "encoder_graphs", "replay lopa/idpg's frozen encoder from CUDA graphs, one per batch shape (its "
@@ -85,6 +90,10 @@ def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
                              "when that costs less than padding them (the same loss); False: padded rows", True)
     _bool_flag(g, "pad_to_max_length", "pad every batch to the task's maximum length, as the original "
                                        "(default: pad to the longest row)")
+    g.add_argument("--pad_to_multiple_of", type=int, default=None, metavar="N",
+                   help=f"round each batch's width up to a multiple of N, padded and packed rows alike, so that "
+                        f"batches take few shapes (the same loss); 0 or 1: off (default: {GRAPHS_PAD_MULTIPLE} under "
+                        f"--compile_mode reduce-overhead, else off)")
     _bool_flag(g, "group_by_length", "batch examples of similar length together (less padding)")
     g.add_argument("--limit_train_examples", type=int, default=None,
                    help="train on the first N examples of the split only (smoke runs, tests)")
@@ -208,8 +217,9 @@ def config_from_namespace(ns: argparse.Namespace, script: str) -> TrainConfig:
         lr_scheduler_type=ns.lr_scheduler_type, num_warmup_steps=ns.num_warmup_steps, warmup_ratio=ns.warmup_ratio,
         max_train_steps=ns.max_train_steps, max_grad_norm=ns.max_grad_norm, mixed_precision=mixed_precision,
         model_dtype=ns.model_dtype, gradient_checkpointing=ns.gradient_checkpointing, compile=ns.compile,
-        compile_encoder=ns.compile_encoder, encoder_graphs=ns.encoder_graphs, selective_logits=ns.selective_logits,
-        fused_adamw=ns.fused_adamw, packing=ns.packing, pad_to_max_length=ns.pad_to_max_length,
+        compile_mode=ns.compile_mode, compile_encoder=ns.compile_encoder, encoder_graphs=ns.encoder_graphs,
+        selective_logits=ns.selective_logits, fused_adamw=ns.fused_adamw, packing=ns.packing,
+        pad_to_max_length=ns.pad_to_max_length, pad_to_multiple_of=ns.pad_to_multiple_of,
         group_by_length=ns.group_by_length,
         limit_train_examples=ns.limit_train_examples, max_length=ns.max_length, path_to_ds_config=ns.path_to_ds_config)
     save_every, save_total_limit, keep = ns.save_every, ns.save_total_limit, True

@@ -22,6 +22,10 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 MODEL_DTYPES = ("fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead")
+GRAPHS_PAD_MULTIPLE = 64
+"""The width multiple under ``--compile_mode reduce-overhead`` when ``--pad_to_multiple_of`` is not given: CUDA graphs
+record one graph per batch shape, so rows are rounded to few widths (the H100 figures of docs/TRAINING.md used 64)."""
 
 
 # ---------------------------------------------------------------------------------------------- save_every
@@ -112,6 +116,8 @@ class TrainArgs:
     model_dtype: str = "fp32"
     gradient_checkpointing: bool = False
     compile: str = "auto"
+    compile_mode: str = "default"
+    """``torch.compile`` mode of the decoder layers; ``reduce-overhead`` replays them from CUDA graphs."""
     compile_encoder: bool = True
     """With ``compile``, LOPA's / IDPG's frozen encoder is compiled layer by layer too."""
     encoder_graphs: bool = False
@@ -121,6 +127,9 @@ class TrainArgs:
     packing: bool = True
     """Padding-free rows where cheaper (``custom_peft.packing``); off under ``pad_to_max_length``."""
     pad_to_max_length: bool = False
+    pad_to_multiple_of: int | None = None
+    """Round each batch's width (padded rows, and packed ones) up to a multiple of this; None: 64 under
+    ``compile_mode`` reduce-overhead, else off; 0 or 1: off (``utils.training.pad_multiple`` resolves it)."""
     group_by_length: bool = False
     limit_train_examples: int | None = None
     max_length: int | None = None
@@ -146,9 +155,27 @@ class TrainArgs:
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
         _choice("compile", self.compile, ("auto", "on", "off"))
+        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        self._check_cuda_graphs()
         if self.lr_scheduler_type == "constant" and (self.num_warmup_steps or self.warmup_ratio):
             raise UserError("--lr_scheduler_type constant ignores warmup; use constant_with_warmup, "
                             "or drop --num_warmup_steps/--warmup_ratio")
+
+    def _check_cuda_graphs(self) -> None:
+        """Combinations in which --compile_mode reduce-overhead or --pad_to_multiple_of would do nothing, or what
+        was never tried: refused rather than recorded in config.json as if they had acted."""
+        if self.pad_to_multiple_of is not None:
+            _at_least("pad_to_multiple_of", self.pad_to_multiple_of, 0)
+        if self.pad_to_max_length and (self.pad_to_multiple_of or 0) > 1:
+            raise UserError(f"--pad_to_multiple_of {self.pad_to_multiple_of} does nothing under --pad_to_max_length "
+                            f"(every row already has the task's one length, and packing is off); drop one of them")
+        if self.compile_mode == "default":
+            return
+        if self.compile == "off":
+            raise UserError(f"--compile_mode {self.compile_mode} is a mode of compiling the decoder layers, which "
+                            f"--compile off turns off; drop one of them")
+        if self.path_to_ds_config is not None:
+            raise UserError(deepspeed_graphs_message("--path_to_ds_config"))
 
 
 @dataclass(frozen=True)
@@ -185,6 +212,13 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["output"]["save_every"] = str(self.output.save_every)
         return out
+
+
+def deepspeed_graphs_message(source: str) -> str:
+    """Why --compile_mode reduce-overhead is refused under DeepSpeed (``source``: what turned DeepSpeed on)."""
+    return (f"--compile_mode reduce-overhead is not supported under DeepSpeed ({source}): its CUDA graphs have not "
+            f"been tried with ZeRO's gradient hooks and buckets (and --compile auto does not compile there at all); "
+            f"drop --compile_mode, or train without DeepSpeed")
 
 
 def _at_least(name: str, value: int, low: int) -> None:

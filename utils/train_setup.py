@@ -17,7 +17,7 @@ import torch
 
 from utils.errors import UserError
 from utils.train_args import read_json_object
-from utils.train_config import TrainArgs, TrainConfig
+from utils.train_config import TrainArgs, TrainConfig, deepspeed_graphs_message
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,8 @@ def make_accelerator(config: TrainConfig):
     if env_ds and env_ds_file and env_ds_file != "none" and not os.path.isfile(env_ds_file):
         raise UserError(f"the accelerate config names deepspeed_config_file {env_ds_file}, which does not exist "
                         f"(relative paths are read from {os.getcwd()}); run from the project root or fix the YAML")
+    if env_ds and train.compile_mode == "reduce-overhead":  # --path_to_ds_config: refused in parsing already
+        raise UserError(deepspeed_graphs_message("the accelerate config's distributed_type: DEEPSPEED"))
     ds_file = train.path_to_ds_config or (env_ds_file if env_ds and env_ds_file != "none" else None)
     ds_config = read_json_object(ds_file, "the DeepSpeed config") if ds_file else None
     mixed_precision = _resolve_mixed_precision(train.mixed_precision, bool(train.path_to_ds_config) or env_ds,

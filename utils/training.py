@@ -39,7 +39,7 @@ from utils.errors import on_interrupt
 from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, open_file_modes,
                           unfinished_directory)
 from utils.tasks import get_task
-from utils.train_config import TrainConfig
+from utils.train_config import GRAPHS_PAD_MULTIPLE, TrainArgs, TrainConfig
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, plot_loss, setup_logging
 from utils.train_setup import (configure_deepspeed, make_accelerator, make_optimizer_and_scheduler, make_plan,
                                optimizer_step)
@@ -79,6 +79,16 @@ def shorten(example: dict, max_length: int) -> dict:
     prompt_len = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
     cut = min(excess, max(prompt_len - 1, 0))
     return {**example, "input_ids": ids[cut:][:max_length], "labels": labels[cut:][:max_length]}
+
+
+def pad_multiple(train: TrainArgs, compile_mode: str | None) -> int | None:
+    """The width multiple batches are rounded up to, or None: ``--pad_to_multiple_of`` when given (0 and 1: none),
+    else 64 where the decoder layers compile with reduce-overhead (CUDA graphs record one graph per batch shape).
+    None under ``--pad_to_max_length``, whose rows all have one length already (an explicit multiple is refused)."""
+    multiple = train.pad_to_multiple_of
+    if multiple is None:
+        multiple = GRAPHS_PAD_MULTIPLE if compile_mode == "reduce-overhead" else None
+    return multiple if multiple and multiple > 1 and not train.pad_to_max_length else None
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -146,6 +156,7 @@ class Trainer:
         acc = self.accelerator = make_accelerator(config)
         self.ds = acc.distributed_type == "DEEPSPEED"
         self.resume_dir = self.state = None
+        self._trained = None  # the trained tensors, listed on first use (_allocate_grads)
         if config.output.resume_from:
             self.resume_dir = find_checkpoint(config.output.resume_from)
             read_resume_state(self.resume_dir, acc.num_processes)
@@ -202,11 +213,18 @@ class Trainer:
         model.selective_logits = t.selective_logits
         model.packing = t.packing and not t.pad_to_max_length  # fixed-length rows are asked for as the original's
         self.compiled = t.compile == "on" or (t.compile == "auto" and acc.device.type == "cuda" and not self.ds)
+        self.compile_mode = t.compile_mode if self.compiled else None
+        # reduce-overhead: a new step before each micro-batch, so that its graphs may reuse the last one's memory;
+        # with accumulation the gradients then live outside the graphs' memory (_queue_step)
+        self.graph_steps = self.compile_mode == "reduce-overhead"
+        self.cuda_graphs = self.graph_steps and acc.device.type == "cuda"  # torch records none on the CPU
+        self.pad_multiple = pad_multiple(t, self.compile_mode)
+        model.packed_width_multiple = self.pad_multiple
         self.encoder_graphs = bool(t.encoder_graphs and m.uses_encoder and acc.device.type == "cuda" and not self.ds
                                    and model.prompt.encoder.use_graphs())
         self.compiled_encoder = self.compiled and m.uses_encoder and t.compile_encoder and not self.encoder_graphs
-        if self.compiled:
-            fast_paths.compile_layers(model.lm)
+        if self.compiled:  # the default mode is passed as no mode at all, as before the option existed
+            fast_paths.compile_layers(model.lm, **({"mode": self.compile_mode} if self.graph_steps else {}))
             if self.compiled_encoder:
                 fast_paths.compile_encoder_layers(model.prompt.encoder.backbone)
         self.compiled_heads = self.compiled and m.uses_encoder and fast_paths.compile_prompt_heads(model.prompt)
@@ -215,7 +233,7 @@ class Trainer:
                         else EpochSampler(len(self.dataset), m.seed))
         pad_to = max_length if t.pad_to_max_length else None
         collator = Collator(self.tokenizer.pad_token_id, enc_tok.pad_token_id if enc_tok else None,
-                            padding_side="right", pad_to=pad_to, host_copy=True)
+                            padding_side="right", pad_to=pad_to, pad_to_multiple_of=self.pad_multiple, host_copy=True)
         # pinned batches: accelerate copies them to the GPU without waiting for it (make_accelerator's non_blocking)
         loader = DataLoader(self.dataset, batch_size=t.per_gpu_train_batch_size, sampler=self.sampler,
                             collate_fn=collator, num_workers=0, generator=torch.Generator().manual_seed(m.seed),
@@ -238,7 +256,8 @@ class Trainer:
             "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
             "mixed_precision": acc.mixed_precision, "device": str(acc.device), "compiled_layers": self.compiled,
             "compiled_encoder_layers": self.compiled_encoder, "compiled_prompt_heads": self.compiled_heads,
-            "encoder_graphs": self.encoder_graphs,
+            "encoder_graphs": self.encoder_graphs, "compile_mode": self.compile_mode, "cuda_graphs": self.cuda_graphs,
+            "pad_to_multiple_of": self.pad_multiple,
             "packing": self.config.train.packing and not self.config.train.pad_to_max_length,
             "deepspeed_zero_stage": ds_config["zero_optimization"].get("stage") if ds_config else None,
             "optimizer": ("deepspeed " if ds_config and "optimizer" in ds_config else "torch ") + "AdamW",
@@ -279,6 +298,7 @@ class Trainer:
         if cfg.train.encoder_graphs and not self.encoder_graphs:
             self.log.warning("--encoder_graphs is not used: it needs lopa or idpg, CUDA without DeepSpeed, and a "
                              "BERT/RoBERTa encoder on SDPA")
+        self._log_compile_mode()
         self.model.train()
         bar = ProgressBar(plan.total_steps, self.state.global_step, acc.is_main_process)
         epoch_losses = []
@@ -335,6 +355,19 @@ class Trainer:
         self.log.info("done: %d steps; final weights in %s", self.state.global_step, final)
         return TrainResult(self.log_dir, final, self.state.global_step, epoch_losses, acc.is_main_process)
 
+    def _log_compile_mode(self) -> None:
+        """Where --compile_mode reduce-overhead records no CUDA graphs, the log says so (and config.json's runtime:
+        compile_mode, cuda_graphs), as for --encoder_graphs: the same command line runs as a CPU smoke test."""
+        t, device = self.config.train, self.accelerator.device.type
+        if t.compile_mode == "reduce-overhead" and not self.compiled:
+            self.log.warning("--compile_mode reduce-overhead is not used: --compile auto compiles only on CUDA without "
+                             "DeepSpeed (here: %s); --compile on compiles anyway", device)
+        elif self.graph_steps and not self.cuda_graphs:
+            self.log.warning("--compile_mode reduce-overhead on %s: torch.compile records no CUDA graphs there (the "
+                             "layers compile as in the default mode)", device)
+        if self.pad_multiple:
+            self.log.info("batch widths rounded up to a multiple of %d (padded and packed rows)", self.pad_multiple)
+
     def _epoch_loader(self):
         acc, skip = self.accelerator, self.state.batch_in_epoch
         loader = self.dataloader
@@ -361,10 +394,15 @@ class Trainer:
         # in float64, as the Python float this once was, so the fp32 factor is the same
         scale = acc.num_processes * acc.gradient_accumulation_steps / counts[0].clamp(min=1).double()
         loss_sum = torch.zeros((), device=acc.device)
+        stable_grads = self.graph_steps and len(window) > 1
+        if stable_grads:
+            self._allocate_grads()
         for i, (batch, n) in enumerate(zip(window, sup)):
             last = i == len(window) - 1
             acc.sync_gradients = last
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                if self.graph_steps:  # the graphs may overwrite the last micro-batch's outputs: all consumed
+                    torch.compiler.cudagraph_mark_step_begin()
                 out = self.model(**{k: v for k, v in batch.items() if k != "task_ids"})  # "host" included
                 # only a micro-batch with nothing supervised (loss 0/0) is zeroed: a diverged run must log NaN
                 micro_loss = torch.where(n > 0, out.loss, torch.nan_to_num(out.loss))
@@ -378,7 +416,7 @@ class Trainer:
             grad_norm = self.model.get_global_grad_norm()
         if not skipped:
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not stable_grads)
         numbers = [acc.reduce(loss_sum, reduction="sum").double(), counts[0].double(), counts[1].double()]
         if isinstance(grad_norm, torch.Tensor):
             numbers.append(grad_norm.detach().double().to(acc.device))
@@ -386,6 +424,18 @@ class Trainer:
         self.state.batch_in_epoch += len(window)
         return _QueuedStep(self.state.global_step, self.state.epoch + 1, lr, torch.stack(numbers),
                            None if isinstance(grad_norm, torch.Tensor) else grad_norm, time.perf_counter())
+
+    def _allocate_grads(self) -> None:
+        """Zeroed gradients for the trained tensors where they have none, so that backward adds into them. A first
+        backward would otherwise keep a CUDA graph's output as the gradient (autograd takes it over), and the next
+        micro-batch's graphs overwrite that memory (torch's "accessing gradient tensor output of CUDAGraphs that has
+        been overwritten"); accumulating into zeros gives the same sums. (Every trained tensor gets a gradient in
+        every step of these methods, so AdamW skips no tensor it would have skipped with no gradient.)"""
+        if self._trained is None:
+            self._trained = [p for p in self.model.parameters() if p.requires_grad]
+        for param in self._trained:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
 
     def _finish_step(self, step: _QueuedStep, bar: ProgressBar) -> None:
         """Read a queued step's numbers back (the one wait for the device per step), count them, log them."""
