@@ -35,7 +35,10 @@
 #                  session 8 with the first two; not done in 170 s on a fresh machine in session 17, whose training
 #                  compiled for about a minute; each own-loop pass compiles again). Its runs go to
 #                  CLI_DIR (default: a fresh temporary directory), so OUT_DIR stays a few files.
-#   Default: all ten. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
+#   trainer_graphs the trainer's --compile_mode reduce-overhead through tune_foundation_model.py (tiny-llama PT:
+#                  default compile, CUDA graphs, CUDA graphs with gradient accumulation; losses compared; never yet
+#                  run on a GPU; benchmarks/trainer_graphs_check.sh). Its runs go to CLI_DIR too.
+#   Default: all eleven. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
 #   *_METHODS) to fit.
 # GEN_BATCHES (default 64,16,1) picks generate_phi2's batch sizes: each new shape compiles once, so fewer save time;
 # GEN_NO_CHECK=1 skips its fast-vs-eager check (when generate_check runs it in the same call).
@@ -45,7 +48,7 @@ set -u
 OUT_DIR=${1:-bench_out}
 DATA=${2:-../shared/data/mbpp/mbpp_release_v1.jsonl}
 ALL=train_phi2,padding_graphs,generate_phi2,generate_check,generate_phi3
-ALL+=,train_deepseek,train_llama3,encoder_ab,graphs_ab,cli_tiny
+ALL+=,train_deepseek,train_llama3,encoder_ab,graphs_ab,cli_tiny,trainer_graphs
 SECTIONS=,${3:-$ALL},
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -98,5 +101,7 @@ wanted graphs_ab && section graphs_ab ${GRAPHS_LIMIT:-150} $PY -m benchmarks.ben
   --model ${GRAPHS_MODEL:-deepseek-coder-1.3b-base} --methods ${GRAPHS_METHODS:-pt,lora} \
   --compile_mode reduce-overhead --steps 6 --warmup 3 --results "$OUT_DIR/results.jsonl"
 wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-240} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
+wanted trainer_graphs && section trainer_graphs ${TG_LIMIT:-240} bash benchmarks/trainer_graphs_check.sh \
+  "${CLI_DIR:-$(mktemp -d)}" "$DATA"
 echo "=== done $(date -u +%T)"
 if [ -s "$OUT_DIR/results.jsonl" ]; then $PY -m benchmarks.summarize --results "$OUT_DIR/results.jsonl"; fi
