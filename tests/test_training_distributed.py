@@ -155,17 +155,23 @@ def test_deepspeed_zero2_matches_the_plain_run_and_resumes(tmp_path, data_paths,
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_fft_single_process_matches_the_plain_run(tmp_path, data_paths):
-    """The shipped ZeRO-3 FFT config (parameters and optimizer offloaded to the CPU), one process. ZeRO-3 empties
-    each process's parameter tensors, which used to crash the model build (the width read from the embedding)."""
+def test_deepspeed_zero3_fft_two_processes_match_one_plain_process_with_twice_the_batch(tmp_path, data_paths):
+    """The shipped ZeRO-3 FFT config (parameters and optimizer offloaded to the CPU) in two CPU processes (gloo,
+    tests/deepspeed_gloo.py), each packing its own batches. The build used to hang (the main process built the model
+    first while ZeRO-3 broadcasts every parameter as it is made), then the second step crashed in a collective
+    mismatch (a packed batch ran the embedding before the model body). One process under ZeRO-3 is the CodeGen2
+    test's case (a one-process copy of this test, 30 s, was merged into it to keep the suite near 10 minutes)."""
     initial, args = zero3_fft_args(tmp_path, data_paths)
-    launch_deepspeed("config_files/config_ds_zero3_fft.yaml", 1, "tune_fft_baseline.py",
-                     [*args, "--per_gpu_train_batch_size", "4", "--log_dir", str(tmp_path / "ds")])
+    launch_deepspeed("config_files/config_ds_zero3_fft.yaml", 2, "tune_fft_baseline.py",
+                     [*args, "--per_gpu_train_batch_size", "2", "--log_dir", str(tmp_path / "ds")])
     run_inprocess("fft", [*args, "--per_gpu_train_batch_size", "4", "--log_dir", str(tmp_path / "plain")])
     ds_config = assert_zero3_run_matches_the_plain_one(tmp_path / "ds", tmp_path / "plain", initial)
-    assert ds_config["num_processes"] == 1
-    # docs/TRAINING.md's conversion of the last checkpoint, in shards (as zero_to_fp32.py's 5 GB default cuts any
-    # paper model), whose names carry the wrapper's "backbone.": generation loads them as the final weights
+    assert ds_config["num_processes"] == 2 and ds_config["packing"]
+    ranks = sorted(p.name for p in (tmp_path / "ds" / "checkpoints" / "step_00000002" / "deepspeed").iterdir())
+    assert ranks == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+    # docs/TRAINING.md's conversion of the last checkpoint (both ranks' partitions), in shards (as zero_to_fp32.py's
+    # 5 GB default cuts any paper model), whose names carry the wrapper's "backbone.": generation loads them as the
+    # final weights
     step = sorted((tmp_path / "ds" / "checkpoints").glob("step_*"))[-1]
     converted = tmp_path / "fp32"
     proc = subprocess.run([sys.executable, str(step / "zero_to_fp32.py"), str(step), str(converted), "--tag",
@@ -184,21 +190,6 @@ def test_deepspeed_zero3_fft_single_process_matches_the_plain_run(tmp_path, data
     assert final.keys() <= state.keys()
     for name, tensor in final.items():
         assert torch.equal(state[name], tensor), name
-
-
-@pytest.mark.slow
-def test_deepspeed_zero3_fft_two_processes_match_one_plain_process_with_twice_the_batch(tmp_path, data_paths):
-    """Two CPU processes (gloo, tests/deepspeed_gloo.py), each packing its own batches. The build used to hang
-    (the main process built the model first while ZeRO-3 broadcasts every parameter as it is made), then the
-    second step crashed in a collective mismatch (a packed batch ran the embedding before the model body)."""
-    initial, args = zero3_fft_args(tmp_path, data_paths)
-    launch_deepspeed("config_files/config_ds_zero3_fft.yaml", 2, "tune_fft_baseline.py",
-                     [*args, "--per_gpu_train_batch_size", "2", "--log_dir", str(tmp_path / "ds")])
-    run_inprocess("fft", [*args, "--per_gpu_train_batch_size", "4", "--log_dir", str(tmp_path / "plain")])
-    ds_config = assert_zero3_run_matches_the_plain_one(tmp_path / "ds", tmp_path / "plain", initial)
-    assert ds_config["num_processes"] == 2 and ds_config["packing"]
-    ranks = sorted(p.name for p in (tmp_path / "ds" / "checkpoints" / "step_00000002" / "deepspeed").iterdir())
-    assert ranks == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
 
 
 def zero3_fft_args(tmp_path, data_paths) -> tuple[torch.nn.Module, list[str]]:
