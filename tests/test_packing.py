@@ -477,3 +477,83 @@ def test_packing_gives_transformers_eager_attention_the_padded_loss():
     for packing in (False, True):
         loss, _ = _loss_and_grads(model, batch, packing=packing)
         assert abs(loss.item() - sdpa_loss.item()) < 1e-5, packing
+
+
+# ------------------------------------------------------------------------------ rounded widths (review s19)
+def test_plan_rows_with_a_multiple_never_packs_an_unpadded_batch_nor_costs_more_than_padding():
+    """--pad_to_multiple_of: a batch whose rows all fill its (rounded) width is never packed, and a chosen plan,
+    costed at the widths the decoder runs, is cheaper than the padded batch and no dearer than the plan the
+    unrounded estimate would have chosen (run rounded)."""
+    from custom_peft.packing import round_up
+
+    rng = random.Random(5)
+    for _ in range(3000):
+        multiple, m, c = rng.choice([8, 16, 64]), rng.choice([0, 4, 10]), rng.choice([100.0, 2e3, 1.4e4, 1e9])
+        batch = rng.randint(1, 9)
+        if rng.random() < 0.3:  # no padding: every row as long as the rounded width
+            width = multiple * rng.randint(1, 8)
+            lengths, padded = [width + m] * batch, width + m
+        else:
+            tokens = [rng.randint(1, 400) for _ in range(batch)]
+            lengths, padded = [t + m for t in tokens], round_up(max(tokens), multiple) + m
+        rows = plan_rows(lengths, c, multiple, padded)
+        padded_cost = row_cost(batch, padded, c)
+
+        def cost(plan):
+            if plan is None:
+                return padded_cost
+            return row_cost(len(plan), round_up(max(sum(lengths[i] for i in r) for r in plan), multiple), c)
+
+        if len(set(lengths)) == 1 and padded == lengths[0]:
+            assert rows is None, (lengths, multiple, c)
+        if rows is not None:
+            assert sorted(i for r in rows for i in r) == list(range(batch))
+            assert cost(rows) < padded_cost
+        assert cost(rows) <= cost(plan_rows(lengths, c))
+
+
+@pytest.mark.parametrize("method, model_type", [("fft", "tiny-llama"), ("lora", "tiny-codegen"), ("pt", "tiny-llama"),
+                                               ("idpg", "tiny-phi-3"), ("lopa", "tiny-llama")])
+def test_rounded_widths_give_the_plain_loss_and_gradients_for_every_method(method, model_type):
+    """The collator's rounded rows and the model's rounded packed rows (a multiple below the row length, one that
+    does not divide it, one wider than every row), packed or padded, selective logits or full: the loss and the
+    gradients of the unrounded padded batch, for one example, equal lengths and mixed ones. Every trained tensor
+    gets a gradient (what the trainer's kept gradients under --compile_mode reduce-overhead rely on: AdamW would
+    otherwise decay and move a tensor that had none)."""
+    from utils.batching import Collator
+    from utils.models import load_encoder_tokenizer
+
+    model, tok = built(method, model_type)
+    enc_tok = load_encoder_tokenizer("tiny-roberta")
+
+    def collate(indices, multiple):
+        examples = []
+        for i in indices:
+            ids, answer = tok(PROMPTS[i])["input_ids"], tok(TARGETS[i], add_special_tokens=False)["input_ids"]
+            examples.append({"task_id": str(i), "input_ids": ids + answer, "labels": [IGNORE_INDEX] * len(ids) + answer,
+                             "enc_input_ids": enc_tok(PROMPTS[i])["input_ids"]})
+        batch = Collator(tok.pad_token_id, enc_tok.pad_token_id, pad_to_multiple_of=multiple, host_copy=True)(examples)
+        batch.pop("task_ids")
+        return batch
+
+    def run(batch, packing, multiple, selective):
+        model.packed_width_multiple, model.selective_logits, model._attention_width = multiple, selective, 1e9
+        try:
+            return _loss_and_grads(model, batch, packing)
+        finally:
+            model.packed_width_multiple, model.selective_logits, model._attention_width = None, True, None
+
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    for indices in ([1], [2, 2, 2], [0, 1, 2, 3, 4]):
+        loss, grads = run(collate(indices, None), False, None, True)
+        assert grads.keys() == trained
+        for multiple in (7, 16, 128):
+            batch = collate(indices, multiple)
+            assert batch["input_ids"].shape[1] % multiple == 0
+            for packing in (False, True):
+                for selective in (True, False):
+                    got_loss, got_grads = run(batch, packing, multiple, selective)
+                    assert abs(got_loss.item() - loss.item()) < 1e-5, (indices, multiple, packing, selective)
+                    assert got_grads.keys() == trained
+                    for name, grad in grads.items():
+                        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

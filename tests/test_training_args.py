@@ -179,6 +179,8 @@ def test_save_every_units():
     (["--peft_method", "pt", "--compile_mode", "reduce-overhead", "--path_to_ds_config",
       "config_files/zero_stage2_nofp16_config.json"],
      "--compile_mode reduce-overhead is not supported under DeepSpeed (--path_to_ds_config)"),
+    (["--peft_method", "pt", "--compile_mode", "reduce-overhead", "--gradient_checkpointing"],
+     "--compile_mode reduce-overhead with --gradient_checkpointing: torch's CUDA graphs fail inside"),
     (["--peft_method", "pt", "--pad_to_multiple_of", "-1"], "--pad_to_multiple_of must be >= 0, got -1"),
     (["--peft_method", "pt", "--pad_to_max_length", "--pad_to_multiple_of", "64"],
      "--pad_to_multiple_of 64 does nothing under --pad_to_max_length"),

@@ -535,3 +535,28 @@ def test_deepspeeds_ops_are_built_once_by_the_venvs_ninja_in_the_venvs_own_cache
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         train_setup.make_accelerator(config)
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(venv / "torch_extensions")
+
+
+def test_skipped_cuda_graphs_are_counted_from_torchs_counter_and_logged(caplog):
+    """--compile_mode reduce-overhead: torch runs a compiled graph without its CUDA graph silently (its reasons go to
+    an artifact logger that is off by default); the trainer's end-of-run line says how many, from torch's counter."""
+    import logging
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    from utils import training
+
+    before = training._cudagraph_skips()
+    counters["inductor"]["cudagraph_skips"] += 3
+    try:
+        assert training._cudagraph_skips() - before == 3
+    finally:
+        counters["inductor"]["cudagraph_skips"] -= 3
+    log = logging.getLogger("test-cudagraph-skips")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        training.Trainer._log_cudagraph_skips(SimpleNamespace(log=log), 3)
+        training.Trainer._log_cudagraph_skips(SimpleNamespace(log=log), 0)
+    (warning, info), = [tuple(r for r in caplog.records)]
+    assert warning.levelno == logging.WARNING and "ran 3 compiled graphs without CUDA graphs" in warning.getMessage()
+    assert info.levelno == logging.INFO and "no compiled graph skipped its CUDA graph" in info.getMessage()

@@ -176,6 +176,11 @@ class TrainArgs:
                             f"--compile off turns off; drop one of them")
         if self.path_to_ds_config is not None:
             raise UserError(deepspeed_graphs_message("--path_to_ds_config"))
+        if self.gradient_checkpointing:  # pytorch#154306, open in torch 2.11-2.13
+            raise UserError(f"--compile_mode {self.compile_mode} with --gradient_checkpointing: torch's CUDA graphs "
+                            f"fail inside non-reentrant activation checkpoints (\"graph recording observed an input "
+                            f"tensor deallocate\", pytorch issue 154306), at the first new batch shape; drop one of "
+                            f"them")
 
 
 @dataclass(frozen=True)

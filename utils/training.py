@@ -91,6 +91,13 @@ def pad_multiple(train: TrainArgs, compile_mode: str | None) -> int | None:
     return multiple if multiple and multiple > 1 and not train.pad_to_max_length else None
 
 
+def _cudagraph_skips() -> int:
+    """Compiled graphs inductor has run without CUDA graphs under ``mode="reduce-overhead"`` (a process total)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 # ---------------------------------------------------------------------------------------------- the run
 @dataclass
 class _QueuedStep:
@@ -299,6 +306,7 @@ class Trainer:
             self.log.warning("--encoder_graphs is not used: it needs lopa or idpg, CUDA without DeepSpeed, and a "
                              "BERT/RoBERTa encoder on SDPA")
         self._log_compile_mode()
+        skips_before = _cudagraph_skips()
         self.model.train()
         bar = ProgressBar(plan.total_steps, self.state.global_step, acc.is_main_process)
         epoch_losses = []
@@ -352,6 +360,8 @@ class Trainer:
             plot_loss(self.metrics.path, self.log_dir / LOSS_PLOT,
                       f"{cfg.model.method} {cfg.model.task_name} {cfg.model.model_type}")
         acc.end_training()
+        if self.cuda_graphs:
+            self._log_cudagraph_skips(_cudagraph_skips() - skips_before)
         self.log.info("done: %d steps; final weights in %s", self.state.global_step, final)
         return TrainResult(self.log_dir, final, self.state.global_step, epoch_losses, acc.is_main_process)
 
@@ -367,6 +377,16 @@ class Trainer:
                              "layers compile as in the default mode)", device)
         if self.pad_multiple:
             self.log.info("batch widths rounded up to a multiple of %d (padded and packed rows)", self.pad_multiple)
+
+    def _log_cudagraph_skips(self, skips: int) -> None:
+        """Under CUDA graphs, whether torch skipped any (it then runs that compiled graph without one, and says why
+        only with TORCH_LOGS=cudagraphs): config.json's runtime.cuda_graphs says what was asked for, this line what
+        happened."""
+        if skips:
+            self.log.warning("--compile_mode reduce-overhead: torch ran %d compiled graphs without CUDA graphs "
+                             "(TORCH_LOGS=cudagraphs says why); those steps ran as in the default mode", skips)
+        else:
+            self.log.info("--compile_mode reduce-overhead: no compiled graph skipped its CUDA graph")
 
     def _epoch_loader(self):
         acc, skip = self.accelerator, self.state.batch_in_epoch
