@@ -403,3 +403,65 @@ def test_a_shuffled_file_gives_the_split_in_id_order_and_limit_takes_the_lowest_
     with pytest.raises(UserError, match=r"id '400' is not of the form sample_<n>"):
         path.write_text(json.dumps({"id": "400", "code": "", "input": "", "output": ""}) + "\n")
         load_task_split("cruxeval_input_prediction", "test", str(path))
+
+
+def _crux_lines(numbers) -> str:
+    return "".join(json.dumps({"id": f"sample_{i}", "code": "def f(x):\n    return x", "input": "1", "output": "1"})
+                   + "\n" for i in numbers)
+
+
+def test_the_standard_mbpp_split_trains_on_601_to_974(data_paths):
+    """A model trained with --mbpp_split standard must see exactly the tasks its generation refuses to score."""
+    require_real_data(data_paths)
+    train = load_task_split("mbpp", "train", data_paths["mbpp"], mbpp_split="standard")
+    assert (len(train), train[0]["task_id"], train[-1]["task_id"]) == (374, "MBPP/601", "MBPP/974")
+
+
+@pytest.mark.parametrize("task_name, bad_id", [("mbpp", "MBPP/12a"), ("cruxeval_output_prediction", "sample_400 b")])
+def test_an_id_with_anything_after_its_number_is_refused_not_read_as_that_number(task_name, bad_id, tmp_path):
+    path = tmp_path / "d.jsonl"
+    record = ({"task_id": bad_id, "prompt": "p", "canonical_solution": "s", "entry_point": "f", "test": "t"}
+              if task_name == "mbpp" else {"id": bad_id, "code": "", "input": "", "output": ""})
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(UserError, match=f"id '{bad_id}' is not of the form"):
+        load_task_split(task_name, "test", str(path))
+
+
+def test_a_whole_split_gives_no_partial_file_warning(tmp_path, capsys):
+    path = tmp_path / "whole.jsonl"
+    path.write_text(_crux_lines(range(800)))
+    assert len(load_task_split("cruxeval_output_prediction", "test", str(path))) == 400
+    assert capsys.readouterr().err == ""
+
+
+def test_blank_lines_in_a_data_file_are_skipped(tmp_path):
+    """An editor's trailing empty line, or one between records, is no record (and no JSON error)."""
+    path = tmp_path / "blank.jsonl"
+    lines = _crux_lines((400, 401)).splitlines(keepends=True)
+    path.write_text("\n" + lines[0] + "  \n\n" + lines[1] + "\n")
+    assert [r["id"] for r in load_task_split("cruxeval_output_prediction", "test", str(path))] == ["sample_400",
+                                                                                                   "sample_401"]
+
+
+@pytest.mark.parametrize("line, kind", [("[1, 2]", "list"), ("400", "int"), ('"sample_400"', "str")])
+def test_a_line_that_is_not_a_json_object_is_named(line, kind, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(_crux_lines((400,)) + line + "\n")
+    with pytest.raises(UserError, match=rf"d\.jsonl:2: expected a JSON object, got {kind}; --task_name"):
+        load_task_split("cruxeval_output_prediction", "test", str(path))
+    with pytest.raises(UserError, match=rf"d\.jsonl:2: expected a JSON object, got {kind}$"):
+        read_jsonl(path)
+
+
+def test_the_train_data_digest_changes_with_any_record_but_not_with_key_order():
+    """A resumed training refuses a --data_path whose train split differs from the one it began on."""
+    from utils.data import records_digest
+
+    records = [{"id": f"sample_{i}", "code": "c", "input": "1", "output": "1"} for i in range(3)]
+    digest = records_digest(records)
+    assert records_digest([dict(reversed(list(r.items()))) for r in records]) == digest
+    for i in range(3):
+        changed = [dict(r) for r in records]
+        changed[i]["output"] = "2"
+        assert records_digest(changed) != digest
+    assert records_digest(records[:2]) != digest

@@ -220,7 +220,7 @@ def test_sampled_run_killed_after_two_batches_resumes_to_the_same_samples(data_p
     model, tok = build_model("none", "tiny-phi-2", seed=3)
     task = get_task("mbpp")
     records = load_task_split("mbpp", "test", data_paths["mbpp"], limit=7)
-    cfg = resolve_gen_config(task, temperature=1.5, max_new_tokens=6, seed=4)
+    cfg = resolve_gen_config(task, temperature=1.5, num_return_sequences=2, max_new_tokens=6, seed=4)
     whole = generate_predictions(model, tok, None, task, records, batch_size=2, gen_config=cfg, progress=False)
     log = ProgressLog(tmp_path)
 
@@ -1087,3 +1087,105 @@ def test_resume_without_the_runs_log_dir_is_refused_instead_of_starting_afresh(d
             generate_preds.main([*argv, *extra])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("task_name", ["mbpp", "cruxeval_output_prediction"])
+def test_a_fresh_start_refuses_a_log_dir_holding_only_scores_of_earlier_predictions(task_name, tmp_path):
+    """Stage files and scores cost an evaluation (hours of sandboxed tests): a fresh run would delete them."""
+    from utils.prediction_files import check_fresh_start, derived_files
+
+    task = get_task(task_name)
+    for name in derived_files(task):
+        (tmp_path / name).write_text("{}\n")
+        with pytest.raises(UserError, match=rf"holds an earlier run's work \({name}\); pass --resume"):
+            check_fresh_start(tmp_path, task)
+        (tmp_path / name).unlink()
+
+
+def test_a_fresh_start_is_not_refused_for_empty_files_of_a_run_killed_before_its_first_batch(tmp_path):
+    """A run killed between opening the progress file and writing its first batch leaves it empty: nothing to keep."""
+    from utils.prediction_files import check_fresh_start
+
+    task = get_task("mbpp")
+    for name in (PROGRESS_FILE, *MBPP_FILES):
+        (tmp_path / name).write_text("")
+    check_fresh_start(tmp_path, task)
+    (tmp_path / PROGRESS_FILE).write_text("\n")
+    with pytest.raises(UserError, match=rf"holds an earlier run's work \({PROGRESS_FILE}\)"):
+        check_fresh_start(tmp_path, task)
+
+
+def test_a_fresh_start_into_a_log_dir_with_an_unreadable_progress_file_names_it_and_the_way_out(tmp_path):
+    """Not the progress file's own error ("rerun without --resume"): this run has no --resume."""
+    from utils.prediction_files import check_fresh_start
+
+    ProgressLog(tmp_path).append({"MBPP/488": ["kept"]})
+    with (tmp_path / PROGRESS_FILE).open("a") as fh:
+        fh.write("not json\n" + json.dumps({"predictions": {"MBPP/489": ["x"]}}) + "\n")
+    with pytest.raises(UserError, match=rf"holds an earlier run's work \({PROGRESS_FILE}\); pass --resume to "
+                                        rf"continue it \(same settings\), --overwrite to delete it"):
+        check_fresh_start(tmp_path, get_task("mbpp"))
+
+
+@pytest.mark.parametrize("left", ["generate_preds_config.json", PROGRESS_FILE])
+def test_resume_goes_on_with_a_run_that_left_only_its_config_or_only_its_progress(left, tmp_path):
+    """A run killed before its first batch leaves its config alone; either file shows a run was there."""
+    from utils.prediction_files import check_something_to_resume
+
+    (tmp_path / left).write_text("{}\n")
+    check_something_to_resume(tmp_path)
+
+
+def test_resume_refuses_a_decoding_setting_the_saved_config_does_not_record(tmp_path):
+    """A config written by an older version, without a setting this run decodes with, is no proof of the same
+    decoding: the new setting is named, not skipped."""
+    from utils.prediction_files import write_config
+
+    saved = {"task_name": "mbpp", "generation": {"do_sample": False, "max_new_tokens": 8}}
+    write_config(tmp_path, saved)
+    check_resumable(tmp_path, saved)
+    with pytest.raises(UserError, match=r"field 'generation.top_k' is None but this run has 50; rerun"):
+        check_resumable(tmp_path, {**saved, "generation": {**saved["generation"], "top_k": 50}})
+
+
+def test_mbpp_files_hold_each_tasks_samples_on_consecutive_lines(tmp_path):
+    """mxeval groups the lines by task_id; generate_preds validates what it wrote, so a validation that wanted
+    another layout failed every run with --num_return_sequences > 1 after all its generation."""
+    task = get_task("mbpp")
+    records = [{"task_id": f"MBPP/{i}", "prompt": "", "test": "", "entry_point": "f", "canonical_solution": ""}
+               for i in (488, 489)]
+    raw = {"MBPP/488": ["    return 1", "    return 2"], "MBPP/489": ["    return 3", "    return 4"]}
+    write_predictions(tmp_path, task, records, raw, ())
+    validate_prediction_files(tmp_path, task, ["MBPP/488", "MBPP/489"], num_samples=2)
+    for name, field in (("mbxp_solutions.jsonl", "completion"), ("mbxp_raw.jsonl", "raw")):
+        rows = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        assert [(r["task_id"], r[field]) for r in rows] == [(tid, text) for tid in raw for text in raw[tid]]
+    with pytest.raises(UserError, match="one line per task and sample, in task order"):
+        validate_prediction_files(tmp_path, task, ["MBPP/488", "MBPP/489"])
+
+
+def test_the_mbpp_problem_file_holds_the_documented_fields_in_order(data_paths):
+    """docs/GENERATION.md: task_id, language, prompt, test, entry_point, canonical_solution, description."""
+    from utils.prediction_files import mbpp_problem
+
+    record = load_task_split("mbpp", "test", data_paths["mbpp"], limit=1)[0]
+    fields = ["task_id", "language", "prompt", "test", "entry_point", "canonical_solution", "description"]
+    assert list(mbpp_problem({**record, "extra": 1})) == fields
+    bare = {k: record[k] for k in fields if k not in ("language", "description")}
+    assert mbpp_problem(bare) == {**bare, "language": "python"}
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("mbxp_solutions.jsonl", {"task_id": "MBPP/488", "language": "python", "completion": None},
+     r"mbxp_solutions.jsonl:1: field 'completion' must be a str, got NoneType"),
+    ("output.json", {"sample_400": [1]}, r"output.json: field 'sample_400' must be a list of 1 strings")])
+def test_validation_names_a_field_the_evaluators_cannot_read(name, bad, message, tmp_path):
+    """A null completion or a number for an answer is a TypeError inside mxeval or CRUXEval's script."""
+    mbpp = name.endswith(".jsonl")
+    task = get_task("mbpp" if mbpp else "cruxeval_output_prediction")
+    records = ([{"task_id": "MBPP/488", "prompt": "", "test": "", "entry_point": "f", "canonical_solution": ""}]
+               if mbpp else [{"id": "sample_400", "code": "", "input": "", "output": ""}])
+    write_predictions(tmp_path, task, records, {task.record_id(records[0]): ["1"]}, ())
+    (tmp_path / name).write_text(json.dumps(bad) + "\n")
+    with pytest.raises(UserError, match=message):
+        validate_prediction_files(tmp_path, task, [task.record_id(records[0])])
