@@ -10,8 +10,8 @@ import math
 import os
 import sys
 
-from utils.cli import ArgumentParser
-from utils.errors import UserError, cli_entry
+from utils.cli import ArgumentParser, check_mbpp_split
+from utils.errors import UserError, cli_entry, on_interrupt
 from utils.evaluation import DEFAULT_TIMEOUT, TASK_NAMES, evaluate_file
 from utils.sandbox import MODES, SandboxConfig
 
@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--n_workers must be at least 1")
     if args.timeout is not None and not 0 < args.timeout < math.inf:  # NaN and inf broke the CPU-time rlimit
         raise UserError(f"--timeout must be a positive finite number of seconds, got {args.timeout}")
+    check_mbpp_split(args.task_name, args.mbpp_split)
     if args.memory_mb < 64:
         raise UserError("--memory_mb below 64 leaves no room for the interpreter; use at least 64")
     return args
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli_entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    on_interrupt("nothing was written; rerun the same command (scoring starts again from the first sample)")
     summary = evaluate_file(args.task_name, args.path, problem_file=args.problem_file, data_path=args.data_path,
                             n_workers=args.n_workers, timeout=args.timeout, k=args.k,
                             allow_missing=args.allow_missing, progress=not args.no_progress,

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -74,13 +75,12 @@ def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_pat
         elif method == "lora":
             meta["lora"] = {"r": method_cfg.lora_r, "alpha": method_cfg.lora_alpha,
                             "dropout": method_cfg.lora_dropout, "target_modules": list(spec.lora_targets)}
-            backbone = get_peft_model(lm, LoraConfig(
-                r=method_cfg.lora_r, lora_alpha=method_cfg.lora_alpha, lora_dropout=method_cfg.lora_dropout,
-                bias="none", target_modules=list(spec.lora_targets), task_type=TaskType.CAUSAL_LM))
+            with _peft_deprecation_quiet():
+                backbone = get_peft_model(lm, LoraConfig(
+                    r=method_cfg.lora_r, lora_alpha=method_cfg.lora_alpha, lora_dropout=method_cfg.lora_dropout,
+                    bias="none", target_modules=list(spec.lora_targets), task_type=TaskType.CAUSAL_LM))
         elif method == "pt":
-            with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5.24 deprecated; not ours to fix
-                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                        category=FutureWarning)
+            with _peft_deprecation_quiet():
                 backbone = get_peft_model(lm, PromptTuningConfig(
                     task_type=TaskType.CAUSAL_LM, num_virtual_tokens=m, prompt_tuning_init=PromptTuningInit.RANDOM))
         else:
@@ -103,6 +103,15 @@ def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_pat
         backbone.prompt_encoder.float()
     return TunedModel(method, backbone, prompt, meta, enc_tokenizer)
 
+
+
+@contextlib.contextmanager
+def _peft_deprecation_quiet():
+    """peft 0.21's ``get_peft_model`` reads a property transformers 5.24 deprecated (a FutureWarning on every LoRA
+    and PT build, in every log); not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 def build_model(method: str, model_type: str, *, num_virtual_tokens: int = 10, lp_rank: int = 1,
                 enc_model_type: str | None = "codesage-small", head_dim: int | None = None, dtype="fp32",

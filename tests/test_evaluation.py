@@ -391,3 +391,12 @@ def test_a_timed_out_sample_scores_as_a_failure(tmp_path):
     rows = {r["task_id"]: r for r in read_jsonl(summary["results_path"])}
     assert (rows["T/1"]["status"], rows["T/1"]["passed"]) == ("timed out", False)
     assert summary["pass@1"] == 0.5 and summary["counts"]["timed out"] == 1 and summary["counts"]["passed"] == 1
+
+
+def test_an_empty_mbpp_file_is_refused_even_with_allow_missing(tmp_path):
+    """docs/EVALUATION.md: evaluate_preds.py refuses a file without predictions, as CRUXEval's `{}` is; an empty
+    MBPP JSONL with --allow_missing (which the missing-tasks error suggests) scored 0 samples of 0 tasks."""
+    empty = tmp_path / "mbxp_solutions_stage1.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="no predictions"):
+        evaluate_file("mbpp", empty, allow_missing=True, progress=False)

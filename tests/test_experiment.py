@@ -632,3 +632,15 @@ def test_a_data_file_the_stages_cannot_read_fails_the_plan_once(tmp_path, capsys
         assert exc.value.code == 2 and message in err and "cannot read its data" in err, (label, err)
         assert err.count("\n") == 1, err  # one line, not one per cell
     assert not (tmp_path / "out").exists()
+
+
+def test_set_mbpp_split_keeps_the_stored_cruxeval_trainings(tmp_path, monkeypatch, capsys):
+    """--set mbpp_split=standard changes no CRUXEval data or prompt, so a stored CRUXEval cell (and its training) is
+    kept: CRUXEval's commands carry no --mbpp_split (which its scripts now refuse), so the cell's hash is unchanged."""
+    _fake_stages(monkeypatch)
+    args = ["--preset", "smoke", "--out", str(tmp_path), "--tasks", "cruxeval_output_prediction", "--methods", "pt"]
+    run_experiment.main(args)
+    capsys.readouterr()
+    plan = run_experiment.main(args + ["--set", "mbpp_split=standard", "--plan"])
+    printed = capsys.readouterr().out
+    assert plan["stored"] == ["tiny-phi-2/cruxeval_output_prediction/pt"], printed

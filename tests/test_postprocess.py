@@ -410,3 +410,14 @@ def test_an_output_answer_is_not_taken_from_an_assertion_past_the_answers_end():
     assert extract_cruxeval_answer(" 2\n[/ANSWER]\n[PYTHON]\nassert g(1) == 3", "output") == "2"
     assert extract_cruxeval_answer("assert f(1) == 2\n[/ANSWER]\nassert g(1) == 3", "output") == "2"
     assert extract_cruxeval_answer("f(1)\n[/ANSWER]\nassert g(1) == 3", "input") == "f(1)"
+
+
+def test_an_empty_mbpp_file_is_refused_not_post_processed_into_empty_stages(tmp_path):
+    from utils.errors import UserError
+    from utils.postprocess import postprocess_mbpp_file
+
+    empty = tmp_path / "mbxp_solutions.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="no predictions"):
+        postprocess_mbpp_file(empty)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mbxp_solutions.jsonl"]

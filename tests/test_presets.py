@@ -114,7 +114,8 @@ def test_set_model_path_reaches_every_stage_the_untuned_cells_too(tmp_path):
 def test_set_mbpp_split_reaches_both_stages_of_the_mbpp_cells_only(tmp_path):
     """--set mbpp_split=standard used to reach the training only: the cells trained on the standard split's train
     tasks and were scored on the paper split's test tasks, 374 of which they had been tuned on. A CRUXEval cell's
-    commands stay as they were (its training had the flag, which does nothing there), so its hash does too."""
+    commands carry no --mbpp_split (its scripts refuse one other than the default), so its hash stays as it was
+    without the --set: its stored training is kept (it used to be redone for the same result)."""
     from utils.errors import UserError
     from utils.experiment import plan_cells
     from utils.presets import PRESETS, apply_overrides
@@ -124,7 +125,7 @@ def test_set_mbpp_split_reaches_both_stages_of_the_mbpp_cells_only(tmp_path):
                   and argv[argv.index("--mbpp_split") + 1] == "standard"}
         trainer = {"tune_fft_baseline.py" if cell.method == "fft" else "tune_foundation_model.py"}
         trainer = trainer if cell.method != "none" else set()
-        assert stages == trainer | ({"generate_preds.py"} if cell.task == "mbpp" else set()), cell.key
+        assert stages == (trainer | {"generate_preds.py"} if cell.task == "mbpp" else set()), cell.key
     for item in ("train.mbpp_split=standard", "gen.mbpp_split=standard", "lopa.mbpp_split=standard", "mbpp_s=standard",
                  "mbpp_split=bogus"):
         with pytest.raises(UserError, match="the MBPP split is the experiment's"):

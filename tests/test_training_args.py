@@ -162,7 +162,9 @@ def test_save_every_units():
     (["--peft_method", "pt", "--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1)"),
     (["--peft_method", "pt", "--num_virtual_tokens", "0"], "--num_virtual_tokens must be >= 1"),
     (["--peft_method", "pt", "--lr_scheduler_type", "constant", "--num_warmup_steps", "5"], "constant_with_warmup"),
-    (["--peft_method", "pt", "--mixed_precision", "fp16"], "--mixed_precision fp16 needs a CUDA GPU"),
+    (["--peft_method", "pt", "--mixed_precision", "fp16"], "--mixed_precision fp16 (or the original's --fp16 True) "
+     "needs a CUDA GPU; on the CPU use --mixed_precision bf16 or no (or --fp16 False)"),
+    (["--peft_method", "pt", "--data_path", "tests"], "--data_path tests: a directory; pass the task's .jsonl file"),
     (["--peft_method", "pt", "--model_dtype", "fp16"], "--model_dtype fp16 needs a CUDA GPU; on the CPU use "
                                                        "--model_dtype bf16, or fp32"),
     (["--peft_method", "pt", "--path_to_ds_config", "missing.json"], "missing.json: no such file"),
@@ -448,3 +450,22 @@ def test_a_resumed_run_keeps_the_checkpointing_it_was_started_with(tmp_path):
                                                              "keep_checkpoints": False}}))
     cfg = config_from_namespace(build_parser("peft").parse_args(resume), "peft")
     assert (cfg.output.save_every, cfg.output.save_total_limit, cfg.output.keep_checkpoints) == (SaveEvery(1), 1, False)
+
+
+def test_mbpp_split_with_a_cruxeval_task_is_refused_by_every_script(tmp_path, capsys):
+    """--mbpp_split picks MBPP's tasks: with CRUXEval it did nothing, yet config.json recorded it (and
+    run_experiment's --set mbpp_split=standard retrained every CRUXEval cell for the same result)."""
+    import evaluate_preds
+    import generate_preds
+
+    message = "--mbpp_split standard is for --task_name mbpp; cruxeval_output_prediction has one split: drop it"
+    crux = ["--task_name", "cruxeval_output_prediction", "--model_type", "tiny-llama"]
+    with pytest.raises(UserError, match=re.escape(message)):
+        _parse(["--peft_method", "pt", *crux, "--mbpp_split", "standard"], tmp_path=tmp_path)
+    assert _parse(["--peft_method", "pt", *crux], tmp_path=tmp_path).model.mbpp_split == "paper"  # the default
+    with pytest.raises(SystemExit) as exit_:
+        generate_preds.main([*crux, "--mbpp_split", "standard", "--log_dir", str(tmp_path / "gen")])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(UserError, match=re.escape(message)):
+        evaluate_preds.parse_args(["--task_name", "cruxeval_output_prediction", "--path", str(tmp_path / "a.json"),
+                                   "--mbpp_split", "standard"])

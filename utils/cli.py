@@ -76,6 +76,13 @@ def add_model_args(parser: argparse.ArgumentParser, *, require_task: bool = True
     g.add_argument("--log_dir", default=None, help="output directory; None: ./logging/<YYYYmmdd-HHMMSS>")
 
 
+def check_mbpp_split(task_name: str | None, mbpp_split: str) -> None:
+    """``--mbpp_split`` picks MBPP's tasks: with another task it would do nothing, yet config.json would record it
+    (and run_experiment's hashes would count it)."""
+    if task_name not in (None, "mbpp") and mbpp_split != "paper":
+        raise UserError(f"--mbpp_split {mbpp_split} is for --task_name mbpp; {task_name} has one split: drop it")
+
+
 def check_model_args(args: argparse.Namespace) -> None:
     """Reject unknown names and impossible values before anything heavy loads."""
     from utils.registry import get_encoder_spec, get_model_spec
@@ -88,6 +95,8 @@ def check_model_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     for flag in ("data_path",):
         path = getattr(args, flag, None)
+        if path is not None and os.path.isdir(path):
+            raise UserError(f"--{flag} {path}: a directory; pass the task's .jsonl file in it")
         if path is not None and not os.path.isfile(path):
             raise UserError(f"--{flag} {path}: no such file")
     for flag in ("model_path", "enc_model_path"):
@@ -97,6 +106,7 @@ def check_model_args(args: argparse.Namespace) -> None:
         if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"--{flag} {path}: no config.json, so not a Hugging Face model directory; pass a "
                             f"directory written by save_pretrained (or a hub snapshot)")
+    check_mbpp_split(getattr(args, "task_name", None), getattr(args, "mbpp_split", "paper"))
     check_log_dir(getattr(args, "log_dir", None))
 
 

@@ -237,8 +237,12 @@ def read_mbpp_solutions(path) -> list[dict]:
 
 
 def read_mbpp_solutions_and_problems(path, problem_file=None, data_path=None, mbpp_split="paper"):
-    """``(solutions, problems)``; every solution's task id must be a known problem."""
+    """``(solutions, problems)``; every solution's task id must be a known problem, and there is at least one (an
+    empty file is refused: scored with --allow_missing it gave 0 samples of 0 tasks; post-processed, empty stages)."""
     solutions = read_mbpp_solutions(path)
+    if not solutions:
+        raise UserError(f"{path}: no predictions (an empty file); generate them first (generate_preds.py), or "
+                        f"pass the file it wrote")
     problems = load_mbpp_problems(path, problem_file, data_path, mbpp_split)
     unknown = sorted({s["task_id"] for s in solutions} - problems.keys())
     if unknown:

@@ -133,11 +133,13 @@ def _commands(preset: Preset, model: str, task: str, method: str, directory: pat
             train.setdefault("enc_model_type", preset.encoder)  # --set enc_model_type=... wins
         train.update(preset.per_method.get(method, {}))
         train.update(preset.per_task.get(task, {}).get(method, {}))
+        if task != "mbpp":  # CRUXEval has one split: the flag would be refused, and --set mbpp_split redo its cells
+            train.pop("mbpp_split", None)
         argv = (["--peft_method", method] if method != "fft" else []) + base + _flags(train, keep_false=True)
         commands.append(("tune_fft_baseline.py" if method == "fft" else "tune_foundation_model.py",
                          argv + ["--log_dir", str(train_dir)]))
     gen_flags = {k: v for k, v in preset.gen.items() if method in METHOD_FLAGS.get(k, (method,))
-                 and (k != "mbpp_split" or task == "mbpp")}  # (a CRUXEval training has it, as before: same hash)
+                 and (k != "mbpp_split" or task == "mbpp")}
     gen = (base + ["--peft_method", method] + _flags(gen_flags, keep_false=_valued_switches("generate_preds.py"))
            + ["--log_dir", str(gen_dir)])
     if method == "fft":
@@ -254,7 +256,7 @@ def check_commands(cells: list[Cell]) -> None:
                 lines = captured.getvalue().strip().splitlines()
                 message = str(exc) if isinstance(exc, UserError) else (lines[-1] if lines else f"exit {exc.code}")
                 raise UserError(f"{cell.key}: {script} rejects its arguments ({message.removeprefix('error: ')}); "
-                                f"fix the preset or --set") from None
+                                f"fix the preset, --models, --tasks, --methods or --set") from None
             if split is not None and split[2] is not None:
                 splits.setdefault(split, f"{cell.key}: {script}")
     for (task, split, path, mbpp_split, limit), reader in splits.items():

@@ -165,6 +165,7 @@ def plot_table(out_dir: pathlib.Path, cells: list[Cell], results: dict[str, dict
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(tasks))])
         ax.set_xticklabels([COLUMN_NAMES[t] + (" (both stages)" if t == "mbpp" else "") for t in tasks])
         ax.set_ylabel("pass@1 (%)")
+        ax.set_ylim(bottom=0)  # all-zero scores (a smoke run) would otherwise centre the axis on 0
         ax.set_title(model)
     max(axes, key=lambda ax: len(ax.get_legend_handles_labels()[1])).legend(fontsize="small")
     fig.tight_layout()

@@ -277,9 +277,10 @@ def check_files(config: TrainConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            flag = "--mixed_precision" if train.mixed_precision == "fp16" else "--model_dtype"
-            raise UserError(f"{flag} fp16 needs a CUDA GPU; on the CPU use {flag} bf16, or "
-                            f"{'no' if flag == '--mixed_precision' else 'fp32'}")
+            if train.mixed_precision == "fp16":  # asked for as --mixed_precision fp16 or the original's --fp16 True
+                raise UserError("--mixed_precision fp16 (or the original's --fp16 True) needs a CUDA GPU; on the CPU "
+                                "use --mixed_precision bf16 or no (or --fp16 False)")
+            raise UserError("--model_dtype fp16 needs a CUDA GPU; on the CPU use --model_dtype bf16, or fp32")
     if out.wandb_logging:
         import importlib.util
 
