@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.batching import IGNORE_INDEX
+from utils.batching import IGNORE_INDEX, round_up
 from utils.models import numel
 
 
@@ -56,11 +56,6 @@ def _first_fit(order: list[int], lengths: list[int], capacity: int) -> list[list
 def row_cost(num_rows: int, width: int, c: float) -> float:
     """Relative cost of ``num_rows`` rows of ``width`` positions (see ``attention_width_constant``)."""
     return num_rows * width * (c + width)
-
-
-def round_up(width: int, multiple: int | None) -> int:
-    """``width`` rounded up to a multiple of ``multiple`` (None, 0 or 1: ``width`` itself)."""
-    return -(-width // multiple) * multiple if multiple and multiple > 1 else width
 
 
 def plan_rows(lengths: list[int], c: float, multiple: int | None = None,

@@ -128,6 +128,11 @@ class HostCopy:
                 or self.enc_padded == (not bool(enc_attention_mask.all())))
 
 
+def round_up(width: int, multiple: int | None) -> int:
+    """``width`` rounded up to a multiple of ``multiple`` (None, 0 or 1: ``width`` itself)."""
+    return -(-width // multiple) * multiple if multiple and multiple > 1 else width
+
+
 class Collator:
     """Pad a list of examples into tensors.
 
@@ -150,9 +155,7 @@ class Collator:
     def __call__(self, examples: list[dict]) -> dict:
         ids = [e["input_ids"] for e in examples]
         longest = max(len(r) for r in ids)
-        length = self.pad_to if self.pad_to is not None else longest
-        if self.pad_to is None and self.pad_to_multiple_of:
-            length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = self.pad_to if self.pad_to is not None else round_up(longest, self.pad_to_multiple_of)
         if longest > length:
             raise ValueError(f"a row of {longest} tokens does not fit pad_to={length}")
         batch = {
