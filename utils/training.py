@@ -306,7 +306,7 @@ class Trainer:
             self.log.warning("--encoder_graphs is not used: it needs lopa or idpg, CUDA without DeepSpeed, and a "
                              "BERT/RoBERTa encoder on SDPA")
         self._log_compile_mode()
-        skips_before = _cudagraph_skips()
+        skips_before = _cudagraph_skips() if self.cuda_graphs else 0
         self.model.train()
         bar = ProgressBar(plan.total_steps, self.state.global_step, acc.is_main_process)
         epoch_losses = []
