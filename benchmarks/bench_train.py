@@ -37,8 +37,8 @@ import torch
 from benchmarks.common import ResultWriter, Timer, peak_flops, train_flops_per_token
 from benchmarks.profile_step import dynamo_counts, dynamo_delta, step_figures
 from custom_peft import build_model, count_trainable
-from custom_peft.packing import attention_width_constant, plan_rows, round_up, row_cost
-from utils.batching import HostCopy
+from custom_peft.packing import attention_width_constant, plan_rows, row_cost
+from utils.batching import HostCopy, round_up
 from utils.fast_paths import (compile_encoder_layers, compile_layers, compile_prompt_heads, make_adamw,
                               release_compiled)
 from utils.registry import get_model_spec

@@ -10,7 +10,7 @@ import torch
 from custom_peft import build_model
 from custom_peft.packing import gather_rows, pack_rows, plan_layout, plan_rows, row_cost
 from tests.test_methods import METHODS, batch_of, built, full_logits_forward
-from utils.batching import IGNORE_INDEX
+from utils.batching import IGNORE_INDEX, round_up
 from utils.models import TINY_MODEL_TYPES
 from utils.registry import FOUNDATION_MODELS
 
@@ -484,8 +484,6 @@ def test_plan_rows_with_a_multiple_never_packs_an_unpadded_batch_nor_costs_more_
     """--pad_to_multiple_of: a batch whose rows all fill its (rounded) width is never packed, and a chosen plan,
     costed at the widths the decoder runs, is cheaper than the padded batch and no dearer than the plan the
     unrounded estimate would have chosen (run rounded)."""
-    from custom_peft.packing import round_up
-
     rng = random.Random(5)
     for _ in range(3000):
         multiple, m, c = rng.choice([8, 16, 64]), rng.choice([0, 4, 10]), rng.choice([100.0, 2e3, 1.4e4, 1e9])
