@@ -6,8 +6,8 @@
 #   padding_graphs phi-2's four padding modes, lengths padded to a multiple of 64, twice: with the decoder layers
 #                  under CUDA graphs (--compile_mode reduce-overhead), then compiled as the trainer does: how much of
 #                  the padding modes' ~58 ms floor per step is the host's launches; PADG_BATCHES (default 30) batches
-#                  per mode (not yet run; ~4-5 min estimated). Packed rows are not rounded to the multiple, so the
-#                  packed modes' graphs are recorded per batch and replayed for that batch: a best case
+#                  per mode (199-236 s with 20 batches, sessions 19-20). Packed rows are rounded to the multiple too,
+#                  as the trainer's (since session 20; session 19's packed lines were not: a best case)
 #   generate_phi2  hf-generate, none, none-own, lopa, lopa-own, pt, none-own-full at batch 64/16/1, then the
 #                  fast-vs-eager check (211 s for the four without -own in session 8). Each new shape compiles once;
 #                  the -own methods share one compilation for all their shapes since session 14 (seen on the H100 in
@@ -35,9 +35,10 @@
 #                  session 8 with the first two; not done in 170 s on a fresh machine in session 17, whose training
 #                  compiled for about a minute; each own-loop pass compiles again). Its runs go to
 #                  CLI_DIR (default: a fresh temporary directory), so OUT_DIR stays a few files.
-#   trainer_graphs the trainer's --compile_mode reduce-overhead through tune_foundation_model.py (tiny-llama PT:
-#                  default compile, CUDA graphs, CUDA graphs with gradient accumulation; losses compared; never yet
-#                  run on a GPU; benchmarks/trainer_graphs_check.sh). Its runs go to CLI_DIR too.
+#   trainer_graphs the trainer's CUDA graphs through tune_foundation_model.py (tiny-llama PT and LOPA, each with
+#                  --compile_mode default and with auto, the default; PT with auto under gradient accumulation;
+#                  losses compared; benchmarks/trainer_graphs_check.sh). Its PT runs took 132 s on a warm H100 in
+#                  session 20 (then three runs, before LOPA's were added). Its runs go to CLI_DIR too.
 #   Default: all eleven. A device call may run 10 minutes and a session has 15 device minutes, so pick sections (and
 #   *_METHODS) to fit.
 # GEN_BATCHES (default 64,16,1) picks generate_phi2's batch sizes: each new shape compiles once, so fewer save time;
@@ -101,7 +102,7 @@ wanted graphs_ab && section graphs_ab ${GRAPHS_LIMIT:-150} $PY -m benchmarks.ben
   --model ${GRAPHS_MODEL:-deepseek-coder-1.3b-base} --methods ${GRAPHS_METHODS:-pt,lora} \
   --compile_mode reduce-overhead --steps 6 --warmup 3 --results "$OUT_DIR/results.jsonl"
 wanted cli_tiny && section cli_tiny ${CLI_LIMIT:-240} bash benchmarks/cli_check.sh "${CLI_DIR:-$(mktemp -d)}" "$DATA"
-wanted trainer_graphs && section trainer_graphs ${TG_LIMIT:-240} bash benchmarks/trainer_graphs_check.sh \
+wanted trainer_graphs && section trainer_graphs ${TG_LIMIT:-300} bash benchmarks/trainer_graphs_check.sh \
   "${CLI_DIR:-$(mktemp -d)}" "$DATA"
 echo "=== done $(date -u +%T)"
 if [ -s "$OUT_DIR/results.jsonl" ]; then $PY -m benchmarks.summarize --results "$OUT_DIR/results.jsonl"; fi

@@ -203,7 +203,8 @@ def test_file_problems_are_found_before_anything_is_written(tmp_path, data_paths
     (tmp_path / "ds.json").write_text("[1, 2]")
     with pytest.raises(UserError, match=r"ds\.json: expected a JSON object"):
         _parse(["--peft_method", "pt", "--path_to_ds_config", str(tmp_path / "ds.json")] + BASE, tmp_path=tmp_path)
-    with pytest.raises(UserError, match="missing field 'task_id'; --task_name mbpp needs the MBXP-format MBPP"):
+    with pytest.raises(UserError, match="missing field 'task_id'; it looks like CRUXEval data .*; --task_name mbpp "
+                                        "needs the MBXP-format MBPP"):
         _parse(["--peft_method", "pt", "--data_path", data_paths["cruxeval"]] + BASE, tmp_path=tmp_path)
     (tmp_path / "model").mkdir()
     with pytest.raises(UserError, match="--model_path .*model: no config.json"):
@@ -223,6 +224,22 @@ def test_methods_this_script_does_not_train_name_the_way_out(method, way_out, ca
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1
     assert f"invalid choice: '{method}' (choose from lora, pt, idpg, lopa)" in err and way_out in err
+
+
+def test_an_abbreviated_flag_is_refused_not_taken_for_the_flag_it_begins(capsys):
+    """``--limit 3`` trained on 3 examples (argparse read it as --limit_train_examples), where generate_preds.py's
+    --limit means test tasks; run_experiment.py's ``--meth`` ran the --methods subset."""
+    import run_experiment
+
+    for parse, argv, meant in (
+            (build_parser("peft").parse_args, ["--peft_method", "pt", *BASE, "--limit", "3"], "--limit_train_examples"),
+            (build_parser("fft").parse_args, [*BASE, "--num_ep", "2"], "--num_epochs"),
+            (run_experiment.parse_args, ["--preset", "smoke", "--meth", "pt"], "--methods")):
+        with pytest.raises(SystemExit) as exc:
+            parse(argv)
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == (f"error: unrecognized arguments: {' '.join(argv[-2:])}; flags are not "
+                                           f"abbreviated: spell out {meant}\n")
 
 
 def test_fft_rejects_a_low_precision_master_copy(tmp_path):
@@ -406,15 +423,17 @@ def test_compile_switch_is_validated_and_auto_by_default():
     assert off.train.compile == "off"
 
 
-def test_compile_mode_and_the_width_multiple_default_to_what_ran_before(monkeypatch):
-    """Both opt-in: the default mode and no multiple; the multiple is 64 where the layers compile with reduce-overhead
-    (CUDA graphs, one per batch shape), off with 0 or 1, and off under --pad_to_max_length (one length already)."""
+def test_compile_mode_auto_and_the_width_multiple(monkeypatch):
+    """--compile_mode defaults to auto and the multiple to unset; the multiple is 64 where the layers compile with
+    reduce-overhead (CUDA graphs, one per batch shape), off with 0 or 1, and off under --pad_to_max_length (one
+    length already)."""
     from utils.train_config import TrainArgs
     from utils.train_setup import make_accelerator
     from utils.training import pad_multiple
 
     config = parse_args(["--peft_method", "pt"] + BASE, script="peft")
-    assert (config.train.compile_mode, config.train.pad_to_multiple_of) == ("default", None)
+    assert (config.train.compile_mode, config.train.pad_to_multiple_of) == ("auto", None)
+    assert parse_args(["--task_name", "mbpp", "--model_type", "tiny-llama"], script="fft").train.compile_mode == "auto"
     assert parse_args(["--peft_method", "pt", "--pad_to_max_length", "--pad_to_multiple_of", "1"] + BASE,
                       "peft").train.pad_to_multiple_of == 1  # off: nothing to contradict
     cases = [({}, "reduce-overhead", 64), ({}, "default", None), ({}, None, None),
@@ -428,6 +447,31 @@ def test_compile_mode_and_the_width_multiple_default_to_what_ran_before(monkeypa
     graphs = parse_args(["--peft_method", "pt", "--compile_mode", "reduce-overhead"] + BASE, "peft")
     with pytest.raises(UserError, match=r"not supported under DeepSpeed \(the accelerate config's distributed_type"):
         make_accelerator(graphs)
+
+
+def test_compile_mode_auto_chooses_cuda_graphs_only_where_they_were_run():
+    """auto: reduce-overhead for a PEFT method in one process on CUDA, without DeepSpeed, activation checkpoints or
+    the encoder's own CUDA graphs; otherwise the default mode, with every reason named. A named mode is kept."""
+    from utils.train_config import TrainArgs
+    from utils.training import resolve_compile_mode
+
+    auto = TrainArgs()
+    for method in ("pt", "lora", "lopa", "idpg"):
+        assert resolve_compile_mode(auto, method, "cuda", 1, False, False) == ("reduce-overhead", None)
+    assert resolve_compile_mode(auto, "fft", "cuda", 1, False, False) == ("default",
+                                                                          "fft has not been run with them")
+    cases = [((auto, "pt", "cpu", 1, False, False), "the device is cpu, not CUDA"),
+             ((auto, "pt", "cuda", 2, False, False), "2 processes"),
+             ((auto, "lora", "cuda", 1, True, False), "DeepSpeed"),
+             ((TrainArgs(gradient_checkpointing=True), "pt", "cuda", 1, False, False), "--gradient_checkpointing"),
+             ((auto, "lopa", "cuda", 1, False, True), "--encoder_graphs"),
+             ((TrainArgs(gradient_checkpointing=True), "fft", "cpu", 4, True, False),
+              "the device is cpu, not CUDA; fft has not been run with them; 4 processes; DeepSpeed; "
+              "--gradient_checkpointing")]
+    for args, reason in cases:
+        assert resolve_compile_mode(*args) == ("default", reason), args
+    for mode in ("default", "reduce-overhead"):
+        assert resolve_compile_mode(TrainArgs(compile_mode=mode), "fft", "cpu", 2, False, False) == (mode, None)
 
 
 def test_a_resumed_run_keeps_the_checkpointing_it_was_started_with(tmp_path):

@@ -550,12 +550,28 @@ def test_batch_widths_rounded_to_a_multiple_train_exactly_like_unrounded_ones(tm
         assert runs[name][1]["runtime"]["compile_mode"] is None  # rounding alone compiles nothing
 
 
+def test_running_out_of_memory_under_cuda_graphs_names_the_switch(tmp_path, data_paths, monkeypatch):
+    """Out of memory in a step whose decoder layers run under CUDA graphs: the log names --compile_mode default
+    (the graphs keep memory of their own), and the error still ends the run; without graphs, no such line."""
+    from utils import fast_paths
+
+    monkeypatch.setattr(fast_paths, "compile_layers", lambda lm, **kwargs: None)
+    monkeypatch.setattr(TunedModel, "forward", lambda *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    for name, mode in (("graphs", "reduce-overhead"), ("plain", "default")):
+        with pytest.raises(torch.OutOfMemoryError):
+            _pt_run(tmp_path / name, data_paths["mbpp"], "--compile", "on", "--compile_mode", mode)
+        log = (tmp_path / name / "train.log").read_text()
+        assert ("--compile_mode default turns them off" in log) == (name == "graphs"), log
+
+
 def test_compile_mode_reduce_overhead_marks_a_step_before_each_micro_batch(tmp_path, data_paths, monkeypatch):
     """--compile on --compile_mode reduce-overhead (here with a counting backend instead of inductor, whose CUDA
     graphs the CPU skips anyway): the decoder layers compile in that mode, each micro-batch's forward starts a new
     CUDA-graph step, batch widths are rounded to 64 by default, and with accumulation the gradients stay allocated
     between steps (outside the graphs' memory). The losses are eager's. Under --compile auto on the CPU nothing
-    compiles, and the log and config.json say that the mode is not used."""
+    compiles, and the log and config.json say that the mode is not used. --compile on with --compile_mode auto (the
+    default) compiles in the default mode on the CPU, and the log says why."""
     from utils import fast_paths
 
     modes, marks, set_to_none_calls = [], [], []
@@ -577,7 +593,7 @@ def test_compile_mode_reduce_overhead_marks_a_step_before_each_micro_batch(tmp_p
     try:
         for name, extra in (("eager", ["--compile", "off"]), ("graphs", ["--compile", "on", "--compile_mode",
                                                                           "reduce-overhead"]),
-                            ("auto", ["--compile_mode", "reduce-overhead"])):
+                            ("auto", ["--compile_mode", "reduce-overhead"]), ("mode-auto", ["--compile", "on"])):
             torch.compiler.reset()
             modes.clear(), marks.clear(), set_to_none_calls.clear()
             losses, config, log = _pt_run(tmp_path / name, data_paths["mbpp"], *extra, *accumulate)
@@ -585,16 +601,20 @@ def test_compile_mode_reduce_overhead_marks_a_step_before_each_micro_batch(tmp_p
                           {k: config["runtime"][k] for k in ("compile_mode", "cuda_graphs", "pad_to_multiple_of")})
             assert ("records no CUDA graphs" in log, "reduce-overhead is not used" in log) == (
                 name == "graphs", name == "auto")
+            assert ("--compile_mode auto: the default mode, no CUDA graphs (the device is cpu, not CUDA)" in log) == (
+                name == "mode-auto")
     finally:
         torch.compiler.reset()
-    assert runs["eager"][1:] == ([], 0, {True}, "default",
+    assert runs["eager"][1:] == ([], 0, {True}, "auto",
                                  {"compile_mode": None, "cuda_graphs": False, "pad_to_multiple_of": None})
     assert runs["graphs"][1:] == (["reduce-overhead"], 6, {False}, "reduce-overhead",  # 3 steps x 2 micro-batches
                                   {"compile_mode": "reduce-overhead", "cuda_graphs": False, "pad_to_multiple_of": 64})
     assert runs["auto"][1:] == ([], 0, {True}, "reduce-overhead",
                                 {"compile_mode": None, "cuda_graphs": False, "pad_to_multiple_of": None})
+    assert runs["mode-auto"][1:] == ([None], 0, {True}, "auto",
+                                     {"compile_mode": "default", "cuda_graphs": False, "pad_to_multiple_of": None})
     assert len(runs["eager"][0]) == 3
-    for name in ("graphs", "auto"):
+    for name in ("graphs", "auto", "mode-auto"):
         assert runs[name][0] == pytest.approx(runs["eager"][0], rel=1e-5), name
 
 

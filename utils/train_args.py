@@ -73,11 +73,12 @@ def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
                    help="torch.compile each decoder layer and lopa/idpg's heads (same losses, but dropout draws other "
                         "masks; ~2x the tokens/s of plain peft on a GPU; see BENCHMARKS.md); auto: on with CUDA "
                         "without DeepSpeed")
-    g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+    g.add_argument("--compile_mode", default="auto", choices=COMPILE_MODES,
                    help="torch.compile mode of the decoder layers; reduce-overhead replays them from CUDA graphs, one "
-                        "per batch shape (fewer host launches: LoRA on deepseek-1.3b 1.39x the tokens/s in "
-                        "bench_train on an H100); refused with --compile off, --gradient_checkpointing and under "
-                        "DeepSpeed")
+                        "per batch shape (fewer host launches: LoRA on deepseek-1.3b 1.3-1.4x the tokens/s in "
+                        "bench_train on an H100), and is refused with --compile off, --gradient_checkpointing and "
+                        "under DeepSpeed; auto: reduce-overhead for pt/lora/lopa/idpg in one process on CUDA where "
+                        "none of those is asked for, nor --encoder_graphs, else default (logged)")
     _bool_flag(g, "compile_encoder", "with --compile, compile the frozen encoder's layers too (lopa/idpg; the same "
                                      "instance embeddings, far fewer kernel launches); False: it runs eager", True)
     _bool_flag(g, "encoder_graphs", "replay lopa/idpg's frozen encoder from CUDA graphs, one per batch shape (its "
@@ -94,8 +95,8 @@ def _add_train_args(parser: ArgumentParser, fft: bool) -> None:
     g.add_argument("--pad_to_multiple_of", type=int, default=None, metavar="N",
                    help=f"round each batch's width up to a multiple of N, padded and packed rows alike, so that "
                         f"batches take few shapes (the same loss); 0 or 1: off (default: {GRAPHS_PAD_MULTIPLE} where "
-                        f"the layers compile with --compile_mode reduce-overhead, else off: so not under --compile "
-                        f"auto on a machine without CUDA)")
+                        f"the layers compile in mode reduce-overhead, asked for or chosen by --compile_mode auto, "
+                        f"else off: so not on a machine without CUDA)")
     _bool_flag(g, "group_by_length", "batch examples of similar length together (less padding)")
     g.add_argument("--limit_train_examples", type=int, default=None,
                    help="train on the first N examples of the split only (smoke runs, tests)")

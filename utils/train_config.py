@@ -22,10 +22,11 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 MODEL_DTYPES = ("fp32", "bf16", "fp16")
-COMPILE_MODES = ("default", "reduce-overhead")
+COMPILE_MODES = ("auto", "default", "reduce-overhead")
 GRAPHS_PAD_MULTIPLE = 64
-"""The width multiple under ``--compile_mode reduce-overhead`` when ``--pad_to_multiple_of`` is not given: CUDA graphs
-record one graph per batch shape, so rows are rounded to few widths (the H100 figures of docs/TRAINING.md used 64)."""
+"""The width multiple where the decoder layers compile with reduce-overhead (asked for, or chosen by ``--compile_mode
+auto``) and ``--pad_to_multiple_of`` is not given: CUDA graphs record one graph per batch shape, so rows are rounded
+to few widths (the H100 figures of docs/TRAINING.md used 64)."""
 
 
 # ---------------------------------------------------------------------------------------------- save_every
@@ -116,8 +117,9 @@ class TrainArgs:
     model_dtype: str = "fp32"
     gradient_checkpointing: bool = False
     compile: str = "auto"
-    compile_mode: str = "default"
-    """``torch.compile`` mode of the decoder layers; ``reduce-overhead`` replays them from CUDA graphs."""
+    compile_mode: str = "auto"
+    """``torch.compile`` mode of the decoder layers; ``reduce-overhead`` replays them from CUDA graphs; ``auto``: that
+    where it was run on a GPU, else the default mode (``utils.training.resolve_compile_mode``)."""
     compile_encoder: bool = True
     """With ``compile``, LOPA's / IDPG's frozen encoder is compiled layer by layer too."""
     encoder_graphs: bool = False
@@ -129,7 +131,7 @@ class TrainArgs:
     pad_to_max_length: bool = False
     pad_to_multiple_of: int | None = None
     """Round each batch's width (padded rows, and packed ones) up to a multiple of this; None: 64 under
-    ``compile_mode`` reduce-overhead, else off; 0 or 1: off (``utils.training.pad_multiple`` resolves it)."""
+    reduce-overhead (asked for or chosen by ``auto``), else off; 0 or 1: off (``utils.training.pad_multiple``)."""
     group_by_length: bool = False
     limit_train_examples: int | None = None
     max_length: int | None = None
@@ -169,7 +171,7 @@ class TrainArgs:
         if self.pad_to_max_length and (self.pad_to_multiple_of or 0) > 1:
             raise UserError(f"--pad_to_multiple_of {self.pad_to_multiple_of} does nothing under --pad_to_max_length "
                             f"(every row already has the task's one length, and packing is off); drop one of them")
-        if self.compile_mode == "default":
+        if self.compile_mode != "reduce-overhead":  # auto falls back to the default mode where these refuse
             return
         if self.compile == "off":
             raise UserError(f"--compile_mode {self.compile_mode} is a mode of compiling the decoder layers, which "

@@ -81,6 +81,29 @@ def shorten(example: dict, max_length: int) -> dict:
     return {**example, "input_ids": ids[cut:][:max_length], "labels": labels[cut:][:max_length]}
 
 
+GRAPHS_AUTO_METHODS = ("pt", "lora", "lopa", "idpg")
+"""The methods ``--compile_mode auto`` gives CUDA graphs: the PEFT methods, whose decoder layers ran under them on an
+H100 with the default mode's losses (BENCHMARKS.md, sessions 19-20); not FFT, whose every weight would be a graph's
+input and output (never run)."""
+
+
+def resolve_compile_mode(train: TrainArgs, method: str, device_type: str, num_processes: int, deepspeed: bool,
+                         encoder_graphs: bool) -> tuple[str, str | None]:
+    """The compiled decoder layers' mode, and why ``--compile_mode auto`` did not choose reduce-overhead (None when
+    it did, or when a mode was named). Auto chooses CUDA graphs where they were tried: a PEFT method in one process
+    on CUDA, without DeepSpeed, activation checkpoints (pytorch#154306) or the encoder's own CUDA graphs."""
+    if train.compile_mode != "auto":
+        return train.compile_mode, None
+    reasons = [why for why, ruled_out in (
+        (f"the device is {device_type}, not CUDA", device_type != "cuda"),
+        (f"{method} has not been run with them", method not in GRAPHS_AUTO_METHODS),
+        (f"{num_processes} processes", num_processes > 1),
+        ("DeepSpeed", deepspeed),
+        ("--gradient_checkpointing", train.gradient_checkpointing),
+        ("--encoder_graphs", encoder_graphs)) if ruled_out]
+    return ("default", "; ".join(reasons)) if reasons else ("reduce-overhead", None)
+
+
 def pad_multiple(train: TrainArgs, compile_mode: str | None) -> int | None:
     """The width multiple batches are rounded up to, or None: ``--pad_to_multiple_of`` when given (0 and 1: none),
     else 64 where the decoder layers compile with reduce-overhead (CUDA graphs record one graph per batch shape).
@@ -220,15 +243,17 @@ class Trainer:
         model.selective_logits = t.selective_logits
         model.packing = t.packing and not t.pad_to_max_length  # fixed-length rows are asked for as the original's
         self.compiled = t.compile == "on" or (t.compile == "auto" and acc.device.type == "cuda" and not self.ds)
-        self.compile_mode = t.compile_mode if self.compiled else None
+        self.encoder_graphs = bool(t.encoder_graphs and m.uses_encoder and acc.device.type == "cuda" and not self.ds
+                                   and model.prompt.encoder.use_graphs())
+        self.compile_mode, self.no_graphs_reason = (
+            resolve_compile_mode(t, m.method, acc.device.type, acc.num_processes, self.ds, self.encoder_graphs)
+            if self.compiled else (None, None))
         # reduce-overhead: a new step before each micro-batch, so that its graphs may reuse the last one's memory;
         # with accumulation the gradients then live outside the graphs' memory (_queue_step)
         self.graph_steps = self.compile_mode == "reduce-overhead"
         self.cuda_graphs = self.graph_steps and acc.device.type == "cuda"  # torch records none on the CPU
         self.pad_multiple = pad_multiple(t, self.compile_mode)
         model.packed_width_multiple = self.pad_multiple
-        self.encoder_graphs = bool(t.encoder_graphs and m.uses_encoder and acc.device.type == "cuda" and not self.ds
-                                   and model.prompt.encoder.use_graphs())
         self.compiled_encoder = self.compiled and m.uses_encoder and t.compile_encoder and not self.encoder_graphs
         if self.compiled:  # the default mode is passed as no mode at all, as before the option existed
             fast_paths.compile_layers(model.lm, **({"mode": self.compile_mode} if self.graph_steps else {}))
@@ -323,10 +348,14 @@ class Trainer:
                     raise RuntimeError("the dataloader ran out before the planned batches")  # a bug, not a user error
                 try:
                     queued = self._queue_step(window)
-                except BaseException:
+                except BaseException as exc:
                     with contextlib.suppress(Exception):  # log the step before, if the device still answers
                         if pending is not None:
                             self._finish_step(pending, bar)
+                    if self.graph_steps and isinstance(exc, torch.OutOfMemoryError):  # raised on CUDA only
+                        self.log.error("out of GPU memory with the decoder layers under CUDA graphs (compile mode "
+                                       "reduce-overhead; they keep memory of their own): --compile_mode default "
+                                       "turns them off")
                     raise
                 if pending is not None:
                     self._finish_step(pending, bar)
@@ -369,6 +398,10 @@ class Trainer:
         """Where --compile_mode reduce-overhead records no CUDA graphs, the log says so (and config.json's runtime:
         compile_mode, cuda_graphs), as for --encoder_graphs: the same command line runs as a CPU smoke test."""
         t, device = self.config.train, self.accelerator.device.type
+        if t.compile_mode == "auto" and self.compiled:
+            self.log.info("--compile_mode auto: %s", "reduce-overhead, the decoder layers replayed from CUDA graphs "
+                          "(--compile_mode default turns them off)" if self.no_graphs_reason is None else
+                          f"the default mode, no CUDA graphs ({self.no_graphs_reason})")
         if t.compile_mode == "reduce-overhead" and not self.compiled:
             self.log.warning("--compile_mode reduce-overhead is not used: --compile auto compiles only on CUDA without "
                              "DeepSpeed (here: %s); --compile on compiles anyway", device)
