@@ -1,7 +1,7 @@
 """From data to the results table: train → generate → post-process → evaluate for a grid of methods × tasks ×
 models, then results.md (the paper's table layout), results.png and loss_curves.png in --out.
 
-    python run_experiment.py --preset smoke                       # tiny models on the CPU, about a minute
+    python run_experiment.py --preset smoke                       # tiny models on the CPU, a minute or two
     python run_experiment.py --preset paper-phi-2 --out runs/phi2  # the paper's phi-2 settings, on a GPU
     python run_experiment.py --preset paper-phi-3 --out runs/phi3  # likewise for each model of the paper's table
     python run_experiment.py --preset paper --out runs/paper       # all six: the paper's whole table, one results.md
@@ -11,9 +11,9 @@ A cell is skipped when it has a stored result for the same commands and data fil
 NOT part of that check: after changing the code, rerun with --force (results.md lists each cell's git commit, and
 a kept cell from another commit is flagged). A cell that fails leaves no result: the other cells still run, the
 failure (command, error, cells/<model>/<task>/<method>/cell.log) is printed and listed in results.md, and the exit
-status is 1. A cell interrupted by Ctrl-C or a kill leaves no result either. The next run redoes both. Runs may
-share --out (one per GPU): each cell runs under its own lock, and a run skips the cells another is running. See
-README.md.
+status is 1. A cell interrupted by Ctrl-C or a kill leaves no result either (after Ctrl-C, results.md still shows
+the cells finished before it). The next run redoes both. Runs may share --out (one per GPU): each cell runs under
+its own lock, and a run skips the cells another is running. See README.md.
 """
 from __future__ import annotations
 
@@ -129,21 +129,34 @@ def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
         print(f"warning: {line}", file=sys.stderr)
     if args.plan:
         return _print_plan(cells, args.force)
-    results, ran, failed, busy = _run_cells(cells, presets[0].seed, args.force)
-    # The report covers the presets' whole grids: cells outside --methods/--tasks/--models that an earlier run
-    # stored with the same configuration are shown too, and so are those another run finished meanwhile.
-    selected = {c.key for c in cells}
-    shown = []
-    for preset, grid in zip(presets, grids):
-        for cell in plan_cells(dataclasses.replace(preset, **grid), out):
-            stored = None if cell.key in results or cell.key in failed else stored_result(cell)
-            if stored is not None:
-                results[cell.key] = stored
-            if cell.key in selected or stored is not None:
-                shown.append(cell)
-    table = write_results_md(out, args.preset, shown, results, failed)
-    plot_table(out, shown, results)
-    plot_loss_curves(out, shown)
+    results, ran, failed, busy = {}, [], {}, []
+
+    def report() -> pathlib.Path:
+        # The report covers the presets' whole grids: cells outside --methods/--tasks/--models that an earlier run
+        # stored with the same configuration are shown too, and so are those another run finished meanwhile.
+        selected = {c.key for c in cells}
+        shown = []
+        for preset, grid in zip(presets, grids):
+            for cell in plan_cells(dataclasses.replace(preset, **grid), out):
+                stored = None if cell.key in results or cell.key in failed else stored_result(cell)
+                if stored is not None:
+                    results[cell.key] = stored
+                if cell.key in selected or stored is not None:
+                    shown.append(cell)
+        table = write_results_md(out, args.preset, shown, results, failed)
+        plot_table(out, shown, results)
+        plot_loss_curves(out, shown)
+        return table
+
+    try:
+        _run_cells(cells, presets[0].seed, args.force, results, ran, failed, busy)
+    except BaseException:  # Ctrl-C, or a crash of the runner itself: report the cells finished so far
+        try:
+            print(f"stopped; the cells finished so far -> {report()}", file=sys.stderr, flush=True)
+        except Exception as exc:  # the stop is what the user must see, not a second error
+            print(f"warning: no report of the finished cells ({type(exc).__name__}: {exc})", file=sys.stderr)
+        raise
+    table = report()
     kept = len(cells) - len(ran) - len(failed) - len(busy)
     print(f"{len(ran)} cells run, {kept} kept, {len(busy)} left to other runs, {len(failed)} failed -> {table}")
     for key, failure in failed.items():
@@ -179,15 +192,16 @@ def _print_plan(cells, force: bool) -> dict:
     return {"planned": [c.key for c in cells], "stored": stored, "ran": [], "failed": {}, "results": {}}
 
 
-def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict, list[str]]:
+def _run_cells(cells, seed: int, force: bool, results: dict, ran: list[str], failed: dict,
+               busy: list[str]) -> None:
     """Run the cells that have no stored result (all of them with ``force``), each under ``<cell>/.lock``: a cell
     that another run (sharing --out, say on another GPU) holds is left to it, and one it finished meanwhile is
-    kept, also under ``force``. Returns results, the keys run here, failures and the keys left to other runs."""
+    kept, also under ``force``. Fills in results, the keys run here, failures and the keys left to other runs as
+    it goes (an interrupted run still reports the cells it finished)."""
     from utils.experiment import (CellFailed, git_commit, interruptible, replaced_results, run_cell, stop_requested,
                                   stored_result)
     from utils.fileio import try_lock
 
-    results, ran, failed, busy = {}, [], {}, []
     commit, started = git_commit(), time.time()
 
     def keep(cell, tag, stored):
@@ -236,7 +250,6 @@ def _run_cells(cells, seed: int, force: bool) -> tuple[dict, list[str], dict, li
             ran.append(cell.key)
             print(f"{tag}: pass@1 {100 * results[cell.key]['pass@1']:.2f} ({results[cell.key]['seconds']} s)",
                   flush=True)
-    return results, ran, failed, busy
 
 
 def _release_memory() -> None:

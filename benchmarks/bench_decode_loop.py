@@ -60,7 +60,8 @@ def decode(model, tok, loop: str, batch: dict, new_tokens: int) -> torch.Tensor:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--loops", default="hf-generate,hf-static,own-k1,own-k8,own-end")
     p.add_argument("--batch_sizes", default="1,16,64")
     p.add_argument("--new_tokens", type=int, default=128)

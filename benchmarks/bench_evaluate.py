@@ -156,7 +156,8 @@ def _time_classic(task_samples, timeout, workers, variant):
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--smoke", action="store_true", help="8 samples per task, one round")
     p.add_argument("--n_workers", type=int, default=None, help="workers for every method (default: CPU count)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (the table shows the median)")

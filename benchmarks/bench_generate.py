@@ -251,7 +251,8 @@ def agreement(args, writer: ResultWriter, lm) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--model", default="phi-2")
     p.add_argument("--methods",
                    default="hf-generate,none,none-own,lopa,lopa-own,pt,pt-own,none-own-full,none-own-static")

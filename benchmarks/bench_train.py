@@ -295,7 +295,8 @@ def _decoder_work(batch: dict, m: int, width_constant: float, packing: bool,
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--model", default="phi-2")
     p.add_argument("--methods", default="fft,lora,pt,idpg,lopa,peft-pt,peft-lora")
     p.add_argument("--encoder", default="codebert-base", help="encoder architecture for idpg/lopa (random weights)")

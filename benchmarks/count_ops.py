@@ -167,7 +167,8 @@ def outside_layer_ops(methods=("pt", "lopa")) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--only", choices=("encoder", "decode_step", "layer_graphs", "outside_layers"), default=None)
     args = p.parse_args(argv)
     rows = []

@@ -55,7 +55,8 @@ def runs(args, results: str):
 
 
 def main(argv=None) -> list[str]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--train_methods", default=None, help=f"default {TRAIN_METHODS} (Llama-3: without fft)")
     p.add_argument("--gen_methods", default=GEN_METHODS)

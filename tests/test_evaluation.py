@@ -240,6 +240,40 @@ def test_evaluate_rejects_bad_input_with_a_one_line_error(tmp_path, data_paths, 
     assert err.count("error: ") == 5 and err.count("--timeout must be a positive finite number") == 3
 
 
+def test_the_other_tasks_data_file_is_named_as_such_with_the_file_to_pass(tmp_path, data_paths, capsys):
+    """The CRUXEval tools given the MBPP file (as --data_path or --problem_file) said only "record is missing field
+    'id'"; the MBPP tools given the CRUXEval file as --problem_file, only "... missing field 'task_id'"."""
+    crux = tmp_path / "output.json"
+    crux.write_text(json.dumps({"sample_400": ["1"]}))
+    mbpp = _write_jsonl(tmp_path / "mbxp_solutions.jsonl", [{"task_id": "MBPP/488", "completion": "    pass"}])
+    score_crux = ["evaluate_preds.py", "--task_name", "cruxeval_output_prediction", "--path", str(crux)]
+    for argv, flag in ((score_crux, "--data_path"), (score_crux, "--problem_file"),
+                       (["postprocess_cruxeval_preds.py", "--path", str(crux), "--mode", "output"], "--data_path")):
+        err = _cli_error(argv + [flag, data_paths["mbpp"]], capsys)
+        assert err == (f"error: {data_paths['mbpp']}:1: record is missing field 'id'; it looks like MBPP data (its "
+                       f"records have MBPP's field 'task_id'); --task_name cruxeval_output_prediction needs the "
+                       f"CRUXEval JSONL, one record per line with fields id, code, input, output; pass that file as "
+                       f"--data_path\n")
+    for script in ("evaluate_preds.py", "postprocess_mbpp_preds.py"):
+        task = ["--task_name", "mbpp"] if script == "evaluate_preds.py" else []
+        err = _cli_error([script, *task, "--path", mbpp, "--problem_file", data_paths["cruxeval"]], capsys)
+        assert err == (f"error: {data_paths['cruxeval']}:1: record is missing field 'task_id'; it looks like CRUXEval "
+                       f"data (its records have CRUXEval's fields 'id' and 'code'); MBPP problems are JSONL with "
+                       f"fields task_id, prompt, entry_point, test (generate_preds.py writes mbpp_test_problems.jsonl "
+                       f"beside the predictions): pass that as --problem_file, or the MBXP-format MBPP JSONL "
+                       f"(mbpp_release_v1.jsonl) as --data_path\n")
+
+
+def _cli_error(argv, capsys) -> str:
+    """A script's stderr for ``[script, *args]``, which must exit with status 2."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(argv[0].removesuffix(".py")).main(argv[1:])
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
 def test_an_unwritable_output_directory_fails_before_any_sample_runs(tmp_path, data_paths, monkeypatch):
     from utils import evaluation, fileio
     from utils.postprocess import postprocess_mbpp_file

@@ -272,6 +272,21 @@ def test_an_interrupted_cell_counts_as_not_done(tmp_path, monkeypatch):
     assert again["ran"] == [f"tiny-phi-2/mbpp/{m}" for m in ("pt", "idpg", "lopa")]
 
 
+def test_an_interrupted_run_still_reports_the_cells_it_finished(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the second cell left no results.md or results.png at all, for the first cell's finished result."""
+    _fake_stages(monkeypatch, fail=("tiny-phi-2/mbpp/fft", "tune_fft_baseline.py", KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # still raised: the script exits non-zero
+        run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp"])
+    text = (tmp_path / "results.md").read_text()
+    main_table = text.split("| MBPP stage 1 |")[0]
+    rows = dict(re.findall(r"^\| (None|FFT|LoRA|PT|IDPG|LOPA) \| (\S+) \|$", main_table, re.M))
+    assert rows == {"None": f"{100 * _score('mbpp', 'none'):.2f}", "FFT": "—", "LoRA": "—", "PT": "—", "IDPG": "—",
+                    "LOPA": "—"}
+    assert "- `tiny-phi-2/mbpp/fft`: no result" in text
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"stopped; the cells finished so far -> {tmp_path / 'results.md'}" in capsys.readouterr().err
+
+
 def test_runs_sharing_an_out_leave_each_other_the_cells_they_hold(tmp_path, monkeypatch, capsys):
     """Several runs may share --out (one per GPU): each cell runs under its own lock, so a cell another run holds is
     skipped, and one another run finished after this run started is kept, even under --force."""

@@ -307,9 +307,11 @@ def test_a_set_of_a_flag_the_method_does_not_read_is_refused_at_once(tmp_path):
     with pytest.raises(UserError, match=r"--set 'lora.lp_rank=2': lora does not read --lp_rank \(only lopa do\)"):
         apply_overrides(paper_preset("phi-2"), ["lora.lp_rank=2"])
     assert apply_overrides(paper_preset("phi-2"), ["lopa.lp_rank=2"]).per_method["lopa"]["lp_rank"] == "2"
-    # an abbreviation (argparse reads --lp_r as --lp_rank) is caught by the plan's checks
+    # an abbreviation is caught by the plan's checks, for lopa too (argparse used to read --lp_r as --lp_rank)
     from utils.experiment import check_commands, plan_cells
 
-    with pytest.raises(UserError, match=r"phi-2/mbpp/lora: tune_foundation_model.py rejects its arguments \(--lp_rank "
-                                        r"is for lopa, not lora; drop it\)"):
-        check_commands(plan_cells(apply_overrides(paper_preset("phi-2"), ["lora.lp_r=2"]), tmp_path))
+    for method in ("lora", "lopa"):
+        with pytest.raises(UserError, match=rf"phi-2/\w+/{method}: tune_foundation_model.py rejects its arguments "
+                                            r"\(unrecognized arguments: --lp_r 2; flags are not abbreviated: "
+                                            r"spell out --lp_rank\)"):
+            check_commands(plan_cells(apply_overrides(paper_preset("phi-2"), [f"{method}.lp_r=2"]), tmp_path))

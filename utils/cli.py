@@ -45,13 +45,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors follow the project's one-line ``error:`` form and exit with status 2."""
+    """argparse whose errors follow the project's one-line ``error:`` form and exit with status 2, and which takes
+    no abbreviations: ``--limit 3`` was read as tune_foundation_model.py's ``--limit_train_examples 3``."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments: "):  # an abbreviation, say: name the flags it begins
+            given = [a.split("=")[0] for a in message.split()[2:] if a.startswith("--")]
+            meant = [o for a in given for o in self._option_string_actions if o.startswith(a)]
+            if meant:
+                message += f"; flags are not abbreviated: spell out {' or '.join(meant)}"
         self.exit(2, f"error: {message}\n")
 
 

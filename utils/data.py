@@ -84,13 +84,24 @@ def read_jsonl(path: str | os.PathLike, required_fields=(), hint: str = "") -> l
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}{hint}")
             missing = [f for f in required_fields if f not in record]
             if missing:
-                raise UserError(f"{path}:{lineno}: record is missing field {missing[0]!r}{hint}")
+                raise UserError(f"{path}:{lineno}: record is missing field {missing[0]!r}"
+                                f"{_other_tasks_file(record, required_fields)}{hint}")
             mistyped = [f for f in required_fields if not isinstance(record[f], str)]
             if mistyped:  # a list 'test' or null 'prompt' was a TypeError deep in generation or the evaluator
                 raise UserError(f"{path}:{lineno}: field {mistyped[0]!r} must be a string, got "
                                 f"{type(record[mistyped[0]]).__name__}{hint}")
             records.append(record)
     return records
+
+
+def _other_tasks_file(record: dict, required_fields) -> str:
+    """``"; it looks like ..."`` when ``record`` is the other task's (the usual cause of a missing field), else ""."""
+    if "task_id" in record and "task_id" not in required_fields:
+        what = "MBPP predictions" if "completion" in record and "prompt" not in record else "MBPP data"
+        return f"; it looks like {what} (its records have MBPP's field 'task_id')"
+    if "id" in record and "code" in record and "id" not in required_fields:
+        return "; it looks like CRUXEval data (its records have CRUXEval's fields 'id' and 'code')"
+    return ""
 
 
 def _mbpp_public_file() -> pathlib.Path:

@@ -31,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from utils.data import CRUXEVAL_SPLITS, default_data_path, load_records, load_task_split, read_jsonl, read_text_file
+from utils.data import (CRUXEVAL_SPLITS, dataset_hint, default_data_path, load_records, load_task_split, read_jsonl,
+                        read_text_file)
 from utils.errors import UserError
 from utils.fileio import atomic_write_text, check_writable_dir
 from utils.prediction_files import check_generated_for
@@ -43,6 +44,9 @@ DEFAULT_TIMEOUT = {"mbpp": 15.0, "cruxeval_input_prediction": 10.0, "cruxeval_ou
 DEFAULT_K = (1, 5, 10)
 MBPP_PROBLEM_FIELDS = ("task_id", "prompt", "entry_point", "test")
 MBPP_PROBLEMS_FILE = "mbpp_test_problems.jsonl"
+MBPP_PROBLEMS_HINT = (f"MBPP problems are JSONL with fields {', '.join(MBPP_PROBLEM_FIELDS)} (generate_preds.py "
+                      f"writes {MBPP_PROBLEMS_FILE} beside the predictions): pass that as --problem_file, or the "
+                      f"MBXP-format MBPP JSONL (mbpp_release_v1.jsonl) as --data_path")
 
 
 @dataclasses.dataclass
@@ -258,7 +262,7 @@ def load_mbpp_problems(predictions_path, problem_file=None, data_path=None, mbpp
     if problem_file is None and data_path is None and sibling.is_file():
         problem_file = sibling
     if problem_file is not None:
-        records = read_jsonl(problem_file, MBPP_PROBLEM_FIELDS)
+        records = read_jsonl(problem_file, MBPP_PROBLEM_FIELDS, MBPP_PROBLEMS_HINT)
     else:
         records = load_task_split("mbpp", "test", data_path or default_data_path("mbpp"), mbpp_split=mbpp_split)
     return {r["task_id"]: r for r in records}
@@ -268,7 +272,8 @@ def load_cruxeval_records(task_name, problem_file=None, data_path=None) -> dict[
     """Every CRUXEval row by id (predictions may come from either split): from ``problem_file`` or
     ``data_path``, else ../shared/data when present, else the public source."""
     path = problem_file or data_path or default_data_path(task_name)
-    records = read_jsonl(path, ("id", "code", "input", "output")) if path else load_records(task_name, None)
+    hint = dataset_hint(task_name)  # an MBPP file here said only "missing field 'id'"
+    records = read_jsonl(path, ("id", "code", "input", "output"), hint) if path else load_records(task_name, None)
     return {r["id"]: r for r in records}
 
 

@@ -225,7 +225,7 @@ def _parse_only(script: str, argv: list[str]) -> tuple | None:
 
         kind = "fft" if script == "tune_fft_baseline.py" else "peft"
         ns = build_parser(kind).parse_args(argv)
-        refuse_other_methods_flags(argv, kind, ns.peft_method if kind == "peft" else "fft")  # abbreviations too
+        refuse_other_methods_flags(argv, kind, ns.peft_method if kind == "peft" else "fft")
         config = config_from_namespace(ns, kind)
         model = config.model
         return model.task_name, "train", model.data_path, model.mbpp_split, config.train.limit_train_examples

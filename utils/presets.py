@@ -89,7 +89,7 @@ CELL_FLAGS = {"task_name": "--tasks", "model_type": "--models", "peft_method": "
               "path": None}
 """Stage flags the runner sets for each cell (what --set should use instead, where there is something), aliases
 included. A --set of one would come after the cell's own value and win, so that, for example, the MBPP cell
-trained on CRUXEval. Their abbreviations, which argparse would accept, are refused too."""
+trained on CRUXEval. Their abbreviations are refused here too, naming the flag (the stages' parsers refuse any)."""
 
 
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
