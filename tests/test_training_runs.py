@@ -550,6 +550,28 @@ def test_batch_widths_rounded_to_a_multiple_train_exactly_like_unrounded_ones(tm
         assert runs[name][1]["runtime"]["compile_mode"] is None  # rounding alone compiles nothing
 
 
+def test_an_interrupted_run_keeps_its_loss_plot_and_a_cut_epoch_logs_its_mean(tmp_path, data_paths, monkeypatch):
+    """Ctrl-C in the third step: loss.png shows the two steps logged (before, only a finished run drew it).
+    --max_train_steps 2 of an epoch's 3 batches: the log gives that epoch's mean so far, with how much of it ran."""
+    forward, calls = TunedModel.forward, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TunedModel, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _pt_run(tmp_path / "stopped", data_paths["mbpp"], "--compile", "off")
+    assert len([r for r in read_metrics(tmp_path / "stopped" / "metrics.jsonl") if "loss" in r]) == 2
+    assert (tmp_path / "stopped" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setattr(TunedModel, "forward", forward)
+    losses, _, log = _pt_run(tmp_path / "cut", data_paths["mbpp"], "--compile", "off", "--max_train_steps", "2")
+    assert f"epoch 1 (2 of 3 batches): mean loss {sum(losses) / 2:.4f}" in log, log
+    assert "epoch 1: mean loss" not in log
+
+
 def test_running_out_of_memory_under_cuda_graphs_names_the_switch(tmp_path, data_paths, monkeypatch):
     """Out of memory in a step whose decoder layers run under CUDA graphs: the log names --compile_mode default
     (the graphs keep memory of their own), and the error still ends the run; without graphs, no such line."""

@@ -334,8 +334,33 @@ class Trainer:
         skips_before = _cudagraph_skips() if self.cuda_graphs else 0
         self.model.train()
         bar = ProgressBar(plan.total_steps, self.state.global_step, acc.is_main_process)
-        epoch_losses = []
         self._wall = self._rate_clock = (time.perf_counter(), self.state.tokens)
+        try:
+            epoch_losses = self._steps(bar, rng)
+        except BaseException:  # Ctrl-C or a crash: loss.png of the steps so far, as a finished run has it
+            with contextlib.suppress(Exception):
+                self._plot_loss()
+            raise
+        if self.state.epoch_steps:  # --max_train_steps ended the last epoch early: its mean so far
+            self.log.info("epoch %d (%d of %d batches): mean loss %.4f", self.state.epoch + 1,
+                          self.state.batch_in_epoch, self.plan.batches_per_epoch,
+                          self.state.epoch_loss_sum / self.state.epoch_steps)
+        bar.close()
+        final = self._save_final()
+        if not cfg.output.keep_checkpoints and acc.is_main_process:  # they protected the run; final/ replaces them
+            shutil.rmtree(self.log_dir / CHECKPOINTS_DIR, ignore_errors=True)
+        self._plot_loss()
+        acc.end_training()
+        if self.cuda_graphs:
+            self._log_cudagraph_skips(_cudagraph_skips() - skips_before)
+        self.log.info("done: %d steps; final weights in %s", self.state.global_step, final)
+        return TrainResult(self.log_dir, final, self.state.global_step, epoch_losses, acc.is_main_process)
+
+    def _steps(self, bar: ProgressBar, rng) -> list[float]:
+        """The optimizer steps from where the state stands to the plan's end (``rng``: a resumed run's generator
+        states, set where it stood); returns the mean loss of each epoch finished here."""
+        acc, plan, cfg = self.accelerator, self.plan, self.config
+        epoch_losses = []
         pending = None  # the last queued step, read back once the next one is queued behind it
         while self.state.global_step < plan.total_steps:
             batches = iter(self._epoch_loader())
@@ -381,18 +406,12 @@ class Trainer:
                     if next(batches, None) is not None:
                         raise RuntimeError("the dataloader had more batches than planned")
                     break
-        bar.close()
-        final = self._save_final()
-        if not cfg.output.keep_checkpoints and acc.is_main_process:  # they protected the run; final/ replaces them
-            shutil.rmtree(self.log_dir / CHECKPOINTS_DIR, ignore_errors=True)
-        if acc.is_main_process:
-            plot_loss(self.metrics.path, self.log_dir / LOSS_PLOT,
-                      f"{cfg.model.method} {cfg.model.task_name} {cfg.model.model_type}")
-        acc.end_training()
-        if self.cuda_graphs:
-            self._log_cudagraph_skips(_cudagraph_skips() - skips_before)
-        self.log.info("done: %d steps; final weights in %s", self.state.global_step, final)
-        return TrainResult(self.log_dir, final, self.state.global_step, epoch_losses, acc.is_main_process)
+        return epoch_losses
+
+    def _plot_loss(self) -> None:
+        if self.accelerator.is_main_process:
+            m = self.config.model
+            plot_loss(self.metrics.path, self.log_dir / LOSS_PLOT, f"{m.method} {m.task_name} {m.model_type}")
 
     def _log_compile_mode(self) -> None:
         """Where --compile_mode reduce-overhead records no CUDA graphs, the log says so (and config.json's runtime:
