@@ -82,9 +82,10 @@ def shorten(example: dict, max_length: int) -> dict:
 
 
 GRAPHS_AUTO_METHODS = ("pt", "lora", "lopa", "idpg")
-"""The methods ``--compile_mode auto`` gives CUDA graphs: the PEFT methods, whose decoder layers ran under them on an
-H100 with the default mode's losses (BENCHMARKS.md, sessions 19-20); not FFT, whose every weight would be a graph's
-input and output (never run)."""
+"""The methods ``--compile_mode auto`` gives CUDA graphs: the PEFT methods. On an H100 PT's decoder layers ran under
+them through the trainer, and LoRA's in the benchmark, with the default mode's losses (BENCHMARKS.md, sessions
+19-20); LOPA's and IDPG's decoder input is a soft prompt as PT's (not yet run on a GPU). Not FFT, whose every weight
+would be a graph's input and output (never run)."""
 
 
 def resolve_compile_mode(train: TrainArgs, method: str, device_type: str, num_processes: int, deepspeed: bool,
