@@ -387,6 +387,20 @@ def test_a_non_root_evaluators_programs_hold_no_capabilities():
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
+CHATTY_THEN_HANG = """import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print('started')
+sys.stderr.write('still going')
+if os.fork() == 0:
+    os.setsid()
+    print('child')
+else:
+    os.wait()
+while True:
+    time.sleep(1)
+"""
+
+
 @pytest.mark.parametrize("start", ["forkserver", "exec"])
 def test_both_start_methods_contain_a_daemon_and_a_loop(arena, start):
     programs = hostile_programs(arena)
@@ -396,8 +410,13 @@ def test_both_start_methods_contain_a_daemon_and_a_loop(arena, start):
         daemon = sandbox.run(programs["daemon_then_exit"])
         loop = sandbox.run(programs["infinite_loop"])
         connect = sandbox.run(programs["socket"])
+        chatty = sandbox.run(CHATTY_THEN_HANG)
     assert (ok.status, ok.stdout) == ("passed", "42\n")
     assert daemon.status == "failed" and loop.status == "timed out" and loop.seconds < 2.0 + SLACK
+    # What a timed-out program printed is kept in every mode (namespaces: its supervisor stops it at the limit and
+    # copies the output out), a forked child's that left its session and ignores SIGTERM included.
+    assert (chatty.status, chatty.reason) == ("timed out", "exceeded the 2 s wall-clock limit"), chatty.reason
+    assert (chatty.stdout, chatty.stderr) == ("started\nchild\n", "still going") and chatty.seconds < 2.0 + SLACK
     if sandbox.features["pid_namespace"] or sandbox.features["unprivileged_uid"]:
         assert _settled(_processes_with, arena["marker"]) == []
     if sandbox.features["network_namespace"]:  # each start sets up its own (exec: the unshare flags)
@@ -405,6 +424,21 @@ def test_both_start_methods_contain_a_daemon_and_a_loop(arena, start):
         arena["listener"].settimeout(0.2)
         with pytest.raises(socket.timeout):
             arena["listener"].accept()
+
+
+@pytest.mark.parametrize("start", ["forkserver", "exec"])
+def test_the_hosts_kill_backs_up_a_namespaced_samples_supervisor(monkeypatch, start):
+    """Should the supervisor not stop the program at its limit, the host still kills the whole sample (its output
+    is lost then) at ``kill_after``: here 1 s, while the supervisor waits for its 60 s."""
+    with Sandbox(SandboxConfig(timeout=60.0, start=start)) as sandbox:
+        if sandbox.mode != "namespaces":
+            pytest.skip("the supervisor enforces the timeout only in the namespaces mode")
+        monkeypatch.setattr("utils.sandbox.NS_KILL_GRACE", 1.0 - 60.0)
+        result = sandbox.run(CHATTY_THEN_HANG)
+        uids = (sandbox._uid_base, sandbox._uid_base + 256)
+    assert result.status == "timed out" and result.seconds < 1.0 + SLACK, (result.status, result.seconds)
+    if os.geteuid() == 0:
+        assert _settled(_processes_of_uids, *uids) == []
 
 
 def test_mode_none_still_enforces_timeout_limits_env_and_kills_daemons(arena):
@@ -418,8 +452,7 @@ def test_mode_none_still_enforces_timeout_limits_env_and_kills_daemons(arena):
         # No PID namespace and no uid here: the fork server, a child subreaper, inherits and kills the daemons.
         daemons = [sandbox.run(programs[name]) for name in ("daemon_then_exit", "daemon_then_hang")]
     assert loop.status == "timed out" and loop.seconds < 2.0 + SLACK
-    # What it printed before the kill is kept: the interpreter runs unbuffered (-u). Not so in namespaces mode,
-    # whose private output files are copied out only when the program ends (docs/EVALUATION.md).
+    # What it printed before the kill is kept: the interpreter runs unbuffered (-u).
     assert (loop.stdout, loop.stderr) == ("started\n", "still going")
     assert mem.status == "failed" and mem.reason.startswith("MemoryError")
     assert env.status == "passed", env.reason
@@ -704,6 +737,7 @@ def test_a_long_exception_message_reaches_the_reason_whole():
     ("P\nX 0\n", ("passed", "", False)),
     ("X 0\n", ("failed", "exited with code 0 before the program finished (os._exit or similar)", False)),
     ("P\nX -9\n", ("failed", "killed by SIGKILL", False)),
+    ("T 3\nX -9\n", ("timed out", "exceeded the 3 s wall-clock limit", False)),  # its supervisor stopped it
     ("", ("failed", "sandbox supervisor ended without a result", True)),
 ])
 def test_interpret_reads_the_status_file_into_a_verdict(tmp_path, status_lines, expected):

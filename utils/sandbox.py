@@ -13,7 +13,9 @@ Each program runs in its own process, temporary directory and session/process gr
 * the evaluator's **site-packages** importable (read-only with namespaces, as is its virtualenv), as in the
   classic harnesses;
 * **rlimits** on address space (RLIMIT_AS), CPU time, file size, open files and core dumps;
-* a **wall-clock timeout** after which the whole process group is SIGKILLed.
+* a **wall-clock timeout** after which the whole process group is SIGKILLed (with namespaces the sample's
+  supervisor kills its whole PID namespace at the timeout and keeps the output; the host kills the group
+  ``NS_KILL_GRACE`` s later only if it is still there).
 
 Where the OS allows it (mode ``namespaces``; chosen automatically by probing; as root on these machines):
 
@@ -68,8 +70,8 @@ import time
 import weakref
 
 from utils.errors import UserError
-from utils.sandbox_process import (ForkServer, RunResult, ServerGone, close_servers, exec_sample, interpret,
-                                   process_uids, same_interpreter, site_packages)
+from utils.sandbox_process import (NS_KILL_GRACE, ForkServer, RunResult, ServerGone, close_servers, exec_sample,
+                                   interpret, process_uids, same_interpreter, site_packages)
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("auto", "namespaces", "uid", "none")
@@ -83,7 +85,9 @@ class SandboxUnavailable(UserError, RuntimeError):
 @dataclasses.dataclass
 class SandboxConfig:
     timeout: float = 10.0
-    """Wall-clock seconds before the whole process group is killed (the result is 'timed out')."""
+    """Wall-clock seconds before the program is killed (the result is 'timed out'; with namespaces its supervisor
+    kills it and keeps its output, and the host kills the whole sample ``NS_KILL_GRACE`` s later if it is still
+    there)."""
     memory_mb: int = 1024
     """RLIMIT_AS of the program, in MiB."""
     file_size_mb: int = 16
@@ -306,8 +310,10 @@ class Sandbox:
                    "uid": uid, "ns": ns, "env": self._env(home), "hide": _hidden_dirs(cfg.hide),
                    "tmpfs_mb": cfg.tmpfs_mb,
                    "import_paths": self._import_paths, "readonly": _evaluator_venv(),
-                   "timeout": timeout, "limits": {"as": cfg.memory_mb << 20, "fsize": cfg.file_size_mb << 20,
-                                                  "nofile": cfg.nofile, "nproc": nproc, "cpu": int(timeout) + 2}}
+                   # namespaces: the sample's supervisor stops the program at ``timeout``, the host at ``kill_after``
+                   "timeout": timeout, "kill_after": timeout + (NS_KILL_GRACE if ns else 0.0),
+                   "limits": {"as": cfg.memory_mb << 20, "fsize": cfg.file_size_mb << 20,
+                              "nofile": cfg.nofile, "nproc": nproc, "cpu": int(timeout) + 2}}
             if not reuse and not ns:  # (with namespaces the work dir is the private /tmp)
                 os.mkdir(home, 0o700)
                 if drop:
@@ -341,7 +347,7 @@ class Sandbox:
                     server = self._servers[slot] = ForkServer(self.config.python, self._env("/"),
                                                               self.mode == "namespaces")
             try:
-                return server.request(req, req["timeout"] + 10)
+                return server.request(req, req["kill_after"] + 10)
             except ServerGone:
                 with self._lock:
                     self._servers.pop(slot, None)

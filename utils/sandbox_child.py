@@ -7,7 +7,8 @@ It imports only the standard library (os, sys, json, select, resource, ctypes), 
 with any Python 3.11+. The fork server reads one JSON request per line on stdin, forks a child per request,
 enforces its wall-clock timeout and answers ``D <timed out 0|1>``. Each sample's supervisor (PID 1 of its
 PID namespace when namespaced) reports on the status file: ``E <setup error>``, then the program's ``P``
-(ran to its end) or ``F <exception>``, then ``X <exit code or -signal>``.
+(ran to its end) or ``F <exception>``, then (namespaces) ``T <seconds>`` when it stopped the program at its
+wall-clock limit, then ``X <exit code or -signal>``.
 """
 import ctypes
 import json
@@ -314,6 +315,7 @@ def supervise(req, src, fd):
             _exit(3)
     else:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    started = time.monotonic()
     pid = _fork()
     if pid == 0:
         if host:  # the program holds only its private files
@@ -321,7 +323,13 @@ def supervise(req, src, fd):
                 os.close(h)
             fd = private[2]
         run_program(req, src, fd)
-    code = os.waitstatus_to_exitcode(_waitpid(pid, 0)[1])
+    # Namespaces: we stop the program at its limit ourselves (the host's kill comes a little later, a backstop), so
+    # that its output is still copied out below; killed by the host, we could not.
+    status = wait_for(pid, max(0.0, started + req["timeout"] - time.monotonic())) if req["ns"] else None
+    stopped = req["ns"] and status is None
+    if stopped:
+        stop_namespace(pid)
+    code = os.waitstatus_to_exitcode(_waitpid(pid, 0)[1] if status is None else status)
     if host:
         for src_fd, dst_fd, cap in zip(private, host, (req["limits"]["fsize"],) * 2 + (STATUS_CAP,)):
             try:
@@ -333,8 +341,20 @@ def supervise(req, src, fd):
         reap_orphans()
     if req["uid"] >= 0 and not req["ns"]:
         sweep(req["uid"])
+    if stopped:
+        report(fd, "T %g" % req["timeout"])
     report(fd, "X %d" % code)
     _exit(0)
+
+
+def stop_namespace(pid):
+    """As PID 1 of the sample's PID namespace: SIGKILL every other process in it (the program ``pid`` and whatever
+    it forked, daemons in their own sessions included). One forked meanwhile dies with the namespace when we exit;
+    none of them holds the host's files."""
+    try:  # kill(-1) anywhere but PID 1 of a namespace would reach the host's processes: then the program only
+        _kill(-1 if os.getpid() == 1 else pid, SIGKILL)
+    except OSError:
+        pass
 
 
 def read_program(req, fd):
@@ -381,7 +401,7 @@ def forked_sample(req, net_error):
 
 
 def wait_for(pid, timeout):
-    """True if ``pid`` (a child) ended within ``timeout`` s (reaped), False if it is still running."""
+    """The wait status of ``pid`` (a child, reaped) if it ended within ``timeout`` s, else None (still running)."""
     try:
         pfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
@@ -389,16 +409,14 @@ def wait_for(pid, timeout):
     if pfd is not None:
         ready = select.select([pfd], [], [], timeout)[0]
         os.close(pfd)
-        if not ready:
-            return False
-        _waitpid(pid, 0)
-        return True
+        return _waitpid(pid, 0)[1] if ready else None
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if _waitpid(pid, os.WNOHANG)[0]:
-            return True
+        done, status = _waitpid(pid, os.WNOHANG)
+        if done:
+            return status
         time.sleep(0.002)
-    return False
+    return None
 
 
 def serve(isolated):
@@ -425,7 +443,7 @@ def serve(isolated):
                 forked_sample(req, net_error)
             finally:
                 _exit(3)
-        ended = wait_for(pid, req["timeout"])
+        ended = wait_for(pid, req["kill_after"]) is not None
         if not ended:
             for target in (lambda: os.killpg(pid, SIGKILL), lambda: _kill(pid, SIGKILL)):
                 try:

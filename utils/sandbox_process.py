@@ -18,6 +18,10 @@ PYTHON_FLAGS = ["-s", "-S", "-B", "-u"] + (["-P"] if sys.version_info >= (3, 11)
 """``-u``: unbuffered stdout and stderr, so what a program printed before it was killed (a timeout) is in its
 files; buffered, a killed program's last output (up to 8 KiB of stdout) was lost."""
 
+NS_KILL_GRACE = 2.0
+"""Seconds past the timeout before the host kills a namespaced sample: its supervisor stops the program at the
+timeout itself and copies its output out; the host's kill (which would lose that output) is only the backstop."""
+
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 """The child-side script (stdlib only), run with ``python -s -S -B -u -P``."""
 
@@ -145,8 +149,8 @@ def close_servers(servers: dict) -> None:
 
 
 def exec_sample(req: dict, cwd: str, python: str, unshare: str | None, is_root: bool) -> bool:
-    """Exec start: run one sample as a new interpreter (under ``unshare`` with namespaces); True if it timed
-    out (then its process group is killed, and without namespaces every process of its uid)."""
+    """Exec start: run one sample as a new interpreter (under ``unshare`` with namespaces); True if it outlived
+    ``req["kill_after"]`` (then its process group is killed, and without namespaces every process of its uid)."""
     with open(req["status"], "wb") as status, open(req["stdout"], "wb") as out, \
             open(req["stderr"], "wb") as err:
         req = {**req, "status_fd": status.fileno()}
@@ -156,7 +160,7 @@ def exec_sample(req: dict, cwd: str, python: str, unshare: str | None, is_root: 
         proc = subprocess.Popen(prefix + [python, *PYTHON_FLAGS, CHILD, "run", json.dumps(req)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=req["env"], cwd=cwd,
                                 pass_fds=(status.fileno(),), start_new_session=True)
-        if wait_process(proc, req["timeout"]):
+        if wait_process(proc, req["kill_after"]):
             return False
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -183,7 +187,8 @@ def sweep_uid(uid: int) -> None:
 
 
 def interpret(paths: dict, timed_out: bool, timeout: float, max_output_bytes: int, memory_mb: int) -> RunResult:
-    """The result of a finished sample from its status file (see sandbox_child) and output tails."""
+    """The result of a finished sample from its status file (see sandbox_child) and output tails. ``timed_out``:
+    the host killed it; a ``T`` line: its supervisor stopped it at the limit (namespaces)."""
     n = max_output_bytes
     stdout, stderr = read_tail(paths["stdout"], n), read_tail(paths["stderr"], n)
     with open(paths["status"], encoding="utf-8", errors="replace") as fh:
@@ -195,7 +200,7 @@ def interpret(paths: dict, timed_out: bool, timeout: float, max_output_bytes: in
     def done(status, reason, error=False):
         return RunResult(status, reason, 0.0, stdout, stderr, error)
 
-    if timed_out:
+    if timed_out or any(line.startswith("T ") for line in lines):
         return done("timed out", f"exceeded the {timeout:g} s wall-clock limit")
     if setup:
         return done("failed", f"sandbox error: {setup}", True)
