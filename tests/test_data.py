@@ -447,7 +447,8 @@ def test_blank_lines_in_a_data_file_are_skipped(tmp_path):
 def test_a_line_that_is_not_a_json_object_is_named(line, kind, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(_crux_lines((400,)) + line + "\n")
-    with pytest.raises(UserError, match=rf"d\.jsonl:2: expected a JSON object, got {kind}; --task_name"):
+    with pytest.raises(UserError,
+                       match=rf"d\.jsonl:2: expected a JSON object, got {kind}; the task cruxeval_output_prediction"):
         load_task_split("cruxeval_output_prediction", "test", str(path))
     with pytest.raises(UserError, match=rf"d\.jsonl:2: expected a JSON object, got {kind}$"):
         read_jsonl(path)

@@ -251,7 +251,7 @@ def test_the_other_tasks_data_file_is_named_as_such_with_the_file_to_pass(tmp_pa
                        (["postprocess_cruxeval_preds.py", "--path", str(crux), "--mode", "output"], "--data_path")):
         err = _cli_error(argv + [flag, data_paths["mbpp"]], capsys)
         assert err == (f"error: {data_paths['mbpp']}:1: record is missing field 'id'; it looks like MBPP data (its "
-                       f"records have MBPP's field 'task_id'); --task_name cruxeval_output_prediction needs the "
+                       f"records have MBPP's field 'task_id'); the task cruxeval_output_prediction needs the "
                        f"CRUXEval JSONL, one record per line with fields id, code, input, output; pass that file as "
                        f"--data_path\n")
     for script in ("evaluate_preds.py", "postprocess_mbpp_preds.py"):

@@ -203,7 +203,7 @@ def test_file_problems_are_found_before_anything_is_written(tmp_path, data_paths
     (tmp_path / "ds.json").write_text("[1, 2]")
     with pytest.raises(UserError, match=r"ds\.json: expected a JSON object"):
         _parse(["--peft_method", "pt", "--path_to_ds_config", str(tmp_path / "ds.json")] + BASE, tmp_path=tmp_path)
-    with pytest.raises(UserError, match="missing field 'task_id'; it looks like CRUXEval data .*; --task_name mbpp "
+    with pytest.raises(UserError, match="missing field 'task_id'; it looks like CRUXEval data .*; the task mbpp "
                                         "needs the MBXP-format MBPP"):
         _parse(["--peft_method", "pt", "--data_path", data_paths["cruxeval"]] + BASE, tmp_path=tmp_path)
     (tmp_path / "model").mkdir()

@@ -165,7 +165,7 @@ def dataset_hint(task_name: str) -> str:
     """What a --data_path for this task must hold (appended to errors about a wrong file)."""
     task = get_task(task_name)
     family = "the MBXP-format MBPP JSONL (mbpp_release_v1.jsonl)" if task.is_mbpp else "the CRUXEval JSONL"
-    return (f"--task_name {task_name} needs {family}, one record per line with fields "
+    return (f"the task {task_name} needs {family}, one record per line with fields "
             f"{', '.join(task.required_fields)}; pass that file as --data_path")
 
 
