@@ -211,7 +211,7 @@ def bench_padding(args, writer: ResultWriter) -> None:
     shuffled = list(range(len(ds)))
     random.Random(0).shuffle(shuffled)
     multiple = _multiple(args)
-    dynamic = Collator(tok.pad_token_id, pad_to_multiple_of=multiple, host_copy=True)
+    dynamic = Collator(tok.pad_token_id, pad_to_multiple_of=multiple, prefix_tokens=args.m, host_copy=True)
     grouped = list(LengthGroupedSampler(ds.lengths(), args.batch_size, seed=0))
     modes = {"fixed": (Collator(tok.pad_token_id, pad_to=fixed_len, host_copy=True), shuffled, False),
              "dynamic": (dynamic, shuffled, True), "dynamic-unpacked": (dynamic, shuffled, False),

@@ -389,6 +389,10 @@ def test_pad_to_multiple_of_rounds_up_only_past_a_multiple():
     assert [collate(rows(*ls))["input_ids"].shape[1] for ls in ((8, 3), (9, 2), (1,), (16,))] == [8, 16, 8, 16]
     batch = collate(rows(8, 3))
     assert batch["attention_mask"].sum(1).tolist() == [8, 3] and batch["attention_mask"][:, -1].all()
+    # with m = 3 virtual tokens before each row, m + the row is rounded: the decoder's width is the multiple
+    prefixed = Collator(0, pad_to_multiple_of=8, prefix_tokens=3)
+    assert [prefixed(rows(*ls))["input_ids"].shape[1] for ls in ((5, 3), (6, 2), (1,), (13,))] == [5, 13, 5, 13]
+    assert Collator(0, pad_to=20, pad_to_multiple_of=8, prefix_tokens=3)(rows(6))["input_ids"].shape[1] == 20
 
 
 def test_a_shuffled_file_gives_the_split_in_id_order_and_limit_takes_the_lowest_ids(tmp_path, capsys):

@@ -514,9 +514,10 @@ def _pt_run(log_dir, data, *extra) -> tuple[list[float], dict, str]:
 
 
 def test_batch_widths_rounded_to_a_multiple_train_exactly_like_unrounded_ones(tmp_path, data_paths, monkeypatch):
-    """--pad_to_multiple_of 64: the collator's padded rows and the packed rows are multiples of 64 wide, and the
-    per-step losses are those of the run without it (pad positions and filler carry no label), packed or not. The
-    cost estimate is pinned to "matmuls dominate" so that every batch with padding packs."""
+    """--pad_to_multiple_of 64: the decoder's padded rows (m virtual tokens + the collator's row) and the packed rows
+    are multiples of 64 wide, and the per-step losses are those of the run without it (pad positions and filler
+    carry no label), packed or not. The cost estimate is pinned to "matmuls dominate" so that every batch with
+    padding packs."""
     import custom_peft.packing as packing
     import custom_peft.tuned_model as tuned_model
 
@@ -539,7 +540,8 @@ def test_batch_widths_rounded_to_a_multiple_train_exactly_like_unrounded_ones(tm
         assert set(collated) == {multiple}
         assert (runs[name][1]["train"]["pad_to_multiple_of"], runs[name][1]["runtime"]["pad_to_multiple_of"]) == (
             multiple, multiple)
-        assert all(w % 64 == 0 for w in widths) == (name != "plain"), widths
+        m = runs[name][1]["model"]["num_virtual_tokens"]  # the collator counts the soft prompt in the rounding
+        assert all((m + w) % 64 == 0 for w in widths) == (name != "plain"), (m, widths)
         if name == "unpacked":
             assert not packed
         else:  # packed rows hold 2 examples and m = 10 virtual tokens each: no multiple of 64 unless rounded

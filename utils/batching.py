@@ -138,24 +138,28 @@ class Collator:
 
     ``padding_side``: ``right`` for training (labels stay aligned), ``left`` for generation. ``pad_to``: a fixed
     length (the original's behaviour; rows longer than it are an error) instead of the longest row.
-    ``pad_to_multiple_of``: round the longest row up (few distinct shapes for compiled kernels and static caches).
+    ``pad_to_multiple_of``: round the longest row up (few distinct shapes for compiled kernels and static caches);
+    ``prefix_tokens``: positions the model prepends to every row (a soft prompt's m virtual tokens), counted in the
+    rounding, so that the decoder's width (m + the row) is the multiple, as a packed row's is.
     The mask is built from positions, not from ids, so an EOS equal to PAD is still attended.
     ``host_copy``: training batches also carry their mask and labels on the CPU (``"host"``: a
     ``HostCopy``), so the model plans each step without reading them back from the GPU.
     """
 
     def __init__(self, pad_id: int, enc_pad_id: int | None = None, *, padding_side: str = "right",
-                 pad_to: int | None = None, pad_to_multiple_of: int | None = None, host_copy: bool = False):
+                 pad_to: int | None = None, pad_to_multiple_of: int | None = None, prefix_tokens: int = 0,
+                 host_copy: bool = False):
         if padding_side not in ("left", "right"):
             raise ValueError("padding_side must be 'left' or 'right'")
         self.pad_id, self.enc_pad_id, self.padding_side, self.pad_to = pad_id, enc_pad_id, padding_side, pad_to
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_to_multiple_of, self.prefix_tokens = pad_to_multiple_of, prefix_tokens
         self.host_copy = host_copy
 
     def __call__(self, examples: list[dict]) -> dict:
         ids = [e["input_ids"] for e in examples]
         longest = max(len(r) for r in ids)
-        length = self.pad_to if self.pad_to is not None else round_up(longest, self.pad_to_multiple_of)
+        length = (self.pad_to if self.pad_to is not None
+                  else round_up(longest + self.prefix_tokens, self.pad_to_multiple_of) - self.prefix_tokens)
         if longest > length:
             raise ValueError(f"a row of {longest} tokens does not fit pad_to={length}")
         batch = {

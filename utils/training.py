@@ -266,7 +266,8 @@ class Trainer:
                         else EpochSampler(len(self.dataset), m.seed))
         pad_to = max_length if t.pad_to_max_length else None
         collator = Collator(self.tokenizer.pad_token_id, enc_tok.pad_token_id if enc_tok else None,
-                            padding_side="right", pad_to=pad_to, pad_to_multiple_of=self.pad_multiple, host_copy=True)
+                            padding_side="right", pad_to=pad_to, pad_to_multiple_of=self.pad_multiple,
+                            prefix_tokens=m.num_virtual_tokens if self.has_prompt else 0, host_copy=True)
         # pinned batches: accelerate copies them to the GPU without waiting for it (make_accelerator's non_blocking)
         loader = DataLoader(self.dataset, batch_size=t.per_gpu_train_batch_size, sampler=self.sampler,
                             collate_fn=collator, num_workers=0, generator=torch.Generator().manual_seed(m.seed),
