@@ -240,6 +240,15 @@ def test_an_abbreviated_flag_is_refused_not_taken_for_the_flag_it_begins(capsys)
         assert exc.value.code == 2
         assert capsys.readouterr().err == (f"error: unrecognized arguments: {' '.join(argv[-2:])}; flags are not "
                                            f"abbreviated: spell out {meant}\n")
+    # the same setting under another script's name (generate_preds.py's --dtype is training's --model_dtype)
+    import generate_preds
+
+    for parse, argv, meant in ((build_parser("peft").parse_args, ["--peft_method", "pt", *BASE, "--dtype", "bf16"],
+                                "--model_dtype"),
+                               (generate_preds.build_parser().parse_args, [*BASE, "--model_dtype", "bf16"], "--dtype")):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert capsys.readouterr().err.endswith(f"; did you mean {meant}?\n")
 
 
 def test_fft_rejects_a_low_precision_master_copy(tmp_path):

@@ -56,9 +56,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         if message.startswith("unrecognized arguments: "):  # an abbreviation, say: name the flags it begins
             given = [a.split("=")[0] for a in message.split()[2:] if a.startswith("--")]
-            meant = [o for a in given for o in self._option_string_actions if o.startswith(a)]
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            meant = [o for a in given for o in options if o.startswith(a)]
             if meant:
                 message += f"; flags are not abbreviated: spell out {' or '.join(meant)}"
+            else:  # another script's name for the same setting: --dtype here, --model_dtype there, or the reverse
+                alike = [o for a in given for o in options if o.endswith("_" + a[2:]) or a.endswith("_" + o[2:])]
+                if alike:
+                    message += f"; did you mean {' or '.join(alike)}?"
         self.exit(2, f"error: {message}\n")
 
 
