@@ -19,12 +19,11 @@ loop costs on this CPU (the device machine's host is slower). They are not GPU f
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from benchmarks.bench_generate import mbpp_test_records
-from benchmarks.common import ResultWriter, Timer
+from benchmarks.common import ResultWriter, Timer, argument_parser
 from custom_peft.build import build_model
 from utils.batching import Collator, encode_example
 from utils.decode_loop import GreedyDecoder
@@ -60,8 +59,7 @@ def decode(model, tok, loop: str, batch: dict, new_tokens: int) -> torch.Tensor:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--loops", default="hf-generate,hf-static,own-k1,own-k8,own-end")
     p.add_argument("--batch_sizes", default="1,16,64")
     p.add_argument("--new_tokens", type=int, default=128)

@@ -14,7 +14,6 @@ benchmarks/results.jsonl.
 """
 from __future__ import annotations
 
-import argparse
 import builtins
 import contextlib
 import datetime
@@ -37,7 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, device_name, versions  # noqa: E402  (torch-free)
+from benchmarks.common import RESULTS, argument_parser, device_name, versions  # noqa: E402  (torch-free)
 from utils.data import default_data_path, load_task_split  # noqa: E402
 from utils.evaluation import (DEFAULT_TIMEOUT, cruxeval_samples, default_workers, mbpp_samples,  # noqa: E402
                               run_samples)
@@ -156,8 +155,7 @@ def _time_classic(task_samples, timeout, workers, variant):
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="8 samples per task, one round")
     p.add_argument("--n_workers", type=int, default=None, help="workers for every method (default: CPU count)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (the table shows the median)")

@@ -17,7 +17,6 @@ prompts under a 32k code BPE (benchmarks/bench_tokenizer.py).
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import traceback
@@ -25,7 +24,7 @@ import traceback
 import torch
 
 from benchmarks.bench_tokenizer import bench_tokenizer
-from benchmarks.common import ResultWriter, Timer
+from benchmarks.common import ResultWriter, Timer, argument_parser
 from custom_peft.build import MethodConfig, _wrap
 from utils.batching import Collator, encode_example
 from utils.data import default_data_path, load_task_split
@@ -251,8 +250,7 @@ def agreement(args, writer: ResultWriter, lm) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--model", default="phi-2")
     p.add_argument("--methods",
                    default="hf-generate,none,none-own,lopa,lopa-own,pt,pt-own,none-own-full,none-own-static")

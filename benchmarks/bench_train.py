@@ -28,13 +28,12 @@ graphs captured. ``allocated_before_gib`` and the profiled figures are None on t
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import traceback
 
 import torch
 
-from benchmarks.common import ResultWriter, Timer, peak_flops, train_flops_per_token
+from benchmarks.common import ResultWriter, Timer, argument_parser, peak_flops, train_flops_per_token
 from benchmarks.profile_step import dynamo_counts, dynamo_delta, step_figures
 from custom_peft import build_model, count_trainable
 from custom_peft.packing import attention_width_constant, plan_rows, row_cost
@@ -295,8 +294,7 @@ def _decoder_work(batch: dict, m: int, width_constant: float, packing: bool,
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--model", default="phi-2")
     p.add_argument("--methods", default="fft,lora,pt,idpg,lopa,peft-pt,peft-lora")
     p.add_argument("--encoder", default="codebert-base", help="encoder architecture for idpg/lopa (random weights)")

@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark scripts: device and version stamps, result lines, timing, FLOP counts."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -18,6 +19,13 @@ if str(ROOT) not in sys.path:
 RESULTS = ROOT / "benchmarks" / "results.jsonl"
 # Dense bf16 tensor-core peak used for MFU (H100 SXM and H200 share it).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark script's command line: its module docstring as help, and no abbreviated flags (as the project's
+    scripts: ``utils.cli.ArgumentParser``)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   allow_abbrev=False)
 
 
 def _torch():

@@ -26,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import benchmarks.common  # noqa: F401  (puts the project root on sys.path)
+from benchmarks.common import argument_parser
 from utils import registry
 from utils.registry import FoundationModelSpec
 
@@ -167,8 +168,7 @@ def outside_layer_ops(methods=("pt", "lopa")) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--only", choices=("encoder", "decode_step", "layer_graphs", "outside_layers"), default=None)
     args = p.parse_args(argv)
     rows = []

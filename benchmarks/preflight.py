@@ -12,10 +12,10 @@ alone needs ~9 GiB for weights, gradients and AdamW states.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import tempfile
 
+from benchmarks.common import argument_parser
 from utils.registry import get_encoder_spec, get_model_spec
 
 MODELS = ("phi-2", "deepseek-coder-1.3b-base", "Meta-Llama-3-8B")
@@ -55,8 +55,7 @@ def runs(args, results: str):
 
 
 def main(argv=None) -> list[str]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--train_methods", default=None, help=f"default {TRAIN_METHODS} (Llama-3: without fft)")
     p.add_argument("--gen_methods", default=GEN_METHODS)

@@ -9,11 +9,10 @@ table per bench and the fast-vs-eager checks; error lines are listed, never drop
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, argument_parser
 
 BASELINE = {"pt": "peft-pt", "lopa": "peft-pt", "idpg": "peft-pt", "lora": "peft-lora"}
 GRAPHS_DEFAULT = "+reduce-overhead+pad64"
@@ -190,8 +189,7 @@ def markdown(lines: list[dict]) -> str:
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--runs", default=None, help="comma list of run ids (default: every line of --results)")
     args = p.parse_args(argv)

@@ -104,7 +104,6 @@ def _wrap(method_cfg: MethodConfig, model_type: str, lm, *, dtype, enc_model_pat
     return TunedModel(method, backbone, prompt, meta, enc_tokenizer)
 
 
-
 @contextlib.contextmanager
 def _peft_deprecation_quiet():
     """peft 0.21's ``get_peft_model`` reads a property transformers 5.24 deprecated (a FutureWarning on every LoRA
@@ -112,6 +111,7 @@ def _peft_deprecation_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
 
 def build_model(method: str, model_type: str, *, num_virtual_tokens: int = 10, lp_rank: int = 1,
                 enc_model_type: str | None = "codesage-small", head_dim: int | None = None, dtype="fp32",
