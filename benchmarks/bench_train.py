@@ -11,7 +11,14 @@ MBPP train split with dynamic padding (shuffled, and length-grouped) versus the 
 Attribution fields of each method's and each padding mode's line (benchmarks/profile_step.py):
 ``ms_per_step``: the timed wall time of one step (synchronised);
 ``allocated_before_gib`` (methods): GPU memory still allocated just before the method's model is built (what an
-earlier method left behind; ``peak_gib`` includes it);
+earlier method left behind; the peaks include it);
+``peak_gib``: the most memory allocated during the timed steps (``torch.cuda.max_memory_allocated``). Under CUDA
+graphs it leaves out the graphs' own memory: allocated when a graph is recorded (in the warm-up), that memory looks
+free to the allocator afterwards (pytorch issue #121932), though replays use it;
+``run_peak_gib``: the most memory allocated from the model's build to the end of the timed steps, the recordings of
+the CUDA graphs included (their memory counts while it is recorded);
+``reserved_gib``: the most memory torch's allocator held from the GPU over the same span, the graphs' private pools
+and the allocator's cached blocks included (``torch.cuda.max_memory_reserved``): what the run needed of the card;
 ``gpu_busy_fraction``: kernel + memcpy/memset device time over the wall time of 3 profiled steps run after the
 timed ones (near 1: GPU-bound; well below: the GPU waits on the host);
 ``top_kernels``: the 5 kernels with the most device time, ``[name, ms per step]``;
@@ -126,26 +133,37 @@ def _on_device(batch: dict) -> dict:
 
 
 def measure(step, batches, warmup: int, steps: int):
+    """``(seconds, final loss, memory)`` of ``steps`` timed steps after ``warmup`` untimed ones. ``memory`` (GiB,
+    None on the CPU): ``peak_gib`` over the timed steps; ``run_peak_gib`` and ``reserved_gib`` since the last
+    ``torch.cuda.reset_peak_memory_stats`` before the call (the warm-up's CUDA-graph recordings included)."""
+    cuda = torch.cuda.is_available()
     for i in range(warmup):
         step(batches[i % len(batches)])
-    if torch.cuda.is_available():
+    before = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else None
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     losses = []
     with Timer() as t:
         for i in range(steps):
             losses.append(step(batches[i % len(batches)]).detach())
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    return t.seconds, peak, float(losses[-1])
+    memory = dict.fromkeys(("peak_gib", "run_peak_gib", "reserved_gib"))
+    if cuda:
+        peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        memory = {"peak_gib": peak / 2**30, "run_peak_gib": max(peak, before[0]) / 2**30,
+                  "reserved_gib": max(reserved, before[1]) / 2**30}
+    return t.seconds, float(losses[-1]), memory
 
 
 def bench_method(method: str, args, writer: ResultWriter) -> None:
     allocated = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if torch.cuda.is_available():  # the run's peaks start here: the model's build, the warm-up, the timed steps
+        torch.cuda.reset_peak_memory_stats()
     compiles = dynamo_counts()
     step, lm, trainable, model = build(method, args)
     vocab = lm.config.vocab_size
     enc_vocab = 50265 if args.encoder == "codebert-base" else 2048
     batch = random_batch(args, vocab, enc_vocab)
-    seconds, peak, loss = measure(step, [batch], args.warmup, args.steps)
+    seconds, loss, memory = measure(step, [batch], args.warmup, args.steps)
     attribution = step_figures(step, [batch])
     tokens = args.batch_size * args.seq_len * args.steps
     tps = tokens / seconds
@@ -162,7 +180,7 @@ def bench_method(method: str, args, writer: ResultWriter) -> None:
                  encoder_graphs_max_diff=graph_diff,
                  compile_mode=args.compile_mode if args.compile and method not in BASELINES else None,
                  tokens_per_s=tps,
-                 mfu=(tps * fpt / peak_fl) if peak_fl else None, peak_gib=peak, trainable_params=trainable,
+                 mfu=(tps * fpt / peak_fl) if peak_fl else None, **memory, trainable_params=trainable,
                  final_loss=loss, steps=args.steps, allocated_before_gib=allocated,
                  ms_per_step=seconds * 1e3 / args.steps, **attribution, **dynamo_delta(compiles))
 
@@ -190,7 +208,10 @@ def bench_padding(args, writer: ResultWriter) -> None:
     original's fixed length), ``dynamic`` (the trainer's default: shuffled batches padded to their longest row,
     then packed where cheaper), ``dynamic-unpacked`` (the same with ``--packing False``) and ``dynamic-grouped``
     (``--group_by_length``: length-grouped batches, packed where cheaper). ``decoder_pad_fraction``: the share of
-    the positions through the decoder that hold no token (after packing)."""
+    the positions through the decoder that hold no token (after packing); ``decoder_shapes``: how many distinct
+    (rows, width) shapes the mode's batches run in the decoder (CUDA graphs record one graph per shape);
+    ``reserved_gib`` (CUDA): the memory torch's allocator holds from the GPU once the mode has run, cumulative over
+    the modes in the order listed (the shapes' CUDA graphs keep their memory)."""
     import random
 
     from benchmarks.bench_tokenizer import bench_tokenizer
@@ -241,12 +262,13 @@ def bench_padding(args, writer: ResultWriter) -> None:
             raise ValueError(f"{path}: fewer MBPP train examples than --batch_size {args.batch_size}")
         useful = sum(int(b["attention_mask"].sum()) for b in batches)
         padded = sum(b["input_ids"].numel() for b in batches)
-        through, cost = (sum(x) for x in zip(*(_decoder_work(b, args.m, width_constant, packing, multiple)
-                                                for b in batches)))
+        work = [_decoder_work(b, args.m, width_constant, packing, multiple) for b in batches]
+        through, cost = sum(w[0] for w in work), sum(w[1] for w in work)
         fixed_cost_per_token = fixed_cost_per_token or cost / useful  # orders drop different remainders
         figures = dict(pad_fraction=1 - useful / padded, packing=packing, batches=len(batches),
                        decoder_pad_fraction=1 - (useful + args.m * sum(len(b["input_ids"]) for b in batches)) / through,
-                       est_speedup_vs_fixed=fixed_cost_per_token / (cost / useful))
+                       est_speedup_vs_fixed=fixed_cost_per_token / (cost / useful),
+                       decoder_shapes=len({w[2] for w in work}))
         if step is None:
             writer.write("train", model=args.model, method="pt", padding=mode, batch_size=args.batch_size,
                          plan_only=True, **figures)
@@ -264,6 +286,7 @@ def bench_padding(args, writer: ResultWriter) -> None:
                      pad_multiple=multiple,
                      useful_tokens_per_s=useful / t.seconds, tokens_per_s=padded / t.seconds, **figures,
                      ms_per_step=t.seconds * 1e3 / len(batches), **step_figures(step, batches),
+                     reserved_gib=torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else None,
                      **dynamo_delta(compiles))
 
 
@@ -280,9 +303,10 @@ def _multiple(args) -> int | None:
 
 
 def _decoder_work(batch: dict, m: int, width_constant: float, packing: bool,
-                  multiple: int | None = None) -> tuple[int, float]:
-    """``(positions the decoder runs, their relative FLOPs)`` for ``batch`` with ``m`` virtual tokens per row, its
-    packed rows rounded up to ``multiple`` as the model lays them out (``TunedModel.packed_width_multiple``)."""
+                  multiple: int | None = None) -> tuple[int, float, tuple[int, int]]:
+    """``(positions the decoder runs, their relative FLOPs, (rows, width))`` for ``batch`` with ``m`` virtual tokens
+    per row, its packed rows rounded up to ``multiple`` as the model lays them out
+    (``TunedModel.packed_width_multiple``)."""
     lengths = (batch["attention_mask"].sum(1) + m).tolist()
     padded_width = batch["input_ids"].shape[1] + m
     rows = plan_rows(lengths, width_constant, multiple, padded_width) if packing else None
@@ -290,7 +314,7 @@ def _decoder_work(batch: dict, m: int, width_constant: float, packing: bool,
         num_rows, width = len(lengths), padded_width
     else:
         num_rows, width = len(rows), round_up(max(sum(lengths[i] for i in row) for row in rows), multiple)
-    return num_rows * width, row_cost(num_rows, width, width_constant)
+    return num_rows * width, row_cost(num_rows, width, width_constant), (num_rows, width)
 
 
 def main(argv=None) -> None:

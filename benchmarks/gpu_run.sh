@@ -7,7 +7,11 @@
 #                  under CUDA graphs (--compile_mode reduce-overhead), then compiled as the trainer does: how much of
 #                  the padding modes' ~58 ms floor per step is the host's launches; PADG_BATCHES (default 30) batches
 #                  per mode (199-236 s with 20 batches, sessions 19-20). Packed rows are rounded to the multiple too,
-#                  as the trainer's (since session 20; session 19's packed lines were not: a best case)
+#                  as the trainer's (since session 20; session 19's packed lines were not: a best case).
+#                  PADG_MODEL (default phi-2) and PADG_BATCH (default 8) pick the model and batch size: with
+#                  PADG_MODEL=Meta-Llama-3-8B PADG_BATCH=2 (the trainer's default batch) PADG_BATCHES=0 (the whole
+#                  split) the lines' decoder_shapes and reserved_gib show the CUDA graphs' memory over an epoch's
+#                  shapes against the default mode's (not yet run; 7-14 shapes per mode by --plan_only on a CPU)
 #   generate_phi2  hf-generate, none, none-own, lopa, lopa-own, pt, none-own-full at batch 64/16/1, then the
 #                  fast-vs-eager check (211 s for the four without -own in session 8). Each new shape compiles once;
 #                  the -own methods share one compilation for all their shapes since session 14 (seen on the H100 in
@@ -71,9 +75,9 @@ wanted train_phi2 && section train_phi2 ${TRAIN_LIMIT:-220} $PY -m benchmarks.be
   --methods ${TRAIN_METHODS:-peft-pt,pt,lopa,peft-lora,lora,fft,idpg} --steps 8 --warmup 3 --padding \
   --data_path "$DATA" --results "$OUT_DIR/results.jsonl"
 wanted padding_graphs && section padding_graphs ${PADG_LIMIT:-300} bash -c 'status=0; for mode in \
-  reduce-overhead default; do "$0" -m benchmarks.bench_train --model phi-2 --methods "" --padding --pad_multiple 64 \
-  --padding_batches $3 --compile_mode $mode --data_path "$1" --results "$2" || status=1; done; exit $status' \
-  "$PY" "$DATA" "$OUT_DIR/results.jsonl" "${PADG_BATCHES:-30}"
+  reduce-overhead default; do "$0" -m benchmarks.bench_train --model $4 --batch_size $5 --methods "" --padding \
+  --pad_multiple 64 --padding_batches $3 --compile_mode $mode --data_path "$1" --results "$2" || status=1; done
+  exit $status' "$PY" "$DATA" "$OUT_DIR/results.jsonl" "${PADG_BATCHES:-30}" "${PADG_MODEL:-phi-2}" "${PADG_BATCH:-8}"
 wanted generate_phi2 && section generate_phi2 ${GEN_LIMIT:-390} $PY -m benchmarks.bench_generate --model phi-2 \
   --methods ${GEN_METHODS:-hf-generate,none,none-own,lopa,lopa-own,pt,none-own-full} \
   --batch_sizes ${GEN_BATCHES:-64,16,1} ${GEN_NO_CHECK:+--no_check} \

@@ -5,7 +5,8 @@
 # gradient accumulation 2 (batch 2; the gradients kept allocated between steps). Prints each run's losses and runtime
 # fields and the largest relative difference from its method's default-mode run; fails when a run fails, a loss
 # differs by more than 2 % (bf16 autocast), a run with CUDA graphs does not log that no compiled graph skipped its
-# CUDA graph, or auto did not choose CUDA graphs (on a GPU).
+# CUDA graph, or auto did not choose CUDA graphs (on a GPU). On a GPU each line also gives the most memory torch held
+# (metrics.jsonl's gpu_peak_mem_gib, CUDA graphs' pools included).
 #   bash benchmarks/trainer_graphs_check.sh OUT_DIR MBPP_JSONL
 set -eu
 d=$1 data=$2
@@ -27,11 +28,11 @@ def run(name):
     rows = [json.loads(line) for line in open(f"{sys.argv[1]}/{name}/metrics.jsonl")]
     runtime = json.load(open(f"{sys.argv[1]}/{name}/config.json"))["runtime"]
     log = open(f"{sys.argv[1]}/{name}/train.log").read()
-    return [r["loss"] for r in rows if "loss" in r], runtime, log
+    return [r["loss"] for r in rows if "loss" in r], runtime, log, rows[-1].get("gpu_peak_mem_gib")
 worst, failed = 0.0, []
 for name in ("pt-default", "pt-auto", "pt-auto-accum", "lopa-default", "lopa-auto"):
     base = run(name.split("-")[0] + "-default")[0]
-    losses, rt, log = run(name)
+    losses, rt, log, held = run(name)
     if rt["cuda_graphs"] and "no compiled graph skipped its CUDA graph" not in log:
         failed.append(f"{name}: CUDA graphs skipped (train.log)")
     if "auto" in name and rt["device"].startswith("cuda") and rt["compile_mode"] != "reduce-overhead":
@@ -40,7 +41,8 @@ for name in ("pt-default", "pt-auto", "pt-auto-accum", "lopa-default", "lopa-aut
     worst = max(worst, diff)
     print(f"trainer_graphs: {name}: {len(losses)} steps, compile_mode {rt['compile_mode']}, cuda_graphs "
           f"{rt['cuda_graphs']}, pad_to_multiple_of {rt['pad_to_multiple_of']}, largest relative loss difference "
-          f"from its default-mode run {diff:.2e}; losses {[round(x, 4) for x in losses]}")
+          f"from its default-mode run {diff:.2e}; GPU memory held at most {held} GiB; losses "
+          f"{[round(x, 4) for x in losses]}")
 if worst > 0.02:
     failed.append(f"losses differ by {worst:.2e} (> 2 %)")
 sys.exit("trainer_graphs: " + "; ".join(failed) if failed else 0)

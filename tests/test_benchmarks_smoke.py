@@ -110,8 +110,12 @@ def test_bench_train_pad_multiple_rounds_packed_rows_as_the_trainer_does(tmp_pat
     assert widths and all(width % 8 == 0 for width in widths), widths
     assert lines["dynamic"]["decoder_pad_fraction"] > 0  # the FLOP estimate counts the rounded rows too
     batch = {"attention_mask": torch.tensor([[1] + [0] * 7, [1] * 8]), "input_ids": torch.zeros(2, 8)}  # m = 2
-    assert bench_train._decoder_work(batch, 2, 1e9, True) == (13, 13 * (1e9 + 13))  # one row of 3 + 10
-    assert bench_train._decoder_work(batch, 2, 1e9, True, 8) == (16, 16 * (1e9 + 16))  # rounded up to 16
+    assert bench_train._decoder_work(batch, 2, 1e9, True) == (13, 13 * (1e9 + 13), (1, 13))  # one row of 3 + 10
+    assert bench_train._decoder_work(batch, 2, 1e9, True, 8) == (16, 16 * (1e9 + 16), (1, 16))  # rounded up to 16
+    assert bench_train._decoder_work(batch, 2, 1e9, False) == (20, 20 * (1e9 + 10), (2, 10))  # padded: 2 rows of 10
+    # each mode counts the distinct shapes its batches run (CUDA graphs record one per shape); fixed rows have one
+    assert lines["fixed"]["decoder_shapes"] == 1
+    assert all(1 <= line["decoder_shapes"] <= line["batches"] for line in lines.values())
 
 
 def test_bench_decode_loop_smoke(tmp_path, data_paths):
@@ -221,9 +225,19 @@ def test_gpu_run_padding_graphs_and_generate_check_run_what_they_say(tmp_path):
         assert run[run.index("--methods") + 1] == "" and "--padding" in run
         assert run[run.index("--pad_multiple") + 1] == "64" and run[run.index("--compile_mode") + 1] == mode
         assert run[run.index("--data_path") + 1] == "my data.jsonl" and run[run.index("--padding_batches") + 1] == "30"
+        assert run[run.index("--model") + 1] == "phi-2" and run[run.index("--batch_size") + 1] == "8"
     assert "--no_check" in runs[2] and "--check_only" not in runs[2]
     assert "--check_only" in runs[3] and "--no_check" not in runs[3]
     assert "=== padding_graphs exit 1" in result.stdout and "=== generate_check exit 0" in result.stdout
+    # the graphs' memory over an epoch's shapes on a large model: PADG_MODEL, PADG_BATCH, PADG_BATCHES=0
+    calls.unlink()
+    subprocess.run(["bash", "benchmarks/gpu_run.sh", str(tmp_path / "out"), "d.jsonl", "padding_graphs"],
+                   env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "PADG_MODEL": "Meta-Llama-3-8B",
+                        "PADG_BATCH": "2", "PADG_BATCHES": "0"}, capture_output=True, text=True, timeout=60)
+    runs = [line[1:-1].split("><") for line in calls.read_text().splitlines() if line.startswith("<-m><benchmarks.")]
+    assert [(run[run.index("--model") + 1], run[run.index("--batch_size") + 1], run[run.index("--padding_batches") + 1],
+             run[run.index("--compile_mode") + 1]) for run in runs] == [
+        ("Meta-Llama-3-8B", "2", "0", "reduce-overhead"), ("Meta-Llama-3-8B", "2", "0", "default")], runs
 
 
 def test_padding_modes_warm_up_twice_under_cuda_graphs_and_profile_spread_batches():

@@ -152,6 +152,17 @@ def test_the_lopa_peak_target_is_judged_only_without_leftovers(before, lopa_peak
     assert _verdicts(lines)["m: lopa peak ≤ pt + 1 GiB"] == expected
 
 
+def test_the_lopa_peak_target_uses_the_run_peak_where_both_lines_have_it():
+    """Under CUDA graphs the timed steps' peak leaves the graphs' memory out (it looks free once recorded): the peak
+    over the run counts it, and is judged where both lines have it; the table shows all three figures."""
+    pt = dict(_train("pt", 100.0, 3.4, 0.0), run_peak_gib=9.0, reserved_gib=11.0)
+    lopa = dict(_train("lopa", 96.0, 3.5, 0.0), run_peak_gib=10.5, reserved_gib=12.5)
+    assert _verdicts([pt, lopa])["m: lopa peak ≤ pt + 1 GiB"] == ("+1.50 GiB", False)
+    assert _verdicts([pt, dict(lopa, run_peak_gib=None)])["m: lopa peak ≤ pt + 1 GiB"] == ("+0.10 GiB", True)
+    text = summarize.markdown([pt, lopa])
+    assert "| m | lopa | 96 | 42666.7 |  | 0.960× |  | 3.50 | 10.50 | 12.50 |" in text
+
+
 def test_an_eager_encoder_variant_is_shown_beside_lopa_and_never_judged_in_its_place():
     variant = dict(_train("lopa", 50.0, 13.2, 0.0), compile=True, compile_encoder=False)
     lopa = dict(_train("lopa", 90.0, 13.2, 0.0), compile=True, compile_encoder=True)

@@ -398,6 +398,41 @@ def test_a_training_step_queues_its_forward_passes_before_reading_anything_back(
     assert len(records) == 2 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records), records
 
 
+def test_gpu_memory_reaches_the_logged_lines_and_the_log(tmp_path, data_paths, monkeypatch):
+    """On a GPU every metrics.jsonl line gets the memory torch holds (``gpu_memory``, faked here: this machine has
+    none), and the log ends with the run's peak beside the card's size."""
+    import types
+
+    from utils import training
+
+    reads = []
+    monkeypatch.setattr(training, "gpu_memory", lambda device: reads.append(device.type) or {
+        "gpu_mem_gib": 1.5, "gpu_peak_mem_gib": 2.25})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        total_memory=80 * 2**30))
+    log_dir = tmp_path / "run"
+    run_inprocess("peft", ["--peft_method", "pt", "--task_name", "mbpp", "--model_type", "tiny-llama",
+                           "--num_virtual_tokens", "4", "--data_path", data_paths["mbpp"],
+                           "--limit_train_examples", "3", "--per_gpu_train_batch_size", "1",
+                           "--max_train_steps", "3", "--log_every", "2", "--max_length", "32",
+                           "--log_dir", str(log_dir)])
+    records = read_metrics(log_dir / "metrics.jsonl")
+    assert [(r["step"], r["gpu_mem_gib"], r["gpu_peak_mem_gib"]) for r in records] == [(2, 1.5, 2.25), (3, 1.5, 2.25)]
+    assert len(reads) == 3  # the two logged lines and the last line of the log, not every step
+    assert "GPU memory: at most 2.25 GiB held by torch of the card's 80.00 GiB" in (log_dir / "train.log").read_text()
+
+
+def test_gpu_memory_reads_the_allocators_reserved_counters_on_cuda_only(monkeypatch):
+    from utils.train_logging import gpu_memory
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: seen.append(("now", device)) or 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: seen.append(("peak", device)) or 5 * 2**29)
+    assert gpu_memory(torch.device("cpu")) == {} and not seen
+    assert gpu_memory(torch.device("cuda", 1)) == {"gpu_mem_gib": 3.0, "gpu_peak_mem_gib": 2.5}
+    assert seen == [("now", torch.device("cuda", 1)), ("peak", torch.device("cuda", 1))]
+
+
 def test_a_step_with_nothing_supervised_logs_zero_and_leaves_the_weights(tmp_path, data_paths):
     """Rows cut to their first token supervise nothing: the loss is 0/0 there, counted as 0 (not NaN), and the
     update is zero (AdamW's weight decay aside, which the soft prompt does not get)."""

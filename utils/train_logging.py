@@ -2,7 +2,8 @@
 
 Only the main process writes. ``metrics.jsonl`` has one JSON object per logged optimizer step:
 ``step, epoch (1-based), loss, lr, tokens (cumulative, all processes), tokens_per_s, elapsed (s)`` and
-``grad_norm`` when known. On resume, lines past the checkpoint's step are dropped (they are re-done).
+``grad_norm`` when known; on a CUDA device also ``gpu_mem_gib`` and ``gpu_peak_mem_gib`` (``gpu_memory``). On resume,
+lines past the checkpoint's step are dropped (they are re-done).
 wandb and matplotlib are imported only when used (the GPU image may lack them).
 """
 from __future__ import annotations
@@ -43,6 +44,19 @@ def setup_logging(log_dir: pathlib.Path | None, is_main: bool) -> logging.Logger
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     return logger
+
+
+def gpu_memory(device) -> dict:
+    """The GPU memory torch's allocator holds on ``device`` now (``gpu_mem_gib``) and at most so far
+    (``gpu_peak_mem_gib``), in GiB: the memory the run takes from the card, its cached blocks and the CUDA graphs'
+    private pools included (allocated-memory counters leave a graph's memory out once it is recorded). Read from the
+    allocator's counters, without waiting for the GPU; empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+    import torch
+
+    return {"gpu_mem_gib": round(torch.cuda.memory_reserved(device) / 2**30, 3),
+            "gpu_peak_mem_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict]:

@@ -40,7 +40,7 @@ from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, o
                           unfinished_directory)
 from utils.tasks import get_task
 from utils.train_config import GRAPHS_PAD_MULTIPLE, TrainArgs, TrainConfig
-from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, plot_loss, setup_logging
+from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, gpu_memory, plot_loss, setup_logging
 from utils.train_setup import (configure_deepspeed, make_accelerator, make_optimizer_and_scheduler, make_plan,
                                optimizer_step)
 
@@ -334,6 +334,8 @@ class Trainer:
                              "BERT/RoBERTa encoder on SDPA")
         self._log_compile_mode()
         skips_before = _cudagraph_skips() if self.cuda_graphs else 0
+        if acc.device.type == "cuda":  # the peak logged is this run's (run_experiment trains cells in one process)
+            torch.cuda.reset_peak_memory_stats(acc.device)
         self.model.train()
         bar = ProgressBar(plan.total_steps, self.state.global_step, acc.is_main_process)
         self._wall = self._rate_clock = (time.perf_counter(), self.state.tokens)
@@ -355,6 +357,10 @@ class Trainer:
         acc.end_training()
         if self.cuda_graphs:
             self._log_cudagraph_skips(_cudagraph_skips() - skips_before)
+        if memory := gpu_memory(acc.device):
+            self.log.info("GPU memory: at most %.2f GiB held by torch of the card's %.2f GiB (CUDA graphs' memory "
+                          "included)", memory["gpu_peak_mem_gib"],
+                          torch.cuda.get_device_properties(acc.device).total_memory / 2**30)
         self.log.info("done: %d steps; final weights in %s", self.state.global_step, final)
         return TrainResult(self.log_dir, final, self.state.global_step, epoch_losses, acc.is_main_process)
 
@@ -537,6 +543,7 @@ class Trainer:
         self._wall = self._rate_clock = (now, record["tokens"])
         bar.update(record)
         if record["step"] % self.config.output.log_every == 0 or record["step"] == self.plan.total_steps:
+            record.update(gpu_memory(self.accelerator.device))
             self.metrics.write(record)
             if self.config.output.wandb_logging:
                 self.accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
