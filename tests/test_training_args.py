@@ -245,7 +245,12 @@ def test_an_abbreviated_flag_is_refused_not_taken_for_the_flag_it_begins(capsys)
 
     for parse, argv, meant in ((build_parser("peft").parse_args, ["--peft_method", "pt", *BASE, "--dtype", "bf16"],
                                 "--model_dtype"),
-                               (generate_preds.build_parser().parse_args, [*BASE, "--model_dtype", "bf16"], "--dtype")):
+                               (generate_preds.build_parser().parse_args, [*BASE, "--model_dtype", "bf16"], "--dtype"),
+                               # run_experiment's --out is the stages' --log_dir, and the reverse
+                               (build_parser("peft").parse_args, ["--peft_method", "pt", *BASE, "--out", "r"],
+                                "--log_dir"),
+                               (run_experiment.parse_args, ["--preset", "smoke", "--log_dir", "r"], "--out"),
+                               (build_parser("fft").parse_args, [*BASE, "--learning_rate", "1e-5"], "--lr")):
         with pytest.raises(SystemExit):
             parse(argv)
         assert capsys.readouterr().err.endswith(f"; did you mean {meant}?\n")

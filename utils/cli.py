@@ -44,6 +44,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+OTHER_NAMES = {"--out": ("--log_dir",), "--log_dir": ("--out",), "--output_dir": ("--log_dir", "--out"),
+               "--learning_rate": ("--lr",), "--num_train_epochs": ("--num_epochs",), "--epochs": ("--num_epochs",)}
+"""Flags a user may bring from the other scripts here (run_experiment.py's --out is the stages' --log_dir) or from
+Hugging Face's Trainer, with the names meant in this project."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors follow the project's one-line ``error:`` form and exit with status 2, and which takes
     no abbreviations: ``--limit 3`` was read as tune_foundation_model.py's ``--limit_train_examples 3``."""
@@ -61,7 +67,8 @@ class ArgumentParser(argparse.ArgumentParser):
             if meant:
                 message += f"; flags are not abbreviated: spell out {' or '.join(meant)}"
             else:  # another script's name for the same setting: --dtype here, --model_dtype there, or the reverse
-                alike = [o for a in given for o in options if o.endswith("_" + a[2:]) or a.endswith("_" + o[2:])]
+                alike = [o for a in given for o in options if o.endswith("_" + a[2:]) or a.endswith("_" + o[2:])
+                         or o in OTHER_NAMES.get(a, ())]
                 if alike:
                     message += f"; did you mean {' or '.join(alike)}?"
         self.exit(2, f"error: {message}\n")
