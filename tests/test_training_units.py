@@ -560,3 +560,28 @@ def test_skipped_cuda_graphs_are_counted_from_torchs_counter_and_logged(caplog):
     (warning, info), = [tuple(r for r in caplog.records)]
     assert warning.levelno == logging.WARNING and "ran 3 compiled graphs without CUDA graphs" in warning.getMessage()
     assert info.levelno == logging.INFO and "no compiled graph skipped its CUDA graph" in info.getMessage()
+
+
+def test_a_log_line_goes_above_the_progress_bar_not_onto_its_line(monkeypatch):
+    """The console handler writes through tqdm: the bar is cleared before the line and drawn again after it at its
+    latest step (before: "...it/s]2026-11-28 ... epoch 1: mean loss" on the bar's line, the bar one step short)."""
+    import io
+    import sys
+
+    from utils.train_logging import ProgressBar, setup_logging
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    log = setup_logging(None, is_main=True)
+    bar = ProgressBar(total=2, initial=0, enabled=True)
+    bar.update({"loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0})
+    bar.update({"loss": 0.5, "lr": 1e-3, "tokens_per_s": 10.0})
+    log.info("epoch 1: mean loss 0.75")
+    bar.close()
+    setup_logging(None, is_main=True)
+    out = err.getvalue()
+    before, line, after = out.partition(" INFO epoch 1: mean loss 0.75\n")
+    assert line, out
+    assert before.rsplit("\r", 1)[-1].startswith("20"), before  # the line starts a line of its own (a timestamp)
+    assert before.rsplit("\r", 2)[-2].strip() == "", before  # the bar was cleared first
+    assert "2/2" in after, after  # and drawn again, at its last step

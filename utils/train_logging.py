@@ -27,6 +27,20 @@ class _LogFile(logging.FileHandler):
             super().handleError(record)
 
 
+class _Console(logging.StreamHandler):
+    """stderr through ``tqdm.write``: a log line clears the progress bar, goes above it, and the bar is drawn again
+    at its latest step (written straight to stderr, the line ran on from the bar's, and an epoch's mean could show
+    beside the bar one step short)."""
+
+    def emit(self, record):
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(log_dir: pathlib.Path | None, is_main: bool) -> logging.Logger:
     """INFO to stderr and ``log_dir/train.log`` on the main process; warnings only elsewhere."""
     logger = logging.getLogger(LOGGER_NAME)
@@ -36,7 +50,7 @@ def setup_logging(log_dir: pathlib.Path | None, is_main: bool) -> logging.Logger
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    stream = logging.StreamHandler(sys.stderr)
+    stream = _Console(sys.stderr)
     stream.setFormatter(fmt)
     logger.addHandler(stream)
     if is_main and log_dir is not None:
