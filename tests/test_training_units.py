@@ -37,7 +37,9 @@ def test_plan_counts_steps_per_process_after_sharding(processes, per_process_bat
     assert capped.num_epochs == math.ceil(100 / per_process_batches)
     with pytest.raises(UserError, match=r"--num_warmup_steps 100 is not below the run's 100 optimizer steps"):
         make_plan(TrainArgs(max_train_steps=100, num_warmup_steps=100), batches, processes)
-    assert make_plan(TrainArgs(max_train_steps=1, warmup_ratio=0.1), batches, processes).warmup_steps == 1  # FFT smoke
+    # FFT's smoke run of one step: no warmup (a warmup of its only step trained at lr 0); two steps warm up over one
+    assert make_plan(TrainArgs(max_train_steps=1, warmup_ratio=0.1), batches, processes).warmup_steps == 0
+    assert make_plan(TrainArgs(max_train_steps=2, warmup_ratio=0.1), batches, processes).warmup_steps == 1
 
 
 def test_the_total_batch_size_counts_accumulation_and_processes():

@@ -37,8 +37,10 @@ class Plan:
 def make_plan(train: TrainArgs, batches_per_epoch: int, num_processes: int) -> Plan:
     steps_per_epoch = math.ceil(batches_per_epoch / train.gradient_accumulation_steps)
     total = train.max_train_steps or train.num_epochs * steps_per_epoch
-    warmup = train.num_warmup_steps or math.ceil(train.warmup_ratio * total)
-    if train.num_warmup_steps >= total:  # a ratio always leaves room, but for the ceil of a run of a step or two
+    # a ratio's warmup leaves at least one step at a rate above 0: a one-step run (an FFT smoke test) warmed up over
+    # its only step trained at lr 0 and left the weights as they were (HF's Trainer takes the ceil alone)
+    warmup = train.num_warmup_steps or min(math.ceil(train.warmup_ratio * total), total - 1)
+    if train.num_warmup_steps >= total:
         raise UserError(f"--num_warmup_steps {warmup} is not below the run's {total} optimizer steps, so the "
                         f"learning rate would never reach --lr; lower it (or use --warmup_ratio)")
     return Plan(batches_per_epoch, steps_per_epoch, total, math.ceil(total / steps_per_epoch), warmup,
