@@ -587,3 +587,45 @@ def test_a_log_line_goes_above_the_progress_bar_not_onto_its_line(monkeypatch):
     assert before.rsplit("\r", 1)[-1].startswith("20"), before  # the line starts a line of its own (a timestamp)
     assert before.rsplit("\r", 2)[-2].strip() == "", before  # the bar was cleared first
     assert "2/2" in after, after  # and drawn again, at its last step
+
+
+def test_memory_need_counts_weights_and_the_trained_tensors_gradients_and_adamw_states():
+    """FFT trains every fp32 weight: 4 bytes of weight, gradient and each AdamW state per parameter (phi-2's 2.78 B
+    parameters: 41.4 GiB before activations, so a 40 GB card cannot hold them); PT trains only its soft prompt."""
+    from custom_peft import build_model
+    from utils.models import load_foundation_model
+    from utils.train_setup import MemoryNeed
+
+    with torch.device("meta"):
+        lm, _ = load_foundation_model("phi-2", dtype="fp32", random_weights=True, seed=0)
+    params = sum(p.numel() for p in lm.parameters())
+    need = MemoryNeed.of(lm)
+    assert (need.weights, need.gradients, need.adamw_states) == (4 * params, 4 * params, 8 * params)
+    assert round(need.total / 2**30, 1) == 41.4
+    model, _ = build_model("pt", "tiny-llama", num_virtual_tokens=4, dtype="bf16", seed=0)
+    prompt = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    need = MemoryNeed.of(model)
+    assert prompt and (need.weights, need.gradients, need.adamw_states) == (2 * frozen + 4 * prompt, 4 * prompt,
+                                                                            8 * prompt)
+
+
+@pytest.mark.parametrize("method, dtype, way_out", [
+    ("fft", "fp32", "accelerate launch --config_file config_files/config_ds_zero3_fft.yaml tune_fft_baseline.py"),
+    ("lopa", "fp32", "--model_dtype bf16 halves the frozen weights (the trained tensors stay fp32)"),
+    ("lopa", "bf16", "use a GPU with more memory, or a smaller --model_type"),
+])
+def test_a_run_whose_weights_and_optimizer_cannot_fit_the_gpu_is_refused_before_it_moves(method, dtype, way_out):
+    from utils.train_setup import MemoryNeed, check_fits_gpu
+
+    gib = 2**30
+    need = MemoryNeed(10 * gib, 10 * gib, 20 * gib) if method == "fft" else MemoryNeed(30 * gib, 0, 0)
+    with pytest.raises(UserError) as exc:
+        check_fits_gpu(need, int(need.total - gib), method, "m", dtype)
+    assert str(exc.value).startswith(
+        f"{'full fine-tuning' if method == 'fft' else method} of m needs {need.total / gib:.1f} GiB before activations")
+    assert f"more than the {need.total / gib - 1:.1f} GiB free on this GPU" in str(exc.value)
+    assert str(exc.value).endswith(way_out + (" ... (docs/TRAINING.md)" if method == "fft" else ""))
+    close = check_fits_gpu(need, int(need.total / 0.95), method, "m", dtype)  # under a tenth left: a warning
+    assert close is not None and "an out-of-memory error is likely" in close and way_out in close
+    assert check_fits_gpu(need, int(need.total / 0.85), method, "m", dtype) is None

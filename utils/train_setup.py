@@ -47,6 +47,56 @@ def make_plan(train: TrainArgs, batches_per_epoch: int, num_processes: int) -> P
                 train.per_gpu_train_batch_size * train.gradient_accumulation_steps * num_processes)
 
 
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes a training step holds on one GPU before any activation: the model's weights, the trained tensors'
+    gradients and AdamW's two states per trained tensor (torch's AdamW keeps them in the tensor's dtype)."""
+
+    weights: int
+    gradients: int
+    adamw_states: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.adamw_states
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> MemoryNeed:
+        weights = trained = 0
+        for p in model.parameters():
+            size = p.numel() * p.element_size()
+            weights += size
+            trained += size if p.requires_grad else 0
+        return cls(weights, trained, 2 * trained)
+
+
+def check_fits_gpu(need: MemoryNeed, free: int, method: str, model_type: str, model_dtype: str) -> str | None:
+    """Refuse a run whose weights, gradients and AdamW states alone exceed the GPU's ``free`` bytes: it would run out
+    of memory at its first step, after the model had loaded and moved. Returns a warning when they leave under a
+    tenth of the memory for the activations, else None. For one process per GPU without DeepSpeed (ZeRO partitions
+    and offloads)."""
+    gib = 2**30
+    parts = f"weights {need.weights / gib:.1f} GiB"
+    if need.gradients:
+        parts += f", gradients {need.gradients / gib:.1f} GiB, AdamW states {need.adamw_states / gib:.1f} GiB"
+    what = f"{'full fine-tuning' if method == 'fft' else method} of {model_type} needs {need.total / gib:.1f} GiB " \
+           f"before activations ({parts})"
+    if method == "fft":
+        way_out = ("ZeRO-3 with CPU offload keeps the weights and AdamW states in CPU memory: accelerate launch "
+                   "--config_file config_files/config_ds_zero3_fft.yaml tune_fft_baseline.py ... (docs/TRAINING.md)")
+    elif model_dtype == "fp32":
+        way_out = "--model_dtype bf16 halves the frozen weights (the trained tensors stay fp32)"
+    else:
+        way_out = "use a GPU with more memory, or a smaller --model_type"
+    if need.total > free:
+        raise UserError(f"{what}, more than the {free / gib:.1f} GiB free on this GPU: it would run out of memory at "
+                        f"its first step; {way_out}")
+    if need.total > 0.9 * free:
+        return (f"{what}, which leaves {(free - need.total) / gib:.1f} GiB of the GPU's {free / gib:.1f} GiB free "
+                f"for activations: an out-of-memory error is likely; {way_out}")
+    return None
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on biases and norm weights (every tensor of fewer than 2 dims)."""
     from utils.models import full_shape

@@ -41,8 +41,8 @@ from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, o
 from utils.tasks import get_task
 from utils.train_config import GRAPHS_PAD_MULTIPLE, TrainArgs, TrainConfig
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, gpu_memory, plot_loss, setup_logging
-from utils.train_setup import (configure_deepspeed, make_accelerator, make_optimizer_and_scheduler, make_plan,
-                               optimizer_step)
+from utils.train_setup import (MemoryNeed, check_fits_gpu, configure_deepspeed, make_accelerator,
+                               make_optimizer_and_scheduler, make_plan, optimizer_step)
 
 
 class EpochSampler(Sampler[int]):
@@ -224,6 +224,10 @@ class Trainer:
             task = get_task(m.task_name)
             records = load_task_split(m.task_name, "train", m.data_path or default_data_path(m.task_name),
                                       m.mbpp_split, limit=t.limit_train_examples)
+        self.memory_warning = None
+        if acc.device.type == "cuda" and not self.ds and acc.num_processes == 1:  # several: one rank alone would stop
+            self.memory_warning = check_fits_gpu(MemoryNeed.of(model), torch.cuda.mem_get_info(acc.device)[0],
+                                                 m.method, m.model_type, t.model_dtype)
         enc_tok = model.enc_tokenizer
         self.records = records
         self.dataset = TaskDataset(task, records, self.tokenizer, enc_tok,
@@ -329,6 +333,8 @@ class Trainer:
             acc.init_trackers(cfg.output.project_name, config=flatten(self.resolved), init_kwargs={"wandb": {
                 "name": f"{m.task_name}/{m.model_type}/{m.method}", "dir": str(self.log_dir),
                 "id": self.state.wandb_run_id, "resume": "allow"}})
+        if self.memory_warning:
+            self.log.warning(self.memory_warning)
         if cfg.train.encoder_graphs and not self.encoder_graphs:
             self.log.warning("--encoder_graphs is not used: it needs lopa or idpg, CUDA without DeepSpeed, and a "
                              "BERT/RoBERTa encoder on SDPA")
