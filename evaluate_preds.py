@@ -12,7 +12,7 @@ import sys
 
 from utils.cli import ArgumentParser, check_mbpp_split
 from utils.errors import UserError, cli_entry, on_interrupt
-from utils.evaluation import DEFAULT_TIMEOUT, TASK_NAMES, evaluate_file
+from utils.evaluation import DEFAULT_TIMEOUT, TASK_NAMES, evaluate_file, progress_path
 from utils.sandbox import MODES, SandboxConfig
 
 
@@ -57,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli_entry
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    on_interrupt("nothing was written; rerun the same command (scoring starts again from the first sample)")
+    # until scoring starts: then evaluate_file says how many samples it kept
+    on_interrupt(f"rerun the same command: it goes on from the samples kept in {progress_path(args.path)}, if any")
     summary = evaluate_file(args.task_name, args.path, problem_file=args.problem_file, data_path=args.data_path,
                             n_workers=args.n_workers, timeout=args.timeout, k=args.k,
                             allow_missing=args.allow_missing, progress=not args.no_progress,
@@ -79,9 +80,12 @@ def main(argv=None) -> dict:
     if omitted:
         print(f"{', '.join(omitted)}: not reported (needs at least k samples per task; the fewest here: "
               f"{summary['samples_per_task']['min']})")
+    speed, reused = f"{summary['samples_per_s']} samples/s", summary["reused_samples"]
+    if reused:  # the time and speed are this run's, for the samples it ran
+        speed = (f"{summary['n_samples'] - reused} run here, {reused} reused from an earlier run"
+                 + (f"; {speed}" if summary["samples_per_s"] else ""))
     print(f"{summary['n_samples']} samples of {summary['n_tasks']} tasks: {counts['passed']} passed, "
-          f"{counts['failed']} failed, {counts['timed out']} timed out in {summary['seconds']:.1f} s "
-          f"({summary['samples_per_s']} samples/s)")
+          f"{counts['failed']} failed, {counts['timed out']} timed out in {summary['seconds']:.1f} s ({speed})")
     if counts["sandbox_errors"]:
         print(f"warning: {counts['sandbox_errors']} samples failed because of the sandbox, not the program "
               f"(reason 'sandbox error' in the results)", file=sys.stderr)

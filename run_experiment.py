@@ -211,7 +211,8 @@ def _run_cells(cells, seed: int, force: bool, results: dict, ran: list[str], fai
         print(f"{tag}: kept (pass@1 {100 * stored['pass@1']:.2f}{other})", flush=True)
 
     on_interrupt("rerun the same command: stored cells are kept, and the interrupted one goes on from its "
-                 "training's last checkpoint (or its finished training) and its finished generation batches")
+                 "training's last checkpoint (or its finished training), its finished generation batches and its "
+                 "scored samples")
     with interruptible():
         for i, cell in enumerate(cells, 1):
             if stop_requested():  # a Ctrl-C that Python swallowed inside a finalizer

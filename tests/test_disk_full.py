@@ -86,15 +86,16 @@ def test_an_interrupted_run_says_how_to_go_on_below_the_traceback(monkeypatch, c
     assert capsys.readouterr().err.endswith(f"interrupted: rerun the same command with --resume (and --log_dir "
                                             f"{tmp_path / 'gen'}): it keeps the finished batches and generates the "
                                             f"rest\n")
-    import evaluate_preds  # scoring keeps nothing: the line says so, rather than a bare traceback
+    import evaluate_preds  # before scoring starts: the line names the file of kept samples (evaluate_file then counts)
 
     monkeypatch.setattr(sys, "excepthook", lambda *exc: print("Traceback ...", file=sys.stderr))
     monkeypatch.setattr(evaluate_preds, "evaluate_file", raising(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt) as info:
         evaluate_preds.main(["--task_name", "mbpp", "--path", str(tmp_path / "mbxp_solutions_stage1.jsonl")])
     sys.excepthook(KeyboardInterrupt, info.value, None)
-    assert capsys.readouterr().err == ("Traceback ...\ninterrupted: nothing was written; rerun the same command "
-                                       "(scoring starts again from the first sample)\n")
+    assert capsys.readouterr().err == (f"Traceback ...\ninterrupted: rerun the same command: it goes on from the "
+                                       f"samples kept in {tmp_path / 'mbxp_solutions_stage1_results.partial.jsonl'}"
+                                       f", if any\n")
 
 
 def test_a_full_disk_elsewhere_is_named_beside_the_output_it_stopped(tmp_path, monkeypatch):

@@ -434,3 +434,152 @@ def test_an_empty_mbpp_file_is_refused_even_with_allow_missing(tmp_path):
     empty.write_text("")
     with pytest.raises(UserError, match="no predictions"):
         evaluate_file("mbpp", empty, allow_missing=True, progress=False)
+
+
+# -- resuming an interrupted scoring ------------------------------------------------------------------------
+RESUME_COMPLETIONS = {"T/0": ["    return a + 1", "    return a  # wrong"], "T/1": ["    return a + 1", "    # slow"],
+                      "T/2": ["    return a  # wrong", "    return 1 + a"]}
+
+
+@pytest.fixture
+def fake_sandbox(monkeypatch):
+    """utils.evaluation's Sandbox replaced by a stand-in that counts its runs: a program fails when it holds
+    "# wrong", times out with "# slow", hits a sandbox error with a marker of ``broken``, else passes. After
+    ``interrupt_after`` runs, Ctrl-C (KeyboardInterrupt) arrives."""
+    from utils import evaluation
+
+    state = SimpleNamespace(runs=[], interrupt_after=None, broken=set())
+
+    class FakeSandbox:
+        features = {"mode": "namespaces", "start": "fake", "network_namespace": True, "unprivileged_uid": True}
+
+        def __init__(self, config):
+            self.config = config
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def run(self, program):
+            if state.interrupt_after is not None and len(state.runs) >= state.interrupt_after:
+                raise KeyboardInterrupt
+            state.runs.append(program)
+            if any(marker in program for marker in state.broken):
+                return SimpleNamespace(status="failed", reason="sandbox error: OSError: no fork", seconds=0.0)
+            if "# wrong" in program:
+                return SimpleNamespace(status="failed", reason="AssertionError", seconds=0.125)
+            if "# slow" in program:
+                return SimpleNamespace(status="timed out", reason="timed out after 5 s", seconds=5.0)
+            return SimpleNamespace(status="passed", reason="", seconds=0.0625)
+
+    monkeypatch.setattr(evaluation, "Sandbox", FakeSandbox)
+    return state
+
+
+def _resume_files(tmp_path):
+    problems = [{"task_id": tid, "prompt": "def inc(a):\n", "entry_point": "inc",
+                 "test": "def check(candidate):\n    assert candidate(1) == 2\n"} for tid in RESUME_COMPLETIONS]
+    problem_file = _write_jsonl(tmp_path / "problems.jsonl", problems)
+    path = _write_jsonl(tmp_path / "sols.jsonl", [{"task_id": tid, "completion": c}
+                                                  for tid, cs in RESUME_COMPLETIONS.items() for c in cs])
+    return path, problem_file
+
+
+def _score(path, problem_file, fake, interrupt_after=None, timeout=5.0):
+    """evaluate_file on one worker (samples run in input order): its summary, or None when Ctrl-C stopped it."""
+    fake.runs.clear()
+    fake.interrupt_after = interrupt_after
+    try:
+        return evaluate_file("mbpp", path, problem_file=problem_file, timeout=timeout, n_workers=1, progress=False,
+                             k=(1, 2))
+    except KeyboardInterrupt:
+        return None
+
+
+TIMING = ("seconds", "samples_per_s", "reused_samples")
+
+
+def test_an_interrupted_scoring_keeps_its_samples_and_a_rerun_scores_only_the_rest(tmp_path, fake_sandbox, capsys,
+                                                                                    monkeypatch):
+    import sys
+
+    path, problem_file = _resume_files(tmp_path)
+    results_path, summary_path = tmp_path / "sols_results.jsonl", tmp_path / "sols_summary.json"
+    partial = tmp_path / "sols_results.partial.jsonl"
+    clean = _score(path, problem_file, fake_sandbox)
+    assert len(fake_sandbox.runs) == 6 and not partial.exists()  # nothing is left beside the outputs
+    clean_results, clean_summary = results_path.read_text(), json.loads(summary_path.read_text())
+    results_path.unlink(), summary_path.unlink()
+
+    argv = ["--task_name", "mbpp", "--path", path, "--problem_file", problem_file, "--n_workers", "1",
+            "--timeout", "5", "--k", "1,2", "--no_progress"]
+    fake_sandbox.runs.clear()
+    fake_sandbox.interrupt_after = 4
+    monkeypatch.setattr(sys, "excepthook", lambda *exc: print("Traceback ...", file=sys.stderr))
+    with pytest.raises(KeyboardInterrupt) as info:
+        evaluate_preds.main(argv)
+    sys.excepthook(KeyboardInterrupt, info.value, None)
+    assert capsys.readouterr().err == (f"Traceback ...\ninterrupted: 4 of 6 samples are kept in {partial}; rerun "
+                                       f"the same command to go on from there\n")
+    assert not results_path.exists() and len(partial.read_text().splitlines()) == 1 + 4  # the header, 4 results
+
+    fake_sandbox.runs.clear()
+    fake_sandbox.interrupt_after = None
+    summary = evaluate_preds.main(argv)
+    out = capsys.readouterr().out
+    assert f"resuming: 4 of 6 samples already scored in {partial}; delete it to score from scratch\n" in out
+    assert fake_sandbox.runs == [mbpp_program({"prompt": "def inc(a):\n", "entry_point": "inc", "test": "def check("
+                                               "candidate):\n    assert candidate(1) == 2\n"}, c)
+                                 for c in RESUME_COMPLETIONS["T/2"]]  # only the last two samples ran
+    assert "(2 run here, 4 reused from an earlier run; " in out
+    assert results_path.read_text() == clean_results and not partial.exists()
+    written = json.loads(summary_path.read_text())
+    assert written["reused_samples"] == 4 and clean_summary["reused_samples"] == 0
+    assert {k: v for k, v in written.items() if k not in TIMING} == {
+        k: v for k, v in clean_summary.items() if k not in TIMING}
+    assert summary["pass@2"] == clean_summary["pass@2"] == 1.0 and summary["counts"]["timed out"] == 1
+
+
+def test_a_changed_timeout_or_predictions_file_scores_from_scratch_and_says_why(tmp_path, fake_sandbox, capsys):
+    path, problem_file = _resume_files(tmp_path)
+    partial = tmp_path / "sols_results.partial.jsonl"
+    assert _score(path, problem_file, fake_sandbox, interrupt_after=3) is None
+    assert _score(path, problem_file, fake_sandbox, interrupt_after=4, timeout=6.0) is None
+    assert len(fake_sandbox.runs) == 4  # none reused
+    assert (f"scoring from scratch: {partial} is another run's (its timeout was 5.0 s, this run's is 6.0 s); it is "
+            f"replaced\n") in capsys.readouterr().out
+    with open(path, "a", encoding="utf-8") as fh:  # one more sample: another file
+        fh.write(json.dumps({"task_id": "T/2", "completion": "    return a + 1"}) + "\n")
+    assert _score(path, problem_file, fake_sandbox, timeout=6.0)["n_samples"] == 7
+    assert len(fake_sandbox.runs) == 7
+    assert (f"scoring from scratch: {partial} is another run's (the predictions file has changed); it is "
+            f"replaced\n") in capsys.readouterr().out
+
+
+def test_a_torn_last_line_of_the_kept_samples_is_ignored(tmp_path, fake_sandbox, capsys):
+    """A kill (or a full disk) mid-write leaves a line cut short: it is dropped, and the rerun's appends start on a
+    line of their own (a second interruption loses nothing)."""
+    path, problem_file = _resume_files(tmp_path)
+    partial = tmp_path / "sols_results.partial.jsonl"
+    assert _score(path, problem_file, fake_sandbox, interrupt_after=3) is None
+    with open(partial, "a", encoding="utf-8") as fh:
+        fh.write('{"task_id": "T/1", "sample_index": 1, "sta')
+    assert _score(path, problem_file, fake_sandbox, interrupt_after=1) is None
+    assert _score(path, problem_file, fake_sandbox)["counts"] == {"passed": 3, "failed": 2, "timed out": 1,
+                                                                  "sandbox_errors": 0}
+    assert len(fake_sandbox.runs) == 2 and not partial.exists()
+    assert "resuming: 4 of 6 samples already scored" in capsys.readouterr().out
+
+
+def test_samples_the_sandbox_failed_are_run_again(tmp_path, fake_sandbox, capsys):
+    """A sandbox error says nothing about the program (the next run's sandbox may work): it is not kept."""
+    path, problem_file = _resume_files(tmp_path)
+    fake_sandbox.broken = {"return a  # wrong"}  # T/0's second sample and T/2's first
+    assert _score(path, problem_file, fake_sandbox, interrupt_after=5) is None
+    fake_sandbox.broken = set()
+    summary = _score(path, problem_file, fake_sandbox)
+    assert [run.count("# wrong") for run in fake_sandbox.runs] == [1, 1, 0]  # the two sandbox errors, the last one
+    assert "resuming: 3 of 6 samples already scored" in capsys.readouterr().out
+    assert summary["counts"]["sandbox_errors"] == 0 and summary["counts"]["failed"] == 2

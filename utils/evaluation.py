@@ -17,10 +17,14 @@ Semantics follow the public harnesses (spec §7):
 Samples run in parallel with a tqdm progress bar: ``n_workers`` threads (default: the usable CPUs), each
 driving its own worker slot of the sandbox (utils/sandbox.py). A sample whose sandbox failed (not the
 program) counts as failed with a reason that starts with "sandbox error", counted in the summary.
+
+Nothing is lost on a crash: each finished sample is appended to ``<stem>_results.partial.jsonl`` (``Progress``), and
+the next run of the same command runs only the samples it lacks; the file is deleted once the results are written.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -33,8 +37,8 @@ from tqdm import tqdm
 
 from utils.data import (CRUXEVAL_SPLITS, dataset_hint, default_data_path, load_records, load_task_split, read_jsonl,
                         read_text_file)
-from utils.errors import UserError
-from utils.fileio import atomic_write_text, check_writable_dir
+from utils.errors import UserError, on_interrupt
+from utils.fileio import atomic_write_text, check_writable_dir, naming_full_disk, parse_appended_lines
 from utils.prediction_files import check_generated_for
 from utils.sandbox import Sandbox, SandboxConfig
 
@@ -121,8 +125,11 @@ def default_workers() -> int:
 
 
 def run_samples(samples: list[Sample], sandbox: Sandbox, n_workers: int | None = None, progress: bool = True,
-                desc: str = "evaluating") -> list[SampleResult]:
-    """Run every sample (in parallel, results in input order); malformed samples fail without running."""
+                desc: str = "evaluating", reused: dict[int, SampleResult] | None = None,
+                on_result=None) -> list[SampleResult]:
+    """Run every sample (in parallel, results in input order); malformed samples fail without running. The samples
+    at the indices of ``reused`` are not run (their results are taken from it); ``on_result(sample, result)`` is
+    called in this thread as each of the others finishes."""
 
     def one(sample: Sample) -> SampleResult:
         if sample.program is None:
@@ -131,12 +138,17 @@ def run_samples(samples: list[Sample], sandbox: Sandbox, n_workers: int | None =
         return SampleResult(sample.task_id, sample.index, r.status, r.reason, r.seconds, sample.prediction)
 
     results: list[SampleResult | None] = [None] * len(samples)
+    for i, result in (reused or {}).items():
+        results[i] = result
     with ThreadPoolExecutor(max(1, n_workers or default_workers())) as pool, \
-            tqdm(total=len(samples), desc=desc, disable=not progress, unit="sample") as bar:
-        futures = {pool.submit(one, s): i for i, s in enumerate(samples)}
+            tqdm(total=len(samples), initial=len(reused or {}), desc=desc, disable=not progress, unit="sample") as bar:
+        futures = {pool.submit(one, s): i for i, s in enumerate(samples) if results[i] is None}
         try:
             for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
+                i = futures[fut]
+                results[i] = fut.result()
+                if on_result is not None:
+                    on_result(samples[i], results[i])
                 bar.update(1)
         except BaseException:  # Ctrl-C: drop the queued samples, or leaving the pool would still run them all
             pool.shutdown(wait=False, cancel_futures=True)
@@ -282,10 +294,128 @@ def output_paths(path) -> tuple[pathlib.Path, pathlib.Path]:
     return path.with_name(path.stem + "_results.jsonl"), path.with_name(path.stem + "_summary.json")
 
 
+def progress_path(path) -> pathlib.Path:
+    """Where scoring keeps the samples finished so far (``Progress``): ``<stem>_results.partial.jsonl``."""
+    path = pathlib.Path(path)
+    return path.with_name(path.stem + "_results.partial.jsonl")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def program_hash(sample: Sample) -> str:
+    """What a sample's result depends on besides the run's settings: its program (or why it has none) and the
+    prediction its result records. JSON escapes every non-ASCII character (lone surrogates too)."""
+    return _sha256(json.dumps([sample.program, sample.reason, sample.prediction]).encode("ascii"))
+
+
+class Progress:
+    """``<stem>_results.partial.jsonl``: a header line (``fingerprint``: what the results depend on), then one line
+    per finished sample, its ``_results.jsonl`` line plus ``program_sha256``. Lines are appended unbuffered, from
+    the thread that collects the results, so a kill loses at most the line being written (a torn last line is
+    ignored). A run whose header matches reuses the results of the same task id, sample index and program hash,
+    except sandbox errors (the next run's sandbox may work); a file that does not match is replaced. Use as a
+    context manager; ``remove`` it once the results are written."""
+
+    CHANGED = {"task_name": "it was scored as {old}, this run as {new}",
+               "predictions_sha256": "the predictions file has changed",
+               "programs_sha256": "the problems have changed (other programs)",
+               "timeout_s": "its timeout was {old} s, this run's is {new} s"}
+
+    def __init__(self, predictions: pathlib.Path, samples: list[Sample], task_name: str, **settings):
+        """``settings``: the run's other settings the results depend on (timeout_s, memory_mb, sandbox_mode, ...)."""
+        self.path, self.samples = progress_path(predictions), samples
+        self.hashes = [program_hash(s) for s in samples]
+        keys = [[s.task_id, s.index, h] for s, h in zip(samples, self.hashes)]
+        self.fingerprint = {"scoring_progress": 1, "task_name": task_name,
+                            "predictions_sha256": _sha256(predictions.read_bytes()),
+                            "programs_sha256": _sha256(json.dumps(keys).encode("ascii")), **settings}
+        self.kept = 0
+        self._fh = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def resume(self) -> dict[int, SampleResult]:
+        """The kept results of the samples (by index); says in one line what is reused, or why nothing is. The file
+        is rewritten with them (a torn line dropped, sandbox errors left out), ready for appends."""
+        stored, why = self._read()
+        reused = {i: stored[key] for i, (s, h) in enumerate(zip(self.samples, self.hashes))
+                  if (key := (s.task_id, s.index, h)) in stored}
+        if reused:
+            print(f"resuming: {len(reused):,} of {len(self.samples):,} samples already scored in {self.path}; "
+                  f"delete it to score from scratch", flush=True)
+        elif why:
+            print(f"scoring from scratch: {self.path} is another run's ({why}); it is replaced", flush=True)
+        lines = [self.fingerprint] + [{**reused[i].to_json(), "program_sha256": self.hashes[i]} for i in sorted(reused)]
+        atomic_write_text(self.path, "".join(json.dumps(line) + "\n" for line in lines))
+        self._fh = open(self.path, "ab", buffering=0)
+        self.kept = len(reused)
+        return reused
+
+    def _read(self) -> tuple[dict, str]:
+        """``({(task id, index, program hash): result}, "")``, or ``({}, why the file is of no use)``."""
+        if not self.path.is_file():
+            return {}, ""
+        try:
+            records = parse_appended_lines(self.path, self.path.read_bytes().splitlines(), dict, "")
+            header = records[0] if records else {}
+            if header != self.fingerprint:
+                return {}, self._changed(header)
+            stored = {}
+            for r in records[1:]:
+                result = SampleResult(r["task_id"], r["sample_index"], r["status"], r["reason"], r["seconds"],
+                                      r["prediction"])
+                if not result.reason.startswith("sandbox error"):
+                    stored[result.task_id, result.sample_index, r["program_sha256"]] = result
+            return stored, ""
+        except (UserError, KeyError, TypeError, AttributeError):
+            return {}, "it is not a file of scored samples"
+
+    def _changed(self, header: dict) -> str:
+        if header.get("scoring_progress") != self.fingerprint["scoring_progress"]:
+            return "it has no header line of this version"
+        for key, new in self.fingerprint.items():
+            if header.get(key) != new:
+                return self.CHANGED.get(key, f"its --{key} was {{old}}, this run's is {{new}}").format(
+                    old=header.get(key), new=new)
+        return "its header has other fields"
+
+    def append(self, sample: Sample, result: SampleResult) -> None:
+        """Keep one finished sample (``run_samples``' ``on_result``)."""
+        line = json.dumps({**result.to_json(), "program_sha256": program_hash(sample)}) + "\n"
+        fix = (lambda: f"the {self.kept:,} samples scored before are kept in it; free space there, then rerun the "
+                       f"same command to go on from there")
+        with naming_full_disk(self.path, fix):
+            view = memoryview(line.encode("ascii"))
+            while view:  # a write may be cut short
+                view = view[self._fh.write(view):]
+        self.kept += 1
+
+    def interrupt_hint(self) -> str:
+        return (f"{self.kept:,} of {len(self.samples):,} samples are kept in {self.path}; rerun the same command to "
+                f"go on from there")
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
 def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_workers: int | None = None,
                   timeout: float | None = None, k=DEFAULT_K, allow_missing: bool = False, progress: bool = True,
                   sandbox_config: SandboxConfig | None = None, mbpp_split: str = "paper") -> dict:
-    """Score a predictions file; write ``<stem>_results.jsonl`` and ``<stem>_summary.json`` beside it.
+    """Score a predictions file; write ``<stem>_results.jsonl`` and ``<stem>_summary.json`` beside it. An
+    interrupted run's samples are kept in ``<stem>_results.partial.jsonl`` (``Progress``): the same call goes on
+    from there. ``seconds`` and ``samples_per_s`` are this run's, for the samples it ran (not ``reused_samples``).
 
     MBPP: ``path`` is JSONL of ``{"task_id", "completion"}`` (several lines per task for n > 1). CRUXEval:
     ``path`` is JSON ``{id: [prediction, ...]}`` with predictions already extracted. Returns the summary.
@@ -332,15 +462,21 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     check_writable_dir(path.parent, "--path")  # the results go beside it: fail now, not after the sandbox ran
     workers = max(1, n_workers or default_workers())
     start = time.monotonic()
-    with Sandbox(config) as sandbox:
-        results = run_samples(samples, sandbox, workers, progress, desc=task_name)
-    seconds = time.monotonic() - start
+    with Sandbox(config) as sandbox, Progress(path, samples, task_name=task_name, timeout_s=float(timeout),
+                                              memory_mb=config.memory_mb, sandbox_mode=config.mode,
+                                              mbpp_split=mbpp_split) as kept:
+        reused = kept.resume()
+        on_interrupt(kept.interrupt_hint)
+        results = run_samples(samples, sandbox, workers, progress, desc=task_name, reused=reused,
+                              on_result=kept.append)
+    seconds, ran = time.monotonic() - start, len(results) - len(reused)  # this run's time, for this run's samples
     summary = {"task_name": task_name, "predictions": str(path), **summarize(results, k),
                "tasks_without_samples": len(missing), "timeout_s": timeout, "n_workers": workers,
-               "seconds": round(seconds, 3), "samples_per_s": round(len(results) / seconds, 2) if seconds else None,
-               "sandbox": sandbox.features}
+               "seconds": round(seconds, 3), "samples_per_s": round(ran / seconds, 2) if seconds and ran else None,
+               "reused_samples": len(reused), "sandbox": sandbox.features}
     results_path, summary_path = output_paths(path)
     atomic_write_text(results_path, "".join(json.dumps(r.to_json()) + "\n" for r in results))
     atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+    kept.remove()
     summary["results_path"], summary["summary_path"] = str(results_path), str(summary_path)
     return summary

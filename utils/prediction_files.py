@@ -44,17 +44,21 @@ def output_files(task: Task) -> tuple[str, ...]:
 
 def derived_files(task: Task) -> tuple[str, ...]:
     """What post-processing and evaluate_preds.py write beside the predictions (``<stem>_stageN.jsonl``,
-    ``<stem>_results.jsonl``, ``<stem>_summary.json``), and mxeval's scores of them (``<file>_results.jsonl``,
-    ``<file>_passatk.json``): stale once the predictions are replaced."""
-    from utils.evaluation import output_paths
+    ``<stem>_results.jsonl``, ``<stem>_summary.json``, an interrupted scoring's ``<stem>_results.partial.jsonl``),
+    and mxeval's scores of them (``<file>_results.jsonl``, ``<file>_passatk.json``): stale once the predictions are
+    replaced."""
+    from utils.evaluation import output_paths, progress_path
     from utils.postprocess import stage_path
 
+    def scores(name: str) -> list[pathlib.Path]:
+        return [*output_paths(name), progress_path(name)]
+
     if not task.is_mbpp:
-        return tuple(p.name for p in output_paths(CRUXEVAL_FILES[0]))
+        return tuple(p.name for p in scores(CRUXEVAL_FILES[0]))
     stages = [stage_path(MBPP_FILES[0], n).name for n in (1, 2)]
     scored = [MBPP_FILES[0], *stages]
     mxeval = [f"{name}{suffix}" for name in scored for suffix in ("_results.jsonl", "_passatk.json")]
-    return (*stages, *(p.name for name in scored for p in output_paths(name)), *mxeval)
+    return (*stages, *(p.name for name in scored for p in scores(name)), *mxeval)
 
 
 def check_generated_for(path, task_name: str, fix: Callable[[str], str]) -> None:
