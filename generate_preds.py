@@ -310,6 +310,19 @@ def decoding_path(args: argparse.Namespace, device_type: str, gen_config, genera
     return fast, GreedyDecoder(compile_kwargs=STEP_COMPILE if fast and cuda else None)  # compiled on a GPU only
 
 
+def out_of_memory_message(args: argparse.Namespace, gen_config, log_dir: pathlib.Path, error: str) -> str:
+    """What to do when a batch does not fit the GPU (the test set runs longest prompts first, so it is usually the
+    first): smaller batches, or bf16, and how to keep the batches already finished."""
+    rows = f"{args.batch_size} prompts" + (f" x {gen_config.num_return_sequences} samples"
+                                           if gen_config.num_return_sequences > 1 else "")
+    smaller = (f"rerun with --resume --log_dir {log_dir} and a lower --batch_size (the finished batches are kept)"
+               if not gen_config.do_sample else
+               f"rerun with a lower --batch_size and --overwrite (sampling draws per batch, so --resume keeps the "
+               f"batch size)")
+    bf16 = "; --dtype bf16 halves the weights and the KV cache" if args.dtype == "fp32" else ""
+    return f"out of GPU memory decoding batches of {rows} ({error.splitlines()[0]}): {smaller}{bf16}"
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -318,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     warn_if_tuned_for_another_task(args)
     check_trained_on_this_mbpp_split(args)
 
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
@@ -398,10 +412,14 @@ def main(argv: list[str] | None = None) -> int:
                 os._exit(3)
 
         start = time.perf_counter()
-        fresh = generate_predictions(model, tokenizer, enc_tokenizer, task, todo, batch_size=args.batch_size,
-                                     gen_config=gen_config, accelerator=accelerator, progress=not args.no_progress,
-                                     on_batch=on_batch, generate_kwargs=static_cache_kwargs() if fast else None,
-                                     pad_to_multiple_of=64 if fast else None, decoder=decoder)
+        try:
+            fresh = generate_predictions(model, tokenizer, enc_tokenizer, task, todo, batch_size=args.batch_size,
+                                         gen_config=gen_config, accelerator=accelerator,
+                                         progress=not args.no_progress, on_batch=on_batch,
+                                         generate_kwargs=static_cache_kwargs() if fast else None,
+                                         pad_to_multiple_of=64 if fast else None, decoder=decoder)
+        except torch.OutOfMemoryError as exc:  # raised on CUDA only; the batches finished before it are kept
+            raise UserError(out_of_memory_message(args, gen_config, log_dir, str(exc))) from None
         if accelerator.is_main_process:
             raw = {**done, **fresh}
             paths = write_predictions(log_dir, task, records, raw, gen_config.stop_sequences)

@@ -1189,3 +1189,40 @@ def test_validation_names_a_field_the_evaluators_cannot_read(name, bad, message,
     (tmp_path / name).write_text(json.dumps(bad) + "\n")
     with pytest.raises(UserError, match=message):
         validate_prediction_files(tmp_path, task, [task.record_id(records[0])])
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_out_of_gpu_memory_says_how_to_go_on(sampling, tmp_path, data_paths, monkeypatch, capsys):
+    """A batch that does not fit the GPU (faked: this machine has none) ends in one line with the way on: greedy
+    decoding resumes with smaller batches, keeping the finished ones (shown by doing it); sampling draws per batch,
+    so it starts afresh."""
+    import generate_preds
+    import utils.generation
+
+    real = utils.generation.generate_predictions
+
+    def first_batch_then_oom(*args, on_batch, **kwargs):
+        def stop_after_one(fresh, new_tokens):
+            on_batch(fresh, new_tokens)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+
+        return real(*args, on_batch=stop_after_one, **kwargs)
+
+    monkeypatch.setattr(utils.generation, "generate_predictions", first_batch_then_oom)
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--limit", "3",
+            "--max_new_tokens", "4", "--no_progress", "--batch_size", "2", "--log_dir", str(tmp_path)]
+    argv += ["--temperature", "0.6"] if sampling else []
+    with pytest.raises(SystemExit) as exc:
+        generate_preds.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith("error: out of GPU memory decoding batches of 2 prompts (CUDA out of memory. Tried to "
+                          "allocate 2.00 GiB.): rerun with "), err
+    assert err.rstrip().endswith("; --dtype bf16 halves the weights and the KV cache"), err
+    if sampling:
+        assert "a lower --batch_size and --overwrite (sampling draws per batch" in err
+        return
+    assert f"--resume --log_dir {tmp_path} and a lower --batch_size (the finished batches are kept)" in err
+    monkeypatch.setattr(utils.generation, "generate_predictions", real)
+    assert generate_preds.main([*argv[:-4], "--batch_size", "1", "--log_dir", str(tmp_path), "--resume"]) == 0
+    assert "3 tasks (2 resumed, 1 generated in" in capsys.readouterr().out

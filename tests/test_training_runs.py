@@ -609,9 +609,10 @@ def test_an_interrupted_run_keeps_its_loss_plot_and_a_cut_epoch_logs_its_mean(tm
     assert "epoch 1: mean loss" not in log
 
 
-def test_running_out_of_memory_under_cuda_graphs_names_the_switch(tmp_path, data_paths, monkeypatch):
-    """Out of memory in a step whose decoder layers run under CUDA graphs: the log names --compile_mode default
-    (the graphs keep memory of their own), and the error still ends the run; without graphs, no such line."""
+def test_running_out_of_memory_names_what_lowers_a_steps_memory(tmp_path, data_paths, monkeypatch):
+    """Out of memory in a step (faked: this machine has no GPU): the log names what lowers a step's memory, and how
+    to go on; under CUDA graphs --compile_mode default (the graphs keep memory of their own), otherwise
+    --gradient_checkpointing; the error still ends the run."""
     from utils import fast_paths
 
     monkeypatch.setattr(fast_paths, "compile_layers", lambda lm, **kwargs: None)
@@ -621,7 +622,11 @@ def test_running_out_of_memory_under_cuda_graphs_names_the_switch(tmp_path, data
         with pytest.raises(torch.OutOfMemoryError):
             _pt_run(tmp_path / name, data_paths["mbpp"], "--compile", "on", "--compile_mode", mode)
         log = (tmp_path / name / "train.log").read_text()
-        assert ("--compile_mode default turns them off" in log) == (name == "graphs"), log
+        assert "ERROR out of GPU memory in step 1: a smaller --per_gpu_train_batch_size with more " \
+               "--gradient_accumulation_steps keeps the batch (" in log, log
+        assert ("--compile_mode default turns off the CUDA graphs" in log) == (name == "graphs"), log
+        assert ("--gradient_checkpointing recomputes the activations" in log) == (name == "plain"), log
+        assert "--model_dtype bf16 halves the frozen weights. Then rerun without --resume_from" in log, log
 
 
 def test_compile_mode_reduce_overhead_marks_a_step_before_each_micro_batch(tmp_path, data_paths, monkeypatch):

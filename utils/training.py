@@ -391,10 +391,8 @@ class Trainer:
                     with contextlib.suppress(Exception):  # log the step before, if the device still answers
                         if pending is not None:
                             self._finish_step(pending, bar)
-                    if self.graph_steps and isinstance(exc, torch.OutOfMemoryError):  # raised on CUDA only
-                        self.log.error("out of GPU memory with the decoder layers under CUDA graphs (compile mode "
-                                       "reduce-overhead; they keep memory of their own): --compile_mode default "
-                                       "turns them off")
+                    if isinstance(exc, torch.OutOfMemoryError):  # raised on CUDA only
+                        self.log.error(self._out_of_memory_hint())
                     raise
                 if pending is not None:
                     self._finish_step(pending, bar)
@@ -421,6 +419,21 @@ class Trainer:
                         raise RuntimeError("the dataloader had more batches than planned")
                     break
         return epoch_losses
+
+    def _out_of_memory_hint(self) -> str:
+        """What lowers a step's memory, for the error line of a step that ran out of it, and how to go on."""
+        t, m = self.config.train, self.config.model
+        ways = [f"a smaller --per_gpu_train_batch_size with more --gradient_accumulation_steps keeps the batch "
+                f"({t.per_gpu_train_batch_size} x {t.gradient_accumulation_steps} now)"]
+        if self.graph_steps:
+            ways.append("--compile_mode default turns off the CUDA graphs of the decoder layers, which keep memory of "
+                        "their own")
+        elif not t.gradient_checkpointing:
+            ways.append("--gradient_checkpointing recomputes the activations instead of keeping them")
+        if m.method != "fft" and t.model_dtype == "fp32":
+            ways.append("--model_dtype bf16 halves the frozen weights")
+        return (f"out of GPU memory in step {self.state.global_step + 1}: " + "; ".join(ways)
+                + f". Then {continue_hint(self.log_dir)}")
 
     def _plot_loss(self) -> None:
         if self.accelerator.is_main_process:
