@@ -571,6 +571,27 @@ def test_plan_lists_stored_and_pending_cells_and_runs_nothing(tmp_path, monkeypa
     assert not fresh.exists()
 
 
+def test_plan_names_no_deleted_training_where_none_is_left_and_reads_an_odd_attempt_file_as_none(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """A stored cell whose train/ is gone (removed to free disk, say) under other training settings: the plan says
+    its result is replaced, not that a training is deleted. An attempt.json that holds no JSON object (edited by
+    hand, or cut short) counts as no attempt: a fresh training, no crash."""
+    _fake_stages(monkeypatch)
+    args = ["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "pt"]
+    run_experiment.main(args)
+    cell = tmp_path / "cells/tiny-phi-2/mbpp/pt"
+    shutil.rmtree(cell / "train", ignore_errors=True)
+    score = f"pass@1 {100 * _score('mbpp', 'pt', 'stage1'):.2f}"
+    for attempt in (None, "[1, 2]\n", "null\n"):
+        if attempt is not None:
+            (cell / "attempt.json").write_text(attempt)
+        capsys.readouterr()
+        run_experiment.main(args + ["--set", "pt.lr=0.01", "--plan"])
+        printed = capsys.readouterr().out
+        assert f"[1/1] tiny-phi-2/mbpp/pt: to run; replaces its stored result of other settings, {score}\n" in printed
+        assert "(1 with a training to run)" in printed, attempt
+
+
 def test_every_in_process_stage_compiles_its_decoder_layers(monkeypatch):
     """Stages run in one process, and every transformers decoder layer shares one wrapper's code object, whose
     compiled entries torch caps (8 by default; 2 here, so that three cells show it): without a reset between

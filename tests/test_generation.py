@@ -160,6 +160,23 @@ def test_predictions_from_a_run_tuned_on_the_other_mbpp_split_are_refused(tmp_pa
     check(standard, task="cruxeval_output_prediction")  # another task: warned about, not this check's
 
 
+def test_generate_preds_refuses_a_run_tuned_on_the_other_mbpp_split_before_loading_it(tmp_path, data_paths,
+                                                                                      capsys):
+    """The command itself, not only the check: an FFT final/ (given as --model_path) trained on the standard split's
+    train tasks, generating for the paper split's test tasks, is refused before any model loads or --log_dir is
+    made."""
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.json").write_text("{}")  # never read: the refusal comes first
+    (final / "training_config.json").write_text(json.dumps({"model": {"method": "fft", "task_name": "mbpp",
+                                                                      "mbpp_split": "standard"}}))
+    with pytest.raises(SystemExit) as exit_:
+        generate_preds.main(["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--model_path", str(final),
+                             "--data_path", data_paths["mbpp"], "--limit", "1", "--log_dir", str(tmp_path / "log")])
+    assert exit_.value.code == 2 and not (tmp_path / "log").exists()
+    assert "was tuned on the standard MBPP split's train tasks" in capsys.readouterr().err
+
+
 def test_the_trainers_final_dir_names_its_task_for_that_warning(tmp_path, data_paths):
     """What the warning reads is what the trainer writes: final/training_config.json's model.task_name."""
     import tune_foundation_model

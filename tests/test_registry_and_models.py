@@ -220,3 +220,27 @@ def test_the_bare_architecture_for_a_full_checkpoint_is_the_loaded_models(model_
     ids = torch.tensor([tok("def f(x):\n    return x + 1\n")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(bare.eval()(ids).logits, loaded.eval()(ids).logits)
+
+
+def test_the_bare_architecture_takes_the_checkpoints_generation_config_before_the_bases(tmp_path):
+    """A checkpoint directory with its own config.json and generation_config.json (config_dir) and a --model_path
+    base with another: the checkpoint's generation config is the one used, as from_pretrained of that directory
+    would read it; without one there, the base's."""
+    import json
+
+    model, tok = load_foundation_model("tiny-llama", seed=3)
+    model.generation_config.repetition_penalty = 1.5
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+
+    def penalty():
+        bare, _ = load_foundation_model("tiny-llama", model_path=str(tmp_path / "base"), empty_weights=True,
+                                        config_dir=str(tmp_path / "ckpt"))
+        return bare.generation_config.repetition_penalty
+
+    assert penalty() == 1.5  # none in the checkpoint: the base's
+    generation = json.loads((tmp_path / "base" / "generation_config.json").read_text())
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({**generation, "repetition_penalty": 1.2}))
+    assert penalty() == 1.2

@@ -463,6 +463,15 @@ def test_compile_mode_auto_and_the_width_multiple(monkeypatch):
         make_accelerator(graphs)
 
 
+def test_compile_mode_default_goes_with_what_reduce_overhead_is_refused_with(tmp_path):
+    """--compile off, DeepSpeed and --gradient_checkpointing refuse reduce-overhead (CUDA graphs) only: the default
+    mode, named, is accepted with each of them (and recorded as given)."""
+    for extra in (["--compile", "off"], ["--gradient_checkpointing"],
+                  ["--path_to_ds_config", "config_files/zero_stage2_nofp16_config.json"]):
+        config = _parse(["--peft_method", "pt", "--compile_mode", "default", *extra] + BASE, tmp_path=tmp_path)
+        assert config.train.compile_mode == "default", extra
+
+
 def test_compile_mode_auto_chooses_cuda_graphs_only_where_they_were_run():
     """auto: reduce-overhead for a PEFT method in one process on CUDA, without DeepSpeed, activation checkpoints or
     the encoder's own CUDA graphs; otherwise the default mode, with every reason named. A named mode is kept."""

@@ -539,6 +539,23 @@ def test_deepspeeds_ops_are_built_once_by_the_venvs_ninja_in_the_venvs_own_cache
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(venv / "torch_extensions")
 
 
+def test_a_venv_without_its_own_ninja_keeps_the_path_and_still_gets_its_own_cache(tmp_path, monkeypatch):
+    """Only the venv's own ninja is put first on PATH: a venv without one (a shared system ninja) leaves PATH as the
+    user set it, while the extension cache still moves into the venv."""
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "python"))
+    monkeypatch.setattr(sys, "executable", str(venv / "bin" / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    venv_extension_cache()
+    assert os.environ["PATH"] == "/usr/bin"
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(venv / "torch_extensions")
+
+
 def test_skipped_cuda_graphs_are_counted_from_torchs_counter_and_logged(caplog):
     """--compile_mode reduce-overhead: torch runs a compiled graph without its CUDA graph silently (its reasons go to
     an artifact logger that is off by default); the trainer's end-of-run line says how many, from torch's counter."""
