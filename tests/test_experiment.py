@@ -42,6 +42,30 @@ def test_smoke_fills_all_18_cells_with_evaluator_results(smoke_run):
     assert (out / "results.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
 
 
+def test_each_trained_cell_records_what_its_training_cost_and_results_md_shows_it(smoke_run):
+    """trainable parameters (config.json's runtime), training time (metrics.jsonl's last elapsed), no GPU peak on
+    the CPU; the untuned cells record none. results.md sets them in a table of their own per model."""
+    out, first = smoke_run
+    for key, result in first["results"].items():
+        train = out / "cells" / key / "train"
+        if key.endswith("/none"):
+            assert "trainable_params" not in result and not train.exists()
+            continue
+        runtime = json.loads((train / "config.json").read_text())["runtime"]
+        last = (train / "metrics.jsonl").read_text().splitlines()[-1]
+        assert result["trainable_params"] == runtime["trainable_params"] > 0
+        assert result["train_seconds"] == json.loads(last)["elapsed"] > 0 and result["train_gpu_peak_gib"] is None
+    params = {k.split("/")[-1]: r["trainable_params"] for k, r in first["results"].items() if "/mbpp/" in k
+              and "trainable_params" in r}
+    assert params["pt"] < params["lora"] < params["fft"] and params["pt"] < params["lopa"]
+    text = (out / "results.md").read_text()
+    cost = text.split("Training cost: trainable parameters;")[1].split("\n\n")[1]
+    rows = re.findall(r"^\| (None|FFT|LoRA|PT|IDPG|LOPA) \| (.+) \| (.+) \| (.+) \|$", cost, re.M)
+    assert [r[0] for r in rows] == ["FFT", "LoRA", "PT", "IDPG", "LOPA"]
+    mbpp = first["results"]["tiny-phi-2/mbpp/lopa"]
+    assert rows[-1][3] == f"{mbpp['trainable_params']:,}; {mbpp['train_seconds']:.0f} s"  # under 1 M and 1 minute
+
+
 def test_rerun_redoes_nothing_and_a_changed_hyperparameter_redoes_only_its_cells(smoke_run):
     out, first = smoke_run
     again = run_experiment.main(["--preset", "smoke", "--out", str(out)])

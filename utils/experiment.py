@@ -483,8 +483,25 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
     }
     if len(summaries) > 1:
         result["mbpp_stage2_pass@1"] = summaries[1]["pass@1"]
+    result.update(training_cost(cell.directory / "train"))
     atomic_write_text(cell.directory / "result.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def training_cost(train_dir: pathlib.Path) -> dict:
+    """What a cell's training cost, from its own files (nothing for a cell without training): ``trainable_params``
+    (config.json's runtime), ``train_seconds`` (metrics.jsonl's last ``elapsed``: the steps, checkpoints included,
+    across a resumed run's attempts) and ``train_gpu_peak_gib`` (its last ``gpu_peak_mem_gib``: GPU runs only)."""
+    from utils.train_logging import METRICS_FILE, read_metrics
+
+    try:
+        runtime = json.loads((train_dir / "config.json").read_text(encoding="utf-8"))["runtime"]
+        records = read_metrics(train_dir / METRICS_FILE)
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return {}
+    last = records[-1] if records else {}
+    return {"trainable_params": runtime.get("trainable_params"), "train_seconds": last.get("elapsed"),
+            "train_gpu_peak_gib": last.get("gpu_peak_mem_gib")}
 
 
 def stored_result(cell: Cell) -> dict | None:

@@ -49,6 +49,7 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
                 lines.append(f"| {ROW_NAMES[method]} | {_fmt(r.get('pass@1'))} | {_fmt(r.get('mbpp_stage2_pass@1'))} "
                              f"| {_fmt(mbpp_both_stages(r))} |")
         lines += _against_the_paper(model, tasks, methods, results)
+        lines += _training_cost(model, tasks, methods, results)
         lines.append("")
     lines += ["## Provenance", ""]
     for cell in cells:
@@ -71,6 +72,36 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
     path = out_dir / "results.md"
     atomic_write_text(path, "\n".join(lines) + "\n")  # runs sharing --out each write it when they end
     return path
+
+
+def _training_cost(model: str, tasks: list[str], methods: list[str], results: dict[str, dict]) -> list[str]:
+    """Each trained cell's trainable parameters (millions, as the paper counts them), training time and, from a GPU,
+    the most memory torch held: what the methods cost beside what they score. Cells from before these were recorded
+    show a dash."""
+    rows = []
+    for method in methods:
+        cells = [results.get(f"{model}/{t}/{method}", {}) for t in tasks]
+        if not any("trainable_params" in r for r in cells):
+            continue
+        rows.append(f"| {ROW_NAMES[method]} | " + " | ".join(_cost(r) for r in cells) + " |")
+    if not rows:
+        return []
+    return ["", "Training cost: trainable parameters; training time (steps and checkpoints); the most GPU memory torch "
+                "held (GPU runs).", "", "| Tuning method | " + " | ".join(COLUMN_NAMES[t] for t in tasks) + " |",
+            "|---|" + "---|" * len(tasks), *rows]
+
+
+def _cost(result: dict) -> str:
+    if result.get("trainable_params") is None:
+        return "—"
+    n, seconds = result["trainable_params"], result.get("train_seconds")
+    parts = [f"{n / 1e6:,.2f} M" if n >= 1e6 else f"{n:,}"]  # millions as the paper counts; a PT prompt in full
+    if seconds is not None:
+        parts.append(f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60
+                     else f"{seconds:.0f} s")
+    if result.get("train_gpu_peak_gib") is not None:
+        parts.append(f"{result['train_gpu_peak_gib']:.1f} GiB")
+    return "; ".join(parts)
 
 
 def _panels(plt, n: int, width: float, height: float):
