@@ -38,6 +38,23 @@ def attention_width_constant(lm: nn.Module) -> float:
     return n / (2 * d * layers)
 
 
+def packing_refusal(lm: nn.Module) -> str | None:
+    """Why packed rows would not compute what padded rows do for the causal LM ``lm``, or None where they do.
+
+    Packing restarts each example's positions through ``position_ids``; a model body that takes none (ALiBi: Bloom,
+    MPT) derives its positions from the attention mask, so a packed example would see the row's earlier ones. This
+    reads the signature only: the block mask is either built here (SDPA) or left to transformers, which builds it
+    from the positions for most families but not for all (OPT; docs/EXTENDING.md).
+    """
+    import inspect
+
+    body = lm.base_model
+    if "position_ids" not in inspect.signature(body.forward).parameters:
+        return (f"{type(body).__name__}.forward takes no position_ids (its positions come from the attention mask, "
+                f"as with ALiBi), so the examples of a packed row could not each start at position 0")
+    return None
+
+
 def _first_fit(order: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
     rows: list[list[int]] = []
     fill: list[int] = []

@@ -34,10 +34,12 @@ if TYPE_CHECKING:
 
 
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The repeated decoder blocks of a Hugging Face causal LM (``model.layers``, ``transformer.h``, ...)."""
+    """The repeated decoder blocks of a Hugging Face causal LM (``model.layers``, ``transformer.h``, ...; OPT's
+    ``model.decoder.layers`` one level down): a ModuleList of ``num_hidden_layers`` modules, the body's own first,
+    then the outermost nested one."""
     body = lm.base_model
     n_layers = getattr(lm.config, "num_hidden_layers", None) or getattr(lm.config, "n_layer", None)
-    for module in body.children():
+    for module in [*body.children(), *body.modules()]:  # modules(): pre-order, so outer lists before experts'
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return module
     raise ValueError(f"could not find the decoder layers of {type(lm).__name__}")

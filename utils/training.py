@@ -210,6 +210,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from custom_peft import build_model
+        from custom_peft.packing import packing_refusal
         from utils.models import check_fits_context, enable_activation_checkpointing, numel
 
         acc, cfg, m, t = self.accelerator, self.config, self.config.model, self.config.train
@@ -247,6 +248,9 @@ class Trainer:
             enable_activation_checkpointing(model.lm)
         model.selective_logits = t.selective_logits
         model.packing = t.packing and not t.pad_to_max_length  # fixed-length rows are asked for as the original's
+        self.packing_refusal = packing_refusal(model.lm) if model.packing else None
+        model.packing = model.packing and self.packing_refusal is None
+        self.packing = model.packing
         self.compiled = t.compile == "on" or (t.compile == "auto" and acc.device.type == "cuda" and not self.ds)
         self.encoder_graphs = bool(t.encoder_graphs and m.uses_encoder and acc.device.type == "cuda" and not self.ds
                                    and model.prompt.encoder.use_graphs())
@@ -296,7 +300,7 @@ class Trainer:
             "compiled_encoder_layers": self.compiled_encoder, "compiled_prompt_heads": self.compiled_heads,
             "encoder_graphs": self.encoder_graphs, "compile_mode": self.compile_mode, "cuda_graphs": self.cuda_graphs,
             "pad_to_multiple_of": self.pad_multiple,
-            "packing": self.config.train.packing and not self.config.train.pad_to_max_length,
+            "packing": self.packing,
             "deepspeed_zero_stage": ds_config["zero_optimization"].get("stage") if ds_config else None,
             "optimizer": ("deepspeed " if ds_config and "optimizer" in ds_config else "torch ") + "AdamW",
             "lr_schedule": self.schedule_name, "train_examples": len(self.dataset),
@@ -335,6 +339,9 @@ class Trainer:
                 "id": self.state.wandb_run_id, "resume": "allow"}})
         if self.memory_warning:
             self.log.warning(self.memory_warning)
+        if self.packing_refusal:
+            self.log.warning("--packing is not used: %s; the batches run as padded rows (the same loss)",
+                             self.packing_refusal)
         if cfg.train.encoder_graphs and not self.encoder_graphs:
             self.log.warning("--encoder_graphs is not used: it needs lopa or idpg, CUDA without DeepSpeed, and a "
                              "BERT/RoBERTa encoder on SDPA")
