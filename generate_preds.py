@@ -315,11 +315,13 @@ def out_of_memory_message(args: argparse.Namespace, gen_config, log_dir: pathlib
     first): smaller batches, or bf16, and how to keep the batches already finished."""
     rows = f"{args.batch_size} prompts" + (f" x {gen_config.num_return_sequences} samples"
                                            if gen_config.num_return_sequences > 1 else "")
-    smaller = (f"rerun with --resume --log_dir {log_dir} and a lower --batch_size (the finished batches are kept)"
+    resume = "--resume instead of --overwrite" if args.overwrite else "--resume"
+    smaller = (f"rerun with {resume} --log_dir {log_dir} and a lower --batch_size (the finished batches are kept)"
                if not gen_config.do_sample else
                f"rerun with a lower --batch_size and --overwrite (sampling draws per batch, so --resume keeps the "
                f"batch size)")
-    bf16 = "; --dtype bf16 halves the weights and the KV cache" if args.dtype == "fp32" else ""
+    bf16 = ("; --dtype bf16 halves the weights and the KV cache (a new run: --overwrite, since --resume keeps the "
+            "dtype)" if args.dtype == "fp32" else "")
     return f"out of GPU memory decoding batches of {rows} ({error.splitlines()[0]}): {smaller}{bf16}"
 
 

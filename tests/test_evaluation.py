@@ -576,10 +576,31 @@ def test_a_torn_last_line_of_the_kept_samples_is_ignored(tmp_path, fake_sandbox,
 def test_samples_the_sandbox_failed_are_run_again(tmp_path, fake_sandbox, capsys):
     """A sandbox error says nothing about the program (the next run's sandbox may work): it is not kept."""
     path, problem_file = _resume_files(tmp_path)
+    from utils import errors
+
     fake_sandbox.broken = {"return a  # wrong"}  # T/0's second sample and T/2's first
     assert _score(path, problem_file, fake_sandbox, interrupt_after=5) is None
+    assert errors._INTERRUPT_HINT[0]().startswith("3 of 6 samples are kept")  # what the rerun will reuse
     fake_sandbox.broken = set()
     summary = _score(path, problem_file, fake_sandbox)
     assert [run.count("# wrong") for run in fake_sandbox.runs] == [1, 1, 0]  # the two sandbox errors, the last one
     assert "resuming: 3 of 6 samples already scored" in capsys.readouterr().out
     assert summary["counts"]["sandbox_errors"] == 0 and summary["counts"]["failed"] == 2
+
+
+def test_a_file_being_scored_cannot_be_scored_again_until_the_first_ends(tmp_path, fake_sandbox):
+    """A second scoring of the same predictions file would replace the first one's progress file (each losing the
+    other's kept samples): it is refused while the first holds its lock; another file is scored meanwhile."""
+    import fcntl
+
+    path, problem_file = _resume_files(tmp_path)
+    with open(path, "rb") as held:  # as the first scoring holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=f"{path}: another evaluate_preds.py is scoring this file; wait for it"):
+            _score(path, problem_file, fake_sandbox)
+        assert fake_sandbox.runs == [] and not (tmp_path / "sols_results.partial.jsonl").exists()
+        other = tmp_path / "other" / "sols.jsonl"
+        other.parent.mkdir()
+        other.write_bytes(pathlib.Path(path).read_bytes())
+        assert _score(other, problem_file, fake_sandbox)["n_samples"] == 6
+    assert _score(path, problem_file, fake_sandbox)["n_samples"] == 6  # once it ends

@@ -1228,18 +1228,19 @@ def test_out_of_gpu_memory_says_how_to_go_on(sampling, tmp_path, data_paths, mon
     monkeypatch.setattr(utils.generation, "generate_predictions", first_batch_then_oom)
     argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path", data_paths["mbpp"], "--limit", "3",
             "--max_new_tokens", "4", "--no_progress", "--batch_size", "2", "--log_dir", str(tmp_path)]
-    argv += ["--temperature", "0.6"] if sampling else []
-    with pytest.raises(SystemExit) as exc:
-        generate_preds.main(argv)
+    with pytest.raises(SystemExit) as exc:  # greedy: started with --overwrite, which --resume replaces
+        generate_preds.main(argv + (["--temperature", "0.6"] if sampling else ["--overwrite"]))
     err = capsys.readouterr().err
     assert exc.value.code == 2
     assert err.startswith("error: out of GPU memory decoding batches of 2 prompts (CUDA out of memory. Tried to "
                           "allocate 2.00 GiB.): rerun with "), err
-    assert err.rstrip().endswith("; --dtype bf16 halves the weights and the KV cache"), err
+    assert err.rstrip().endswith("; --dtype bf16 halves the weights and the KV cache (a new run: --overwrite, since "
+                                 "--resume keeps the dtype)"), err
     if sampling:
         assert "a lower --batch_size and --overwrite (sampling draws per batch" in err
         return
-    assert f"--resume --log_dir {tmp_path} and a lower --batch_size (the finished batches are kept)" in err
+    assert f"--resume instead of --overwrite --log_dir {tmp_path} and a lower --batch_size (the finished batches " \
+           f"are kept)" in err
     monkeypatch.setattr(utils.generation, "generate_predictions", real)
     assert generate_preds.main([*argv[:-4], "--batch_size", "1", "--log_dir", str(tmp_path), "--resume"]) == 0
     assert "3 tasks (2 resumed, 1 generated in" in capsys.readouterr().out

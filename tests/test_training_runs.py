@@ -422,6 +422,24 @@ def test_gpu_memory_reaches_the_logged_lines_and_the_log(tmp_path, data_paths, m
     assert "GPU memory: at most 2.25 GiB held by torch of the card's 80.00 GiB" in (log_dir / "train.log").read_text()
 
 
+def test_a_run_that_cannot_fit_the_gpu_is_refused_before_its_log_dir(tmp_path, data_paths, monkeypatch, capsys):
+    """The memory check as the trainer wires it (the device faked as CUDA, its free memory as 1 KiB): the free
+    memory of the run's device is read once the model is built, and the refusal comes before the log_dir exists."""
+    import accelerate
+
+    asked = []
+    monkeypatch.setattr(accelerate.Accelerator, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (1024, 80 * 2**30))
+    with pytest.raises(SystemExit) as exc:
+        run_inprocess("fft", ["--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path", data_paths["mbpp"],
+                              "--limit_train_examples", "2", "--log_dir", str(tmp_path / "run")])
+    assert exc.value.code == 2 and asked == [torch.device("cuda")] and not (tmp_path / "run").exists()
+    err = capsys.readouterr().err
+    assert re.search(r"error: full fine-tuning of tiny-llama needs ([\d.]+) MiB before activations \(weights "
+                     r"([\d.]+) MiB, gradients \2 MiB, AdamW states ([\d.]+) MiB\), more than the 0.0 MiB free on "
+                     r"this GPU", err), err
+
+
 def test_gpu_memory_reads_the_allocators_reserved_counters_on_cuda_only(monkeypatch):
     from utils.train_logging import gpu_memory
 
@@ -610,24 +628,46 @@ def test_an_interrupted_run_keeps_its_loss_plot_and_a_cut_epoch_logs_its_mean(tm
 
 
 def test_running_out_of_memory_names_what_lowers_a_steps_memory(tmp_path, data_paths, monkeypatch):
-    """Out of memory in a step (faked: this machine has no GPU): the log names what lowers a step's memory, and how
-    to go on; under CUDA graphs --compile_mode default (the graphs keep memory of their own), otherwise
-    --gradient_checkpointing; the error still ends the run."""
+    """Out of memory in a step (faked: this machine has no GPU): the log names what lowers a step's memory and how
+    to go on; the error still ends the run. Without a checkpoint every way is a new run's; with one, the ways a resume
+    accepts (--gradient_checkpointing, --compile_mode default under CUDA graphs) go with the resume, which then
+    works, and a smaller micro-batch or bf16 is a new run's (a resume refuses them)."""
     from utils import fast_paths
 
     monkeypatch.setattr(fast_paths, "compile_layers", lambda lm, **kwargs: None)
-    monkeypatch.setattr(TunedModel, "forward", lambda *a, **k: (_ for _ in ()).throw(
-        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    forward, calls = TunedModel.forward, []
+
+    def out_of_memory_at(step):
+        def fake(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) >= step:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return forward(self, *args, **kwargs)
+        return fake
+
+    monkeypatch.setattr(TunedModel, "forward", out_of_memory_at(1))
     for name, mode in (("graphs", "reduce-overhead"), ("plain", "default")):
         with pytest.raises(torch.OutOfMemoryError):
             _pt_run(tmp_path / name, data_paths["mbpp"], "--compile", "on", "--compile_mode", mode)
         log = (tmp_path / name / "train.log").read_text()
-        assert "ERROR out of GPU memory in step 1: a smaller --per_gpu_train_batch_size with more " \
-               "--gradient_accumulation_steps keeps the batch (" in log, log
-        assert ("--compile_mode default turns off the CUDA graphs" in log) == (name == "graphs"), log
-        assert ("--gradient_checkpointing recomputes the activations" in log) == (name == "plain"), log
-        assert "--model_dtype bf16 halves the frozen weights. Then rerun without --resume_from" in log, log
-
+        assert "ERROR out of GPU memory in step 1: " in log, log
+        assert ("--compile_mode default (the decoder layers' CUDA graphs" in log) == (name == "graphs"), log
+        assert ("--gradient_checkpointing (activations recomputed" in log) == (name == "plain"), log
+        assert "a smaller --per_gpu_train_batch_size with more --gradient_accumulation_steps (the same batch; 2 x 1 " \
+               "now); --model_dtype bf16 (half the frozen weights). Then rerun without --resume_from" in log, log
+    calls.clear()
+    monkeypatch.setattr(TunedModel, "forward", out_of_memory_at(3))  # after the checkpoint of step 2
+    with pytest.raises(torch.OutOfMemoryError):
+        _pt_run(tmp_path / "saved", data_paths["mbpp"], "--compile", "off", "--save_every", "2steps")
+    log = (tmp_path / "saved" / "train.log").read_text()
+    assert f"ERROR out of GPU memory in step 3. To go on from the last checkpoint, rerun with --resume_from " \
+           f"{tmp_path / 'saved'}: it continues from step_00000002, the last complete checkpoint, adding " \
+           f"--gradient_checkpointing (activations recomputed instead of kept); a new run can also take a smaller " \
+           f"--per_gpu_train_batch_size" in log, log
+    monkeypatch.setattr(TunedModel, "forward", forward)
+    losses, config, _ = _pt_run(tmp_path / "saved", data_paths["mbpp"], "--compile", "off", "--save_every",
+                                "2steps", "--resume_from", str(tmp_path / "saved"), "--gradient_checkpointing")
+    assert len(losses) == 3 and config["train"]["gradient_checkpointing"]  # the way out it named works
 
 def test_compile_mode_reduce_overhead_marks_a_step_before_each_micro_batch(tmp_path, data_paths, monkeypatch):
     """--compile on --compile_mode reduce-overhead (here with a counting backend instead of inductor, whose CUDA

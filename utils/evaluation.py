@@ -23,7 +23,9 @@ the next run of the same command runs only the samples it lacks; the file is del
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -399,7 +401,7 @@ class Progress:
             view = memoryview(line.encode("ascii"))
             while view:  # a write may be cut short
                 view = view[self._fh.write(view):]
-        self.kept += 1
+        self.kept += not result.reason.startswith("sandbox error")  # the next run redoes those (resume)
 
     def interrupt_hint(self) -> str:
         return (f"{self.kept:,} of {len(self.samples):,} samples are kept in {self.path}; rerun the same command to "
@@ -408,6 +410,20 @@ class Progress:
     def remove(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def scoring_lock(path: pathlib.Path):
+    """An exclusive lock on the predictions file while it is scored (other files, a stage 1 and a stage 2 say, can be
+    scored at once): a second scoring of the same file would replace the first one's progress file, and each would
+    lose the samples the other kept. The OS drops the lock when the process ends, however it ends."""
+    with open(path, "rb") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{path}: another evaluate_preds.py is scoring this file; wait for it to finish (or stop "
+                            f"it: a rerun goes on from the samples it kept)") from None
+        yield
 
 
 def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_workers: int | None = None,
@@ -462,9 +478,9 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     check_writable_dir(path.parent, "--path")  # the results go beside it: fail now, not after the sandbox ran
     workers = max(1, n_workers or default_workers())
     start = time.monotonic()
-    with Sandbox(config) as sandbox, Progress(path, samples, task_name=task_name, timeout_s=float(timeout),
-                                              memory_mb=config.memory_mb, sandbox_mode=config.mode,
-                                              mbpp_split=mbpp_split) as kept:
+    with scoring_lock(path), Sandbox(config) as sandbox, \
+            Progress(path, samples, task_name=task_name, timeout_s=float(timeout), memory_mb=config.memory_mb,
+                     sandbox_mode=config.mode, mbpp_split=mbpp_split) as kept:
         reused = kept.resume()
         on_interrupt(kept.interrupt_hint)
         results = run_samples(samples, sandbox, workers, progress, desc=task_name, reused=reused,

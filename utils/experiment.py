@@ -491,7 +491,8 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
 def training_cost(train_dir: pathlib.Path) -> dict:
     """What a cell's training cost, from its own files (nothing for a cell without training): ``trainable_params``
     (config.json's runtime), ``train_seconds`` (metrics.jsonl's last ``elapsed``: the steps, checkpoints included,
-    across a resumed run's attempts) and ``train_gpu_peak_gib`` (its last ``gpu_peak_mem_gib``: GPU runs only)."""
+    across a resumed run's attempts) and ``train_gpu_peak_gib`` (its last ``gpu_peak_mem_gib``: GPU runs only; a resumed
+    training's last attempt)."""
     from utils.train_logging import METRICS_FILE, read_metrics
 
     try:

@@ -75,26 +75,30 @@ def check_fits_gpu(need: MemoryNeed, free: int, method: str, model_type: str, mo
     of memory at its first step, after the model had loaded and moved. Returns a warning when they leave under a
     tenth of the memory for the activations, else None. For one process per GPU without DeepSpeed (ZeRO partitions
     and offloads)."""
-    gib = 2**30
-    parts = f"weights {need.weights / gib:.1f} GiB"
+    parts = f"weights {_size(need.weights)}"
     if need.gradients:
-        parts += f", gradients {need.gradients / gib:.1f} GiB, AdamW states {need.adamw_states / gib:.1f} GiB"
-    what = f"{'full fine-tuning' if method == 'fft' else method} of {model_type} needs {need.total / gib:.1f} GiB " \
+        parts += f", gradients {_size(need.gradients)}, AdamW states {_size(need.adamw_states)}"
+    what = f"{'full fine-tuning' if method == 'fft' else method} of {model_type} needs {_size(need.total)} " \
            f"before activations ({parts})"
     if method == "fft":
         way_out = ("ZeRO-3 with CPU offload keeps the weights and AdamW states in CPU memory: accelerate launch "
-                   "--config_file config_files/config_ds_zero3_fft.yaml tune_fft_baseline.py ... (docs/TRAINING.md)")
+                   "--config_file config_files/config_ds_zero3_fft.yaml --num_processes 1 tune_fft_baseline.py ... "
+                   "(docs/TRAINING.md)")
     elif model_dtype == "fp32":
         way_out = "--model_dtype bf16 halves the frozen weights (the trained tensors stay fp32)"
     else:
         way_out = "use a GPU with more memory, or a smaller --model_type"
     if need.total > free:
-        raise UserError(f"{what}, more than the {free / gib:.1f} GiB free on this GPU: it would run out of memory at "
-                        f"its first step; {way_out}")
+        raise UserError(f"{what}, more than the {_size(free)} free on this GPU: it would run out of memory at its "
+                        f"first step; {way_out}")
     if need.total > 0.9 * free:
-        return (f"{what}, which leaves {(free - need.total) / gib:.1f} GiB of the GPU's {free / gib:.1f} GiB free "
-                f"for activations: an out-of-memory error is likely; {way_out}")
+        return (f"{what}, which leaves {_size(free - need.total)} of the GPU's {_size(free)} free for activations: "
+                f"an out-of-memory error is likely; {way_out}")
     return None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 / 10 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from utils import fast_paths  # by module: tests swap its compile functions
 from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDataset
-from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, continue_hint, find_checkpoint, load_checkpoint,
-                              read_resume_state, resume_hint, save_checkpoint, set_rng_state)
+from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, continue_hint, find_checkpoint, has_resumable_checkpoint,
+                              load_checkpoint, read_resume_state, resume_hint, save_checkpoint, set_rng_state)
 from utils.cli import make_log_dir
 from utils.data import default_data_path, load_task_split, records_digest
 from utils.errors import on_interrupt
@@ -428,19 +428,27 @@ class Trainer:
         return epoch_losses
 
     def _out_of_memory_hint(self) -> str:
-        """What lowers a step's memory, for the error line of a step that ran out of it, and how to go on."""
+        """What lowers a step's memory, for the error line of a step that ran out of it, and how to go on: a resume
+        from the last checkpoint may change only what trades memory for time (``RESUME_MAY_DIFFER``); a smaller
+        micro-batch or another dtype needs a new run."""
         t, m = self.config.train, self.config.model
-        ways = [f"a smaller --per_gpu_train_batch_size with more --gradient_accumulation_steps keeps the batch "
-                f"({t.per_gpu_train_batch_size} x {t.gradient_accumulation_steps} now)"]
+        resumable = []
         if self.graph_steps:
-            ways.append("--compile_mode default turns off the CUDA graphs of the decoder layers, which keep memory of "
-                        "their own")
-        elif not t.gradient_checkpointing:
-            ways.append("--gradient_checkpointing recomputes the activations instead of keeping them")
+            resumable.append("--compile_mode default (the decoder layers' CUDA graphs keep memory of their own)")
+        if not t.gradient_checkpointing and t.compile_mode != "reduce-overhead":  # refused together
+            resumable.append("--gradient_checkpointing (activations recomputed instead of kept)")
+        new_run = [f"a smaller --per_gpu_train_batch_size with more --gradient_accumulation_steps (the same batch; "
+                   f"{t.per_gpu_train_batch_size} x {t.gradient_accumulation_steps} now)"]
         if m.method != "fft" and t.model_dtype == "fp32":
-            ways.append("--model_dtype bf16 halves the frozen weights")
-        return (f"out of GPU memory in step {self.state.global_step + 1}: " + "; ".join(ways)
-                + f". Then {continue_hint(self.log_dir)}")
+            new_run.append("--model_dtype bf16 (half the frozen weights)")
+        step = f"out of GPU memory in step {self.state.global_step + 1}"
+        if not has_resumable_checkpoint(self.log_dir):
+            return f"{step}: {'; '.join(resumable + new_run)}. Then {continue_hint(self.log_dir)}"
+        if not resumable:
+            return (f"{step}: a new run (another --log_dir) with {' or '.join(new_run)}; a resume from the last "
+                    f"checkpoint keeps the batch and the dtype")
+        return (f"{step}. To go on from the last checkpoint, {continue_hint(self.log_dir)}, adding "
+                f"{' or '.join(resumable)}; a new run can also take {' or '.join(new_run)}")
 
     def _plot_loss(self) -> None:
         if self.accelerator.is_main_process:
