@@ -604,3 +604,15 @@ def test_a_file_being_scored_cannot_be_scored_again_until_the_first_ends(tmp_pat
         other.write_bytes(pathlib.Path(path).read_bytes())
         assert _score(other, problem_file, fake_sandbox)["n_samples"] == 6
     assert _score(path, problem_file, fake_sandbox)["n_samples"] == 6  # once it ends
+
+
+def test_samples_scored_under_another_sandbox_mode_are_scored_again(tmp_path, fake_sandbox, capsys, monkeypatch):
+    """The header records the mode the sandbox ran in (auto's choice), not the one asked for: a rerun whose auto
+    falls back to a weaker mode (say, without root) does not mix its samples with the stronger mode's."""
+    from utils import evaluation
+
+    path, problem_file = _resume_files(tmp_path)
+    assert _score(path, problem_file, fake_sandbox, interrupt_after=3) is None
+    monkeypatch.setattr(evaluation.Sandbox, "features", {**evaluation.Sandbox.features, "mode": "uid"})
+    assert _score(path, problem_file, fake_sandbox)["n_samples"] == 6 and len(fake_sandbox.runs) == 6
+    assert "(its --sandbox_mode was namespaces, this run's is uid)" in capsys.readouterr().out

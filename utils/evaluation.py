@@ -480,7 +480,7 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     start = time.monotonic()
     with scoring_lock(path), Sandbox(config) as sandbox, \
             Progress(path, samples, task_name=task_name, timeout_s=float(timeout), memory_mb=config.memory_mb,
-                     sandbox_mode=config.mode, mbpp_split=mbpp_split) as kept:
+                     sandbox_mode=sandbox.features["mode"], mbpp_split=mbpp_split) as kept:  # auto's choice
         reused = kept.resume()
         on_interrupt(kept.interrupt_hint)
         results = run_samples(samples, sandbox, workers, progress, desc=task_name, reused=reused,
