@@ -1,6 +1,7 @@
 """The sandbox against hostile programs: each one fails or times out within its limit, nothing escapes, and the
 evaluator still scores every other sample right. Also: the fallback modes and graceful degradation."""
 import ast
+import contextlib
 import json
 import os
 import pathlib
@@ -337,55 +338,151 @@ print(caps, *unmounted, *remounted, os.path.exists(SECRET))
 """
 
 
-@pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
-                    reason="needs root (to run the evaluator as nobody), setpriv and a system python3")
+_NOBODY_PRELUDE = """
+import json, sys
+BASE = {base!r}
+sys.path.insert(0, BASE + "/proj")
+from utils.sandbox import Sandbox, SandboxConfig
+try:
+    sandbox = Sandbox(SandboxConfig(timeout=10, mode="namespaces", start="exec"))
+except RuntimeError as exc:
+    print(json.dumps(["unavailable", str(exc)]))
+    sys.exit(0)
+"""
+needs_nobody = pytest.mark.skipif(
+    os.getuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
+    reason="needs root (to run the evaluator as nobody), setpriv and a system python3")
+
+
+@contextlib.contextmanager
+def _nobody_driver(body: str, files: dict[str, str] | None = None):
+    """The command (and its cwd) that runs ``body`` as nobody, after a prelude that makes ``sandbox`` (namespaces,
+    exec start) from a copy of utils/ in a world-readable temp dir (pytest's tmp_path is private to root) holding
+    ``files`` too (the prelude's BASE); where nobody gets no such mode, it prints ["unavailable", why]."""
+    base = tempfile.mkdtemp(dir="/tmp")
+    try:
+        shutil.copytree(os.path.join(PROJECT_ROOT, "utils"), os.path.join(base, "proj", "utils"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for name, text in {**(files or {}), "driver.py": _NOBODY_PRELUDE.format(base=base) + body}.items():
+            with open(os.path.join(base, name), "w") as fh:
+                fh.write(text)
+        for dirpath, dirnames, filenames in os.walk(base):
+            for name in dirnames + filenames:
+                os.chmod(os.path.join(dirpath, name), 0o755)
+        os.chmod(base, 0o755)
+        yield ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-s",
+               os.path.join(base, "driver.py")], base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _nobody_results(returncode: int, stdout: str, stderr: str) -> list:
+    """The driver's JSON lines; skips the test where nobody gets no namespaces mode."""
+    assert returncode == 0, stderr[-2000:]
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("[")]
+    if lines and lines[0][0] == "unavailable":
+        pytest.skip(f"no namespaces mode for an unprivileged user here: {lines[0][1]}")
+    return lines
+
+
+@needs_nobody
 def test_a_non_root_evaluators_programs_hold_no_capabilities():
     """Started by an unprivileged user, the namespaces mode makes each program root of its own user namespace: it
     must hold no capability, or it could unmount the tmpfs that hides the host's files, or remount the read-only
     paths writable (shown possible before the fix)."""
     import subprocess
-    import tempfile
 
-    base = tempfile.mkdtemp(dir="/tmp")  # pytest's tmp_path is private to root
-    try:
-        project = os.path.join(base, "proj")
-        shutil.copytree(os.path.join(PROJECT_ROOT, "utils"), os.path.join(project, "utils"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        secret = os.path.join(base, "secret.txt")
-        with open(secret, "w") as fh:
-            fh.write("hunter2")
-        driver = os.path.join(base, "driver.py")
-        with open(driver, "w") as fh:
-            fh.write(textwrap.dedent(f"""
-                import json, sys
-                sys.path.insert(0, {project!r})
-                from utils.sandbox import Sandbox, SandboxConfig
-                try:
-                    sandbox = Sandbox(SandboxConfig(timeout=10, mode="namespaces", start="exec"))
-                except RuntimeError as exc:
-                    print(json.dumps(["unavailable", str(exc)]))
-                    sys.exit(0)
-                with sandbox:
-                    result = sandbox.run({_CAPABILITY_PROBE!r}.replace("SECRET", {repr(secret)!r}))
-                print(json.dumps([sandbox.mode, result.status, result.reason, result.stdout]))
-            """))
-        for dirpath, dirnames, filenames in os.walk(base):
-            for name in dirnames + filenames:
-                os.chmod(os.path.join(dirpath, name), 0o755)
-        os.chmod(base, 0o755)
-        proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3",
-                               "-s", driver], capture_output=True, text=True, timeout=120, cwd=base)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        mode, status, reason, stdout = (json.loads(proc.stdout.splitlines()[-1]) + [None] * 4)[:4]
-        if mode == "unavailable":
-            pytest.skip(f"no namespaces mode for an unprivileged user here: {status}")
-        assert (mode, status) == ("namespaces", "passed"), reason
-        caps, unmount, unmount_errno, remount, remount_errno, sees_secret = stdout.split()
-        assert caps == "0000000000000000"
-        assert (unmount, unmount_errno, remount, remount_errno) == ("-1", "1", "-1", "1")  # EPERM, both
-        assert sees_secret == "False"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    body = textwrap.dedent(f"""
+        with sandbox:
+            result = sandbox.run({_CAPABILITY_PROBE!r}.replace("SECRET", repr(BASE + "/secret.txt")))
+        print(json.dumps([sandbox.mode, result.status, result.reason, result.stdout]))
+    """)
+    with _nobody_driver(body, {"secret.txt": "hunter2"}) as (command, base):
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=base)
+    mode, status, reason, stdout = (_nobody_results(proc.returncode, proc.stdout, proc.stderr)[-1] + [None] * 4)[:4]
+    assert (mode, status) == ("namespaces", "passed"), reason
+    caps, unmount, unmount_errno, remount, remount_errno, sees_secret = stdout.split()
+    assert caps == "0000000000000000"
+    assert (unmount, unmount_errno, remount, remount_errno) == ("-1", "1", "-1", "1")  # EPERM, both
+    assert sees_secret == "False"
+
+
+# A process that sleeps (ignoring SIGTERM) with MARKER in its argv, for the host to look for in /proc.
+_LINGER = """import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(1000)
+"""
+_ORPHAN_SAYS = """import ctypes, os, signal
+signal.signal(signal.SIGUSR1, lambda *_: os.write(2, b' orphaned'))
+ctypes.CDLL(None).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG: its parent, the program, ended before it did
+"""
+_NOBODY_CHATTY = """import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print('started')
+sys.stderr.write('still going')
+if os.fork() == 0:
+    os.setsid()
+    print('child', flush=True)
+    os.execv(sys.executable, [sys.executable, '-c', ORPHAN_SAYS + LINGER, 'MARKER'])
+os.wait()
+"""
+_NOBODY_SPAWNER = """import os, sys, time
+for _ in range(4):
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.execv(sys.executable, [sys.executable, '-c', LINGER, 'MARKER'])
+        os._exit(0)
+    os.wait()
+print('spawned')
+time.sleep(1000)
+"""
+
+
+@needs_nobody
+def test_a_non_root_evaluators_timed_out_sample_is_stopped_whole_by_its_supervisor():
+    """Started by an unprivileged user (``unshare --map-root-user``, exec start), a timed-out sample's supervisor,
+    PID 1 of its user-namespaced PID namespace, kills every process in it at the limit (``kill(-1)``) and keeps
+    the output: no daemon in its own session survives, none runs on after the program ended (it would append
+    ' orphaned'), and the host's backstop, ``NS_KILL_GRACE`` s later (it would lose the output), is not needed."""
+    import subprocess
+
+    from utils.sandbox_process import NS_KILL_GRACE
+
+    markers = {name: f"lopa-linger-{name}-{uuid.uuid4().hex[:12]}" for name in ("chatty", "spawner")}
+    programs = {name: src.replace("ORPHAN_SAYS", repr(_ORPHAN_SAYS)).replace("LINGER", repr(_LINGER))
+                .replace("MARKER", markers[name]) for name, src in (("chatty", _NOBODY_CHATTY),
+                                                                     ("spawner", _NOBODY_SPAWNER))}
+    body = textwrap.dedent(f"""
+        with sandbox:
+            for name, program in {programs!r}.items():
+                r = sandbox.run(program, 2.0)
+                print(json.dumps([sandbox.mode, name, r.status, r.reason, r.stdout, r.stderr, r.seconds]),
+                      flush=True)
+    """)
+    seen = dict.fromkeys(markers, 0)
+    with _nobody_driver(body) as (command, base):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=base)
+        try:
+            end = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < end:  # the control: the host sees them while they run
+                for name, marker in markers.items():
+                    seen[name] = max(seen[name], len(_processes_with(marker)))
+                time.sleep(0.05)
+            stdout, stderr = proc.communicate(timeout=5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    results = {name: rest for mode, name, *rest in _nobody_results(proc.returncode, stdout, stderr)}
+    assert set(results) == set(markers), stdout
+    assert seen == {"chatty": 1, "spawner": 4}, seen
+    for name, (status, reason, out, err, seconds) in results.items():
+        assert (status, reason) == ("timed out", "exceeded the 2 s wall-clock limit"), (name, status, reason)
+        assert (out, err) == {"chatty": ("started\nchild\n", "still going"), "spawner": ("spawned\n", "")}[name]
+        assert seconds < 2.0 + NS_KILL_GRACE, (name, seconds)  # stopped by its supervisor, not the backstop
+        assert _settled(_processes_with, markers[name]) == [], name
+
 
 CHATTY_THEN_HANG = """import os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
