@@ -156,6 +156,9 @@ def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
         except Exception as exc:  # the stop is what the user must see, not a second error
             print(f"warning: no report of the finished cells ({type(exc).__name__}: {exc})", file=sys.stderr)
         raise
+    # every cell is done: stopped while writing the report, a rerun writes it and runs no cell again
+    on_interrupt("every selected cell finished; rerun the same command to write results.md and the plots (it keeps "
+                 "every cell)")
     table = report()
     kept = len(cells) - len(ran) - len(failed) - len(busy)
     print(f"{len(ran)} cells run, {kept} kept, {len(busy)} left to other runs, {len(failed)} failed -> {table}")

@@ -63,7 +63,18 @@ def test_each_trained_cell_records_what_its_training_cost_and_results_md_shows_i
     rows = re.findall(r"^\| (None|FFT|LoRA|PT|IDPG|LOPA) \| (.+) \| (.+) \| (.+) \|$", cost, re.M)
     assert [r[0] for r in rows] == ["FFT", "LoRA", "PT", "IDPG", "LOPA"]
     mbpp = first["results"]["tiny-phi-2/mbpp/lopa"]
-    assert rows[-1][3] == f"{mbpp['trainable_params']:,}; {mbpp['train_seconds']:.0f} s"  # under 1 M and 1 minute
+    assert re.fullmatch(rf"{mbpp['trainable_params']:,}; [\d.]+ (s|min)", rows[-1][3]), rows  # under 1 M: in full
+
+
+def test_training_cost_cells_read_as_the_paper_counts_and_as_a_clock_does():
+    from utils.experiment_report import _cost
+
+    assert _cost({"trainable_params": 4_230_000, "train_seconds": 9000, "train_gpu_peak_gib": 9.123}) == \
+        "4.23 M; 2.5 h; 9.1 GiB"
+    assert _cost({"trainable_params": 4_230_000, "train_seconds": 125}) == "4.23 M; 2.1 min"
+    assert _cost({"trainable_params": 25_600, "train_seconds": 12.3}) == "25,600; 12 s"
+    assert _cost({"trainable_params": 25_600, "train_seconds": 0.34}) == "25,600; 0.3 s"
+    assert _cost({"trainable_params": 25_600}) == "25,600" and _cost({}) == "—"  # no time kept; a cell before them
 
 
 def test_rerun_redoes_nothing_and_a_changed_hyperparameter_redoes_only_its_cells(smoke_run):
@@ -311,6 +322,32 @@ def test_an_interrupted_run_still_reports_the_cells_it_finished(tmp_path, monkey
     assert f"stopped; the cells finished so far -> {tmp_path / 'results.md'}" in capsys.readouterr().err
 
 
+def test_ctrl_c_while_the_report_is_written_says_the_cells_are_done(tmp_path, monkeypatch, capsys):
+    """Stopped after every cell finished, while results.md or the plots were being written: the closing hint does
+    not speak of an interrupted cell, and the rerun writes the report without running any cell."""
+    import sys
+
+    from utils import experiment_report
+
+    _fake_stages(monkeypatch)
+    argv = ["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "none"]
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment_report, "plot_loss_curves", stopped)
+    monkeypatch.setattr(sys, "excepthook", lambda *exc: None)
+    with pytest.raises(KeyboardInterrupt) as info:
+        run_experiment.main(argv)
+    sys.excepthook(KeyboardInterrupt, info.value, None)
+    assert capsys.readouterr().err.endswith("interrupted: every selected cell finished; rerun the same command to "
+                                            "write results.md and the plots (it keeps every cell)\n")
+    monkeypatch.undo()
+    _fake_stages(monkeypatch)
+    again = run_experiment.main(argv)
+    assert again["ran"] == [] and (tmp_path / "results.md").is_file()
+
+
 def test_runs_sharing_an_out_leave_each_other_the_cells_they_hold(tmp_path, monkeypatch, capsys):
     """Several runs may share --out (one per GPU): each cell runs under its own lock, so a cell another run holds is
     skipped, and one another run finished after this run started is kept, even under --force."""
@@ -443,6 +480,16 @@ def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_
     assert generate.endswith(" --resume") and predictions.read_bytes() == generated
     kept = len(json.loads(batches[0])["predictions"])
     assert re.search(rf"\b\d+ tasks \({kept} resumed, \d+ generated", attempt_log), attempt_log
+
+    # new scoring settings alone: the stored predictions are kept (generation goes on from all its batches) and
+    # scored again
+    rescored = run("--set", "eval.timeout=6")
+    attempt_log = (cell / "cell.log").read_text().split("=== attempt started")[-1]
+    generate = next(line for line in attempt_log.splitlines() if line.startswith("$ python generate_preds.py"))
+    assert generate.endswith(" --resume") and predictions.read_bytes() == generated
+    tasks = len(generated.splitlines())
+    assert f"{tasks} tasks ({tasks} resumed, 0 generated" in attempt_log, attempt_log
+    assert rescored["training"] == "reused" and any("--timeout 6" in c for c in rescored["commands"])
 
     # killed once the cell was cleared, before its new attempt.json: the old one is kept, and with it the training
     def killed(path, text):

@@ -35,7 +35,7 @@ _DEPTH = [0]  # cli_entry mains running: run_experiment runs each stage's main i
 
 
 def on_interrupt(hint) -> None:
-    """What to tell the user when Ctrl-C (or SIGTERM turned into one) ends this run: a string, or a callable that
+    """What to tell the user when Ctrl-C (SIGINT) ends this run: a string, or a callable that
     makes it then; the latest call wins. ``cli_entry`` prints it after Python's traceback. A stage's main that
     run_experiment runs inside its own (same process) says nothing: the outer script's advice is the one to follow."""
     if _DEPTH[0] <= 1:

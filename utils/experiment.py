@@ -78,6 +78,13 @@ class Cell:
         trains = bool(self.commands) and self.commands[0][0] != "generate_preds.py"
         return self._digest(self.commands[:1]) if trains else None
 
+    def generation_hash(self) -> str:
+        """The hash of the stages up to generation (the training, if any, and generate_preds.py): a cell whose
+        post-processing or evaluation settings change keeps its predictions."""
+        scripts = [script for script, _ in self.commands]
+        last = scripts.index("generate_preds.py") + 1 if "generate_preds.py" in scripts else len(scripts)
+        return self._digest(self.commands[:last])
+
     @functools.cached_property
     def data_digest(self) -> str | None:
         """The data file's content hash, read once per cell (its config and training hashes both use it)."""
@@ -407,9 +414,12 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str,
     from utils.prediction_files import CONFIG_FILE as GEN_CONFIG_FILE
 
     gen_dir = cell.directory / "gen"
-    # generation killed part-way, in an attempt of the very same commands on the training it will use: go on
-    resume_gen = (previous.get("config_hash") == cell.config_hash() and not fresh
-                  and (train_hash is None or training == "reused") and (gen_dir / GEN_CONFIG_FILE).is_file())
+    # an attempt's generation, finished or killed part-way, of the very same commands up to generation on the
+    # training it will use: go on from its batches (a change of the scoring settings alone regenerates nothing)
+    same_generation = (previous.get("generation_hash") == cell.generation_hash()
+                       or previous.get("config_hash") == cell.config_hash())  # an attempt.json of before the field
+    resume_gen = (same_generation and not fresh and (train_hash is None or training == "reused")
+                  and (gen_dir / GEN_CONFIG_FILE).is_file())
     if resume_gen:
         commands = [(script, argv + ["--resume"] if script == "generate_preds.py" else argv)
                     for script, argv in commands]
@@ -427,7 +437,8 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str,
                 child.unlink()
     cell.directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cell.directory / ATTEMPT_FILE, json.dumps({
-        "training_hash": train_hash, "training_commits": training_commits, "config_hash": cell.config_hash()}) + "\n")
+        "training_hash": train_hash, "training_commits": training_commits, "config_hash": cell.config_hash(),
+        "generation_hash": cell.generation_hash()}) + "\n")
     return commands, training, training_commits
 
 
