@@ -97,11 +97,18 @@ def _cost(result: dict) -> str:
     n, seconds = result["trainable_params"], result.get("train_seconds")
     parts = [f"{n / 1e6:,.2f} M" if n >= 1e6 else f"{n:,}"]  # millions as the paper counts; a PT prompt in full
     if seconds is not None:
-        parts.append(f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60
-                     else f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s")
+        parts.append(_duration(seconds))
     if result.get("train_gpu_peak_gib") is not None:
         parts.append(f"{result['train_gpu_peak_gib']:.1f} GiB")
     return "; ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
 def _panels(plt, n: int, width: float, height: float):
