@@ -10,12 +10,15 @@ row's first token as in training: a sliding window counts cache slots, and paddi
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from custom_peft.packing import (Layout, attention_width_constant, block_causal_mask, gather_rows, packing_refusal,
-                                 padded_causal_mask, plan_layout, to_device)
+from custom_peft import packing as packing_plan
+from custom_peft.packing import (Layout, attention_width_constant, block_causal_mask, gather_rows, padded_causal_mask,
+                                 plan_layout, to_device)
 from utils.batching import IGNORE_INDEX, HostCopy
 
 
@@ -56,7 +59,7 @@ class TunedModel(nn.Module):
         self.packing = False
         """With labels, lay a padded batch's examples end to end in fewer rows when that costs less
         (``custom_peft.packing``; same loss). The trainer turns it on. A model that cannot pack
-        (``packing_refusal``: ALiBi) keeps its padded rows."""
+        (``packing_refusal``: ALiBi) keeps its padded rows all the same."""
         self.packed_width_multiple: int | None = None
         """Packed rows as wide as their fullest row rounded up to a multiple of this (None: not rounded), so that
         packed batches take few shapes, as padded ones do with the collator's ``pad_to_multiple_of``: CUDA graphs
@@ -71,6 +74,11 @@ class TunedModel(nn.Module):
         """The Hugging Face causal LM (with LoRA layers injected in place for ``lora``)."""
         get_base = getattr(self.backbone, "get_base_model", None)
         return get_base() if get_base is not None else self.backbone
+
+    @functools.cached_property
+    def packing_refusal(self) -> str | None:
+        """Why this model's rows cannot be packed (``custom_peft.packing.packing_refusal``), or None; read once."""
+        return packing_plan.packing_refusal(self.lm)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -151,9 +159,10 @@ class TunedModel(nn.Module):
             labels = torch.cat([labels.new_full((labels.shape[0], m), IGNORE_INDEX), labels], dim=1)
             host_mask = torch.cat([host_mask.new_ones(host_mask.shape[0], m), host_mask], dim=1)
             host_labels = torch.cat([host_labels.new_full((host_labels.shape[0], m), IGNORE_INDEX), host_labels], 1)
-        if self.packing and self._attention_width is None:  # 0: this model cannot pack (packing_refusal)
-            self._attention_width = 0.0 if packing_refusal(self.lm) else attention_width_constant(self.lm)
-        layout = plan_layout(host_mask, host_labels, (self._attention_width or None) if self.packing else None,
+        packs = self.packing and self.packing_refusal is None
+        if packs and self._attention_width is None:
+            self._attention_width = attention_width_constant(self.lm)
+        layout = plan_layout(host_mask, host_labels, self._attention_width if packs else None,
                              self.selective_logits, self.packed_width_multiple)
         own_mask = self._own_masks_exact(layout)
         names = [n for n in ("index", "positions", "labels", "predictors", "targets") if getattr(layout, n) is not None]

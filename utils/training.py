@@ -210,7 +210,6 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from custom_peft import build_model
-        from custom_peft.packing import packing_refusal
         from utils.models import check_fits_context, enable_activation_checkpointing, numel
 
         acc, cfg, m, t = self.accelerator, self.config, self.config.model, self.config.train
@@ -247,10 +246,9 @@ class Trainer:
         if t.gradient_checkpointing:
             enable_activation_checkpointing(model.lm)
         model.selective_logits = t.selective_logits
-        model.packing = t.packing and not t.pad_to_max_length  # fixed-length rows are asked for as the original's
-        self.packing_refusal = packing_refusal(model.lm) if model.packing else None
-        model.packing = model.packing and self.packing_refusal is None
-        self.packing = model.packing
+        packing = t.packing and not t.pad_to_max_length  # fixed-length rows are asked for as the original's
+        self.packing_refusal = model.packing_refusal if packing else None
+        model.packing = self.packing = packing and self.packing_refusal is None
         self.compiled = t.compile == "on" or (t.compile == "auto" and acc.device.type == "cuda" and not self.ds)
         self.encoder_graphs = bool(t.encoder_graphs and m.uses_encoder and acc.device.type == "cuda" and not self.ds
                                    and model.prompt.encoder.use_graphs())
