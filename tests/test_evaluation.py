@@ -616,3 +616,30 @@ def test_samples_scored_under_another_sandbox_mode_are_scored_again(tmp_path, fa
     monkeypatch.setattr(evaluation.Sandbox, "features", {**evaluation.Sandbox.features, "mode": "uid"})
     assert _score(path, problem_file, fake_sandbox)["n_samples"] == 6 and len(fake_sandbox.runs) == 6
     assert "(its --sandbox_mode was namespaces, this run's is uid)" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_keeping_samples_names_the_file_and_what_is_kept(tmp_path, fake_sandbox, monkeypatch):
+    """The third sample's line does not fit: one error naming the progress file and the two samples kept in it; the
+    rerun (space freed) goes on from those two."""
+    import errno
+
+    path, problem_file = _resume_files(tmp_path)
+    partial = tmp_path / "sols_results.partial.jsonl"
+    real_open, appends = pathlib.Path.open, []
+
+    def open_(self, mode="r", *args, **kwargs):
+        fh = real_open(self, mode, *args, **kwargs)
+        if self == partial and mode == "a":
+            appends.append(1)
+            if len(appends) == 3:
+                fh.close()
+                raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return fh
+
+    monkeypatch.setattr(pathlib.Path, "open", open_)
+    with pytest.raises(UserError) as exc:
+        _score(path, problem_file, fake_sandbox)
+    assert str(exc.value).startswith(f"{partial}: no space left on device; the 2 samples scored before are kept in "
+                                     f"it; free space there, then rerun the same command"), exc.value
+    monkeypatch.setattr(pathlib.Path, "open", real_open)  # space freed
+    assert _score(path, problem_file, fake_sandbox)["n_samples"] == 6 and len(fake_sandbox.runs) == 4

@@ -130,7 +130,7 @@ def run_samples(samples: list[Sample], sandbox: Sandbox, n_workers: int | None =
                 desc: str = "evaluating", reused: dict[int, SampleResult] | None = None,
                 on_result=None) -> list[SampleResult]:
     """Run every sample (in parallel, results in input order); malformed samples fail without running. The samples
-    at the indices of ``reused`` are not run (their results are taken from it); ``on_result(sample, result)`` is
+    at the indices of ``reused`` are not run (their results are taken from it); ``on_result(index, result)`` is
     called in this thread as each of the others finishes."""
 
     def one(sample: Sample) -> SampleResult:
@@ -150,7 +150,7 @@ def run_samples(samples: list[Sample], sandbox: Sandbox, n_workers: int | None =
                 i = futures[fut]
                 results[i] = fut.result()
                 if on_result is not None:
-                    on_result(samples[i], results[i])
+                    on_result(i, results[i])
                 bar.update(1)
         except BaseException:  # Ctrl-C: drop the queued samples, or leaving the pool would still run them all
             pool.shutdown(wait=False, cancel_futures=True)
@@ -314,11 +314,11 @@ def program_hash(sample: Sample) -> str:
 
 class Progress:
     """``<stem>_results.partial.jsonl``: a header line (``fingerprint``: what the results depend on), then one line
-    per finished sample, its ``_results.jsonl`` line plus ``program_sha256``. Lines are appended unbuffered, from
-    the thread that collects the results, so a kill loses at most the line being written (a torn last line is
-    ignored). A run whose header matches reuses the results of the same task id, sample index and program hash,
-    except sandbox errors (the next run's sandbox may work); a file that does not match is replaced. Use as a
-    context manager; ``remove`` it once the results are written."""
+    per finished sample, its ``_results.jsonl`` line plus ``program_sha256``. Each line is appended as its sample
+    finishes, from the thread that collects the results, so a kill loses at most the line being written (a torn last
+    line is ignored). A run whose header matches reuses the results of the same task id, sample index and program
+    hash, except sandbox errors (the next run's sandbox may work); a file that does not match is replaced. ``remove``
+    it once the results are written."""
 
     CHANGED = {"task_name": "it was scored as {old}, this run as {new}",
                "predictions_sha256": "the predictions file has changed",
@@ -334,18 +334,6 @@ class Progress:
                             "predictions_sha256": _sha256(predictions.read_bytes()),
                             "programs_sha256": _sha256(json.dumps(keys).encode("ascii")), **settings}
         self.kept = 0
-        self._fh = None
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
     def resume(self) -> dict[int, SampleResult]:
         """The kept results of the samples (by index); says in one line what is reused, or why nothing is. The file
@@ -360,7 +348,6 @@ class Progress:
             print(f"scoring from scratch: {self.path} is another run's ({why}); it is replaced", flush=True)
         lines = [self.fingerprint] + [{**reused[i].to_json(), "program_sha256": self.hashes[i]} for i in sorted(reused)]
         atomic_write_text(self.path, "".join(json.dumps(line) + "\n" for line in lines))
-        self._fh = open(self.path, "ab", buffering=0)
         self.kept = len(reused)
         return reused
 
@@ -392,15 +379,13 @@ class Progress:
                     old=header.get(key), new=new)
         return "its header has other fields"
 
-    def append(self, sample: Sample, result: SampleResult) -> None:
-        """Keep one finished sample (``run_samples``' ``on_result``)."""
-        line = json.dumps({**result.to_json(), "program_sha256": program_hash(sample)}) + "\n"
+    def append(self, index: int, result: SampleResult) -> None:
+        """Keep the finished sample at ``index`` (``run_samples``' ``on_result``)."""
+        line = json.dumps({**result.to_json(), "program_sha256": self.hashes[index]}) + "\n"
         fix = (lambda: f"the {self.kept:,} samples scored before are kept in it; free space there, then rerun the "
                        f"same command to go on from there")
-        with naming_full_disk(self.path, fix):
-            view = memoryview(line.encode("ascii"))
-            while view:  # a write may be cut short
-                view = view[self._fh.write(view):]
+        with naming_full_disk(self.path, fix), self.path.open("a", encoding="ascii") as fh:
+            fh.write(line)
         self.kept += not result.reason.startswith("sandbox error")  # the next run redoes those (resume)
 
     def interrupt_hint(self) -> str:
@@ -408,7 +393,6 @@ class Progress:
                 f"go on from there")
 
     def remove(self) -> None:
-        self.close()
         self.path.unlink(missing_ok=True)
 
 
@@ -478,9 +462,9 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     check_writable_dir(path.parent, "--path")  # the results go beside it: fail now, not after the sandbox ran
     workers = max(1, n_workers or default_workers())
     start = time.monotonic()
-    with scoring_lock(path), Sandbox(config) as sandbox, \
-            Progress(path, samples, task_name=task_name, timeout_s=float(timeout), memory_mb=config.memory_mb,
-                     sandbox_mode=sandbox.features["mode"], mbpp_split=mbpp_split) as kept:  # auto's choice
+    with scoring_lock(path), Sandbox(config) as sandbox:
+        kept = Progress(path, samples, task_name=task_name, timeout_s=float(timeout), memory_mb=config.memory_mb,
+                        sandbox_mode=sandbox.features["mode"], mbpp_split=mbpp_split)  # auto's choice
         reused = kept.resume()
         on_interrupt(kept.interrupt_hint)
         results = run_samples(samples, sandbox, workers, progress, desc=task_name, reused=reused,
