@@ -77,6 +77,19 @@ def test_training_cost_cells_read_as_the_paper_counts_and_as_a_clock_does():
     assert _cost({"trainable_params": 25_600}) == "25,600" and _cost({}) == "—"  # no time kept; a cell before them
 
 
+def test_training_cost_takes_the_gpu_peak_of_every_attempt_of_a_resumed_training(tmp_path):
+    """The trainer resets the peak when an attempt starts: a resumed run's last line holds its last attempt's peak
+    only, so the cost is the largest peak its lines record."""
+    from utils.experiment import training_cost
+
+    (tmp_path / "config.json").write_text(json.dumps({"script": "x", "runtime": {"trainable_params": 10}}))
+    lines = [{"step": 1, "elapsed": 5.0, "gpu_peak_mem_gib": 9.5},  # the first attempt
+             {"step": 2, "elapsed": 9.0, "gpu_peak_mem_gib": 7.0},
+             {"step": 3, "elapsed": 12.0, "gpu_peak_mem_gib": 7.25}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert training_cost(tmp_path) == {"trainable_params": 10, "train_seconds": 12.0, "train_gpu_peak_gib": 9.5}
+
+
 def test_rerun_redoes_nothing_and_a_changed_hyperparameter_redoes_only_its_cells(smoke_run):
     out, first = smoke_run
     again = run_experiment.main(["--preset", "smoke", "--out", str(out)])

@@ -502,8 +502,8 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
 def training_cost(train_dir: pathlib.Path) -> dict:
     """What a cell's training cost, from its own files (nothing for a cell without training): ``trainable_params``
     (config.json's runtime), ``train_seconds`` (metrics.jsonl's last ``elapsed``: the steps, checkpoints included,
-    across a resumed run's attempts) and ``train_gpu_peak_gib`` (its last ``gpu_peak_mem_gib``: GPU runs only; a resumed
-    training's last attempt)."""
+    across a resumed run's attempts) and ``train_gpu_peak_gib`` (the largest ``gpu_peak_mem_gib``: GPU runs only;
+    each attempt of a resumed training counts its own peak, so the largest is the run's)."""
     from utils.train_logging import METRICS_FILE, read_metrics
 
     try:
@@ -512,8 +512,9 @@ def training_cost(train_dir: pathlib.Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError, UserError):
         return {}
     last = records[-1] if records else {}
+    peaks = [r["gpu_peak_mem_gib"] for r in records if r.get("gpu_peak_mem_gib") is not None]
     return {"trainable_params": runtime.get("trainable_params"), "train_seconds": last.get("elapsed"),
-            "train_gpu_peak_gib": last.get("gpu_peak_mem_gib")}
+            "train_gpu_peak_gib": max(peaks, default=None)}
 
 
 def stored_result(cell: Cell) -> dict | None:
