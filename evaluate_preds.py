@@ -37,6 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow_missing", action="store_true", help="score only the tasks that have samples (a file that lacks some test tasks is refused "
                         "otherwise, unless a --limit generation wrote it: its generate_preds_config.json says so)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--reuse_finished", action="store_true",
+                   help="take the results of a finished scoring of this file whose summary records the same "
+                        "predictions, programs and settings instead of scoring it again (run_experiment.py passes it "
+                        "when it redoes a cell); without it a finished file is scored afresh")
     args = p.parse_args(argv)
     try:
         args.k = tuple(int(k) for k in args.k.split(",") if k.strip())
@@ -63,7 +67,7 @@ def main(argv=None) -> dict:
                             n_workers=args.n_workers, timeout=args.timeout, k=args.k,
                             allow_missing=args.allow_missing, progress=not args.no_progress,
                             sandbox_config=SandboxConfig(memory_mb=args.memory_mb, mode=args.sandbox_mode),
-                            mbpp_split=args.mbpp_split)
+                            mbpp_split=args.mbpp_split, reuse_finished=args.reuse_finished)
     counts = summary["counts"]
     sandbox = summary["sandbox"]
     print(f"sandbox mode: {sandbox['mode']}/{sandbox['start']} (network namespace: "

@@ -307,6 +307,9 @@ def test_ctrl_c_drops_the_queued_samples_instead_of_running_them_all():
             time.sleep(0.05)
             return SimpleNamespace(status="passed", reason="", seconds=0.05)
 
+        def cancel(self):
+            pass
+
     # Python's own handler even where the suite was started in the background (SIGINT ignored there)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -462,6 +465,9 @@ def fake_sandbox(monkeypatch):
         def __exit__(self, *exc):
             pass
 
+        def cancel(self):
+            pass
+
         def run(self, program):
             if state.interrupt_after is not None and len(state.runs) >= state.interrupt_after:
                 raise KeyboardInterrupt
@@ -487,13 +493,13 @@ def _resume_files(tmp_path):
     return path, problem_file
 
 
-def _score(path, problem_file, fake, interrupt_after=None, timeout=5.0):
+def _score(path, problem_file, fake, interrupt_after=None, timeout=5.0, **kwargs):
     """evaluate_file on one worker (samples run in input order): its summary, or None when Ctrl-C stopped it."""
     fake.runs.clear()
     fake.interrupt_after = interrupt_after
     try:
         return evaluate_file("mbpp", path, problem_file=problem_file, timeout=timeout, n_workers=1, progress=False,
-                             k=(1, 2))
+                             k=(1, 2), **kwargs)
     except KeyboardInterrupt:
         return None
 
@@ -643,3 +649,121 @@ def test_a_full_disk_while_keeping_samples_names_the_file_and_what_is_kept(tmp_p
                                      f"it; free space there, then rerun the same command"), exc.value
     monkeypatch.setattr(pathlib.Path, "open", real_open)  # space freed
     assert _score(path, problem_file, fake_sandbox)["n_samples"] == 6 and len(fake_sandbox.runs) == 4
+
+
+def test_ctrl_c_stops_the_running_samples_and_keeps_every_one_that_finished():
+    """Ctrl-C arrives while one sample runs on and another ends by itself: the running one is stopped
+    (``Sandbox.cancel``: before, the run waited for it, up to --timeout) and dropped, and the one that finished is
+    kept although the interrupt came before its result was collected (before, it was lost)."""
+    import os
+    import signal
+    import threading
+
+    from utils.evaluation import Sample, run_samples
+    from utils.sandbox import SampleCancelled
+
+    collected, cancelled, kept = threading.Event(), threading.Event(), []
+
+    class Stoppable:
+        def run(self, program):
+            if program == "finishing":  # Ctrl-C once the quick sample is collected; it ends as the run stops
+                collected.wait(10)
+                os.kill(os.getpid(), signal.SIGINT)
+                cancelled.wait(10)
+                return SimpleNamespace(status="passed", reason="", seconds=0.0)
+            if program == "running":  # runs until it is stopped
+                cancelled.wait(10)
+                raise SampleCancelled
+            return SimpleNamespace(status="failed", reason="AssertionError", seconds=0.0)
+
+        def cancel(self):
+            cancelled.set()
+
+    def on_result(index, result):
+        kept.append((index, result.status))
+        collected.set()
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in the test above
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_samples([Sample("t0", 0, "quick"), Sample("t1", 0, "running"), Sample("t2", 0, "finishing")],
+                        Stoppable(), n_workers=3, progress=False, on_result=on_result)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sorted(kept) == [(0, "failed"), (2, "passed")]
+    assert cancelled.is_set()
+
+
+def test_the_scoring_lock_is_held_until_the_outputs_are_written_and_the_progress_file_is_gone(tmp_path,
+                                                                                              fake_sandbox,
+                                                                                              monkeypatch):
+    """A second scorer let in before then would have its new progress file deleted under it, or the first one's
+    outputs written over its work: each step after the samples ran tries to take the lock, and must be refused."""
+    from utils import evaluation
+
+    path, problem_file = _resume_files(tmp_path)
+    held = {}
+
+    def refused() -> bool:
+        try:
+            with evaluation.scoring_lock(path):
+                return False
+        except UserError:
+            return True
+
+    write, remove = evaluation.atomic_write_text, evaluation.Progress.remove
+
+    def checked_write(target, text, *args):
+        held[pathlib.Path(target).name] = refused()
+        return write(target, text, *args)
+
+    def checked_remove(self):
+        held["remove"] = refused()
+        return remove(self)
+
+    monkeypatch.setattr(evaluation, "atomic_write_text", checked_write)
+    monkeypatch.setattr(evaluation.Progress, "remove", checked_remove)
+    assert _score(path, problem_file, fake_sandbox)["n_samples"] == 6
+    assert held == {"sols_results.partial.jsonl": True, "sols_results.jsonl": True, "sols_summary.json": True,
+                    "remove": True}
+    assert not refused()  # and dropped after
+
+
+def test_a_finished_scoring_is_reused_when_asked_for_and_its_fingerprint_is_this_runs(tmp_path, fake_sandbox,
+                                                                                      capsys):
+    """run_experiment redoing a cell passes reuse_finished (--reuse_finished): a finished scoring whose summary
+    records this run's predictions, programs and settings is not run again (before: every sample ran again), and
+    its results and pass@k are the fresh ones. Without the flag, or with other settings, the file is scored."""
+    path, problem_file = _resume_files(tmp_path)
+    results_path, summary_path = tmp_path / "sols_results.jsonl", tmp_path / "sols_summary.json"
+    fresh = _score(path, problem_file, fake_sandbox)
+    fresh_results = results_path.read_text()
+    assert fresh["fingerprint"]["timeout_s"] == 5.0 and json.loads(summary_path.read_text()) == {
+        k: v for k, v in fresh.items() if not k.endswith("_path")}
+
+    assert _score(path, problem_file, fake_sandbox)["reused_samples"] == 0 and len(fake_sandbox.runs) == 6
+    capsys.readouterr()
+    reused = _score(path, problem_file, fake_sandbox, reuse_finished=True)
+    assert fake_sandbox.runs == [] and reused["reused_samples"] == 6
+    assert (f"reusing: 6 of 6 samples already scored with these predictions, programs and settings in "
+            f"{results_path}; delete it to score again\n") in capsys.readouterr().out
+    assert results_path.read_text() == fresh_results
+    assert {k: v for k, v in reused.items() if k not in TIMING} == {k: v for k, v in fresh.items() if k not in TIMING}
+    assert not (tmp_path / "sols_results.partial.jsonl").exists()
+
+    # another timeout: scored again (and the next reuse needs that timeout)
+    assert _score(path, problem_file, fake_sandbox, timeout=6.0, reuse_finished=True)["reused_samples"] == 0
+    assert len(fake_sandbox.runs) == 6
+    argv = ["--task_name", "mbpp", "--path", path, "--problem_file", problem_file, "--n_workers", "1",
+            "--timeout", "6", "--k", "1,2", "--no_progress", "--reuse_finished"]
+    fake_sandbox.runs.clear()
+    assert evaluate_preds.main(argv)["reused_samples"] == 6 and fake_sandbox.runs == []
+    assert "(0 run here, 6 reused from an earlier run)" in capsys.readouterr().out
+
+    # samples the sandbox failed are run again, as from a progress file
+    fake_sandbox.broken = {"return a  # wrong"}
+    assert _score(path, problem_file, fake_sandbox)["counts"]["sandbox_errors"] == 2
+    fake_sandbox.broken = set()
+    again = _score(path, problem_file, fake_sandbox, reuse_finished=True)
+    assert [run.count("# wrong") for run in fake_sandbox.runs] == [1, 1] and again["reused_samples"] == 4
+    assert results_path.read_text() == fresh_results

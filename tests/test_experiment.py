@@ -764,3 +764,40 @@ def test_set_mbpp_split_keeps_the_stored_cruxeval_trainings(tmp_path, monkeypatc
     plan = run_experiment.main(args + ["--set", "mbpp_split=standard", "--plan"])
     printed = capsys.readouterr().out
     assert plan["stored"] == ["tiny-phi-2/cruxeval_output_prediction/pt"], printed
+
+
+def test_a_cell_interrupted_in_its_stage_2_scoring_reuses_its_finished_stage_1_scoring(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """Ctrl-C while MBPP's stage 2 is scored: the rerun keeps the generation (its batches) and reuses stage 1's
+    finished scoring (same predictions, programs and settings: its summary's fingerprint) instead of running its
+    samples again (before: all of them ran again, MBPP's 15 s timeout each at worst); only stage 2 is scored."""
+    from utils import evaluation
+
+    real, scorings, interrupted = evaluation.run_samples, [], []
+
+    def stage_2_interrupted(samples, sandbox, *args, reused=None, **kwargs):
+        scorings.append((len(samples), len(reused or {})))
+        if len(scorings) == 2 and not interrupted:  # the first run's stage 2
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return real(samples, sandbox, *args, reused=reused, **kwargs)
+
+    monkeypatch.setattr(evaluation, "run_samples", stage_2_interrupted)
+    argv = ["--preset", "smoke", "--out", str(tmp_path), "--methods", "none", "--tasks", "mbpp"]
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment.main(argv)
+    gen = tmp_path / "cells" / "tiny-phi-2" / "mbpp" / "none" / "gen"
+    stage1 = (gen / "mbxp_solutions_stage1_results.jsonl").read_text()
+    assert not (gen / "mbxp_solutions_stage2_results.jsonl").exists()
+
+    scorings.clear()
+    capsys.readouterr()
+    assert run_experiment.main(argv)["ran"] == ["tiny-phi-2/mbpp/none"]
+    assert scorings == [(EXPECTED_TASKS, EXPECTED_TASKS), (EXPECTED_TASKS, 0)]  # stage 1 reused, stage 2 scored
+    assert (f"reusing: {EXPECTED_TASKS} of {EXPECTED_TASKS} samples already scored with these predictions, "
+            f"programs and settings in {gen / 'mbxp_solutions_stage1_results.jsonl'}") in capsys.readouterr().out
+    assert (gen / "mbxp_solutions_stage1_results.jsonl").read_text() == stage1
+    attempt_log = (tmp_path / "cells/tiny-phi-2/mbpp/none/cell.log").read_text().split("=== attempt started")[-1]
+    assert attempt_log.count("--reuse_finished") == 2  # on both scorings' command lines, not in the cell's commands
+    result = json.loads((tmp_path / "cells/tiny-phi-2/mbpp/none/result.json").read_text())
+    assert not any("--reuse_finished" in c for c in result["commands"])

@@ -538,6 +538,41 @@ def test_the_hosts_kill_backs_up_a_namespaced_samples_supervisor(monkeypatch, st
         assert _settled(_processes_of_uids, *uids) == []
 
 
+@pytest.mark.parametrize("mode, start", [("auto", "forkserver"), ("auto", "exec"), ("none", "forkserver")])
+def test_cancel_stops_the_running_sample_and_what_it_left_and_refuses_new_ones(mode, start):
+    """Ctrl-C's path (run_samples calls ``cancel``): the program and a daemon it started in a session of its own are
+    stopped as at the timeout, though the 60 s limit is far off; ``run`` raises SampleCancelled for it (no result:
+    "timed out" would be wrong) and for any later sample."""
+    import threading
+
+    from utils.sandbox import SampleCancelled
+
+    marker = f"600.{uuid.uuid4().int % 10**9}"  # seconds for sleep, and a mark on its command line
+    program = (f"import os\nif os.fork() == 0:\n    os.setsid()\n    os.execv('/bin/sleep', ['sleep', '{marker}'])\n"
+               f"os.execv('/bin/sleep', ['sleep', '{marker}'])")
+    outcome = []
+    with Sandbox(SandboxConfig(timeout=60.0, mode=mode, start=start)) as sandbox:
+        def run():
+            try:
+                outcome.append(sandbox.run(program))
+            except SampleCancelled as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        for _ in range(600):  # until both are running (a loaded machine may take a while to start them)
+            if len(_processes_with(marker)) == 2:
+                break
+            time.sleep(0.05)
+        assert len(_processes_with(marker)) == 2
+        sandbox.cancel()
+        worker.join()
+        assert [type(o) for o in outcome] == [SampleCancelled], outcome
+        assert _settled(_processes_with, marker) == []
+        with pytest.raises(SampleCancelled):
+            sandbox.run("print(1)")
+
+
 def test_mode_none_still_enforces_timeout_limits_env_and_kills_daemons(arena):
     programs = hostile_programs(arena)
     with Sandbox(SandboxConfig(timeout=2.0, mode="none", memory_mb=256)) as sandbox:

@@ -131,7 +131,8 @@ def run_samples(samples: list[Sample], sandbox: Sandbox, n_workers: int | None =
                 on_result=None) -> list[SampleResult]:
     """Run every sample (in parallel, results in input order); malformed samples fail without running. The samples
     at the indices of ``reused`` are not run (their results are taken from it); ``on_result(index, result)`` is
-    called in this thread as each of the others finishes."""
+    called in this thread as each of the others finishes. On Ctrl-C the queued samples are dropped, the running
+    ones stopped at once (``Sandbox.cancel``), and ``on_result`` still gets every sample that had finished."""
 
     def one(sample: Sample) -> SampleResult:
         if sample.program is None:
@@ -142,18 +143,26 @@ def run_samples(samples: list[Sample], sandbox: Sandbox, n_workers: int | None =
     results: list[SampleResult | None] = [None] * len(samples)
     for i, result in (reused or {}).items():
         results[i] = result
+    futures = {}
     with ThreadPoolExecutor(max(1, n_workers or default_workers())) as pool, \
             tqdm(total=len(samples), initial=len(reused or {}), desc=desc, disable=not progress, unit="sample") as bar:
-        futures = {pool.submit(one, s): i for i, s in enumerate(samples) if results[i] is None}
         try:
+            futures = {pool.submit(one, s): i for i, s in enumerate(samples) if results[i] is None}
             for fut in as_completed(futures):
                 i = futures[fut]
                 results[i] = fut.result()
                 if on_result is not None:
                     on_result(i, results[i])
                 bar.update(1)
-        except BaseException:  # Ctrl-C: drop the queued samples, or leaving the pool would still run them all
+        except BaseException as exc:
+            # Ctrl-C (or an error): drop the queued samples, or leaving the pool would still run them all, and stop
+            # the running ones, or it would wait for each to end (up to --timeout)
             pool.shutdown(wait=False, cancel_futures=True)
+            sandbox.cancel()
+            if isinstance(exc, KeyboardInterrupt) and on_result is not None:
+                for fut, i in futures.items():  # keep what finished before, and not yet collected
+                    if results[i] is None and not fut.cancelled() and fut.exception() is None:
+                        on_result(i, fut.result())
             raise
     return results  # type: ignore[return-value]
 
@@ -318,7 +327,8 @@ class Progress:
     finishes, from the thread that collects the results, so a kill loses at most the line being written (a torn last
     line is ignored). A run whose header matches reuses the results of the same task id, sample index and program
     hash, except sandbox errors (the next run's sandbox may work); a file that does not match is replaced. ``remove``
-    it once the results are written."""
+    it once the results are written. The header is also the summary's ``fingerprint``: a finished scoring that
+    records this run's can be reused the same way (``resume(finished=True)``)."""
 
     CHANGED = {"task_name": "it was scored as {old}, this run as {new}",
                "predictions_sha256": "the predictions file has changed",
@@ -327,7 +337,7 @@ class Progress:
 
     def __init__(self, predictions: pathlib.Path, samples: list[Sample], task_name: str, **settings):
         """``settings``: the run's other settings the results depend on (timeout_s, memory_mb, sandbox_mode, ...)."""
-        self.path, self.samples = progress_path(predictions), samples
+        self.path, self.samples, self.predictions = progress_path(predictions), samples, predictions
         self.hashes = [program_hash(s) for s in samples]
         keys = [[s.task_id, s.index, h] for s, h in zip(samples, self.hashes)]
         self.fingerprint = {"scoring_progress": 1, "task_name": task_name,
@@ -335,13 +345,20 @@ class Progress:
                             "programs_sha256": _sha256(json.dumps(keys).encode("ascii")), **settings}
         self.kept = 0
 
-    def resume(self) -> dict[int, SampleResult]:
+    def resume(self, finished: bool = False) -> dict[int, SampleResult]:
         """The kept results of the samples (by index); says in one line what is reused, or why nothing is. The file
-        is rewritten with them (a torn line dropped, sandbox errors left out), ready for appends."""
+        is rewritten with them (a torn line dropped, sandbox errors left out), ready for appends. ``finished``: a
+        finished scoring of the file (``_results.jsonl``) whose summary records this run's fingerprint is reused
+        instead, all but its sandbox errors."""
         stored, why = self._read()
-        reused = {i: stored[key] for i, (s, h) in enumerate(zip(self.samples, self.hashes))
-                  if (key := (s.task_id, s.index, h)) in stored}
-        if reused:
+        done = self._read_finished() if finished else {}
+        source = done or stored
+        reused = {i: source[key] for i, (s, h) in enumerate(zip(self.samples, self.hashes))
+                  if (key := (s.task_id, s.index, h)) in source}
+        if done:
+            print(f"reusing: {len(reused):,} of {len(self.samples):,} samples already scored with these predictions, "
+                  f"programs and settings in {output_paths(self.predictions)[0]}; delete it to score again", flush=True)
+        elif reused:
             print(f"resuming: {len(reused):,} of {len(self.samples):,} samples already scored in {self.path}; "
                   f"delete it to score from scratch", flush=True)
         elif why:
@@ -362,13 +379,35 @@ class Progress:
                 return {}, self._changed(header)
             stored = {}
             for r in records[1:]:
-                result = SampleResult(r["task_id"], r["sample_index"], r["status"], r["reason"], r["seconds"],
-                                      r["prediction"])
+                result = _stored_result(r)
                 if not result.reason.startswith("sandbox error"):
                     stored[result.task_id, result.sample_index, r["program_sha256"]] = result
             return stored, ""
         except (UserError, KeyError, TypeError, AttributeError):
             return {}, "it is not a file of scored samples"
+
+    def _read_finished(self) -> dict:
+        """``{(task id, index, program hash): result}`` from ``_results.jsonl`` when ``_summary.json`` records this
+        run's fingerprint (the same predictions, programs and settings; the results are in sample order), without
+        sandbox errors; else ``{}``."""
+        results_path, summary_path = output_paths(self.predictions)
+        try:
+            if json.loads(summary_path.read_text(encoding="utf-8")).get("fingerprint") != self.fingerprint:
+                return {}
+            records = [json.loads(line) for line in results_path.read_text(encoding="utf-8").splitlines()]
+            if len(records) != len(self.samples):
+                return {}
+            stored = {}
+            for sample, h, r in zip(self.samples, self.hashes, records):
+                result = _stored_result(r)
+                if (result.task_id, result.sample_index, result.prediction) != (sample.task_id, sample.index,
+                                                                                sample.prediction):
+                    return {}
+                if not result.reason.startswith("sandbox error"):
+                    stored[sample.task_id, sample.index, h] = result
+            return stored
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or not ours: score it
+            return {}
 
     def _changed(self, header: dict) -> str:
         if header.get("scoring_progress") != self.fingerprint["scoring_progress"]:
@@ -396,6 +435,12 @@ class Progress:
         self.path.unlink(missing_ok=True)
 
 
+def _stored_result(record: dict) -> SampleResult:
+    """A result read back from a results line (``SampleResult.to_json``)."""
+    return SampleResult(record["task_id"], record["sample_index"], record["status"], record["reason"],
+                        record["seconds"], record["prediction"])
+
+
 @contextlib.contextmanager
 def scoring_lock(path: pathlib.Path):
     """An exclusive lock on the predictions file while it is scored (other files, a stage 1 and a stage 2 say, can be
@@ -412,10 +457,13 @@ def scoring_lock(path: pathlib.Path):
 
 def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_workers: int | None = None,
                   timeout: float | None = None, k=DEFAULT_K, allow_missing: bool = False, progress: bool = True,
-                  sandbox_config: SandboxConfig | None = None, mbpp_split: str = "paper") -> dict:
+                  sandbox_config: SandboxConfig | None = None, mbpp_split: str = "paper",
+                  reuse_finished: bool = False) -> dict:
     """Score a predictions file; write ``<stem>_results.jsonl`` and ``<stem>_summary.json`` beside it. An
     interrupted run's samples are kept in ``<stem>_results.partial.jsonl`` (``Progress``): the same call goes on
     from there. ``seconds`` and ``samples_per_s`` are this run's, for the samples it ran (not ``reused_samples``).
+    ``reuse_finished``: take the results of a finished scoring whose summary's ``fingerprint`` is this run's instead
+    of running the samples again (run_experiment redoing a cell); by default a finished file is scored afresh.
 
     MBPP: ``path`` is JSONL of ``{"task_id", "completion"}`` (several lines per task for n > 1). CRUXEval:
     ``path`` is JSON ``{id: [prediction, ...]}`` with predictions already extracted. Returns the summary.
@@ -462,21 +510,25 @@ def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_wor
     check_writable_dir(path.parent, "--path")  # the results go beside it: fail now, not after the sandbox ran
     workers = max(1, n_workers or default_workers())
     start = time.monotonic()
-    with scoring_lock(path), Sandbox(config) as sandbox:
-        kept = Progress(path, samples, task_name=task_name, timeout_s=float(timeout), memory_mb=config.memory_mb,
-                        sandbox_mode=sandbox.features["mode"], mbpp_split=mbpp_split)  # auto's choice
-        reused = kept.resume()
-        on_interrupt(kept.interrupt_hint)
-        results = run_samples(samples, sandbox, workers, progress, desc=task_name, reused=reused,
-                              on_result=kept.append)
-    seconds, ran = time.monotonic() - start, len(results) - len(reused)  # this run's time, for this run's samples
-    summary = {"task_name": task_name, "predictions": str(path), **summarize(results, k),
-               "tasks_without_samples": len(missing), "timeout_s": timeout, "n_workers": workers,
-               "seconds": round(seconds, 3), "samples_per_s": round(ran / seconds, 2) if seconds and ran else None,
-               "reused_samples": len(reused), "sandbox": sandbox.features}
-    results_path, summary_path = output_paths(path)
-    atomic_write_text(results_path, "".join(json.dumps(r.to_json()) + "\n" for r in results))
-    atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
-    kept.remove()
+    # the lock is held until the outputs are written and the progress file is gone: a second scorer let in before
+    # would have its new progress file deleted, or the first one's outputs written under it
+    with scoring_lock(path):
+        with Sandbox(config) as sandbox:
+            kept = Progress(path, samples, task_name=task_name, timeout_s=float(timeout), memory_mb=config.memory_mb,
+                            sandbox_mode=sandbox.features["mode"], mbpp_split=mbpp_split)  # auto's choice
+            reused = kept.resume(finished=reuse_finished)
+            on_interrupt(kept.interrupt_hint)
+            results = run_samples(samples, sandbox, workers, progress, desc=task_name, reused=reused,
+                                  on_result=kept.append)
+        seconds, ran = time.monotonic() - start, len(results) - len(reused)  # this run's time, for its samples
+        summary = {"task_name": task_name, "predictions": str(path), **summarize(results, k),
+                   "tasks_without_samples": len(missing), "timeout_s": timeout, "n_workers": workers,
+                   "seconds": round(seconds, 3), "samples_per_s": round(ran / seconds, 2) if seconds and ran else None,
+                   "reused_samples": len(reused), "sandbox": sandbox.features, "fingerprint": kept.fingerprint}
+        results_path, summary_path = output_paths(path)
+        summary_path.unlink(missing_ok=True)  # a kill before the new one is written: no fingerprint for old results
+        atomic_write_text(results_path, "".join(json.dumps(r.to_json()) + "\n" for r in results))
+        atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+        kept.remove()
     summary["results_path"], summary["summary_path"] = str(results_path), str(summary_path)
     return summary

@@ -420,9 +420,9 @@ def _prepare(cell: Cell, fresh: bool) -> tuple[list[tuple[str, list[str]]], str,
                        or previous.get("config_hash") == cell.config_hash())  # an attempt.json of before the field
     resume_gen = (same_generation and not fresh and (train_hash is None or training == "reused")
                   and (gen_dir / GEN_CONFIG_FILE).is_file())
-    if resume_gen:
-        commands = [(script, argv + ["--resume"] if script == "generate_preds.py" else argv)
-                    for script, argv in commands]
+    if resume_gen:  # and a scoring the attempt finished is reused when its predictions and settings are the same
+        extra = {"generate_preds.py": ["--resume"], "evaluate_preds.py": ["--reuse_finished"]}
+        commands = [(script, argv + extra.get(script, [])) for script, argv in commands]
     if cell.directory.exists():
         (cell.directory / "result.json").unlink(missing_ok=True)  # first: a kill mid-clean-up must not leave it
         for child in cell.directory.iterdir():

@@ -82,6 +82,10 @@ class SandboxUnavailable(UserError, RuntimeError):
     """No mode of those asked for runs a probe program; a UserError, so a CLI prints it as one line."""
 
 
+class SampleCancelled(Exception):
+    """``Sandbox.cancel`` stopped the sample before it ended by itself: it has no result (a rerun runs it)."""
+
+
 @dataclasses.dataclass
 class SandboxConfig:
     timeout: float = 10.0
@@ -161,7 +165,8 @@ def _evaluator_venv() -> list[str]:
 class Sandbox:
     """Runs programs; thread-safe (each concurrent ``run`` gets its own worker slot, uid and fork server).
 
-    Use as a context manager (or call ``close``) to stop the fork servers; they also exit with the caller.
+    Use as a context manager (or call ``close``) to stop the fork servers; they also exit with the caller, stopping
+    the samples they run. ``cancel`` stops the running samples at once (Ctrl-C).
     """
 
     _probe_cache: dict = {}
@@ -178,6 +183,10 @@ class Sandbox:
         self._servers: dict[int, ForkServer] = {}
         self._slots_dir: str | None = None
         self._finalizer = weakref.finalize(self, close_servers, self._servers)
+        self._cancelled = False
+        self._wake = os.pipe()  # readable once cancelled: wakes the exec start's waits (never read, so all of them)
+        for fd in self._wake:
+            weakref.finalize(self, os.close, fd)
         self._import_paths = site_packages() if self.config.site_packages and same_interpreter(
             self.config.python) else []
         self.mode, self.start, self.features = self._choose()
@@ -195,6 +204,18 @@ class Sandbox:
             if self._slots_dir is not None:
                 self._finalizer_dir()
                 self._slots_dir = None
+
+    def cancel(self) -> None:
+        """Stop every running sample now, the way a sample is stopped at its timeout (the fork server's kill, uid
+        sweep and reaping of orphans, or the exec start's), and refuse new ones: ``run`` raises SampleCancelled for
+        them, and for a sample stopped here (one that ended by itself meanwhile keeps its result). Final."""
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            os.write(self._wake[1], b"x")
+            for server in self._servers.values():
+                server.hang_up()
 
     # -- choosing the mode ------------------------------------------------------------------------------
     def _candidates(self) -> list[tuple[str, str]]:
@@ -261,7 +282,10 @@ class Sandbox:
             self._free_slots.append(slot)
 
     def run(self, program: str, timeout: float | None = None) -> RunResult:
-        """Run ``program``; never raises for anything the program does. ``timeout`` overrides the config."""
+        """Run ``program``; never raises for anything the program does (SampleCancelled: ``cancel`` stopped it).
+        ``timeout`` overrides the config."""
+        if self._cancelled:
+            raise SampleCancelled
         slot = self._acquire_slot()
         try:
             start = time.monotonic()
@@ -331,8 +355,12 @@ class Sandbox:
                     os.close(os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
             try:
                 timed_out = (self._via_server(req, slot) if self.start == "forkserver" else
-                             exec_sample(req, tmp, cfg.python, self._unshare, self._is_root))
+                             exec_sample(req, tmp, cfg.python, self._unshare, self._is_root, self._wake[0]))
+                if timed_out and self._cancelled:  # stopped by cancel (or timed out just then: a rerun runs it)
+                    raise SampleCancelled
                 return interpret(paths, timed_out, timeout, cfg.max_output_bytes, cfg.memory_mb)
+            except SampleCancelled:
+                raise
             except Exception as exc:  # one sample's trouble is its own result, never the whole evaluation's
                 return RunResult("failed", f"sandbox error: {type(exc).__name__}: {exc}", sandbox_error=True)
         finally:
@@ -342,6 +370,8 @@ class Sandbox:
     def _via_server(self, req: dict, slot: int) -> bool:
         for attempt in (0, 1):
             with self._lock:
+                if self._cancelled:  # no new server: it would run the sample to its end
+                    raise SampleCancelled
                 server = self._servers.get(slot)
                 if server is None or server.proc.poll() is not None:
                     server = self._servers[slot] = ForkServer(self.config.python, self._env("/"),
@@ -352,6 +382,8 @@ class Sandbox:
                 with self._lock:
                     self._servers.pop(slot, None)
                 server.close()
+                if self._cancelled:
+                    raise SampleCancelled from None
                 if attempt:
                     raise
         raise AssertionError("unreachable")

@@ -5,7 +5,8 @@
 
 It imports only the standard library (os, sys, json, select, resource, ctypes), so it starts fast and works
 with any Python 3.11+. The fork server reads one JSON request per line on stdin, forks a child per request,
-enforces its wall-clock timeout and answers ``D <timed out 0|1>``. Each sample's supervisor (PID 1 of its
+enforces its wall-clock timeout and answers ``D <timed out 0|1>``; when the host closes its stdin while a sample
+runs, it stops the sample as at its timeout (answering ``D 1``) and exits. Each sample's supervisor (PID 1 of its
 PID namespace when namespaced) reports on the status file: ``E <setup error>``, then the program's ``P``
 (ran to its end) or ``F <exception>``, then (namespaces) ``T <seconds>`` when it stopped the program at its
 wall-clock limit, then ``X <exit code or -signal>``.
@@ -400,21 +401,27 @@ def forked_sample(req, net_error):
     supervise(req, src, fd)
 
 
-def wait_for(pid, timeout):
-    """The wait status of ``pid`` (a child, reaped) if it ended within ``timeout`` s, else None (still running)."""
+def wait_for(pid, timeout, hangup=None):
+    """The wait status of ``pid`` (a child, reaped) if it ended within ``timeout`` s, else None (still running).
+    ``hangup``: a descriptor that ends the wait early (None) once readable: the fork server's stdin, on which the
+    host sends nothing while a sample runs, so it is readable only when the host closed it (``Sandbox.cancel``,
+    or the evaluator died)."""
+    watch = [] if hangup is None else [hangup]
     try:
         pfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
         pfd = None
     if pfd is not None:
-        ready = select.select([pfd], [], [], timeout)[0]
+        ready = select.select([pfd] + watch, [], [], timeout)[0]
         os.close(pfd)
-        return _waitpid(pid, 0)[1] if ready else None
+        return _waitpid(pid, 0)[1] if pfd in ready else None
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         done, status = _waitpid(pid, os.WNOHANG)
         if done:
             return status
+        if watch and select.select(watch, [], [], 0)[0]:
+            return None
         time.sleep(0.002)
     return None
 
@@ -443,7 +450,9 @@ def serve(isolated):
                 forked_sample(req, net_error)
             finally:
                 _exit(3)
-        ended = wait_for(pid, req["kill_after"]) is not None
+        # stopped at its limit, or at once when the host hangs up: either way as a timed-out sample is (the next
+        # read then finds the end of stdin and the server exits)
+        ended = wait_for(pid, req["kill_after"], hangup=0) is not None
         if not ended:
             for target in (lambda: os.killpg(pid, SIGKILL), lambda: _kill(pid, SIGKILL)):
                 try:

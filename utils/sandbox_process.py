@@ -82,8 +82,9 @@ def site_packages() -> list[str]:
     return list(dict.fromkeys(os.path.realpath(p) for p in paths if os.path.isdir(p)))
 
 
-def wait_process(proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait for ``proc`` up to ``timeout`` s; True if it ended. A pidfd wakes at once (Popen.wait polls)."""
+def wait_process(proc: subprocess.Popen, timeout: float, wake: int | None = None) -> bool:
+    """Wait for ``proc`` up to ``timeout`` s; True if it ended. A pidfd wakes at once (Popen.wait polls). ``wake``:
+    a descriptor that ends the wait early (False) once readable (``Sandbox.cancel``); not without a pidfd."""
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
@@ -93,12 +94,12 @@ def wait_process(proc: subprocess.Popen, timeout: float) -> bool:
         except subprocess.TimeoutExpired:
             return False
     try:
-        ready = select.select([fd], [], [], timeout)[0]
+        ready = select.select([fd] + ([] if wake is None else [wake]), [], [], timeout)[0]
     finally:
         os.close(fd)
-    if ready:
+    if fd in ready:
         proc.wait()
-    return bool(ready)
+    return fd in ready
 
 
 class ServerGone(Exception):
@@ -119,7 +120,7 @@ class ForkServer:
         try:
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             self.proc.stdin.flush()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: hung up (a closed stdin)
             raise ServerGone(f"fork server is gone ({exc})") from None
         out = self.proc.stdout
         if not select.select([out], [], [], wait)[0]:
@@ -128,6 +129,14 @@ class ForkServer:
         if not line.startswith("D "):
             raise ServerGone(f"fork server ended (exit {self.proc.poll()})")
         return line.split()[1] == "1"
+
+    def hang_up(self) -> None:
+        """Close the server's stdin: it stops a running sample as at its timeout (its kill, uid sweep and reaping of
+        orphans), answers for it, and exits. The request in flight still reads that answer."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
 
     def close(self) -> None:
         try:
@@ -148,9 +157,11 @@ def close_servers(servers: dict) -> None:
     servers.clear()
 
 
-def exec_sample(req: dict, cwd: str, python: str, unshare: str | None, is_root: bool) -> bool:
+def exec_sample(req: dict, cwd: str, python: str, unshare: str | None, is_root: bool,
+                wake: int | None = None) -> bool:
     """Exec start: run one sample as a new interpreter (under ``unshare`` with namespaces); True if it outlived
-    ``req["kill_after"]`` (then its process group is killed, and without namespaces every process of its uid)."""
+    ``req["kill_after"]``, or was still running when ``wake`` became readable (``Sandbox.cancel``): then its process
+    group is killed, and without namespaces every process of its uid."""
     with open(req["status"], "wb") as status, open(req["stdout"], "wb") as out, \
             open(req["stderr"], "wb") as err:
         req = {**req, "status_fd": status.fileno()}
@@ -160,7 +171,7 @@ def exec_sample(req: dict, cwd: str, python: str, unshare: str | None, is_root: 
         proc = subprocess.Popen(prefix + [python, *PYTHON_FLAGS, CHILD, "run", json.dumps(req)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=req["env"], cwd=cwd,
                                 pass_fds=(status.fileno(),), start_new_session=True)
-        if wait_process(proc, req["kill_after"]):
+        if wait_process(proc, req["kill_after"], wake):
             return False
         try:
             os.killpg(proc.pid, signal.SIGKILL)
