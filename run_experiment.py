@@ -11,9 +11,9 @@ A cell is skipped when it has a stored result for the same commands and data fil
 NOT part of that check: after changing the code, rerun with --force (results.md lists each cell's git commit, and
 a kept cell from another commit is flagged). A cell that fails leaves no result: the other cells still run, the
 failure (command, error, cells/<model>/<task>/<method>/cell.log) is printed and listed in results.md, and the exit
-status is 1. A cell interrupted by Ctrl-C or a kill leaves no result either (after Ctrl-C, results.md still shows
-the cells finished before it). The next run redoes both. Runs may share --out (one per GPU): each cell runs under
-its own lock, and a run skips the cells another is running. See README.md.
+status is 1. A cell interrupted by Ctrl-C, SIGTERM or a kill leaves no result either (after Ctrl-C or SIGTERM,
+results.md still shows the cells finished before it). The next run redoes both. Runs may share --out (one per
+GPU): each cell runs under its own lock, and a run skips the cells another is running. See README.md.
 """
 from __future__ import annotations
 
@@ -201,8 +201,8 @@ def _run_cells(cells, seed: int, force: bool, results: dict, ran: list[str], fai
     that another run (sharing --out, say on another GPU) holds is left to it, and one it finished meanwhile is
     kept, also under ``force``. Fills in results, the keys run here, failures and the keys left to other runs as
     it goes (an interrupted run still reports the cells it finished)."""
-    from utils.experiment import (CellFailed, git_commit, interruptible, replaced_results, run_cell, stop_requested,
-                                  stored_result)
+    from utils.errors import stop_requested
+    from utils.experiment import CellFailed, git_commit, replaced_results, run_cell, stored_result
     from utils.fileio import try_lock
 
     commit, started = git_commit(), time.time()
@@ -216,44 +216,43 @@ def _run_cells(cells, seed: int, force: bool, results: dict, ran: list[str], fai
     on_interrupt("rerun the same command: stored cells are kept, and the interrupted one goes on from its "
                  "training's last checkpoint (or its finished training), its finished generation batches and its "
                  "scored samples")
-    with interruptible():
-        for i, cell in enumerate(cells, 1):
-            if stop_requested():  # a Ctrl-C that Python swallowed inside a finalizer
-                raise KeyboardInterrupt
-            tag = f"[{i}/{len(cells)}] {cell.key}"
-            stored = None if force else stored_result(cell)
-            if stored is not None:
+    for i, cell in enumerate(cells, 1):
+        if (stop := stop_requested()) is not None:  # a Ctrl-C or SIGTERM Python swallowed inside a finalizer
+            raise stop
+        tag = f"[{i}/{len(cells)}] {cell.key}"
+        stored = None if force else stored_result(cell)
+        if stored is not None:
+            keep(cell, tag, stored)
+            continue
+        cell.directory.mkdir(parents=True, exist_ok=True)
+        lock, holder = try_lock(cell.directory)
+        if lock is None:
+            busy.append(cell.key)
+            print(f"{tag}: another run (pid {holder}) is running it; left to that run", flush=True)
+            continue
+        with lock:
+            stored = stored_result(cell)  # finished by another run since this one started?
+            result_file = cell.directory / "result.json"
+            if stored is not None and (not force or result_file.stat().st_mtime >= started):
                 keep(cell, tag, stored)
                 continue
-            cell.directory.mkdir(parents=True, exist_ok=True)
-            lock, holder = try_lock(cell.directory)
-            if lock is None:
-                busy.append(cell.key)
-                print(f"{tag}: another run (pid {holder}) is running it; left to that run", flush=True)
+            replaced = None if force else replaced_results(cell)
+            print(f"{tag}: running" + (f" ({replaced})" if replaced else ""), flush=True)
+            try:
+                results[cell.key] = run_cell(cell, seed, fresh=force)
+            except CellFailed as exc:  # the other cells still run; this one is redone next time
+                failed[cell.key] = {"script": exc.script, "command": exc.command, "reason": exc.reason,
+                                    "log": str(exc.log)}
+                print(f"{tag}: FAILED in {exc.script}: {exc.reason}\n  command: {exc.command}\n  log: {exc.log}",
+                      file=sys.stderr, flush=True)
+            if cell.key in failed:
+                # A failed stage's frames held its models until the exception was handled, after the stage's
+                # own release; a failed cell (an OOM) must not starve the next. A finished one was released.
+                _release_memory()
                 continue
-            with lock:
-                stored = stored_result(cell)  # finished by another run since this one started?
-                result_file = cell.directory / "result.json"
-                if stored is not None and (not force or result_file.stat().st_mtime >= started):
-                    keep(cell, tag, stored)
-                    continue
-                replaced = None if force else replaced_results(cell)
-                print(f"{tag}: running" + (f" ({replaced})" if replaced else ""), flush=True)
-                try:
-                    results[cell.key] = run_cell(cell, seed, fresh=force)
-                except CellFailed as exc:  # the other cells still run; this one is redone next time
-                    failed[cell.key] = {"script": exc.script, "command": exc.command, "reason": exc.reason,
-                                        "log": str(exc.log)}
-                    print(f"{tag}: FAILED in {exc.script}: {exc.reason}\n  command: {exc.command}\n  log: {exc.log}",
-                          file=sys.stderr, flush=True)
-                if cell.key in failed:
-                    # A failed stage's frames held its models until the exception was handled, after the stage's
-                    # own release; a failed cell (an OOM) must not starve the next. A finished one was released.
-                    _release_memory()
-                    continue
-            ran.append(cell.key)
-            print(f"{tag}: pass@1 {100 * results[cell.key]['pass@1']:.2f} ({results[cell.key]['seconds']} s)",
-                  flush=True)
+        ran.append(cell.key)
+        print(f"{tag}: pass@1 {100 * results[cell.key]['pass@1']:.2f} ({results[cell.key]['seconds']} s)",
+              flush=True)
 
 
 def _release_memory() -> None:

@@ -404,9 +404,50 @@ def test_a_bad_stage_argument_fails_before_any_cell_runs(tmp_path, capsys):
     assert not (tmp_path / "cells").exists()
 
 
+def test_sigterm_writes_the_report_of_the_finished_cells_as_ctrl_c_does_and_exits_143(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's time limit) in the second cell's training: results.md and results.png still show the
+    first cell, the line below the traceback says how to go on, and the next run redoes only the cells left."""
+    import os
+    import signal
+
+    from utils import experiment
+
+    _fake_stages(monkeypatch)
+    fake = experiment._script_main
+
+    def terminated_in_fft(script):
+        def main(argv):
+            if script == "tune_fft_baseline.py":
+                os.kill(os.getpid(), signal.SIGTERM)
+            return fake(script)(argv)
+        return main
+
+    monkeypatch.setattr(experiment, "_script_main", terminated_in_fft)
+    argv = ["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp"]
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a shell: the runner takes it over
+    try:
+        with pytest.raises(SystemExit) as exit_status:
+            run_experiment.main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_status.value.code == 143
+    assert "- `tiny-phi-2/mbpp/fft`: no result" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    err = capsys.readouterr().err
+    assert f"stopped; the cells finished so far -> {tmp_path / 'results.md'}" in err
+    assert "utils.errors.Terminated" in err
+    assert err.endswith("\nterminated (SIGTERM): rerun the same command: stored cells are kept, and the interrupted "
+                        "one goes on from its training's last checkpoint (or its finished training), its finished "
+                        "generation batches and its scored samples\n")
+    _fake_stages(monkeypatch)
+    assert run_experiment.main(argv)["ran"] == [f"tiny-phi-2/mbpp/{m}" for m in ("fft", "lora", "pt", "idpg", "lopa")]
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed interrupt itself
-def test_ctrl_c_swallowed_inside_a_finalizer_still_stops_the_run(tmp_path, monkeypatch):
-    """Python drops a KeyboardInterrupt raised in ``__del__`` ("Exception ignored in ..."): seen mid-training."""
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_swallowed_inside_a_finalizer_still_stops_the_run(tmp_path, monkeypatch, signum):
+    """Python drops a KeyboardInterrupt raised in ``__del__`` ("Exception ignored in ..."): seen mid-training. So it
+    does the Terminated of a SIGTERM."""
     import os
     import signal
 
@@ -414,7 +455,7 @@ def test_ctrl_c_swallowed_inside_a_finalizer_still_stops_the_run(tmp_path, monke
 
     class SendsCtrlC:
         def __del__(self):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), getattr(signal, signum))
 
     _fake_stages(monkeypatch)
     fake = experiment._script_main
@@ -426,12 +467,14 @@ def test_ctrl_c_swallowed_inside_a_finalizer_still_stops_the_run(tmp_path, monke
 
     monkeypatch.setattr(experiment, "_script_main", with_ctrl_c)
     # a suite started in the background inherits an ignored SIGINT, which the runner rightly leaves alone
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt if signum == "SIGINT" else SystemExit) as stopped:
             run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp"])
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+    assert signum == "SIGINT" or stopped.value.code == 143
     assert [p.parent.name for p in (tmp_path / "cells/tiny-phi-2/mbpp").glob("*/result.json")] == ["none"]
 
 

@@ -91,15 +91,38 @@ def test_two_synced_processes_match_one_process_with_twice_the_batch(tmp_path, d
     assert_same_run(tmp_path / "ddp", reference, atol=1e-5)
 
 
-def test_sigkill_after_a_checkpoint_then_resume_ends_bitwise_identical(tmp_path, data_paths):
-    # LOPA (dropout in its heads: the RNG state must come back), gradient accumulation, warmup, and a resume in
-    # the middle of an epoch: 12 records, 6 batches of 2, 3 steps per epoch, checkpoints every 2 steps.
-    args = ["--peft_method", "lopa", "--enc_model_type", "tiny-roberta", "--task_name", "cruxeval_output_prediction",
-            "--model_type", "tiny-codegen", "--data_path", records_file(data_paths, tmp_path, "cruxeval", 12),
+def lopa_args(data_paths, directory) -> list[str]:
+    """LOPA (dropout in its heads: the RNG state must come back), gradient accumulation and warmup, for resumes in
+    the middle of an epoch: 12 records, 6 batches of 2, 3 steps per epoch, 2 epochs."""
+    return ["--peft_method", "lopa", "--enc_model_type", "tiny-roberta", "--task_name", "cruxeval_output_prediction",
+            "--model_type", "tiny-codegen", "--data_path", records_file(data_paths, directory, "cruxeval", 12),
             "--limit_train_examples", "12",
             "--num_epochs", "2", "--per_gpu_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--lr",
-            "0.05", "--num_warmup_steps", "2", "--max_length", "96", "--save_every", "2steps"]
-    uninterrupted = run_inprocess("peft", args + ["--log_dir", str(tmp_path / "full")])
+            "0.05", "--num_warmup_steps", "2", "--max_length", "96"]
+
+
+@pytest.fixture(scope="module")
+def lopa_uninterrupted(tmp_path_factory, data_paths):
+    """The uninterrupted LOPA run (its result and log_dir): how often it saves changes nothing it computes."""
+    log_dir = tmp_path_factory.mktemp("lopa") / "full"
+    return run_inprocess("peft", lopa_args(data_paths, log_dir.parent) + ["--log_dir", str(log_dir)]), log_dir
+
+
+def assert_resumed_bitwise(log_dir, lopa_uninterrupted, resumed_run):
+    uninterrupted, full_dir = lopa_uninterrupted
+    # the epoch the stop cut in two is averaged over all its steps, not just those after the resume
+    assert resumed_run.epoch_losses == uninterrupted.epoch_losses and len(resumed_run.epoch_losses) == 2
+    full, resumed = adapter(full_dir), adapter(log_dir)
+    assert full.keys() == resumed.keys() and "shared_prompt" in full
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    ours, ref = read_metrics(log_dir / "metrics.jsonl"), read_metrics(full_dir / "metrics.jsonl")
+    assert [(r["step"], r["loss"], r["lr"]) for r in ours] == [(r["step"], r["loss"], r["lr"]) for r in ref]
+
+
+def test_sigkill_after_a_checkpoint_then_resume_ends_bitwise_identical(tmp_path, data_paths, lopa_uninterrupted):
+    # checkpoints every 2 steps: the kill while writing the second leaves the first, in the middle of epoch 1
+    args = lopa_args(data_paths, tmp_path) + ["--save_every", "2steps"]
 
     crashed = tmp_path / "crashed"
     env = {**os.environ, "LOPA_TEST_KILL_AT": "step_00000004:written"}  # dies after writing, before the rename
@@ -114,16 +137,130 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_bitwise_identical(tmp_path,
     assert (state["epoch"], state["batch_in_epoch"]) == (0, 4)  # mid-epoch: 4 of 6 batches consumed
 
     resumed_run = run_inprocess("peft", args + ["--log_dir", str(crashed), "--resume_from", str(crashed)])
-    # the epoch the crash cut in two is averaged over all its steps, not just those after the resume
-    assert resumed_run.epoch_losses == uninterrupted.epoch_losses and len(resumed_run.epoch_losses) == 2
-    full, resumed = adapter(tmp_path / "full"), adapter(crashed)
-    assert full.keys() == resumed.keys() and "shared_prompt" in full
-    for name in full:
-        assert torch.equal(full[name], resumed[name]), name
-    ours, ref = read_metrics(crashed / "metrics.jsonl"), read_metrics(tmp_path / "full" / "metrics.jsonl")
-    assert [(r["step"], r["loss"], r["lr"]) for r in ours] == [(r["step"], r["loss"], r["lr"]) for r in ref]
+    assert_resumed_bitwise(crashed, lopa_uninterrupted, resumed_run)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000002", "step_00000004",
                                                              "step_00000006"]
+
+
+@pytest.fixture
+def sigterm_default():
+    """SIGTERM at its default disposition (cli_entry leaves any other alone), as in a shell."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_in_call(monkeypatch, module, name: str, calls: tuple[int, ...]):
+    """``module.name`` sends this process SIGTERM at the start of its calls numbered ``calls`` (1-based)."""
+    original, count = getattr(module, name), []
+
+    def sending(*args, **kwargs):
+        count.append(1)
+        if len(count) in calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, sending)
+
+
+def test_sigterm_inside_an_optimizer_step_saves_that_step_and_the_resume_ends_bitwise_identical(
+        tmp_path, data_paths, lopa_uninterrupted, sigterm_default, monkeypatch, capfd):
+    """The signal lands inside step 2 (mid-epoch; the PEFT default saves only at epoch ends): that step completes,
+    a checkpoint of it is saved, the run exits with 143 and names it; --resume_from ends as if never stopped."""
+    from utils import training
+
+    stopped = tmp_path / "stopped"
+    args = lopa_args(data_paths, tmp_path) + ["--log_dir", str(stopped)]
+    sigterm_in_call(monkeypatch, training, "optimizer_step", calls=(2,))
+    with pytest.raises(SystemExit) as exit_status:
+        run_inprocess("peft", args)
+    assert exit_status.value.code == 143
+    err = capfd.readouterr().err
+    assert "SIGTERM: stopping at the end of this step, once a checkpoint is saved (a second SIGTERM stops at once)" \
+        in err
+    assert err.endswith(f"terminated (SIGTERM): rerun with --resume_from {stopped}: it continues from "
+                        f"step_00000002, the last complete checkpoint\n"), err[-3000:]
+    checkpoints = stopped / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000002"]
+    assert (checkpoints / "latest").read_text().strip() == "step_00000002"
+    state = json.loads((checkpoints / "step_00000002" / "trainer_state.json").read_text())
+    assert (state["global_step"], state["epoch"], state["batch_in_epoch"]) == (2, 0, 4)
+    assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [1, 2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the script's handler went with its main
+
+    monkeypatch.undo()
+    resumed = run_inprocess("peft", args + ["--resume_from", str(stopped)])
+    assert_resumed_bitwise(stopped, lopa_uninterrupted, resumed)
+
+
+def test_a_second_sigterm_stops_at_once_and_keeps_the_checkpoint_before(tmp_path, data_paths, sigterm_default,
+                                                                         monkeypatch, capfd):
+    """The first SIGTERM in step 5, the second inside the checkpoint it asks for: that checkpoint is removed, the
+    epoch-1 one stays latest, and the hint names it."""
+    from utils import training
+
+    stopped = tmp_path / "stopped"
+    sigterm_in_call(monkeypatch, training, "optimizer_step", calls=(5,))
+    sigterm_in_call(monkeypatch, training.Trainer, "_write_adapter", calls=(2,))  # epoch 1's save is the first
+    with pytest.raises(SystemExit) as exit_status:
+        run_inprocess("peft", lopa_args(data_paths, tmp_path) + ["--log_dir", str(stopped)])
+    assert exit_status.value.code == 143
+    assert capfd.readouterr().err.endswith(f"terminated (SIGTERM): rerun with --resume_from {stopped}: it continues "
+                                           f"from step_00000003, the last complete checkpoint\n")
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["latest", "step_00000003"]
+
+
+def test_a_run_without_checkpoints_stops_at_once_on_sigterm(tmp_path, data_paths, sigterm_default, monkeypatch,
+                                                            capfd):
+    """--save_every 0 (FFT's default: its checkpoint is the whole model and AdamW's states) writes none on a signal
+    either: the signal raises where it lands, here before step 2's update."""
+    from utils import training
+
+    stopped = tmp_path / "stopped"
+    sigterm_in_call(monkeypatch, training, "optimizer_step", calls=(2,))
+    with pytest.raises(SystemExit) as exit_status:
+        run_inprocess("peft", lopa_args(data_paths, tmp_path) + ["--log_dir", str(stopped), "--save_every", "0"])
+    assert exit_status.value.code == 143
+    assert capfd.readouterr().err.endswith(f"terminated (SIGTERM): rerun without --resume_from (no checkpoint was "
+                                           f"complete), after removing {stopped} or with another --log_dir\n")
+    assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == [1]
+    assert not (stopped / "checkpoints").exists()
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_one_checkpoint(tmp_path, data_paths):
+    """Only rank 1 is signalled: its stop rides on the step's loss reduction, so rank 0 stops at the same step and
+    both write their part of that step's checkpoint (had rank 1 left alone, rank 0 would wait in the next
+    collective). The launcher then exits non-zero."""
+    import time
+
+    import psutil
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    log_dir = tmp_path / "ddp"
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "tune_foundation_model.py",
+           *pt_args(data_paths, log_dir, batch=2), "--max_train_steps", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (log_dir / "metrics.jsonl").is_file() or len(read_metrics(log_dir / "metrics.jsonl")) < 2:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        rank1 = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if p.environ().get("RANK") == "1" and "tune_foundation_model.py" in " ".join(p.cmdline()))
+        rank1.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    step = read_metrics(log_dir / "metrics.jsonl")[-1]["step"]
+    name = f"step_{step:08d}"
+    assert (log_dir / "checkpoints" / "latest").read_text().strip() == name
+    assert {"rng_state_0.pt", "rng_state_1.pt", "trainer_state.json"} <= {
+        p.name for p in (log_dir / "checkpoints" / name).iterdir()}
+    assert not list((log_dir / "checkpoints").glob(".tmp-*"))
+    assert f"another process was stopped: stopping after step {step}" in err  # rank 0, which no signal reached
+    assert f"terminated (SIGTERM): rerun with --resume_from {log_dir}: it continues from {name}" in err
 
 
 @pytest.mark.slow

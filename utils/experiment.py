@@ -24,7 +24,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import traceback
 
@@ -523,34 +522,3 @@ def stored_result(cell: Cell) -> dict | None:
         return None
     result = json.loads(path.read_text())
     return result if result.get("config_hash") == cell.config_hash() else None
-
-
-_STOP = threading.Event()
-
-
-@contextlib.contextmanager
-def interruptible():
-    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: Python drops a KeyboardInterrupt raised
-    inside a finalizer (``__del__``, common in a training step), so callers check ``stop_requested()`` between
-    cells. Leaves an ignored SIGINT (a background job) alone."""
-    import signal
-
-    _STOP.clear()
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-
-    def on_sigint(signum, frame):
-        _STOP.set()
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def stop_requested() -> bool:
-    return _STOP.is_set()

@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -35,7 +36,7 @@ from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, continue_hint, find
                               load_checkpoint, read_resume_state, resume_hint, save_checkpoint, set_rng_state)
 from utils.cli import make_log_dir
 from utils.data import default_data_path, load_task_split, records_digest
-from utils.errors import on_interrupt
+from utils.errors import HeldStop, hold_stop_signals, on_interrupt
 from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, open_file_modes,
                           unfinished_directory)
 from utils.tasks import get_task
@@ -131,8 +132,8 @@ class _QueuedStep:
     epoch: int
     lr: float
     numbers: torch.Tensor
-    """On the device: the summed loss, the supervised and the attended token counts, and the gradient norm if the
-    step measured one as a tensor."""
+    """On the device: the summed loss, the supervised and the attended token counts, how many processes held a stop
+    signal (``Trainer._stop_here``), and the gradient norm if the step measured one as a tensor."""
     grad_norm: float | None
     """A gradient norm DeepSpeed gave as a number."""
     queued_at: float
@@ -187,6 +188,8 @@ class Trainer:
         acc = self.accelerator = make_accelerator(config)
         self.ds = acc.distributed_type == "DEEPSPEED"
         self.resume_dir = self.state = None
+        self._held = HeldStop()  # the Ctrl-C or SIGTERM the loop holds (fit)
+        self._stop_agreed = False  # whether a step's numbers said that a process of the run held one
         self._trained = None  # the trained tensors, listed on first use (_allocate_grads)
         if config.output.resume_from:
             self.resume_dir = find_checkpoint(config.output.resume_from)
@@ -351,9 +354,13 @@ class Trainer:
         bar = ProgressBar(plan.total_steps, self.state.global_step, acc.is_main_process)
         self._wall = self._rate_clock = (time.perf_counter(), self.state.tokens)
         try:
-            epoch_losses = self._steps(bar, rng)
+            # a run that writes checkpoints writes one more when stopped; without them (FFT's default) it stops at once
+            with hold_stop_signals() if cfg.output.save_every.every else contextlib.nullcontext(HeldStop()) as held:
+                self._held = held
+                epoch_losses = self._steps(bar, rng)
         except BaseException:  # Ctrl-C or a crash: loss.png of the steps so far, as a finished run has it
             with contextlib.suppress(Exception):
+                bar.close()  # now, not at exit: the hint below the traceback stays the last line
                 self._plot_loss()
             raise
         if self.state.epoch_steps:  # --max_train_steps ended the last epoch early: its mean so far
@@ -404,7 +411,8 @@ class Trainer:
                 pending = queued
                 state, save = self.state, cfg.output.save_every
                 end_of_epoch = state.batch_in_epoch >= plan.batches_per_epoch
-                if end_of_epoch or save.due(step=state.global_step) or state.global_step >= plan.total_steps:
+                stop = self._stop_now()  # once: a signal from here on waits for the next step boundary
+                if end_of_epoch or save.due(step=state.global_step) or state.global_step >= plan.total_steps or stop:
                     self._finish_step(pending, bar)  # an epoch's mean and a checkpoint need this step's numbers
                     pending = None
                 if end_of_epoch:  # closed before a checkpoint is taken, so the next epoch starts from zero
@@ -416,14 +424,37 @@ class Trainer:
                     if cfg.output.wandb_logging:
                         acc.log({"epoch/mean_loss": epoch_losses[-1]}, step=state.global_step)
                 last = state.global_step >= plan.total_steps and not cfg.output.keep_checkpoints  # final/ is next
-                if not last and (save.due(step=state.global_step) or (end_of_epoch and save.due(epoch=state.epoch))):
+                saved = not last and (save.due(step=state.global_step)
+                                      or (end_of_epoch and save.due(epoch=state.epoch)))
+                if saved:
                     self._save_checkpoint()
                     self._rate_clock = (time.perf_counter(), self.state.tokens)  # tokens/s leaves out saving
+                if stop:
+                    self._stop_here(saved)
                 if end_of_epoch:
                     if next(batches, None) is not None:
                         raise RuntimeError("the dataloader had more batches than planned")
                     break
         return epoch_losses
+
+    def _stop_now(self) -> bool:
+        """Whether to stop at this step boundary: one process stops at the signal it holds; several at the step
+        whose numbers (read back a step late) say that any of them held one, so that all stop at the same step."""
+        if self.accelerator.num_processes == 1:
+            return self._held.signum is not None
+        return self._stop_agreed
+
+    def _stop_here(self, saved: bool) -> None:
+        """Save a checkpoint of this step (unless one was just saved), then raise what the held signal stood for:
+        the run stops with the same kind of checkpoint ``--save_every N steps`` writes, and ``--resume_from``
+        continues exactly from it."""
+        held = self._held.signum
+        why = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(held, "another process was stopped")
+        self.log.warning("%s: stopping after step %d%s", why, self.state.global_step,
+                         "" if saved else ", once its checkpoint is saved")
+        if not saved:
+            self._save_checkpoint()
+        raise self._held.interrupt()
 
     def _out_of_memory_hint(self) -> str:
         """What lowers a step's memory, for the error line of a step that ran out of it, and how to go on: a resume
@@ -529,7 +560,11 @@ class Trainer:
         if not skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=not stable_grads)
-        numbers = [acc.reduce(loss_sum, reduction="sum").double(), counts[0].double(), counts[1].double()]
+        # a held stop signal rides on the loss's reduction: every process learns of a stop any of them received,
+        # at the same step, without a collective or a wait of its own (a fill, not a copy from the host)
+        stop = torch.full_like(loss_sum, float(self._held.signum is not None))
+        loss_and_stop = acc.reduce(torch.stack([loss_sum, stop]), reduction="sum").double()
+        numbers = [loss_and_stop[0], counts[0].double(), counts[1].double(), loss_and_stop[1]]
         if isinstance(grad_norm, torch.Tensor):
             numbers.append(grad_norm.detach().double().to(acc.device))
         self.state.global_step += 1
@@ -555,7 +590,8 @@ class Trainer:
         # a GPU step ends when its numbers come back; read a step late, a CPU step ended long before (tokens/s)
         done = step.queued_at if step.numbers.device.type == "cpu" else time.perf_counter()
         total_sup, total_tokens = int(values[1]), int(values[2])
-        grad_norm = values[3] if len(values) > 3 else step.grad_norm
+        self._stop_agreed = self._stop_agreed or values[3] > 0
+        grad_norm = values[4] if len(values) > 4 else step.grad_norm
         state = self.state
         state.tokens += total_tokens
         loss = values[0] / max(total_sup, 1)
