@@ -443,7 +443,7 @@ def test_compile_mode_auto_and_the_width_multiple(monkeypatch):
     length already)."""
     from utils.train_config import TrainArgs
     from utils.train_setup import make_accelerator
-    from utils.training import pad_multiple
+    from utils.train_config import pad_multiple
 
     config = parse_args(["--peft_method", "pt"] + BASE, script="peft")
     assert (config.train.compile_mode, config.train.pad_to_multiple_of) == ("auto", None)
@@ -476,7 +476,7 @@ def test_compile_mode_auto_chooses_cuda_graphs_only_where_they_were_run():
     """auto: reduce-overhead for a PEFT method in one process on CUDA, without DeepSpeed, activation checkpoints or
     the encoder's own CUDA graphs; otherwise the default mode, with every reason named. A named mode is kept."""
     from utils.train_config import TrainArgs
-    from utils.training import resolve_compile_mode
+    from utils.train_config import resolve_compile_mode
 
     auto = TrainArgs()
     for method in ("pt", "lora", "lopa", "idpg"):

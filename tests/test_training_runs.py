@@ -31,7 +31,7 @@ from utils.registry import METHOD_FLAGS
 from utils.tasks import get_task
 from utils.train_logging import read_metrics
 from utils.train_setup import reset_accelerate_state
-from utils.training import shorten
+from utils.batching import shorten
 
 VOCAB = 2048  # the tiny models' tokenizer; ln(VOCAB) is the loss of a uniform guess
 LR = {"lora": 0.03, "pt": 0.3, "idpg": 0.01, "lopa": 0.3, "fft": 3e-3}

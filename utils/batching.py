@@ -3,7 +3,8 @@
 Training examples: ``input_ids = prompt + target + EOS`` with labels -100 over the prompt (and, for CRUXEval, over
 the EOS, which the original does not supervise); long prompts are cut from the left. Test examples hold the prompt
 only. Encoder inputs are the prompt text under the encoder's own tokenizer, keeping its last tokens.
-Batches are padded to their longest row (dynamic padding) unless a fixed length is asked for.
+Batches are padded to their longest row (dynamic padding) unless a fixed length is asked for. Training draws its
+examples in the order of ``EpochSampler`` (or ``LengthGroupedSampler``), cut to ``--max_length`` by ``shorten``.
 """
 from __future__ import annotations
 
@@ -211,3 +212,39 @@ class LengthGroupedSampler(Sampler[int]):
         full = [b for b in batches if len(b) == self.batch_size]
         rng.shuffle(full)
         return iter([i for b in full + [b for b in batches if len(b) < self.batch_size] for i in b])
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation drawn from (seed, epoch) alone: identical on every process, untouched by the global RNG."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def supervised_tokens(labels: torch.Tensor, has_soft_prompt: bool) -> torch.Tensor:
+    """Tokens the loss averages over, as a 0-d tensor on ``labels``' device (read without waiting for it): every
+    label after the first (whose predictor is a virtual token, if any)."""
+    supervised = labels != IGNORE_INDEX
+    return supervised.sum() if has_soft_prompt else supervised[:, 1:].sum()
+
+
+def shorten(example: dict, max_length: int) -> dict:
+    """Cut a training example to ``max_length`` tokens: the prompt loses tokens on the left (one is kept), then
+    the answer on the right."""
+    ids, labels = example["input_ids"], example["labels"]
+    excess = len(ids) - max_length
+    if excess <= 0:
+        return example
+    prompt_len = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    cut = min(excess, max(prompt_len - 1, 0))
+    return {**example, "input_ids": ids[cut:][:max_length], "labels": labels[cut:][:max_length]}

@@ -110,6 +110,13 @@ def release_compiled() -> None:
         torch.cuda.empty_cache()
 
 
+def cudagraph_skips() -> int:
+    """Compiled graphs inductor has run without CUDA graphs under ``mode="reduce-overhead"`` (a process total)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def make_adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
                fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW; ``fused=None`` picks the fused kernel when every parameter is on a CUDA device."""

@@ -119,7 +119,7 @@ class TrainArgs:
     compile: str = "auto"
     compile_mode: str = "auto"
     """``torch.compile`` mode of the decoder layers; ``reduce-overhead`` replays them from CUDA graphs; ``auto``: that
-    where it was run on a GPU, else the default mode (``utils.training.resolve_compile_mode``)."""
+    where it was run on a GPU, else the default mode (``resolve_compile_mode``)."""
     compile_encoder: bool = True
     """With ``compile``, LOPA's / IDPG's frozen encoder is compiled layer by layer too."""
     encoder_graphs: bool = False
@@ -131,7 +131,7 @@ class TrainArgs:
     pad_to_max_length: bool = False
     pad_to_multiple_of: int | None = None
     """Round each batch's width (padded rows, and packed ones) up to a multiple of this; None: 64 under
-    reduce-overhead (asked for or chosen by ``auto``), else off; 0 or 1: off (``utils.training.pad_multiple``)."""
+    reduce-overhead (asked for or chosen by ``auto``), else off; 0 or 1: off (``pad_multiple``)."""
     group_by_length: bool = False
     limit_train_examples: int | None = None
     max_length: int | None = None
@@ -242,3 +242,36 @@ def _choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise UserError(f"--{name} {value!r}: choose one of: {', '.join(choices)}")
 
+
+GRAPHS_AUTO_METHODS = ("pt", "lora", "lopa", "idpg")
+"""The methods ``--compile_mode auto`` gives CUDA graphs: the PEFT methods. On an H100 PT's decoder layers ran under
+them through the trainer, and LoRA's in the benchmark, with the default mode's losses (BENCHMARKS.md, sessions
+19-20); LOPA's and IDPG's decoder input is a soft prompt as PT's (not yet run on a GPU). Not FFT, whose every weight
+would be a graph's input and output (never run)."""
+
+
+def resolve_compile_mode(train: TrainArgs, method: str, device_type: str, num_processes: int, deepspeed: bool,
+                         encoder_graphs: bool) -> tuple[str, str | None]:
+    """The compiled decoder layers' mode, and why ``--compile_mode auto`` did not choose reduce-overhead (None when
+    it did, or when a mode was named). Auto chooses CUDA graphs where they were tried: a PEFT method in one process
+    on CUDA, without DeepSpeed, activation checkpoints (pytorch#154306) or the encoder's own CUDA graphs."""
+    if train.compile_mode != "auto":
+        return train.compile_mode, None
+    reasons = [why for why, ruled_out in (
+        (f"the device is {device_type}, not CUDA", device_type != "cuda"),
+        (f"{method} has not been run with them", method not in GRAPHS_AUTO_METHODS),
+        (f"{num_processes} processes", num_processes > 1),
+        ("DeepSpeed", deepspeed),
+        ("--gradient_checkpointing", train.gradient_checkpointing),
+        ("--encoder_graphs", encoder_graphs)) if ruled_out]
+    return ("default", "; ".join(reasons)) if reasons else ("reduce-overhead", None)
+
+
+def pad_multiple(train: TrainArgs, compile_mode: str | None) -> int | None:
+    """The width multiple batches are rounded up to, or None: ``--pad_to_multiple_of`` when given (0 and 1: none),
+    else 64 where the decoder layers compile with reduce-overhead (CUDA graphs record one graph per batch shape).
+    None under ``--pad_to_max_length``, whose rows all have one length already (an explicit multiple is refused)."""
+    multiple = train.pad_to_multiple_of
+    if multiple is None:
+        multiple = GRAPHS_PAD_MULTIPLE if compile_mode == "reduce-overhead" else None
+    return multiple if multiple and multiple > 1 and not train.pad_to_max_length else None

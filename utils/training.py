@@ -28,10 +28,10 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from utils import fast_paths  # by module: tests swap its compile functions
-from utils.batching import IGNORE_INDEX, Collator, LengthGroupedSampler, TaskDataset
+from utils.batching import Collator, EpochSampler, LengthGroupedSampler, TaskDataset, shorten, supervised_tokens
 from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, continue_hint, find_checkpoint, has_resumable_checkpoint,
                               load_checkpoint, read_resume_state, resume_hint, save_checkpoint, set_rng_state)
 from utils.cli import make_log_dir
@@ -40,87 +40,10 @@ from utils.errors import HeldStop, hold_stop_signals, on_interrupt
 from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, open_file_modes,
                           unfinished_directory)
 from utils.tasks import get_task
-from utils.train_config import GRAPHS_PAD_MULTIPLE, TrainArgs, TrainConfig
+from utils.train_config import TrainConfig, pad_multiple, resolve_compile_mode
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, gpu_memory, plot_loss, setup_logging
 from utils.train_setup import (MemoryNeed, check_fits_gpu, configure_deepspeed, make_accelerator,
                                make_optimizer_and_scheduler, make_plan, optimizer_step)
-
-
-class EpochSampler(Sampler[int]):
-    """A permutation drawn from (seed, epoch) alone: identical on every process, untouched by the global RNG."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-
-def supervised_tokens(labels: torch.Tensor, has_soft_prompt: bool) -> torch.Tensor:
-    """Tokens the loss averages over, as a 0-d tensor on ``labels``' device (read without waiting for it): every
-    label after the first (whose predictor is a virtual token, if any)."""
-    supervised = labels != IGNORE_INDEX
-    return supervised.sum() if has_soft_prompt else supervised[:, 1:].sum()
-
-
-def shorten(example: dict, max_length: int) -> dict:
-    """Cut a training example to ``max_length`` tokens: the prompt loses tokens on the left (one is kept), then
-    the answer on the right."""
-    ids, labels = example["input_ids"], example["labels"]
-    excess = len(ids) - max_length
-    if excess <= 0:
-        return example
-    prompt_len = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-    cut = min(excess, max(prompt_len - 1, 0))
-    return {**example, "input_ids": ids[cut:][:max_length], "labels": labels[cut:][:max_length]}
-
-
-GRAPHS_AUTO_METHODS = ("pt", "lora", "lopa", "idpg")
-"""The methods ``--compile_mode auto`` gives CUDA graphs: the PEFT methods. On an H100 PT's decoder layers ran under
-them through the trainer, and LoRA's in the benchmark, with the default mode's losses (BENCHMARKS.md, sessions
-19-20); LOPA's and IDPG's decoder input is a soft prompt as PT's (not yet run on a GPU). Not FFT, whose every weight
-would be a graph's input and output (never run)."""
-
-
-def resolve_compile_mode(train: TrainArgs, method: str, device_type: str, num_processes: int, deepspeed: bool,
-                         encoder_graphs: bool) -> tuple[str, str | None]:
-    """The compiled decoder layers' mode, and why ``--compile_mode auto`` did not choose reduce-overhead (None when
-    it did, or when a mode was named). Auto chooses CUDA graphs where they were tried: a PEFT method in one process
-    on CUDA, without DeepSpeed, activation checkpoints (pytorch#154306) or the encoder's own CUDA graphs."""
-    if train.compile_mode != "auto":
-        return train.compile_mode, None
-    reasons = [why for why, ruled_out in (
-        (f"the device is {device_type}, not CUDA", device_type != "cuda"),
-        (f"{method} has not been run with them", method not in GRAPHS_AUTO_METHODS),
-        (f"{num_processes} processes", num_processes > 1),
-        ("DeepSpeed", deepspeed),
-        ("--gradient_checkpointing", train.gradient_checkpointing),
-        ("--encoder_graphs", encoder_graphs)) if ruled_out]
-    return ("default", "; ".join(reasons)) if reasons else ("reduce-overhead", None)
-
-
-def pad_multiple(train: TrainArgs, compile_mode: str | None) -> int | None:
-    """The width multiple batches are rounded up to, or None: ``--pad_to_multiple_of`` when given (0 and 1: none),
-    else 64 where the decoder layers compile with reduce-overhead (CUDA graphs record one graph per batch shape).
-    None under ``--pad_to_max_length``, whose rows all have one length already (an explicit multiple is refused)."""
-    multiple = train.pad_to_multiple_of
-    if multiple is None:
-        multiple = GRAPHS_PAD_MULTIPLE if compile_mode == "reduce-overhead" else None
-    return multiple if multiple and multiple > 1 and not train.pad_to_max_length else None
-
-
-def _cudagraph_skips() -> int:
-    """Compiled graphs inductor has run without CUDA graphs under ``mode="reduce-overhead"`` (a process total)."""
-    from torch._dynamo.utils import counters
-
-    return counters["inductor"]["cudagraph_skips"]
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -347,7 +270,7 @@ class Trainer:
             self.log.warning("--encoder_graphs is not used: it needs lopa or idpg, CUDA without DeepSpeed, and a "
                              "BERT/RoBERTa encoder on SDPA")
         self._log_compile_mode()
-        skips_before = _cudagraph_skips() if self.cuda_graphs else 0
+        skips_before = fast_paths.cudagraph_skips() if self.cuda_graphs else 0
         if acc.device.type == "cuda":  # the peak logged is this run's (run_experiment trains cells in one process)
             torch.cuda.reset_peak_memory_stats(acc.device)
         self.model.train()
@@ -374,7 +297,7 @@ class Trainer:
         self._plot_loss()
         acc.end_training()
         if self.cuda_graphs:
-            self._log_cudagraph_skips(_cudagraph_skips() - skips_before)
+            self._log_cudagraph_skips(fast_paths.cudagraph_skips() - skips_before)
         if memory := gpu_memory(acc.device):
             self.log.info("GPU memory: at most %.2f GiB held by torch of the card's %.2f GiB (CUDA graphs' memory "
                           "included)", memory["gpu_peak_mem_gib"],
