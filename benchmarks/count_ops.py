@@ -45,7 +45,7 @@ class CountOps(TorchDispatchMode):
 
 
 def encoder_ops(encoder: str = "codebert-base") -> dict:
-    from utils.models import load_encoder
+    from utils.encoders import load_encoder
 
     enc = load_encoder(encoder, random_weights=True)[0]
     ids = torch.randint(5, 1000, (2, 16))

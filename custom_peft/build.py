@@ -15,8 +15,9 @@ from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get
 
 from custom_peft.instance_prompts import IdpgPrompt, LopaPrompt
 from custom_peft.tuned_model import TunedModel
+from utils.encoders import load_encoder
 from utils.errors import UserError
-from utils.models import full_shape, load_encoder, load_foundation_model, numel
+from utils.models import full_shape, load_foundation_model, numel
 from utils.registry import check_method, get_encoder_spec, get_model_spec
 
 LIBRARY_NAME, LIBRARY_VERSION = "lopa-peft", "0.1.0"

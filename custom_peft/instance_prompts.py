@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from utils.models import PooledEncoder
+from utils.encoders import PooledEncoder
 
 
 def encoder_dropout(config) -> float:

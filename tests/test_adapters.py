@@ -14,7 +14,8 @@ from custom_peft import (build_model, count_trainable, idpg_trainable_count, loa
                          read_adapter_config, save_adapter, trainable_state_dict)
 from utils.batching import Collator
 from utils.errors import UserError
-from utils.models import TINY_MODEL_TYPES, load_encoder_tokenizer, load_foundation_model
+from utils.encoders import load_encoder_tokenizer
+from utils.models import TINY_MODEL_TYPES, load_foundation_model
 
 M, R, D, ENC_DIM = 4, 2, 64, 48
 PROMPTS = ["def add(a, b):\n    return", "x = [i * i for i in range(10)]\nprint(x", "import os"]
@@ -142,7 +143,7 @@ def test_an_adapter_on_a_local_base_of_another_width_loads_with_its_model_type(t
 def test_a_relative_local_base_and_encoder_are_recorded_absolute(tmp_path, monkeypatch):
     """--model_path base --enc_model_path enc given relative to the training directory: generation run from
     another directory must still find both (a relative record resolved against the wrong cwd)."""
-    from utils.models import tiny_roberta
+    from utils.encoders import tiny_roberta
 
     base, tok = trained("fft", "tiny-phi-2")
     (tmp_path / "train").mkdir()
@@ -167,7 +168,7 @@ def test_a_relative_local_base_and_encoder_are_recorded_absolute(tmp_path, monke
 def test_an_adapter_trained_on_a_local_encoder_loads_that_encoder(tmp_path):
     """--enc_model_path at training, left out at load time: the registry's encoder (for tiny-roberta a random one,
     as wide) would silently make other instance prompts."""
-    from utils.models import tiny_roberta
+    from utils.encoders import tiny_roberta
 
     encoder, enc_tok = tiny_roberta(seed=7)
     encoder.save_pretrained(tmp_path / "encoder")
@@ -316,7 +317,7 @@ def test_an_edited_config_that_contradicts_the_tensors_fails_clearly(lopa_dir, t
 
 def test_an_encoder_of_another_width_is_named(lopa_dir):
     """--enc_model_path pointing at another encoder (all-MiniLM, 384 wide) for a 48-wide tiny-roberta adapter."""
-    from utils.models import _minilm_path
+    from utils.encoders import _minilm_path
 
     with pytest.raises(UserError, match="field 'encoder_hidden_size' is 48 but the encoder loaded for "
                                         "'tiny-roberta' has width 384; pass the --enc_model_path"):

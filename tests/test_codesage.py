@@ -13,7 +13,8 @@ from custom_peft import build_model
 from utils.codesage import CodeSageEncoder
 from utils.errors import UserError
 from utils.batching import encoder_ids
-from utils.models import TINY_TOKENIZER_FILE, load_encoder, load_encoder_tokenizer
+from utils.encoders import load_encoder, load_encoder_tokenizer
+from utils.models import TINY_TOKENIZER_FILE
 
 CONFIG = {"model_type": "codesage", "vocab_size": 2048, "max_position_embeddings": 64, "hidden_size": 32,
           "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,

@@ -5,7 +5,7 @@ eager encoder."""
 import pytest
 import torch
 
-from utils.models import load_encoder
+from utils.encoders import load_encoder
 
 
 class FakeGraph:
@@ -88,7 +88,7 @@ def test_without_the_hosts_padding_flag_the_encoder_runs_eager(encoder):
 def test_backbones_whose_masks_transformers_builds_are_left_eager():
     from tests.test_codesage import CONFIG
     from utils.codesage import CodeSageEncoder
-    from utils.models import PooledEncoder
+    from utils.encoders import PooledEncoder
 
     enc = PooledEncoder(CodeSageEncoder(CONFIG), "pooler_l2")
     assert not enc.use_graphs(capture=fake_capture) and enc.graphs is None

@@ -178,7 +178,7 @@ def test_compiled_encoder_layers_pool_like_eager():
     from tests.test_codesage import CONFIG as CODESAGE_CONFIG
     from utils.codesage import CodeSageEncoder
     from utils.fast_paths import compile_encoder_layers, encoder_layers
-    from utils.models import PooledEncoder, load_encoder
+    from utils.encoders import PooledEncoder, load_encoder
 
     torch.manual_seed(0)
     encoders = {"tiny-roberta": load_encoder("tiny-roberta")[0],

@@ -12,7 +12,8 @@ from custom_peft import build_model
 from tests import hub_like
 from utils.batching import encode_example, encoder_ids
 from utils.generation import GenConfig, _eos_ids
-from utils.models import load_encoder_tokenizer, load_foundation_model
+from utils.encoders import load_encoder_tokenizer
+from utils.models import load_foundation_model
 from utils.tasks import get_task
 from utils.train_setup import reset_accelerate_state
 

@@ -9,7 +9,8 @@ import torch
 from custom_peft import (build_model, count_trainable, expected_trainable_count, idpg_trainable_count,
                          lopa_trainable_count, pt_trainable_count, trainable_state_dict)
 from utils.batching import IGNORE_INDEX, Collator
-from utils.models import TINY_MODEL_TYPES, enable_activation_checkpointing, load_encoder_tokenizer
+from utils.encoders import load_encoder_tokenizer
+from utils.models import TINY_MODEL_TYPES, enable_activation_checkpointing
 
 METHODS = ("none", "fft", "lora", "pt", "idpg", "lopa")
 M, R = 4, 2  # virtual tokens and LOPA rank of the tiny builds
@@ -189,7 +190,7 @@ def test_initial_weights_and_head_dropout_follow_the_encoder_config():
 
     from custom_peft import IdpgPrompt, LopaPrompt
     from utils.codesage import CodeSageEncoder
-    from utils.models import PooledEncoder
+    from utils.encoders import PooledEncoder
 
     width = 256
     roberta = RobertaModel(RobertaConfig(vocab_size=64, hidden_size=width, num_hidden_layers=1, num_attention_heads=4,

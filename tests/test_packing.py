@@ -426,7 +426,7 @@ def test_the_masks_built_here_give_transformers_own_results(model_type, method, 
 def test_the_encoder_masks_built_here_give_transformers_own_embeddings(prompts):
     """The frozen encoder told on the host whether its rows are padded (no mask, or a 4-D one) gives the embeddings
     transformers gives when it decides that itself, to the last bit."""
-    from utils.models import load_encoder
+    from utils.encoders import load_encoder
 
     encoder, enc_tok = load_encoder("tiny-roberta")
     assert encoder._builds_sdpa_mask
@@ -519,7 +519,7 @@ def test_rounded_widths_give_the_plain_loss_and_gradients_for_every_method(metho
     gets a gradient (what the trainer's kept gradients under --compile_mode reduce-overhead rely on: AdamW would
     otherwise decay and move a tensor that had none)."""
     from utils.batching import Collator
-    from utils.models import load_encoder_tokenizer
+    from utils.encoders import load_encoder_tokenizer
 
     model, tok = built(method, model_type)
     enc_tok = load_encoder_tokenizer("tiny-roberta")

@@ -3,7 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from utils.errors import UserError
-from utils.models import TINY_MODEL_TYPES, load_encoder, load_foundation_model, load_tokenizer, model_config
+from utils.encoders import load_encoder
+from utils.models import TINY_MODEL_TYPES, load_foundation_model, load_tokenizer, model_config
 from utils.registry import ENCODERS, FOUNDATION_MODELS, get_encoder_spec, get_model_spec
 
 PAPER_MODELS = ["phi-2", "phi-3", "codegen-350M", "codegen2-3_7B", "deepseek-coder-1.3b-base",

@@ -26,7 +26,8 @@ from utils import fixtures
 from utils.batching import Collator, TaskDataset
 from utils.data import load_task_split, read_jsonl
 from utils.fileio import current_umask
-from utils.models import load_encoder_tokenizer, load_foundation_model, load_tokenizer
+from utils.encoders import load_encoder_tokenizer
+from utils.models import load_foundation_model, load_tokenizer
 from utils.registry import METHOD_FLAGS
 from utils.tasks import get_task
 from utils.train_logging import read_metrics
@@ -274,7 +275,7 @@ def test_full_logits_plain_adamw_and_padded_rows_train_exactly_like_the_fast_pat
 @pytest.mark.parametrize("flag", [[], ["--encoder_dropout", "False"]])
 def test_the_frozen_encoder_trains_with_its_dropout_unless_turned_off(tmp_path, data_paths, monkeypatch, flag):
     """Default: the encoder's dropout acts in training, as the original's; --encoder_dropout False: eval mode."""
-    from utils.models import PooledEncoder
+    from utils.encoders import PooledEncoder
 
     modes, forward = [], PooledEncoder.forward
     monkeypatch.setattr(PooledEncoder, "forward", lambda self, *a: modes.append(self.backbone.training) or
