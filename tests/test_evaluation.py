@@ -767,3 +767,41 @@ def test_a_finished_scoring_is_reused_when_asked_for_and_its_fingerprint_is_this
     again = _score(path, problem_file, fake_sandbox, reuse_finished=True)
     assert [run.count("# wrong") for run in fake_sandbox.runs] == [1, 1] and again["reused_samples"] == 4
     assert results_path.read_text() == fresh_results
+
+
+def test_a_second_scoring_started_while_the_first_runs_its_samples_is_refused(tmp_path, fake_sandbox, monkeypatch):
+    """The lock is exclusive and held while the samples run: a second scoring of the file started then (here from
+    inside the first one's sandbox) is refused, and the first goes on to score every sample."""
+    from utils import evaluation
+
+    path, problem_file = _resume_files(tmp_path)
+    run, refusals = evaluation.Sandbox.run, []
+
+    def run_and_score_again(self, program):
+        if not refusals:
+            refusals.append(None)  # once: a scoring that is not refused runs its own samples through here
+            try:
+                evaluate_file("mbpp", path, problem_file=problem_file, timeout=5.0, n_workers=1, progress=False)
+            except UserError as exc:
+                refusals[0] = str(exc)
+        return run(self, program)
+
+    monkeypatch.setattr(evaluation.Sandbox, "run", run_and_score_again)
+    summary = _score(path, problem_file, fake_sandbox)
+    assert refusals == [f"{path}: another evaluate_preds.py is scoring this file; wait for it to finish (or stop it: "
+                        f"a rerun goes on from the samples it kept)"]
+    assert summary["n_samples"] == 6 and len(fake_sandbox.runs) == 6
+
+
+def test_samples_scored_under_another_memory_limit_are_scored_again(tmp_path, fake_sandbox, capsys):
+    """A sample's outcome depends on the memory it may take (a MemoryError fails it): a rerun with another --memory_mb
+    reuses none of the kept samples and says why."""
+    path, problem_file = _resume_files(tmp_path)
+    assert _score(path, problem_file, fake_sandbox, interrupt_after=3) is None
+    fake_sandbox.runs.clear()
+    fake_sandbox.interrupt_after = None
+    summary = evaluate_file("mbpp", path, problem_file=problem_file, timeout=5.0, n_workers=1, progress=False,
+                            k=(1, 2), sandbox_config=SandboxConfig(memory_mb=SandboxConfig.memory_mb * 2))
+    assert summary["reused_samples"] == 0 and len(fake_sandbox.runs) == 6
+    assert (f"(its --memory_mb was {SandboxConfig.memory_mb}, this run's is {SandboxConfig.memory_mb * 2})"
+            in capsys.readouterr().out)

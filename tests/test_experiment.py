@@ -90,6 +90,39 @@ def test_training_cost_takes_the_gpu_peak_of_every_attempt_of_a_resumed_training
     assert training_cost(tmp_path) == {"trainable_params": 10, "train_seconds": 12.0, "train_gpu_peak_gib": 9.5}
 
 
+def test_the_training_cost_table_keeps_each_cell_in_its_column_and_shows_only_trained_rows():
+    """Each task's cost under its own column (the main table's order), a dash for a cell recorded before the costs
+    were (or whose config.json lacked the count), a row for every method with one cell that records a cost; no table
+    where none does."""
+    from utils.experiment_report import _training_cost
+
+    results = {"m/cruxeval_input_prediction/pt": {"trainable_params": 256_000, "train_seconds": 5},
+               "m/cruxeval_output_prediction/pt": {"pass@1": 0.5},  # from before the costs were recorded
+               "m/mbpp/pt": {"trainable_params": 4_230_000, "train_seconds": 125, "train_gpu_peak_gib": 9.123},
+               "m/mbpp/none": {"pass@1": 0.1}, "m/mbpp/lora": {"trainable_params": None, "train_seconds": 7}}
+    assert _training_cost("m", TASK_ORDER, ["none", "lora", "pt"], results)[-4:] == [
+        "| Tuning method | CruxEval-I | CruxEval-O | MBPP |", "|---|---|---|---|", "| LoRA | — | — | — |",
+        "| PT | 256,000; 5.0 s | — | 4.23 M; 2.1 min; 9.1 GiB |"]
+    assert _training_cost("m", TASK_ORDER, ["none"], results) == []
+
+
+def test_a_cells_training_cost_is_read_from_its_metrics_and_a_damaged_file_costs_only_the_columns(tmp_path):
+    """A GPU run's metrics lines carry gpu_peak_mem_gib beside gpu_mem_gib (this machine writes neither): the last
+    line's elapsed and (one attempt: the running peak) its peak are the cost. No metrics.jsonl leaves the time out; one damaged mid-file (not just a torn
+    last line) leaves the whole cost out instead of failing a cell whose scoring finished."""
+    from utils.experiment import training_cost
+
+    (tmp_path / "config.json").write_text(json.dumps({"runtime": {"trainable_params": 25_600}}))
+    assert training_cost(tmp_path) == {"trainable_params": 25_600, "train_seconds": None, "train_gpu_peak_gib": None}
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(record) + "\n" for record in (
+        {"step": 1, "elapsed": 1.5, "gpu_mem_gib": 1.0, "gpu_peak_mem_gib": 2.0},
+        {"step": 2, "elapsed": 3.25, "gpu_mem_gib": 1.25, "gpu_peak_mem_gib": 2.5})))
+    assert training_cost(tmp_path) == {"trainable_params": 25_600, "train_seconds": 3.25, "train_gpu_peak_gib": 2.5}
+    metrics.write_text("{not json\n" + metrics.read_text())
+    assert training_cost(tmp_path) == {}
+
+
 def test_rerun_redoes_nothing_and_a_changed_hyperparameter_redoes_only_its_cells(smoke_run):
     out, first = smoke_run
     again = run_experiment.main(["--preset", "smoke", "--out", str(out)])
@@ -586,6 +619,25 @@ def test_a_cells_finished_training_is_reused_and_an_interrupted_one_resumes(tmp_
     report = (tmp_path / "results.md").read_text()
     assert "training reused from an earlier attempt (commits `ccccccc`)" in report
     assert "**The cells come from 2 different commits** (`bbbbbbb`, `ccccccc`)" in report
+
+
+def test_only_the_stages_up_to_generation_make_a_cells_generation_hash(tmp_path):
+    """attempt.json's generation hash decides whether a rerun keeps a cell's predictions: new scoring settings leave
+    it as it is in every cell (CRUXEval scores right after generating, MBPP post-processes first), new decoding
+    settings change it and leave the training's."""
+    from utils.experiment import plan_cells
+    from utils.presets import PRESETS, apply_overrides
+
+    def cells(*overrides):
+        return {c.key: c for c in plan_cells(apply_overrides(PRESETS["smoke"](), list(overrides)), tmp_path)}
+
+    base, rescored, decoded = cells(), cells("eval.timeout=6"), cells("gen.max_new_tokens=16")
+    assert {c.task for c in base.values()} == set(TASK_ORDER)
+    for key, cell in base.items():
+        assert rescored[key].config_hash() != cell.config_hash(), key
+        assert rescored[key].generation_hash() == cell.generation_hash(), key
+        assert decoded[key].generation_hash() != cell.generation_hash(), key
+        assert decoded[key].training_hash() == cell.training_hash(), key
 
 
 def test_results_md_keeps_the_cells_outside_the_selection(tmp_path, monkeypatch):

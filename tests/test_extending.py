@@ -211,3 +211,11 @@ def test_a_model_whose_positions_come_from_the_mask_trains_unpacked(data_paths, 
     run_inprocess("peft", _train_argv("pt", "tiny-bloom", data_paths["mbpp"], log_dir)[1])
     assert json.loads((log_dir / "config.json").read_text())["runtime"]["packing"] is False
     assert "--packing is not used: BloomModel.forward takes no position_ids" in (log_dir / "train.log").read_text()
+
+
+def test_a_model_that_cannot_pack_says_nothing_of_packing_when_it_is_off(data_paths, tmp_path):
+    """The refusal is news only to a run that asked for packing: --packing False on Bloom logs no warning."""
+    log_dir = tmp_path / "run"
+    run_inprocess("peft", _train_argv("pt", "tiny-bloom", data_paths["mbpp"], log_dir)[1] + ["--packing", "False"])
+    assert json.loads((log_dir / "config.json").read_text())["runtime"]["packing"] is False
+    assert "--packing" not in (log_dir / "train.log").read_text()

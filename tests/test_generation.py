@@ -1244,3 +1244,17 @@ def test_out_of_gpu_memory_says_how_to_go_on(sampling, tmp_path, data_paths, mon
     monkeypatch.setattr(utils.generation, "generate_predictions", real)
     assert generate_preds.main([*argv[:-4], "--batch_size", "1", "--log_dir", str(tmp_path), "--resume"]) == 0
     assert "3 tasks (2 resumed, 1 generated in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_out_of_memory_advice_names_only_flags_the_run_can_take(dtype, tmp_path):
+    """--resume replaces --overwrite only where the run was given --overwrite; bf16 is advised only to an fp32 run
+    (a bf16 or fp16 one holds half-size weights already)."""
+    import argparse
+    from types import SimpleNamespace
+
+    args = argparse.Namespace(batch_size=4, overwrite=False, dtype=dtype)
+    greedy = SimpleNamespace(num_return_sequences=1, do_sample=False)
+    assert generate_preds.out_of_memory_message(args, greedy, tmp_path, "CUDA out of memory.\nmore lines") == (
+        f"out of GPU memory decoding batches of 4 prompts (CUDA out of memory.): rerun with --resume --log_dir "
+        f"{tmp_path} and a lower --batch_size (the finished batches are kept)")

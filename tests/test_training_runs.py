@@ -236,6 +236,7 @@ def test_runs_without_the_optional_packages_and_with_every_switch(tmp_path, data
     assert records[-1]["tokens"] == 2 * sum(min(n, 64) for n in lengths)  # padding to 64 is not counted
     config = json.loads((log_dir / "config.json").read_text())
     assert config["train"]["group_by_length"] and config["train"]["pad_to_max_length"]
+    assert config["runtime"]["packing"] is False  # rows of --max_length, as the original's (packing is on by default)
     assert config["runtime"]["lr_schedule"] == "cosine" and config["runtime"]["warmup_steps"] == 1
 
 
@@ -669,6 +670,39 @@ def test_running_out_of_memory_names_what_lowers_a_steps_memory(tmp_path, data_p
     losses, config, _ = _pt_run(tmp_path / "saved", data_paths["mbpp"], "--compile", "off", "--save_every",
                                 "2steps", "--resume_from", str(tmp_path / "saved"), "--gradient_checkpointing")
     assert len(losses) == 3 and config["train"]["gradient_checkpointing"]  # the way out it named works
+
+
+def test_out_of_memory_with_no_way_a_resume_takes_sends_to_a_new_run_and_names_no_refused_flag(tmp_path, data_paths,
+                                                                                                monkeypatch):
+    """--gradient_checkpointing already on, no CUDA graphs, a checkpoint kept: nothing a resume accepts lowers the
+    memory, so the line names a new run, not a resume, and no flag the run has already (bf16) or cannot take (full
+    fine-tuning keeps fp32 weights: --model_dtype bf16 is refused there)."""
+    forward, calls = TunedModel.forward, []
+
+    def out_of_memory_at(step):
+        def fake(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) >= step:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return forward(self, *args, **kwargs)
+        return fake
+
+    monkeypatch.setattr(TunedModel, "forward", out_of_memory_at(3))  # after the checkpoint of step 2
+    with pytest.raises(torch.OutOfMemoryError):
+        _pt_run(tmp_path / "pt", data_paths["mbpp"], "--compile", "off", "--save_every", "2steps",
+                "--gradient_checkpointing", "--model_dtype", "bf16")
+    error = next(line for line in (tmp_path / "pt" / "train.log").read_text().splitlines() if " ERROR " in line)
+    assert error.endswith("ERROR out of GPU memory in step 3: a new run (another --log_dir) with a smaller "
+                          "--per_gpu_train_batch_size with more --gradient_accumulation_steps (the same batch; 2 x 1 "
+                          "now); a resume from the last checkpoint keeps the batch and the dtype"), error
+    calls.clear()
+    monkeypatch.setattr(TunedModel, "forward", out_of_memory_at(1))
+    with pytest.raises(torch.OutOfMemoryError):
+        run_inprocess("fft", ["--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path", data_paths["mbpp"],
+                              "--limit_train_examples", "2", "--log_dir", str(tmp_path / "fft")])
+    error = next(line for line in (tmp_path / "fft" / "train.log").read_text().splitlines() if " ERROR " in line)
+    assert "out of GPU memory in step 1: --gradient_checkpointing (" in error and "--model_dtype" not in error, error
+
 
 def test_compile_mode_reduce_overhead_marks_a_step_before_each_micro_batch(tmp_path, data_paths, monkeypatch):
     """--compile on --compile_mode reduce-overhead (here with a counting backend instead of inductor, whose CUDA

@@ -646,3 +646,18 @@ def test_a_run_whose_weights_and_optimizer_cannot_fit_the_gpu_is_refused_before_
     close = check_fits_gpu(need, int(need.total / 0.95), method, "m", dtype)  # under a tenth left: a warning
     assert close is not None and "an out-of-memory error is likely" in close and way_out in close
     assert check_fits_gpu(need, int(need.total / 0.85), method, "m", dtype) is None
+
+
+def test_the_memory_check_leaves_the_free_memory_less_the_need_and_reads_small_sizes_in_mib():
+    """The warning's room for the activations is the free memory less the need, each part in its own size; a size
+    under a tenth of a GiB reads in MiB (a tiny model's "0.0 GiB" says nothing)."""
+    from utils.train_setup import MemoryNeed, check_fits_gpu
+
+    gib, mib = 2**30, 2**20
+    warning = check_fits_gpu(MemoryNeed(6 * gib, 2 * gib, 4 * gib), int(12.5 * gib), "lopa", "m", "bf16")
+    assert warning.startswith("lopa of m needs 12.0 GiB before activations (weights 6.0 GiB, gradients 2.0 GiB, AdamW "
+                              "states 4.0 GiB), which leaves 0.5 GiB of the GPU's 12.5 GiB free for activations: ")
+    with pytest.raises(UserError) as exc:
+        check_fits_gpu(MemoryNeed(50 * mib, 0, 0), 40 * mib, "pt", "m", "bf16")
+    assert str(exc.value).startswith("pt of m needs 50.0 MiB before activations (weights 50.0 MiB), more than the "
+                                     "40.0 MiB free on this GPU")
