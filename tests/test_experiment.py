@@ -108,8 +108,9 @@ def test_the_training_cost_table_keeps_each_cell_in_its_column_and_shows_only_tr
 
 def test_a_cells_training_cost_is_read_from_its_metrics_and_a_damaged_file_costs_only_the_columns(tmp_path):
     """A GPU run's metrics lines carry gpu_peak_mem_gib beside gpu_mem_gib (this machine writes neither): the last
-    line's elapsed and (one attempt: the running peak) its peak are the cost. No metrics.jsonl leaves the time out; one damaged mid-file (not just a torn
-    last line) leaves the whole cost out instead of failing a cell whose scoring finished."""
+    line's elapsed and (one attempt: a running peak) its peak are the cost. No metrics.jsonl leaves the time out;
+    one damaged mid-file (not just a torn last line) leaves the whole cost out instead of failing a cell whose
+    scoring finished."""
     from utils.experiment import training_cost
 
     (tmp_path / "config.json").write_text(json.dumps({"runtime": {"trainable_params": 25_600}}))
