@@ -629,6 +629,23 @@ def test_an_interrupted_run_keeps_its_loss_plot_and_a_cut_epoch_logs_its_mean(tm
     assert "epoch 1: mean loss" not in log
 
 
+_FORWARD = TunedModel.forward
+
+
+def _out_of_memory_from(monkeypatch, step: int) -> None:
+    """TunedModel.forward raises CUDA's out-of-memory error from its ``step``-th call on (this machine has no GPU);
+    the calls are counted from here."""
+    calls = []
+
+    def fake(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _FORWARD(self, *args, **kwargs)
+
+    monkeypatch.setattr(TunedModel, "forward", fake)
+
+
 def test_running_out_of_memory_names_what_lowers_a_steps_memory(tmp_path, data_paths, monkeypatch):
     """Out of memory in a step (faked: this machine has no GPU): the log names what lowers a step's memory and how
     to go on; the error still ends the run. Without a checkpoint every way is a new run's; with one, the ways a resume
@@ -637,17 +654,7 @@ def test_running_out_of_memory_names_what_lowers_a_steps_memory(tmp_path, data_p
     from utils import fast_paths
 
     monkeypatch.setattr(fast_paths, "compile_layers", lambda lm, **kwargs: None)
-    forward, calls = TunedModel.forward, []
-
-    def out_of_memory_at(step):
-        def fake(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) >= step:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return forward(self, *args, **kwargs)
-        return fake
-
-    monkeypatch.setattr(TunedModel, "forward", out_of_memory_at(1))
+    _out_of_memory_from(monkeypatch, 1)
     for name, mode in (("graphs", "reduce-overhead"), ("plain", "default")):
         with pytest.raises(torch.OutOfMemoryError):
             _pt_run(tmp_path / name, data_paths["mbpp"], "--compile", "on", "--compile_mode", mode)
@@ -657,8 +664,7 @@ def test_running_out_of_memory_names_what_lowers_a_steps_memory(tmp_path, data_p
         assert ("--gradient_checkpointing (activations recomputed" in log) == (name == "plain"), log
         assert "a smaller --per_gpu_train_batch_size with more --gradient_accumulation_steps (the same batch; 2 x 1 " \
                "now); --model_dtype bf16 (half the frozen weights). Then rerun without --resume_from" in log, log
-    calls.clear()
-    monkeypatch.setattr(TunedModel, "forward", out_of_memory_at(3))  # after the checkpoint of step 2
+    _out_of_memory_from(monkeypatch, 3)  # after the checkpoint of step 2
     with pytest.raises(torch.OutOfMemoryError):
         _pt_run(tmp_path / "saved", data_paths["mbpp"], "--compile", "off", "--save_every", "2steps")
     log = (tmp_path / "saved" / "train.log").read_text()
@@ -666,7 +672,7 @@ def test_running_out_of_memory_names_what_lowers_a_steps_memory(tmp_path, data_p
            f"{tmp_path / 'saved'}: it continues from step_00000002, the last complete checkpoint, adding " \
            f"--gradient_checkpointing (activations recomputed instead of kept); a new run can also take a smaller " \
            f"--per_gpu_train_batch_size" in log, log
-    monkeypatch.setattr(TunedModel, "forward", forward)
+    monkeypatch.setattr(TunedModel, "forward", _FORWARD)
     losses, config, _ = _pt_run(tmp_path / "saved", data_paths["mbpp"], "--compile", "off", "--save_every",
                                 "2steps", "--resume_from", str(tmp_path / "saved"), "--gradient_checkpointing")
     assert len(losses) == 3 and config["train"]["gradient_checkpointing"]  # the way out it named works
@@ -677,17 +683,7 @@ def test_out_of_memory_with_no_way_a_resume_takes_sends_to_a_new_run_and_names_n
     """--gradient_checkpointing already on, no CUDA graphs, a checkpoint kept: nothing a resume accepts lowers the
     memory, so the line names a new run, not a resume, and no flag the run has already (bf16) or cannot take (full
     fine-tuning keeps fp32 weights: --model_dtype bf16 is refused there)."""
-    forward, calls = TunedModel.forward, []
-
-    def out_of_memory_at(step):
-        def fake(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) >= step:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return forward(self, *args, **kwargs)
-        return fake
-
-    monkeypatch.setattr(TunedModel, "forward", out_of_memory_at(3))  # after the checkpoint of step 2
+    _out_of_memory_from(monkeypatch, 3)  # after the checkpoint of step 2
     with pytest.raises(torch.OutOfMemoryError):
         _pt_run(tmp_path / "pt", data_paths["mbpp"], "--compile", "off", "--save_every", "2steps",
                 "--gradient_checkpointing", "--model_dtype", "bf16")
@@ -695,8 +691,7 @@ def test_out_of_memory_with_no_way_a_resume_takes_sends_to_a_new_run_and_names_n
     assert error.endswith("ERROR out of GPU memory in step 3: a new run (another --log_dir) with a smaller "
                           "--per_gpu_train_batch_size with more --gradient_accumulation_steps (the same batch; 2 x 1 "
                           "now); a resume from the last checkpoint keeps the batch and the dtype"), error
-    calls.clear()
-    monkeypatch.setattr(TunedModel, "forward", out_of_memory_at(1))
+    _out_of_memory_from(monkeypatch, 1)
     with pytest.raises(torch.OutOfMemoryError):
         run_inprocess("fft", ["--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path", data_paths["mbpp"],
                               "--limit_train_examples", "2", "--log_dir", str(tmp_path / "fft")])
