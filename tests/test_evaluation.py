@@ -751,9 +751,11 @@ def test_a_finished_scoring_is_reused_when_asked_for_and_its_fingerprint_is_this
     assert {k: v for k, v in reused.items() if k not in TIMING} == {k: v for k, v in fresh.items() if k not in TIMING}
     assert not (tmp_path / "sols_results.partial.jsonl").exists()
 
-    # another timeout: scored again (and the next reuse needs that timeout)
+    # another timeout: scored again, saying why (and the next reuse needs that timeout)
     assert _score(path, problem_file, fake_sandbox, timeout=6.0, reuse_finished=True)["reused_samples"] == 0
     assert len(fake_sandbox.runs) == 6
+    assert (f"scoring again: {results_path} is of another scoring (its timeout was 5.0 s, this run's is 6.0 s)\n"
+            in capsys.readouterr().out)
     argv = ["--task_name", "mbpp", "--path", path, "--problem_file", problem_file, "--n_workers", "1",
             "--timeout", "6", "--k", "1,2", "--no_progress", "--reuse_finished"]
     fake_sandbox.runs.clear()

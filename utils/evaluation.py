@@ -351,16 +351,19 @@ class Progress:
         finished scoring of the file (``_results.jsonl``) whose summary records this run's fingerprint is reused
         instead, all but its sandbox errors."""
         stored, why = self._read()
-        done = self._read_finished() if finished else {}
+        done, why_not_done = self._read_finished() if finished else ({}, "")
         source = done or stored
         reused = {i: source[key] for i, (s, h) in enumerate(zip(self.samples, self.hashes))
                   if (key := (s.task_id, s.index, h)) in source}
+        results = output_paths(self.predictions)[0]
         if done:
             print(f"reusing: {len(reused):,} of {len(self.samples):,} samples already scored with these predictions, "
-                  f"programs and settings in {output_paths(self.predictions)[0]}; delete it to score again", flush=True)
+                  f"programs and settings in {results}; delete it to score again", flush=True)
         elif reused:
             print(f"resuming: {len(reused):,} of {len(self.samples):,} samples already scored in {self.path}; "
                   f"delete it to score from scratch", flush=True)
+        elif why_not_done:
+            print(f"scoring again: {results} is of another scoring ({why_not_done})", flush=True)
         elif why:
             print(f"scoring from scratch: {self.path} is another run's ({why}); it is replaced", flush=True)
         lines = [self.fingerprint] + [{**reused[i].to_json(), "program_sha256": self.hashes[i]} for i in sorted(reused)]
@@ -386,28 +389,31 @@ class Progress:
         except (UserError, KeyError, TypeError, AttributeError):
             return {}, "it is not a file of scored samples"
 
-    def _read_finished(self) -> dict:
-        """``{(task id, index, program hash): result}`` from ``_results.jsonl`` when ``_summary.json`` records this
-        run's fingerprint (the same predictions, programs and settings; the results are in sample order), without
-        sandbox errors; else ``{}``."""
+    def _read_finished(self) -> tuple[dict, str]:
+        """``({(task id, index, program hash): result}, "")`` from ``_results.jsonl`` when ``_summary.json`` records
+        this run's fingerprint (the same predictions, programs and settings; the results are in sample order),
+        without sandbox errors; else ``({}, why they are of no use)`` (no reason where there is no summary)."""
         results_path, summary_path = output_paths(self.predictions)
+        if not summary_path.is_file():
+            return {}, ""
         try:
-            if json.loads(summary_path.read_text(encoding="utf-8")).get("fingerprint") != self.fingerprint:
-                return {}
+            recorded = json.loads(summary_path.read_text(encoding="utf-8")).get("fingerprint")
+            if recorded != self.fingerprint:
+                return {}, self._changed(recorded) if isinstance(recorded, dict) else "it records no fingerprint"
             records = [json.loads(line) for line in results_path.read_text(encoding="utf-8").splitlines()]
             if len(records) != len(self.samples):
-                return {}
+                return {}, f"{len(records):,} results for {len(self.samples):,} samples"
             stored = {}
             for sample, h, r in zip(self.samples, self.hashes, records):
                 result = _stored_result(r)
                 if (result.task_id, result.sample_index, result.prediction) != (sample.task_id, sample.index,
                                                                                 sample.prediction):
-                    return {}
+                    return {}, f"its results differ from the samples at {sample.task_id}"
                 if not result.reason.startswith("sandbox error"):
                     stored[sample.task_id, sample.index, h] = result
-            return stored
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or not ours: score it
-            return {}
+            return stored, ""
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not ours: score it
+            return {}, "it is not a finished scoring of this version"
 
     def _changed(self, header: dict) -> str:
         if header.get("scoring_progress") != self.fingerprint["scoring_progress"]:
