@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 import generate_preds
 from custom_peft import build_model, save_adapter
 from tests.conftest import ROOT
+from utils import tuned_models
 from utils.data import load_task_split
 from utils.errors import UserError
 from utils.generation import GenConfig, generate_batch, generate_predictions, resolve_gen_config, shard_batches
@@ -78,9 +79,9 @@ def _load(method, model_type, task_name, saved_models, data_paths, extra=()):
     elif method == "fft":
         argv += ["--peft_method", "fft", "--load_base_from_path", str(saved_models["fft"])]
     args = generate_preds.build_parser().parse_args(argv + list(extra))
-    resolved = generate_preds.resolve_method(args)
+    resolved = tuned_models.resolve_method(args)
     assert resolved == method  # inferred from adapter_config.json / the checkpoint flags
-    return generate_preds.load_model(args, resolved)
+    return tuned_models.load_model(args, resolved)
 
 
 def test_a_run_tuned_on_another_task_is_named_in_a_warning(tmp_path, capsys):
@@ -96,7 +97,7 @@ def test_a_run_tuned_on_another_task_is_named_in_a_warning(tmp_path, capsys):
 
     def warning(task, *flags):
         args = generate_preds.build_parser().parse_args(["--task_name", task, "--model_type", "tiny-phi-2", *flags])
-        return generate_preds.warn_if_tuned_for_another_task(args)
+        return tuned_models.warn_if_tuned_for_another_task(args)
 
     message = warning("cruxeval_input_prediction", "--load_adapter_from", str(adapter))
     assert message == (f"warning: {adapter} was tuned on mbpp (training_config.json), and this run generates for "
@@ -123,12 +124,12 @@ def test_a_full_fine_tunings_final_dir_given_as_model_path_is_fft_not_the_untune
     def method(directory, *flags):
         args = generate_preds.build_parser().parse_args(["--task_name", "cruxeval_input_prediction", "--model_type",
                                                          "tiny-phi-2", "--model_path", str(directory), *flags])
-        return generate_preds.resolve_method(args)
+        return tuned_models.resolve_method(args)
 
     assert method(fft) == "fft" and method(plain) == "none" and method(fft, "--peft_method", "none") == "none"
     args = generate_preds.build_parser().parse_args(["--task_name", "cruxeval_input_prediction", "--model_type",
                                                      "tiny-phi-2", "--model_path", str(fft)])
-    assert "was tuned on mbpp" in generate_preds.warn_if_tuned_for_another_task(args)
+    assert "was tuned on mbpp" in tuned_models.warn_if_tuned_for_another_task(args)
 
 
 def test_predictions_from_a_run_tuned_on_the_other_mbpp_split_are_refused(tmp_path):
@@ -144,7 +145,7 @@ def test_predictions_from_a_run_tuned_on_the_other_mbpp_split_are_refused(tmp_pa
     def check(directory, *flags, task="mbpp"):
         args = generate_preds.build_parser().parse_args(["--task_name", task, "--model_type", "tiny-phi-2",
                                                          "--load_adapter_from", str(directory), *flags])
-        generate_preds.check_trained_on_this_mbpp_split(args)
+        tuned_models.check_trained_on_this_mbpp_split(args)
 
     with pytest.raises(UserError, match=r"tuned on the standard MBPP split's train tasks \(601-974; "
                                         r"training_config.json\), 374 of which are in the paper split's test tasks "
@@ -188,7 +189,7 @@ def test_the_trainers_final_dir_names_its_task_for_that_warning(tmp_path, data_p
                                 "--max_length", "32", "--log_dir", str(log_dir)])
     args = generate_preds.build_parser().parse_args(["--task_name", "cruxeval_output_prediction", "--model_type",
                                                      "tiny-phi-2", "--load_adapter_from", str(log_dir / "final")])
-    assert "was tuned on mbpp" in generate_preds.warn_if_tuned_for_another_task(args)
+    assert "was tuned on mbpp" in tuned_models.warn_if_tuned_for_another_task(args)
 
 
 # ------------------------------------------------------------------------------------ every method
@@ -483,10 +484,10 @@ def test_seed_flags_resolve_to_the_adapter(saved_models, data_paths, capsys):
     parse = generate_preds.build_parser().parse_args
     base = ["--task_name", "mbpp", "--model_type", "tiny-phi-2"]
     args = parse(base + ["--clf_predictor_path", str(saved_models["lopa"])])  # the seed's heads flag alone
-    assert generate_preds.resolve_method(args) == "lopa" and args.load_adapter_from == str(saved_models["lopa"])
+    assert tuned_models.resolve_method(args) == "lopa" and args.load_adapter_from == str(saved_models["lopa"])
     args = parse(base + ["--load_adapter_from", str(saved_models["lopa"]), "--clf_predictor_path", "clf.pt",
                          "--path_to_data", data_paths["mbpp"]])
-    assert generate_preds.resolve_method(args) == "lopa" and args.data_path == data_paths["mbpp"]
+    assert tuned_models.resolve_method(args) == "lopa" and args.data_path == data_paths["mbpp"]
     assert "--clf_predictor_path clf.pt is not used" in capsys.readouterr().err
 
 
@@ -542,15 +543,15 @@ def test_fft_checkpoints_load_from_state_dict_files_and_sharded_dirs(saved_model
                        ("--sharded_checkpoint_dir", tmp_path / "wrapped_shards")):
         args = generate_preds.build_parser().parse_args(
             ["--task_name", "mbpp", "--model_type", "tiny-phi-2", flag, str(path)])
-        assert generate_preds.resolve_method(args) == "fft"
-        model, _, _ = generate_preds.load_model(args, "fft")
+        assert tuned_models.resolve_method(args) == "fft"
+        model, _, _ = tuned_models.load_model(args, "fft")
         for name, tensor in trained.state_dict().items():
             assert torch.equal(model.lm.state_dict()[name], tensor), name
     bad = generate_preds.build_parser().parse_args(
         ["--task_name", "mbpp", "--model_type", "tiny-llama", "--load_base_from_path",
          str(tmp_path / "pytorch_model.bin")])
     with pytest.raises(UserError, match="pytorch_model.bin.*does not fit"):
-        generate_preds.load_model(bad, "fft")
+        tuned_models.load_model(bad, "fft")
     from utils.generation import load_fft_weights
 
     lost = sorted((tmp_path / "sharded").glob("*.safetensors"))[-1]
@@ -578,12 +579,12 @@ def test_a_converted_deepspeed_checkpoint_with_a_config_builds_from_that_config_
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("a base was read"))
     args = generate_preds.build_parser().parse_args(
         ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--load_base_from_path", str(tmp_path / "converted")])
-    model, _, _ = generate_preds.load_model(args, "fft")
+    model, _, _ = tuned_models.load_model(args, "fft")
     assert model.lm.config.layer_norm_eps == 1e-3
     assert all(torch.equal(model.lm.state_dict()[k], v) for k, v in trained.state_dict().items())
     (tmp_path / "converted" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(UserError, match=r"converted: a 'llama' model \(config.json\), but --model_type tiny-phi-2"):
-        generate_preds.load_model(args, "fft")
+        tuned_models.load_model(args, "fft")
 
 def _free_port() -> int:
     with socket.socket() as s:

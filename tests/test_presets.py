@@ -178,6 +178,7 @@ def test_set_gen_encoder_flags_reach_only_the_methods_that_read_them(tmp_path):
     import pathlib
 
     import generate_preds
+    from utils import tuned_models
     from utils.experiment import plan_cells
     from utils.presets import PRESETS, apply_overrides
 
@@ -190,7 +191,7 @@ def test_set_gen_encoder_flags_reach_only_the_methods_that_read_them(tmp_path):
             if flag in argv:
                 pathlib.Path(argv[argv.index(flag) + 1]).mkdir(parents=True, exist_ok=True)
         args = generate_preds.build_parser().parse_args(argv)
-        generate_preds.resolve_method(args)  # a UserError for a flag this method does not read
+        tuned_models.resolve_method(args)  # a UserError for a flag this method does not read
         seen[cell.method] = (args.enc_model_path, args.lp_rank)
     assert seen == {"none": (None, None), "fft": (None, None), "lora": (None, None), "pt": (None, None),
                     "idpg": (encoder, None), "lopa": (encoder, 1)}

@@ -317,11 +317,12 @@ def test_deepspeed_zero3_fft_two_processes_match_one_plain_process_with_twice_th
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(converted.glob("model-*.safetensors"))) > 1
     import generate_preds
+    from utils import tuned_models
 
     args = generate_preds.build_parser().parse_args(["--task_name", "mbpp", "--model_type", "tiny-llama",
                                                      "--model_path", str(tmp_path / "base"),
                                                      "--sharded_checkpoint_dir", str(converted)])
-    model = generate_preds.load_model(args, "fft")[0]
+    model = tuned_models.load_model(args, "fft")[0]
     final = load_file(str(tmp_path / "ds" / "final" / "model.safetensors"))
     state = model.lm.state_dict()
     assert final.keys() <= state.keys()
