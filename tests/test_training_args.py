@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from utils.batching import LengthGroupedSampler
 from utils.errors import UserError
 from utils.train_args import PAPER_LR, build_parser, config_from_namespace, parse_args
 from utils.train_config import SaveEvery
@@ -349,7 +350,7 @@ def test_resume_rejects_changed_arguments(tmp_path):
     with pytest.raises(UserError, match=r"field 'train.max_train_steps' is None but this run has 5; drop "
                                         r"--max_train_steps to resume"):
         parse_args(["--peft_method", "pt"] + BASE + ["--max_train_steps", "5", "--resume_from", str(ckpt)], "peft")
-    with pytest.raises(UserError, match=r"field 'train.per_gpu_train_batch_size' is 2 but this run has 4"):
+    with pytest.raises(UserError, match=r"micro-batch x accumulation steps is 2 x 1, this run's 4 x 1"):
         parse_args(["--peft_method", "pt"] + BASE + ["--per_gpu_train_batch_size", "4", "--resume_from",
                                                       str(ckpt)], "peft")
     with pytest.raises(UserError, match=r"field 'model.method' is 'pt'.*--peft_method pt"):
@@ -358,6 +359,56 @@ def test_resume_rejects_changed_arguments(tmp_path):
                                         r"\(this is tune_fft_baseline.py\)"):
         parse_args(BASE + ["--resume_from", str(ckpt)], "fft")
 
+
+
+def test_a_resume_may_split_the_same_steps_into_other_micro_batches_and_nothing_else(tmp_path):
+    """A run that ran out of GPU memory goes on with a smaller micro-batch and more accumulation where every step
+    takes the same examples (tests/test_training_runs.py runs one); another number of examples per step,
+    --group_by_length, a DeepSpeed checkpoint and an epoch that accelerate evens out with other repeats (several
+    processes) are refused in one line naming the checkpoint's split."""
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2, "batch_in_epoch": 4}))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000002\n")
+
+    def checkpoint(processes: int, examples: int, *flags: str) -> None:
+        saved = _parse(["--peft_method", "pt", *BASE, "--per_gpu_train_batch_size", "2",
+                        "--gradient_accumulation_steps", "2", *flags], tmp_path=tmp_path / "new")
+        runtime = {"num_processes": processes, "train_examples": examples}
+        (ckpt / "config.json").write_text(json.dumps({**saved.to_dict(), "runtime": runtime}))
+
+    def resume(batch: int, accumulation: int, *flags: str):
+        train = parse_args(["--peft_method", "pt", *BASE, "--per_gpu_train_batch_size", str(batch),
+                            "--gradient_accumulation_steps", str(accumulation), *flags, "--resume_from",
+                            str(tmp_path / "run")], "peft").train
+        return train.per_gpu_train_batch_size, train.gradient_accumulation_steps
+
+    keep = r"; pass --per_gpu_train_batch_size 2 --gradient_accumulation_steps 2 to resume, or start a new run$"
+    checkpoint(1, 6)  # one process: 6 examples in steps of 4, each epoch's last step 2 of them in either split
+    assert resume(1, 4) == (1, 4) and resume(4, 1) == (4, 1) and resume(2, 2) == (2, 2)
+    with pytest.raises(UserError, match=r"step_00000002/config.json: the checkpoint's micro-batch x accumulation "
+                                        r"steps is 2 x 2, this run's 1 x 2: a resume may change them only where the "
+                                        r"product \(the examples per step on each process, 4\) stays the same" + keep):
+        resume(1, 2)
+    checkpoint(2, 6)  # 2 x 2 on two processes repeats 2 examples to fill its last step, 1 x 4 none
+    with pytest.raises(UserError, match=r"with 2 processes and 6 examples accelerate repeats examples to give each "
+                                        r"process as many micro-batches, 2 with micro-batches of 2, 0 with 1, so the "
+                                        r"last step of each epoch would train on other examples" + keep):
+        resume(1, 4)
+    checkpoint(2, 8)  # no repeats either way
+    assert resume(1, 4) == (1, 4)
+    lengths = [5, 1, 4, 2, 3, 6]
+    assert list(LengthGroupedSampler(lengths, 2)) != list(LengthGroupedSampler(lengths, 1))  # another order
+    checkpoint(1, 6, "--group_by_length")
+    assert resume(2, 2, "--group_by_length") == (2, 2)
+    with pytest.raises(UserError, match=r"--group_by_length groups the examples by micro-batch, so another one "
+                                        r"changes their order" + keep):
+        resume(1, 4, "--group_by_length")
+    checkpoint(1, 6)
+    (ckpt / "deepspeed").mkdir()
+    with pytest.raises(UserError, match=r"under DeepSpeed a resume keeps the micro-batch and the accumulation "
+                                        r"steps" + keep):
+        resume(1, 4)
 
 
 def test_a_run_that_recorded_another_methods_flag_still_resumes(tmp_path):

@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import tune_fft_baseline
 import tune_foundation_model
@@ -649,8 +650,9 @@ def _out_of_memory_from(monkeypatch, step: int) -> None:
 def test_running_out_of_memory_names_what_lowers_a_steps_memory(tmp_path, data_paths, monkeypatch):
     """Out of memory in a step (faked: this machine has no GPU): the log names what lowers a step's memory and how
     to go on; the error still ends the run. Without a checkpoint every way is a new run's; with one, the ways a resume
-    accepts (--gradient_checkpointing, --compile_mode default under CUDA graphs) go with the resume, which then
-    works, and a smaller micro-batch or bf16 is a new run's (a resume refuses them)."""
+    accepts (--gradient_checkpointing, --compile_mode default under CUDA graphs, a smaller micro-batch with more
+    accumulation: the same steps) go with the resume, which then works, and bf16 is a new run's (a resume refuses
+    it)."""
     from utils import fast_paths
 
     monkeypatch.setattr(fast_paths, "compile_layers", lambda lm, **kwargs: None)
@@ -662,7 +664,7 @@ def test_running_out_of_memory_names_what_lowers_a_steps_memory(tmp_path, data_p
         assert "ERROR out of GPU memory in step 1: " in log, log
         assert ("--compile_mode default (the decoder layers' CUDA graphs" in log) == (name == "graphs"), log
         assert ("--gradient_checkpointing (activations recomputed" in log) == (name == "plain"), log
-        assert "a smaller --per_gpu_train_batch_size with more --gradient_accumulation_steps (the same batch; 2 x 1 " \
+        assert "; --per_gpu_train_batch_size 1 --gradient_accumulation_steps 2 (the same 2 examples per step; 2 x 1 " \
                "now); --model_dtype bf16 (half the frozen weights). Then rerun without --resume_from" in log, log
     _out_of_memory_from(monkeypatch, 3)  # after the checkpoint of step 2
     with pytest.raises(torch.OutOfMemoryError):
@@ -670,33 +672,81 @@ def test_running_out_of_memory_names_what_lowers_a_steps_memory(tmp_path, data_p
     log = (tmp_path / "saved" / "train.log").read_text()
     assert f"ERROR out of GPU memory in step 3. To go on from the last checkpoint, rerun with --resume_from " \
            f"{tmp_path / 'saved'}: it continues from step_00000002, the last complete checkpoint, adding " \
-           f"--gradient_checkpointing (activations recomputed instead of kept); a new run can also take a smaller " \
-           f"--per_gpu_train_batch_size" in log, log
+           f"--gradient_checkpointing (activations recomputed instead of kept) or --per_gpu_train_batch_size 1 " \
+           f"--gradient_accumulation_steps 2 (the same 2 examples per step; 2 x 1 now); a new run can also take " \
+           f"--model_dtype bf16 (half the frozen weights)\n" in log, log
     monkeypatch.setattr(TunedModel, "forward", _FORWARD)
     losses, config, _ = _pt_run(tmp_path / "saved", data_paths["mbpp"], "--compile", "off", "--save_every",
-                                "2steps", "--resume_from", str(tmp_path / "saved"), "--gradient_checkpointing")
-    assert len(losses) == 3 and config["train"]["gradient_checkpointing"]  # the way out it named works
+                                "2steps", "--resume_from", str(tmp_path / "saved"), "--gradient_checkpointing",
+                                "--per_gpu_train_batch_size", "1", "--gradient_accumulation_steps", "2")
+    assert len(losses) == 3 and config["train"]["gradient_checkpointing"]  # the ways out it named work
+    assert (config["train"]["per_gpu_train_batch_size"], config["train"]["gradient_accumulation_steps"]) == (1, 2)
 
 
 def test_out_of_memory_with_no_way_a_resume_takes_sends_to_a_new_run_and_names_no_refused_flag(tmp_path, data_paths,
                                                                                                 monkeypatch):
-    """--gradient_checkpointing already on, no CUDA graphs, a checkpoint kept: nothing a resume accepts lowers the
-    memory, so the line names a new run, not a resume, and no flag the run has already (bf16) or cannot take (full
-    fine-tuning keeps fp32 weights: --model_dtype bf16 is refused there)."""
+    """--gradient_checkpointing already on, no CUDA graphs, a checkpoint kept, --group_by_length (whose order a
+    smaller micro-batch changes: a resume refuses it): nothing a resume accepts lowers the memory, so the line names a
+    new run, not a resume, and no flag the run has already (bf16) or cannot take (full fine-tuning keeps fp32
+    weights: --model_dtype bf16 is refused there). With a micro-batch of 1 as well, nothing is left to name but a
+    larger GPU or shorter examples."""
     _out_of_memory_from(monkeypatch, 3)  # after the checkpoint of step 2
     with pytest.raises(torch.OutOfMemoryError):
         _pt_run(tmp_path / "pt", data_paths["mbpp"], "--compile", "off", "--save_every", "2steps",
-                "--gradient_checkpointing", "--model_dtype", "bf16")
+                "--gradient_checkpointing", "--model_dtype", "bf16", "--group_by_length")
     error = next(line for line in (tmp_path / "pt" / "train.log").read_text().splitlines() if " ERROR " in line)
     assert error.endswith("ERROR out of GPU memory in step 3: a new run (another --log_dir) with a smaller "
                           "--per_gpu_train_batch_size with more --gradient_accumulation_steps (the same batch; 2 x 1 "
-                          "now); a resume from the last checkpoint keeps the batch and the dtype"), error
+                          "now); a resume from the last checkpoint keeps the micro-batch and the dtype here"), error
+    _out_of_memory_from(monkeypatch, 3)
+    with pytest.raises(torch.OutOfMemoryError):
+        _pt_run(tmp_path / "one", data_paths["mbpp"], "--compile", "off", "--save_every", "2steps",
+                "--gradient_checkpointing", "--model_dtype", "bf16", "--per_gpu_train_batch_size", "1")
+    error = next(line for line in (tmp_path / "one" / "train.log").read_text().splitlines() if " ERROR " in line)
+    assert error.endswith("ERROR out of GPU memory in step 3: its micro-batch is 1 and nothing else here lowers a "
+                          "step's memory; use a GPU with more memory, or cut the examples shorter with --max_length "
+                          "(a new run)"), error
     _out_of_memory_from(monkeypatch, 1)
     with pytest.raises(torch.OutOfMemoryError):
         run_inprocess("fft", ["--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path", data_paths["mbpp"],
                               "--limit_train_examples", "2", "--log_dir", str(tmp_path / "fft")])
     error = next(line for line in (tmp_path / "fft" / "train.log").read_text().splitlines() if " ERROR " in line)
     assert "out of GPU memory in step 1: --gradient_checkpointing (" in error and "--model_dtype" not in error, error
+
+
+def test_a_run_out_of_memory_resumes_with_a_smaller_micro_batch_and_ends_as_if_never_stopped(tmp_path, data_paths,
+                                                                                              monkeypatch):
+    """2 x 2 accumulation steps runs out of memory in step 2 (faked), after the checkpoint of step 1, in the middle of
+    the first epoch; resumed as its error line says, in micro-batches of 1 x 4, each step takes the same 4 examples
+    (6 examples: each epoch ends with a step of the last 2, one micro-batch of 2 or two of 1), and the run ends with
+    the uninterrupted 2 x 2 run's learning rates, token counts, losses and weights. PT on tiny-llama has no dropout:
+    only the order of float sums differs (measured: weights within 2.4e-7 of each other, losses within 1e-7)."""
+    run = ["--gradient_accumulation_steps", "2", "--num_epochs", "2", "--compile", "off", "--save_every", "1steps"]
+    _pt_run(tmp_path / "whole", data_paths["mbpp"], *run)
+    _out_of_memory_from(monkeypatch, 3)  # step 2's first micro-batch
+    with pytest.raises(torch.OutOfMemoryError):
+        _pt_run(tmp_path / "cut", data_paths["mbpp"], *run)
+    error = next(line for line in (tmp_path / "cut" / "train.log").read_text().splitlines() if " ERROR " in line)
+    assert "it continues from step_00000001, the last complete checkpoint, adding --gradient_checkpointing " \
+           "(activations recomputed instead of kept) or --per_gpu_train_batch_size 1 --gradient_accumulation_steps " \
+           "4 (the same 4 examples per step; 2 x 2 now); a new run can also take --model_dtype bf16" in error, error
+    monkeypatch.setattr(TunedModel, "forward", _FORWARD)
+    _, config, log = _pt_run(tmp_path / "cut", data_paths["mbpp"], *run, "--per_gpu_train_batch_size", "1",
+                             "--gradient_accumulation_steps", "4", "--resume_from", str(tmp_path / "cut"))
+    assert "resuming with micro-batch 1 x 4 accumulation steps instead of 2 x 2: the same 4 examples per step" in log
+    assert "resumed from " in log and "step 1, epoch 1, batch 4" in log  # 2 micro-batches of 2 = 4 of 1
+    assert (config["train"]["per_gpu_train_batch_size"], config["train"]["gradient_accumulation_steps"]) == (1, 4)
+    ours, whole = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("cut", "whole"))
+    assert [(r["step"], r["epoch"], r["lr"], r["tokens"]) for r in ours] == \
+           [(r["step"], r["epoch"], r["lr"], r["tokens"]) for r in whole] and len(ours) == 4
+    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in whole], rel=1e-6)
+    resumed, uninterrupted = (load_file(str(tmp_path / d / "final" / "adapter_model.safetensors"))
+                              for d in ("cut", "whole"))
+    assert resumed.keys() == uninterrupted.keys() and resumed
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
+        assert not torch.equal(tensor, load_file(str(tmp_path / "cut" / "checkpoints" / "step_00000001" / "adapter"
+                                                     / "adapter_model.safetensors"))[name])  # it trained on
 
 
 def test_compile_mode_reduce_overhead_marks_a_step_before_each_micro_batch(tmp_path, data_paths, monkeypatch):

@@ -17,7 +17,8 @@ from utils.checkpoint import (LATEST, TrainerState, find_checkpoint, load_checkp
                               save_checkpoint)
 from utils.errors import UserError
 from utils.train_config import TrainArgs
-from utils.train_setup import make_plan, param_groups, reset_accelerate_state, venv_extension_cache
+from utils.train_setup import (make_plan, param_groups, reset_accelerate_state, same_steps, smaller_micro_batches,
+                               venv_extension_cache)
 
 
 @pytest.mark.parametrize("processes, per_process_batches, steps", [(1, 244, 2440), (4, 61, 610), (8, 31, 310)])
@@ -69,6 +70,45 @@ def test_two_processes_see_the_global_batches_of_one_process_with_twice_the_batc
         per_process = [[b.tolist() for b in shard] for shard in shards]
         assert [sorted(a + b) for a, b in zip(*per_process)] == global_batches
     reset_accelerate_state()
+
+
+def _steps_of(examples: int, processes: int, batch: int, accumulation: int) -> tuple[list[list[int]], int]:
+    """Each optimizer step's examples, all processes together, as accelerate's sharded dataloaders deal them, and
+    the micro-batches per process (what sizes the plan)."""
+    shards = [prepare_data_loader(DataLoader(list(range(examples)), batch_size=batch,
+                                             sampler=EpochSampler(examples, seed=5)),
+                                  num_processes=processes, process_index=p, put_on_device=False)
+              for p in range(processes)]
+    per_process = [[b.tolist() for b in shard] for shard in shards]
+    steps = [sorted(i for batches in per_process for b in batches[k:k + accumulation] for i in b)
+             for k in range(0, len(per_process[0]), accumulation)]
+    return steps, len(shards[0])
+
+
+def test_another_split_of_the_steps_takes_the_same_examples_exactly_where_same_steps_says_so():
+    """A resume may take b x a's steps in micro-batches of b' x a' (b'a' = ba) where ``same_steps`` says each step
+    holds the same examples: here checked against accelerate's own sharding. One process: always, the last, partial
+    step of an epoch included (6 examples in steps of 4: 2 x 2 and 1 x 4 both end with the last 2). Several: not
+    where the examples accelerate repeats to even out the processes differ (6 examples on 2 processes: 2 x 2 repeats
+    2 in its last step, 1 x 4 none). The plan's steps per epoch never differ."""
+    for examples in range(1, 14):
+        for processes in (1, 2, 3):
+            for product in (4, 6):
+                splits = [(b, product // b) for b in range(1, product + 1) if product % b == 0]
+                dealt = {split: _steps_of(examples, processes, *split) for split in splits}
+                steps = {split: dealt[split][0] for split in splits}
+                for split in splits:
+                    plan = make_plan(TrainArgs(per_gpu_train_batch_size=split[0], num_epochs=1,
+                                               gradient_accumulation_steps=split[1]), dealt[split][1], processes)
+                    assert plan.steps_per_epoch == len(steps[split]) == math.ceil(examples / (processes * product))
+                    for other in splits:
+                        case = (examples, processes, split, other)
+                        assert (steps[split] == steps[other]) == same_steps(examples, processes, split, other), case
+    reset_accelerate_state()
+    assert same_steps(6, 1, (2, 2), (1, 4)) and not same_steps(6, 2, (2, 2), (1, 4))
+    assert not same_steps(8, 1, (2, 2), (1, 2))  # another number of examples per step
+    assert smaller_micro_batches(6, 1, (4, 2)) == [(2, 4), (1, 8)] and smaller_micro_batches(6, 2, (2, 2)) == []
+    assert smaller_micro_batches(8, 2, (2, 2)) == [(1, 4)] and smaller_micro_batches(6, 1, (1, 4)) == []
 
 
 def test_the_rest_of_a_resumed_epoch_is_copied_to_the_device_without_waiting_too():

@@ -25,7 +25,10 @@ RESUME_MAY_DIFFER = {"model_path", "enc_model_path", "data_path", "path_to_ds_co
                      "compile", "compile_mode", "compile_encoder", "encoder_graphs", "selective_logits", "fused_adamw",
                      "packing", "pad_to_multiple_of"}
 """Arguments a resumed run may change (they locate files, or trade memory for time); every other model/train
-argument must match."""
+argument must match, but for ``BATCH_SPLIT``."""
+BATCH_SPLIT = ("per_gpu_train_batch_size", "gradient_accumulation_steps")
+"""A resumed run may split the same optimizer steps into other micro-batches (``_check_batch_split``): a run that
+ran out of GPU memory goes on with a smaller micro-batch and more accumulation."""
 
 
 def _bool_flag(group, name: str, help: str, default: bool = False) -> None:
@@ -377,6 +380,8 @@ def check_resume_compatible(config: TrainConfig, saved: dict, saved_path) -> Non
             # another method's flag did nothing (older runs recorded what the command line gave them)
             if name in RESUME_MAY_DIFFER or config.model.method not in METHOD_FLAGS.get(name, (config.model.method,)):
                 continue
+            if section == "train" and name in BATCH_SPLIT and name in saved.get(section, {}):
+                continue  # _check_batch_split
             if name not in saved.get(section, {}):
                 _check_unrecorded(config, section, name, value, saved_path)
                 continue
@@ -385,6 +390,28 @@ def check_resume_compatible(config: TrainConfig, saved: dict, saved_path) -> Non
                        else f"pass --{_flag(name)} {saved[section][name]}")
                 raise UserError(f"{saved_path}: field '{section}.{name}' is {saved[section][name]!r} but this run "
                                 f"has {value!r}; {fix} to resume, or start a new run")
+    _check_batch_split(config, saved, saved_path)
+
+
+def _check_batch_split(config: TrainConfig, saved: dict, saved_path) -> None:
+    """Another micro-batch and accumulation is accepted where every remaining step takes the same examples
+    (``train_setup.batch_split_refusal``), judged from the checkpoint's record of the process count and the examples
+    (the trainer checks both again, and converts the checkpoint's position in the epoch)."""
+    from utils.checkpoint import DEEPSPEED_TAG
+    from utils.train_setup import batch_split_refusal
+
+    train, runtime = saved.get("train", {}), saved.get("runtime", {})
+    if not all(name in train for name in BATCH_SPLIT):
+        return  # unrecorded: accepted, as other unrecorded fields are
+    split = (config.train.per_gpu_train_batch_size, config.train.gradient_accumulation_steps)
+    # absent from a record: the trainer checks the real count
+    refusal = batch_split_refusal(tuple(train[name] for name in BATCH_SPLIT), split,
+                                  runtime.get("train_examples", 0), runtime.get("num_processes", 1),
+                                  group_by_length=config.train.group_by_length,
+                                  deepspeed=(pathlib.Path(saved_path).parent / DEEPSPEED_TAG).is_dir())
+    if refusal:
+        raise UserError(f"{saved_path}: {refusal}; pass --per_gpu_train_batch_size {train[BATCH_SPLIT[0]]} "
+                        f"--gradient_accumulation_steps {train[BATCH_SPLIT[1]]} to resume, or start a new run")
 
 
 def _check_unrecorded(config: TrainConfig, section: str, name: str, value, saved_path) -> None:

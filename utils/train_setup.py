@@ -47,6 +47,63 @@ def make_plan(train: TrainArgs, batches_per_epoch: int, num_processes: int) -> P
                 train.per_gpu_train_batch_size * train.gradient_accumulation_steps * num_processes)
 
 
+def examples_per_epoch(num_examples: int, batch_size: int, num_processes: int) -> int:
+    """Examples an epoch's micro-batches hold, all processes together. One process takes the sampler's permutation
+    as it is (its last micro-batch may be short); several take its micro-batches round-robin, and accelerate
+    (``even_batches``) fills the last round up with the epoch's first examples, so that each process gets as many
+    full micro-batches: how many are repeated depends on the micro-batch size."""
+    if num_processes == 1:
+        return num_examples
+    return num_processes * batch_size * math.ceil(num_examples / (num_processes * batch_size))
+
+
+def same_steps(num_examples: int, num_processes: int, split: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether (micro-batch, accumulation steps) ``other`` trains on the same examples as ``split`` in every
+    optimizer step. All processes' micro-batches of step k hold the examples k·b·a·N to (k+1)·b·a·N of one sequence
+    (the epoch's permutation, then the repeats that even it out), and the steps per epoch are ⌈examples / (N·b·a)⌉:
+    with b·a unchanged, only the repeats can differ, and with them the last step of each epoch (checked against
+    accelerate's sharding in tests/test_training_units.py)."""
+    (b, a), (other_b, other_a) = split, other
+    return b * a == other_b * other_a and (examples_per_epoch(num_examples, b, num_processes)
+                                           == examples_per_epoch(num_examples, other_b, num_processes))
+
+
+def smaller_micro_batches(num_examples: int, num_processes: int, split: tuple[int, int]) -> list[tuple[int, int]]:
+    """The splits into smaller micro-batches that take ``split``'s steps (``same_steps``), the largest first."""
+    b, a = split
+    return [(c, b * a // c) for c in range(b - 1, 0, -1)
+            if b * a % c == 0 and same_steps(num_examples, num_processes, split, (c, b * a // c))]
+
+
+def batch_split_refusal(saved: tuple[int, int], split: tuple[int, int], num_examples: int, num_processes: int, *,
+                        group_by_length: bool, deepspeed: bool) -> str | None:
+    """Why a resume of a checkpoint taken with (micro-batch, accumulation steps) ``saved`` cannot go on with
+    ``split`` (None: it can, or nothing changed). A checkpoint is taken between optimizer steps and an update
+    depends only on the examples of its step (its loss is the mean over all their supervised tokens), so another
+    split of the same steps goes on as the run would have; dropout draws its masks per micro-batch, so that is equal
+    in distribution, not bit for bit."""
+    if saved == split:
+        return None
+    what = (f"the checkpoint's micro-batch x accumulation steps is {saved[0]} x {saved[1]}, this run's {split[0]} x "
+            f"{split[1]}")
+    if saved[0] * saved[1] != split[0] * split[1]:
+        return (f"{what}: a resume may change them only where the product (the examples per step on each process, "
+                f"{saved[0] * saved[1]}) stays the same")
+    if group_by_length:
+        return f"{what}: --group_by_length groups the examples by micro-batch, so another one changes their order"
+    if deepspeed:  # its engine and checkpoint hold the accumulation too: not tried, so not allowed
+        return f"{what}: under DeepSpeed a resume keeps the micro-batch and the accumulation steps"
+    if not same_steps(num_examples, num_processes, saved, split):
+        keep = [f"{b} x {a}" for b, a in smaller_micro_batches(num_examples, num_processes, saved)]
+        return (f"{what}: with {num_processes} processes and {num_examples} examples accelerate repeats examples to "
+                f"give each process as many micro-batches, "
+                f"{examples_per_epoch(num_examples, saved[0], num_processes) - num_examples} with micro-batches of "
+                f"{saved[0]}, {examples_per_epoch(num_examples, split[0], num_processes) - num_examples} with "
+                f"{split[0]}, so the last step of each epoch would train on other examples"
+                + (f" ({' or '.join(keep)} would not)" if keep else ""))
+    return None
+
+
 @dataclass(frozen=True)
 class MemoryNeed:
     """Bytes a training step holds on one GPU before any activation: the model's weights, the trained tensors'

@@ -32,18 +32,19 @@ from torch.utils.data import DataLoader
 
 from utils import fast_paths  # by module: tests swap its compile functions
 from utils.batching import Collator, EpochSampler, LengthGroupedSampler, TaskDataset, shorten, supervised_tokens
-from utils.checkpoint import (CHECKPOINTS_DIR, TrainerState, continue_hint, find_checkpoint, has_resumable_checkpoint,
-                              load_checkpoint, read_resume_state, resume_hint, save_checkpoint, set_rng_state)
+from utils.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, TrainerState, continue_hint, find_checkpoint,
+                              has_resumable_checkpoint, load_checkpoint, read_resume_state, resume_hint,
+                              save_checkpoint, set_rng_state)
 from utils.cli import make_log_dir
 from utils.data import default_data_path, load_task_split, records_digest
-from utils.errors import HeldStop, hold_stop_signals, on_interrupt
+from utils.errors import HeldStop, UserError, hold_stop_signals, on_interrupt
 from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, open_file_modes,
                           unfinished_directory)
 from utils.tasks import get_task
 from utils.train_config import TrainConfig, pad_multiple, resolve_compile_mode
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, gpu_memory, plot_loss, setup_logging
-from utils.train_setup import (MemoryNeed, check_fits_gpu, configure_deepspeed, make_accelerator,
-                               make_optimizer_and_scheduler, make_plan, optimizer_step)
+from utils.train_setup import (MemoryNeed, batch_split_refusal, check_fits_gpu, configure_deepspeed, make_accelerator,
+                               make_optimizer_and_scheduler, make_plan, optimizer_step, smaller_micro_batches)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -114,9 +115,14 @@ class Trainer:
         self._held = HeldStop()  # the Ctrl-C or SIGTERM the loop holds (fit)
         self._stop_agreed = False  # whether a step's numbers said that a process of the run held one
         self._trained = None  # the trained tensors, listed on first use (_allocate_grads)
+        self.split = (config.train.per_gpu_train_batch_size, config.train.gradient_accumulation_steps)
+        self.saved_split = self.split  # the checkpoint's: its batch_in_epoch counts micro-batches of its size
         if config.output.resume_from:
             self.resume_dir = find_checkpoint(config.output.resume_from)
             read_resume_state(self.resume_dir, acc.num_processes)
+            saved = json.loads((self.resume_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("train", {})
+            self.saved_split = (saved.get("per_gpu_train_batch_size", self.split[0]),
+                                saved.get("gradient_accumulation_steps", self.split[1]))
         self.log_dir = pathlib.Path(_broadcast_str(acc, config.output.log_dir))  # rank 0's timestamp everywhere
         self.config = config
         self._build()  # before the log_dir exists: a model or data that fails to load leaves nothing behind
@@ -206,6 +212,11 @@ class Trainer:
                             pin_memory=acc.device.type == "cuda")
         self.dataloader = acc.prepare(loader)
         self.plan = make_plan(t, len(self.dataloader), acc.num_processes)  # after sharding
+        refusal = batch_split_refusal(self.saved_split, self.split, len(self.dataset), acc.num_processes,
+                                      group_by_length=t.group_by_length, deepspeed=self.ds)
+        if refusal:  # parsing judged from the checkpoint's record; this is the data and processes at hand
+            raise UserError(f"{self.resume_dir}: {refusal}; pass --per_gpu_train_batch_size {self.saved_split[0]} "
+                            f"--gradient_accumulation_steps {self.saved_split[1]} to resume, or start a new run")
         ds_config = configure_deepspeed(acc, cfg, model.lm.config.hidden_size) if self.ds else None
         optimizer, scheduler, self.schedule_name = make_optimizer_and_scheduler(model, t, self.plan, acc, ds_config)
         self.trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
@@ -245,6 +256,8 @@ class Trainer:
         if self.resume_dir is not None:
             self.state, rng = load_checkpoint(self.resume_dir, acc, self.model, self.optimizer, self.scheduler)
             self.metrics.resume_at(self.state.global_step)
+            if self.saved_split != self.split:
+                self._convert_position()
             self.log.info("resumed from %s: step %d, epoch %d, batch %d", self.resume_dir, self.state.global_step,
                           self.state.epoch + 1, self.state.batch_in_epoch)
         else:
@@ -360,6 +373,19 @@ class Trainer:
                     break
         return epoch_losses
 
+    def _convert_position(self) -> None:
+        """A resume with another split of the same steps (``batch_split_refusal``): the checkpoint, taken between
+        steps, counts the steps done in the epoch in its own micro-batches; the loop skips this run's."""
+        (saved_batch, saved_accumulation), (batch, accumulation) = self.saved_split, self.split
+        steps, rest = divmod(self.state.batch_in_epoch, saved_accumulation)
+        if rest:  # never written by this trainer: a checkpoint is taken only after a whole step
+            raise UserError(f"{self.resume_dir}: its batch_in_epoch ({self.state.batch_in_epoch}) stands inside an "
+                            f"optimizer step; resume with --per_gpu_train_batch_size {saved_batch} "
+                            f"--gradient_accumulation_steps {saved_accumulation}")
+        self.state.batch_in_epoch = steps * accumulation
+        self.log.info("resuming with micro-batch %d x %d accumulation steps instead of %d x %d: the same %d examples "
+                      "per step", batch, accumulation, saved_batch, saved_accumulation, self.plan.total_batch_size)
+
     def _stop_now(self) -> bool:
         """Whether to stop at this step boundary: one process stops at the signal it holds; several at the step
         whose numbers (read back a step late) say that any of them held one, so that all stop at the same step."""
@@ -381,26 +407,37 @@ class Trainer:
 
     def _out_of_memory_hint(self) -> str:
         """What lowers a step's memory, for the error line of a step that ran out of it, and how to go on: a resume
-        from the last checkpoint may change only what trades memory for time (``RESUME_MAY_DIFFER``); a smaller
-        micro-batch or another dtype needs a new run."""
-        t, m = self.config.train, self.config.model
-        resumable = []
+        from the last checkpoint may change what trades memory for time (``RESUME_MAY_DIFFER``) and split the same
+        steps into smaller micro-batches where that takes the same examples (``batch_split_refusal``); another dtype,
+        or a smaller micro-batch where a resume refuses it, needs a new run."""
+        t, m, acc = self.config.train, self.config.model, self.accelerator
+        resumable, new_run = [], []
         if self.graph_steps:
             resumable.append("--compile_mode default (the decoder layers' CUDA graphs keep memory of their own)")
         if not t.gradient_checkpointing and t.compile_mode != "reduce-overhead":  # refused together
             resumable.append("--gradient_checkpointing (activations recomputed instead of kept)")
-        new_run = [f"a smaller --per_gpu_train_batch_size with more --gradient_accumulation_steps (the same batch; "
-                   f"{t.per_gpu_train_batch_size} x {t.gradient_accumulation_steps} now)"]
+        smaller = smaller_micro_batches(len(self.dataset), acc.num_processes, self.split)
+        if smaller and batch_split_refusal(self.split, smaller[0], len(self.dataset), acc.num_processes,
+                                           group_by_length=t.group_by_length, deepspeed=self.ds) is None:
+            resumable.append(f"--per_gpu_train_batch_size {smaller[0][0]} --gradient_accumulation_steps "
+                             f"{smaller[0][1]} (the same {self.plan.total_batch_size} examples per step; "
+                             f"{self.split[0]} x {self.split[1]} now)")
+        elif self.split[0] > 1:
+            new_run.append(f"a smaller --per_gpu_train_batch_size with more --gradient_accumulation_steps (the same "
+                           f"batch; {self.split[0]} x {self.split[1]} now)")
         if m.method != "fft" and t.model_dtype == "fp32":
             new_run.append("--model_dtype bf16 (half the frozen weights)")
         step = f"out of GPU memory in step {self.state.global_step + 1}"
+        if not resumable and not new_run:
+            return (f"{step}: its micro-batch is 1 and nothing else here lowers a step's memory; use a GPU with more "
+                    f"memory, or cut the examples shorter with --max_length (a new run)")
         if not has_resumable_checkpoint(self.log_dir):
             return f"{step}: {'; '.join(resumable + new_run)}. Then {continue_hint(self.log_dir)}"
         if not resumable:
             return (f"{step}: a new run (another --log_dir) with {' or '.join(new_run)}; a resume from the last "
-                    f"checkpoint keeps the batch and the dtype")
+                    f"checkpoint keeps the micro-batch and the dtype here")
         return (f"{step}. To go on from the last checkpoint, {continue_hint(self.log_dir)}, adding "
-                f"{' or '.join(resumable)}; a new run can also take {' or '.join(new_run)}")
+                f"{' or '.join(resumable)}" + (f"; a new run can also take {' or '.join(new_run)}" if new_run else ""))
 
     def _plot_loss(self) -> None:
         if self.accelerator.is_main_process:
