@@ -210,6 +210,40 @@ def test_a_second_sigterm_stops_at_once_and_keeps_the_checkpoint_before(tmp_path
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["latest", "step_00000003"]
 
 
+def test_sigterm_while_the_last_steps_numbers_are_read_back_saves_that_step(tmp_path, data_paths, sigterm_default,
+                                                                           monkeypatch, capfd):
+    """On a GPU, reading the last step's numbers back waits for the step itself: a signal then is the last step's
+    too, and its checkpoint keeps the last epoch (the one before is epoch 1's, step 3)."""
+    from utils import training
+
+    stopped = tmp_path / "stopped"
+    sigterm_in_call(monkeypatch, training.Trainer, "_log", calls=(6,))  # step 6 of 6, logged as it is read back
+    with pytest.raises(SystemExit) as exit_status:
+        run_inprocess("peft", lopa_args(data_paths, tmp_path) + ["--log_dir", str(stopped)])
+    assert exit_status.value.code == 143
+    assert capfd.readouterr().err.endswith(f"terminated (SIGTERM): rerun with --resume_from {stopped}: it continues "
+                                           f"from step_00000006, the last complete checkpoint\n")
+    state = json.loads((stopped / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert (state["global_step"], state["epoch"]) == (6, 2)
+
+
+def test_sigterm_after_final_is_written_says_the_training_finished(tmp_path, data_paths, sigterm_default,
+                                                                   monkeypatch, capfd):
+    """Stopped as loss.png is drawn, after final/ replaced the checkpoints: the hint must not send the user to
+    remove a finished training and start again (it did: "no checkpoint was complete")."""
+    from utils import training
+
+    stopped = tmp_path / "stopped"
+    sigterm_in_call(monkeypatch, training.Trainer, "_plot_loss", calls=(1,))
+    with pytest.raises(SystemExit) as exit_status:
+        run_inprocess("peft", lopa_args(data_paths, tmp_path) + ["--log_dir", str(stopped)])
+    assert exit_status.value.code == 143
+    assert capfd.readouterr().err.endswith(f"terminated (SIGTERM): the training had finished: {stopped / 'final'} "
+                                           f"holds its weights (nothing to rerun; the stop came as the run tidied "
+                                           f"up, so loss.png may be missing)\n")
+    assert (stopped / "final" / "adapter_model.safetensors").is_file()
+
+
 def test_a_run_without_checkpoints_stops_at_once_on_sigterm(tmp_path, data_paths, sigterm_default, monkeypatch,
                                                             capfd):
     """--save_every 0 (FFT's default: its checkpoint is the whole model and AdamW's states) writes none on a signal
@@ -261,6 +295,41 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_one_checkpo
     assert not list((log_dir / "checkpoints").glob(".tmp-*"))
     assert f"another process was stopped: stopping after step {step}" in err  # rank 0, which no signal reached
     assert f"terminated (SIGTERM): rerun with --resume_from {log_dir}: it continues from {name}" in err
+
+
+def test_sigterm_to_one_process_after_the_last_steps_reduction_still_stops_both_with_its_checkpoint(tmp_path,
+                                                                                                    data_paths):
+    """Rank 1 alone is signalled as the last step's numbers are read back, after their reduction: no later step
+    would carry its stop, so the processes compare once more. Without that, rank 1 stopped alone, without a
+    checkpoint of the last step, and rank 0 failed in final/'s barrier."""
+    script = tmp_path / "signalled_in_the_last_step.py"
+    script.write_text(f"""import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from utils import training
+import tune_foundation_model
+
+log = training.Trainer._log
+
+def signalled(self, record, *args):
+    if record["step"] == 4 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return log(self, record, *args)
+
+training.Trainer._log = signalled
+tune_foundation_model.main()
+""")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    log_dir = tmp_path / "ddp"
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script),
+           *pt_args(data_paths, log_dir, batch=2)]  # 4 steps
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"terminated (SIGTERM): rerun with --resume_from {log_dir}: it continues from step_00000004" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert (log_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert {"rng_state_0.pt", "rng_state_1.pt", "trainer_state.json"} <= {
+        p.name for p in (log_dir / "checkpoints" / "step_00000004").iterdir()}
 
 
 @pytest.mark.slow

@@ -85,7 +85,9 @@ def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training ``config`` describes; writes everything under its log_dir."""
     trainer = Trainer(config)
     if trainer.accelerator.is_main_process:
-        on_interrupt(lambda: continue_hint(trainer.log_dir))
+        on_interrupt(lambda: continue_hint(trainer.log_dir) if trainer.final_dir is None else (
+            f"the training had finished: {trainer.final_dir} holds its weights (nothing to rerun; the stop came as "
+            f"the run tidied up, so loss.png may be missing)"))
     try:
         # naming_full_disk: the appends and the config; recompile_room: the compiled layers keep every version
         with naming_full_disk(trainer.log_dir, lambda: resume_hint(trainer.log_dir)), \
@@ -117,6 +119,7 @@ class Trainer:
         self._trained = None  # the trained tensors, listed on first use (_allocate_grads)
         self.split = (config.train.per_gpu_train_batch_size, config.train.gradient_accumulation_steps)
         self.saved_split = self.split  # the checkpoint's: its batch_in_epoch counts micro-batches of its size
+        self.final_dir = None  # once final/ is written: a stop after it loses nothing (its checkpoints may be gone)
         if config.output.resume_from:
             self.resume_dir = find_checkpoint(config.output.resume_from)
             read_resume_state(self.resume_dir, acc.num_processes)
@@ -304,7 +307,7 @@ class Trainer:
                           self.state.batch_in_epoch, self.plan.batches_per_epoch,
                           self.state.epoch_loss_sum / self.state.epoch_steps)
         bar.close()
-        final = self._save_final()
+        final = self.final_dir = self._save_final()
         if not cfg.output.keep_checkpoints and acc.is_main_process:  # they protected the run; final/ replaces them
             shutil.rmtree(self.log_dir / CHECKPOINTS_DIR, ignore_errors=True)
         self._plot_loss()
@@ -347,10 +350,13 @@ class Trainer:
                 pending = queued
                 state, save = self.state, cfg.output.save_every
                 end_of_epoch = state.batch_in_epoch >= plan.batches_per_epoch
-                stop = self._stop_now()  # once: a signal from here on waits for the next step boundary
+                stop = self._stop_now()  # a signal after the looks here waits for the next step boundary
                 if end_of_epoch or save.due(step=state.global_step) or state.global_step >= plan.total_steps or stop:
                     self._finish_step(pending, bar)  # an epoch's mean and a checkpoint need this step's numbers
                     pending = None
+                    # look again: reading back may wait out the step's device time, and a signal then, in the
+                    # last step, would meet no later look (the run would stop without a checkpoint of that step)
+                    stop = self._stop_now(last=state.global_step >= plan.total_steps)
                 if end_of_epoch:  # closed before a checkpoint is taken, so the next epoch starts from zero
                     epoch_losses.append(state.epoch_loss_sum / state.epoch_steps)
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -386,11 +392,17 @@ class Trainer:
         self.log.info("resuming with micro-batch %d x %d accumulation steps instead of %d x %d: the same %d examples "
                       "per step", batch, accumulation, saved_batch, saved_accumulation, self.plan.total_batch_size)
 
-    def _stop_now(self) -> bool:
+    def _stop_now(self, last: bool = False) -> bool:
         """Whether to stop at this step boundary: one process stops at the signal it holds; several at the step
-        whose numbers (read back a step late) say that any of them held one, so that all stop at the same step."""
-        if self.accelerator.num_processes == 1:
+        whose numbers (read back a step late) say that any of them held one, so that all stop at the same step.
+        ``last`` (every process, after the last step's numbers): no later step would carry a signal that came
+        since they were reduced, so the processes compare theirs once more (one small reduction per run)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
             return self._held.signum is not None
+        if last and not self._stop_agreed:
+            held = torch.full((1,), float(self._held.signum is not None), device=acc.device)
+            self._stop_agreed = acc.reduce(held, reduction="sum").item() > 0
         return self._stop_agreed
 
     def _stop_here(self, saved: bool) -> None:
