@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     method = resolve_method(args)
     warn_if_tuned_for_another_task(args)
     check_trained_on_this_mbpp_split(args)
+    on_interrupt("stopped while the model and data loaded, before the run wrote anything: rerun the same command")
 
     import torch
     from accelerate import Accelerator

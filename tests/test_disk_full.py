@@ -98,6 +98,31 @@ def test_an_interrupted_run_says_how_to_go_on_below_the_traceback(monkeypatch, c
                                        f", if any\n")
 
 
+
+def test_a_run_stopped_while_it_loads_says_that_nothing_was_written(monkeypatch, capsys, tmp_path, data_paths):
+    """Ctrl-C or SIGTERM while the model loads (minutes for a large one) printed a bare traceback: a training and a
+    generation say that nothing was written yet, and that the same command goes on."""
+    import sys
+
+    import generate_preds
+    from utils import training
+
+    line = "stopped while the model and data loaded, before the run wrote anything: rerun the same command\n"
+    monkeypatch.setattr(training.Trainer, "_build", raising(KeyboardInterrupt()))
+    monkeypatch.setattr(generate_preds, "load_model", raising(KeyboardInterrupt()))
+    for run in (lambda: run_inprocess("peft", ["--peft_method", "pt", "--task_name", "mbpp", "--model_type",
+                                               "tiny-llama", "--data_path", data_paths["mbpp"], "--log_dir",
+                                               str(tmp_path / "train")]),
+                lambda: generate_preds.main(["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--data_path",
+                                             data_paths["mbpp"], "--limit", "2", "--log_dir", str(tmp_path / "gen")])):
+        monkeypatch.setattr(sys, "excepthook", lambda *exc: print("Traceback ...", file=sys.stderr))
+        with pytest.raises(KeyboardInterrupt) as info:
+            run()
+        capsys.readouterr()
+        sys.excepthook(KeyboardInterrupt, info.value, None)
+        assert capsys.readouterr().err == "Traceback ...\ninterrupted: " + line
+    assert not (tmp_path / "train").exists() and not (tmp_path / "gen").exists()
+
 def test_a_full_disk_elsewhere_is_named_beside_the_output_it_stopped(tmp_path, monkeypatch):
     """A run wrapped as a whole names its log_dir; when the file the OS names lies elsewhere (a cache in /tmp),
     that one is named too, else the user frees space on the wrong file system."""

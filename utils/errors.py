@@ -55,8 +55,9 @@ _HOLD: list = [None]  # the HeldStop of a loop that stops at its own step bounda
 def on_interrupt(hint) -> None:
     """What to tell the user when Ctrl-C (SIGINT) or SIGTERM ends this run: a string, or a callable that makes it
     then; the latest call wins. ``cli_entry`` prints it after Python's traceback. A stage's main that
-    run_experiment runs inside its own (same process) says nothing: the outer script's advice is the one to follow."""
-    if _DEPTH[0] <= 1:
+    run_experiment runs inside its own (same process) says nothing: the outer script's advice is the one to follow;
+    nor does a process other than the first of a launched run (``RANK``), so that the advice is printed once."""
+    if _DEPTH[0] <= 1 and os.environ.get("RANK", "0") == "0":
         _INTERRUPT_HINT[0] = hint
 
 

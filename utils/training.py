@@ -83,6 +83,7 @@ def _broadcast_str(accelerator, value: str) -> str:
 
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) the training ``config`` describes; writes everything under its log_dir."""
+    on_interrupt("stopped while the model and data loaded, before the run wrote anything: rerun the same command")
     trainer = Trainer(config)
     if trainer.accelerator.is_main_process:
         on_interrupt(lambda: continue_hint(trainer.log_dir) if trainer.final_dir is None else (
