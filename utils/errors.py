@@ -57,7 +57,7 @@ def on_interrupt(hint) -> None:
     then; the latest call wins. ``cli_entry`` prints it after Python's traceback. A stage's main that
     run_experiment runs inside its own (same process) says nothing: the outer script's advice is the one to follow;
     nor does a process other than the first of a launched run (``RANK``), so that the advice is printed once."""
-    if _DEPTH[0] <= 1 and os.environ.get("RANK", "0") == "0":
+    if _DEPTH[0] <= 1 and _first_process():
         _INTERRUPT_HINT[0] = hint
 
 
@@ -80,6 +80,11 @@ class HeldStop:
         """What the held signal would have raised: KeyboardInterrupt for Ctrl-C; Terminated for SIGTERM, and for a
         stop that only another process of the run received."""
         return KeyboardInterrupt() if self.signum == signal.SIGINT else Terminated()
+
+
+def _first_process() -> bool:
+    """Not a process other than the first of a launched run (torchrun and the deepspeed launcher set ``RANK``)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _under_a_launcher() -> bool:
@@ -113,7 +118,7 @@ def _on_stop_signal(signum, frame) -> None:
     if held is not None and (held.signum is None or _under_a_launcher()):
         if held.signum is None:
             held.signum = signum
-            if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
+            if _first_process():  # one line per run, not one per process
                 name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
                 again = f"a second {name} stops at once" if not _under_a_launcher() else "SIGKILL stops at once"
                 with contextlib.suppress(OSError):  # not print(): the interrupted code may be inside a write

@@ -398,20 +398,16 @@ def _check_batch_split(config: TrainConfig, saved: dict, saved_path) -> None:
     (``train_setup.batch_split_refusal``), judged from the checkpoint's record of the process count and the examples
     (the trainer checks both again, and converts the checkpoint's position in the epoch)."""
     from utils.checkpoint import DEEPSPEED_TAG
-    from utils.train_setup import batch_split_refusal
+    from utils.train_setup import check_batch_split
 
     train, runtime = saved.get("train", {}), saved.get("runtime", {})
     if not all(name in train for name in BATCH_SPLIT):
         return  # unrecorded: accepted, as other unrecorded fields are
     split = (config.train.per_gpu_train_batch_size, config.train.gradient_accumulation_steps)
     # absent from a record: the trainer checks the real count
-    refusal = batch_split_refusal(tuple(train[name] for name in BATCH_SPLIT), split,
-                                  runtime.get("train_examples", 0), runtime.get("num_processes", 1),
-                                  group_by_length=config.train.group_by_length,
-                                  deepspeed=(pathlib.Path(saved_path).parent / DEEPSPEED_TAG).is_dir())
-    if refusal:
-        raise UserError(f"{saved_path}: {refusal}; pass --per_gpu_train_batch_size {train[BATCH_SPLIT[0]]} "
-                        f"--gradient_accumulation_steps {train[BATCH_SPLIT[1]]} to resume, or start a new run")
+    check_batch_split(saved_path, tuple(train[name] for name in BATCH_SPLIT), split, runtime.get("train_examples", 0),
+                      runtime.get("num_processes", 1), group_by_length=config.train.group_by_length,
+                      deepspeed=(pathlib.Path(saved_path).parent / DEEPSPEED_TAG).is_dir())
 
 
 def _check_unrecorded(config: TrainConfig, section: str, name: str, value, saved_path) -> None:

@@ -104,6 +104,16 @@ def batch_split_refusal(saved: tuple[int, int], split: tuple[int, int], num_exam
     return None
 
 
+def check_batch_split(where, saved: tuple[int, int], split: tuple[int, int], num_examples: int,
+                      num_processes: int, *, group_by_length: bool, deepspeed: bool) -> None:
+    """Refuse, naming the checkpoint ``where`` and the split that resumes it, what ``batch_split_refusal`` refuses."""
+    refusal = batch_split_refusal(saved, split, num_examples, num_processes, group_by_length=group_by_length,
+                                  deepspeed=deepspeed)
+    if refusal:
+        raise UserError(f"{where}: {refusal}; pass --per_gpu_train_batch_size {saved[0]} --gradient_accumulation_steps "
+                        f"{saved[1]} to resume, or start a new run")
+
+
 @dataclass(frozen=True)
 class MemoryNeed:
     """Bytes a training step holds on one GPU before any activation: the model's weights, the trained tensors'

@@ -43,8 +43,9 @@ from utils.fileio import (atomic_write_text, lock_directory, naming_full_disk, o
 from utils.tasks import get_task
 from utils.train_config import TrainConfig, pad_multiple, resolve_compile_mode
 from utils.train_logging import LOSS_PLOT, MetricsFile, ProgressBar, flatten, gpu_memory, plot_loss, setup_logging
-from utils.train_setup import (MemoryNeed, batch_split_refusal, check_fits_gpu, configure_deepspeed, make_accelerator,
-                               make_optimizer_and_scheduler, make_plan, optimizer_step, smaller_micro_batches)
+from utils.train_setup import (MemoryNeed, batch_split_refusal, check_batch_split, check_fits_gpu, configure_deepspeed,
+                               make_accelerator, make_optimizer_and_scheduler, make_plan, optimizer_step,
+                               smaller_micro_batches)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -216,11 +217,9 @@ class Trainer:
                             pin_memory=acc.device.type == "cuda")
         self.dataloader = acc.prepare(loader)
         self.plan = make_plan(t, len(self.dataloader), acc.num_processes)  # after sharding
-        refusal = batch_split_refusal(self.saved_split, self.split, len(self.dataset), acc.num_processes,
-                                      group_by_length=t.group_by_length, deepspeed=self.ds)
-        if refusal:  # parsing judged from the checkpoint's record; this is the data and processes at hand
-            raise UserError(f"{self.resume_dir}: {refusal}; pass --per_gpu_train_batch_size {self.saved_split[0]} "
-                            f"--gradient_accumulation_steps {self.saved_split[1]} to resume, or start a new run")
+        # parsing judged from the checkpoint's record; this is the data and processes at hand
+        check_batch_split(self.resume_dir, self.saved_split, self.split, len(self.dataset), acc.num_processes,
+                          group_by_length=t.group_by_length, deepspeed=self.ds)
         ds_config = configure_deepspeed(acc, cfg, model.lm.config.hidden_size) if self.ds else None
         optimizer, scheduler, self.schedule_name = make_optimizer_and_scheduler(model, t, self.plan, acc, ds_config)
         self.trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
