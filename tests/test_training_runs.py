@@ -647,6 +647,11 @@ def _out_of_memory_from(monkeypatch, step: int) -> None:
     monkeypatch.setattr(TunedModel, "forward", fake)
 
 
+def _error_line(log_dir: pathlib.Path) -> str:
+    """The run's ERROR line in its train.log."""
+    return next(line for line in (log_dir / "train.log").read_text().splitlines() if " ERROR " in line)
+
+
 def test_running_out_of_memory_names_what_lowers_a_steps_memory(tmp_path, data_paths, monkeypatch):
     """Out of memory in a step (faked: this machine has no GPU): the log names what lowers a step's memory and how
     to go on; the error still ends the run. Without a checkpoint every way is a new run's; with one, the ways a resume
@@ -694,7 +699,7 @@ def test_out_of_memory_with_no_way_a_resume_takes_sends_to_a_new_run_and_names_n
     with pytest.raises(torch.OutOfMemoryError):
         _pt_run(tmp_path / "pt", data_paths["mbpp"], "--compile", "off", "--save_every", "2steps",
                 "--gradient_checkpointing", "--model_dtype", "bf16", "--group_by_length")
-    error = next(line for line in (tmp_path / "pt" / "train.log").read_text().splitlines() if " ERROR " in line)
+    error = _error_line(tmp_path / "pt")
     assert error.endswith("ERROR out of GPU memory in step 3: a new run (another --log_dir) with a smaller "
                           "--per_gpu_train_batch_size with more --gradient_accumulation_steps (the same batch; 2 x 1 "
                           "now); a resume from the last checkpoint keeps the micro-batch and the dtype here"), error
@@ -702,7 +707,7 @@ def test_out_of_memory_with_no_way_a_resume_takes_sends_to_a_new_run_and_names_n
     with pytest.raises(torch.OutOfMemoryError):
         _pt_run(tmp_path / "one", data_paths["mbpp"], "--compile", "off", "--save_every", "2steps",
                 "--gradient_checkpointing", "--model_dtype", "bf16", "--per_gpu_train_batch_size", "1")
-    error = next(line for line in (tmp_path / "one" / "train.log").read_text().splitlines() if " ERROR " in line)
+    error = _error_line(tmp_path / "one")
     assert error.endswith("ERROR out of GPU memory in step 3: its micro-batch is 1 and nothing else here lowers a "
                           "step's memory; use a GPU with more memory, or cut the examples shorter with --max_length "
                           "(a new run)"), error
@@ -710,7 +715,7 @@ def test_out_of_memory_with_no_way_a_resume_takes_sends_to_a_new_run_and_names_n
     with pytest.raises(torch.OutOfMemoryError):
         run_inprocess("fft", ["--task_name", "mbpp", "--model_type", "tiny-llama", "--data_path", data_paths["mbpp"],
                               "--limit_train_examples", "2", "--log_dir", str(tmp_path / "fft")])
-    error = next(line for line in (tmp_path / "fft" / "train.log").read_text().splitlines() if " ERROR " in line)
+    error = _error_line(tmp_path / "fft")
     assert "out of GPU memory in step 1: --gradient_checkpointing (" in error and "--model_dtype" not in error, error
 
 
