@@ -193,14 +193,18 @@ def test_sigterm_inside_an_optimizer_step_saves_that_step_and_the_resume_ends_bi
     assert_resumed_bitwise(stopped, lopa_uninterrupted, resumed)
 
 
+@pytest.mark.parametrize("first", ["step_5", "final"])
 def test_a_second_sigterm_stops_at_once_and_keeps_the_checkpoint_before(tmp_path, data_paths, sigterm_default,
-                                                                         monkeypatch, capfd):
-    """The first SIGTERM in step 5, the second inside the checkpoint it asks for: that checkpoint is removed, the
-    epoch-1 one stays latest, and the hint names it."""
+                                                                         monkeypatch, capfd, first):
+    """The first SIGTERM in step 5, or as final/ is written; the second inside the write it waits for (the checkpoint
+    it asks for, or final/): that write is removed, the epoch-1 checkpoint stays latest, and the hint names it."""
     from utils import training
 
     stopped = tmp_path / "stopped"
-    sigterm_in_call(monkeypatch, training, "optimizer_step", calls=(5,))
+    if first == "step_5":
+        sigterm_in_call(monkeypatch, training, "optimizer_step", calls=(5,))
+    else:
+        sigterm_in_call(monkeypatch, training.Trainer, "_write_final", calls=(1,))
     sigterm_in_call(monkeypatch, training.Trainer, "_write_adapter", calls=(2,))  # epoch 1's save is the first
     with pytest.raises(SystemExit) as exit_status:
         run_inprocess("peft", lopa_args(data_paths, tmp_path) + ["--log_dir", str(stopped)])
@@ -208,6 +212,7 @@ def test_a_second_sigterm_stops_at_once_and_keeps_the_checkpoint_before(tmp_path
     assert capfd.readouterr().err.endswith(f"terminated (SIGTERM): rerun with --resume_from {stopped}: it continues "
                                            f"from step_00000003, the last complete checkpoint\n")
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["latest", "step_00000003"]
+    assert not (stopped / "final").exists() and not (stopped / ".tmp-final").exists()
 
 
 def test_sigterm_while_the_last_steps_numbers_are_read_back_saves_that_step(tmp_path, data_paths, sigterm_default,
@@ -227,10 +232,34 @@ def test_sigterm_while_the_last_steps_numbers_are_read_back_saves_that_step(tmp_
     assert (state["global_step"], state["epoch"]) == (6, 2)
 
 
-def test_sigterm_after_final_is_written_says_the_training_finished(tmp_path, data_paths, sigterm_default,
-                                                                   monkeypatch, capfd):
-    """Stopped as loss.png is drawn, after final/ replaced the checkpoints: the hint must not send the user to
-    remove a finished training and start again (it did: "no checkpoint was complete")."""
+@pytest.mark.parametrize("save_every", [[], ["--save_every", "0"]], ids=["default", "none"])
+def test_sigterm_while_final_is_written_waits_for_it_and_says_the_training_finished(
+        tmp_path, data_paths, sigterm_default, monkeypatch, capfd, save_every):
+    """The signal lands as final/ is being written (the PEFT default keeps the last epoch in no checkpoint: before,
+    the stop removed the half-written final/ and sent the user back to epoch 1's checkpoint; with --save_every 0,
+    FFT's default, to a new run): the run finishes final/, removes checkpoints/, draws loss.png, then stops with 143
+    and says the training finished."""
+    from utils import training
+
+    stopped = tmp_path / "stopped"
+    sigterm_in_call(monkeypatch, training.Trainer, "_write_final", calls=(1,))
+    with pytest.raises(SystemExit) as exit_status:
+        run_inprocess("peft", lopa_args(data_paths, tmp_path) + ["--log_dir", str(stopped)] + save_every)
+    assert exit_status.value.code == 143
+    err = capfd.readouterr().err
+    assert "SIGTERM: stopping once final/ is written (a second SIGTERM stops at once)" in err
+    assert err.endswith(f"terminated (SIGTERM): the training had finished: {stopped / 'final'} holds its weights "
+                        f"(nothing to rerun)\n"), err[-3000:]
+    assert (stopped / "final" / "adapter_model.safetensors").is_file()
+    assert (stopped / "final" / "training_config.json").is_file()  # written after the weights
+    assert (stopped / "loss.png").is_file() and not (stopped / "checkpoints").exists()
+    assert not (stopped / ".tmp-final").exists()
+
+
+def test_sigterm_as_loss_png_is_drawn_waits_for_it_and_says_the_training_finished(
+        tmp_path, data_paths, sigterm_default, monkeypatch, capfd):
+    """After final/ replaced the checkpoints: the hint must not send the user to remove a finished training and start
+    again (it once did: "no checkpoint was complete")."""
     from utils import training
 
     stopped = tmp_path / "stopped"
@@ -239,9 +268,8 @@ def test_sigterm_after_final_is_written_says_the_training_finished(tmp_path, dat
         run_inprocess("peft", lopa_args(data_paths, tmp_path) + ["--log_dir", str(stopped)])
     assert exit_status.value.code == 143
     assert capfd.readouterr().err.endswith(f"terminated (SIGTERM): the training had finished: {stopped / 'final'} "
-                                           f"holds its weights (nothing to rerun; the stop came as the run tidied "
-                                           f"up, so loss.png may be missing)\n")
-    assert (stopped / "final" / "adapter_model.safetensors").is_file()
+                                           f"holds its weights (nothing to rerun)\n")
+    assert (stopped / "final" / "adapter_model.safetensors").is_file() and (stopped / "loss.png").is_file()
 
 
 def test_a_run_without_checkpoints_stops_at_once_on_sigterm(tmp_path, data_paths, sigterm_default, monkeypatch,

@@ -73,8 +73,9 @@ def stop_requested() -> KeyboardInterrupt | None:
 class HeldStop:
     """The stop signal a loop holds until its next step boundary (``hold_stop_signals``)."""
 
-    def __init__(self):
+    def __init__(self, when: str = ""):
         self.signum: int | None = None
+        self.when = when
 
     def interrupt(self) -> KeyboardInterrupt:
         """What the held signal would have raised: KeyboardInterrupt for Ctrl-C; Terminated for SIGTERM, and for a
@@ -93,15 +94,19 @@ def _under_a_launcher() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+STOP_AT_STEP_END = "at the end of this step, once a checkpoint is saved"
+
+
 @contextlib.contextmanager
-def hold_stop_signals():
+def hold_stop_signals(when: str = STOP_AT_STEP_END):
     """Within: the first Ctrl-C or SIGTERM that cli_entry's handler takes raises nothing; it is recorded in the
     yielded HeldStop, for a loop to stop at its next step boundary (after saving its state) instead of wherever the
     signal lands (inside an optimizer step or a checkpoint write). A second one raises at once, except under a
     launcher (``_under_a_launcher``: there a second one is most likely the same stop forwarded, and the launcher's
     SIGKILL after its grace period is the hard stop). Outside a script's main (a library call), and for a signal
-    ignored or handled by someone else, nothing is held. A signal still held when the block ends is raised then."""
-    held, previous = HeldStop(), _HOLD[0]
+    ignored or handled by someone else, nothing is held. A signal still held when the block ends is raised then.
+    ``when``: the user is told the run stops then (``stopping <when>``)."""
+    held, previous = HeldStop(when), _HOLD[0]
     _HOLD[0] = held
     try:
         yield held
@@ -122,8 +127,7 @@ def _on_stop_signal(signum, frame) -> None:
                 name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
                 again = f"a second {name} stops at once" if not _under_a_launcher() else "SIGKILL stops at once"
                 with contextlib.suppress(OSError):  # not print(): the interrupted code may be inside a write
-                    os.write(2, f"\n{name}: stopping at the end of this step, once a checkpoint is saved ({again})"
-                                f"\n".encode())
+                    os.write(2, f"\n{name}: stopping {held.when} ({again})\n".encode())
         return
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 

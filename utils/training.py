@@ -88,8 +88,7 @@ def train(config: TrainConfig) -> TrainResult:
     trainer = Trainer(config)
     if trainer.accelerator.is_main_process:
         on_interrupt(lambda: continue_hint(trainer.log_dir) if trainer.final_dir is None else (
-            f"the training had finished: {trainer.final_dir} holds its weights (nothing to rerun; the stop came as "
-            f"the run tidied up, so loss.png may be missing)"))
+            f"the training had finished: {trainer.final_dir} holds its weights (nothing to rerun)"))
     try:
         # naming_full_disk: the appends and the config; recompile_room: the compiled layers keep every version
         with naming_full_disk(trainer.log_dir, lambda: resume_hint(trainer.log_dir)), \
@@ -307,10 +306,12 @@ class Trainer:
                           self.state.batch_in_epoch, self.plan.batches_per_epoch,
                           self.state.epoch_loss_sum / self.state.epoch_steps)
         bar.close()
-        final = self.final_dir = self._save_final()
-        if not cfg.output.keep_checkpoints and acc.is_main_process:  # they protected the run; final/ replaces them
-            shutil.rmtree(self.log_dir / CHECKPOINTS_DIR, ignore_errors=True)
-        self._plot_loss()
+        # the training is done: a stop now waits for its weights (the last epoch is in no checkpoint: final/ is)
+        with hold_stop_signals("once final/ is written"):
+            final = self.final_dir = self._save_final()
+            if not cfg.output.keep_checkpoints and acc.is_main_process:  # they protected the run; final/ replaces them
+                shutil.rmtree(self.log_dir / CHECKPOINTS_DIR, ignore_errors=True)
+            self._plot_loss()
         acc.end_training()
         if self.cuda_graphs:
             self._log_cudagraph_skips(fast_paths.cudagraph_skips() - skips_before)
