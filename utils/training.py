@@ -412,8 +412,9 @@ class Trainer:
         continues exactly from it."""
         held = self._held.signum
         why = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(held, "another process was stopped")
-        self.log.warning("%s: stopping after step %d%s", why, self.state.global_step,
-                         "" if saved else ", once its checkpoint is saved")
+        if self.accelerator.is_main_process:  # one line per run (every process logs its warnings)
+            self.log.warning("%s: stopping after step %d%s", why, self.state.global_step,
+                             "" if saved else ", once its checkpoint is saved")
         if not saved:
             self._save_checkpoint()
         raise self._held.interrupt()
