@@ -394,8 +394,9 @@ def test_deepspeed_zero3_fft_two_processes_match_one_plain_process_with_twice_th
     """The shipped ZeRO-3 FFT config (parameters and optimizer offloaded to the CPU) in two CPU processes (gloo,
     tests/deepspeed_gloo.py), each packing its own batches. The build used to hang (the main process built the model
     first while ZeRO-3 broadcasts every parameter as it is made), then the second step crashed in a collective
-    mismatch (a packed batch ran the embedding before the model body). One process under ZeRO-3 is the CodeGen2
-    test's case (a one-process copy of this test, 30 s, was merged into it to keep the suite near 10 minutes)."""
+    mismatch (a packed batch ran the embedding before the model body). Its checkpoint resumes with another split of
+    the same steps (1 x 2 for 2 x 1). One process under ZeRO-3 is the CodeGen2 test's case (a one-process copy of
+    this test, 30 s, was merged into it to keep the suite near 10 minutes)."""
     initial, args = zero3_fft_args(tmp_path, data_paths)
     launch_deepspeed("config_files/config_ds_zero3_fft.yaml", 2, "tune_fft_baseline.py",
                      [*args, "--per_gpu_train_batch_size", "2", "--log_dir", str(tmp_path / "ds")])
@@ -404,6 +405,18 @@ def test_deepspeed_zero3_fft_two_processes_match_one_plain_process_with_twice_th
     assert ds_config["num_processes"] == 2 and ds_config["packing"]
     ranks = sorted(p.name for p in (tmp_path / "ds" / "checkpoints" / "step_00000002" / "deepspeed").iterdir())
     assert ranks == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+    # a run out of GPU memory resumes with half the micro-batch and twice the accumulation (the same steps)
+    launch_deepspeed("config_files/config_ds_zero3_fft.yaml", 2, "tune_fft_baseline.py",
+                     [*args, "--per_gpu_train_batch_size", "1", "--gradient_accumulation_steps", "2", "--log_dir",
+                      str(tmp_path / "split"), "--resume_from", str(tmp_path / "ds" / "checkpoints" / "step_00000002")])
+    assert "resuming with micro-batch 1 x 2 accumulation steps instead of 2 x 1" in (
+        tmp_path / "split" / "train.log").read_text()
+    whole, split = read_metrics(tmp_path / "ds" / "metrics.jsonl"), read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [(r["step"], r["tokens"], r["lr"]) for r in split] == [(r["step"], r["tokens"], r["lr"]) for r in whole[2:]]
+    assert [r["loss"] for r in split] == pytest.approx([r["loss"] for r in whole[2:]], rel=1e-6)
+    trained = load_file(str(tmp_path / "ds" / "final" / "model.safetensors"))
+    for name, tensor in load_file(str(tmp_path / "split" / "final" / "model.safetensors")).items():
+        torch.testing.assert_close(tensor, trained[name], rtol=0, atol=1e-6, msg=name)  # 1.2e-7 seen
     # docs/TRAINING.md's conversion of the last checkpoint (both ranks' partitions), in shards (as zero_to_fp32.py's
     # 5 GB default cuts any paper model), whose names carry the wrapper's "backbone.": generation loads them as the
     # final weights

@@ -397,7 +397,6 @@ def _check_batch_split(config: TrainConfig, saved: dict, saved_path) -> None:
     """Another micro-batch and accumulation is accepted where every remaining step takes the same examples
     (``train_setup.batch_split_refusal``), judged from the checkpoint's record of the process count and the examples
     (the trainer checks both again, and converts the checkpoint's position in the epoch)."""
-    from utils.checkpoint import DEEPSPEED_TAG
     from utils.train_setup import check_batch_split
 
     train, runtime = saved.get("train", {}), saved.get("runtime", {})
@@ -406,8 +405,7 @@ def _check_batch_split(config: TrainConfig, saved: dict, saved_path) -> None:
     split = (config.train.per_gpu_train_batch_size, config.train.gradient_accumulation_steps)
     # absent from a record: the trainer checks the real count
     check_batch_split(saved_path, tuple(train[name] for name in BATCH_SPLIT), split, runtime.get("train_examples", 0),
-                      runtime.get("num_processes", 1), group_by_length=config.train.group_by_length,
-                      deepspeed=(pathlib.Path(saved_path).parent / DEEPSPEED_TAG).is_dir())
+                      runtime.get("num_processes", 1), group_by_length=config.train.group_by_length)
 
 
 def _check_unrecorded(config: TrainConfig, section: str, name: str, value, saved_path) -> None:

@@ -76,12 +76,13 @@ def smaller_micro_batches(num_examples: int, num_processes: int, split: tuple[in
 
 
 def batch_split_refusal(saved: tuple[int, int], split: tuple[int, int], num_examples: int, num_processes: int, *,
-                        group_by_length: bool, deepspeed: bool) -> str | None:
+                        group_by_length: bool) -> str | None:
     """Why a resume of a checkpoint taken with (micro-batch, accumulation steps) ``saved`` cannot go on with
     ``split`` (None: it can, or nothing changed). A checkpoint is taken between optimizer steps and an update
     depends only on the examples of its step (its loss is the mean over all their supervised tokens), so another
     split of the same steps goes on as the run would have; dropout draws its masks per micro-batch, so that is equal
-    in distribution, not bit for bit."""
+    in distribution, not bit for bit. DeepSpeed's checkpoint holds no batch shape (its ZeRO partitions follow the
+    process count, which a resume keeps): ZeRO-2 and ZeRO-3 resumes with another split were tested."""
     if saved == split:
         return None
     what = (f"the checkpoint's micro-batch x accumulation steps is {saved[0]} x {saved[1]}, this run's {split[0]} x "
@@ -91,8 +92,6 @@ def batch_split_refusal(saved: tuple[int, int], split: tuple[int, int], num_exam
                 f"{saved[0] * saved[1]}) stays the same")
     if group_by_length:
         return f"{what}: --group_by_length groups the examples by micro-batch, so another one changes their order"
-    if deepspeed:  # its engine and checkpoint hold the accumulation too: not tried, so not allowed
-        return f"{what}: under DeepSpeed a resume keeps the micro-batch and the accumulation steps"
     if not same_steps(num_examples, num_processes, saved, split):
         keep = [f"{b} x {a}" for b, a in smaller_micro_batches(num_examples, num_processes, saved)]
         return (f"{what}: with {num_processes} processes and {num_examples} examples accelerate repeats examples to "
@@ -105,10 +104,9 @@ def batch_split_refusal(saved: tuple[int, int], split: tuple[int, int], num_exam
 
 
 def check_batch_split(where, saved: tuple[int, int], split: tuple[int, int], num_examples: int,
-                      num_processes: int, *, group_by_length: bool, deepspeed: bool) -> None:
+                      num_processes: int, *, group_by_length: bool) -> None:
     """Refuse, naming the checkpoint ``where`` and the split that resumes it, what ``batch_split_refusal`` refuses."""
-    refusal = batch_split_refusal(saved, split, num_examples, num_processes, group_by_length=group_by_length,
-                                  deepspeed=deepspeed)
+    refusal = batch_split_refusal(saved, split, num_examples, num_processes, group_by_length=group_by_length)
     if refusal:
         raise UserError(f"{where}: {refusal}; pass --per_gpu_train_batch_size {saved[0]} --gradient_accumulation_steps "
                         f"{saved[1]} to resume, or start a new run")

@@ -218,7 +218,7 @@ class Trainer:
         self.plan = make_plan(t, len(self.dataloader), acc.num_processes)  # after sharding
         # parsing judged from the checkpoint's record; this is the data and processes at hand
         check_batch_split(self.resume_dir, self.saved_split, self.split, len(self.dataset), acc.num_processes,
-                          group_by_length=t.group_by_length, deepspeed=self.ds)
+                          group_by_length=t.group_by_length)
         ds_config = configure_deepspeed(acc, cfg, model.lm.config.hidden_size) if self.ds else None
         optimizer, scheduler, self.schedule_name = make_optimizer_and_scheduler(model, t, self.plan, acc, ds_config)
         self.trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
@@ -432,7 +432,7 @@ class Trainer:
             resumable.append("--gradient_checkpointing (activations recomputed instead of kept)")
         smaller = smaller_micro_batches(len(self.dataset), acc.num_processes, self.split)
         if smaller and batch_split_refusal(self.split, smaller[0], len(self.dataset), acc.num_processes,
-                                           group_by_length=t.group_by_length, deepspeed=self.ds) is None:
+                                           group_by_length=t.group_by_length) is None:
             resumable.append(f"--per_gpu_train_batch_size {smaller[0][0]} --gradient_accumulation_steps "
                              f"{smaller[0][1]} (the same {self.plan.total_batch_size} examples per step; "
                              f"{self.split[0]} x {self.split[1]} now)")
