@@ -12,8 +12,9 @@ import sys
 
 from utils.cli import ArgumentParser, check_mbpp_split
 from utils.errors import UserError, cli_entry, on_interrupt
-from utils.evaluation import DEFAULT_TIMEOUT, TASK_NAMES, evaluate_file, progress_path
+from utils.evaluation import DEFAULT_TIMEOUT, TASK_NAMES, evaluate_file
 from utils.sandbox import MODES, SandboxConfig
+from utils.scoring_progress import progress_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:

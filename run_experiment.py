@@ -109,7 +109,8 @@ def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
     import dataclasses
 
     from utils import fixtures
-    from utils.experiment import check_commands, plan_cells, stored_result, uncached_hub_models
+    from utils.experiment import stored_result
+    from utils.experiment_plan import check_commands, plan_cells, uncached_hub_models
     from utils.experiment_report import plot_loss_curves, plot_table, write_results_md
 
     if len({p.seed for p in presets}) > 1:

@@ -38,10 +38,10 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import RESULTS, argument_parser, device_name, versions  # noqa: E402  (torch-free)
 from utils.data import default_data_path, load_task_split  # noqa: E402
-from utils.evaluation import (DEFAULT_TIMEOUT, cruxeval_samples, default_workers, mbpp_samples,  # noqa: E402
-                              run_samples)
+from utils.evaluation import DEFAULT_TIMEOUT  # noqa: E402
 from utils.fixtures import write_fixture_data  # noqa: E402
 from utils.sandbox import Sandbox, SandboxConfig  # noqa: E402
+from utils.scoring import cruxeval_samples, default_workers, mbpp_samples, run_samples  # noqa: E402
 
 
 

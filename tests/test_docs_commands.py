@@ -212,11 +212,11 @@ def parse_command(script: str, argv: list[str], monkeypatch, tmp_path) -> None:
         generate_preds.check_args(generate_preds.build_parser().parse_args(argv))
     elif script == "run_experiment.py":
         import run_experiment
-        import utils.experiment
+        import utils.experiment_plan
 
         _unchecked_paths(monkeypatch)  # its stages' generate_preds.py checks run too
-        monkeypatch.setattr(utils.experiment, "load_task_split", lambda *args, **kwargs: None)
-        monkeypatch.setattr(utils.experiment, "uncached_hub_models", lambda cells: [])
+        monkeypatch.setattr(utils.experiment_plan, "load_task_split", lambda *args, **kwargs: None)
+        monkeypatch.setattr(utils.experiment_plan, "uncached_hub_models", lambda cells: [])
         run_experiment.main(argv + ["--plan", "--out", str(tmp_path / "out")])  # the last --out wins
     elif script in BENCHMARKS:
         parser_of(script).parse_args(argv)

@@ -10,8 +10,8 @@ import evaluate_preds
 from tests.conftest import require_real_data
 from utils.data import load_task_split, read_jsonl
 from utils.errors import UserError
-from utils.evaluation import (SampleResult, cruxeval_program, evaluate_file, mbpp_program, pass_at_k,
-                              summarize)
+from utils.evaluation import evaluate_file
+from utils.scoring import SampleResult, cruxeval_program, mbpp_program, pass_at_k, summarize
 from utils.sandbox import SandboxConfig
 
 # MBPP test-split canonical solutions that fail under any harness (plain exec too): dataset defects.
@@ -295,7 +295,7 @@ def test_ctrl_c_drops_the_queued_samples_instead_of_running_them_all():
     import signal
     import time
 
-    from utils.evaluation import Sample, run_samples
+    from utils.scoring import Sample, run_samples
 
     class Interrupted:  # Ctrl-C arrives once every sample is queued and two have finished
         calls = 0
@@ -659,7 +659,7 @@ def test_ctrl_c_stops_the_running_samples_and_keeps_every_one_that_finished():
     import signal
     import threading
 
-    from utils.evaluation import Sample, run_samples
+    from utils.scoring import Sample, run_samples
     from utils.sandbox import SampleCancelled
 
     collected, cancelled, kept = threading.Event(), threading.Event(), []
@@ -699,19 +699,19 @@ def test_the_scoring_lock_is_held_until_the_outputs_are_written_and_the_progress
                                                                                               monkeypatch):
     """A second scorer let in before then would have its new progress file deleted under it, or the first one's
     outputs written over its work: each step after the samples ran tries to take the lock, and must be refused."""
-    from utils import evaluation
+    from utils import evaluation, scoring_progress
 
     path, problem_file = _resume_files(tmp_path)
     held = {}
 
     def refused() -> bool:
         try:
-            with evaluation.scoring_lock(path):
+            with scoring_progress.scoring_lock(path):
                 return False
         except UserError:
             return True
 
-    write, remove = evaluation.atomic_write_text, evaluation.Progress.remove
+    write, remove = evaluation.atomic_write_text, scoring_progress.Progress.remove
 
     def checked_write(target, text, *args):
         held[pathlib.Path(target).name] = refused()
@@ -721,8 +721,9 @@ def test_the_scoring_lock_is_held_until_the_outputs_are_written_and_the_progress
         held["remove"] = refused()
         return remove(self)
 
-    monkeypatch.setattr(evaluation, "atomic_write_text", checked_write)
-    monkeypatch.setattr(evaluation.Progress, "remove", checked_remove)
+    monkeypatch.setattr(evaluation, "atomic_write_text", checked_write)  # the results and the summary
+    monkeypatch.setattr(scoring_progress, "atomic_write_text", checked_write)  # the progress file
+    monkeypatch.setattr(scoring_progress.Progress, "remove", checked_remove)
     assert _score(path, problem_file, fake_sandbox)["n_samples"] == 6
     assert held == {"sols_results.partial.jsonl": True, "sols_results.jsonl": True, "sols_summary.json": True,
                     "remove": True}

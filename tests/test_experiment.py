@@ -626,7 +626,7 @@ def test_only_the_stages_up_to_generation_make_a_cells_generation_hash(tmp_path)
     """attempt.json's generation hash decides whether a rerun keeps a cell's predictions: new scoring settings leave
     it as it is in every cell (CRUXEval scores right after generating, MBPP post-processes first), new decoding
     settings change it and leave the training's."""
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.presets import PRESETS, apply_overrides
 
     def cells(*overrides):

@@ -8,7 +8,7 @@ import postprocess_cruxeval_preds
 import postprocess_mbpp_preds
 from tests.conftest import require_real_data
 from utils.data import load_task_split, read_jsonl
-from utils.evaluation import mbpp_samples, run_samples
+from utils.scoring import mbpp_samples, run_samples
 from utils.postprocess import (DEEPSEEK_BOS, MBPP_STAGE1_STOPS, cut_at_stop, extract_cruxeval_answer,
                                first_expression, mbpp_stage1, mbpp_stage2, strip_prompt)
 from utils.sandbox import Sandbox
@@ -254,7 +254,7 @@ def test_a_fresh_generation_deletes_what_was_derived_from_the_predictions_it_rep
     the user forgot to score again); derived_files names exactly what post-processing and evaluation write."""
     import evaluate_preds
     import generate_preds
-    from utils.evaluation import progress_path
+    from utils.scoring_progress import progress_path
     from utils.prediction_files import derived_files, output_files
     from utils.tasks import get_task
 

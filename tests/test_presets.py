@@ -13,7 +13,7 @@ def _train_config(cell):
 def test_paper_preset_trains_and_decodes_with_the_papers_settings(tmp_path):
     """spec §10.5: m=10, r=1, CodeSage-small, 10 epochs (FFT 4 on CRUXEval), effective batch 8, seed 9876, lr 1e-3
     (PT/IDPG/LOPA), 1e-4 (LoRA r=16 α=32 p=0.1), 1e-5 (FFT, wd 0.05, 10 % warmup), no warmup otherwise."""
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.presets import PRESETS
     from utils.generation import resolve_gen_config
     from utils.tasks import get_task
@@ -50,7 +50,7 @@ def test_paper_preset_trains_and_decodes_with_the_papers_settings(tmp_path):
 
 
 def test_set_enc_model_type_reaches_the_encoder_methods(tmp_path):
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.presets import PRESETS, apply_overrides
 
     preset = apply_overrides(PRESETS["paper-phi-2"](), ["enc_model_type=codebert-base"])
@@ -60,7 +60,7 @@ def test_set_enc_model_type_reaches_the_encoder_methods(tmp_path):
 
 
 def test_paper_preset_checkpoints_can_be_turned_off_per_method(tmp_path):
-    from utils.experiment import check_commands, plan_cells
+    from utils.experiment_plan import check_commands, plan_cells
     from utils.presets import apply_overrides, paper_preset
 
     preset = apply_overrides(paper_preset("phi-2"), ["fft.save_every=0"])
@@ -77,7 +77,7 @@ def test_paper_preset_removes_checkpoints_once_final_exists_without_changing_its
     were made before the preset set it), whichever value it has."""
     import dataclasses
 
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.presets import apply_overrides, paper_preset
 
     preset = paper_preset("phi-2")
@@ -98,7 +98,7 @@ def test_paper_preset_removes_checkpoints_once_final_exists_without_changing_its
 def test_set_model_path_reaches_every_stage_the_untuned_cells_too(tmp_path):
     """--set model_path=DIR used to reach the training commands only: the none cells' generation (and every cell's)
     loaded the hub's model, so the table compared tunings of a local model with the hub's baseline."""
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.presets import apply_overrides, paper_preset
 
     local = str(tmp_path / "phi-2-earlier")
@@ -117,7 +117,7 @@ def test_set_mbpp_split_reaches_both_stages_of_the_mbpp_cells_only(tmp_path):
     commands carry no --mbpp_split (its scripts refuse one other than the default), so its hash stays as it was
     without the --set: its stored training is kept (it used to be redone for the same result)."""
     from utils.errors import UserError
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.presets import PRESETS, apply_overrides
 
     for cell in plan_cells(apply_overrides(PRESETS["smoke"](), ["mbpp_split=standard"]), tmp_path):
@@ -135,7 +135,7 @@ def test_set_mbpp_split_reaches_both_stages_of_the_mbpp_cells_only(tmp_path):
 def test_set_false_turns_off_a_training_switch_that_defaults_on(tmp_path):
     """--set train.packing=false (or selective_logits / fused_adamw, also on by default) must reach the trainer:
     left out, the flag keeps its default True, and the cell's hash does not change either."""
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.presets import PRESETS, apply_overrides
 
     def lopa(overrides):
@@ -153,7 +153,7 @@ def test_set_gen_do_sample_false_makes_the_paper_presets_generation_greedy(tmp_p
     """generate_preds' --do_sample takes a value and its absence means "not given" (--paper_decoding then samples):
     --set gen.do_sample=false must reach it as --do_sample False, and --set gen.paper_decoding=false stays absent."""
     import generate_preds
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.generation import resolve_gen_config
     from utils.presets import PRESETS, apply_overrides
     from utils.tasks import get_task
@@ -179,7 +179,7 @@ def test_set_gen_encoder_flags_reach_only_the_methods_that_read_them(tmp_path):
 
     import generate_preds
     from utils import tuned_models
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.presets import PRESETS, apply_overrides
 
     encoder = str(tmp_path / "encoder")
@@ -198,7 +198,7 @@ def test_set_gen_encoder_flags_reach_only_the_methods_that_read_them(tmp_path):
 
 
 def test_every_model_of_the_papers_table_has_a_preset_with_its_settings():
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.presets import PAPER_MODELS, PRESETS
 
     for model in PAPER_MODELS:
@@ -219,7 +219,7 @@ def test_set_wins_over_the_presets_per_task_values(tmp_path):
     """--set has no per-task section: the README's dry run (--set fft.num_epochs=2) must reach CRUXEval's FFT cells,
     and lopa.lp_rank the r = 4 MBPP cell of Llama-3, as lp_rank alone does every LOPA cell."""
     from utils.errors import UserError
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.presets import PRESETS, apply_overrides
 
     def values(name, overrides, method, flag):
@@ -244,7 +244,7 @@ def test_set_refuses_the_flags_each_cell_gets_and_sets_the_experiments_seed(tmp_
     import pytest
 
     from utils.errors import UserError
-    from utils.experiment import plan_cells
+    from utils.experiment_plan import plan_cells
     from utils.presets import PRESETS, apply_overrides
 
     for item, hint in (("train.task_name=cruxeval_output_prediction", "--tasks"), ("model_type=tiny-llama", "--models"),
@@ -281,7 +281,7 @@ def test_offline_runs_are_told_up_front_which_hub_models_are_not_cached(tmp_path
     """Offline without a cached copy, every cell of the model failed in turn, each with the same error."""
     import huggingface_hub
 
-    from utils.experiment import plan_cells, uncached_hub_models
+    from utils.experiment_plan import plan_cells, uncached_hub_models
     from utils.presets import apply_overrides, paper_preset
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -309,7 +309,7 @@ def test_a_set_of_a_flag_the_method_does_not_read_is_refused_at_once(tmp_path):
         apply_overrides(paper_preset("phi-2"), ["lora.lp_rank=2"])
     assert apply_overrides(paper_preset("phi-2"), ["lopa.lp_rank=2"]).per_method["lopa"]["lp_rank"] == "2"
     # an abbreviation is caught by the plan's checks, for lopa too (argparse used to read --lp_r as --lp_rank)
-    from utils.experiment import check_commands, plan_cells
+    from utils.experiment_plan import check_commands, plan_cells
 
     for method in ("lora", "lopa"):
         with pytest.raises(UserError, match=rf"phi-2/\w+/{method}: tune_foundation_model.py rejects its arguments "

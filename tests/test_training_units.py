@@ -402,7 +402,7 @@ def test_a_resave_of_the_latest_step_cut_off_mid_swap_leaves_a_resumable_checkpo
 
 def test_a_kill_between_the_first_checkpoints_rename_and_latest_leaves_it_resumable(tmp_path, accelerated):
     # step_N/ exists only once complete; the error said "saved no checkpoint" and advised removing the log_dir
-    from utils.train_args import _has_checkpoint
+    from utils.train_checks import _has_checkpoint
 
     acc, model, opt, sched = accelerated
     root = tmp_path / "checkpoints"

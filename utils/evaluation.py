@@ -1,194 +1,40 @@
-"""Score predictions by running them in the sandbox: program assembly, parallel runs, pass@k, result files.
+"""Score a predictions file: read and check it and its problems, run its samples, write the result files.
 
-Semantics follow the public harnesses (spec §7):
+Which files are scored, and how (spec §7; the programs and pass@k are utils/scoring.py's):
 
-* MBPP (mxeval): the program is ``prompt + completion + "\\n" + test + "\\n" + "check(<entry_point>)"``;
-  every task of the problem file must have samples (``allow_missing``, or a ``--limit`` generation's file, scores
-  the ones present); default timeout 15 s.
-* CRUXEval: the program is ``code + "\\nassert " + output + " == " + prediction``. In input mode a prediction
-  without ``f(`` fails without running; in output mode one that contains ``f(<input>)`` fails (it would
-  let the program compute the answer). Such predictions count as failures, so n is always the number of
-  generations, as in the official CRUXEval script (the LOPA repository's copy drops them from n: a bias when
-  n > 1). A file of test ids must have every test id, as MBPP's; one that mixes the splits is refused; default
+* MBPP: every task of the problem file must have samples (``allow_missing``, or a ``--limit`` generation's file,
+  scores the ones present); default timeout 15 s.
+* CRUXEval: a file of test ids must have every test id, as MBPP's; one that mixes the splits is refused; default
   timeout 10 s.
-* pass@k is the unbiased estimator ``1 - C(n-c, k) / C(n, k)`` averaged over tasks, reported for each k that
-  every task's n reaches.
 
-Samples run in parallel with a tqdm progress bar: ``n_workers`` threads (default: the usable CPUs), each
-driving its own worker slot of the sandbox (utils/sandbox.py). A sample whose sandbox failed (not the
-program) counts as failed with a reason that starts with "sandbox error", counted in the summary.
-
-Nothing is lost on a crash: each finished sample is appended to ``<stem>_results.partial.jsonl`` (``Progress``), and
-the next run of the same command runs only the samples it lacks; the file is deleted once the results are written.
+A run is resumable (utils/scoring_progress.py): an interrupted one's samples are kept, and the same command goes on
+from them.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
-import math
-import os
 import pathlib
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
-
-from tqdm import tqdm
 
 from utils.data import (CRUXEVAL_SPLITS, dataset_hint, default_data_path, load_records, load_task_split, read_jsonl,
                         read_text_file)
 from utils.errors import UserError, on_interrupt
-from utils.fileio import atomic_write_text, check_writable_dir, naming_full_disk, parse_appended_lines
+from utils.fileio import atomic_write_text, check_writable_dir
 from utils.prediction_files import check_generated_for
 from utils.sandbox import Sandbox, SandboxConfig
+from utils.scoring import DEFAULT_K, cruxeval_samples, default_workers, mbpp_samples, run_samples, summarize
+from utils.scoring_progress import Progress, output_paths, scoring_lock
 
 CRUX_TASKS = {"cruxeval_input_prediction": "input", "cruxeval_output_prediction": "output"}
 TASK_NAMES = ("mbpp",) + tuple(CRUX_TASKS)
 DEFAULT_TIMEOUT = {"mbpp": 15.0, "cruxeval_input_prediction": 10.0, "cruxeval_output_prediction": 10.0}
-DEFAULT_K = (1, 5, 10)
 MBPP_PROBLEM_FIELDS = ("task_id", "prompt", "entry_point", "test")
 MBPP_PROBLEMS_FILE = "mbpp_test_problems.jsonl"
 MBPP_PROBLEMS_HINT = (f"MBPP problems are JSONL with fields {', '.join(MBPP_PROBLEM_FIELDS)} (generate_preds.py "
                       f"writes {MBPP_PROBLEMS_FILE} beside the predictions): pass that as --problem_file, or the "
                       f"MBXP-format MBPP JSONL (mbpp_release_v1.jsonl) as --data_path")
-
-
-@dataclasses.dataclass
-class Sample:
-    task_id: str
-    index: int
-    program: str | None
-    """None: the prediction is malformed and fails without running (``reason`` says why)."""
-    reason: str = ""
-    prediction: str = ""
-
-
-@dataclasses.dataclass
-class SampleResult:
-    task_id: str
-    sample_index: int
-    status: str
-    reason: str
-    seconds: float
-    prediction: str
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-    def to_json(self) -> dict:
-        return {"task_id": self.task_id, "sample_index": self.sample_index, "status": self.status,
-                "passed": self.passed, "reason": self.reason, "seconds": round(self.seconds, 4),
-                "prediction": self.prediction}
-
-
-# -- programs --------------------------------------------------------------------------------------------
-def mbpp_program(problem: dict, completion: str) -> str:
-    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
-
-
-def cruxeval_program(record: dict, prediction: str, mode: str) -> tuple[str | None, str]:
-    """``(program, "")``, or ``(None, reason)`` for a prediction CRUXEval's rules reject without running."""
-    if mode == "input" and "f(" not in prediction:
-        return None, "malformed input prediction: no call f(...)"
-    if mode == "output" and f"f({record['input']})" in prediction:
-        return None, "malformed output prediction: it calls f on the input"
-    return record["code"] + "\nassert " + record["output"] + " == " + prediction, ""
-
-
-def mbpp_samples(solutions: list[dict], problems: dict[str, dict]) -> list[Sample]:
-    counts: dict[str, int] = {}
-    samples = []
-    for sol in solutions:
-        tid = sol["task_id"]
-        index = counts[tid] = counts.get(tid, -1) + 1
-        samples.append(Sample(tid, index, mbpp_program(problems[tid], sol["completion"]),
-                              prediction=sol["completion"]))
-    return samples
-
-
-def cruxeval_samples(predictions: dict[str, list[str]], records: dict[str, dict], mode: str) -> list[Sample]:
-    samples = []
-    for rid, preds in predictions.items():
-        for index, pred in enumerate(preds):
-            program, reason = cruxeval_program(records[rid], pred, mode)
-            samples.append(Sample(rid, index, program, reason, pred))
-    return samples
-
-
-# -- running and scoring ------------------------------------------------------------------------------------
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
-
-
-def run_samples(samples: list[Sample], sandbox: Sandbox, n_workers: int | None = None, progress: bool = True,
-                desc: str = "evaluating", reused: dict[int, SampleResult] | None = None,
-                on_result=None) -> list[SampleResult]:
-    """Run every sample (in parallel, results in input order); malformed samples fail without running. The samples
-    at the indices of ``reused`` are not run (their results are taken from it); ``on_result(index, result)`` is
-    called in this thread as each of the others finishes. On Ctrl-C the queued samples are dropped, the running
-    ones stopped at once (``Sandbox.cancel``), and ``on_result`` still gets every sample that had finished."""
-
-    def one(sample: Sample) -> SampleResult:
-        if sample.program is None:
-            return SampleResult(sample.task_id, sample.index, "failed", sample.reason, 0.0, sample.prediction)
-        r = sandbox.run(sample.program)
-        return SampleResult(sample.task_id, sample.index, r.status, r.reason, r.seconds, sample.prediction)
-
-    results: list[SampleResult | None] = [None] * len(samples)
-    for i, result in (reused or {}).items():
-        results[i] = result
-    futures = {}
-    with ThreadPoolExecutor(max(1, n_workers or default_workers())) as pool, \
-            tqdm(total=len(samples), initial=len(reused or {}), desc=desc, disable=not progress, unit="sample") as bar:
-        try:
-            futures = {pool.submit(one, s): i for i, s in enumerate(samples) if results[i] is None}
-            for fut in as_completed(futures):
-                i = futures[fut]
-                results[i] = fut.result()
-                if on_result is not None:
-                    on_result(i, results[i])
-                bar.update(1)
-        except BaseException as exc:
-            # Ctrl-C (or an error): drop the queued samples, or leaving the pool would still run them all, and stop
-            # the running ones, or it would wait for each to end (up to --timeout)
-            pool.shutdown(wait=False, cancel_futures=True)
-            sandbox.cancel()
-            if isinstance(exc, KeyboardInterrupt) and on_result is not None:
-                for fut, i in futures.items():  # keep what finished before, and not yet collected
-                    if results[i] is None and not fut.cancelled() and fut.exception() is None:
-                        on_result(i, fut.result())
-            raise
-    return results  # type: ignore[return-value]
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased estimate of P(at least one of k samples passes) from n samples with c passing."""
-    if not 0 <= c <= n or k < 1:
-        raise ValueError(f"need 0 <= c <= n and k >= 1, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def summarize(results: list[SampleResult], ks=DEFAULT_K) -> dict:
-    """pass@k (fractions, for each k <= every task's n), per-status counts and sample counts."""
-    per_task: dict[str, list[bool]] = {}
-    for r in results:
-        per_task.setdefault(r.task_id, []).append(r.passed)
-    ns = [len(v) for v in per_task.values()]
-    min_n = min(ns) if ns else 0
-    scores = {f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in per_task.values()) / len(per_task)
-              for k in sorted(set(ks)) if per_task and k <= min_n}
-    counts = {s: sum(r.status == s for r in results) for s in ("passed", "failed", "timed out")}
-    counts["sandbox_errors"] = sum(r.reason.startswith("sandbox error") for r in results)
-    return {**scores, "n_tasks": len(per_task), "n_samples": len(results),
-            "samples_per_task": {"min": min_n, "max": max(ns) if ns else 0}, "counts": counts}
 
 
 # -- files -------------------------------------------------------------------------------------------------
@@ -298,167 +144,6 @@ def load_cruxeval_records(task_name, problem_file=None, data_path=None) -> dict[
     hint = dataset_hint(task_name)  # an MBPP file here said only "missing field 'id'"
     records = read_jsonl(path, ("id", "code", "input", "output"), hint) if path else load_records(task_name, None)
     return {r["id"]: r for r in records}
-
-
-def output_paths(path) -> tuple[pathlib.Path, pathlib.Path]:
-    path = pathlib.Path(path)
-    return path.with_name(path.stem + "_results.jsonl"), path.with_name(path.stem + "_summary.json")
-
-
-def progress_path(path) -> pathlib.Path:
-    """Where scoring keeps the samples finished so far (``Progress``): ``<stem>_results.partial.jsonl``."""
-    path = pathlib.Path(path)
-    return path.with_name(path.stem + "_results.partial.jsonl")
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def program_hash(sample: Sample) -> str:
-    """What a sample's result depends on besides the run's settings: its program (or why it has none) and the
-    prediction its result records. JSON escapes every non-ASCII character (lone surrogates too)."""
-    return _sha256(json.dumps([sample.program, sample.reason, sample.prediction]).encode("ascii"))
-
-
-class Progress:
-    """``<stem>_results.partial.jsonl``: a header line (``fingerprint``: what the results depend on), then one line
-    per finished sample, its ``_results.jsonl`` line plus ``program_sha256``. Each line is appended as its sample
-    finishes, from the thread that collects the results, so a kill loses at most the line being written (a torn last
-    line is ignored). A run whose header matches reuses the results of the same task id, sample index and program
-    hash, except sandbox errors (the next run's sandbox may work); a file that does not match is replaced. ``remove``
-    it once the results are written. The header is also the summary's ``fingerprint``: a finished scoring that
-    records this run's can be reused the same way (``resume(finished=True)``)."""
-
-    CHANGED = {"task_name": "it was scored as {old}, this run as {new}",
-               "predictions_sha256": "the predictions file has changed",
-               "programs_sha256": "the problems have changed (other programs)",
-               "timeout_s": "its timeout was {old} s, this run's is {new} s"}
-
-    def __init__(self, predictions: pathlib.Path, samples: list[Sample], task_name: str, **settings):
-        """``settings``: the run's other settings the results depend on (timeout_s, memory_mb, sandbox_mode, ...)."""
-        self.path, self.samples, self.predictions = progress_path(predictions), samples, predictions
-        self.hashes = [program_hash(s) for s in samples]
-        keys = [[s.task_id, s.index, h] for s, h in zip(samples, self.hashes)]
-        self.fingerprint = {"scoring_progress": 1, "task_name": task_name,
-                            "predictions_sha256": _sha256(predictions.read_bytes()),
-                            "programs_sha256": _sha256(json.dumps(keys).encode("ascii")), **settings}
-        self.kept = 0
-
-    def resume(self, finished: bool = False) -> dict[int, SampleResult]:
-        """The kept results of the samples (by index); says in one line what is reused, or why nothing is. The file
-        is rewritten with them (a torn line dropped, sandbox errors left out), ready for appends. ``finished``: a
-        finished scoring of the file (``_results.jsonl``) whose summary records this run's fingerprint is reused
-        instead, all but its sandbox errors."""
-        stored, why = self._read()
-        done, why_not_done = self._read_finished() if finished else ({}, "")
-        source = done or stored
-        reused = {i: source[key] for i, (s, h) in enumerate(zip(self.samples, self.hashes))
-                  if (key := (s.task_id, s.index, h)) in source}
-        results = output_paths(self.predictions)[0]
-        if done:
-            print(f"reusing: {len(reused):,} of {len(self.samples):,} samples already scored with these predictions, "
-                  f"programs and settings in {results}; delete it to score again", flush=True)
-        elif reused:
-            print(f"resuming: {len(reused):,} of {len(self.samples):,} samples already scored in {self.path}; "
-                  f"delete it to score from scratch", flush=True)
-        elif why_not_done:
-            print(f"scoring again: {results} is of another scoring ({why_not_done})", flush=True)
-        elif why:
-            print(f"scoring from scratch: {self.path} is another run's ({why}); it is replaced", flush=True)
-        lines = [self.fingerprint] + [{**reused[i].to_json(), "program_sha256": self.hashes[i]} for i in sorted(reused)]
-        atomic_write_text(self.path, "".join(json.dumps(line) + "\n" for line in lines))
-        self.kept = len(reused)
-        return reused
-
-    def _read(self) -> tuple[dict, str]:
-        """``({(task id, index, program hash): result}, "")``, or ``({}, why the file is of no use)``."""
-        if not self.path.is_file():
-            return {}, ""
-        try:
-            records = parse_appended_lines(self.path, self.path.read_bytes().splitlines(), dict, "")
-            header = records[0] if records else {}
-            if header != self.fingerprint:
-                return {}, self._changed(header)
-            stored = {}
-            for r in records[1:]:
-                result = _stored_result(r)
-                if not result.reason.startswith("sandbox error"):
-                    stored[result.task_id, result.sample_index, r["program_sha256"]] = result
-            return stored, ""
-        except (UserError, KeyError, TypeError, AttributeError):
-            return {}, "it is not a file of scored samples"
-
-    def _read_finished(self) -> tuple[dict, str]:
-        """``({(task id, index, program hash): result}, "")`` from ``_results.jsonl`` when ``_summary.json`` records
-        this run's fingerprint (the same predictions, programs and settings; the results are in sample order),
-        without sandbox errors; else ``({}, why they are of no use)`` (no reason where there is no summary)."""
-        results_path, summary_path = output_paths(self.predictions)
-        if not summary_path.is_file():
-            return {}, ""
-        try:
-            recorded = json.loads(summary_path.read_text(encoding="utf-8")).get("fingerprint")
-            if recorded != self.fingerprint:
-                return {}, self._changed(recorded) if isinstance(recorded, dict) else "it records no fingerprint"
-            records = [json.loads(line) for line in results_path.read_text(encoding="utf-8").splitlines()]
-            if len(records) != len(self.samples):
-                return {}, f"{len(records):,} results for {len(self.samples):,} samples"
-            stored = {}
-            for sample, h, r in zip(self.samples, self.hashes, records):
-                result = _stored_result(r)
-                if (result.task_id, result.sample_index, result.prediction) != (sample.task_id, sample.index,
-                                                                                sample.prediction):
-                    return {}, f"its results differ from the samples at {sample.task_id}"
-                if not result.reason.startswith("sandbox error"):
-                    stored[sample.task_id, sample.index, h] = result
-            return stored, ""
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not ours: score it
-            return {}, "it is not a finished scoring of this version"
-
-    def _changed(self, header: dict) -> str:
-        if header.get("scoring_progress") != self.fingerprint["scoring_progress"]:
-            return "it has no header line of this version"
-        for key, new in self.fingerprint.items():
-            if header.get(key) != new:
-                return self.CHANGED.get(key, f"its --{key} was {{old}}, this run's is {{new}}").format(
-                    old=header.get(key), new=new)
-        return "its header has other fields"
-
-    def append(self, index: int, result: SampleResult) -> None:
-        """Keep the finished sample at ``index`` (``run_samples``' ``on_result``)."""
-        line = json.dumps({**result.to_json(), "program_sha256": self.hashes[index]}) + "\n"
-        fix = (lambda: f"the {self.kept:,} samples scored before are kept in it; free space there, then rerun the "
-                       f"same command to go on from there")
-        with naming_full_disk(self.path, fix), self.path.open("a", encoding="ascii") as fh:
-            fh.write(line)
-        self.kept += not result.reason.startswith("sandbox error")  # the next run redoes those (resume)
-
-    def interrupt_hint(self) -> str:
-        return (f"{self.kept:,} of {len(self.samples):,} samples are kept in {self.path}; rerun the same command to "
-                f"go on from there")
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _stored_result(record: dict) -> SampleResult:
-    """A result read back from a results line (``SampleResult.to_json``)."""
-    return SampleResult(record["task_id"], record["sample_index"], record["status"], record["reason"],
-                        record["seconds"], record["prediction"])
-
-
-@contextlib.contextmanager
-def scoring_lock(path: pathlib.Path):
-    """An exclusive lock on the predictions file while it is scored (other files, a stage 1 and a stage 2 say, can be
-    scored at once): a second scoring of the same file would replace the first one's progress file, and each would
-    lose the samples the other kept. The OS drops the lock when the process ends, however it ends."""
-    with open(path, "rb") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{path}: another evaluate_preds.py is scoring this file; wait for it to finish (or stop "
-                            f"it: a rerun goes on from the samples it kept)") from None
-        yield
 
 
 def evaluate_file(task_name: str, path, problem_file=None, data_path=None, n_workers: int | None = None,

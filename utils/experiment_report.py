@@ -4,10 +4,15 @@ from __future__ import annotations
 import os
 import pathlib
 
-from utils.experiment import COLUMN_NAMES, ROW_NAMES, Cell, recorded_training_commits
+from utils.experiment import recorded_training_commits
+from utils.experiment_plan import Cell
 from utils.fileio import atomic_write_text
 from utils.paper_results import CONFIRMED, paper_pass_at_1
 from utils.train_logging import read_metrics
+
+ROW_NAMES = {"none": "None", "fft": "FFT", "lora": "LoRA", "pt": "PT", "idpg": "IDPG", "lopa": "LOPA"}
+COLUMN_NAMES = {"cruxeval_input_prediction": "CruxEval-I", "cruxeval_output_prediction": "CruxEval-O",
+                "mbpp": "MBPP"}
 
 
 def _fmt(value) -> str:

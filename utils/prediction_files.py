@@ -47,7 +47,7 @@ def derived_files(task: Task) -> tuple[str, ...]:
     ``<stem>_results.jsonl``, ``<stem>_summary.json``, an interrupted scoring's ``<stem>_results.partial.jsonl``),
     and mxeval's scores of them (``<file>_results.jsonl``, ``<file>_passatk.json``): stale once the predictions are
     replaced."""
-    from utils.evaluation import output_paths, progress_path
+    from utils.scoring_progress import output_paths, progress_path
     from utils.postprocess import stage_path
 
     def scores(name: str) -> list[pathlib.Path]:

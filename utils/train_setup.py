@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from utils.errors import UserError
-from utils.train_args import read_json_object
+from utils.train_checks import read_json_object
 from utils.train_config import TrainArgs, TrainConfig, deepspeed_graphs_message
 
 

@@ -421,9 +421,9 @@ class Trainer:
 
     def _out_of_memory_hint(self) -> str:
         """What lowers a step's memory, for the error line of a step that ran out of it, and how to go on: a resume
-        from the last checkpoint may change what trades memory for time (``RESUME_MAY_DIFFER``) and split the same
-        steps into smaller micro-batches where that takes the same examples (``batch_split_refusal``); another dtype,
-        or a smaller micro-batch where a resume refuses it, needs a new run."""
+        from the last checkpoint may change what trades memory for time (``train_checks.RESUME_MAY_DIFFER``) and
+        split the same steps into smaller micro-batches where that takes the same examples (``batch_split_refusal``);
+        another dtype, or a smaller micro-batch where a resume refuses it, needs a new run."""
         t, m, acc = self.config.train, self.config.model, self.accelerator
         resumable, new_run = [], []
         if self.graph_steps:
