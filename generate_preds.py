@@ -94,6 +94,7 @@ def run_config(args, method: str, gen_config, num_processes: int, enc_model_type
             "load_adapter_from": absolute(args.load_adapter_from), "model_path": absolute(args.model_path),
             "load_base_from_path": absolute(args.load_base_from_path),
             "sharded_checkpoint_dir": absolute(args.sharded_checkpoint_dir), "enc_model_type": enc_model_type,
+            "enc_model_path": absolute(args.enc_model_path),  # the frozen encoder's weights: LOPA/IDPG prompts
             "data_path": absolute(args.data_path), "mbpp_split": args.mbpp_split, "limit": args.limit,
             "dtype": args.dtype, "generation": gen_config.to_dict(), "batch_size": args.batch_size,
             "num_processes": num_processes}

@@ -1154,6 +1154,20 @@ def test_resume_goes_on_with_a_run_that_left_only_its_config_or_only_its_progres
     check_something_to_resume(tmp_path)
 
 
+@pytest.mark.parametrize("content", ["", '{"task_name": "mb', "[1, 2]"])
+def test_resume_names_a_saved_config_it_cannot_read_and_the_way_out(content, tmp_path):
+    """An empty, cut or hand-edited generate_preds_config.json made --resume end in a bare JSONDecodeError or
+    TypeError traceback."""
+    from utils.prediction_files import CONFIG_FILE, decoded_by
+
+    (tmp_path / CONFIG_FILE).write_text(content)
+    for check in (lambda: check_resumable(tmp_path, {"task_name": "mbpp"}), lambda: decoded_by(tmp_path, "generate")):
+        with pytest.raises(UserError, match=rf"{CONFIG_FILE}: not a saved generation config \(.+\); delete it to "
+                                            rf"resume from {PROGRESS_FILE} without comparing the settings, or rerun "
+                                            rf"with --overwrite instead of --resume to start over"):
+            check()
+
+
 def test_resume_refuses_a_decoding_setting_the_saved_config_does_not_record(tmp_path):
     """A config written by an older version, without a setting this run decodes with, is no proof of the same
     decoding: the new setting is named, not skipped."""
@@ -1259,3 +1273,27 @@ def test_out_of_memory_advice_names_only_flags_the_run_can_take(dtype, tmp_path)
     assert generate_preds.out_of_memory_message(args, greedy, tmp_path, "CUDA out of memory.\nmore lines") == (
         f"out of GPU memory decoding batches of 4 prompts (CUDA out of memory.): rerun with --resume --log_dir "
         f"{tmp_path} and a lower --batch_size (the finished batches are kept)")
+
+
+def test_resume_refuses_another_encoder_directory_before_loading_the_model(saved_models, data_paths, tmp_path,
+                                                                            monkeypatch):
+    """--enc_model_path decides a LOPA/IDPG run's encoder weights (frozen, not in the adapter), so its prompts: a run
+    resumed with another one (or without it, on the adapter's recorded encoder) mixed two encoders' predictions."""
+    from utils.prediction_files import write_config
+
+    encoders = {}
+    for name in ("enc_a", "enc_b"):
+        encoders[name] = tmp_path / name
+        encoders[name].mkdir()
+        (encoders[name] / "config.json").write_text("{}")
+    log_dir = tmp_path / "gen"
+    log_dir.mkdir()
+    argv = ["--task_name", "mbpp", "--model_type", "tiny-phi-2", "--load_adapter_from", str(saved_models["lopa"]),
+            "--data_path", data_paths["mbpp"], "--limit", "3", "--max_new_tokens", "4", "--log_dir", str(log_dir)]
+    args = generate_preds.build_parser().parse_args(argv + ["--enc_model_path", str(encoders["enc_a"])])
+    write_config(log_dir, generate_preds.run_config(args, "lopa", generate_preds.check_args(args), 1, "tiny-roberta"))
+    monkeypatch.setattr(generate_preds, "load_model", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(UserError, match=r"field 'enc_model_path' is '[^']*enc_a' but this run has '[^']*enc_b'"):
+        generate_preds.main.__wrapped__([*argv, "--resume", "--enc_model_path", str(encoders["enc_b"])])
+    with pytest.raises(UserError, match=r"field 'enc_model_path' is '[^']*enc_a' but this run has None"):
+        generate_preds.main.__wrapped__([*argv, "--resume"])

@@ -426,3 +426,48 @@ def test_an_empty_mbpp_file_is_refused_not_post_processed_into_empty_stages(tmp_
     with pytest.raises(UserError, match="no predictions"):
         postprocess_mbpp_file(empty)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mbxp_solutions.jsonl"]
+
+
+@pytest.mark.parametrize("completion, expected, returns", [
+    # commented-out code at column 0 inside a loop: it ended the body there, leaving a `for` without a block
+    ("    res = []\n    for i in range(n):\n#        print(i)\n        res.append(i)\n    return res\n",
+     "    res = []\n    for i in range(n):\n#        print(i)\n        res.append(i)\n    return res", [0, 1, 2]),
+    # a first comment deeper than the code: its indent was the body's, so the code ended the body at once
+    ("        # the squares\n    return [i * i for i in range(n)]\nf(",
+     "        # the squares\n    return [i * i for i in range(n)]", [0, 1, 4]),
+    # a first comment at column 0: every line passed for the body, so the return did not end it
+    ("# the squares\n    return [i * i for i in range(n)]\nf(", "# the squares\n    return [i * i for i in range(n)]",
+     [0, 1, 4]),
+    # no return: a comment inside the body is kept, one less indented that follows it goes with what follows
+    ("    res = []\n    for i in range(n):\n#        print(i)\n        res.append(i)\n# driver code\nf(",
+     "    res = []\n    for i in range(n):\n#        print(i)\n        res.append(i)", None)])
+def test_stage2_comments_neither_set_the_body_indent_nor_end_the_body(completion, expected, returns):
+    """Python ignores a comment's indent, and so does stage 2: a completion Python runs keeps its body."""
+    prompt = '\n\ndef f(n):\n    """doc"""\n'
+    fixed = mbpp_stage2(mbpp_stage1(completion), prompt)
+    assert fixed == expected
+    assert mbpp_stage2(fixed, prompt) == fixed  # post-processing its own output changes nothing
+    namespace = {}
+    exec(prompt + fixed, namespace)
+    assert namespace["f"](3) == returns
+
+
+def test_stage2_of_a_reindented_body_under_a_shallower_comment_is_unchanged():
+    """MBPP/966's shape: a 2-space comment, then 3-space code under a 1-space prompt. Stage 2 re-indents the code to
+    1 space and leaves the comment at 2; run again (a stage-2 file post-processed), the comment's indent was taken
+    for the body's and the 1-space code after it was dropped."""
+    prompt = '\n\ndef f(t):\n """doc"""\n'
+    once = mbpp_stage2("  # keep the truthy ones\n   t = [x for x in t if x]\n   return t", prompt)
+    assert once == "  # keep the truthy ones\n t = [x for x in t if x]\n return t"
+    assert mbpp_stage2(once, prompt) == once
+
+
+def test_stage2_keeps_a_string_whose_last_line_ends_the_text_and_starts_with_a_hash():
+    """tokenize ends no statement after a last line that starts with '#' (it takes it for a comment), so that line,
+    the end of a multi-line string, was not seen as inside it, and stage 2 cut the string open."""
+    prompt = '\n\ndef f():\n    """doc"""\n'
+    completion = '    s = """a\n# b"""'
+    assert mbpp_stage2(completion, prompt) == completion
+    namespace = {}
+    exec(prompt + completion + "\n    return s", namespace)
+    assert namespace["f"]() == "a\n# b"

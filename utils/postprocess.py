@@ -1,10 +1,11 @@
 """Post-processing of model completions (spec §6.3–6.5): MBPP stage 1 and 2, and CRUXEval answer extraction.
 
 MBPP stage 1 cuts a completion at the earliest stop string and drops BOS/EOS strings. Stage 2 keeps the
-function body (up to the first line indented less than the body), re-indents it to the prompt's indent unit
-when the two differ (content-based; the original decided this by the model name in the file path), ends it at
-the first body-level ``return`` (joining its continuation lines) and trims every ``return`` to its longest
-leading complete expression, found with ``ast`` instead of tree-sitter/parso.
+function body (up to the first statement indented less than the body; comments, whose indent Python ignores, do
+not count), re-indents it to the prompt's indent unit when the two differ (content-based; the original decided
+this by the model name in the file path), ends it at the first body-level ``return`` (joining its continuation
+lines) and trims every ``return`` to its longest leading complete expression, found with ``ast`` instead of
+tree-sitter/parso.
 
 CRUXEval: the answer is cut out of the text that follows the prompt's final ``[ANSWER]``; the prompt, when
 still present, is removed first (with the original's rule for a prompt whose end the tokenizer rendered
@@ -135,9 +136,17 @@ def _continuation_rows(text: str) -> set[int]:
                 rows.update(range(start, tok.end[0]))
                 start = None
     except (tokenize.TokenError, IndentationError, SyntaxError):
-        if start is not None:  # an unclosed bracket or string runs to the end of the text
-            rows.update(range(start, text.count("\n") + 1))
+        pass
+    # a statement still open runs to the end of the text: an unclosed bracket or string, or one whose last line starts
+    # with '#' (tokenize takes that line for a comment and adds no NEWLINE, even where it closes a string)
+    if start is not None:
+        rows.update(range(start, text.count("\n") + 1))
     return rows
+
+
+def _is_code(line: str) -> bool:
+    """Whether ``line`` holds code (not blank, not only a comment); a line inside a string is judged by the caller."""
+    return bool(line.strip()) and not line.lstrip().startswith("#")
 
 
 def _statement(lines: list[str], i: int, cont: set[int], deeper_than: int | None) -> tuple[str, int]:
@@ -155,8 +164,9 @@ def _statement(lines: list[str], i: int, cont: set[int], deeper_than: int | None
 def mbpp_stage2(text: str, prompt: str | None = None) -> str:
     """Keep the function body of a stage-1 completion and trim its returns (spec §6.5 ``cleanup_return``).
 
-    * The body indent is the first non-empty line's; lines are kept until a statement is indented less
-      (continuation lines inside brackets never end the body).
+    * The body indent is the first line of code's; lines are kept until a statement is indented less
+      (continuation lines inside brackets never end the body, nor do comments, whose indent Python ignores;
+      comments less indented than the body are dropped where they end the kept lines).
     * A ``return`` at body level ends the body; its continuation lines and the lines indented deeper after
       it are joined onto it (a trailing backslash removed). Every ``return`` is trimmed to its first
       complete expression (the longest prefix that parses).
@@ -169,14 +179,17 @@ def mbpp_stage2(text: str, prompt: str | None = None) -> str:
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
     if first is None:
         return text
-    indent = _INDENT.match(lines[first]).group()
+    # Python ignores a comment's indent: the first line of code sets the body's (a comment-only text, its first line)
+    indent = _INDENT.match(next((line for line in lines[first:] if _is_code(line)), lines[first])).group()
     cont = _continuation_rows(text)
     kept: list[str] = []
+    after_body: list[bool] = []  # per kept line: blank, or a comment less indented than the body
     i = first
     while i < len(lines):
         line = lines[i]
-        if not line.strip() or i in cont:
+        if not _is_code(line) or i in cont:  # blank lines and comments never end the body
             kept.append(line)
+            after_body.append(not line.strip() or (i not in cont and len(_INDENT.match(line).group()) < len(indent)))
             i += 1
             continue
         lead = _INDENT.match(line).group()
@@ -186,16 +199,18 @@ def mbpp_stage2(text: str, prompt: str | None = None) -> str:
             body_level = lead == indent
             statement, i = _statement(lines, i, cont, len(indent) if body_level else None)
             kept.append(_trim_return(statement))
+            after_body.append(False)
             if body_level:
                 break
             continue
         kept.append(line)
+        after_body.append(False)
         i += 1
-    while kept and not kept[-1].strip():
+    while kept and after_body.pop():  # trailing blank lines, and comments that lead what follows the body
         kept.pop()
     target = _prompt_indent(prompt) if prompt else ""
     # the code's unit: a leading comment's indent does not count for Python, so it must not set the unit
-    code = next((line for line in kept if line.strip() and not line.lstrip().startswith("#")), kept[0] if kept else "")
+    code = next((line for line in kept if _is_code(line)), kept[0] if kept else "")
     unit = _INDENT.match(code).group()
     if target and unit and target != unit:
         kept = _reindent(kept, unit, target)

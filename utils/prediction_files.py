@@ -168,9 +168,26 @@ paths can differ at near ties. Never compared by ``check_resumable``."""
 def decoded_by(log_dir: str | os.PathLike, now: str) -> list[str]:
     """For a resumed run: the saved config's ``DECODED_BY`` list with ``now`` added when it differs from the last
     entry (a config from before the field starts the list with ``"unrecorded"``)."""
-    path = pathlib.Path(log_dir) / CONFIG_FILE
-    saved = json.loads(path.read_text(encoding="utf-8")).get(DECODED_BY, ["unrecorded"]) if path.is_file() else []
+    saved = _saved_config(log_dir)
+    saved = [] if saved is None else saved.get(DECODED_BY, ["unrecorded"])
     return saved if saved[-1:] == [now] else [*saved, now]
+
+
+def _saved_config(log_dir: str | os.PathLike) -> dict | None:
+    """The saved ``CONFIG_FILE`` of ``log_dir`` (None when there is none); one that is not a JSON object (empty, cut,
+    edited by hand) is a UserError naming it and what to do."""
+    path = pathlib.Path(log_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        why = None if isinstance(saved, dict) else f"a JSON {type(saved).__name__}"
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        why = f"{type(exc).__name__}: {exc}"
+    if why is not None:
+        raise UserError(f"{path}: not a saved generation config ({why}); delete it to resume from {PROGRESS_FILE} "
+                        f"without comparing the settings, or rerun with --overwrite instead of --resume to start over")
+    return saved
 
 
 def check_something_to_resume(log_dir: str | os.PathLike | None) -> None:
@@ -189,9 +206,9 @@ def check_resumable(log_dir: str | os.PathLike, config: dict, ignore: Sequence[s
     """Refuse to resume into a directory whose saved settings differ (other than the ``ignore`` keys and
     ``DECODED_BY``)."""
     path = pathlib.Path(log_dir) / CONFIG_FILE
-    if not path.is_file():
+    saved = _saved_config(log_dir)
+    if saved is None:
         return
-    saved = json.loads(path.read_text(encoding="utf-8"))
     config = json.loads(json.dumps(config))  # tuples become lists, as in the saved file
     differ = []
     for key in sorted(set(saved) | set(config)):
