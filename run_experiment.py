@@ -18,6 +18,7 @@ GPU): each cell runs under its own lock, and a run skips the cells another is ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import time
@@ -59,6 +60,8 @@ def _subset(value: str | None, allowed, default: list[str], what: str) -> list[s
         return default
     chosen = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in chosen if allowed is not None and v not in allowed]
+    if allowed is None and not chosen:  # a single preset's --models takes any model type: no choices to list
+        raise UserError(f"--{what} {value!r}: name at least one model type")
     if bad or not chosen:
         raise UserError(f"--{what} {value!r}: choose from {', '.join(allowed)}")
     return chosen
@@ -69,8 +72,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from utils.presets import PRESET_GROUPS, PRESETS, apply_overrides
 
-    presets = [apply_overrides(PRESETS[name](), args.set or [])
-               for name in PRESET_GROUPS.get(args.preset, [args.preset])]
+    names = PRESET_GROUPS.get(args.preset, [args.preset])
+    presets = [apply_overrides(PRESETS[name](), args.set or []) for name in names]
     if len(presets) > 1:  # a group's --models names its members' models
         members = [m for p in presets for m in p.models]
         _subset(args.models, members, members, "models")
@@ -78,6 +81,7 @@ def main(argv=None) -> dict:
     if not any(p.models and p.methods and p.tasks for p in presets):  # only a group's narrowing can empty it
         raise UserError(f"--preset {args.preset}: no member preset has the selected models, methods and tasks "
                         f"together; a single preset runs what it does not list (--preset paper-phi-3 --methods fft)")
+    presets = _local_model_path(args.set or [], names, presets)
     out = pathlib.Path(args.out or f"runs/{args.preset}").resolve()
     if out.exists() and not out.is_dir():  # (--plan too: its checks of each cell would blame the preset)
         raise UserError(f"--out {out}: a file, not a directory; pass a directory")
@@ -85,6 +89,24 @@ def main(argv=None) -> dict:
         check_writable_dir(out, "--out")
         out.mkdir(parents=True, exist_ok=True)
     return _run(args, presets, grids, out)
+
+
+def _local_model_path(overrides: list[str], names: list[str], presets: list) -> list:
+    """``--set [section.]model_path=DIR`` holds one model's weights: refused when several models are selected (each
+    would be tuned on DIR and reported under its own name). A group's members left without a selected model are
+    rebuilt without it: DIR is no setting of their cells, whose stored results the report shows."""
+    from utils.presets import PRESETS, apply_overrides
+
+    models = list(dict.fromkeys(m for p in presets for m in p.models))
+    local = [item for item in overrides if item.partition("=")[0].rpartition(".")[2] == "model_path"]
+    if local and len(models) > 1:
+        raise UserError(f"--set {local[0]!r}: every selected model ({', '.join(models)}) would load that directory "
+                        f"and be tuned and reported under its own name; select the model it holds with --models")
+    if not local or len(presets) == 1:
+        return presets
+    others = [item for item in overrides if item not in local]
+    return [p if p.models else dataclasses.replace(apply_overrides(PRESETS[name](), others), models=[],
+                                                   methods=p.methods, tasks=p.tasks) for name, p in zip(names, presets)]
 
 
 def _select(args, preset, group: bool) -> dict:
@@ -106,8 +128,6 @@ def _select(args, preset, group: bool) -> dict:
 
 
 def _run(args, presets: list, grids: list[dict], out: pathlib.Path) -> dict:
-    import dataclasses
-
     from utils import fixtures
     from utils.experiment import stored_result
     from utils.experiment_plan import check_commands, plan_cells, uncached_hub_models
@@ -232,7 +252,7 @@ def _run_cells(cells, seed: int, force: bool, results: dict, ran: list[str], fai
             print(f"{tag}: another run (pid {holder}) is running it; left to that run", flush=True)
             continue
         with lock:
-            stored = stored_result(cell)  # finished by another run since this one started?
+            stored = stored_result(cell, warn=False)  # finished by another run since this one started?
             result_file = cell.directory / "result.json"
             if stored is not None and (not force or result_file.stat().st_mtime >= started):
                 keep(cell, tag, stored)

@@ -142,6 +142,15 @@ def test_bad_override_is_a_one_line_error(tmp_path, capsys):
     assert "unknown section 'bogus'" in capsys.readouterr().err
 
 
+def test_an_empty_model_selection_is_a_one_line_error(tmp_path, capsys):
+    """--models "," (a stray comma, an empty shell variable) ended in a TypeError traceback: a single preset takes any
+    model name, so there was no list of choices to print."""
+    with pytest.raises(SystemExit) as exc:
+        run_experiment.main(["--preset", "smoke", "--out", str(tmp_path), "--models", ",", "--plan"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "error: --models ',': name at least one model type\n"
+
+
 # ---------------------------------------------------------------------- the pipeline around fake stages (fast)
 TASK_ORDER = ["cruxeval_input_prediction", "cruxeval_output_prediction", "mbpp"]  # the paper's column order
 ROW_ORDER = ["none", "fft", "lora", "pt", "idpg", "lopa"]
@@ -708,6 +717,25 @@ def test_the_paper_group_narrowed_to_one_model_still_shows_the_others_stored_cel
     assert all(re.search(r"^\| PT \| 24\.00 \|$", s, re.M) for s in sections)
 
 
+def test_a_local_copy_of_one_groups_model_leaves_the_others_stored_cells_shown(tmp_path, monkeypatch):
+    """The README's earlier Phi-3 (--set model_path=DIR) within the paper's table: DIR is phi-3's, so it is no
+    setting of the other models' cells, whose stored results the table kept hiding (their hash took DIR too)."""
+    _fake_stages(monkeypatch)
+    from utils.presets import PAPER_MODELS
+
+    common = ["--preset", "paper", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "pt"]
+    run_experiment.main(common)
+    local = tmp_path / "phi-3-april"
+    local.mkdir()
+    (local / "config.json").write_text('{"model_type": "phi3"}')
+    result = run_experiment.main([*common, "--models", "phi-3", "--set", f"model_path={local}"])
+    assert result["ran"] == ["phi-3/mbpp/pt"] and sorted(result["results"]) == sorted(
+        f"{m}/mbpp/pt" for m in PAPER_MODELS)
+    assert all(f"--model_path {local}" in c for c in result["results"]["phi-3/mbpp/pt"]["commands"][:2])
+    text = (tmp_path / "results.md").read_text()
+    assert [s.splitlines()[0] for s in text.split("## Provenance")[0].split("\n## ")[1:]] == list(PAPER_MODELS)
+
+
 def test_a_group_selection_that_matches_no_cell_is_refused(tmp_path, monkeypatch, capsys):
     _fake_stages(monkeypatch)
     with pytest.raises(SystemExit) as exc:  # the paper has FFT for phi-2 only, so paper-phi-3 does not list it
@@ -770,6 +798,36 @@ def test_plan_names_no_deleted_training_where_none_is_left_and_reads_an_odd_atte
         printed = capsys.readouterr().out
         assert f"[1/1] tiny-phi-2/mbpp/pt: to run; replaces its stored result of other settings, {score}\n" in printed
         assert "(1 with a training to run)" in printed, attempt
+
+
+@pytest.mark.parametrize("damage", ["cut short", "pass@1 as text", "not an object"])
+def test_a_damaged_or_hand_edited_result_json_is_redone_not_a_crash_of_every_run(tmp_path, monkeypatch, capsys,
+                                                                                   damage):
+    """A result.json that no longer holds a result the table can show (cut short by a copy, edited by hand) made
+    every run of the --out, --plan and the report of an unselected cell stop with a traceback (JSONDecodeError,
+    TypeError, AttributeError). It counts as no result, with a warning naming the file: the plan lists the cell to
+    run, the report of another selection leaves it out, and a run redoes that cell alone."""
+    _fake_stages(monkeypatch)
+    args = ["--preset", "smoke", "--out", str(tmp_path), "--tasks", "mbpp", "--methods", "pt,lora"]
+    run_experiment.main(args)
+    path = tmp_path / "cells/tiny-phi-2/mbpp/pt/result.json"
+    text = path.read_text()
+    path.write_text({"cut short": text[:60], "pass@1 as text": text.replace('"pass@1": 0.24', '"pass@1": "24%"'),
+                     "not an object": "[" + text + "]"}[damage])
+    assert path.read_text() != text
+    capsys.readouterr()
+    assert run_experiment.main(args + ["--plan"])["stored"] == ["tiny-phi-2/mbpp/lora"]
+    printed = capsys.readouterr()
+    assert "[1/2] tiny-phi-2/mbpp/pt: to run" in printed.out
+    assert f"warning: {path}: " in printed.err and "it counts as no result" in printed.err
+    report = run_experiment.main(args[:-2] + ["--methods", "lora"])  # pt is outside the selection: not shown
+    assert report["ran"] == [] and "`tiny-phi-2/mbpp/pt`" not in (tmp_path / "results.md").read_text()
+    assert f"warning: {path}: " in capsys.readouterr().err
+    again = run_experiment.main(args)
+    assert again["ran"] == ["tiny-phi-2/mbpp/pt"] and again["failed"] == {}
+    assert json.loads(path.read_text())["pass@1"] == _score("mbpp", "pt")
+    shown = re.search(r"^\| PT \| (\S+) \|$", (tmp_path / "results.md").read_text(), re.M).group(1)
+    assert shown == f"{100 * _score('mbpp', 'pt'):.2f}"
 
 
 def test_every_in_process_stage_compiles_its_decoder_layers(monkeypatch):

@@ -111,6 +111,30 @@ def test_set_model_path_reaches_every_stage_the_untuned_cells_too(tmp_path):
             assert stages == expected, (overrides, cell.key, stages)
 
 
+def test_set_model_path_is_refused_when_several_models_are_selected(tmp_path, capsys):
+    """One directory cannot be the weights of several models: --preset paper --set model_path=DIR (a local copy of
+    one of them, say the gated Llama-3) planned every model's cells on DIR, and the DeepSeek-7B cells (the same
+    architecture and width, so not even a warning at load) would have tuned Llama-3 under the paper's DeepSeek-7B
+    numbers. Narrowed to one model it runs, as a single preset with one model does."""
+    import run_experiment
+
+    local = tmp_path / "llama-3-copy"
+    local.mkdir()
+    (local / "config.json").write_text('{"model_type": "llama", "hidden_size": 4096}')
+    out = str(tmp_path / "out")
+    for argv in (["--preset", "paper", "--models", "deepseek-coder-1.3b-base,Meta-Llama-3-8B"], ["--preset", "paper"],
+                 ["--preset", "paper-phi-2", "--models", "phi-2,tiny-phi-2"]):
+        for item in (f"model_path={local}", f"gen.model_path={local}"):
+            with pytest.raises(SystemExit) as exc:
+                run_experiment.main(argv + ["--out", out, "--set", item, "--plan", "--tasks", "mbpp"])
+            assert exc.value.code == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: --set {item!r}: every selected model (") and "--models" in err, err
+    plan = run_experiment.main(["--preset", "paper", "--models", "Meta-Llama-3-8B", "--out", out, "--set",
+                                f"model_path={local}", "--set", "enc_model_type=tiny-roberta", "--plan"])
+    assert len(plan["planned"]) == 15 and all(k.startswith("Meta-Llama-3-8B/") for k in plan["planned"])
+
+
 def test_set_mbpp_split_reaches_both_stages_of_the_mbpp_cells_only(tmp_path):
     """--set mbpp_split=standard used to reach the training only: the cells trained on the standard split's train
     tasks and were scored on the paper split's test tasks, 374 of which they had been tuned on. A CRUXEval cell's

@@ -4,7 +4,8 @@ post-processed and evaluated by the project's own scripts, in this process, and 
 A cell whose stored result has the cell's hash is skipped. After a code change, stored cells are kept (the run says
 so when their commit differs) until --force. Each stored result records the commands, the seed and the git commit
 that produced it. A cell that fails or is interrupted leaves no result.json, so the next run redoes it; its output
-is in ``<cell>/cell.log``. What its training already did is kept when the training settings are unchanged (whatever
+is in ``<cell>/cell.log``; a result.json the table cannot show (cut short, edited by hand) counts as none, and a
+run redoes that cell. What its training already did is kept when the training settings are unchanged (whatever
 changed in generation or evaluation): a finished training (``train/final``) is not redone, and an interrupted one
 continues from its last checkpoint (presets that train for long save one every epoch).
 """
@@ -287,9 +288,47 @@ def training_cost(train_dir: pathlib.Path) -> dict:
             "train_gpu_peak_gib": max(peaks, default=None)}
 
 
-def stored_result(cell: Cell) -> dict | None:
+def stored_result(cell: Cell, warn: bool = True) -> dict | None:
+    """The cell's result.json when it holds a result of the cell's settings (its hash), else None. A file the table
+    cannot show (cut short, edited by hand: ``_result_problem``) counts as none, so a run that selects the cell redoes
+    it, keeping a finished training and generation of the same settings; ``warn``: say so on stderr, naming it."""
     path = cell.directory / "result.json"
     if not path.is_file():
         return None
-    result = json.loads(path.read_text())
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        problem = _result_problem(result)
+    except (OSError, ValueError) as exc:
+        result, problem = None, f"unreadable ({exc})"
+    if problem is not None:
+        if warn:
+            print(f"warning: {path}: {problem}; it counts as no result (a run that selects the cell redoes it)",
+                  file=sys.stderr, flush=True)
+        return None
     return result if result.get("config_hash") == cell.config_hash() else None
+
+
+def _result_problem(result) -> str | None:
+    """Why a stored result cannot be shown (None when it can): the fields the progress lines and results.md read,
+    of the types ``run_cell`` writes."""
+    if not isinstance(result, dict):
+        return f"holds a JSON {type(result).__name__}, not a result object"
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def wrong(field: str, what: str) -> str:
+        return f"{field} is {result[field]!r}, not {what}" if field in result else f"{field} ({what}) is missing"
+
+    for field in ("pass@1", "mbpp_stage2_pass@1"):
+        value = result.get(field)
+        if (field == "pass@1" or value is not None) and not (number(value) and 0 <= value <= 1):
+            return wrong(field, "a fraction from 0 to 1")
+    for field, kind, what in (("n_tasks", int, "a whole number"), ("seed", int, "a whole number"),
+                              ("git_commit", str, "text"), ("finished", str, "text"), ("commands", list, "a list")):
+        if not isinstance(result.get(field), kind) or isinstance(result.get(field), bool):
+            return wrong(field, what)
+    for field in ("seconds", "trainable_params", "train_seconds", "train_gpu_peak_gib"):
+        if not (number(result.get(field)) or (field != "seconds" and result.get(field) is None)):
+            return wrong(field, "a number")
+    return None
