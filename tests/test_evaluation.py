@@ -312,13 +312,15 @@ def test_ctrl_c_drops_the_queued_samples_instead_of_running_them_all():
 
     # Python's own handler even where the suite was started in the background (SIGINT ignored there)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    kept = []
     try:
         with pytest.raises(KeyboardInterrupt):
             run_samples([Sample(f"t{i}", 0, "print(1)") for i in range(40)], Interrupted(), n_workers=2,
-                        progress=False)
+                        progress=False, on_result=lambda i, result: kept.append(i))
     finally:
         signal.signal(signal.SIGINT, previous)
     assert Interrupted.calls <= 4  # the running ones finish; without the fix all 40 ran before Ctrl-C took effect
+    assert sorted(kept) == list(range(Interrupted.calls))  # each that ran is kept; the dropped ones are not asked
 
 
 def test_sandbox_config_rejects_nonsense():
@@ -770,6 +772,66 @@ def test_a_finished_scoring_is_reused_when_asked_for_and_its_fingerprint_is_this
     again = _score(path, problem_file, fake_sandbox, reuse_finished=True)
     assert [run.count("# wrong") for run in fake_sandbox.runs] == [1, 1] and again["reused_samples"] == 4
     assert results_path.read_text() == fresh_results
+
+
+def test_a_finished_scoring_is_reused_before_the_kept_samples_of_a_later_interrupted_scoring(tmp_path, fake_sandbox,
+                                                                                           capsys):
+    """A finished file scored again without reuse_finished and interrupted after 2 samples: its progress file holds
+    2 of them, the finished scoring all 6 (its summary still records this run's fingerprint). Reuse takes all 6."""
+    path, problem_file = _resume_files(tmp_path)
+    fresh = _score(path, problem_file, fake_sandbox)
+    assert _score(path, problem_file, fake_sandbox, interrupt_after=2) is None
+    assert len((tmp_path / "sols_results.partial.jsonl").read_text().splitlines()) == 1 + 2
+    capsys.readouterr()
+    reused = _score(path, problem_file, fake_sandbox, reuse_finished=True)
+    assert fake_sandbox.runs == [] and reused["reused_samples"] == 6 and reused["counts"] == fresh["counts"]
+    assert capsys.readouterr().out.startswith("reusing: 6 of 6 samples already scored")
+
+
+def test_a_finished_scoring_whose_results_are_not_its_samples_is_scored_again_saying_why(tmp_path, fake_sandbox,
+                                                                                        capsys):
+    """The summary records this run's fingerprint but its results file lost a line, or holds another prediction
+    for a sample: not reused (every sample runs), and the line says why (a file never scored: no line)."""
+    path, problem_file = _resume_files(tmp_path)
+    results_path = tmp_path / "sols_results.jsonl"
+    assert _score(path, problem_file, fake_sandbox, reuse_finished=True)["reused_samples"] == 0
+    assert capsys.readouterr().out == ""  # nothing scored before: nothing to explain
+    lines = results_path.read_text().splitlines(keepends=True)
+    results_path.write_text("".join(lines[:-1]))
+    capsys.readouterr()
+    assert _score(path, problem_file, fake_sandbox, reuse_finished=True)["reused_samples"] == 0
+    assert len(fake_sandbox.runs) == 6
+    assert capsys.readouterr().out == (f"scoring again: {results_path} is of another scoring (5 results for 6 "
+                                       f"samples)\n")
+    first = json.loads(results_path.read_text().splitlines()[0])
+    lines = results_path.read_text().splitlines(keepends=True)
+    results_path.write_text(json.dumps({**first, "prediction": "    return a + 2"}) + "\n" + "".join(lines[1:]))
+    assert _score(path, problem_file, fake_sandbox, reuse_finished=True)["reused_samples"] == 0
+    assert len(fake_sandbox.runs) == 6
+    assert capsys.readouterr().out == (f"scoring again: {results_path} is of another scoring (its results differ "
+                                       f"from the samples at {first['task_id']})\n")
+
+
+def test_a_scoring_stopped_before_its_summary_is_written_leaves_no_summary_of_the_earlier_one(tmp_path, fake_sandbox,
+                                                                                             monkeypatch):
+    """A rescoring under another timeout, stopped between writing its results and its summary: the earlier summary,
+    whose fingerprint would vouch for the new results as the earlier settings', is gone."""
+    from utils import evaluation
+
+    path, problem_file = _resume_files(tmp_path)
+    summary_path = tmp_path / "sols_summary.json"
+    _score(path, problem_file, fake_sandbox)
+    assert json.loads(summary_path.read_text())["fingerprint"]["timeout_s"] == 5.0
+    write = evaluation.atomic_write_text
+
+    def stopped_at_the_summary(target, text, *args):
+        if pathlib.Path(target) == summary_path:
+            raise KeyboardInterrupt
+        return write(target, text, *args)
+
+    monkeypatch.setattr(evaluation, "atomic_write_text", stopped_at_the_summary)
+    assert _score(path, problem_file, fake_sandbox, timeout=6.0) is None
+    assert (tmp_path / "sols_results.jsonl").is_file() and not summary_path.exists()
 
 
 def test_a_second_scoring_started_while_the_first_runs_its_samples_is_refused(tmp_path, fake_sandbox, monkeypatch):

@@ -573,6 +573,22 @@ def test_cancel_stops_the_running_sample_and_what_it_left_and_refuses_new_ones(m
             sandbox.run("print(1)")
 
 
+def test_a_request_to_a_fork_server_after_its_hang_up_is_a_gone_server_and_the_server_exits():
+    """After ``cancel`` closed a server's stdin, a request sent to it (a sample that raced the cancel) must be
+    ServerGone, which ``run`` turns into SampleCancelled, and not a ValueError escaping as a sandbox error; the
+    server, idle, exits at the end of its input."""
+    from utils.sandbox_process import ForkServer, ServerGone
+
+    server = ForkServer(sys.executable, dict(os.environ), isolated=False)
+    try:
+        server.hang_up()
+        with pytest.raises(ServerGone, match=r"^fork server is gone \(.*closed file"):
+            server.request({}, 5.0)
+        assert server.proc.wait(timeout=30) == 0
+    finally:
+        server.close()
+
+
 def test_mode_none_still_enforces_timeout_limits_env_and_kills_daemons(arena):
     programs = hostile_programs(arena)
     with Sandbox(SandboxConfig(timeout=2.0, mode="none", memory_mb=256)) as sandbox:

@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 from utils.data import load_task_split
 from utils.errors import _on_stop_signal, cli_entry
@@ -125,3 +127,85 @@ def test_sigterm_while_scoring_keeps_the_scored_samples_and_leaves_no_sandboxed_
     _, alive = psutil.wait_procs(sandboxed, timeout=10)
     alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]  # killed, not yet reaped (no init here)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_a_held_stop_raises_what_its_signal_stands_for():
+    """Ctrl-C: KeyboardInterrupt (Python's exit); SIGTERM, and a stop that only another process received (no signal
+    here): Terminated, so that the run exits with 143 as the signalled one does."""
+    from utils.errors import HeldStop, Terminated
+
+    held = HeldStop()
+    assert type(held.interrupt()) is Terminated
+    held.signum = signal.SIGTERM
+    assert type(held.interrupt()) is Terminated
+    held.signum = signal.SIGINT
+    assert type(held.interrupt()) is KeyboardInterrupt
+
+
+def test_a_held_signal_is_said_once_and_a_second_one_raises_except_under_a_launcher(monkeypatch, capfd):
+    """In a hold: the first signal is recorded and said on stderr by the first process only; a second raises at once,
+    except under a launcher (LOCAL_RANK), which forwards the same stop to every process (SIGKILL is its hard stop).
+    A hold inside another gives the outer one back when it ends."""
+    from utils import errors
+    from utils.errors import Terminated, hold_stop_signals
+
+    monkeypatch.setattr(errors, "_RECEIVED", [])
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(KeyboardInterrupt) as stopped, hold_stop_signals() as held:
+        _on_stop_signal(signal.SIGINT, None)
+        assert held.signum == signal.SIGINT
+        _on_stop_signal(signal.SIGTERM, None)
+    assert type(stopped.value) is Terminated  # the second, at once
+    assert capfd.readouterr().err == ("\nCtrl-C: stopping at the end of this step, once a checkpoint is saved (a "
+                                      "second Ctrl-C stops at once)\n")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    reached = []
+    with pytest.raises(KeyboardInterrupt) as stopped, hold_stop_signals("once final/ is written") as held:
+        _on_stop_signal(signal.SIGTERM, None)
+        _on_stop_signal(signal.SIGTERM, None)  # forwarded by the launcher: held too
+        reached.append(held.signum)
+    assert reached == [signal.SIGTERM] and type(stopped.value) is Terminated  # raised when the block ends
+    assert capfd.readouterr().err == "\nSIGTERM: stopping once final/ is written (SIGKILL stops at once)\n"
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(KeyboardInterrupt), hold_stop_signals() as outer:
+        with hold_stop_signals() as inner:
+            pass
+        _on_stop_signal(signal.SIGTERM, None)
+    assert (outer.signum, inner.signum) == (signal.SIGTERM, None)
+    assert capfd.readouterr().err == ""  # another process than the first says nothing
+    assert errors._RECEIVED == [signal.SIGINT, signal.SIGTERM, signal.SIGTERM, signal.SIGTERM, signal.SIGTERM]
+
+
+def test_only_the_first_process_of_a_launched_run_keeps_interrupt_advice(monkeypatch):
+    from utils import errors
+    from utils.errors import on_interrupt
+
+    monkeypatch.setattr(errors, "_INTERRUPT_HINT", [None])
+    monkeypatch.setenv("RANK", "1")
+    on_interrupt("rerun")
+    assert errors._INTERRUPT_HINT == [None]
+    monkeypatch.setenv("RANK", "0")
+    on_interrupt("rerun")
+    assert errors._INTERRUPT_HINT == ["rerun"]
+
+
+def test_a_scripts_main_run_in_another_thread_leaves_the_signal_handlers_alone():
+    """Only the main thread may set a handler (signal.signal raises ValueError elsewhere)."""
+    import threading
+
+    seen = []
+
+    @cli_entry
+    def main():
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return 7
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        worker = threading.Thread(target=lambda: seen.append(main()))
+        worker.start()
+        worker.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [signal.SIG_DFL, 7]

@@ -409,6 +409,21 @@ def test_a_resume_may_split_the_same_steps_into_other_micro_batches_and_nothing_
     assert resume(1, 4) == (1, 4)
 
 
+def test_a_checkpoint_that_records_only_one_half_of_the_split_resumes_as_other_unrecorded_fields_do(tmp_path):
+    """A record without --gradient_accumulation_steps (the micro-batch alone): the split cannot be judged, so it is
+    accepted, as an unrecorded field is (not a KeyError)."""
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000002\n")
+    saved = _parse(["--peft_method", "pt", *BASE], tmp_path=tmp_path / "new").to_dict()
+    del saved["train"]["gradient_accumulation_steps"]
+    (ckpt / "config.json").write_text(json.dumps(saved))
+    train = parse_args(["--peft_method", "pt", *BASE, "--gradient_accumulation_steps", "3", "--resume_from",
+                        str(tmp_path / "run")], "peft").train
+    assert (train.per_gpu_train_batch_size, train.gradient_accumulation_steps) == (2, 3)
+
+
 def test_a_run_that_recorded_another_methods_flag_still_resumes(tmp_path):
     """Before such flags were refused, a pt run given --lp_rank 4 recorded it; resuming it now met two errors that
     each asked for the other's fix."""

@@ -193,6 +193,31 @@ def test_sigterm_inside_an_optimizer_step_saves_that_step_and_the_resume_ends_bi
     assert_resumed_bitwise(stopped, lopa_uninterrupted, resumed)
 
 
+def test_sigterm_in_the_step_that_ends_an_epoch_stops_with_that_epochs_checkpoint_saved_once(
+        tmp_path, data_paths, sigterm_default, monkeypatch, capfd):
+    """Step 3 ends epoch 1, whose checkpoint the PEFT default saves anyway: the stop keeps that one checkpoint and
+    writes no second copy of it (and the log says so: no "once its checkpoint is saved")."""
+    import gc
+
+    from utils import training
+
+    stopped = tmp_path / "stopped"
+    sigterm_in_call(monkeypatch, training, "optimizer_step", calls=(3,))
+    saves, save = [], training.Trainer._save_checkpoint
+    monkeypatch.setattr(training.Trainer, "_save_checkpoint", lambda self: saves.append(self.state.global_step)
+                        or save(self))
+    with pytest.raises(SystemExit) as exit_status:
+        run_inprocess("peft", lopa_args(data_paths, tmp_path) + ["--log_dir", str(stopped)])
+    assert exit_status.value.code == 143
+    del exit_status  # its traceback held the run's frames: the progress bar, closed before the hint, says nothing now
+    gc.collect()
+    assert capfd.readouterr().err.endswith(f"terminated (SIGTERM): rerun with --resume_from {stopped}: it continues "
+                                           f"from step_00000003, the last complete checkpoint\n")
+    assert saves == [3]
+    assert "SIGTERM: stopping after step 3\n" in (stopped / "train.log").read_text()
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["latest", "step_00000003"]
+
+
 @pytest.mark.parametrize("first", ["step_5", "final"])
 def test_a_second_sigterm_stops_at_once_and_keeps_the_checkpoint_before(tmp_path, data_paths, sigterm_default,
                                                                          monkeypatch, capfd, first):

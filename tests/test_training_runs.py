@@ -10,6 +10,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -752,6 +753,26 @@ def test_a_run_out_of_memory_resumes_with_a_smaller_micro_batch_and_ends_as_if_n
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
         assert not torch.equal(tensor, load_file(str(tmp_path / "cut" / "checkpoints" / "step_00000001" / "adapter"
                                                      / "adapter_model.safetensors"))[name])  # it trained on
+
+
+def test_the_trainer_refuses_a_split_of_other_steps_that_the_parse_let_through(tmp_path, data_paths, monkeypatch,
+                                                                                capsys):
+    """The parse judges a resume's micro-batch from the checkpoint's record (which may lack the processes and the
+    examples); the trainer checks again with the data and processes at hand, and refuses in the same line."""
+    from utils import train_checks
+
+    _pt_run(tmp_path / "run", data_paths["mbpp"], "--compile", "off", "--save_every", "2steps")
+    shutil.rmtree(tmp_path / "run" / "final")  # as if stopped after step 2's checkpoint
+    monkeypatch.setattr(train_checks, "_check_batch_split", lambda *args: None)
+    with pytest.raises(SystemExit) as refused:
+        _pt_run(tmp_path / "run", data_paths["mbpp"], "--compile", "off", "--save_every", "2steps",
+                "--per_gpu_train_batch_size", "1", "--resume_from", str(tmp_path / "run"))
+    assert refused.value.code == 2
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {checkpoint}: the checkpoint's micro-batch x accumulation steps is 2 x 1, this run's "
+        f"1 x 1: a resume may change them only where the product (the examples per step on each process, 2) stays "
+        f"the same; pass --per_gpu_train_batch_size 2 --gradient_accumulation_steps 1 to resume, or start a new run")
 
 
 def test_compile_mode_reduce_overhead_marks_a_step_before_each_micro_batch(tmp_path, data_paths, monkeypatch):

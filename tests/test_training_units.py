@@ -17,8 +17,8 @@ from utils.checkpoint import (LATEST, TrainerState, find_checkpoint, load_checkp
                               save_checkpoint)
 from utils.errors import UserError
 from utils.train_config import TrainArgs
-from utils.train_setup import (make_plan, param_groups, reset_accelerate_state, same_steps, smaller_micro_batches,
-                               venv_extension_cache)
+from utils.train_setup import (batch_split_refusal, make_plan, param_groups, reset_accelerate_state, same_steps,
+                               smaller_micro_batches, venv_extension_cache)
 
 
 @pytest.mark.parametrize("processes, per_process_batches, steps", [(1, 244, 2440), (4, 61, 610), (8, 31, 310)])
@@ -109,6 +109,80 @@ def test_another_split_of_the_steps_takes_the_same_examples_exactly_where_same_s
     assert not same_steps(8, 1, (2, 2), (1, 2))  # another number of examples per step
     assert smaller_micro_batches(6, 1, (4, 2)) == [(2, 4), (1, 8)] and smaller_micro_batches(6, 2, (2, 2)) == []
     assert smaller_micro_batches(8, 2, (2, 2)) == [(1, 4)] and smaller_micro_batches(6, 1, (1, 4)) == []
+
+
+def test_a_refused_split_names_the_smaller_micro_batches_of_the_checkpoints_that_would_take_its_steps():
+    """6 examples on 2 processes in steps of 4 x 1: 2 x 2 repeats as many examples (2), 1 x 4 none. The refusal of
+    1 x 4 names 2 x 2, a smaller micro-batch of the checkpoint's split (not of the refused one, which has none)."""
+    refusal = batch_split_refusal((4, 1), (1, 4), 6, 2, group_by_length=False)
+    assert refusal == ("the checkpoint's micro-batch x accumulation steps is 4 x 1, this run's 1 x 4: with 2 processes "
+                       "and 6 examples accelerate repeats examples to give each process as many micro-batches, 2 with "
+                       "micro-batches of 4, 0 with 1, so the last step of each epoch would train on other examples "
+                       "(2 x 2 would not)")
+    assert batch_split_refusal((4, 1), (2, 2), 6, 2, group_by_length=False) is None
+
+
+def _hint_trainer(tmp_path, batch: int, dtype: str = "fp32", checkpoint: bool = False):
+    """What ``Trainer._out_of_memory_hint`` reads, without building a model: a PT run on 6 examples, one process."""
+    from types import SimpleNamespace
+
+    log_dir = tmp_path / f"run_{batch}_{dtype}_{checkpoint}"
+    if checkpoint:
+        (log_dir / "checkpoints" / "step_00000002").mkdir(parents=True)
+        (log_dir / "checkpoints" / LATEST).write_text("step_00000002\n")
+    train = TrainArgs(per_gpu_train_batch_size=batch, gradient_checkpointing=True, model_dtype=dtype)
+    return SimpleNamespace(config=SimpleNamespace(train=train, model=SimpleNamespace(method="pt")),
+                           accelerator=SimpleNamespace(num_processes=1), graph_steps=0, dataset=[None] * 6,
+                           split=(batch, 1), ds=False, plan=SimpleNamespace(total_batch_size=batch),
+                           state=SimpleNamespace(global_step=2), log_dir=log_dir)
+
+
+def test_the_out_of_memory_hint_names_the_largest_smaller_micro_batch_and_nothing_for_a_new_run_without_one(
+        tmp_path):
+    """A micro-batch of 4: 2 x 2 and 1 x 4 take the same steps; the hint names the largest, with its accumulation.
+    With a checkpoint and bf16 already, a resume is the only way named (no empty "a new run can also take")."""
+    from utils.training import Trainer
+
+    hint = Trainer._out_of_memory_hint(_hint_trainer(tmp_path, 4))
+    assert hint.startswith("out of GPU memory in step 3: --per_gpu_train_batch_size 2 --gradient_accumulation_steps 2 "
+                           "(the same 4 examples per step; 4 x 1 now); --model_dtype bf16 (half the frozen weights). "
+                           "Then rerun without --resume_from"), hint
+    saved = _hint_trainer(tmp_path, 2, dtype="bf16", checkpoint=True)
+    assert Trainer._out_of_memory_hint(saved) == (
+        f"out of GPU memory in step 3. To go on from the last checkpoint, rerun with --resume_from {saved.log_dir}: it "
+        f"continues from step_00000002, the last complete checkpoint, adding --per_gpu_train_batch_size 1 "
+        f"--gradient_accumulation_steps 2 (the same 2 examples per step; 2 x 1 now)")
+
+
+def test_a_held_stop_saves_a_checkpoint_of_its_step_unless_one_was_just_saved_and_raises_what_the_signal_was(
+        caplog):
+    """``Trainer._stop_here``: a step that just saved its checkpoint (an epoch's end, --save_every) is not saved
+    twice; Ctrl-C raises KeyboardInterrupt, SIGTERM Terminated, a stop that only another process received Terminated
+    too, each named in the log (by the main process only: another one saves its part without a line)."""
+    import logging
+    import signal
+    from types import SimpleNamespace
+
+    from utils.errors import HeldStop, Terminated
+    from utils.training import Trainer
+
+    for signum, saved, main, raised, lines in (
+            (signal.SIGTERM, True, True, Terminated, ["SIGTERM: stopping after step 3"]),
+            (signal.SIGINT, False, True, KeyboardInterrupt,
+             ["Ctrl-C: stopping after step 3, once its checkpoint is saved"]),
+            (None, False, True, Terminated, ["another process was stopped: stopping after step 3, once its checkpoint "
+                                             "is saved"]),
+            (signal.SIGTERM, False, False, Terminated, [])):
+        saves, held = [], HeldStop()
+        held.signum = signum
+        trainer = SimpleNamespace(_held=held, state=SimpleNamespace(global_step=3), log=logging.getLogger("stop"),
+                                  accelerator=SimpleNamespace(is_main_process=main),
+                                  _save_checkpoint=lambda: saves.append(1))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="stop"), pytest.raises(KeyboardInterrupt) as stopped:
+            Trainer._stop_here(trainer, saved)
+        assert type(stopped.value) is raised and caplog.messages == lines
+        assert len(saves) == (0 if saved else 1)
 
 
 def test_the_rest_of_a_resumed_epoch_is_copied_to_the_device_without_waiting_too():
@@ -701,3 +775,58 @@ def test_the_memory_check_leaves_the_free_memory_less_the_need_and_reads_small_s
         check_fits_gpu(MemoryNeed(50 * mib, 0, 0), 40 * mib, "pt", "m", "bf16")
     assert str(exc.value).startswith("pt of m needs 50.0 MiB before activations (weights 50.0 MiB), more than the "
                                      "40.0 MiB free on this GPU")
+
+
+def test_a_resume_in_another_split_counts_the_epochs_done_steps_in_its_own_micro_batches(caplog):
+    """``Trainer._convert_position``: a checkpoint of 2 x 2 after 3 steps of the epoch has taken 6 micro-batches,
+    which are 12 of 1 x 4; a position inside a step (never written by the trainer) is refused, naming the split."""
+    import logging
+    from types import SimpleNamespace
+
+    from utils.training import Trainer
+
+    trainer = SimpleNamespace(saved_split=(2, 2), split=(1, 4), state=SimpleNamespace(batch_in_epoch=6),
+                              resume_dir=pathlib.Path("run/checkpoints/step_00000003"), log=logging.getLogger("split"),
+                              plan=SimpleNamespace(total_batch_size=4))
+    with caplog.at_level(logging.INFO, logger="split"):
+        Trainer._convert_position(trainer)
+    assert trainer.state.batch_in_epoch == 12
+    assert caplog.messages == ["resuming with micro-batch 1 x 4 accumulation steps instead of 2 x 2: the same 4 "
+                               "examples per step"]
+    trainer.state.batch_in_epoch = 5
+    with pytest.raises(UserError, match=r"^run/checkpoints/step_00000003: its batch_in_epoch \(5\) stands inside an "
+                                        r"optimizer step; resume with --per_gpu_train_batch_size 2 "
+                                        r"--gradient_accumulation_steps 2$"):
+        Trainer._convert_position(trainer)
+
+
+def test_several_processes_stop_at_the_step_whose_numbers_say_one_held_a_signal_and_compare_once_after_the_last():
+    """``Trainer._stop_now``: one process stops at its own signal; several at the step whose reduced numbers carried
+    one (``_stop_agreed``), and after the last step they reduce their held signals once more (here: the other
+    process held one)."""
+    import signal
+    from types import SimpleNamespace
+
+    from utils.errors import HeldStop
+    from utils.training import Trainer
+
+    reductions = []
+
+    def reduce(tensor, reduction):
+        reductions.append((tensor.tolist(), reduction))
+        return tensor + 1  # the other process held a signal
+
+    held = HeldStop()
+    one = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1), _held=held, _stop_agreed=True)
+    assert not Trainer._stop_now(one) and not Trainer._stop_now(one, last=True)
+    held.signum = signal.SIGTERM
+    assert Trainer._stop_now(one)
+    two = SimpleNamespace(accelerator=SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=reduce),
+                          _held=HeldStop(), _stop_agreed=False)
+    assert not Trainer._stop_now(two) and reductions == []  # between steps: the loss's reduction carries it
+    assert Trainer._stop_now(two, last=True) and two._stop_agreed and reductions == [([0.0], "sum")]
+    assert Trainer._stop_now(two, last=True) and len(reductions) == 1  # agreed already: no second reduction
+    quiet = SimpleNamespace(accelerator=SimpleNamespace(num_processes=2, device=torch.device("cpu"),
+                                                        reduce=lambda tensor, reduction: tensor),
+                            _held=HeldStop(), _stop_agreed=False)
+    assert not Trainer._stop_now(quiet, last=True)
