@@ -186,7 +186,8 @@ def _fake_stages(monkeypatch, fail=None):
                 raise fail[2]
             if script == "evaluate_preds.py":
                 stage = "stage2" if "stage2" in path else "stage1"
-                return {"pass@1": _score(task, method, stage), "n_tasks": 4, "results_path": path + ".results"}
+                return {"pass@1": _score(task, method, stage), "n_tasks": 4, "results_path": path + ".results",
+                        "samples_per_task": {"min": 1, "max": 1}}
         return main
 
     monkeypatch.setattr(experiment, "_script_main", make)
@@ -214,6 +215,24 @@ def test_results_md_places_every_number_in_its_row_and_column(tmp_path, monkeypa
         one, two = _score("mbpp", method), _score("mbpp", method, "stage2")
         assert stage_row == (f"{100 * one:.2f}", f"{100 * two:.2f}", f"{100 * (one + two) / 2:.2f}")
     assert table["LoRA"] == ["3.00", "13.00", "23.00"]
+    assert f"- `tiny-phi-2/mbpp/pt`: pass@1 {100 * _score('mbpp', 'pt'):.2f} on 4 tasks (1 sample each); seed " in text
+
+
+def test_provenance_says_how_many_samples_each_pass_at_1_averages_and_refuses_a_damaged_count():
+    """A sampled run's pass@1 is the mean over each task's samples: results.md says how many (a range where the
+    tasks differ), nothing for a result from before the count was recorded; a hand-edited count is no result."""
+    from utils.experiment import _result_problem
+    from utils.experiment_report import _samples_each
+
+    assert _samples_each({"samples_per_task": {"min": 10, "max": 10}}) == " (10 samples each)"
+    assert _samples_each({"samples_per_task": {"min": 1, "max": 3}}) == " (1 to 3 samples each)"
+    assert _samples_each({"samples_per_task": None}) == _samples_each({}) == ""
+    result = {"pass@1": 0.5, "n_tasks": 4, "seed": 1, "git_commit": "abc", "finished": "now", "commands": [],
+              "seconds": 1.0}
+    assert _result_problem(result) is None and _result_problem({**result, "samples_per_task": None}) is None
+    assert _result_problem({**result, "samples_per_task": {"min": 1, "max": 1}}) is None
+    assert _result_problem({**result, "samples_per_task": 5}) == ('samples_per_task is 5, not the fewest and most '
+                                                                  'samples of a task: {"min": n, "max": n}')
 
 
 def test_a_model_outside_the_preset_is_run_and_shown(tmp_path, monkeypatch):
@@ -239,6 +258,9 @@ def test_paper_preset_dry_run_with_a_tiny_stand_in_runs_every_stage(tmp_path, da
         x for flag in DRY_RUN for x in ("--set", flag)]
     result = run_experiment.main(argv)
     assert result["failed"] == {} and result["ran"] == [f"tiny-phi-2/mbpp/{m}" for m in ("none", "fft", "lopa")]
+    text = (tmp_path / "results.md").read_text()  # the paper's decoding samples once per task
+    assert all(f"- `tiny-phi-2/mbpp/{m}`: pass@1 " in text for m in ("none", "fft", "lopa"))
+    assert text.count(" tasks (1 sample each); seed ") == 3
     for method in ("fft", "lopa"):
         cell = tmp_path / "cells/tiny-phi-2/mbpp" / method
         config = json.loads((cell / "train/config.json").read_text())

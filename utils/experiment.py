@@ -256,7 +256,8 @@ def run_cell(cell: Cell, seed: int, fresh: bool = False) -> dict:
         raise CellFailed(cell, "evaluate_preds.py", scored, "its summary has no pass@1 (--k without 1)")
     result = {
         "model": cell.model, "task": cell.task, "method": cell.method, "pass@1": main_summary["pass@1"],
-        "n_tasks": main_summary["n_tasks"], "scored_file": pathlib.Path(main_summary["results_path"]).name,
+        "n_tasks": main_summary["n_tasks"], "samples_per_task": main_summary.get("samples_per_task"),
+        "scored_file": pathlib.Path(main_summary["results_path"]).name,
         "commands": [" ".join(["python", script] + argv) for script, argv in cell.commands],
         "seed": seed, "git_commit": git_commit(), "config_hash": cell.config_hash(), "training": training,
         "training_commits": training_commits, "data_file": cell.data_path, "data_sha256": cell.data_digest,
@@ -328,6 +329,10 @@ def _result_problem(result) -> str | None:
                               ("git_commit", str, "text"), ("finished", str, "text"), ("commands", list, "a list")):
         if not isinstance(result.get(field), kind) or isinstance(result.get(field), bool):
             return wrong(field, what)
+    per_task = result.get("samples_per_task")  # {"min", "max"}; absent from results before it was recorded
+    if per_task is not None and not (isinstance(per_task, dict) and all(
+            isinstance(per_task.get(k), int) and not isinstance(per_task.get(k), bool) for k in ("min", "max"))):
+        return wrong("samples_per_task", "the fewest and most samples of a task: {\"min\": n, \"max\": n}")
     for field in ("seconds", "trainable_params", "train_seconds", "train_gpu_peak_gib"):
         if not (number(result.get(field)) or (field != "seconds" and result.get(field) is None)):
             return wrong(field, "a number")

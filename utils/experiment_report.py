@@ -71,12 +71,22 @@ def write_results_md(out_dir: pathlib.Path, preset_name: str, cells: list[Cell],
         if r.get("training") in ("reused", "resumed"):  # weights (partly) from an earlier attempt's code
             how = "reused from an earlier attempt" if r["training"] == "reused" else "resumed"
             trained = f"; training {how} (commits {', '.join(f'`{c}`' for c in recorded_training_commits(r))})"
-        lines.append(f"- `{cell.key}`: pass@1 {_fmt(r['pass@1'])} on {r['n_tasks']} tasks; seed {r['seed']}; "
-                     f"commit `{r['git_commit']}`{trained}; {r['seconds']} s; finished {r['finished']}")
+        lines.append(f"- `{cell.key}`: pass@1 {_fmt(r['pass@1'])} on {r['n_tasks']} tasks{_samples_each(r)}; "
+                     f"seed {r['seed']}; commit `{r['git_commit']}`{trained}; {r['seconds']} s; "
+                     f"finished {r['finished']}")
         lines += [f"  - `{c}`" for c in r["commands"]]
     path = out_dir / "results.md"
     atomic_write_text(path, "\n".join(lines) + "\n")  # runs sharing --out each write it when they end
     return path
+
+
+def _samples_each(result: dict) -> str:
+    """How many samples each task's pass@1 averages (``" (N samples each)"``), from a result that recorded it."""
+    per_task = result.get("samples_per_task")
+    if not per_task:
+        return ""
+    low, high = per_task["min"], per_task["max"]
+    return f" ({low if low == high else f'{low} to {high}'} sample{'' if high == 1 else 's'} each)"
 
 
 def _training_cost(model: str, tasks: list[str], methods: list[str], results: dict[str, dict]) -> list[str]:
