@@ -1162,9 +1162,10 @@ def test_resume_names_a_saved_config_it_cannot_read_and_the_way_out(content, tmp
 
     (tmp_path / CONFIG_FILE).write_text(content)
     for check in (lambda: check_resumable(tmp_path, {"task_name": "mbpp"}), lambda: decoded_by(tmp_path, "generate")):
-        with pytest.raises(UserError, match=rf"{CONFIG_FILE}: not a saved generation config \(.+\); delete it to "
-                                            rf"resume from {PROGRESS_FILE} without comparing the settings, or rerun "
-                                            rf"with --overwrite instead of --resume to start over"):
+        with pytest.raises(UserError, match=rf"^saved generation config {tmp_path / CONFIG_FILE}: (not valid JSON "
+                                            rf"\(.+ at line 1\)|expected a JSON object); delete it to resume from "
+                                            rf"{PROGRESS_FILE} without comparing the settings, or rerun with "
+                                            rf"--overwrite instead of --resume to start over$"):
             check()
 
 

@@ -59,6 +59,22 @@ def read_text_file(path: pathlib.Path, fix: str = "save it as UTF-8") -> str:
                         f"{fix}") from None
 
 
+def read_json_object(path: str | os.PathLike, what: str, fix: str = "") -> dict:
+    """A JSON file holding an object; a missing file, undecodable bytes, invalid JSON or another value is one line
+    naming ``what`` and the file, and ``fix`` (what to do) after a semicolon."""
+    path = pathlib.Path(path)
+    then = f"; {fix}" if fix else ""
+    if not path.is_file():
+        raise UserError(f"{what} {path}: no such file{then}")
+    try:
+        value = json.loads(read_text_file(path, fix=fix or f"{what} takes a JSON file"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno}){then}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what} {path}: expected a JSON object{then}")
+    return value
+
+
 def read_jsonl(path: str | os.PathLike, required_fields=(), hint: str = "") -> list[dict]:
     """Read a JSONL file; a bad line or a missing field fails with ``file:line`` and the field's name, plus
     ``hint`` (what the file should be) after a semicolon. Required fields must be strings (every task's are)."""

@@ -26,6 +26,7 @@ import os
 import pathlib
 from collections.abc import Callable, Sequence
 
+from utils.data import read_json_object
 from utils.errors import UserError
 from utils.tasks import Task, cruxeval_prompt
 from utils.fileio import atomic_write_text, naming_full_disk, parse_appended_lines
@@ -179,15 +180,8 @@ def _saved_config(log_dir: str | os.PathLike) -> dict | None:
     path = pathlib.Path(log_dir) / CONFIG_FILE
     if not path.is_file():
         return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        why = None if isinstance(saved, dict) else f"a JSON {type(saved).__name__}"
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        why = f"{type(exc).__name__}: {exc}"
-    if why is not None:
-        raise UserError(f"{path}: not a saved generation config ({why}); delete it to resume from {PROGRESS_FILE} "
-                        f"without comparing the settings, or rerun with --overwrite instead of --resume to start over")
-    return saved
+    return read_json_object(path, "saved generation config", fix=f"delete it to resume from {PROGRESS_FILE} without "
+                            f"comparing the settings, or rerun with --overwrite instead of --resume to start over")
 
 
 def check_something_to_resume(log_dir: str | os.PathLike | None) -> None:

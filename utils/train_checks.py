@@ -4,12 +4,10 @@ to resume from is compatible with this run's arguments (``utils.train_args.parse
 """
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 
 from utils.cli import check_log_dir
-from utils.data import default_data_path, load_task_split, read_text_file, records_digest
+from utils.data import default_data_path, load_task_split, read_json_object, records_digest
 from utils.errors import UserError
 from utils.train_config import TrainConfig
 
@@ -102,19 +100,6 @@ def _has_checkpoint(log_dir: pathlib.Path) -> bool:
     from utils.checkpoint import LATEST, has_resumable_checkpoint
 
     return has_resumable_checkpoint(log_dir) or (log_dir / LATEST).is_file()
-
-
-def read_json_object(path: str | os.PathLike, what: str) -> dict:
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path}: no such file")
-    try:
-        value = json.loads(read_text_file(path, fix=f"{what} takes a JSON file"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{what} {path}: expected a JSON object")
-    return value
 
 
 def check_resume_compatible(config: TrainConfig, saved: dict, saved_path) -> None:

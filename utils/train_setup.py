@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.data import read_json_object
 from utils.errors import UserError
-from utils.train_checks import read_json_object
 from utils.train_config import TrainArgs, TrainConfig, deepspeed_graphs_message
 
 
